@@ -1,0 +1,44 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both bootstrap .venv on first use.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Where the real ISIC example drops live (tests skip the real-data checks visibly when absent).
+export LESION_DATA_DIR ?= $(abspath ../shared/data)
+# Pretrained backbone for the demo profile, found by path when present.
+export LESION_WEIGHTS_DIR ?= $(abspath ../shared/weights)
+DATA ?=
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test test-deps bench lock clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.lock pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check 'pip==26.3'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@touch $@
+
+# Runs the main job on the embedded defaults (SQLite + a local store under LESION_HOME).
+demo: venv
+	$(BIN)/lesion demo $(if $(DATA),--data "$(DATA)")
+
+# Installs the system packages the suite needs (PostgreSQL) when missing, then runs every test.
+# The suite starts its own throwaway PostgreSQL cluster and S3 server (rclone serve s3).
+test: venv test-deps
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-deps:
+	@bash tests/ensure_system_deps.sh
+
+bench: venv
+	$(BIN)/python bench/ingest_throughput.py
+
+# Regenerates the lock from the current venv (after changing pyproject.toml and reinstalling).
+lock:
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^lesion-tasks' > requirements.lock
+
+clean:
+	rm -rf $(VENV) .pytest_cache

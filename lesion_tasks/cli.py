@@ -1,0 +1,112 @@
+"""The `lesion` command line. Every command prints a human summary, or one JSON object with --json."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from lesion_tasks.settings import Settings
+
+log = logging.getLogger("lesion")
+
+
+def _emit(args: argparse.Namespace, payload: dict[str, Any], human: str) -> None:
+    if args.json:
+        print(json.dumps(payload, sort_keys=True, default=str))
+    else:
+        print(human)
+
+
+def _cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
+    from lesion_tasks import db
+
+    revision = db.upgrade(settings)
+    _emit(args, {"revision": revision, "db_url": settings.describe()["db_url"]},
+          f"database {settings.describe()['db_url']} is at revision {revision}")
+    return 0
+
+
+def _ingest_summary(result: dict[str, Any]) -> str:
+    lines = [f"drop {result['drop_id']} ({result['layout']}) from {result['source']}",
+             f"  accepted {result['accepted']}  quarantined {result['quarantined']}  duplicates {result['duplicates']}"]
+    if result["labels"]:
+        lines.append("  labels   " + "  ".join(f"{k} {v}" for k, v in result["labels"].items()))
+    if result["reasons"]:
+        lines.append("  reasons  " + "  ".join(f"{k} {v}" for k, v in result["reasons"].items()))
+    if result["already_ingested"]:
+        lines.append(f"  {result['already_ingested']} entries were already recorded by an earlier run: nothing new for them")
+    t = result["totals"]
+    lines.append(f"  drop totals: accepted {t['accepted']}  quarantined {t['quarantined']}  duplicates {t['duplicates']}")
+    return "\n".join(lines)
+
+
+def _cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
+    from lesion_tasks import db
+    from lesion_tasks.ingest import ingest
+
+    db.upgrade(settings)
+    result = ingest(args.source, settings, drop_id=args.drop_id).as_json()
+    _emit(args, result, _ingest_summary(result))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from lesion_tasks import db
+    from lesion_tasks.demo import run_demo
+
+    db.upgrade(settings)
+    payload, human = run_demo(settings, Path(args.data) if args.data else None)
+    _emit(args, payload, human)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lesion", description=__doc__)
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_db = sub.add_parser("db", help="database schema")
+    db_sub = p_db.add_subparsers(dest="db_command", required=True)
+    p_up = db_sub.add_parser("upgrade", help="apply migrations")
+    p_up.set_defaults(func=_cmd_db_upgrade)
+
+    p_ing = sub.add_parser("ingest", help="validate and record one ISIC drop (folder or .zip)")
+    p_ing.add_argument("source", help="folder, .zip, or a drop folder/.zip key in the store (incoming/...)")
+    p_ing.add_argument("--drop-id", help="id of the drop (default: its folder or file name)")
+    p_ing.set_defaults(func=_cmd_ingest)
+
+    p_demo = sub.add_parser("demo", help="run the pipeline on the embedded defaults")
+    p_demo.add_argument("--data", help="an ISIC drop folder or .zip (default: a synthetic drop)")
+    p_demo.set_defaults(func=_cmd_demo)
+
+    for p in (p_up, p_ing, p_demo):  # --json accepted after the subcommand too
+        p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON object on stdout")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not args.verbose:
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+    try:
+        settings = Settings.from_env()
+        return args.func(args, settings)
+    except ValueError as exc:
+        log.error("%s", exc)
+        if args.json:
+            print(json.dumps({"error": str(exc)}))
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

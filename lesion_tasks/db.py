@@ -1,0 +1,89 @@
+"""Database access: engines, migrations (Alembic) and idempotent inserts."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from lesion_tasks.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+# Our own Alembic version table, so the schema can share a database with Airflow's metadata.
+VERSION_TABLE = "lesion_alembic_version"
+
+
+def make_engine(url: str) -> Engine:
+    """Engine for `url`; SQLite gets foreign keys, WAL and a busy timeout."""
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(url, connect_args={"timeout": 60})
+
+        @sa.event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record):  # noqa: ANN001
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA busy_timeout=60000")
+            cur.close()
+
+        return engine
+    return sa.create_engine(url, pool_pre_ping=True)
+
+
+def engine_for(settings: Settings) -> Engine:
+    return make_engine(settings.db_url)
+
+
+def _alembic_config(url: str):
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    cfg.set_main_option("version_table", VERSION_TABLE)
+    return cfg
+
+
+def upgrade(settings_or_url: Settings | str, revision: str = "head") -> str:
+    """Apply migrations up to `revision`; return the database's revision afterwards."""
+    from alembic import command
+
+    url = settings_or_url if isinstance(settings_or_url, str) else settings_or_url.db_url
+    command.upgrade(_alembic_config(url), revision)
+    return current_revision(url)
+
+
+def current_revision(url: str) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_revision()
+    finally:
+        engine.dispose()
+
+
+def insert_ignore(conn: Connection, table: sa.Table, rows: Sequence[dict[str, Any]], keys: Iterable[str]) -> int:
+    """INSERT rows, skipping those that conflict on `keys` (idempotent re-runs). Returns rows inserted."""
+    if not rows:
+        return 0
+    dialect = conn.dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:
+        raise ValueError(f"database dialect {dialect!r}: expected postgresql or sqlite")
+    stmt = insert(table).on_conflict_do_nothing(index_elements=list(keys))
+    result = conn.execute(stmt, list(rows))
+    return max(result.rowcount or 0, 0)

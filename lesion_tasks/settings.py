@@ -1,0 +1,145 @@
+"""Deployment settings: environment variables, with overrides from the caller (Airflow Connections).
+
+| variable              | meaning                                                        | default                       |
+|-----------------------|----------------------------------------------------------------|-------------------------------|
+| `LESION_HOME`         | root of the embedded defaults                                  | `~/.lesion`                   |
+| `LESION_DB_URL`       | SQLAlchemy URL of the results database                         | `sqlite:///$LESION_HOME/lesion.db` |
+| `LESION_STORE_URL`    | object store: `file:///dir` or `s3://bucket[/prefix]`          | `file://$LESION_HOME/store`   |
+| `LESION_S3_ENDPOINT`  | S3/MinIO endpoint, `http(s)://host:port` (https if no scheme)  | none                          |
+| `LESION_S3_ACCESS_KEY`, `LESION_S3_SECRET_KEY` | S3 credentials (never logged)         | none                          |
+| `LESION_IMAGE_SIZE`   | side of the normalised model-input copy made at ingestion      | `224`                         |
+| `LESION_INCOMING_SETTLE_SECONDS` | a folder drop under `incoming/` is taken once untouched this long (or when it holds `_READY`) | `300` |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    db_url: str
+    store_url: str
+    s3_endpoint: str | None = None
+    s3_access_key: str | None = None
+    s3_secret_key: str | None = dataclasses.field(default=None, repr=False)
+    image_size: int = 224
+    incoming_settle_seconds: int = 300
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read settings from `env` (default: the process environment); non-None overrides win."""
+        env = os.environ if env is None else env
+        home = Path(overrides.get("home") or env.get("LESION_HOME") or Path.home() / ".lesion").expanduser()
+        values: dict[str, Any] = {
+            "home": home,
+            "db_url": env.get("LESION_DB_URL") or f"sqlite:///{home / 'lesion.db'}",
+            "store_url": env.get("LESION_STORE_URL") or (home / "store").as_uri(),
+            "s3_endpoint": env.get("LESION_S3_ENDPOINT") or None,
+            "s3_access_key": env.get("LESION_S3_ACCESS_KEY") or None,
+            "s3_secret_key": env.get("LESION_S3_SECRET_KEY") or None,
+            "image_size": _int(env, "LESION_IMAGE_SIZE", 224, minimum=32),
+            "incoming_settle_seconds": _int(env, "LESION_INCOMING_SETTLE_SECONDS", 300, minimum=0),
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None and k != "home"})
+        return cls(**values)
+
+    def describe(self) -> dict[str, Any]:
+        """Settings safe to log: secrets and database passwords masked."""
+        return {
+            "home": str(self.home),
+            "db_url": _mask_password(self.db_url),
+            "store_url": self.store_url,
+            "s3_endpoint": self.s3_endpoint,
+            "s3_access_key": "***" if self.s3_access_key else None,
+            "image_size": self.image_size,
+        }
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: expected an integer") from None
+    if value < minimum:
+        raise ValueError(f"{name}={value}: expected an integer >= {minimum}")
+    return value
+
+
+def _mask_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+# --- Airflow Connection fields -> settings (pure functions: the DAG side passes the fields in) ---
+
+_SQLALCHEMY_DRIVERS = {
+    "postgres": "postgresql+psycopg2",
+    "postgresql": "postgresql+psycopg2",
+    "sqlite": "sqlite",
+}
+
+
+def db_url_from_connection(
+    conn_type: str | None,
+    host: str | None,
+    port: int | None,
+    login: str | None,
+    password: str | None,
+    schema: str | None,
+    extra: Mapping[str, Any] | None = None,
+) -> str:
+    """SQLAlchemy URL for the `lesion_db` Connection. `extra.sqlalchemy_url` wins when given."""
+    extra = extra or {}
+    if extra.get("sqlalchemy_url"):
+        return str(extra["sqlalchemy_url"])
+    driver = _SQLALCHEMY_DRIVERS.get((conn_type or "").lower())
+    if driver is None:
+        raise ValueError(
+            f"lesion_db connection type {conn_type!r}: expected one of {sorted(_SQLALCHEMY_DRIVERS)}"
+            " or extra {'sqlalchemy_url': ...}"
+        )
+    if driver == "sqlite":
+        return f"sqlite:///{host or schema}"
+    auth = ""
+    if login:
+        auth = quote(login, safe="")
+        if password:
+            auth += ":" + quote(password, safe="")
+        auth += "@"
+    return f"{driver}://{auth}{host or 'localhost'}{f':{port}' if port else ''}/{schema or ''}"
+
+
+def s3_overrides_from_connection(
+    host: str | None,
+    port: int | None,
+    login: str | None,
+    password: str | None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Settings overrides for the `lesion_s3` Connection (endpoint in host or extra.endpoint_url)."""
+    extra = extra or {}
+    endpoint = extra.get("endpoint_url") or extra.get("endpoint")
+    if not endpoint and host:
+        endpoint = host if "://" in host else f"http://{host}"
+        if port:
+            endpoint += f":{port}"
+    return {
+        "s3_endpoint": endpoint or None,
+        "s3_access_key": login or extra.get("aws_access_key_id") or None,
+        "s3_secret_key": password or extra.get("aws_secret_access_key") or None,
+        "store_url": extra.get("store_url") or None,
+    }

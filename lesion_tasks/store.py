@@ -1,0 +1,243 @@
+"""Object store: one small interface, two implementations (local directory, S3/MinIO).
+
+The rest of the code only sees `ObjectStore`. Keys are `/`-separated relative paths; writes are
+atomic (a reader never sees half an object) and overwriting a key with the same bytes is harmless,
+which is what makes reruns idempotent.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import BinaryIO, Protocol
+from urllib.parse import unquote, urlsplit
+
+from lesion_tasks.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class ObjectNotFound(KeyError):
+    """The key does not exist in the store."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    modified: datetime
+
+
+class ObjectStore(Protocol):
+    url: str
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
+        """Write `data` at `key` atomically; return the object's URI."""
+
+    def get(self, key: str) -> bytes:
+        """Read a whole object; raise ObjectNotFound when absent."""
+
+    def download(self, key: str, fileobj: BinaryIO) -> None:
+        """Stream an object into an open binary file."""
+
+    def exists(self, key: str) -> bool: ...
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Objects whose key starts with `prefix`, sorted by key."""
+
+    def delete(self, key: str) -> None:
+        """Remove `key`; removing an absent key is not an error."""
+
+    def uri(self, key: str) -> str: ...
+
+
+def check_key(key: str) -> str:
+    """Validate a store key: relative, `/`-separated, no empty, `.` or `..` segments."""
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"object key {key!r}: expected a non-empty relative path")
+    parts = key.split("/")
+    if key.startswith("/") or "\\" in key or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"object key {key!r}: expected a relative path without '', '.', '..' or '\\'")
+    return key
+
+
+class LocalStore:
+    """A directory on the local file system (the embedded default)."""
+
+    _TMP_PREFIX = ".tmp-"
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.url = self.root.as_uri()
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=self._TMP_PREFIX, dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path.as_uri()
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError):
+            raise ObjectNotFound(key) from None
+
+    def download(self, key: str, fileobj: BinaryIO) -> None:
+        try:
+            with self._path(key).open("rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    fileobj.write(chunk)
+        except (FileNotFoundError, IsADirectoryError):
+            raise ObjectNotFound(key) from None
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        base = self.root
+        found: list[ObjectInfo] = []
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames.sort()
+            for name in filenames:
+                if name.startswith(self._TMP_PREFIX):
+                    continue
+                path = Path(dirpath) / name
+                key = path.relative_to(base).as_posix()
+                if key.startswith(prefix):
+                    stat = path.stat()
+                    found.append(ObjectInfo(key, stat.st_size, datetime.fromtimestamp(stat.st_mtime, UTC)))
+        yield from sorted(found, key=lambda o: o.key)
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def uri(self, key: str) -> str:
+        return self._path(key).as_uri()
+
+
+class S3Store:
+    """A bucket (and optional prefix) on an S3-protocol server, through the `minio` SDK."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str,
+        endpoint: str,
+        access_key: str | None,
+        secret_key: str | None,
+        create_bucket: bool = True,
+    ):
+        from minio import Minio
+
+        parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"S3 endpoint {endpoint!r}: expected http(s)://host[:port]")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.url = f"s3://{bucket}" + (f"/{self.prefix}" if self.prefix else "")
+        self.client = Minio(
+            parts.netloc, access_key=access_key, secret_key=secret_key, secure=parts.scheme == "https"
+        )
+        if create_bucket and not self.client.bucket_exists(bucket):
+            log.info("creating bucket %s on %s", bucket, parts.netloc)
+            self.client.make_bucket(bucket)
+
+    def _name(self, key: str) -> str:
+        check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
+        self.client.put_object(self.bucket, self._name(key), io.BytesIO(data), len(data), content_type=content_type)
+        return self.uri(key)
+
+    def get(self, key: str) -> bytes:
+        response = self._get(key)
+        try:
+            return response.read()
+        finally:
+            response.close()
+            response.release_conn()
+
+    def download(self, key: str, fileobj: BinaryIO) -> None:
+        response = self._get(key)
+        try:
+            for chunk in response.stream(1 << 20):
+                fileobj.write(chunk)
+        finally:
+            response.close()
+            response.release_conn()
+
+    def _get(self, key: str):
+        from minio.error import S3Error
+
+        try:
+            return self.client.get_object(self.bucket, self._name(key))
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject"):
+                raise ObjectNotFound(key) from None
+            raise
+
+    def exists(self, key: str) -> bool:
+        from minio.error import S3Error
+
+        try:
+            self.client.stat_object(self.bucket, self._name(key))
+            return True
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
+                return False
+            raise
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        full = self._name(prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")
+        if prefix.endswith("/") and not full.endswith("/"):
+            full += "/"
+        cut = len(self.prefix) + 1 if self.prefix else 0
+        found = [
+            ObjectInfo(o.object_name[cut:], o.size or 0, o.last_modified or datetime.now(UTC))
+            for o in self.client.list_objects(self.bucket, prefix=full, recursive=True)
+            if not o.is_dir
+        ]
+        yield from sorted(found, key=lambda o: o.key)
+
+    def delete(self, key: str) -> None:
+        self.client.remove_object(self.bucket, self._name(key))
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._name(key)}"
+
+
+def open_store(settings: Settings) -> ObjectStore:
+    """The store named by `settings.store_url` (`file:///dir` or `s3://bucket[/prefix]`)."""
+    parts = urlsplit(settings.store_url)
+    if parts.scheme == "file":
+        return LocalStore(unquote(parts.path))
+    if parts.scheme == "s3":
+        if not parts.netloc:
+            raise ValueError(f"LESION_STORE_URL={settings.store_url!r}: expected s3://bucket[/prefix]")
+        if not settings.s3_endpoint:
+            raise ValueError(
+                f"LESION_STORE_URL={settings.store_url!r} needs an S3 endpoint: set LESION_S3_ENDPOINT "
+                "(or the lesion_s3 Airflow Connection)"
+            )
+        return S3Store(
+            parts.netloc, parts.path, settings.s3_endpoint, settings.s3_access_key, settings.s3_secret_key
+        )
+    raise ValueError(f"LESION_STORE_URL={settings.store_url!r}: expected file:///dir or s3://bucket[/prefix]")
