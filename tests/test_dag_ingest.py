@@ -1,0 +1,99 @@
+"""`isic_ingest` run by Airflow (`dag.test()`) against real PostgreSQL and the S3 server.
+
+The Connections `lesion_db` / `lesion_s3` point at them while LESION_DB_URL points at a SQLite
+file, which must stay untouched: inside Airflow the Connections take precedence.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from lesion_tasks.schema import images, quarantine
+from lesion_tasks.store import open_store
+from lesion_tasks.synthetic import make_drop
+
+DAGS = Path(__file__).resolve().parents[1] / "dags"
+
+
+def _upload_folder(store, folder: Path, prefix: str) -> int:
+    n = 0
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            store.put(f"{prefix}/{path.relative_to(folder).as_posix()}", path.read_bytes())
+            n += 1
+    return n
+
+
+def _zip_of(folder: Path) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                zf.write(path, path.relative_to(folder).as_posix())
+    return buf.getvalue()
+
+
+@pytest.fixture
+def airflow_env(monkeypatch, tmp_path, pg_s3_settings, airflow_db):
+    s = pg_s3_settings
+    sqlalchemy_url = sa.engine.make_url(s.db_url)
+    monkeypatch.setenv("AIRFLOW_CONN_LESION_DB", json.dumps({
+        "conn_type": "postgres", "host": sqlalchemy_url.host, "port": sqlalchemy_url.port,
+        "login": sqlalchemy_url.username, "schema": sqlalchemy_url.database}))
+    monkeypatch.setenv("AIRFLOW_CONN_LESION_S3", json.dumps({
+        "conn_type": "aws", "login": s.s3_access_key, "password": s.s3_secret_key,
+        "extra": {"endpoint_url": s.s3_endpoint, "store_url": s.store_url}}))
+    decoy = tmp_path / "decoy.db"
+    monkeypatch.setenv("LESION_DB_URL", f"sqlite:///{decoy}")
+    monkeypatch.setenv("LESION_STORE_URL", (tmp_path / "decoy-store").as_uri())
+    monkeypatch.setenv("LESION_INCOMING_SETTLE_SECONDS", "0")
+    return s, decoy
+
+
+def _run(dag):
+    run = dag.test()
+    states = {ti.task_id: ti.state for ti in run.get_task_instances()}
+    return run, states
+
+
+def test_isic_ingest_dag_against_postgres_and_s3(airflow_env, tmp_path):
+    from airflow.dag_processing.dagbag import DagBag
+
+    settings, decoy = airflow_env
+    store = open_store(settings)
+    folder = make_drop(tmp_path / "night-1", n_images=10, seed=1)
+    (folder / "ISIC_9019999.jpg").write_bytes(b"")  # one bad file: quarantined, not lost
+    _upload_folder(store, folder, "incoming/night-1")
+    zipped = make_drop(tmp_path / "night-2", n_images=6, seed=2)
+    store.put("incoming/night-2.zip", _zip_of(zipped))
+
+    dag = DagBag(dag_folder=str(DAGS)).get_dag("isic_ingest")
+    run, states = _run(dag)
+    assert run.state == "success", states
+    assert states["publish"] == "success"
+
+    engine = sa.create_engine(settings.db_url)
+    with engine.connect() as conn:
+        per_drop = dict(conn.execute(sa.select(images.c.drop_id, sa.func.count()).group_by(images.c.drop_id)).all())
+        reasons = conn.execute(sa.select(quarantine.c.drop_id, quarantine.c.entry, quarantine.c.reason)).all()
+        uris = list(conn.scalars(sa.select(images.c.normalized_uri)))
+    assert per_drop == {"night-1": 10, "night-2": 6}
+    assert [tuple(r) for r in reasons] == [("night-1", "ISIC_9019999.jpg", "empty_file")]
+    assert all(u.startswith(settings.store_url.replace("s3://", "s3://", 1)) for u in uris)
+    assert store.exists("drops/night-1/manifest.json") and store.exists("drops/night-2/aux/metadata.csv")
+    assert not decoy.exists(), "LESION_DB_URL was used although the lesion_db Connection exists"
+
+    # a second run finds nothing new: no new rows, no asset event
+    run2, states2 = _run(dag)
+    assert run2.state == "success", states2
+    assert states2["publish"] == "skipped"
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(images)).scalar() == 16
+        assert conn.execute(sa.select(sa.func.count()).select_from(quarantine)).scalar() == 1
+    engine.dispose()

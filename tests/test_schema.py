@@ -1,0 +1,40 @@
+"""Migrations create exactly the schema the code uses, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from lesion_tasks import db
+from lesion_tasks.schema import metadata
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'x.db'}"
+    return request.getfixturevalue("pg_url")
+
+
+def test_upgrade_matches_schema_module_and_is_repeatable(url):
+    assert db.upgrade(url) == "0001_ingest"
+    assert db.upgrade(url) == "0001_ingest"  # a second upgrade is a no-op
+    engine = db.make_engine(url)
+    with engine.connect() as conn:
+        ctx = MigrationContext.configure(conn, opts={"compare_type": True, "version_table": db.VERSION_TABLE})
+        diff = compare_metadata(ctx, metadata)
+        tables = set(sa.inspect(conn).get_table_names())
+    engine.dispose()
+    assert {"drops", "images", "quarantine", db.VERSION_TABLE} <= tables
+    assert diff == []
+
+
+def test_label_check_constraint(url):
+    db.upgrade(url)
+    engine = db.make_engine(url)
+    with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO drops (drop_id, source, layout, fingerprint, status, n_entries, started_at) "
+                             "VALUES ('d', 's', 'l', 'f', 'bogus', 0, CURRENT_TIMESTAMP)"))
+    engine.dispose()
