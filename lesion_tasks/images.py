@@ -21,6 +21,8 @@ ALLOWED_FORMATS = {"JPEG", "PNG", "TIFF", "BMP", "WEBP", "MPO"}
 # Modes we know how to turn into 8-bit RGB.
 CONVERTIBLE_MODES = {"RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "1", "CMYK", "YCbCr", "LAB", "HSV",
                      "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
+               (b"BM", "BMP"), (b"GIF8", "GIF"), (b"RIFF", "WEBP"))
 NORMALIZED_FORMAT = "JPEG"
 NORMALIZED_QUALITY = 95
 
@@ -52,6 +54,9 @@ def inspect_image(data: bytes, limits: Limits, size: int) -> Accepted | Rejected
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
+        known = next((fmt for magic, fmt in _SIGNATURES if data.startswith(magic)), None)
+        if known:  # the signature of an image, but the decoder cannot read its header
+            return Rejected(Reason.CORRUPT_IMAGE, f"{known} signature but an unreadable header")
         return Rejected(Reason.NOT_AN_IMAGE, f"no image format recognised in {len(data)} bytes (starts {data[:8]!r})")
     except Image.DecompressionBombError as exc:
         return Rejected(Reason.DECOMPRESSION_BOMB, str(exc))

@@ -1,0 +1,82 @@
+"""The real ISIC drops from ../shared/data (LESION_DATA_DIR), through the real `lesion` CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import zipfile
+
+import pytest
+import sqlalchemy as sa
+
+from lesion_tasks.schema import images
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.realdata
+
+
+def _ingest(source, home, *extra):
+    out = run_cli("ingest", str(source), "--json", *extra, env={"LESION_HOME": str(home)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
+
+
+def test_isic2017_challenge_layout(data_dir, tmp_path):
+    home = tmp_path / "home"
+    drop = data_dir / "isic2017-mel-nv"
+    first = _ingest(drop, home)
+    assert (first["accepted"], first["quarantined"], first["duplicates"]) == (2358, 0, 0)
+    assert first["labels"] == {"MEL": 521, "NV": 1837}
+    assert first["layout"] == "challenge-ground-truth+diagnosis-csv"
+
+    again = _ingest(drop, home)
+    assert (again["accepted"], again["quarantined"], again["duplicates"]) == (0, 0, 0)
+    assert again["totals"]["accepted"] == 2358
+
+    engine = sa.create_engine(f"sqlite:///{home / 'lesion.db'}")
+    with engine.connect() as conn:
+        rows = {r.image_id: r for r in conn.execute(sa.select(images))}
+    engine.dispose()
+    provenance = list(csv.DictReader(open(drop / "provenance.csv")))
+    # labels agree with the independent provenance file, image by image
+    assert all(rows[p["image"]].label == p["diagnosis"] for p in provenance)
+    # every known re-photographed pair shares a near-duplicate group
+    groups: dict[str, set[str]] = {}
+    for p in provenance:
+        if p["near_dup_group"]:
+            groups.setdefault(p["near_dup_group"], set()).add(rows[p["image"]].near_dup_group)
+    assert len(groups) == 9 and all(len(g) == 1 for g in groups.values())
+    assert sum(1 for r in rows.values() if r.near_dup_group != r.image_id) < 40  # groups stay small
+    assert all(r.normalized_size == 224 and r.sha256 for r in rows.values())
+
+
+def test_uda1_json_sidecars_folder_and_zip(data_dir, tmp_path):
+    folder = data_dir / "isic-archive-uda1-sample"
+    first = _ingest(folder, tmp_path / "home")
+    assert (first["accepted"], first["quarantined"]) == (28, 0)
+    assert first["labels"] == {"MEL": 14, "NV": 14}
+    assert first["layout"] == "json-sidecars"
+    assert _ingest(folder, tmp_path / "home")["accepted"] == 0
+
+    # the same drop as a .zip (wrapped in a top folder, as people zip them) into a fresh home
+    archive = tmp_path / "uda1.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted(folder.iterdir()):
+            zf.write(path, f"uda1/{path.name}")
+    zipped = _ingest(archive, tmp_path / "home2")
+    assert (zipped["drop_id"], zipped["accepted"], zipped["labels"]) == ("uda1", 28, {"MEL": 14, "NV": 14})
+
+    # the same images sent again as another drop: all duplicates, nothing accepted twice
+    copy = tmp_path / "uda1-resent"
+    shutil.copytree(folder, copy)
+    resent = _ingest(copy, tmp_path / "home")
+    assert (resent["accepted"], resent["duplicates"]) == (0, 28)
+
+
+def test_drop_id_reused_for_other_content_is_refused(data_dir, tmp_path):
+    home = tmp_path / "home"
+    _ingest(data_dir / "isic-archive-uda1-sample", home, "--drop-id", "night-1")
+    out = run_cli("ingest", str(data_dir / "isic2017-mel-nv"), "--drop-id", "night-1", env={"LESION_HOME": str(home)})
+    assert out.returncode == 2
+    assert "drop id 'night-1' was already used" in out.stderr
