@@ -14,10 +14,10 @@ PYTEST_ARGS ?=
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.lock pyproject.toml
+$(VENV)/.installed: requirements.lock requirements-test.lock pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check 'pip==26.3'
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-test.lock
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@touch $@
 
@@ -36,9 +36,9 @@ test-deps:
 bench: venv
 	$(BIN)/python bench/ingest_throughput.py
 
-# Regenerates the lock from the current venv (after changing pyproject.toml and reinstalling).
+# Regenerates both locks from the current venv (after changing pyproject.toml and reinstalling).
 lock:
-	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^lesion-tasks' > requirements.lock
+	$(BIN)/python -m pip freeze --exclude-editable | $(BIN)/python tools/split_lock.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

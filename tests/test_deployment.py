@@ -1,0 +1,46 @@
+"""What can be checked of the production stack without a Docker engine: the compose file parses,
+carries the services the DAGs need, and agrees with the settings and the lock."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _compose() -> dict:
+    return yaml.safe_load((REPO / "docker-compose.yaml").read_text())
+
+
+def test_compose_services_and_healthchecks():
+    services = _compose()["services"]
+    for name in ("postgres", "minio", "minio-init", "airflow-init", "airflow-apiserver", "airflow-scheduler",
+                 "airflow-dag-processor", "airflow-triggerer"):
+        assert name in services, name
+    for name in ("postgres", "minio", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer"):
+        assert "healthcheck" in services[name], name
+    for name in ("airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer"):
+        assert services[name]["depends_on"]["airflow-init"]["condition"] == "service_completed_successfully"
+
+
+def test_compose_wires_the_project_connections_and_no_secrets():
+    text = (REPO / "docker-compose.yaml").read_text()
+    env = _compose()["x-airflow-common"]["environment"]
+    assert {"AIRFLOW_CONN_LESION_DB", "AIRFLOW_CONN_LESION_S3"} <= set(env)
+    assert "lesion db upgrade" in text
+    # every secret is a ${VAR} from .env, and .env.example names each one
+    example = {line.split("=", 1)[0] for line in (REPO / ".env.example").read_text().splitlines() if "=" in line and not line.startswith("#")}
+    used = set(re.findall(r"(?<!\$)\$\{([A-Z_][A-Z0-9_]*)", text))  # $${X} is the container's own
+    assert used <= example, used - example
+    assert not re.search(r"PASSWORD: [^$\s]", text)
+
+
+def test_dockerfile_uses_the_locked_airflow_version():
+    lock = (REPO / "requirements.lock").read_text()
+    airflow = re.search(r"^apache-airflow==(\S+)$", lock, re.M).group(1)
+    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
+    assert f"FROM apache/airflow:{airflow}-python3.11" in dockerfile
+    assert "requirements.lock" in dockerfile
