@@ -21,14 +21,21 @@ $(VENV)/.installed: requirements.lock requirements-test.lock pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@touch $@
 
+# isic-challenge-scoring needs pandas < 3: a small venv of its own for the metric cross-check.
+$(VENV)-isic/.installed: tests/isic-scoring.lock
+	@test -x $(VENV)-isic/bin/python || $(PYTHON) -m venv $(VENV)-isic
+	$(VENV)-isic/bin/python -m pip install --quiet --disable-pip-version-check 'pip==26.3'
+	$(VENV)-isic/bin/python -m pip install --quiet --disable-pip-version-check -r tests/isic-scoring.lock
+	@touch $@
+
 # Runs the main job on the embedded defaults (SQLite + a local store under LESION_HOME).
 demo: venv
 	$(BIN)/lesion demo $(if $(DATA),--data "$(DATA)")
 
 # Installs the system packages the suite needs (PostgreSQL) when missing, then runs every test.
 # The suite starts its own throwaway PostgreSQL cluster and S3 server (rclone serve s3).
-test: venv test-deps
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
+test: venv $(VENV)-isic/.installed test-deps
+	LESION_ISIC_SCORING_VENV="$(abspath $(VENV)-isic)" PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-deps:
 	@bash tests/ensure_system_deps.sh

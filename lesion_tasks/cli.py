@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,40 @@ def _cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    from lesion_tasks import db
+    from lesion_tasks.retrain import make_config, run
+
+    db.upgrade(settings)
+    config = make_config(args.profile, backbone=args.backbone, epochs=args.epochs, image_size=args.image_size,
+                         weights=args.weights, seed=args.seed, mc_samples=args.mc_samples,
+                         target_sensitivity=args.target_sensitivity, views=args.views)
+    result = run(settings, config)
+    t = result["metrics"]["test"]
+    human = (f"model {result['model_version']}: {'PROMOTED to champion' if result['promoted'] else 'NOT promoted'}\n"
+             f"  test AUC {t['auc']:.3f}  melanoma sensitivity {t['mel_sensitivity']:.3f}  specificity "
+             f"{t['mel_specificity']:.3f}  balanced accuracy {t['balanced_accuracy']:.3f}  (threshold {result['threshold']:.4f})\n"
+             + "".join(f"  {r}\n" for r in result["gate"]["reasons"])
+             + f"  report: {result['report_uri']}\n  backbone runs: {result['feature_cache']['computed']} "
+             f"(cached {result['feature_cache']['reused']}), head training {result['head_seconds']} s, wall {result['wall_seconds']} s")
+    _emit(args, result, human)
+    return 0
+
+
+def _cmd_promote(args: argparse.Namespace, settings: Settings) -> int:
+    from lesion_tasks import registry
+    from lesion_tasks.db import engine_for
+
+    engine = engine_for(settings)
+    try:
+        previous = registry.promote(engine, args.model_version, f"manual override: {args.reason}", args.actor, override=True)
+    finally:
+        engine.dispose()
+    _emit(args, {"champion": args.model_version, "previous": previous, "override": True},
+          f"{args.model_version} is the champion (was {previous}); override recorded: {args.reason}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from lesion_tasks import db
     from lesion_tasks.demo import run_demo
@@ -80,11 +115,29 @@ def build_parser() -> argparse.ArgumentParser:
     p_ing.add_argument("--drop-id", help="id of the drop (default: its folder or file name)")
     p_ing.set_defaults(func=_cmd_ingest)
 
+    p_train = sub.add_parser("train", help="retrain: split, train, evaluate, gate, promote")
+    p_train.add_argument("--profile", default="demo", choices=["demo", "paper"])
+    p_train.add_argument("--backbone", help="override the profile's backbone")
+    p_train.add_argument("--epochs", type=int)
+    p_train.add_argument("--image-size", type=int)
+    p_train.add_argument("--weights", help="imagenet | none | PATH | s3://bucket/key")
+    p_train.add_argument("--seed", type=int)
+    p_train.add_argument("--mc-samples", type=int)
+    p_train.add_argument("--target-sensitivity", type=float)
+    p_train.add_argument("--views", type=int, help="augmentation views per training image")
+    p_train.set_defaults(func=_cmd_train)
+
+    p_promote = sub.add_parser("promote", help="manual override: make a model version the champion")
+    p_promote.add_argument("model_version")
+    p_promote.add_argument("--reason", required=True, help="why the gate is overridden (recorded)")
+    p_promote.add_argument("--actor", default=os.environ.get("USER", "unknown"), help="who overrides (recorded)")
+    p_promote.set_defaults(func=_cmd_promote)
+
     p_demo = sub.add_parser("demo", help="run the pipeline on the embedded defaults")
     p_demo.add_argument("--data", help="an ISIC drop folder or .zip (default: a synthetic drop)")
     p_demo.set_defaults(func=_cmd_demo)
 
-    for p in (p_up, p_ing, p_demo):  # --json accepted after the subcommand too
+    for p in (p_up, p_ing, p_train, p_promote, p_demo):  # --json accepted after the subcommand too
         p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON object on stdout")
     return parser
 

@@ -70,3 +70,58 @@ quarantine = sa.Table(
     sa.Column("quarantined_at", sa.DateTime(timezone=True), nullable=False),
     sa.UniqueConstraint("drop_id", "entry", name="uq_quarantine_drop_entry"),
 )
+
+SPLITS = ("train", "val", "test")
+
+splits = sa.Table(
+    "splits",
+    metadata,
+    sa.Column("image_id", sa.String(128), sa.ForeignKey("images.image_id"), primary_key=True),
+    sa.Column("split", sa.String(8), nullable=False, index=True),
+    sa.Column("rule", sa.String(128), nullable=False),
+    sa.Column("assigned_at", sa.DateTime(timezone=True), nullable=False),
+    sa.CheckConstraint("split IN ('train', 'val', 'test')", name="ck_splits_split"),
+)
+
+model_versions = sa.Table(
+    "model_versions",
+    metadata,
+    sa.Column("model_version", sa.String(128), primary_key=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False, index=True),
+    sa.Column("profile", sa.String(32), nullable=False),
+    sa.Column("backbone", sa.String(64), nullable=False),
+    sa.Column("image_size", sa.Integer, nullable=False),
+    sa.Column("threshold", sa.Float, nullable=True),
+    sa.Column("mc_samples", sa.Integer, nullable=False),
+    sa.Column("config", sa.JSON, nullable=False),
+    sa.Column("environment", sa.JSON, nullable=False),
+    sa.Column("weights_source", sa.Text, nullable=False),
+    sa.Column("weights_sha256", sa.String(64), nullable=True),
+    sa.Column("lineage", sa.JSON, nullable=False),
+    sa.Column("metrics", sa.JSON, nullable=True),
+    sa.Column("gate", sa.JSON, nullable=True),
+    sa.Column("review_rule", sa.JSON, nullable=True),
+    sa.Column("model_uri", sa.Text, nullable=True),
+    sa.Column("report_uri", sa.Text, nullable=True),
+    sa.Column("metrics_uri", sa.Text, nullable=True),
+    sa.Column("code_version", sa.String(64), nullable=False),
+    sa.Column("run_id", sa.String(256), nullable=False),
+    sa.Column("is_champion", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.CheckConstraint("status IN ('training', 'candidate', 'champion', 'retired', 'rejected')", name="ck_model_versions_status"),
+    sa.Index("uq_one_champion", "is_champion", unique=True,
+             sqlite_where=sa.text("is_champion"), postgresql_where=sa.text("is_champion")),
+)
+
+champion_history = sa.Table(
+    "champion_history",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("model_version", sa.String(128), sa.ForeignKey("model_versions.model_version"), nullable=False),
+    sa.Column("event", sa.String(16), nullable=False),
+    sa.Column("previous", sa.String(128), nullable=True),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("actor", sa.String(128), nullable=False),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+    sa.CheckConstraint("event IN ('promoted', 'override')", name="ck_champion_history_event"),
+)

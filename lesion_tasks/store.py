@@ -244,3 +244,11 @@ def open_store(settings: Settings) -> ObjectStore:
             parts.netloc, parts.path, settings.s3_endpoint, settings.s3_access_key, settings.s3_secret_key
         )
     raise ValueError(f"LESION_STORE_URL={settings.store_url!r}: expected file:///dir or s3://bucket[/prefix]")
+
+
+def key_of(store: ObjectStore, uri: str) -> str:
+    """The key of an object URI written by `store` (the inverse of `store.uri`)."""
+    base = store.url.rstrip("/") + "/"
+    if not uri.startswith(base):
+        raise ValueError(f"object URI {uri!r}: not in store {store.url}")
+    return check_key(unquote(uri[len(base):]))

@@ -1,0 +1,89 @@
+"""
+### lesion_retrain
+
+Manual retraining, with the trigger form as the UI: freeze (or extend) the split, train the head on
+cached backbone features, choose the threshold on validation for the target melanoma sensitivity,
+evaluate on the frozen test split (metrics, figures, HTML report), then gate: floors on melanoma
+sensitivity, AUC and balanced accuracy, and no significant regression against the champion. Passing
+promotes the model to champion; failing keeps the champion and records why.
+
+Logic: `lesion_tasks.retrain` (also `lesion train`). This file only wires.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from airflow.sdk import Param, dag, get_current_context, task
+
+TF_POOL = "lesion_tensorflow"  # one TensorFlow task at a time: a TF process holds all cores
+
+PARAMS = {
+    "profile": Param("demo", type="string", enum=["demo", "paper"], title="Profile",
+                     description="demo: multi-scale MobileNet features, minutes on a CPU. paper: ResNet101V2 at 224 px (the paper's model)."),
+    "backbone": Param(None, type=["null", "string"], enum=[None, "resnet101v2", "mobilenet025", "mobilenet025_multiscale", "tiny"],
+                      title="Backbone", description="Override the profile's backbone (empty = the profile's)."),
+    "epochs": Param(None, type=["null", "integer"], minimum=1, title="Epochs", description="Maximum head epochs (early stopping applies)."),
+    "image_size": Param(None, type=["null", "integer"], minimum=32, maximum=1024, title="Image size", description="Input side in pixels."),
+    "weights": Param("imagenet", type="string", title="Weights",
+                     description="imagenet (Keras cache or $LESION_WEIGHTS_DIR), none, a file path, or s3://bucket/key."),
+    "seed": Param(0, type="integer", title="Seed", description="Split, initialisation and training seed."),
+    "mc_samples": Param(50, type="integer", minimum=2, maximum=1000, title="MC-dropout samples",
+                        description="Samples T for p_mel, entropy and mutual information."),
+    "target_sensitivity": Param(0.85, type="number", minimum=0.5, maximum=1.0, title="Target melanoma sensitivity",
+                                description="The threshold is the highest one reaching this sensitivity on validation."),
+}
+
+
+@dag(
+    dag_id="lesion_retrain",
+    schedule=None,
+    start_date=datetime(2026, 1, 1, tzinfo=UTC),
+    catchup=False,
+    max_active_runs=1,
+    doc_md=__doc__,
+    params=PARAMS,
+    tags=["lesion", "training"],
+    default_args={"owner": "lesion", "retries": 1, "retry_delay": timedelta(minutes=2)},
+)
+def lesion_retrain():
+    @task
+    def prepare_split() -> dict:
+        from _lesion_airflow import lesion_settings
+
+        from lesion_tasks.retrain import prepare_split as split
+
+        return split(lesion_settings(), get_current_context()["params"]["seed"])
+
+    @task(pool=TF_POOL)
+    def train_model(_split: dict) -> str:
+        from _lesion_airflow import lesion_settings
+
+        from lesion_tasks.retrain import make_config, train_model as train
+
+        context = get_current_context()
+        params = dict(context["params"])
+        config = make_config(params.pop("profile"), **params)
+        return train(lesion_settings(), config, context["run_id"])["model_version"]
+
+    @task(pool=TF_POOL)
+    def evaluate_model(model_version: str) -> str:
+        from _lesion_airflow import lesion_settings
+
+        from lesion_tasks.retrain import evaluate_model as evaluate
+
+        evaluate(lesion_settings(), model_version)
+        return model_version
+
+    @task
+    def gate_and_promote(model_version: str) -> dict:
+        from _lesion_airflow import lesion_settings
+
+        from lesion_tasks.retrain import gate_model
+
+        return gate_model(lesion_settings(), model_version, actor=f"lesion_retrain:{get_current_context()['run_id']}")
+
+    gate_and_promote(evaluate_model(train_model(prepare_split())))
+
+
+lesion_retrain()

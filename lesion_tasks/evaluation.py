@@ -1,0 +1,153 @@
+"""Metrics on the frozen test split: discrimination, calibration, uncertainty and referral.
+
+Labels: 1 = MEL, 0 = NV. `p` is the MC-dropout mean p(MEL); a case is predicted MEL when p >= t.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import average_precision_score, classification_report, confusion_matrix, roc_auc_score
+
+ECE_BINS = 15
+REFERRAL_FRACTIONS = tuple(round(f, 2) for f in np.arange(0.0, 0.501, 0.05))
+
+
+def threshold_for_sensitivity(y: np.ndarray, p: np.ndarray, target: float) -> float:
+    """The highest threshold whose melanoma sensitivity on (y, p) is >= target.
+
+    The highest such threshold keeps specificity as high as the sensitivity target allows.
+    """
+    if not 0 < target <= 1:
+        raise ValueError(f"target sensitivity {target}: expected a value in (0, 1]")
+    positives = np.sort(p[y == 1])[::-1]
+    if len(positives) == 0:
+        raise ValueError("no melanoma in the validation split: cannot choose a threshold")
+    k = int(np.ceil(target * len(positives)))  # this many melanomas must be at or above t
+    return float(positives[k - 1])
+
+
+def _safe_auc(y: np.ndarray, p: np.ndarray) -> float:
+    return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
+
+
+def binary_metrics(y: np.ndarray, p: np.ndarray, t: float) -> dict[str, Any]:
+    pred = (p >= t).astype(int)
+    tn, fp, fn, tp = confusion_matrix(y, pred, labels=[0, 1]).ravel()
+    sens = tp / (tp + fn) if tp + fn else float("nan")
+    spec = tn / (tn + fp) if tn + fp else float("nan")
+    return {
+        "n": int(len(y)), "n_mel": int(y.sum()), "threshold": float(t),
+        "auc": _safe_auc(y, p),
+        "average_precision": float(average_precision_score(y, p)) if y.sum() else float("nan"),
+        "mel_sensitivity": float(sens), "mel_specificity": float(spec),
+        "nv_sensitivity": float(spec), "nv_specificity": float(sens),
+        "balanced_accuracy": float((sens + spec) / 2),
+        "accuracy": float((tp + tn) / len(y)),
+        "ppv": float(tp / (tp + fp)) if tp + fp else float("nan"),
+        "npv": float(tn / (tn + fn)) if tn + fn else float("nan"),
+        "confusion": {"labels": ["NV", "MEL"], "matrix": [[int(tn), int(fp)], [int(fn), int(tp)]]},
+        "confusion_normalized": {"labels": ["NV", "MEL"], "matrix": [
+            [float(tn / max(tn + fp, 1)), float(fp / max(tn + fp, 1))],
+            [float(fn / max(fn + tp, 1)), float(tp / max(fn + tp, 1))]]},
+    }
+
+
+def calibration(y: np.ndarray, p: np.ndarray, bins: int = ECE_BINS) -> dict[str, Any]:
+    """ECE (equal-width bins on p(MEL)), Brier score, negative log-likelihood, reliability table."""
+    edges = np.linspace(0, 1, bins + 1)
+    idx = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
+    table, ece = [], 0.0
+    for b in range(bins):
+        mask = idx == b
+        if mask.any():
+            conf, freq = float(p[mask].mean()), float(y[mask].mean())
+            ece += mask.mean() * abs(conf - freq)
+            table.append({"bin": b, "n": int(mask.sum()), "mean_p": conf, "frac_mel": freq})
+    pc = np.clip(p, 1e-7, 1 - 1e-7)
+    return {
+        "ece": float(ece),
+        "brier": float(np.mean((p - y) ** 2)),
+        "nll": float(-np.mean(y * np.log(pc) + (1 - y) * np.log(1 - pc))),
+        "reliability": table,
+    }
+
+
+def referral_curve(y: np.ndarray, p: np.ndarray, uncertainty: np.ndarray, t: float) -> list[dict[str, Any]]:
+    """Metrics on the cases kept after referring the most uncertain fraction to a clinician."""
+    order = np.argsort(-uncertainty, kind="stable")
+    out = []
+    for frac in REFERRAL_FRACTIONS:
+        keep = np.sort(order[int(round(frac * len(y))):])
+        m = binary_metrics(y[keep], p[keep], t)
+        out.append({"referred": frac, "kept": int(len(keep)), "auc": m["auc"], "mel_sensitivity": m["mel_sensitivity"],
+                    "mel_specificity": m["mel_specificity"], "balanced_accuracy": m["balanced_accuracy"]})
+    return out
+
+
+def bootstrap_ci(y: np.ndarray, p: np.ndarray, t: float, n: int = 1000, seed: int = 0) -> dict[str, list[float]]:
+    """95% percentile intervals by resampling test cases (stratified: both classes kept)."""
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    stats: dict[str, list[float]] = {"auc": [], "mel_sensitivity": [], "mel_specificity": [], "balanced_accuracy": []}
+    for _ in range(n):
+        i = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
+        m = binary_metrics(y[i], p[i], t)
+        for k in stats:
+            stats[k].append(m[k])
+    return {k: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))] for k, v in stats.items()}
+
+
+def paired_delta(y: np.ndarray, p_new: np.ndarray, t_new: float, p_old: np.ndarray, t_old: float,
+                 n: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Challenger minus champion on the same cases, with paired-bootstrap 95% intervals."""
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+
+    def delta(i):
+        a, b = binary_metrics(y[i], p_new[i], t_new), binary_metrics(y[i], p_old[i], t_old)
+        return a["auc"] - b["auc"], a["mel_sensitivity"] - b["mel_sensitivity"]
+
+    point = delta(np.arange(len(y)))
+    draws = np.array([delta(np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])) for _ in range(n)])
+    return {
+        "auc_delta": float(point[0]), "auc_delta_ci95": [float(v) for v in np.nanpercentile(draws[:, 0], [2.5, 97.5])],
+        "mel_sensitivity_delta": float(point[1]),
+        "mel_sensitivity_delta_ci95": [float(v) for v in np.nanpercentile(draws[:, 1], [2.5, 97.5])],
+    }
+
+
+def evaluate(y: np.ndarray, p: np.ndarray, entropy: np.ndarray, mutual_info: np.ndarray, t: float,
+             bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Everything the report and the gate need, for one split."""
+    out = binary_metrics(y, p, t)
+    out.update(calibration(y, p))
+    wrong = (p >= t).astype(int) != y
+    out["entropy_right_mean"] = float(entropy[~wrong].mean()) if (~wrong).any() else float("nan")
+    out["entropy_wrong_mean"] = float(entropy[wrong].mean()) if wrong.any() else float("nan")
+    out["mutual_info_mean"] = float(mutual_info.mean())
+    out["uncertainty_auc_for_errors"] = _safe_auc(wrong.astype(int), entropy)
+    out["referral"] = referral_curve(y, p, entropy, t)
+    out["ci95"] = bootstrap_ci(y, p, t, bootstrap, seed) if bootstrap else {}
+    out["classification_report"] = classification_report(
+        y, (p >= t).astype(int), labels=[0, 1], target_names=["NV", "MEL"], zero_division=0)
+    return out
+
+
+def isic_csvs(image_ids: list[str], y: np.ndarray, p: np.ndarray, t: float) -> tuple[str, str]:
+    """(ground truth, predictions) in the ISIC challenge layout (`image,MEL,NV`).
+
+    The scorer counts a case positive when its score is > 0.5; predictions are exported as a
+    monotone map of p(MEL) that crosses 0.5 exactly at our threshold t, so the scorer's
+    sensitivity, specificity and balanced accuracy are those at t, and its AUC is unchanged.
+    """
+    s = np.where(p >= t, 0.5 + 1e-6 + (0.5 - 2e-6) * (p - t) / max(1 - t, 1e-12), 0.5 * p / max(t, 1e-12))
+    truth, pred = io.StringIO(), io.StringIO()
+    truth.write("image,MEL,NV\n")
+    pred.write("image,MEL,NV\n")
+    for i, label, score in zip(image_ids, y, s):
+        truth.write(f"{i},{float(label)},{float(1 - label)}\n")
+        pred.write(f"{i},{score:.9f},{1 - score:.9f}\n")
+    return truth.getvalue(), pred.getvalue()

@@ -1,0 +1,92 @@
+"""The model registry (`model_versions`), the quality gate and champion promotion.
+
+Gate = absolute floors on the frozen test split (melanoma sensitivity at the chosen threshold, AUC,
+balanced accuracy) AND no significant regression against the current champion on the same test
+images (paired bootstrap, 95%). One champion at a time (a unique partial index); every promotion,
+including a manual override, is recorded in `champion_history`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from lesion_tasks.schema import champion_history, model_versions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GateFloors:
+    mel_sensitivity: float = 0.80
+    auc: float = 0.70
+    balanced_accuracy: float = 0.60
+
+
+def get(conn: sa.Connection, model_version: str) -> dict[str, Any]:
+    row = conn.execute(sa.select(model_versions).where(model_versions.c.model_version == model_version)).mappings().first()
+    if row is None:
+        raise ValueError(f"model version {model_version!r}: not in the registry")
+    return dict(row)
+
+
+def champion(conn: sa.Connection) -> dict[str, Any] | None:
+    row = conn.execute(sa.select(model_versions).where(model_versions.c.is_champion)).mappings().first()
+    return dict(row) if row else None
+
+
+def resolve(conn: sa.Connection, model_version: str) -> dict[str, Any]:
+    """`champion` or a version id -> its registry row (ValueError when there is none)."""
+    if model_version == "champion":
+        row = champion(conn)
+        if row is None:
+            raise ValueError("no champion model yet: run `lesion train` (or trigger lesion_retrain) first")
+        return row
+    return get(conn, model_version)
+
+
+def decide(metrics: dict[str, Any], comparison: dict[str, Any] | None, floors: GateFloors) -> tuple[bool, list[str]]:
+    """(passed, reasons): every floor and regression check, passed or failed, in words."""
+    test = metrics["test"]
+    reasons, passed = [], True
+    for name, floor in (("mel_sensitivity", floors.mel_sensitivity), ("auc", floors.auc),
+                        ("balanced_accuracy", floors.balanced_accuracy)):
+        value = test[name]
+        ok = value >= floor
+        passed &= ok
+        reasons.append(f"{'PASS' if ok else 'FAIL'}: test {name} {value:.3f} {'>=' if ok else '<'} floor {floor:.2f}")
+    if comparison is None:
+        reasons.append("PASS: no champion to compare with")
+    else:
+        for name in ("auc", "mel_sensitivity"):
+            lo, hi = comparison[f"{name}_delta_ci95"]
+            worse = hi < 0
+            passed &= not worse
+            reasons.append(f"{'FAIL' if worse else 'PASS'}: {name} vs champion {comparison['champion']} "
+                           f"delta {comparison[f'{name}_delta']:+.3f} (95% CI {lo:+.3f}..{hi:+.3f})"
+                           f"{' significantly worse' if worse else ''}")
+    return passed, reasons
+
+
+def promote(engine: sa.Engine, model_version: str, reason: str, actor: str, override: bool = False) -> str | None:
+    """Make `model_version` the champion; return the previous champion. Idempotent."""
+    with engine.begin() as conn:
+        current = champion(conn)
+        if current and current["model_version"] == model_version:
+            return current["model_version"]
+        get(conn, model_version)
+        previous = current["model_version"] if current else None
+        if previous:
+            conn.execute(model_versions.update().where(model_versions.c.model_version == previous)
+                         .values(is_champion=False, status="retired"))
+        conn.execute(model_versions.update().where(model_versions.c.model_version == model_version)
+                     .values(is_champion=True, status="champion"))
+        conn.execute(champion_history.insert().values(
+            model_version=model_version, event="override" if override else "promoted", previous=previous,
+            reason=reason, actor=actor, at=datetime.now(UTC)))
+    log.info("champion is now %s (was %s): %s", model_version, previous, reason)
+    return previous

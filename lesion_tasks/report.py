@@ -1,0 +1,143 @@
+"""Figures (PNG) and one self-contained HTML report per model version."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from typing import Any
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    _plt().close(fig)
+    return buf.getvalue()
+
+
+def training_curves(history: dict[str, list[float]]) -> bytes:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for key in ("loss", "val_loss"):
+        if key in history:
+            ax.plot(range(1, len(history[key]) + 1), history[key], label=key)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("class-weighted cross-entropy")
+    ax.legend()
+    ax.set_title("Head training")
+    return _png(fig)
+
+
+def roc_figure(y: np.ndarray, p: np.ndarray, t: float, auc: float) -> bytes:
+    from sklearn.metrics import roc_curve
+
+    plt = _plt()
+    fpr, tpr, _ = roc_curve(y, p)
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.plot(fpr, tpr, label=f"AUC {auc:.3f}")
+    pred = p >= t
+    ax.scatter([(pred & (y == 0)).sum() / max((y == 0).sum(), 1)], [(pred & (y == 1)).sum() / max((y == 1).sum(), 1)],
+               color="red", zorder=3, label=f"threshold {t:.3f}")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("melanoma sensitivity")
+    ax.legend(loc="lower right")
+    ax.set_title("ROC (test)")
+    return _png(fig)
+
+
+def reliability_figure(table: list[dict[str, Any]], ece: float) -> bytes:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.plot([r["mean_p"] for r in table], [r["frac_mel"] for r in table], "o-")
+    ax.set_xlabel("mean p(MEL)")
+    ax.set_ylabel("fraction melanoma")
+    ax.set_title(f"Reliability (ECE {ece:.3f})")
+    return _png(fig)
+
+
+def confusion_figure(matrix: list[list[float]], title: str, fmt: str) -> bytes:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(3.4, 3))
+    arr = np.array(matrix, float)
+    ax.imshow(arr, cmap="Blues")
+    for i in range(2):
+        for j in range(2):
+            ax.text(j, i, format(arr[i, j], fmt), ha="center", va="center",
+                    color="white" if arr[i, j] > arr.max() / 2 else "black")
+    ax.set_xticks([0, 1], ["NV", "MEL"])
+    ax.set_yticks([0, 1], ["NV", "MEL"])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    return _png(fig)
+
+
+def referral_figure(curve: list[dict[str, Any]]) -> bytes:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    x = [100 * r["referred"] for r in curve]
+    for key in ("mel_sensitivity", "mel_specificity", "auc"):
+        ax.plot(x, [r[key] for r in curve], "o-", label=key)
+    ax.set_xlabel("% most uncertain cases referred (entropy)")
+    ax.set_ylim(0, 1.02)
+    ax.legend()
+    ax.set_title("Referral curve (test)")
+    return _png(fig)
+
+
+def _img(data: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+
+
+def html_report(version: dict[str, Any], metrics: dict[str, Any], figures: dict[str, bytes],
+                examples: list[dict[str, Any]]) -> bytes:
+    """A single HTML file, images embedded, nothing fetched from anywhere."""
+    test = metrics["test"]
+    ci = test.get("ci95", {})
+
+    def row(name: str, key: str) -> str:
+        interval = f" ({ci[key][0]:.3f} – {ci[key][1]:.3f})" if key in ci else ""
+        return f"<tr><td>{name}</td><td>{test[key]:.3f}{interval}</td><td>{metrics['val'][key]:.3f}</td></tr>"
+
+    gate = version.get("gate") or {}
+    cards = "".join(
+        f'<figure>{_img(e["png"], e["image_id"])}<figcaption>{html.escape(e["image_id"])}: true {e["true"]}, '
+        f'p(MEL) {e["p_mel"]:.2f}, {"right" if e["right"] else "WRONG"}</figcaption></figure>' for e in examples)
+    figs = "".join(f"<figure>{_img(png, name)}<figcaption>{html.escape(name)}</figcaption></figure>" for name, png in figures.items())
+    body = f"""<!doctype html><html><head><meta charset="utf-8"><title>Model {html.escape(version['model_version'])}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:3px 8px}} figure{{display:inline-block;margin:6px;vertical-align:top}}
+img{{max-width:330px}} .fail{{color:#b00}} .pass{{color:#070}} pre{{background:#f6f6f6;padding:8px}}</style></head><body>
+<h1>Model version {html.escape(version['model_version'])}</h1>
+<p>Profile <b>{html.escape(version['profile'])}</b>, backbone <b>{html.escape(version['backbone'])}</b>, input {version['image_size']} px,
+weights: {html.escape(version['weights_source'])}. Threshold {test['threshold']:.4f} (chosen on validation for melanoma sensitivity
+{version['config']['target_sensitivity']}), MC-dropout samples {version['mc_samples']}.</p>
+<h2>Gate: <span class="{'pass' if gate.get('passed') else 'fail'}">{'PASSED' if gate.get('passed') else 'NOT PASSED'}</span></h2>
+<ul>{''.join(f'<li>{html.escape(r)}</li>' for r in gate.get('reasons', []))}</ul>
+<h2>Metrics (test n={test['n']}, {test['n_mel']} melanoma; 95% bootstrap intervals)</h2>
+<table><tr><th>metric</th><th>test</th><th>validation</th></tr>
+{row('AUC', 'auc')}{row('melanoma sensitivity', 'mel_sensitivity')}{row('melanoma specificity', 'mel_specificity')}
+{row('balanced accuracy', 'balanced_accuracy')}{row('average precision', 'average_precision')}
+{row('ECE', 'ece')}{row('Brier', 'brier')}{row('NLL', 'nll')}</table>
+<p>MC-dropout entropy: right cases {test['entropy_right_mean']:.3f}, wrong cases {test['entropy_wrong_mean']:.3f}
+(AUC of entropy for spotting errors {test['uncertainty_auc_for_errors']:.3f}).</p>
+<pre>{html.escape(test['classification_report'])}</pre>
+{figs}
+<h2>Grad-CAM examples (right and wrong)</h2>{cards}
+<h2>Lineage and environment</h2><pre>{html.escape(json.dumps({'lineage': version['lineage'], 'environment': version['environment'], 'config': version['config']}, indent=1, default=str))}</pre>
+</body></html>"""
+    return body.encode()

@@ -1,0 +1,218 @@
+"""Retraining end to end on a synthetic drop with the tiny backbone: registry, artifacts, feature
+cache, gate (including a degenerate always-NV model), and agreement with isic-challenge-scoring."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import zipfile
+from dataclasses import replace
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import sqlalchemy as sa
+
+from lesion_tasks import db, evaluation, features, mc, registry, retrain
+from lesion_tasks.ingest import ingest
+from lesion_tasks.schema import champion_history, model_versions
+from lesion_tasks.settings import Settings
+from lesion_tasks.store import key_of, open_store
+from lesion_tasks.synthetic import make_drop
+
+TINY = dict(backbone="tiny", image_size=64, weights="none", epochs=150, views=2, bootstrap=200)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("retrain")
+    settings = Settings.from_env({"LESION_HOME": str(tmp / "home")})
+    db.upgrade(settings)
+    ingest(str(make_drop(tmp / "drop", n_images=300, seed=11)), settings)
+    config = retrain.make_config("demo", **TINY)
+    first = retrain.run(settings, config, run_id="first")
+    second = retrain.run(settings, config, run_id="second")
+    return settings, config, first, second
+
+
+def _row(settings, version):
+    engine = db.make_engine(settings.db_url)
+    with engine.connect() as conn:
+        row = registry.get(conn, version)
+    engine.dispose()
+    return row
+
+
+def test_first_model_learns_and_is_promoted(trained):
+    settings, _, first, _ = trained
+    test = first["metrics"]["test"]
+    assert first["promoted"] is True, first["gate"]
+    assert test["auc"] > 0.9 and test["mel_sensitivity"] >= 0.8 and test["balanced_accuracy"] > 0.75
+    assert set(test["ci95"]) == {"auc", "mel_sensitivity", "mel_specificity", "balanced_accuracy"}
+    row = _row(settings, first["model_version"])
+    assert row["status"] in ("champion", "retired")  # the second retrain may have replaced it
+    assert row["gate"]["passed"] is True
+    assert row["threshold"] == pytest.approx(first["threshold"])
+    assert row["weights_source"] == "random initialisation" and row["config"]["weights_used"] == "none"
+    assert {"tensorflow", "keras", "devices", "python"} <= set(row["environment"])
+    assert row["lineage"]["drops"] == {"drop": 300} and set(row["lineage"]["splits"]) == {"train", "val", "test"}
+    assert row["review_rule"]["entropy_above"] > 0
+
+
+def test_artifacts_are_stored_without_optimizer_state(trained):
+    settings, _, first, _ = trained
+    store = open_store(settings)
+    base = f"models/{first['model_version']}"
+    for name in ("model.keras", "head.npz", "config.json", "metrics.json", "report.html", "train_log.json",
+                 "test_truth_isic.csv", "test_predictions_isic.csv", "figures/roc.png", "figures/referral-curve.png"):
+        assert store.exists(f"{base}/{name}"), name
+    report = store.get(f"{base}/report.html").decode()
+    assert "data:image/png;base64," in report and "Gate" in report and "http" not in report.split("<body>")[1][:2000]
+    with zipfile.ZipFile(io.BytesIO(store.get(f"{base}/model.keras"))) as zf:
+        with zf.open("model.weights.h5") as fh, h5py.File(io.BytesIO(fh.read())) as h5:
+            assert "optimizer" not in h5
+    metrics = json.loads(store.get(f"{base}/metrics.json"))
+    assert len(metrics["test"]["referral"]) == 11 and metrics["test"]["confusion"]["labels"] == ["NV", "MEL"]
+
+
+def test_saved_model_matches_the_cached_features(trained):
+    """The full model's backbone is the one whose features trained the head (same seeded init)."""
+    import keras
+
+    settings, config, first, _ = trained
+    store = open_store(settings)
+    row = _row(settings, first["model_version"])
+    model_path = settings.home / "m.keras"
+    model_path.write_bytes(store.get(key_of(store, row["model_uri"])))
+    model = keras.models.load_model(model_path, compile=False)
+    engine = db.make_engine(settings.db_url)
+    with engine.connect() as conn:
+        refs, _ = retrain._split_refs(conn)["test"]
+    engine.dispose()
+    cached, stats = features.features_for(refs[:6], [0], retrain._feature_config(row), retrain._weights_of(row, settings, store), store)
+    assert stats.computed == 0
+    rgb = np.stack([features.load_rgb(store, r.uri, 64) for r in refs[:6]])
+    probs = model.predict(features.backbones.preprocess(rgb), verbose=0)[:, mc.MEL]
+    head = retrain._head_from_store(store, row)
+    np.testing.assert_allclose(head.deterministic(cached[0]), probs, atol=1e-5)
+
+
+def test_retrain_on_unchanged_data_runs_no_backbone(trained):
+    _, _, first, second = trained
+    assert first["feature_cache"]["computed"] > 0
+    assert second["feature_cache"]["computed"] == 0
+    assert second["feature_cache"]["reused"] == first["feature_cache"]["computed"]
+    assert second["head_seconds"] < 60
+
+
+def test_second_model_was_compared_with_the_champion(trained):
+    settings, _, first, second = trained
+    row = _row(settings, second["model_version"])
+    assert row["gate"]["comparison"]["champion"] == first["model_version"]
+    assert any("vs champion" in r for r in row["gate"]["reasons"])
+
+
+def test_degenerate_always_nv_model_is_refused_and_champion_stays(trained):
+    settings, config, _, _ = trained
+    store = open_store(settings)
+    engine = db.make_engine(settings.db_url)
+    with engine.connect() as conn:
+        champ = registry.champion(conn)
+        parts = retrain._split_refs(conn)
+    head = retrain._head_from_store(store, champ)
+    bad = replace(head, w2=np.zeros_like(head.w2), b2=np.array([10.0, -10.0], np.float32))  # always NV
+    version = "degenerate-always-nv"
+    retrain._put_npz(store, f"models/{version}/head.npz", **{k: np.asarray(v) for k, v in bad.__dict__.items()})
+    for name in ("model.keras", "train_log.json"):
+        store.put(f"models/{version}/{name}", store.get(f"models/{champ['model_version']}/{name}"))
+    refs, y_val = parts["val"]
+    feats, _ = features.features_for(refs, [0], retrain._feature_config(champ), retrain._weights_of(champ, settings, store), store)
+    p_val = mc.predict(bad, feats[0], [r.image_id for r in refs], version, champ["mc_samples"])[0]
+    assert np.allclose(p_val, p_val[0]) and p_val[0] < 1e-6  # it says NV for everything
+    row = {k: v for k, v in champ.items()} | {
+        "model_version": version, "status": "candidate", "is_champion": False, "metrics": None, "gate": None,
+        "threshold": evaluation.threshold_for_sensitivity(y_val, p_val, 0.85), "run_id": "test",
+        "model_uri": store.uri(f"models/{version}/model.keras")}
+    with engine.begin() as conn:
+        conn.execute(model_versions.insert().values(**row))
+    retrain.evaluate_model(settings, version)
+    decision = retrain.gate_model(settings, version)
+    assert decision["promoted"] is False
+    fails = [r for r in decision["reasons"] if r.startswith("FAIL")]
+    assert any("auc" in r for r in fails) and any("balanced_accuracy" in r for r in fails)
+    with engine.connect() as conn:
+        assert registry.champion(conn)["model_version"] == champ["model_version"]
+        assert registry.get(conn, version)["status"] == "rejected"
+    engine.dispose()
+
+
+def test_the_papers_model_would_be_refused():
+    """0% melanoma sensitivity, accuracy 0.71 = balanced accuracy 0.50 (the 2025 paper)."""
+    metrics = {"test": {"mel_sensitivity": 0.0, "auc": 0.5, "balanced_accuracy": 0.5}}
+    passed, reasons = registry.decide(metrics, None, registry.GateFloors())
+    assert not passed and sum(r.startswith("FAIL") for r in reasons) == 3
+
+
+def test_manual_override_is_recorded(trained):
+    from tests.conftest import run_cli
+
+    settings, _, first, second = trained
+    engine = db.make_engine(settings.db_url)
+    registry.promote(engine, second["model_version"], "set up", "test")
+    out = run_cli("promote", first["model_version"], "--reason", "clinical lead accepted it", "--actor", "dr-test", "--json",
+                  env={"LESION_HOME": str(settings.home)})
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"champion": first["model_version"], "previous": second["model_version"], "override": True}
+    with engine.connect() as conn:
+        assert registry.champion(conn)["model_version"] == first["model_version"]
+        assert registry.get(conn, second["model_version"])["status"] == "retired"
+        last = conn.execute(sa.select(champion_history).order_by(champion_history.c.id.desc())).mappings().first()
+        assert (last["event"], last["actor"], last["previous"]) == ("override", "dr-test", second["model_version"])
+        assert "clinical lead" in last["reason"]
+        assert conn.execute(sa.select(sa.func.count()).select_from(model_versions).where(model_versions.c.is_champion)).scalar() == 1
+    engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def isic_scoring() -> Path:
+    """The official scorer, from its own venv (it needs pandas < 3; see tests/isic-scoring.lock)."""
+    venv = Path(os.environ.get("LESION_ISIC_SCORING_VENV", Path(__file__).resolve().parents[1] / ".venv-isic"))
+    exe = venv / "bin" / "isic-challenge-scoring"
+    if not exe.exists():
+        message = f"isic-challenge-scoring not found at {exe} (make test builds it)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return exe
+
+
+def test_metrics_agree_with_isic_challenge_scoring(trained, isic_scoring, tmp_path):
+    settings, _, first, _ = trained
+    store = open_store(settings)
+    base = f"models/{first['model_version']}"
+    truth, pred = tmp_path / "truth.csv", tmp_path / "pred.csv"
+    truth.write_bytes(store.get(f"{base}/test_truth_isic.csv"))
+    pred.write_bytes(store.get(f"{base}/test_predictions_isic.csv"))
+    out = subprocess.run([str(isic_scoring), "-o", "json", "classification", str(truth), str(pred)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    score = json.loads(out.stdout)
+    ours = first["metrics"]["test"]
+    per = score["per_category"]
+    assert per["auc"]["MEL"] == pytest.approx(ours["auc"], abs=1e-6)
+    assert per["sensitivity"]["MEL"] == pytest.approx(ours["mel_sensitivity"], abs=1e-9)
+    assert per["specificity"]["MEL"] == pytest.approx(ours["mel_specificity"], abs=1e-9)
+    assert score["aggregate"]["balanced_accuracy"] == pytest.approx(ours["balanced_accuracy"], abs=1e-9)
+
+
+def test_make_config_validates():
+    with pytest.raises(ValueError, match="profile 'fast'"):
+        retrain.make_config("fast")
+    with pytest.raises(ValueError, match="backbone 'vgg'"):
+        retrain.make_config("demo", backbone="vgg")
+    with pytest.raises(ValueError, match="epochs=0"):
+        retrain.make_config("demo", epochs=0)
+    assert retrain.make_config("paper").backbone == "resnet101v2"
