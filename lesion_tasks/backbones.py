@@ -133,10 +133,12 @@ def resolve_weights(spec: str, backbone: Backbone, cache_dir: Path, store=None, 
     spec = (spec or "none").strip()
     if spec == "none":
         return ResolvedWeights(spec, None, "random initialisation", None)
-    if spec.startswith("s3://") or spec.startswith("store:"):
+    if spec.startswith(("s3://", "file://")):
         if store is None:
             raise ValueError(f"weights {spec!r}: an object-store URI needs the store to be configured")
-        key = spec.split("://", 1)[1].split("/", 1)[1] if spec.startswith("s3://") else spec[len("store:"):]
+        from lesion_tasks.store import key_of
+
+        key = key_of(store, spec)  # ValueError naming the store when the URI is elsewhere
         local = cache_dir / "weights" / Path(key).name
         if not local.exists():
             local.parent.mkdir(parents=True, exist_ok=True)

@@ -42,7 +42,7 @@ class TrainConfig:
     epochs: int = 200
     seed: int = 0
     dropout: float = 0.5
-    views: int = 4  # augmentation views per training image (view 0 = as is)
+    views: int = 8  # augmentation views per training image (view 0 = as is)
     mc_samples: int = 50
     target_sensitivity: float = 0.85
     learning_rate: float = 1e-3

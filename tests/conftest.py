@@ -6,6 +6,7 @@ reason, on a developer machine.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -126,3 +127,29 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subproce
     lesion = Path(sys.executable).with_name("lesion")
     return subprocess.run([str(lesion), *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
+
+
+@pytest.fixture
+def airflow_env(monkeypatch, tmp_path, pg_s3_settings, airflow_db):
+    """Connections lesion_db / lesion_s3 -> the test Postgres and S3; LESION_* -> decoys that must stay unused."""
+    s = pg_s3_settings
+    sqlalchemy_url = sa.engine.make_url(s.db_url)
+    monkeypatch.setenv("AIRFLOW_CONN_LESION_DB", json.dumps({
+        "conn_type": "postgres", "host": sqlalchemy_url.host, "port": sqlalchemy_url.port,
+        "login": sqlalchemy_url.username, "schema": sqlalchemy_url.database}))
+    monkeypatch.setenv("AIRFLOW_CONN_LESION_S3", json.dumps({
+        "conn_type": "aws", "login": s.s3_access_key, "password": s.s3_secret_key,
+        "extra": {"endpoint_url": s.s3_endpoint, "store_url": s.store_url}}))
+    decoy = tmp_path / "decoy.db"
+    monkeypatch.setenv("LESION_DB_URL", f"sqlite:///{decoy}")
+    monkeypatch.setenv("LESION_STORE_URL", (tmp_path / "decoy-store").as_uri())
+    monkeypatch.setenv("LESION_INCOMING_SETTLE_SECONDS", "0")
+    return s, decoy
+
+
+
+def run_dag(dag, conf: dict | None = None):
+    """`dag.test()` (which does not raise when a task fails): the run and each task's state."""
+    run = dag.test(run_conf=conf)
+    states = {ti.task_id: ti.state for ti in run.get_task_instances()}
+    return run, states

@@ -7,7 +7,6 @@ file, which must stay untouched: inside Airflow the Connections take precedence.
 from __future__ import annotations
 
 import io
-import json
 import zipfile
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import sqlalchemy as sa
 from lesion_tasks.schema import images, quarantine
 from lesion_tasks.store import open_store
 from lesion_tasks.synthetic import make_drop
+from tests.conftest import run_dag
 
 DAGS = Path(__file__).resolve().parents[1] / "dags"
 
@@ -39,29 +39,6 @@ def _zip_of(folder: Path) -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture
-def airflow_env(monkeypatch, tmp_path, pg_s3_settings, airflow_db):
-    s = pg_s3_settings
-    sqlalchemy_url = sa.engine.make_url(s.db_url)
-    monkeypatch.setenv("AIRFLOW_CONN_LESION_DB", json.dumps({
-        "conn_type": "postgres", "host": sqlalchemy_url.host, "port": sqlalchemy_url.port,
-        "login": sqlalchemy_url.username, "schema": sqlalchemy_url.database}))
-    monkeypatch.setenv("AIRFLOW_CONN_LESION_S3", json.dumps({
-        "conn_type": "aws", "login": s.s3_access_key, "password": s.s3_secret_key,
-        "extra": {"endpoint_url": s.s3_endpoint, "store_url": s.store_url}}))
-    decoy = tmp_path / "decoy.db"
-    monkeypatch.setenv("LESION_DB_URL", f"sqlite:///{decoy}")
-    monkeypatch.setenv("LESION_STORE_URL", (tmp_path / "decoy-store").as_uri())
-    monkeypatch.setenv("LESION_INCOMING_SETTLE_SECONDS", "0")
-    return s, decoy
-
-
-def _run(dag):
-    run = dag.test()
-    states = {ti.task_id: ti.state for ti in run.get_task_instances()}
-    return run, states
-
-
 def test_isic_ingest_dag_against_postgres_and_s3(airflow_env, tmp_path):
     from airflow.dag_processing.dagbag import DagBag
 
@@ -74,7 +51,7 @@ def test_isic_ingest_dag_against_postgres_and_s3(airflow_env, tmp_path):
     store.put("incoming/night-2.zip", _zip_of(zipped))
 
     dag = DagBag(dag_folder=str(DAGS)).get_dag("isic_ingest")
-    run, states = _run(dag)
+    run, states = run_dag(dag)
     assert run.state == "success", states
     assert states["publish"] == "success"
 
@@ -90,7 +67,7 @@ def test_isic_ingest_dag_against_postgres_and_s3(airflow_env, tmp_path):
     assert not decoy.exists(), "LESION_DB_URL was used although the lesion_db Connection exists"
 
     # a second run finds nothing new: no new rows, no asset event
-    run2, states2 = _run(dag)
+    run2, states2 = run_dag(dag)
     assert run2.state == "success", states2
     assert states2["publish"] == "skipped"
     with engine.connect() as conn:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 DAGS = Path(__file__).resolve().parents[1] / "dags"
-EXPECTED = {"isic_ingest": "*/30 * * * *"}
+EXPECTED = {"isic_ingest": "*/30 * * * *", "lesion_retrain": None}
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +39,21 @@ def test_dag_policy(dagbag, dag_id):
 @pytest.mark.parametrize("dag_id,schedule", sorted(EXPECTED.items()))
 def test_dag_schedule(dagbag, dag_id, schedule):
     assert dagbag.get_dag(dag_id).schedule == schedule
+
+
+def test_retrain_params_are_the_trigger_form(dagbag):
+    """Typed, titled, described Params for the same knobs as `lesion train`."""
+    params = dagbag.get_dag("lesion_retrain").params
+    assert {"profile", "backbone", "epochs", "image_size", "weights", "seed", "mc_samples", "target_sensitivity"} <= set(params)
+    for name in params:
+        param = params.get_param(name)
+        assert param.schema.get("type") and param.schema.get("title") and param.description, name
+    assert params["profile"] == "demo" and params["mc_samples"] == 50 and params["target_sensitivity"] == 0.85
+
+
+def test_tensorflow_tasks_share_one_pool(dagbag):
+    dag = dagbag.get_dag("lesion_retrain")
+    assert {t.task_id for t in dag.tasks if t.pool == "lesion_tensorflow"} == {"train_model", "evaluate_model"}
 
 
 def test_isic_ingest_emits_validated_asset(dagbag):

@@ -1,0 +1,81 @@
+"""MC-dropout on the head: exact, bounded, seeded."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lesion_tasks import evaluation, mc
+from lesion_tasks.backbones import build_head
+
+
+@pytest.fixture(scope="module")
+def head():
+    import keras
+
+    keras.utils.set_random_seed(1)
+    model = build_head(12, dropout=0.4)
+    rng = np.random.default_rng(0)
+    model.get_layer("head_bn").set_weights([rng.uniform(0.5, 2, 128), rng.normal(0, 1, 128), rng.normal(0, 1, 128), rng.uniform(0.5, 2, 128)])
+    return model
+
+
+def test_deterministic_head_equals_keras(head):
+    x = np.random.default_rng(1).normal(size=(7, 12)).astype(np.float32)
+    np.testing.assert_allclose(mc.HeadWeights.from_model(head).deterministic(x), head.predict(x, verbose=0)[:, 1], atol=1e-6)
+
+
+def test_mc_samples_equal_keras_dropout_with_the_same_masks(head):
+    """Keras' head with dropout replaced by the explicit mask gives the same samples."""
+    x = np.random.default_rng(2).normal(size=(5, 12)).astype(np.float32)
+    weights = mc.HeadWeights.from_model(head)
+    masks = mc.dropout_masks([f"i{k}" for k in range(5)], "v1", 9, 128, 0.4)
+    ours = mc.mc_samples(weights, x, masks)
+    dense, bn, out = (head.get_layer(n) for n in ("head_dense", "head_bn", "head_out"))
+    h = bn(dense(x), training=False).numpy()
+    for t in range(9):
+        naive = out(h * masks[:, t, :]).numpy()[:, 1]
+        np.testing.assert_allclose(ours[:, t], naive, atol=1e-5)
+
+
+def test_uncertainty_bounds_and_reproducibility(head):
+    weights = mc.HeadWeights.from_model(head)
+    x = np.random.default_rng(3).normal(size=(50, 12)).astype(np.float32) * 3
+    ids = [f"img{k}" for k in range(50)]
+    p, h, mi = mc.predict(weights, x, ids, "model-a", 50)
+    assert ((h >= 0) & (h <= np.log(2) + 1e-9)).all()
+    assert (mi >= 0).all() and (mi <= h + 1e-9).all()
+    assert ((p >= 0) & (p <= 1)).all()
+    again = mc.predict(weights, x, ids, "model-a", 50)
+    for a, b in zip((p, h, mi), again):
+        np.testing.assert_array_equal(a, b)
+    other = mc.predict(weights, x, ids, "model-b", 50)[0]
+    assert not np.array_equal(p, other)  # seeds depend on the model version
+    # an image's numbers do not depend on which other images share its batch
+    alone = mc.predict(weights, x[7:8], ids[7:8], "model-a", 50)
+    assert alone[0][0] == pytest.approx(p[7], abs=1e-6)
+
+
+def test_threshold_reaches_target_sensitivity():
+    rng = np.random.default_rng(0)
+    y = (rng.random(500) < 0.2).astype(int)
+    p = np.clip(0.3 * y + rng.normal(0.35, 0.15, 500), 0, 1)
+    t = evaluation.threshold_for_sensitivity(y, p, 0.85)
+    sens = ((p >= t) & (y == 1)).sum() / y.sum()
+    assert sens >= 0.85
+    assert ((p >= np.nextafter(t, 1)) & (y == 1)).sum() / y.sum() < 0.85  # the highest such threshold
+    with pytest.raises(ValueError, match="no melanoma"):
+        evaluation.threshold_for_sensitivity(np.zeros(5, int), p[:5], 0.85)
+
+
+def test_metrics_match_definitions():
+    y = np.array([1, 1, 1, 0, 0, 0, 0, 0])
+    p = np.array([0.9, 0.6, 0.2, 0.7, 0.1, 0.2, 0.3, 0.05])
+    m = evaluation.binary_metrics(y, p, 0.5)
+    assert m["confusion"]["matrix"] == [[4, 1], [1, 2]]
+    assert m["mel_sensitivity"] == pytest.approx(2 / 3) and m["mel_specificity"] == pytest.approx(4 / 5)
+    assert m["balanced_accuracy"] == pytest.approx((2 / 3 + 4 / 5) / 2)
+    cal = evaluation.calibration(y, p)
+    assert cal["brier"] == pytest.approx(np.mean((p - y) ** 2))
+    curve = evaluation.referral_curve(y, p, np.abs(p - 0.5) * -1, 0.5)
+    assert curve[0]["kept"] == 8 and curve[-1]["kept"] == 4

@@ -1,0 +1,72 @@
+"""The split: stratified, grouped by near-duplicate group, frozen, extended by a recorded rule."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+
+from lesion_tasks import db, splits
+from lesion_tasks.schema import drops, images
+from lesion_tasks.schema import splits as splits_table
+
+
+def _add_images(engine, n: int, start: int = 0, groups_of: int = 1, mel_every: int = 4, drop: str = "d"):
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        db.insert_ignore(conn, drops, [{"drop_id": drop, "source": "s", "layout": "l", "fingerprint": "f", "status": "complete",
+                                        "n_entries": n, "started_at": now}], ["drop_id"])
+        rows = []
+        for i in range(start, start + n):
+            rows.append({"image_id": f"I{i:05d}", "drop_id": drop, "source_entry": f"I{i}.jpg", "sha256": f"{i:064d}",
+                         "label": "MEL" if i % mel_every == 0 else "NV", "near_dup_group": f"G{i // groups_of:05d}",
+                         "phash": "0" * 16, "width": 1, "height": 1, "n_bytes": 1, "format": "JPEG",
+                         "original_uri": "x", "normalized_uri": "x", "normalized_size": 224, "ingested_at": now})
+        db.insert_ignore(conn, images, rows, ["image_id"])
+
+
+def _split_of(engine) -> dict[str, str]:
+    with engine.connect() as conn:
+        return dict(conn.execute(sa.select(splits_table.c.image_id, splits_table.c.split)).all())
+
+
+def test_initial_split_is_stratified_grouped_and_frozen(tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    db.upgrade(url)
+    engine = db.make_engine(url)
+    _add_images(engine, 400, groups_of=2)  # pairs of near-duplicates
+    summary = splits.assign(engine, seed=3)
+    counts = summary["counts"]
+    assert sum(sum(c.values()) for c in counts.values()) == 400
+    assert 0.17 < sum(counts["test"].values()) / 400 < 0.23
+    for split in ("train", "val", "test"):  # melanoma share ~25% everywhere
+        assert 0.18 < counts[split]["MEL"] / sum(counts[split].values()) < 0.32, counts
+    first = _split_of(engine)
+    assert all(first[f"I{2 * g:05d}"] == first[f"I{2 * g + 1:05d}"] for g in range(200)), "a group straddles splits"
+    assert splits.assign(engine, seed=99) == summary and _split_of(engine) == first  # frozen: reseeding changes nothing
+
+    # a new drop: existing assignments never move; a new member of an old group joins its side
+    _add_images(engine, 100, start=400, drop="d2")
+    with engine.begin() as conn:
+        conn.execute(images.update().where(images.c.image_id == "I00400").values(near_dup_group="G00000"))
+    splits.assign(engine, seed=3)
+    after = _split_of(engine)
+    assert {k: after[k] for k in first} == first
+    assert after["I00400"] == first["I00000"]
+    with engine.connect() as conn:
+        rules = dict(conn.execute(sa.select(splits_table.c.image_id, splits_table.c.rule)).all())
+    assert rules["I00400"] == "group" and rules["I00401"].startswith("hash-v1") and rules["I00000"].startswith("initial:sgkf")
+    assert 5 < sum(after[f"I{i:05d}"] == "test" for i in range(401, 500)) < 40
+    engine.dispose()
+
+
+def test_too_few_labelled_images_is_a_clear_error(tmp_path):
+    import pytest
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    db.upgrade(url)
+    engine = db.make_engine(url)
+    _add_images(engine, 12, mel_every=6)
+    with pytest.raises(ValueError, match="need at least 5 of each class"):
+        splits.assign(engine)
+    engine.dispose()
