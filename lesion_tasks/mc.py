@@ -83,7 +83,7 @@ def mc_samples(head: HeadWeights, features: np.ndarray, masks: np.ndarray) -> np
 
 
 def binary_entropy(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, _EPS, 1 - _EPS)
+    p = np.clip(np.asarray(p, np.float64), _EPS, 1 - _EPS)
     return -(p * np.log(p) + (1 - p) * np.log(1 - p))
 
 
