@@ -75,6 +75,17 @@ def _cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_score(args: argparse.Namespace, settings: Settings) -> int:
+    from lesion_tasks import db
+    from lesion_tasks.scoring import score
+
+    db.upgrade(settings)
+    result = score(settings, args.model_version, mc_samples=args.mc_samples, limit=args.limit)
+    _emit(args, result, f"model {result['model_version']}: scored {result['scored']} images "
+                        f"({result['needs_review']} need review), {result['skipped']} already had a prediction")
+    return 0
+
+
 def _cmd_promote(args: argparse.Namespace, settings: Settings) -> int:
     from lesion_tasks import registry
     from lesion_tasks.db import engine_for
@@ -127,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("--views", type=int, help="augmentation views per training image")
     p_train.set_defaults(func=_cmd_train)
 
+    p_score = sub.add_parser("score", help="score every image without a prediction from the model version")
+    p_score.add_argument("--model-version", default="champion", help="a model version or 'champion' (default)")
+    p_score.add_argument("--mc-samples", type=int, help="MC-dropout samples T (default: the model version's)")
+    p_score.add_argument("--limit", type=int, help="score at most N images")
+    p_score.set_defaults(func=_cmd_score)
+
     p_promote = sub.add_parser("promote", help="manual override: make a model version the champion")
     p_promote.add_argument("model_version")
     p_promote.add_argument("--reason", required=True, help="why the gate is overridden (recorded)")
@@ -137,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--data", help="an ISIC drop folder or .zip (default: a synthetic drop)")
     p_demo.set_defaults(func=_cmd_demo)
 
-    for p in (p_up, p_ing, p_train, p_promote, p_demo):  # --json accepted after the subcommand too
+    for p in (p_up, p_ing, p_train, p_score, p_promote, p_demo):  # --json accepted after the subcommand too
         p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON object on stdout")
     return parser
 

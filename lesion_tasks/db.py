@@ -87,3 +87,20 @@ def insert_ignore(conn: Connection, table: sa.Table, rows: Sequence[dict[str, An
     stmt = insert(table).on_conflict_do_nothing(index_elements=list(keys))
     result = conn.execute(stmt, list(rows))
     return max(result.rowcount or 0, 0)
+
+
+def upsert(conn: Connection, table: sa.Table, rows: Sequence[dict[str, Any]], keys: Iterable[str]) -> None:
+    """INSERT rows, or UPDATE every other column where they conflict on `keys`."""
+    if not rows:
+        return
+    keys = list(keys)
+    dialect = conn.dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:
+        raise ValueError(f"database dialect {dialect!r}: expected postgresql or sqlite")
+    stmt = insert(table)
+    updates = {c.name: stmt.excluded[c.name] for c in table.columns if c.name not in keys}
+    conn.execute(stmt.on_conflict_do_update(index_elements=keys, set_=updates), list(rows))

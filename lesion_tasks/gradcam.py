@@ -16,12 +16,12 @@ OVERLAY_MAX_SIDE = 1024
 OVERLAY_ALPHA = 0.45
 
 
-def gradcam_tape(model, last_layer: str, images: np.ndarray, class_index: np.ndarray) -> np.ndarray:
-    """(N, h, w) heatmaps in [0, 1] for preprocessed `images` and the class of each."""
+def gradcam_tape(model, last_layer: str, images: np.ndarray, class_index: np.ndarray, normalize: bool = True) -> np.ndarray:
+    """(N, h, w) heatmaps (in [0, 1] when normalised) for preprocessed `images` and the class of each."""
     import keras
     import tensorflow as tf
 
-    grad_model = keras.Model(model.inputs, [model.get_layer(last_layer).output, model.output])
+    grad_model = keras.Model(model.input, [model.get_layer(last_layer).output, model.output])
     x = tf.constant(images, tf.float32)
     with tf.GradientTape() as tape:
         activations, preds = grad_model(x, training=False)
@@ -29,7 +29,7 @@ def gradcam_tape(model, last_layer: str, images: np.ndarray, class_index: np.nda
     grads = tape.gradient(score, activations)
     weights = tf.reduce_mean(grads, axis=(1, 2))
     cam = tf.nn.relu(tf.einsum("nhwk,nk->nhw", activations, weights)).numpy()
-    return cam / np.maximum(cam.max(axis=(1, 2), keepdims=True), 1e-12)
+    return cam / np.maximum(cam.max(axis=(1, 2), keepdims=True), 1e-12) if normalize else cam
 
 
 def _jet(v: np.ndarray) -> np.ndarray:
@@ -55,3 +55,35 @@ def png_bytes(im: Image.Image) -> bytes:
     buf = io.BytesIO()
     im.save(buf, "PNG", compress_level=1)
     return buf.getvalue()
+
+
+def head_gradient(head, pooled: np.ndarray, class_index: np.ndarray) -> np.ndarray:
+    """d p(class) / d pooled features, analytically through the head (dropout off, BN in inference).
+
+    p = softmax(BN(ReLU(f W1 + b1)) W2 + b2); backpropagating by hand costs two small matmuls.
+    """
+    pre = pooled.astype(np.float32) @ head.w1 + head.b1
+    hidden = (np.maximum(pre, 0) - head.mean) / np.sqrt(head.var + head.eps) * head.gamma + head.beta
+    z = hidden @ head.w2 + head.b2
+    z = z - z.max(axis=1, keepdims=True)
+    p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    onehot = np.eye(p.shape[1], dtype=np.float32)[class_index]
+    pc = (p * onehot).sum(axis=1, keepdims=True)
+    g_z = pc * (onehot - p)  # d softmax_c / d z
+    g_hidden = g_z @ head.w2.T
+    g_pre = g_hidden * (head.gamma / np.sqrt(head.var + head.eps)) * (pre > 0)
+    return g_pre @ head.w1.T
+
+
+def gradcam_fast(activations: np.ndarray, pooled_gradient: np.ndarray, normalize: bool = True) -> np.ndarray:
+    """Grad-CAM from the last activation map (N, H, W, K) and the head's gradient (N, K).
+
+    The map feeds global average pooling, so d score / d A[h, w, k] = g[k] / (H W) everywhere and the
+    Grad-CAM channel weights (the spatial mean of that gradient) are g / (H W): no backbone backprop.
+    """
+    h, w = activations.shape[1:3]
+    weights = pooled_gradient / (h * w)
+    cam = np.maximum(np.einsum("nhwk,nk->nhw", activations, weights), 0)
+    if normalize:
+        cam = cam / np.maximum(cam.max(axis=(1, 2), keepdims=True), 1e-12)
+    return cam

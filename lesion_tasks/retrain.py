@@ -133,7 +133,7 @@ def _put_npz(store: ObjectStore, key: str, **arrays: np.ndarray) -> str:
     return store.put(key, buf.getvalue())
 
 
-def _head_from_store(store: ObjectStore, row: dict[str, Any]) -> mc.HeadWeights:
+def load_head(store: ObjectStore, row: dict[str, Any]) -> mc.HeadWeights:
     data = np.load(io.BytesIO(store.get(f"models/{row['model_version']}/head.npz")))
     return mc.HeadWeights(*(data[k] for k in ("w1", "b1", "gamma", "beta", "mean", "var")), float(data["eps"]),
                           data["w2"], data["b2"], float(data["dropout"]))
@@ -263,7 +263,7 @@ def evaluate_model(settings: Settings, model_version: str) -> dict[str, Any]:
         with engine.connect() as conn:
             row = registry.get(conn, model_version)
             parts = _split_refs(conn)
-        head = _head_from_store(store, row)
+        head = load_head(store, row)
         fcfg = _feature_config(row)
         weights = _weights_of(row, settings, store)
         out: dict[str, Any] = {}
@@ -322,7 +322,7 @@ def _compare_with_champion(settings: Settings, store: ObjectStore, row: dict[str
     p = {}
     for which in (row, champion):
         feats, _ = features.features_for(refs, [0], _feature_config(which), _weights_of(which, settings, store), store)
-        p[which["model_version"]] = mc.predict(_head_from_store(store, which), feats[0], ids, which["model_version"],
+        p[which["model_version"]] = mc.predict(load_head(store, which), feats[0], ids, which["model_version"],
                                                which["mc_samples"])[0]
     delta = evaluation.paired_delta(y, p[row["model_version"]], row["threshold"], p[champion["model_version"]],
                                     champion["threshold"], n=row["config"]["bootstrap"], seed=row["config"]["seed"])

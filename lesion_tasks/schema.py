@@ -125,3 +125,23 @@ champion_history = sa.Table(
     sa.Column("at", sa.DateTime(timezone=True), nullable=False),
     sa.CheckConstraint("event IN ('promoted', 'override')", name="ck_champion_history_event"),
 )
+
+predictions = sa.Table(
+    "predictions",
+    metadata,
+    sa.Column("image_id", sa.String(128), sa.ForeignKey("images.image_id"), primary_key=True),
+    sa.Column("model_version", sa.String(128), sa.ForeignKey("model_versions.model_version"), primary_key=True),
+    sa.Column("p_mel", sa.Float, nullable=False),
+    sa.Column("predicted_label", sa.String(8), nullable=False),
+    sa.Column("threshold", sa.Float, nullable=False),
+    sa.Column("entropy", sa.Float, nullable=False),
+    sa.Column("mutual_info", sa.Float, nullable=False),
+    sa.Column("mc_samples", sa.Integer, nullable=False),
+    sa.Column("gradcam_uri", sa.Text, nullable=False),
+    sa.Column("needs_review", sa.Boolean, nullable=False),
+    sa.Column("review_reasons", sa.String(256), nullable=True),
+    sa.Column("drop_id", sa.String(128), nullable=False, index=True),
+    sa.Column("run_id", sa.String(256), nullable=False, index=True),
+    sa.Column("scored_at", sa.DateTime(timezone=True), nullable=False),
+    sa.CheckConstraint("predicted_label IN ('MEL', 'NV')", name="ck_predictions_label"),
+)

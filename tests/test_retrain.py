@@ -96,7 +96,7 @@ def test_saved_model_matches_the_cached_features(trained):
     assert stats.computed == 0
     rgb = np.stack([features.load_rgb(store, r.uri, 64) for r in refs[:6]])
     probs = model.predict(features.backbones.preprocess(rgb), verbose=0)[:, mc.MEL]
-    head = retrain._head_from_store(store, row)
+    head = retrain.load_head(store, row)
     np.testing.assert_allclose(head.deterministic(cached[0]), probs, atol=1e-5)
 
 
@@ -122,7 +122,7 @@ def test_degenerate_always_nv_model_is_refused_and_champion_stays(trained):
     with engine.connect() as conn:
         champ = registry.champion(conn)
         parts = retrain._split_refs(conn)
-    head = retrain._head_from_store(store, champ)
+    head = retrain.load_head(store, champ)
     bad = replace(head, w2=np.zeros_like(head.w2), b2=np.array([10.0, -10.0], np.float32))  # always NV
     version = "degenerate-always-nv"
     retrain._put_npz(store, f"models/{version}/head.npz", **{k: np.asarray(v) for k, v in bad.__dict__.items()})

@@ -19,15 +19,15 @@ def url(request, tmp_path):
 
 
 def test_upgrade_matches_schema_module_and_is_repeatable(url):
-    assert db.upgrade(url) == "0002_registry"
-    assert db.upgrade(url) == "0002_registry"  # a second upgrade is a no-op
+    assert db.upgrade(url) == "0003_predictions"
+    assert db.upgrade(url) == "0003_predictions"  # a second upgrade is a no-op
     engine = db.make_engine(url)
     with engine.connect() as conn:
         ctx = MigrationContext.configure(conn, opts={"compare_type": True, "version_table": db.VERSION_TABLE})
         diff = compare_metadata(ctx, metadata)
         tables = set(sa.inspect(conn).get_table_names())
     engine.dispose()
-    assert {"drops", "images", "quarantine", "splits", "model_versions", "champion_history", db.VERSION_TABLE} <= tables
+    assert {"drops", "images", "quarantine", "splits", "model_versions", "champion_history", "predictions", db.VERSION_TABLE} <= tables
     assert diff == []
 
 

@@ -1,0 +1,63 @@
+"""
+### lesion_nightly_score
+
+Every night at 02:00 UTC: every image without a prediction from the current champion gets one,
+with `p_mel`, the predicted label at the model version's threshold, MC-dropout uncertainty (entropy,
+mutual information), `needs_review`, and a Grad-CAM overlay in the store. The unscored images are cut
+into id-range shards, scored as dynamically mapped tasks (the unit that scales out to more workers),
+then summarised. Rows are upserted: reruns and retries never duplicate and rewrite identical numbers.
+
+Logic: `lesion_tasks.scoring` (also `lesion score`). This file only wires.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from airflow.sdk import dag, get_current_context, task
+
+TF_POOL = "lesion_tensorflow"  # one TensorFlow task at a time per machine
+
+
+@dag(
+    dag_id="lesion_nightly_score",
+    schedule="0 2 * * *",
+    start_date=datetime(2026, 1, 1, tzinfo=UTC),
+    catchup=False,
+    max_active_runs=1,
+    doc_md=__doc__,
+    tags=["lesion", "scoring"],
+    default_args={"owner": "lesion", "retries": 2, "retry_delay": timedelta(minutes=2)},
+)
+def lesion_nightly_score():
+    @task
+    def plan_shards() -> list[dict]:
+        from _lesion_airflow import lesion_settings
+
+        from lesion_tasks.scoring import plan_shards as plan
+
+        return plan(lesion_settings(), "champion")
+
+    @task(pool=TF_POOL, max_active_tis_per_dagrun=1)
+    def score_shard(shard: dict) -> dict:
+        from _lesion_airflow import lesion_settings
+
+        from lesion_tasks.scoring import score_range
+
+        return score_range(lesion_settings(), shard["model_version"], shard["first"], shard["last"],
+                           run_id=get_current_context()["run_id"])
+
+    @task(trigger_rule="none_failed")
+    def summarise(shards: list[dict], results: list[dict] | None = None) -> dict:
+        from _lesion_airflow import lesion_settings
+
+        from lesion_tasks.scoring import summarize
+
+        version = shards[0]["model_version"] if shards else "champion"
+        return summarize(lesion_settings(), version, get_current_context()["run_id"], list(results or []))
+
+    shards = plan_shards()
+    summarise(shards, score_shard.expand(shard=shards))
+
+
+lesion_nightly_score()

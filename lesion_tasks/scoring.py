@@ -1,0 +1,217 @@
+"""Nightly scoring: every image without a prediction from a model version gets one.
+
+Per batch of images, ONE compiled backbone pass yields the last activation map A and its global
+average (the pooled features). From the pooled features the head is sampled T times in one
+vectorised call (`mc.py`: p_mel, entropy, mutual information, seeded per image and model version),
+and Grad-CAM of the predicted class is A weighted by the head's analytic gradient (`gradcam.py`): no
+backprop through the backbone. Overlays are drawn on the original image at a bounded size and stored
+under the model version; rows are upserted, so a rerun rewrites identical numbers and never
+duplicates. Batches are read, scored and written one at a time: memory does not grow with the
+number of images.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+from PIL import Image, ImageOps
+
+from lesion_tasks import backbones, features, gradcam, mc, registry
+from lesion_tasks.db import engine_for, upsert
+from lesion_tasks.retrain import load_head
+from lesion_tasks.schema import images, predictions
+from lesion_tasks.settings import Settings
+from lesion_tasks.store import ObjectStore, key_of, open_store
+
+log = logging.getLogger(__name__)
+BATCH = 32
+SHARD_SIZE = 512
+
+
+@dataclass
+class ScoringModel:
+    row: dict[str, Any]
+    head: mc.HeadWeights
+    run_backbone: Any  # (N, S, S, 3) preprocessed -> (activations (N, H, W, K), pooled (N, K))
+
+    @property
+    def version(self) -> str:
+        return self.row["model_version"]
+
+
+def load_scoring_model(store: ObjectStore, row: dict[str, Any]) -> ScoringModel:
+    """The saved model cut at (last activation, pooled features), compiled for fixed batches."""
+    import keras
+    import tensorflow as tf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.keras"
+        path.write_bytes(store.get(key_of(store, row["model_uri"])))
+        model = keras.models.load_model(path, compile=False)
+    cut = keras.Model(model.input, [model.get_layer(row["config"]["last_activation"]).output,
+                                     model.get_layer("head_gap").output])
+    fn = tf.function(lambda x: cut(x, training=False), reduce_retracing=True)
+
+    def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n = len(batch)
+        if n < BATCH:  # one traced shape for every batch
+            batch = np.concatenate([batch, np.zeros((BATCH - n, *batch.shape[1:]), np.float32)])
+        activations, pooled = fn(tf.constant(batch))
+        return activations.numpy()[:n], pooled.numpy()[:n]
+
+    return ScoringModel(row, load_head(store, row), run)
+
+
+def _unscored(conn: sa.Connection, version: str, first: str | None = None, last: str | None = None,
+              limit: int | None = None) -> list[sa.Row]:
+    scored = sa.select(predictions.c.image_id).where(predictions.c.model_version == version)
+    query = (sa.select(images.c.image_id, images.c.drop_id, images.c.normalized_uri, images.c.original_uri)
+             .where(images.c.image_id.not_in(scored)).order_by(images.c.image_id))
+    if first is not None:
+        query = query.where(images.c.image_id >= first)
+    if last is not None:
+        query = query.where(images.c.image_id <= last)
+    return conn.execute(query.limit(limit) if limit else query).all()
+
+
+def plan_shards(settings: Settings, model_version: str = "champion", shard_size: int = SHARD_SIZE,
+                limit: int | None = None) -> list[dict[str, Any]]:
+    """Unscored images of the model version cut into id ranges (small XCom values: references only)."""
+    engine = engine_for(settings)
+    try:
+        with engine.connect() as conn:
+            version = registry.resolve(conn, model_version)["model_version"]
+            ids = [r.image_id for r in _unscored(conn, version, limit=limit)]
+    finally:
+        engine.dispose()
+    shards = [{"model_version": version, "first": part[0], "last": part[-1], "n": len(part)}
+              for part in (ids[i : i + shard_size] for i in range(0, len(ids), shard_size))]
+    log.info("model %s: %d unscored images in %d shards", version, len(ids), len(shards))
+    return shards
+
+
+def _needs_review(p: float, entropy: float, threshold: float, rule: dict[str, Any]) -> list[str]:
+    reasons = []
+    if p >= threshold and rule.get("predicted_mel", True):
+        reasons.append("predicted_mel")
+    if entropy > rule["entropy_above"]:
+        reasons.append("uncertain")
+    low, high = rule["p_mel_band"]
+    if low <= p <= high:
+        reasons.append("near_threshold")
+    return reasons
+
+
+def _original(store: ObjectStore, uri: str, max_side: int) -> Image.Image:
+    im = Image.open(io.BytesIO(store.get(key_of(store, uri))))
+    if im.format == "JPEG":
+        im.draft("RGB", (max_side, max_side))  # decode big originals at a reduced scale
+    return ImageOps.exif_transpose(im).convert("RGB")
+
+
+def _write_overlay(store: ObjectStore, key: str, original_uri: str, heatmap: np.ndarray) -> str:
+    picture = gradcam.overlay(_original(store, original_uri, gradcam.OVERLAY_MAX_SIDE), heatmap)
+    return store.put(key, gradcam.png_bytes(picture), "image/png")
+
+
+def score_batch(model: ScoringModel, rgb: np.ndarray, image_ids: list[str], mc_samples: int):
+    """(p_mel, entropy, mutual_info, predicted MEL, heatmaps) for one batch: one backbone pass."""
+    activations, pooled = model.run_backbone(backbones.preprocess(rgb))
+    p, h, mi = mc.predict(model.head, pooled, image_ids, model.version, mc_samples)
+    is_mel = (p >= model.row["threshold"]).astype(np.int64)
+    heat = gradcam.gradcam_fast(activations, gradcam.head_gradient(model.head, pooled, is_mel))
+    return p, h, mi, is_mel, heat
+
+
+def score_range(settings: Settings, model_version: str = "champion", first: str | None = None, last: str | None = None,
+                limit: int | None = None, mc_samples: int | None = None, run_id: str | None = None,
+                batch_size: int = BATCH, model: ScoringModel | None = None) -> dict[str, Any]:
+    """Score the unscored images of one id range (a shard), batch by batch."""
+    store, engine = open_store(settings), engine_for(settings)
+    run_id = run_id or f"cli-{datetime.now(UTC):%Y%m%dT%H%M%S}"
+    started = time.monotonic()
+    try:
+        with engine.connect() as conn:
+            row = registry.resolve(conn, model_version)
+            todo = _unscored(conn, row["model_version"], first, last, limit)
+        if not todo:
+            return {"model_version": row["model_version"], "scored": 0, "needs_review": 0, "seconds": 0.0}
+        model = model or load_scoring_model(store, row)
+        samples = mc_samples or row["mc_samples"]
+        rule = row["review_rule"]
+        scored = flagged = 0
+        last_log = started
+        with ThreadPoolExecutor(max_workers=4, thread_name_prefix="score-io") as pool:
+            for start in range(0, len(todo), batch_size):
+                batch = todo[start : start + batch_size]
+                ids = [r.image_id for r in batch]
+                rgb = np.stack(list(pool.map(lambda r: features.load_rgb(store, r.normalized_uri, row["image_size"]), batch)))
+                p, h, mi, is_mel, heat = score_batch(model, rgb, ids, samples)
+                keys = [f"predictions/{model.version}/gradcam/{r.drop_id}/{r.image_id}.png" for r in batch]
+                uris = list(pool.map(lambda a: _write_overlay(store, *a), zip(keys, [r.original_uri for r in batch], heat)))
+                now = datetime.now(UTC)
+                rows = []
+                for k, r in enumerate(batch):
+                    reasons = _needs_review(float(p[k]), float(h[k]), row["threshold"], rule)
+                    rows.append({"image_id": r.image_id, "model_version": model.version, "p_mel": float(p[k]),
+                                 "predicted_label": "MEL" if is_mel[k] else "NV", "threshold": float(row["threshold"]),
+                                 "entropy": float(h[k]), "mutual_info": float(mi[k]), "mc_samples": samples,
+                                 "gradcam_uri": uris[k], "needs_review": bool(reasons), "review_reasons": ",".join(reasons) or None,
+                                 "drop_id": r.drop_id, "run_id": run_id, "scored_at": now})
+                with engine.begin() as conn:
+                    upsert(conn, predictions, rows, ["image_id", "model_version"])
+                scored += len(rows)
+                flagged += sum(r["needs_review"] for r in rows)
+                if time.monotonic() - last_log > 10 or scored == len(todo):
+                    last_log = time.monotonic()
+                    log.info("model %s: scored %d/%d images (%d need review), %.1f images/s", model.version, scored,
+                             len(todo), flagged, scored / max(last_log - started, 1e-9))
+        return {"model_version": model.version, "scored": scored, "needs_review": flagged,
+                "seconds": round(time.monotonic() - started, 2)}
+    finally:
+        engine.dispose()
+
+
+def score(settings: Settings, model_version: str = "champion", mc_samples: int | None = None, limit: int | None = None,
+          run_id: str | None = None) -> dict[str, Any]:
+    """What `lesion score` prints: {"model_version", "scored", "skipped", "needs_review"}."""
+    engine = engine_for(settings)
+    try:
+        with engine.connect() as conn:
+            version = registry.resolve(conn, model_version)["model_version"]
+            skipped = conn.execute(sa.select(sa.func.count()).select_from(predictions)
+                                   .where(predictions.c.model_version == version)).scalar()
+    finally:
+        engine.dispose()
+    result = score_range(settings, version, limit=limit, mc_samples=mc_samples, run_id=run_id)
+    return {"model_version": version, "scored": result["scored"], "skipped": skipped,
+            "needs_review": result["needs_review"], "seconds": result["seconds"]}
+
+
+def summarize(settings: Settings, model_version: str, run_id: str, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """After the shards: what this run scored and what is still unscored (should be 0).
+    `model_version` may be "champion"."""
+    engine = engine_for(settings)
+    try:
+        with engine.connect() as conn:
+            model_version = registry.resolve(conn, model_version)["model_version"]
+            remaining = len(_unscored(conn, model_version))
+            in_run = conn.execute(sa.select(sa.func.count(), sa.func.sum(sa.cast(predictions.c.needs_review, sa.Integer)))
+                                  .where(predictions.c.run_id == run_id)).one()
+    finally:
+        engine.dispose()
+    summary = {"model_version": model_version, "run_id": run_id, "shards": len(results),
+               "scored": sum(r["scored"] for r in results), "rows_of_this_run": in_run[0],
+               "needs_review": int(in_run[1] or 0), "still_unscored": remaining}
+    log.info("nightly scoring summary: %s", summary)
+    return summary
