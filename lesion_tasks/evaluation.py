@@ -151,3 +151,14 @@ def isic_csvs(image_ids: list[str], y: np.ndarray, p: np.ndarray, t: float) -> t
         truth.write(f"{i},{float(label)},{float(1 - label)}\n")
         pred.write(f"{i},{score:.9f},{1 - score:.9f}\n")
     return truth.getvalue(), pred.getvalue()
+
+
+def json_safe(value: Any) -> Any:
+    """NaN/inf (undefined metrics, e.g. AUC on one class) -> None: valid JSON for Postgres and files."""
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value

@@ -56,6 +56,10 @@ def decide(metrics: dict[str, Any], comparison: dict[str, Any] | None, floors: G
     for name, floor in (("mel_sensitivity", floors.mel_sensitivity), ("auc", floors.auc),
                         ("balanced_accuracy", floors.balanced_accuracy)):
         value = test[name]
+        if value is None:  # undefined (e.g. a test split with one class): never a pass
+            passed = False
+            reasons.append(f"FAIL: test {name} is undefined on this test split (floor {floor:.2f})")
+            continue
         ok = value >= floor
         passed &= ok
         reasons.append(f"{'PASS' if ok else 'FAIL'}: test {name} {value:.3f} {'>=' if ok else '<'} floor {floor:.2f}")
@@ -64,6 +68,10 @@ def decide(metrics: dict[str, Any], comparison: dict[str, Any] | None, floors: G
     else:
         for name in ("auc", "mel_sensitivity"):
             lo, hi = comparison[f"{name}_delta_ci95"]
+            if lo is None or hi is None or comparison[f"{name}_delta"] is None:
+                passed = False
+                reasons.append(f"FAIL: {name} vs champion {comparison['champion']} is undefined on this test split")
+                continue
             worse = hi < 0
             passed &= not worse
             reasons.append(f"{'FAIL' if worse else 'PASS'}: {name} vs champion {comparison['champion']} "

@@ -296,15 +296,16 @@ def evaluate_model(settings: Settings, model_version: str) -> dict[str, Any]:
         examples = _gradcam_examples(store, row, refs, y, p, settings)
         for e in examples:
             store.put(f"{base}/figures/gradcam-{e['image_id']}.png", e["png"], "image/png")
-        metrics_uri = store.put(f"{base}/metrics.json", json.dumps(out, indent=1).encode(), "application/json")
+        stored = evaluation.json_safe(out)  # undefined metrics (NaN) become null
+        metrics_uri = store.put(f"{base}/metrics.json", json.dumps(stored, indent=1).encode(), "application/json")
         with engine.begin() as conn:
             conn.execute(model_versions.update().where(model_versions.c.model_version == model_version)
-                         .values(metrics=out, metrics_uri=metrics_uri))
+                         .values(metrics=stored, metrics_uri=metrics_uri))
             row = registry.get(conn, model_version)
         report_uri = store.put(f"{base}/report.html", report.html_report(row, out, figures, examples), "text/html")
         with engine.begin() as conn:
             conn.execute(model_versions.update().where(model_versions.c.model_version == model_version).values(report_uri=report_uri))
-        return {"model_version": model_version, "report_uri": report_uri, "metrics": _headline(out)}
+        return {"model_version": model_version, "report_uri": report_uri, "metrics": _headline(stored)}
     finally:
         engine.dispose()
 
@@ -341,11 +342,11 @@ def gate_model(settings: Settings, model_version: str, actor: str = "lesion_retr
             raise ValueError(f"model version {model_version}: evaluate it before gating")
         if champion and champion["model_version"] == model_version:
             return {"model_version": model_version, "promoted": True, "reasons": ["already the champion"]}
-        comparison = _compare_with_champion(settings, store, row, champion, parts) if champion else None
+        comparison = evaluation.json_safe(_compare_with_champion(settings, store, row, champion, parts)) if champion else None
         floors = registry.GateFloors(**row["config"]["floors"])
         passed, reasons = registry.decide(row["metrics"], comparison, floors)
-        gate = {"passed": passed, "reasons": reasons, "comparison": comparison, "floors": row["config"]["floors"],
-                "decided_at": datetime.now(UTC).isoformat()}
+        gate = evaluation.json_safe({"passed": passed, "reasons": reasons, "comparison": comparison,
+                                     "floors": row["config"]["floors"], "decided_at": datetime.now(UTC).isoformat()})
         with engine.begin() as conn:
             conn.execute(model_versions.update().where(model_versions.c.model_version == model_version)
                          .values(gate=gate, status="candidate" if passed else "rejected"))

@@ -21,7 +21,7 @@ def test_lesion_retrain_with_params(airflow_env, tmp_path):
     ingest(str(make_drop(tmp_path / "drop", n_images=300, seed=11)), settings)
     dag = DagBag(dag_folder=str(DAGS)).get_dag("lesion_retrain")
     conf = {"profile": "demo", "backbone": "tiny", "image_size": 64, "weights": "none", "epochs": 150, "seed": 0,
-            "mc_samples": 20, "target_sensitivity": 0.85}
+            "mc_samples": 20, "target_sensitivity": 0.97}
     run, states = run_dag(dag, conf)
     assert run.state == "success", states
     assert set(states.values()) == {"success"}
@@ -33,7 +33,7 @@ def test_lesion_retrain_with_params(airflow_env, tmp_path):
     assert len(rows) == 1
     row = rows[0]
     assert row["run_id"] == run.run_id and row["backbone"] == "tiny" and row["mc_samples"] == 20
-    assert row["config"]["target_sensitivity"] == 0.85 and row["metrics"]["test"]["auc"] > 0.9
+    assert row["config"]["target_sensitivity"] == 0.97 and row["metrics"]["test"]["auc"] > 0.9
     assert row["is_champion"] and row["gate"]["passed"]
     assert row["report_uri"].startswith(settings.store_url)
     assert [h["event"] for h in history] == ["promoted"] and history[0]["actor"].startswith("lesion_retrain:")

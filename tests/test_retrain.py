@@ -23,7 +23,9 @@ from lesion_tasks.settings import Settings
 from lesion_tasks.store import key_of, open_store
 from lesion_tasks.synthetic import make_drop
 
-TINY = dict(backbone="tiny", image_size=64, weights="none", epochs=150, views=2, bootstrap=200)
+# target sensitivity 0.97: with ~12 validation melanomas, 0.85 lands the threshold inside the melanoma
+# distribution and the 0.80 floor on test becomes a coin toss; these tests are about the pipeline
+TINY = dict(backbone="tiny", image_size=64, weights="none", epochs=150, views=2, bootstrap=200, target_sensitivity=0.97)
 
 
 @pytest.fixture(scope="module")

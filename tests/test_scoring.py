@@ -32,7 +32,8 @@ def scored_home(tmp_path_factory):
     Image.fromarray(np.full((2000, 3000, 3), 180, np.uint8)).save(unlabelled / "ISIC_9329999.jpg")  # a big original
     ingest(str(unlabelled), settings)
     trained = retrain.run(settings, retrain.make_config("demo", backbone="tiny", image_size=64, weights="none",
-                                                        epochs=150, views=2, bootstrap=100), run_id="t")
+                                                        epochs=150, views=2, bootstrap=100,
+                                                        target_sensitivity=0.97), run_id="t")
     assert trained["promoted"], trained["gate"]
     first = scoring.score(settings)
     return settings, trained["model_version"], first
