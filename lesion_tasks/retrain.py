@@ -31,6 +31,7 @@ from lesion_tasks.settings import Settings
 from lesion_tasks.store import ObjectStore, key_of, open_store
 
 log = logging.getLogger(__name__)
+MIN_REVIEW_ENTROPY = 0.2
 
 
 @dataclass(frozen=True)
@@ -187,9 +188,11 @@ def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[st
         head = mc.HeadWeights.from_model(head_model)
         p_val, h_val, _ = mc.predict(head, val_feats[0], [r.image_id for r in val_refs], version, config.mc_samples)
         threshold = evaluation.threshold_for_sensitivity(y_val, p_val, config.target_sensitivity)
-        review_rule = {"predicted_mel": True, "entropy_above": float(np.quantile(h_val, 0.8)),
+        # "uncertain" = in the most uncertain 20% of validation cases, but never below 0.2 nats
+        # (p(MEL) between ~0.06 and ~0.94): a confident model should not flag confident cases
+        review_rule = {"predicted_mel": True, "entropy_above": max(float(np.quantile(h_val, 0.8)), MIN_REVIEW_ENTROPY),
                        "p_mel_band": [max(0.0, threshold - 0.05), min(1.0, threshold + 0.05)],
-                       "calibrated_on": "validation (entropy 80th percentile)"}
+                       "calibrated_on": f"validation: max(80th percentile of entropy, {MIN_REVIEW_ENTROPY} nats)"}
         # the full flat model, head weights copied by layer name, saved without optimizer state
         model = backbones.build_model(config.backbone, config.image_size, weights, config.dropout, config.seed)
         for name in ("head_dense", "head_bn", "head_out"):
