@@ -10,7 +10,7 @@ export LESION_WEIGHTS_DIR ?= $(abspath ../shared/weights)
 DATA ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-deps bench lock clean
+.PHONY: venv demo airflow test test-deps bench lock clean
 
 venv: $(VENV)/.installed
 
@@ -28,9 +28,14 @@ $(VENV)-isic/.installed: tests/isic-scoring.lock
 	$(VENV)-isic/bin/python -m pip install --quiet --disable-pip-version-check -r tests/isic-scoring.lock
 	@touch $@
 
-# Runs the main job on the embedded defaults (SQLite + a local store under LESION_HOME).
+# Runs the main job through Airflow (the three DAGs, dag.test) on the embedded defaults
+# (SQLite + a local store under LESION_HOME, default ~/.lesion).
 demo: venv
-	$(BIN)/lesion demo $(if $(DATA),--data "$(DATA)")
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/lesion demo $(if $(DATA),--data "$(DATA)")
+
+# A real Airflow 3 (standalone) on 127.0.0.1:8080 with the project's DAGs; Ctrl-C stops it.
+airflow: venv
+	bash tools/airflow_standalone.sh
 
 # Installs the system packages the suite needs (PostgreSQL) when missing, then runs every test.
 # The suite starts its own throwaway PostgreSQL cluster and S3 server (rclone serve s3).

@@ -101,13 +101,14 @@ def _cmd_promote(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from lesion_tasks import db
-    from lesion_tasks.demo import run_demo
+    """Runs tools/airflow_demo.py: the demo goes through Airflow, which this package never imports."""
+    import subprocess
 
-    db.upgrade(settings)
-    payload, human = run_demo(settings, Path(args.data) if args.data else None)
-    _emit(args, payload, human)
-    return 0
+    script = Path(__file__).resolve().parents[1] / "tools" / "airflow_demo.py"
+    if not script.exists():
+        raise ValueError(f"lesion demo needs the repository checkout ({script} not found)")
+    cmd = [sys.executable, str(script)] + (["--data", args.data] if args.data else []) + (["--json"] if args.json else [])
+    return subprocess.call(cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,21 +1,23 @@
-"""`lesion demo`: the pipeline on the embedded defaults (SQLite + local store under LESION_HOME).
+"""The demo's two ends, without Airflow: put a drop where `isic_ingest` looks, and summarise.
 
-It ingests one drop, retrains with the `demo` profile (gate and champion included), scores every
-image with the champion (MC dropout, Grad-CAM), and ends with the review queue and a SQL query.
+`lesion demo` (tools/airflow_demo.py) runs the three DAGs through Airflow between the two.
 """
 
 from __future__ import annotations
 
 import logging
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 
-from lesion_tasks import registry, retrain, scoring
+from lesion_tasks import registry
 from lesion_tasks.db import engine_for
-from lesion_tasks.ingest import ingest
+from lesion_tasks.ingest import slug
 from lesion_tasks.settings import Settings
+from lesion_tasks.sources import INCOMING_PREFIX
+from lesion_tasks.store import open_store
 from lesion_tasks.synthetic import make_drop
 
 log = logging.getLogger(__name__)
@@ -24,44 +26,61 @@ SAMPLE_QUERY = """SELECT image_id, predicted_label, ROUND(p_mel, 3) AS p_mel, RO
 FROM v_review_queue ORDER BY entropy DESC LIMIT 5"""
 
 
-def run_demo(settings: Settings, data: Path | None) -> tuple[dict[str, Any], str]:
+def prepare_drop(settings: Settings, data: Path | None, n_synthetic: int = 120) -> str:
+    """Copy `data` (a folder or .zip) under `incoming/` in the store; without data, a synthetic drop."""
     if data is None:
         data = settings.home / "synthetic-drop"
-        log.info("no DATA given: generating a SYNTHETIC ISIC-format drop in %s (drawn blobs, not dermoscopy)", data)
-        make_drop(data, n_images=120)
-    log.info("step 1/3: ingesting %s", data)
-    ingested = ingest(str(data), settings).as_json()
-    log.info("step 2/3: retraining with the demo profile")
-    trained = retrain.run(settings, retrain.make_config("demo"))
+        log.warning("no DATA given: using a SYNTHETIC ISIC-format drop (%d drawn blobs, not dermoscopy) in %s",
+                    n_synthetic, data)
+        if not (data / "metadata.csv").exists():
+            make_drop(data, n_images=n_synthetic)
+    data = Path(data).expanduser().resolve()
+    store = open_store(settings)
+    if data.is_file():
+        if not zipfile.is_zipfile(data):
+            raise ValueError(f"DATA={data}: expected an ISIC drop folder or a .zip")
+        key = f"{INCOMING_PREFIX}{slug(data.stem)}.zip"
+        store.put(key, data.read_bytes(), "application/zip")
+    elif data.is_dir():
+        key = f"{INCOMING_PREFIX}{slug(data.name)}"
+        files = [p for p in sorted(data.rglob("*")) if p.is_file() and not p.is_symlink()]
+        log.info("copying %d files of %s into the store at %s/", len(files), data, key)
+        for path in files:
+            store.put(f"{key}/{path.relative_to(data).as_posix()}", path.read_bytes())
+        store.put(f"{key}/_READY", b"")
+    else:
+        raise ValueError(f"DATA={data}: no such folder or .zip")
+    return store.uri(key)
+
+
+def summary(settings: Settings) -> tuple[dict[str, Any], str]:
+    """Where the report is, the review-queue size, and one SQL query with its result."""
     engine = engine_for(settings)
     try:
         with engine.connect() as conn:
-            has_champion = registry.champion(conn) is not None
-        if not has_champion:
-            log.warning("no model passed the gate, so there is no champion: scoring with the rejected model %s "
-                        "for the demo only (nightly scoring would refuse)", trained["model_version"])
-        log.info("step 3/3: scoring every image")
-        scored = scoring.score(settings, "champion" if has_champion else trained["model_version"])
-        with engine.connect() as conn:
+            champion = registry.champion(conn)
+            latest = conn.execute(sa.text("SELECT model_version, status, gate, report_uri FROM model_versions "
+                                          "ORDER BY created_at DESC LIMIT 1")).mappings().first()
+            counts = dict(conn.execute(sa.text("SELECT 'images', COUNT(*) FROM images UNION ALL "
+                                               "SELECT 'quarantined', COUNT(*) FROM quarantine UNION ALL "
+                                               "SELECT 'predictions', COUNT(*) FROM v_latest_predictions UNION ALL "
+                                               "SELECT 'review_queue', COUNT(*) FROM v_review_queue")).all())
             rows = [dict(r) for r in conn.execute(sa.text(SAMPLE_QUERY)).mappings()]
-            queue = conn.execute(sa.text("SELECT COUNT(*) FROM v_review_queue")).scalar()
     finally:
         engine.dispose()
-    t = trained["metrics"]["test"]
+    gate = (latest or {}).get("gate") or {}
     table = "\n".join(f"  {r['image_id']}  {r['predicted_label']:<3}  p_mel {r['p_mel']}  entropy {r['entropy']}  "
-                      f"{r['review_reasons']}" for r in rows)
+                      f"{r['review_reasons']}" for r in rows) or "  (empty)"
     human = (
-        f"ingested {data}: accepted {ingested['accepted']}, quarantined {ingested['quarantined']}, "
-        f"duplicates {ingested['duplicates']} (drop totals {ingested['totals']})\n"
-        f"trained {trained['model_version']}: test AUC {t['auc']:.3f}, melanoma sensitivity {t['mel_sensitivity']:.3f}, "
-        f"specificity {t['mel_specificity']:.3f}, balanced accuracy {t['balanced_accuracy']:.3f} -> "
-        f"{'PROMOTED to champion' if trained['promoted'] else 'NOT promoted'}\n"
-        + "".join(f"  {r}\n" for r in trained["gate"]["reasons"])
-        + f"scored {scored['scored']} images with {scored['model_version']}: {scored['needs_review']} need review; "
-        f"review queue (v_review_queue, champion only): {queue}\n"
-        f"report:   {trained['report_uri']}\n"
+        f"images accepted {counts['images']}, quarantined {counts['quarantined']}\n"
+        f"latest model {latest['model_version'] if latest else None}: {latest['status'] if latest else '-'}\n"
+        + "".join(f"  {r}\n" for r in gate.get("reasons", []))
+        + f"champion: {champion['model_version'] if champion else 'none (no model passed the gate)'}\n"
+        f"report:   {champion['report_uri'] if champion else (latest or {}).get('report_uri')}\n"
+        f"scored {counts['predictions']} images with the champion; review queue: {counts['review_queue']}\n"
         f"database: {settings.describe()['db_url']}\nstore:    {settings.store_url}\n\n"
         f"{SAMPLE_QUERY}\n{table}"
     )
-    return {"ingest": ingested, "train": trained, "score": scored, "review_queue": queue, "query": SAMPLE_QUERY,
-            "rows": rows}, human
+    payload = {"counts": counts, "champion": champion["model_version"] if champion else None,
+               "report_uri": champion["report_uri"] if champion else None, "query": SAMPLE_QUERY, "rows": rows}
+    return payload, human

@@ -90,6 +90,9 @@ def plan_shards(settings: Settings, model_version: str = "champion", shard_size:
     engine = engine_for(settings)
     try:
         with engine.connect() as conn:
+            if model_version == "champion" and registry.champion(conn) is None:
+                log.warning("no champion model yet: nothing to score (train one with lesion_retrain / lesion train)")
+                return []
             version = registry.resolve(conn, model_version)["model_version"]
             ids = [r.image_id for r in _unscored(conn, version, limit=limit)]
     finally:
@@ -204,6 +207,9 @@ def summarize(settings: Settings, model_version: str, run_id: str, results: list
     engine = engine_for(settings)
     try:
         with engine.connect() as conn:
+            if model_version == "champion" and registry.champion(conn) is None:
+                return {"model_version": None, "run_id": run_id, "shards": 0, "scored": 0, "still_unscored": None,
+                        "note": "no champion model yet"}
             model_version = registry.resolve(conn, model_version)["model_version"]
             remaining = len(_unscored(conn, model_version))
             in_run = conn.execute(sa.select(sa.func.count(), sa.func.sum(sa.cast(predictions.c.needs_review, sa.Integer)))

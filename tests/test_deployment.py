@@ -44,3 +44,24 @@ def test_dockerfile_uses_the_locked_airflow_version():
     dockerfile = (REPO / "docker" / "Dockerfile").read_text()
     assert f"FROM apache/airflow:{airflow}-python3.11" in dockerfile
     assert "requirements.lock" in dockerfile
+
+
+def test_workers_profile_and_remote_logging():
+    compose = _compose()
+    services = compose["services"]
+    assert services["redis"]["profiles"] == ["workers"] and services["airflow-worker"]["profiles"] == ["workers"]
+    assert services["airflow-worker"]["command"] == "celery worker" and "healthcheck" in services["airflow-worker"]
+    env = compose["x-airflow-common"]["environment"]
+    assert env["AIRFLOW__CORE__EXECUTOR"].startswith("${AIRFLOW_EXECUTOR")
+    assert env["AIRFLOW__LOGGING__REMOTE_LOGGING"] == "true" and env["AIRFLOW__LOGGING__REMOTE_BASE_LOG_FOLDER"].startswith("s3://")
+    assert "mc mb --ignore-existing local/airflow-logs" in services["minio-init"]["entrypoint"]
+    assert "pools set lesion_tensorflow" in services["airflow-init"]["command"][1]
+
+
+def test_lesion_env_names_match_the_settings():
+    settings_src = (REPO / "lesion_tasks" / "settings.py").read_text() + (REPO / "lesion_tasks" / "backbones.py").read_text()
+    known = set(re.findall(r'"(LESION_[A-Z0-9_]+)"', settings_src))
+    used = set(re.findall(r"\b(LESION_[A-Z0-9_]+)\b", (REPO / "docker-compose.yaml").read_text() + (REPO / "docker" / "Dockerfile").read_text()))
+    used -= {"LESION_DB_PASSWORD", "LESION_BUCKET"}  # .env values the compose file composes into URLs
+    assert used <= known, used - known
+    assert "ARG BAKE_RESNET101V2_WEIGHTS" in (REPO / "docker" / "Dockerfile").read_text()

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# `make airflow`: a real Airflow 3 on 127.0.0.1 with the project's DAGs and the embedded defaults
+# (SQLite + local store under LESION_HOME). Ctrl-C stops everything: the SIGINT reaches the
+# standalone leader, which stops its api-server, scheduler, dag-processor and triggerer.
+set -euo pipefail
+source "$(dirname "$0")/airflow_env.sh"
+mkdir -p "$AIRFLOW_HOME"
+echo "Airflow home: $AIRFLOW_HOME   lesion home: $LESION_HOME"
+lesion db upgrade
+airflow db migrate >/dev/null
+# one TensorFlow task at a time: a TF process holds all cores of this machine
+airflow pools set lesion_tensorflow 1 "TensorFlow tasks (train, evaluate, score)" >/dev/null
+echo "UI: http://${AIRFLOW__API__HOST}:${AIRFLOW__API__PORT}  (user and password: see $AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE)"
+echo "Drop ISIC folders or .zip files under $LESION_HOME/store/incoming/ and trigger isic_ingest, then lesion_retrain."
+exec airflow standalone
