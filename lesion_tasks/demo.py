@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from lesion_tasks import registry
 from lesion_tasks.db import engine_for
 from lesion_tasks.ingest import slug
+from lesion_tasks.schema import model_versions
 from lesion_tasks.settings import Settings
 from lesion_tasks.sources import INCOMING_PREFIX
 from lesion_tasks.store import open_store
@@ -59,8 +60,9 @@ def summary(settings: Settings) -> tuple[dict[str, Any], str]:
     try:
         with engine.connect() as conn:
             champion = registry.champion(conn)
-            latest = conn.execute(sa.text("SELECT model_version, status, gate, report_uri FROM model_versions "
-                                          "ORDER BY created_at DESC LIMIT 1")).mappings().first()
+            latest = conn.execute(sa.select(model_versions.c.model_version, model_versions.c.status, model_versions.c.gate,
+                                            model_versions.c.report_uri)
+                                  .order_by(model_versions.c.created_at.desc()).limit(1)).mappings().first()
             counts = dict(conn.execute(sa.text("SELECT 'images', COUNT(*) FROM images UNION ALL "
                                                "SELECT 'quarantined', COUNT(*) FROM quarantine UNION ALL "
                                                "SELECT 'predictions', COUNT(*) FROM v_latest_predictions UNION ALL "

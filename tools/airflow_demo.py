@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     _airflow_env()
+    # Airflow's task logs print to stdout: send everything to stderr until the summary, so stdout
+    # carries only the result (one JSON object with --json)
+    real_stdout = os.dup(1)
+    os.dup2(2, 1)
     from lesion_tasks import db
     from lesion_tasks.demo import prepare_drop, summary
     from lesion_tasks.settings import Settings
@@ -79,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         _run("lesion_nightly_score")
     payload, human = summary(settings)
     payload["wall_seconds"] = round(time.monotonic() - started, 1)
+    sys.stdout.flush()
+    os.dup2(real_stdout, 1)
     print(json.dumps(payload, default=str) if args.json else f"{human}\n\ndemo finished in {payload['wall_seconds']} s")
     return 0
 
