@@ -73,10 +73,8 @@ def current_revision(url: str) -> str | None:
         engine.dispose()
 
 
-def insert_ignore(conn: Connection, table: sa.Table, rows: Sequence[dict[str, Any]], keys: Iterable[str]) -> int:
-    """INSERT rows, skipping those that conflict on `keys` (idempotent re-runs). Returns rows inserted."""
-    if not rows:
-        return 0
+def _insert(conn: Connection, table: sa.Table):
+    """The dialect's INSERT, which knows ON CONFLICT."""
     dialect = conn.dialect.name
     if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
@@ -84,9 +82,13 @@ def insert_ignore(conn: Connection, table: sa.Table, rows: Sequence[dict[str, An
         from sqlalchemy.dialects.sqlite import insert
     else:
         raise ValueError(f"database dialect {dialect!r}: expected postgresql or sqlite")
-    stmt = insert(table).on_conflict_do_nothing(index_elements=list(keys))
-    result = conn.execute(stmt, list(rows))
-    return max(result.rowcount or 0, 0)
+    return insert(table)
+
+
+def insert_ignore(conn: Connection, table: sa.Table, rows: Sequence[dict[str, Any]], keys: Iterable[str]) -> None:
+    """INSERT rows, skipping those that conflict on `keys` (idempotent re-runs)."""
+    if rows:
+        conn.execute(_insert(conn, table).on_conflict_do_nothing(index_elements=list(keys)), list(rows))
 
 
 def upsert(conn: Connection, table: sa.Table, rows: Sequence[dict[str, Any]], keys: Iterable[str]) -> None:
@@ -94,13 +96,6 @@ def upsert(conn: Connection, table: sa.Table, rows: Sequence[dict[str, Any]], ke
     if not rows:
         return
     keys = list(keys)
-    dialect = conn.dialect.name
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    elif dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert
-    else:
-        raise ValueError(f"database dialect {dialect!r}: expected postgresql or sqlite")
-    stmt = insert(table)
+    stmt = _insert(conn, table)
     updates = {c.name: stmt.excluded[c.name] for c in table.columns if c.name not in keys}
     conn.execute(stmt.on_conflict_do_update(index_elements=keys, set_=updates), list(rows))
