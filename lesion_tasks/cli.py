@@ -86,6 +86,14 @@ def _cmd_score(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_gradcam_url(args: argparse.Namespace, settings: Settings) -> int:
+    from lesion_tasks.scoring import gradcam_link
+
+    url = gradcam_link(settings, args.image_id, args.model_version, args.expires)
+    _emit(args, {"image_id": args.image_id, "url": url, "expires_s": args.expires}, url)
+    return 0
+
+
 def _cmd_promote(args: argparse.Namespace, settings: Settings) -> int:
     from lesion_tasks import registry
     from lesion_tasks.db import engine_for
@@ -145,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_score.add_argument("--limit", type=int, help="score at most N images")
     p_score.set_defaults(func=_cmd_score)
 
+    p_link = sub.add_parser("gradcam-url", help="a time-limited link to an image's Grad-CAM overlay")
+    p_link.add_argument("image_id")
+    p_link.add_argument("--model-version", default="champion")
+    p_link.add_argument("--expires", type=int, default=3600, help="seconds the link stays valid (default 3600)")
+    p_link.set_defaults(func=_cmd_gradcam_url)
+
     p_promote = sub.add_parser("promote", help="manual override: make a model version the champion")
     p_promote.add_argument("model_version")
     p_promote.add_argument("--reason", required=True, help="why the gate is overridden (recorded)")
@@ -155,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--data", help="an ISIC drop folder or .zip (default: a synthetic drop)")
     p_demo.set_defaults(func=_cmd_demo)
 
-    for p in (p_up, p_ing, p_train, p_score, p_promote, p_demo):  # --json accepted after the subcommand too
+    for p in (p_up, p_ing, p_train, p_score, p_link, p_promote, p_demo):  # --json accepted after the subcommand too
         p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON object on stdout")
     return parser
 
@@ -169,10 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.verbose:
         logging.getLogger("alembic").setLevel(logging.WARNING)
+    from lesion_tasks.store import StoreError
+
     try:
         settings = Settings.from_env()
         return args.func(args, settings)
-    except ValueError as exc:
+    except (ValueError, StoreError) as exc:
         log.error("%s", exc)
         if args.json:
             print(json.dumps({"error": str(exc)}))

@@ -43,6 +43,9 @@ IMAGE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 TEXT_SUFFIXES = {".csv", ".json", ".txt", ".md", ".html", ".pdf", ".tsv", ".xml", ".yaml", ".yml"}
 IGNORED_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini", "_READY"}
 READY_MARKER = "_READY"
+ARCHIVE_SIGNATURES = ((b"PK\x03\x04", "zip"), (b"PK\x05\x06", "zip"), (b"\x1f\x8b", "gzip"),
+                      (b"7z\xbc\xaf\x27\x1c", "7z"), (b"Rar!\x1a\x07", "rar"), (b"BZh", "bzip2"))
+MAX_ENTRY_LENGTH = 512  # quarantine.entry is indexed: Postgres caps index rows at ~2.7 kB
 
 
 @dataclass
@@ -100,6 +103,13 @@ def _quarantine_key(drop_id: str, entry: str) -> str:
 
 def _aux_key(drop_id: str, entry: str) -> str:
     return f"drops/{drop_id}/aux/" + "/".join(_safe_segment(p) for p in PurePosixPath(entry).parts)
+
+
+def _entry_key(name: str) -> str:
+    """How an entry is recorded: names past MAX_ENTRY_LENGTH are cut, with a hash to stay unique."""
+    if len(name) <= MAX_ENTRY_LENGTH:
+        return name
+    return name[: MAX_ENTRY_LENGTH - 20] + "..." + hashlib.sha256(name.encode()).hexdigest()[:16]
 
 
 def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
@@ -166,7 +176,12 @@ def _examine(src: DropSource, entry: Entry, limits: Limits, size: int) -> _Exami
         log.debug("not reading %s: %s", entry.name, exc)
         return ex
     ex.sha256 = hashlib.sha256(ex.data).hexdigest()
-    if entry.problem is None and IMAGE_ID_RE.match(image_id):
+    archive = next((kind for magic, kind in ARCHIVE_SIGNATURES if ex.data.startswith(magic)), None)
+    if archive is None and ex.data[257:262] == b"ustar":
+        archive = "tar"
+    if archive:
+        ex.check = Rejected(Reason.NESTED_ARCHIVE, f"a {archive} archive inside the drop: not expanded")
+    elif entry.problem is None and IMAGE_ID_RE.match(image_id):
         ex.check = inspect_image(ex.data, limits, size)
     return ex
 
@@ -202,7 +217,7 @@ class _DropIngestion:
         result.already_ingested = len(done)
         self._copy_aux(done)
         self._quarantine_rows_without_images(done)
-        todo = [e for e in self.plan.images if e.name not in done]
+        todo = [e for e in self.plan.images if _entry_key(e.name) not in done]
         log.info("drop %s: %d entries, %d image files (%d already recorded), layout %s",
                  self.drop_id, len(entries), len(self.plan.images), len(self.plan.images) - len(todo), self.plan.layout)
         started = last_log = time.monotonic()
@@ -238,7 +253,8 @@ class _DropIngestion:
     def _copy_aux(self, done: set[str]) -> None:
         for e in self.plan.aux:
             self.store.put(_aux_key(self.drop_id, e.name), self.src.read(e, self.limits.max_bytes))
-        rows = [self._qrow(name, reason, detail) for name, (reason, detail) in self.plan.bad_aux.items() if name not in done]
+        rows = [self._qrow(name, reason, detail) for name, (reason, detail) in self.plan.bad_aux.items()
+                if _entry_key(name) not in done]
         self._record([], rows)
 
     def _quarantine_rows_without_images(self, done: set[str]) -> None:
@@ -249,15 +265,16 @@ class _DropIngestion:
                 continue
             for source in dict.fromkeys(ev.source for ev in items):
                 entry = f"{source}#{image_id}"
-                if entry not in done:
+                if _entry_key(entry) not in done:
                     rows.append(self._qrow(entry, Reason.MISSING_IMAGE, f"{source} has a row for {image_id} but the drop has no such image", image_id=image_id))
         self._record([], rows)
 
     def _qrow(self, entry: str, reason: Reason, detail: str, image_id: str | None = None, sha: str | None = None,
               raw_uri: str | None = None) -> dict[str, Any]:
         self.counts[str(reason)] += 1
-        return {"drop_id": self.drop_id, "entry": entry, "reason": str(reason), "detail": detail[:2000],
-                "image_id": image_id, "sha256": sha, "raw_uri": raw_uri, "quarantined_at": self.now}
+        return {"drop_id": self.drop_id, "entry": _entry_key(entry), "reason": str(reason), "detail": detail[:2000],
+                "image_id": image_id if image_id and IMAGE_ID_RE.match(image_id) else None, "sha256": sha,
+                "raw_uri": raw_uri, "quarantined_at": self.now}
 
     def _batch(self, pool: ThreadPoolExecutor, batch: Sequence[Entry]) -> None:
         examined = list(pool.map(lambda e: _examine(self.src, e, self.limits, self.size), batch))
@@ -315,7 +332,7 @@ class _DropIngestion:
             metadata["near_dup_label"] = merged.near_dup_label
         row = {
             "image_id": image_id, "drop_id": self.drop_id, "source_entry": name, "sha256": ex.sha256,
-            "label": merged.label, "diagnosis": merged.diagnosis, "label_source": merged.label_source,
+            "label": merged.label, "diagnosis": merged.diagnosis, "label_source": (merged.label_source or "")[:128] or None,
             "lesion_id": merged.lesion_id, "patient_id": merged.patient_id, "near_dup_group": group,
             "phash": f"{check.phash:016x}", "width": check.width, "height": check.height, "n_bytes": len(ex.data),
             "format": check.format, "conversions": ",".join(check.conversions) or None,

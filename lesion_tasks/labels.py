@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -136,10 +137,29 @@ def _diagnosis_text(row: Mapping[str, Any]) -> str | None:
     return None if _blank(value) else str(value).strip()
 
 
+MAX_ID_LENGTH = 128
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def _hostile(row: Mapping[str, Any]) -> str | None:
+    """Why a record cannot be stored as is: control characters anywhere, ids longer than the schema allows."""
+    for key, value in row.items():
+        if isinstance(value, str) and _CONTROL.search(value):
+            return f"{key}: control characters in {value[:40]!r}"
+    for key in ("lesion_id", "patient_id"):
+        value = row.get(key)
+        if isinstance(value, str) and len(value.strip()) > MAX_ID_LENGTH:
+            return f"{key}: {len(value)} characters, at most {MAX_ID_LENGTH}"
+    return None
+
+
 def _evidence_from_fields(image_id: str, source: str, row: Mapping[str, Any], labelled: bool, label=None) -> Evidence:
     """Evidence from a flat record of ISIC fields; `label` given when a one-hot column decided it."""
     diagnosis = None
     problem = None
+    hostile = _hostile(row)
+    if hostile:
+        return Evidence(image_id, source, problem=(Reason.INVALID_METADATA, f"{source}: {hostile}"), labelled=labelled)
     if label is None and labelled:
         text = _diagnosis_text(row)
         try:
@@ -212,6 +232,13 @@ def read_csv(source: str, data: bytes) -> tuple[str | None, list[Evidence]]:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ValueError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    try:
+        return _read_csv_text(source, text)
+    except csv.Error as exc:  # e.g. NUL bytes, runaway quoted fields
+        raise ValueError(f"{source}: not a readable CSV ({exc})") from None
+
+
+def _read_csv_text(source: str, text: str) -> tuple[str | None, list[Evidence]]:
     reader = csv.DictReader(io.StringIO(text))
     columns = [c.strip() for c in (reader.fieldnames or [])]
     id_col = next((c for c in ID_COLUMNS if c in columns), None)

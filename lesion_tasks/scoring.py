@@ -16,6 +16,7 @@ import io
 import logging
 import tempfile
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -31,7 +32,7 @@ from lesion_tasks.db import engine_for, upsert
 from lesion_tasks.retrain import load_head
 from lesion_tasks.schema import images, predictions
 from lesion_tasks.settings import Settings
-from lesion_tasks.store import ObjectStore, key_of, open_store
+from lesion_tasks.store import ObjectNotFound, ObjectStore, key_of, open_store
 
 log = logging.getLogger(__name__)
 BATCH = 32
@@ -54,10 +55,19 @@ def load_scoring_model(store: ObjectStore, row: dict[str, Any]) -> ScoringModel:
     import keras
     import tensorflow as tf
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.keras"
-        path.write_bytes(store.get(key_of(store, row["model_uri"])))
-        model = keras.models.load_model(path, compile=False)
+    version = row["model_version"]
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.keras"
+            path.write_bytes(store.get(key_of(store, row["model_uri"])))
+            model = keras.models.load_model(path, compile=False)
+        head = load_head(store, row)
+    except ObjectNotFound as exc:
+        raise ValueError(f"model {version}: artifact {exc.args[0]} is missing from the store; scoring stopped, "
+                         "nothing written (retrain, or promote another version)") from None
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"model {version}: artifact {row['model_uri']} is unreadable ({type(exc).__name__}: {exc}); "
+                         "scoring stopped, nothing written") from None
     cut = keras.Model(model.input, [model.get_layer(row["config"]["last_activation"]).output,
                                      model.get_layer("head_gap").output])
     fn = tf.function(lambda x: cut(x, training=False), reduce_retracing=True)
@@ -69,7 +79,7 @@ def load_scoring_model(store: ObjectStore, row: dict[str, Any]) -> ScoringModel:
         activations, pooled = fn(tf.constant(batch))
         return activations.numpy()[:n], pooled.numpy()[:n]
 
-    return ScoringModel(row, load_head(store, row), run)
+    return ScoringModel(row, head, run)
 
 
 def _unscored(conn: sa.Connection, version: str, first: str | None = None, last: str | None = None,
@@ -221,3 +231,22 @@ def summarize(settings: Settings, model_version: str, run_id: str, results: list
                "needs_review": int(in_run[1] or 0), "still_unscored": remaining}
     log.info("nightly scoring summary: %s", summary)
     return summary
+
+
+def gradcam_link(settings: Settings, image_id: str, model_version: str = "champion", expires_s: int = 3600) -> str:
+    """A time-limited presigned URL of an image's Grad-CAM overlay (S3 stores only: buckets stay private)."""
+    store, engine = open_store(settings), engine_for(settings)
+    try:
+        with engine.connect() as conn:
+            version = registry.resolve(conn, model_version)["model_version"]
+            uri = conn.execute(sa.select(predictions.c.gradcam_uri).where(predictions.c.image_id == image_id)
+                               .where(predictions.c.model_version == version)).scalar()
+    finally:
+        engine.dispose()
+    if uri is None:
+        raise ValueError(f"image {image_id!r} has no prediction from model {version}")
+    if not hasattr(store, "presigned_url"):
+        raise ValueError(f"store {store.url} is a local directory: open {uri} directly (presigned links need S3)")
+    if not 1 <= expires_s <= 7 * 24 * 3600:
+        raise ValueError(f"expires={expires_s}: expected 1 to 604800 seconds")
+    return store.presigned_url(key_of(store, uri), expires_s)

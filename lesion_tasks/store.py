@@ -27,6 +27,10 @@ class ObjectNotFound(KeyError):
     """The key does not exist in the store."""
 
 
+class StoreError(Exception):
+    """The store could not be read or written (server down, disk full, permission denied...)."""
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     key: str
@@ -82,14 +86,19 @@ class LocalStore:
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=self._TMP_PREFIX, dir=path.parent)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=self._TMP_PREFIX, dir=path.parent)
+        except OSError as exc:
+            raise StoreError(f"cannot write {key!r} under {self.root}: {exc.strerror or exc}") from exc
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
-            os.replace(tmp, path)
-        except BaseException:
+            os.replace(tmp, path)  # atomic: readers see the old object or the whole new one
+        except BaseException as exc:
             Path(tmp).unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise StoreError(f"cannot write {key!r} under {self.root}: {exc.strerror or exc}") from exc
             raise
         return path.as_uri()
 
@@ -150,21 +159,47 @@ class S3Store:
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(f"S3 endpoint {endpoint!r}: expected http(s)://host[:port]")
         self.bucket = bucket
+        self.endpoint = f"{parts.scheme}://{parts.netloc}"
         self.prefix = prefix.strip("/")
         self.url = f"s3://{bucket}" + (f"/{self.prefix}" if self.prefix else "")
         self.client = Minio(
             parts.netloc, access_key=access_key, secret_key=secret_key, secure=parts.scheme == "https"
         )
-        if create_bucket and not self.client.bucket_exists(bucket):
-            log.info("creating bucket %s on %s", bucket, parts.netloc)
-            self.client.make_bucket(bucket)
+        if create_bucket:
+            from minio.error import S3Error
+
+            try:
+                if not self.client.bucket_exists(bucket):
+                    log.info("creating bucket %s on %s", bucket, parts.netloc)
+                    self.client.make_bucket(bucket)
+            except S3Error as exc:  # wrong credentials, no permission
+                raise StoreError(f"S3 {self.endpoint} refused access to bucket {bucket!r}: {exc.code} {exc.message}") from exc
+            except Exception as exc:  # noqa: BLE001
+                raise self._unreachable("open", bucket, exc) from exc
 
     def _name(self, key: str) -> str:
         check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
+    def _unreachable(self, op: str, key: str, exc: Exception) -> StoreError:
+        return StoreError(f"S3 {op} {self.url}/{key} failed: {self.endpoint} unreachable ({type(exc).__name__}: {exc})")
+
+    def presigned_url(self, key: str, expires_s: int = 3600) -> str:
+        """A time-limited GET link to hand to a person (the bucket stays private)."""
+        from datetime import timedelta
+
+        return self.client.presigned_get_object(self.bucket, self._name(key), expires=timedelta(seconds=expires_s))
+
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
-        self.client.put_object(self.bucket, self._name(key), io.BytesIO(data), len(data), content_type=content_type)
+        from minio.error import S3Error
+
+        name = self._name(key)
+        try:
+            self.client.put_object(self.bucket, name, io.BytesIO(data), len(data), content_type=content_type)
+        except S3Error as exc:
+            raise StoreError(f"S3 put {self.url}/{key} refused: {exc.code} {exc.message}") from exc
+        except Exception as exc:  # noqa: BLE001 - urllib3/socket errors: the server is gone
+            raise self._unreachable("put", key, exc) from exc
         return self.uri(key)
 
     def get(self, key: str) -> bytes:
@@ -187,12 +222,15 @@ class S3Store:
     def _get(self, key: str):
         from minio.error import S3Error
 
+        name = self._name(key)
         try:
-            return self.client.get_object(self.bucket, self._name(key))
+            return self.client.get_object(self.bucket, name)
         except S3Error as exc:
             if exc.code in ("NoSuchKey", "NoSuchObject"):
                 raise ObjectNotFound(key) from None
-            raise
+            raise StoreError(f"S3 get {self.url}/{key} refused: {exc.code} {exc.message}") from exc
+        except Exception as exc:  # noqa: BLE001
+            raise self._unreachable("get", key, exc) from exc
 
     def exists(self, key: str) -> bool:
         from minio.error import S3Error

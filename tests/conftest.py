@@ -153,3 +153,11 @@ def run_dag(dag, conf: dict | None = None):
     run = dag.test(run_conf=conf)
     states = {ti.task_id: ti.state for ti in run.get_task_instances()}
     return run, states
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Write docs/reliability.md from the fault tests that ran (only when all of them passed)."""
+    from tests import reliability
+
+    if exitstatus == 0:
+        reliability.write()

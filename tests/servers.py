@@ -41,6 +41,12 @@ class Postgres:
     base: Path | None = None
     pg_ctl: str | None = None
 
+    def restart(self) -> None:
+        """pg_ctl restart (fast): every open connection is cut."""
+        if self.base is None:
+            raise RuntimeError("an external server (LESION_TEST_PG_URL) cannot be restarted by the tests")
+        _as_postgres([self.pg_ctl, "-D", str(self.base / "data"), "-m", "fast", "-w", "restart"])
+
     def stop(self) -> None:
         if self.base is None:
             return
@@ -88,6 +94,17 @@ class S3Server:
     secret_key: str
     root: Path
     proc: subprocess.Popen
+    cmd: list[str]
+
+    def kill(self) -> None:
+        """SIGKILL the server, keeping its data (a crash)."""
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def restart(self) -> None:
+        log = self.root.with_suffix(".log")
+        self.proc = subprocess.Popen(self.cmd, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+        _wait_for_port(int(self.endpoint.rsplit(":", 1)[1]), 30, "rclone serve s3", log)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -107,11 +124,9 @@ def start_s3() -> S3Server:
     port = free_port()
     access, secret = "lesiontestaccess", "lesiontestsecret-0123456789"  # rclone rejects very short keys
     log = root.with_suffix(".log")
-    proc = subprocess.Popen(
-        [binary, "serve", "s3", "--addr", f"127.0.0.1:{port}", "--auth-key", f"{access},{secret}",
-         # without it the minio SDK misreads rclone's error responses
-         "--response-header", "Content-Type: application/xml", str(root)],
-        stdout=log.open("wb"), stderr=subprocess.STDOUT,
-    )
+    cmd = [binary, "serve", "s3", "--addr", f"127.0.0.1:{port}", "--auth-key", f"{access},{secret}",
+           # without it the minio SDK misreads rclone's error responses
+           "--response-header", "Content-Type: application/xml", str(root)]
+    proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     _wait_for_port(port, 30, "rclone serve s3", log)
-    return S3Server(f"http://127.0.0.1:{port}", access, secret, root, proc)
+    return S3Server(f"http://127.0.0.1:{port}", access, secret, root, proc, cmd)

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 
 from lesion_tasks.schema import drops, images, quarantine
 from lesion_tasks.synthetic import make_drop
+from tests import reliability
 from tests.conftest import run_cli
 
 VOLATILE = {"ingested_at", "quarantined_at", "started_at", "finished_at", "id"}
@@ -68,3 +69,5 @@ def test_crash_mid_drop_then_rerun_equals_clean_run(tmp_path):
     rerun = run_cli("ingest", str(drop), "--json", env={"LESION_HOME": str(crashed)})
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert _state(crashed) == _state(clean)
+    reliability.record("Ingestion process killed mid-drop", "SIGKILL of `lesion ingest` after 200 of 1,502 images, then rerun",
+                       "same rows and objects as one clean run", "DB rows and every object byte-identical", 0, 0)

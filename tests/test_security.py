@@ -1,0 +1,99 @@
+"""Secrets stay out of the repository and the logs; wrong credentials are refused; links handed to
+people expire."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import sqlalchemy as sa
+
+from lesion_tasks import db, registry, retrain, scoring
+from lesion_tasks.ingest import ingest
+from lesion_tasks.settings import Settings
+from lesion_tasks.store import S3Store, StoreError
+from lesion_tasks.synthetic import make_drop
+from tests import reliability
+from tests.conftest import run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+# credentials of the throwaway servers the tests start: not secrets
+TEST_CREDENTIALS = {"lesiontestaccess", "lesiontestsecret-0123456789", "lesion-rest-test-password",
+                    "secret", "hunter2", "p%40ss", "s3cr3t-value", "pg-password-that-must-not-leak"}  # fakes in tests
+SECRET_PATTERNS = [
+    re.compile(r"AKIA[0-9A-Z]{16}"),
+    re.compile(r"-----BEGIN (?:RSA |EC |OPENSSH |DSA )?PRIVATE KEY-----"),
+    re.compile(r"(?i)(?:password|passwd|secret|token|secret_key)\s*[:=]\s*['\"]?([A-Za-z0-9/+_\-]{12,})"),
+    re.compile(r"://[^/\s:@]+:([^@\s${}]{6,})@"),  # credentials inside URLs
+]
+
+
+def test_no_secret_in_tracked_files():
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    findings = []
+    for name in files:
+        path = REPO / name
+        if not path.is_file() or path.suffix in {".png", ".jpg", ".h5", ".keras"}:
+            continue
+        text = path.read_text(errors="ignore")
+        for pattern in SECRET_PATTERNS:
+            for match in pattern.finditer(text):
+                value = match.group(match.lastindex or 0)
+                if value in TEST_CREDENTIALS or value.startswith(("change-me", "$", "<")) or "{" in value:
+                    continue
+                findings.append(f"{name}: {match.group(0)[:60]}")
+    assert findings == []
+    assert ".env" in (REPO / ".gitignore").read_text().split()
+
+
+def test_credentials_never_in_logs_or_output(tmp_path, s3_settings_kwargs, pg_url):
+    secret = s3_settings_kwargs["s3_secret_key"]
+    password = "pg-password-that-must-not-leak"
+    url = pg_url.replace("postgres@", f"postgres:{password}@")  # trust auth ignores it; the logs must too
+    env = {"LESION_HOME": str(tmp_path / "home"), "LESION_DB_URL": url, "LESION_STORE_URL": s3_settings_kwargs["store_url"],
+           "LESION_S3_ENDPOINT": s3_settings_kwargs["s3_endpoint"], "LESION_S3_ACCESS_KEY": s3_settings_kwargs["s3_access_key"],
+           "LESION_S3_SECRET_KEY": secret}
+    drop = make_drop(tmp_path / "drop", n_images=8, seed=61)
+    outputs = [run_cli("-v", "db", "upgrade", env=env), run_cli("-v", "ingest", str(drop), "--json", env=env),
+               run_cli("-v", "score", env=env)]  # no champion: a clear error, which must not leak either
+    text = "".join(o.stdout + o.stderr for o in outputs)
+    assert outputs[1].returncode == 0, outputs[1].stderr[-2000:]
+    assert secret not in text and password not in text
+    reliability.record("Credentials in logs", "CLI runs with -v, S3 secret and a DB password set",
+                       "neither appears in stdout/stderr", "absent from 3 runs' output", 0, 0)
+
+
+def test_wrong_s3_credentials_are_refused(s3_server):
+    with pytest.raises(StoreError, match="refused access"):
+        S3Store("any-bucket", "", s3_server.endpoint, s3_server.access_key, "wrong-secret-0123456789")
+    reliability.record("Wrong object-store credentials", "S3Store opened with a wrong secret key",
+                       "refused with a clear error", "StoreError 'refused access'", 0, 0)
+
+
+def test_gradcam_links_are_presigned_and_expire(tmp_path, s3_settings_kwargs):
+    settings = Settings.from_env({"LESION_HOME": str(tmp_path / "home")}, **s3_settings_kwargs)
+    db.upgrade(settings)
+    ingest(str(make_drop(tmp_path / "drop", n_images=120, seed=62)), settings)
+    trained = retrain.run(settings, retrain.make_config("demo", backbone="tiny", image_size=64, weights="none", epochs=40,
+                                                        views=1, bootstrap=20), run_id="links")
+    engine = db.make_engine(settings.db_url)
+    registry.promote(engine, trained["model_version"], "link test", "test", override=not trained["promoted"])
+    engine.dispose()
+    scoring.score(settings, limit=3)
+    engine = db.make_engine(settings.db_url)
+    with engine.connect() as conn:
+        image_id = conn.execute(sa.text("SELECT image_id FROM predictions LIMIT 1")).scalar()
+    engine.dispose()
+    url = scoring.gradcam_link(settings, image_id, expires_s=2)
+    anonymous = requests.get(url.split("?", 1)[0], timeout=10)  # the same object without the signature
+    assert anonymous.status_code != 200 and not anonymous.content.startswith(b"\x89PNG")  # the bucket is private
+    first = requests.get(url, timeout=10)
+    assert first.status_code == 200 and first.content.startswith(b"\x89PNG")
+    time.sleep(3.5)
+    assert requests.get(url, timeout=10).status_code in (400, 401, 403)
+    reliability.record("Grad-CAM links handed to people", "presigned GET with a 2 s lifetime, fetched before and after",
+                       "works, then refused; unsigned access refused", "200 then refused; unsigned refused", 0, 0)
