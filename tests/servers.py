@@ -45,7 +45,7 @@ class Postgres:
         """pg_ctl restart (fast): every open connection is cut."""
         if self.base is None:
             raise RuntimeError("an external server (LESION_TEST_PG_URL) cannot be restarted by the tests")
-        _as_postgres([self.pg_ctl, "-D", str(self.base / "data"), "-m", "fast", "-w", "restart"])
+        _as_postgres([self.pg_ctl, "-D", str(self.base / "data"), "-l", str(self.base / "server.log"), "-m", "fast", "-w", "restart"])
 
     def stop(self) -> None:
         if self.base is None:

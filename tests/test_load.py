@@ -1,0 +1,83 @@
+"""Load: ingest a 5,000-image drop and score 20,000 small images with bounded memory (peak RSS of
+20,000 against 2,000, separate processes). Throughputs go to docs/reliability.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import sqlalchemy as sa
+from PIL import Image
+
+from lesion_tasks import db, registry, retrain
+from lesion_tasks.ingest import ingest
+from lesion_tasks.schema import predictions
+from lesion_tasks.settings import Settings
+from lesion_tasks.synthetic import make_drop
+from tests import reliability
+
+CHILD = """
+import json, resource, sys
+from lesion_tasks.scoring import score_range
+from lesion_tasks.settings import Settings
+r = score_range(Settings.from_env(), limit=int(sys.argv[1]), run_id=sys.argv[2])
+print(json.dumps({"scored": r["scored"], "seconds": r["seconds"], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def _unlabelled_drop(root, n: int, seed: int):
+    """n small distinct images, no metadata (scored, never trained on)."""
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    base = rng.integers(60, 200, (48, 48, 3), dtype=np.uint8)
+    for i in range(n):
+        arr = base.copy()
+        arr[i % 48, :, :] = rng.integers(0, 255, (48, 3), dtype=np.uint8)  # distinct bytes per image
+        arr[:, (i // 48) % 48, 0] = (i * 7) % 255
+        Image.fromarray(arr).save(root / f"ISIC_L{seed}{i:06d}.png", compress_level=1)
+    return root
+
+
+def _score_child(settings, limit: int, run_id: str) -> dict:
+    env = {**os.environ, "LESION_HOME": str(settings.home)}
+    out = subprocess.run([sys.executable, "-c", CHILD, str(limit), run_id], env=env, capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_ingest_5000_and_score_20000_with_bounded_memory(tmp_path):
+    settings = Settings.from_env({"LESION_HOME": str(tmp_path / "home")})
+    db.upgrade(settings)
+    ingest(str(make_drop(tmp_path / "labelled", n_images=160, seed=71)), settings)
+    trained = retrain.run(settings, retrain.make_config("demo", backbone="tiny", image_size=64, weights="none", epochs=40,
+                                                        views=1, bootstrap=20, mc_samples=20), run_id="load")
+    engine = db.make_engine(settings.db_url)
+    registry.promote(engine, trained["model_version"], "load test", "test", override=not trained["promoted"])
+    engine.dispose()
+
+    five = _unlabelled_drop(tmp_path / "five", 5_000, 1)
+    started = time.monotonic()
+    first = ingest(str(five), settings)
+    ingest_rate = first.accepted / (time.monotonic() - started)
+    assert first.accepted == 5_000
+    ingest(str(_unlabelled_drop(tmp_path / "more", 14_840, 2)), settings)  # 160 + 5,000 + 14,840 = 20,000
+
+    small = _score_child(settings, 2_000, "load-2k")
+    big = _score_child(settings, 18_000, "load-18k")  # the rest: 20,000 scored in all
+    engine = db.make_engine(settings.db_url)
+    with engine.connect() as conn:
+        total = conn.execute(sa.select(sa.func.count()).select_from(predictions)).scalar()
+    engine.dispose()
+    ratio = big["peak_rss_mb"] / small["peak_rss_mb"]
+    print(f"ingest {ingest_rate:.0f} images/s; scoring 2k {small}, 18k {big}, RSS ratio {ratio:.3f}")
+    assert total == 20_000
+    assert ratio <= 1.2, (small, big)
+    reliability.record("Load: 5,000-image drop, 20,000 images scored",
+                       "tiny backbone, 48 px images, SQLite + local store, scoring in two processes (2,000 then 18,000)",
+                       "bounded memory: peak RSS ratio <= 1.2", f"ingest {ingest_rate:.0f} images/s; scoring "
+                       f"{small['scored'] / small['seconds']:.0f} / {big['scored'] / big['seconds']:.0f} images/s; peak RSS "
+                       f"{small['peak_rss_mb']:.0f} MB vs {big['peak_rss_mb']:.0f} MB (ratio {ratio:.2f})", 20_000 - total, 0)
