@@ -100,3 +100,16 @@ def noisy_png(side: int = 1000) -> bytes:
     return _save(Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)), "PNG", compress_level=0)
 
 
+
+
+def unlabelled_drop(root, n: int, seed: int):
+    """n small distinct images, no metadata (scored, never trained on)."""
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    base = rng.integers(60, 200, (48, 48, 3), dtype=np.uint8)
+    for i in range(n):
+        arr = base.copy()
+        arr[i % 48, :, :] = rng.integers(0, 255, (48, 3), dtype=np.uint8)  # distinct bytes per image
+        arr[:, (i // 48) % 48, 0] = (i * 7) % 255
+        Image.fromarray(arr).save(root / f"ISIC_L{seed}{i:06d}.png", compress_level=1)
+    return root

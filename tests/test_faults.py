@@ -20,6 +20,7 @@ from lesion_tasks.settings import Settings
 from lesion_tasks.store import StoreError, key_of, open_store
 from lesion_tasks.synthetic import make_drop
 from tests import reliability, servers
+from tests.imagegen import unlabelled_drop
 
 TINY = dict(backbone="tiny", image_size=64, weights="none", epochs=80, views=1, bootstrap=50, target_sensitivity=0.97)
 
@@ -106,7 +107,7 @@ def test_s3_killed_mid_ingestion_then_rerun(tmp_path, pg_url, own_s3):
 
 @pytest.fixture(scope="module")
 def scoring_setup(tmp_path_factory, postgres, own_s3):
-    """A champion (tiny) and 300 unscored images on Postgres + S3."""
+    """A champion (tiny) and 1,660 unscored images on Postgres + S3."""
     tmp = tmp_path_factory.mktemp("faults-scoring")
     admin = sa.create_engine(postgres.url, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
@@ -116,9 +117,7 @@ def scoring_setup(tmp_path_factory, postgres, own_s3):
     settings = _settings(tmp, postgres.url.rsplit("/", 1)[0] + "/lesion_faults", own_s3, "scoring-faults")
     db.upgrade(settings)
     ingest(str(make_drop(tmp / "labelled", n_images=160, seed=52)), settings)
-    night = make_drop(tmp / "night", n_images=140, seed=53, size=128)
-    (night / "metadata.csv").unlink()
-    ingest(str(night), settings)
+    ingest(str(unlabelled_drop(tmp / "night", 1_500, 53)), settings)  # enough work to be interrupted mid-way
     trained = retrain.run(settings, retrain.make_config("demo", **TINY), run_id="faults")
     engine = db.make_engine(settings.db_url)
     registry.promote(engine, trained["model_version"], "fault tests", "test", override=not trained["promoted"])

@@ -9,9 +9,7 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import sqlalchemy as sa
-from PIL import Image
 
 from lesion_tasks import db, registry, retrain
 from lesion_tasks.ingest import ingest
@@ -19,6 +17,7 @@ from lesion_tasks.schema import predictions
 from lesion_tasks.settings import Settings
 from lesion_tasks.synthetic import make_drop
 from tests import reliability
+from tests.imagegen import unlabelled_drop
 
 CHILD = """
 import json, resource, sys
@@ -27,19 +26,6 @@ from lesion_tasks.settings import Settings
 r = score_range(Settings.from_env(), limit=int(sys.argv[1]), run_id=sys.argv[2])
 print(json.dumps({"scored": r["scored"], "seconds": r["seconds"], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
-
-
-def _unlabelled_drop(root, n: int, seed: int):
-    """n small distinct images, no metadata (scored, never trained on)."""
-    root.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    base = rng.integers(60, 200, (48, 48, 3), dtype=np.uint8)
-    for i in range(n):
-        arr = base.copy()
-        arr[i % 48, :, :] = rng.integers(0, 255, (48, 3), dtype=np.uint8)  # distinct bytes per image
-        arr[:, (i // 48) % 48, 0] = (i * 7) % 255
-        Image.fromarray(arr).save(root / f"ISIC_L{seed}{i:06d}.png", compress_level=1)
-    return root
 
 
 def _score_child(settings, limit: int, run_id: str) -> dict:
@@ -59,12 +45,12 @@ def test_ingest_5000_and_score_20000_with_bounded_memory(tmp_path):
     registry.promote(engine, trained["model_version"], "load test", "test", override=not trained["promoted"])
     engine.dispose()
 
-    five = _unlabelled_drop(tmp_path / "five", 5_000, 1)
+    five = unlabelled_drop(tmp_path / "five", 5_000, 1)
     started = time.monotonic()
     first = ingest(str(five), settings)
     ingest_rate = first.accepted / (time.monotonic() - started)
     assert first.accepted == 5_000
-    ingest(str(_unlabelled_drop(tmp_path / "more", 14_840, 2)), settings)  # 160 + 5,000 + 14,840 = 20,000
+    ingest(str(unlabelled_drop(tmp_path / "more", 14_840, 2)), settings)  # 160 + 5,000 + 14,840 = 20,000
 
     small = _score_child(settings, 2_000, "load-2k")
     big = _score_child(settings, 18_000, "load-18k")  # the rest: 20,000 scored in all

@@ -27,12 +27,17 @@ TEST_CREDENTIALS = {"lesiontestaccess", "lesiontestsecret-0123456789", "lesion-r
 SECRET_PATTERNS = [
     re.compile(r"AKIA[0-9A-Z]{16}"),
     re.compile(r"-----BEGIN (?:RSA |EC |OPENSSH |DSA )?PRIVATE KEY-----"),
-    re.compile(r"(?i)(?:password|passwd|secret|token|secret_key)\s*[:=]\s*['\"]?([A-Za-z0-9/+_\-]{12,})"),
+    re.compile(r"(?i)(?:password|passwd|secret|token|secret_key)[\"']?\s*[:=]\s*[\"']([^\"'\s]{8,})[\"']"),  # quoted literals
+    re.compile(r"(?m)^[A-Z_]*(?:PASSWORD|SECRET|TOKEN)[A-Z_]*=(\S{8,})$"),  # .env style
     re.compile(r"://[^/\s:@]+:([^@\s${}]{6,})@"),  # credentials inside URLs
 ]
 
 
 def test_no_secret_in_tracked_files():
+    # the scanner itself catches the usual shapes
+    for leak in ('password = "Sup3rS3cretValue"', "AWS_SECRET_ACCESS_KEY=abcd1234efgh5678", "postgresql://u:realpass99@db/x",
+                 "AKIAABCDEFGHIJKLMNOP"):
+        assert any(p.search(leak) for p in SECRET_PATTERNS), leak
     files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     findings = []
     for name in files:
