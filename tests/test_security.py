@@ -35,8 +35,9 @@ SECRET_PATTERNS = [
 
 def test_no_secret_in_tracked_files():
     # the scanner itself catches the usual shapes
-    for leak in ('password = "Sup3rS3cretValue"', "AWS_SECRET_ACCESS_KEY=abcd1234efgh5678", "postgresql://u:realpass99@db/x",
-                 "AKIAABCDEFGHIJKLMNOP"):
+    # (assembled at run time so that this file does not trip its own scan)
+    for leak in ("password = " + '"Sup3r' + 'S3cretValue"', "AWS_SECRET_ACCESS_KEY" + "=abcd1234efgh5678",
+                 "postgresql://u:" + "realpass99@db/x", "AKIA" + "ABCDEFGHIJKLMNOP"):
         assert any(p.search(leak) for p in SECRET_PATTERNS), leak
     files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     findings = []
