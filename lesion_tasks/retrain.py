@@ -115,17 +115,18 @@ def _split_refs(conn: sa.Connection) -> dict[str, tuple[list[features.ImageRef],
     return out
 
 
-def _weights(config: TrainConfig, settings: Settings, store: ObjectStore) -> tuple[TrainConfig, backbones.ResolvedWeights]:
+def _weights(config: TrainConfig, settings: Settings, store: ObjectStore) -> backbones.ResolvedWeights:
+    """The weights file for the run; only the demo profile falls back (loudly) to random initialisation."""
     spec = backbones.get_backbone(config.backbone)
     try:
-        return config, backbones.resolve_weights(config.weights, spec, settings.home / "cache", store)
+        return backbones.resolve_weights(config.weights, spec, settings.home / "cache", store)
     except ValueError as exc:
         if not (config.profile == "demo" and config.weights == "imagenet" and config.random_init_fallback):
             raise
         log.warning("DEMO WITHOUT PRETRAINED WEIGHTS: %s -- training %s from random initialisation; "
                     "expect a much weaker model (recorded in the registry)", exc, config.backbone)
         resolved = backbones.resolve_weights("none", spec, settings.home / "cache")
-        return config, replace(resolved, source=f"random initialisation (ImageNet weights unavailable: {exc})"[:2000])
+        return replace(resolved, source=f"random initialisation (ImageNet weights unavailable: {exc})"[:2000])
 
 
 def _put_npz(store: ObjectStore, key: str, **arrays: np.ndarray) -> str:
@@ -169,7 +170,7 @@ def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[st
     store, engine = open_store(settings), engine_for(settings)
     version = model_version_id(run_id, config)
     try:
-        config, weights = _weights(config, settings, store)
+        weights = _weights(config, settings, store)
         with engine.connect() as conn:
             parts = _split_refs(conn)
         (train_refs, y_train), (val_refs, y_val) = parts["train"], parts["val"]
