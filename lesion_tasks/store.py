@@ -206,6 +206,8 @@ class S3Store:
         response = self._get(key)
         try:
             return response.read()
+        except Exception as exc:  # noqa: BLE001 - the connection died mid-body
+            raise self._unreachable("get", key, exc) from exc
         finally:
             response.close()
             response.release_conn()
@@ -215,6 +217,10 @@ class S3Store:
         try:
             for chunk in response.stream(1 << 20):
                 fileobj.write(chunk)
+        except OSError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the connection died mid-body
+            raise self._unreachable("download", key, exc) from exc
         finally:
             response.close()
             response.release_conn()
@@ -235,13 +241,16 @@ class S3Store:
     def exists(self, key: str) -> bool:
         from minio.error import S3Error
 
+        name = self._name(key)
         try:
-            self.client.stat_object(self.bucket, self._name(key))
+            self.client.stat_object(self.bucket, name)
             return True
         except S3Error as exc:
             if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
                 return False
-            raise
+            raise StoreError(f"S3 stat {self.url}/{key} refused: {exc.code} {exc.message}") from exc
+        except Exception as exc:  # noqa: BLE001
+            raise self._unreachable("stat", key, exc) from exc
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         stem = prefix.rstrip("/")

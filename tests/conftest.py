@@ -63,12 +63,17 @@ def postgres():
     server.stop()
 
 
-@pytest.fixture(scope="session")
-def s3_server():
+def start_s3_or_fail() -> servers.S3Server:
+    """A new S3 server, or the test fails (CI) / skips (elsewhere) saying why."""
     try:
-        server = servers.start_s3()
+        return servers.start_s3()
     except Exception as exc:  # noqa: BLE001
         _unavailable("S3 server (rclone serve s3)", exc)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    server = start_s3_or_fail()
     yield server
     server.stop()
 

@@ -19,7 +19,8 @@ from lesion_tasks.schema import images, predictions
 from lesion_tasks.settings import Settings
 from lesion_tasks.store import StoreError, key_of, open_store
 from lesion_tasks.synthetic import make_drop
-from tests import reliability, servers
+from tests import reliability
+from tests.conftest import start_s3_or_fail
 from tests.imagegen import unlabelled_drop
 
 TINY = dict(backbone="tiny", image_size=64, weights="none", epochs=80, views=1, bootstrap=50, target_sensitivity=0.97)
@@ -28,12 +29,7 @@ TINY = dict(backbone="tiny", image_size=64, weights="none", epochs=80, views=1, 
 @pytest.fixture(scope="module")
 def own_s3():
     """An S3 server of this module's own: these tests kill it."""
-    try:
-        server = servers.start_s3()
-    except Exception as exc:  # noqa: BLE001
-        from tests.conftest import _unavailable
-
-        _unavailable("S3 server (rclone serve s3)", exc)
+    server = start_s3_or_fail()
     yield server
     server.stop()
 
