@@ -31,7 +31,7 @@ VALIDATED_IMAGES = Asset("lesion://images/validated")
 def isic_ingest():
     @task
     def find_new_drops() -> list[str]:
-        from _lesion_airflow import lesion_settings
+        from lesion_airflow import lesion_settings
 
         from lesion_tasks.ingest import discover_incoming
 
@@ -40,7 +40,7 @@ def isic_ingest():
     # one drop at a time: drops deduplicate against each other
     @task(max_active_tis_per_dagrun=1)
     def ingest_drop(source: str) -> dict:
-        from _lesion_airflow import lesion_settings
+        from lesion_airflow import lesion_settings
 
         from lesion_tasks.ingest import ingest
 

@@ -32,7 +32,7 @@ TF_POOL = "lesion_tensorflow"  # one TensorFlow task at a time per machine
 def lesion_nightly_score():
     @task
     def plan_shards() -> list[dict]:
-        from _lesion_airflow import lesion_settings
+        from lesion_airflow import lesion_settings
 
         from lesion_tasks.scoring import plan_shards as plan
 
@@ -40,7 +40,7 @@ def lesion_nightly_score():
 
     @task(pool=TF_POOL, max_active_tis_per_dagrun=1)
     def score_shard(shard: dict) -> dict:
-        from _lesion_airflow import lesion_settings
+        from lesion_airflow import lesion_settings
 
         from lesion_tasks.scoring import score_range
 
@@ -49,7 +49,7 @@ def lesion_nightly_score():
 
     @task(trigger_rule="none_failed")
     def summarise(shards: list[dict], results: list[dict] | None = None) -> dict:
-        from _lesion_airflow import lesion_settings
+        from lesion_airflow import lesion_settings
 
         from lesion_tasks.scoring import summarize
 

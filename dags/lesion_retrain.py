@@ -49,7 +49,7 @@ PARAMS = {
 def lesion_retrain():
     @task
     def prepare_split() -> dict:
-        from _lesion_airflow import lesion_settings
+        from lesion_airflow import lesion_settings
 
         from lesion_tasks.retrain import prepare_split as split
 
@@ -57,7 +57,7 @@ def lesion_retrain():
 
     @task(pool=TF_POOL)
     def train_model(_split: dict) -> str:
-        from _lesion_airflow import lesion_settings
+        from lesion_airflow import lesion_settings
 
         from lesion_tasks.retrain import make_config, train_model as train
 
@@ -68,7 +68,7 @@ def lesion_retrain():
 
     @task(pool=TF_POOL)
     def evaluate_model(model_version: str) -> str:
-        from _lesion_airflow import lesion_settings
+        from lesion_airflow import lesion_settings
 
         from lesion_tasks.retrain import evaluate_model as evaluate
 
@@ -77,7 +77,7 @@ def lesion_retrain():
 
     @task
     def gate_and_promote(model_version: str) -> dict:
-        from _lesion_airflow import lesion_settings
+        from lesion_airflow import lesion_settings
 
         from lesion_tasks.retrain import gate_model
 

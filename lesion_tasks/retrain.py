@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
-from lesion_tasks import backbones, evaluation, features, mc, registry, report, splits
+from lesion_tasks import backbones, evaluation, features, mc, registry, report, review, splits
 from lesion_tasks.db import engine_for, insert_ignore
 from lesion_tasks.ingest import slug
 from lesion_tasks.schema import images, model_versions, splits as splits_table
@@ -104,14 +104,18 @@ def _code_version() -> str:
 
 
 def _split_refs(conn: sa.Connection) -> dict[str, tuple[list[features.ImageRef], np.ndarray]]:
+    """Images and labels per split: the ISIC label, or where ISIC gave none the latest reviewer label
+    (review.training_labels); images whose label is neither MEL nor NV (any more) are left out."""
+    reviewed = review.training_labels(conn)["labels"]
     rows = conn.execute(
         sa.select(images.c.image_id, images.c.drop_id, images.c.normalized_uri, images.c.label, splits_table.c.split)
         .join(splits_table, splits_table.c.image_id == images.c.image_id).order_by(images.c.image_id)).all()
     out = {}
     for split in ("train", "val", "test"):
-        part = [r for r in rows if r.split == split]
-        out[split] = ([features.ImageRef(r.image_id, r.drop_id, r.normalized_uri) for r in part],
-                      np.array([1 if r.label == "MEL" else 0 for r in part], np.int64))
+        part = [(r, r.label or reviewed.get(r.image_id)) for r in rows if r.split == split]
+        part = [(r, label) for r, label in part if label in ("MEL", "NV")]
+        out[split] = ([features.ImageRef(r.image_id, r.drop_id, r.normalized_uri) for r, _ in part],
+                      np.array([1 if label == "MEL" else 0 for _, label in part], np.int64))
     return out
 
 
@@ -173,7 +177,12 @@ def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[st
         weights = _weights(config, settings, store)
         with engine.connect() as conn:
             parts = _split_refs(conn)
+            reviewed = review.training_labels(conn)
         (train_refs, y_train), (val_refs, y_val) = parts["train"], parts["val"]
+        in_train = {r.image_id for r in train_refs}
+        reviewed_lineage = {"train_images": sorted(i for i in reviewed["labels"] if i in in_train),
+                            "review_ids": reviewed["review_ids"],
+                            "conflicts_with_isic_kept_isic": reviewed["conflicts_with_isic"]}
         if not len(train_refs) or not y_val.sum():
             raise ValueError(f"split has {len(train_refs)} training and {int(y_val.sum())} validation melanomas: "
                              "ingest labelled drops first (lesion ingest) and run the split")
@@ -219,7 +228,8 @@ def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[st
             "mc_samples": config.mc_samples, "config": cfg, "environment": _environment(),
             "weights_source": weights.source, "weights_sha256": weights.sha256,
             "lineage": {"run_id": run_id, "drops": drops_used, "splits": split_summary["counts"],
-                        "split_rules": split_summary["rules"], "feature_config": fcfg.key},
+                        "split_rules": split_summary["rules"], "feature_config": fcfg.key,
+                        "reviewed_labels": reviewed_lineage},
             "review_rule": review_rule, "model_uri": model_uri, "code_version": _code_version(), "run_id": run_id,
         }
         with engine.begin() as conn:

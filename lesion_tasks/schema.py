@@ -145,3 +145,34 @@ predictions = sa.Table(
     sa.Column("scored_at", sa.DateTime(timezone=True), nullable=False),
     sa.CheckConstraint("predicted_label IN ('MEL', 'NV')", name="ck_predictions_label"),
 )
+
+VERDICTS = ("agree", "disagree", "set_label")
+
+reviews = sa.Table(
+    "reviews",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("submission_id", sa.String(64), nullable=False),  # one per form: a resubmitted form is a no-op
+    sa.Column("image_id", sa.String(128), sa.ForeignKey("images.image_id"), nullable=False, index=True),
+    sa.Column("model_version", sa.String(128), sa.ForeignKey("model_versions.model_version"), nullable=False),
+    sa.Column("verdict", sa.String(16), nullable=False),
+    sa.Column("label", sa.String(8), nullable=False),
+    sa.Column("note", sa.Text, nullable=True),
+    sa.Column("reviewer", sa.String(256), nullable=False),
+    sa.Column("reviewed_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("p_mel", sa.Float, nullable=False),  # what the reviewer was shown
+    sa.Column("predicted_label", sa.String(8), nullable=False),
+    sa.CheckConstraint("verdict IN ('agree', 'disagree', 'set_label')", name="ck_reviews_verdict"),
+    sa.CheckConstraint("label IN ('MEL', 'NV', 'OTHER')", name="ck_reviews_label"),
+    sa.UniqueConstraint("submission_id", name="uq_reviews_submission"),
+)
+
+prediction_samples = sa.Table(
+    "prediction_samples",
+    metadata,
+    sa.Column("image_id", sa.String(128), primary_key=True),
+    sa.Column("model_version", sa.String(128), primary_key=True),
+    sa.Column("p_mel_samples", sa.JSON, nullable=False),
+    sa.ForeignKeyConstraint(["image_id", "model_version"], ["predictions.image_id", "predictions.model_version"],
+                            ondelete="CASCADE"),
+)

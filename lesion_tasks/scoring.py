@@ -30,7 +30,7 @@ from PIL import Image, ImageOps
 from lesion_tasks import backbones, features, gradcam, mc, registry
 from lesion_tasks.db import engine_for, upsert
 from lesion_tasks.retrain import load_head
-from lesion_tasks.schema import images, predictions
+from lesion_tasks.schema import images, prediction_samples, predictions
 from lesion_tasks.settings import Settings
 from lesion_tasks.store import ObjectNotFound, ObjectStore, key_of, open_store
 
@@ -138,12 +138,15 @@ def _write_overlay(store: ObjectStore, key: str, original_uri: str, heatmap: np.
 
 
 def score_batch(model: ScoringModel, rgb: np.ndarray, image_ids: list[str], mc_samples: int):
-    """(p_mel, entropy, mutual_info, predicted MEL, heatmaps) for one batch: one backbone pass."""
+    """(p_mel, entropy, mutual_info, predicted MEL, heatmaps, (N, T) MC samples) for one batch: one
+    backbone pass."""
     activations, pooled = model.run_backbone(backbones.preprocess(rgb))
-    p, h, mi = mc.predict(model.head, pooled, image_ids, model.version, mc_samples)
+    masks = mc.dropout_masks(image_ids, model.version, mc_samples, model.head.w1.shape[1], model.head.dropout)
+    samples = mc.mc_samples(model.head, pooled, masks)
+    p, h, mi = mc.summarize(samples)
     is_mel = (p >= model.row["threshold"]).astype(np.int64)
     heat = gradcam.gradcam_fast(activations, gradcam.head_gradient(model.head, pooled, is_mel))
-    return p, h, mi, is_mel, heat
+    return p, h, mi, is_mel, heat, samples
 
 
 def score_range(settings: Settings, model_version: str = "champion", first: str | None = None, last: str | None = None,
@@ -169,7 +172,7 @@ def score_range(settings: Settings, model_version: str = "champion", first: str 
                 batch = todo[start : start + batch_size]
                 ids = [r.image_id for r in batch]
                 rgb = np.stack(list(pool.map(lambda r: features.load_rgb(store, r.normalized_uri, row["image_size"]), batch)))
-                p, h, mi, is_mel, heat = score_batch(model, rgb, ids, samples)
+                p, h, mi, is_mel, heat, mc_p = score_batch(model, rgb, ids, samples)
                 keys = [f"predictions/{model.version}/gradcam/{r.drop_id}/{r.image_id}.png" for r in batch]
                 uris = list(pool.map(lambda a: _write_overlay(store, *a), zip(keys, [r.original_uri for r in batch], heat)))
                 now = datetime.now(UTC)
@@ -181,8 +184,11 @@ def score_range(settings: Settings, model_version: str = "champion", first: str 
                                  "entropy": float(h[k]), "mutual_info": float(mi[k]), "mc_samples": samples,
                                  "gradcam_uri": uris[k], "needs_review": bool(reasons), "review_reasons": ",".join(reasons) or None,
                                  "drop_id": r.drop_id, "run_id": run_id, "scored_at": now})
+                sample_rows = [{"image_id": i, "model_version": model.version,
+                                "p_mel_samples": [round(float(v), 6) for v in mc_p[k]]} for k, i in enumerate(ids)]
                 with engine.begin() as conn:
                     upsert(conn, predictions, rows, ["image_id", "model_version"])
+                    upsert(conn, prediction_samples, sample_rows, ["image_id", "model_version"])
                 scored += len(rows)
                 flagged += sum(r["needs_review"] for r in rows)
                 if time.monotonic() - last_log > 10 or scored == len(todo):

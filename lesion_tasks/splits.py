@@ -5,6 +5,11 @@ one fold of 1/test_frac, validation = one fold of the rest). Later images never 
 an image whose near-duplicate group already has a split joins it ("group"), and a new group is
 placed by a hash of its id ("hash-v1": deterministic, label-blind, so stratified in expectation).
 Champion and challenger are therefore always compared on the same test images.
+
+Reviewer labels (images ISIC gave no label, labelled in the review UI) are training data only: such an
+image joins "train" ("reviewed-train"), or its near-duplicate group's split when that is "train"; an
+image whose group sits in validation or test is left out, so neither evaluation split ever holds a
+reviewer label nor a near-duplicate of a training image.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import numpy as np
 import sqlalchemy as sa
 from sklearn.model_selection import StratifiedGroupKFold
 
+from lesion_tasks import review
 from lesion_tasks.db import insert_ignore
 from lesion_tasks.schema import images, splits
 
@@ -69,6 +75,24 @@ def assign(engine: sa.Engine, seed: int = 0, test_frac: float = 0.2, val_frac: f
                 split = _hash_split(r.near_dup_group, seed, test_frac, val_frac)
                 group_split[r.near_dup_group] = split
                 assigned[r.image_id] = (split, f"hash-v1:seed={seed}:test={test_frac}:val={val_frac}")
+    with engine.connect() as conn:
+        reviewed = review.training_labels(conn)["labels"]
+        reviewed_rows = conn.execute(sa.select(images.c.image_id, images.c.near_dup_group)
+                                     .where(images.c.image_id.in_(sorted(reviewed)))
+                                     .order_by(images.c.image_id)).all() if reviewed else []
+    group_split = {r.near_dup_group: existing.get(r.image_id) or assigned.get(r.image_id, (None,))[0] for r in rows}
+    left_out = 0
+    for r in reviewed_rows:
+        if r.image_id in existing:
+            continue
+        split = group_split.get(r.near_dup_group)
+        if split in (None, "train"):
+            assigned[r.image_id] = ("train", "group" if split else "reviewed-train")
+            group_split[r.near_dup_group] = "train"
+        else:
+            left_out += 1
+    if left_out:
+        log.info("split: %d reviewer-labelled images left out (their near-duplicate group is in val/test)", left_out)
     if assigned:
         with engine.begin() as conn:
             insert_ignore(conn, splits, [{"image_id": i, "split": s, "rule": rule, "assigned_at": now}
@@ -78,12 +102,15 @@ def assign(engine: sa.Engine, seed: int = 0, test_frac: float = 0.2, val_frac: f
 
 
 def summary(engine: sa.Engine) -> dict:
+    """Images per split and label (the ISIC label, else the reviewer label) and the rules used."""
     with engine.connect() as conn:
-        rows = conn.execute(sa.select(splits.c.split, images.c.label, sa.func.count())
-                            .join(images, images.c.image_id == splits.c.image_id)
-                            .group_by(splits.c.split, images.c.label)).all()
+        reviewed = review.training_labels(conn)["labels"]
+        rows = conn.execute(sa.select(splits.c.split, images.c.image_id, images.c.label)
+                            .join(images, images.c.image_id == splits.c.image_id)).all()
         rules = sorted(set(conn.scalars(sa.select(splits.c.rule).distinct())))
     counts: dict[str, dict[str, int]] = {s: {"MEL": 0, "NV": 0} for s in ("train", "val", "test")}
-    for split, label, n in rows:
-        counts[split][label] = n
+    for split, image_id, label in rows:
+        label = label or reviewed.get(image_id)
+        if label in ("MEL", "NV"):
+            counts[split][label] += 1
     return {"counts": counts, "rules": rules}

@@ -1,16 +1,26 @@
 #!/usr/bin/env bash
-# Makes sure a PostgreSQL server binary is installed; the tests start their own throwaway cluster.
+# Installs the system packages the suite needs when they are missing: PostgreSQL server binaries
+# (the tests start their own throwaway cluster) and Debian's Chromium (the review UI's browser
+# tests drive it with Playwright; nothing is downloaded at test time).
 set -euo pipefail
-if compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null; then
+missing=()
+if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null && ! command -v initdb >/dev/null; then
+  missing+=(postgresql)
+fi
+if ! command -v chromium >/dev/null && [ -z "${LESION_CHROMIUM:-}" ]; then
+  missing+=(chromium)
+fi
+if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
 if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
-  echo "PostgreSQL not found: installing it with apt-get (needed by the integration tests)"
+  echo "Installing ${missing[*]} with apt-get (needed by the integration and browser tests)"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq postgresql >/dev/null
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   exit 0
 fi
-echo "PostgreSQL is not installed and cannot be installed automatically (not root or no apt-get)." >&2
-echo "Install it (e.g. 'sudo apt-get install postgresql') or set LESION_TEST_PG_URL to a server you own." >&2
+echo "Missing system packages: ${missing[*]}; they cannot be installed automatically (not root or no apt-get)." >&2
+echo "Install them (e.g. 'sudo apt-get install ${missing[*]}'), or point LESION_TEST_PG_URL at a PostgreSQL" >&2
+echo "server you own and LESION_CHROMIUM at a Chromium binary." >&2
 if [ "${CI:-}" = "true" ]; then exit 1; fi

@@ -19,8 +19,8 @@ def url(request, tmp_path):
 
 
 def test_upgrade_matches_schema_module_and_is_repeatable(url):
-    assert db.upgrade(url) == "0004_reader_role"
-    assert db.upgrade(url) == "0004_reader_role"  # a second upgrade is a no-op
+    assert db.upgrade(url) == "0005_reviews"
+    assert db.upgrade(url) == "0005_reviews"  # a second upgrade is a no-op
     engine = db.make_engine(url)
     with engine.connect() as conn:
         ctx = MigrationContext.configure(conn, opts={"compare_type": True, "version_table": db.VERSION_TABLE})

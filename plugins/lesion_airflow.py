@@ -1,4 +1,4 @@
-"""Wiring shared by the DAGs (not a DAG file; see .airflowignore).
+"""Airflow-side wiring shared by the DAGs and the review plugin (Airflow puts `plugins/` on sys.path).
 
 Inside Airflow, the Connections `lesion_db` and `lesion_s3` take precedence over the LESION_*
 environment variables; without them the environment (or the embedded defaults) applies.

@@ -1,0 +1,256 @@
+"""Human review of what the model was unsure about: the queue, one case, verdicts, trends.
+
+The review UI (plugins/lesion_review.py) calls these; they know nothing of the web. A verdict is
+appended to `reviews` (history kept, the latest per image counts). A reviewer's label becomes
+training data for the next retrain only where ISIC gave no label: `images.label` is never changed,
+and a reviewer disagreeing with an ISIC label is counted as a conflict in the model's lineage.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from lesion_tasks import registry
+from lesion_tasks.db import insert_ignore
+from lesion_tasks.schema import (LABELS, VERDICTS, images, model_versions, prediction_samples, predictions,
+                                 reviews)
+
+FLAGS = ("predicted_mel", "uncertain", "near_threshold")
+STATUSES = ("open", "reviewed", "all")
+SORTS = {"entropy": predictions.c.entropy, "mutual_info": predictions.c.mutual_info, "p_mel": predictions.c.p_mel}
+MAX_NOTE = 2000
+MAX_PAGE = 1000
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+@dataclass(frozen=True)
+class QueueFilter:
+    """What the queue page shows. `model_version` None = the champion."""
+    model_version: str | None = None
+    drop_id: str | None = None
+    label: str | None = None  # predicted label
+    flag: str | None = None  # one of FLAGS
+    status: str = "open"
+    sort: str = "entropy"
+    limit: int = 500
+    offset: int = 0
+
+    def __post_init__(self):
+        _one_of("label", self.label, ("MEL", "NV"), optional=True)
+        _one_of("flag", self.flag, FLAGS, optional=True)
+        _one_of("status", self.status, STATUSES)
+        _one_of("sort", self.sort, tuple(SORTS))
+        if not 1 <= self.limit <= MAX_PAGE:
+            raise ValueError(f"limit={self.limit}: expected 1 to {MAX_PAGE}")
+        if self.offset < 0:
+            raise ValueError(f"offset={self.offset}: expected >= 0")
+
+
+def _one_of(name: str, value: Any, allowed: tuple, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r}: expected one of {', '.join(allowed)}")
+
+
+def _latest_review(version_col=None) -> sa.Subquery:
+    """id of the latest review per image (and model version, when `version_col` is given)."""
+    cols = [reviews.c.image_id] + ([reviews.c.model_version] if version_col is not None else [])
+    return sa.select(*cols, sa.func.max(reviews.c.id).label("review_id")).group_by(*cols).subquery()
+
+
+def resolve_version(conn: sa.Connection, model_version: str | None) -> str | None:
+    """The model version a page is about (None: no champion yet)."""
+    if model_version in (None, "", "champion"):
+        champion = registry.champion(conn)
+        return champion["model_version"] if champion else None
+    return registry.get(conn, model_version)["model_version"]
+
+
+def queue(conn: sa.Connection, f: QueueFilter) -> dict[str, Any]:
+    """A page of the review queue (what `v_review_queue` holds for the champion), most uncertain first,
+    with the latest verdict on each case; `total` counts the filtered queue."""
+    version = resolve_version(conn, f.model_version)
+    if version is None:
+        return {"model_version": None, "total": 0, "cases": []}
+    latest = _latest_review(version_col=True)
+    r = reviews.alias("r")
+    query = (sa.select(predictions.c.image_id, predictions.c.model_version, predictions.c.p_mel,
+                       predictions.c.predicted_label, predictions.c.threshold, predictions.c.entropy,
+                       predictions.c.mutual_info, predictions.c.review_reasons, predictions.c.drop_id,
+                       predictions.c.scored_at, images.c.label.label("known_label"),
+                       r.c.verdict.label("review_verdict"), r.c.label.label("review_label"), r.c.reviewer,
+                       r.c.reviewed_at)
+             .join(images, images.c.image_id == predictions.c.image_id)
+             .outerjoin(latest, sa.and_(latest.c.image_id == predictions.c.image_id,
+                                        latest.c.model_version == predictions.c.model_version))
+             .outerjoin(r, r.c.id == latest.c.review_id)
+             .where(predictions.c.model_version == version, predictions.c.needs_review))
+    if f.drop_id:
+        query = query.where(predictions.c.drop_id == f.drop_id)
+    if f.label:
+        query = query.where(predictions.c.predicted_label == f.label)
+    if f.flag:
+        # reasons are a comma-separated list of FLAGS (no flag is a substring of another)
+        query = query.where(predictions.c.review_reasons.contains(f.flag))
+    if f.status == "open":
+        query = query.where(r.c.id.is_(None))
+    elif f.status == "reviewed":
+        query = query.where(r.c.id.is_not(None))
+    total = conn.execute(sa.select(sa.func.count()).select_from(query.subquery())).scalar()
+    ties = predictions.c.mutual_info if f.sort != "mutual_info" else predictions.c.entropy
+    rows = conn.execute(query.order_by(SORTS[f.sort].desc(), ties.desc(), predictions.c.image_id)
+                        .limit(f.limit).offset(f.offset)).mappings().all()
+    return {"model_version": version, "total": total, "cases": [dict(row) for row in rows]}
+
+
+def choices(conn: sa.Connection) -> dict[str, list[str]]:
+    """Values for the queue's filter menus."""
+    versions = conn.scalars(sa.select(model_versions.c.model_version).where(model_versions.c.metrics.is_not(None))
+                            .order_by(model_versions.c.created_at.desc())).all()
+    drops = conn.scalars(sa.select(predictions.c.drop_id).distinct().order_by(predictions.c.drop_id)).all()
+    return {"model_versions": list(versions), "drops": list(drops)}
+
+
+def case(conn: sa.Connection, image_id: str, model_version: str | None = None) -> dict[str, Any]:
+    """Everything the case page shows: the prediction, its MC samples, the image, every verdict and
+    the other model versions' predictions of the same image."""
+    image = conn.execute(sa.select(images).where(images.c.image_id == image_id)).mappings().first()
+    if image is None:
+        raise LookupError(f"image {image_id!r} not found")
+    version = resolve_version(conn, model_version)
+    prediction = None
+    if version is not None:
+        prediction = conn.execute(sa.select(predictions).where(predictions.c.image_id == image_id)
+                                  .where(predictions.c.model_version == version)).mappings().first()
+    if prediction is None:
+        raise LookupError(f"image {image_id!r} has no prediction from model {version or '(no champion yet)'}")
+    samples = conn.execute(sa.select(prediction_samples.c.p_mel_samples)
+                           .where(prediction_samples.c.image_id == image_id)
+                           .where(prediction_samples.c.model_version == version)).scalar()
+    history = conn.execute(sa.select(reviews).where(reviews.c.image_id == image_id)
+                           .order_by(reviews.c.id.desc())).mappings().all()
+    others = conn.execute(sa.select(predictions.c.model_version, predictions.c.p_mel, predictions.c.predicted_label,
+                                    predictions.c.entropy, predictions.c.mutual_info, predictions.c.needs_review,
+                                    predictions.c.scored_at)
+                          .where(predictions.c.image_id == image_id).where(predictions.c.model_version != version)
+                          .order_by(predictions.c.scored_at.desc())).mappings().all()
+    model = registry.get(conn, version)
+    return {"image": dict(image), "prediction": dict(prediction), "samples": samples, "reviews": [dict(h) for h in history],
+            "other_predictions": [dict(o) for o in others],
+            "model": {k: model[k] for k in ("model_version", "is_champion", "status", "backbone", "profile", "review_rule")}}
+
+
+def _clean_note(note: str | None) -> str | None:
+    if note is None:
+        return None
+    note = _CONTROL.sub("", note).strip()
+    if len(note) > MAX_NOTE:
+        raise ValueError(f"note of {len(note)} characters: expected at most {MAX_NOTE}")
+    return note or None
+
+
+def verdict_label(verdict: str, predicted_label: str, label: str | None) -> str:
+    """The label a verdict stands for: agree = the prediction, disagree = the other class,
+    set_label = the reviewer's choice."""
+    _one_of("verdict", verdict, VERDICTS)
+    if verdict == "agree":
+        return predicted_label
+    if verdict == "disagree":
+        return "NV" if predicted_label == "MEL" else "MEL"
+    _one_of("label", label, LABELS)
+    return label
+
+
+def record(engine: sa.Engine, image_id: str, model_version: str, verdict: str, reviewer: str, label: str | None = None,
+           note: str | None = None, submission_id: str | None = None) -> dict[str, Any]:
+    """Append a verdict on `model_version`'s prediction of `image_id`. Idempotent per `submission_id`
+    (a form submitted twice records one verdict)."""
+    reviewer = _CONTROL.sub("", reviewer or "").strip()
+    if not reviewer:
+        raise ValueError("reviewer: expected the name of the logged-in user, got nothing")
+    submission_id = submission_id or uuid.uuid4().hex
+    if not re.fullmatch(r"[0-9A-Za-z_-]{8,64}", submission_id):
+        raise ValueError(f"submission_id={submission_id[:80]!r}: expected 8-64 letters, digits, '-' or '_'")
+    with engine.begin() as conn:
+        prediction = conn.execute(sa.select(predictions.c.p_mel, predictions.c.predicted_label)
+                                  .where(predictions.c.image_id == image_id)
+                                  .where(predictions.c.model_version == model_version)).first()
+        if prediction is None:
+            raise LookupError(f"image {image_id!r} has no prediction from model {model_version!r}: nothing to review")
+        row = {"submission_id": submission_id, "image_id": image_id, "model_version": model_version,
+               "verdict": verdict, "label": verdict_label(verdict, prediction.predicted_label, label),
+               "note": _clean_note(note), "reviewer": reviewer[:256], "reviewed_at": datetime.now(UTC),
+               "p_mel": prediction.p_mel, "predicted_label": prediction.predicted_label}
+        insert_ignore(conn, reviews, [row], ["submission_id"])
+        stored = conn.execute(sa.select(reviews).where(reviews.c.submission_id == submission_id)).mappings().one()
+    return dict(stored)
+
+
+def training_labels(conn: sa.Connection) -> dict[str, Any]:
+    """Reviewer labels that become training data: the latest verdict of each image that has no ISIC
+    label, when it says MEL or NV. Disagreements with an ISIC label are counted, never applied."""
+    latest = _latest_review()
+    rows = conn.execute(sa.select(reviews.c.image_id, reviews.c.label, reviews.c.id, images.c.label.label("isic"))
+                        .join(latest, latest.c.review_id == reviews.c.id)
+                        .join(images, images.c.image_id == reviews.c.image_id)
+                        .order_by(reviews.c.image_id)).all()
+    used = {r.image_id: r.label for r in rows if r.isic is None and r.label in ("MEL", "NV")}
+    return {"labels": used,
+            "review_ids": sorted(r.id for r in rows if r.image_id in used),
+            "conflicts_with_isic": sorted(r.image_id for r in rows if r.isic is not None and r.label != r.isic)}
+
+
+def model_overview(conn: sa.Connection) -> list[dict[str, Any]]:
+    """Every model version, newest first: status, champion, threshold, gate decision, test metrics."""
+    rows = conn.execute(sa.select(model_versions).order_by(model_versions.c.created_at.desc())).mappings().all()
+    counts = dict(conn.execute(sa.select(predictions.c.model_version, sa.func.count())
+                               .group_by(predictions.c.model_version)).all())
+    out = []
+    for row in rows:
+        test = (row["metrics"] or {}).get("test", {})
+        out.append({"model_version": row["model_version"], "created_at": row["created_at"], "status": row["status"],
+                    "is_champion": row["is_champion"], "profile": row["profile"], "backbone": row["backbone"],
+                    "threshold": row["threshold"], "weights_source": row["weights_source"],
+                    "test": {k: test.get(k) for k in ("auc", "mel_sensitivity", "mel_specificity", "balanced_accuracy", "n", "n_mel")},
+                    "ci95": test.get("ci95", {}), "gate": row["gate"] or {}, "report_uri": row["report_uri"],
+                    "reviewed_labels": (row["lineage"] or {}).get("reviewed_labels"),
+                    "predictions": counts.get(row["model_version"], 0)})
+    return out
+
+
+def _bin(column, bins: int, top: float, dialect: str):
+    scaled = sa.func.least(column / top, 0.999999) if dialect == "postgresql" else sa.func.min(column / top, 0.999999)
+    if dialect == "postgresql":
+        return sa.cast(sa.func.floor(scaled * bins), sa.Integer)
+    return sa.cast(scaled * bins, sa.Integer)  # SQLite's CAST truncates (values are >= 0)
+
+
+def nightly(conn: sa.Connection, nights: int = 14, bins: int = 10) -> dict[str, Any]:
+    """Per scoring night (UTC date) of the last `nights`: images scored, cases flagged for review, and
+    histograms of p_mel (over [0, 1]) and entropy (over [0, ln 2]); all aggregated in SQL."""
+    dialect = conn.dialect.name
+    since = datetime.now(UTC) - timedelta(days=nights)
+    night = sa.func.date(predictions.c.scored_at).label("night")
+    base = sa.select(night).where(predictions.c.scored_at >= since)
+    counts = conn.execute(base.add_columns(sa.func.count(), sa.func.sum(sa.cast(predictions.c.needs_review, sa.Integer)))
+                          .group_by(night).order_by(night)).all()
+    out = {str(n): {"night": str(n), "scored": int(c), "flagged": int(f or 0), "p_mel": [0] * bins, "entropy": [0] * bins}
+           for n, c, f in counts}
+    for name, column, top in (("p_mel", predictions.c.p_mel, 1.0), ("entropy", predictions.c.entropy, math.log(2))):
+        b = _bin(column, bins, top, dialect).label("bin")
+        for n, k, c in conn.execute(base.add_columns(b, sa.func.count()).group_by(night, b)).all():
+            out[str(n)][name][min(max(int(k), 0), bins - 1)] += int(c)
+    day = sa.func.date(reviews.c.reviewed_at)
+    reviewed = {str(n): int(c) for n, c in conn.execute(sa.select(day, sa.func.count())
+                                                        .where(reviews.c.reviewed_at >= since).group_by(day)).all()}
+    for n, row in out.items():
+        row["reviewed"] = reviewed.get(n, 0)
+    return {"nights": list(out.values()), "bins": bins, "entropy_max": math.log(2)}
