@@ -80,6 +80,7 @@ def summary(settings: Settings) -> tuple[dict[str, Any], str]:
         + f"champion: {champion['model_version'] if champion else 'none (no model passed the gate)'}\n"
         f"report:   {champion['report_uri'] if champion else (latest or {}).get('report_uri')}\n"
         f"scored {counts['predictions']} images with the champion; review queue: {counts['review_queue']}\n"
+        f"review them: `make airflow`, then http://127.0.0.1:8080/lesion-review/ (or \"Lesion review\" in Airflow's menu)\n"
         f"database: {settings.describe()['db_url']}\nstore:    {settings.store_url}\n\n"
         f"{SAMPLE_QUERY}\n{table}"
     )

@@ -135,7 +135,7 @@ def nights_svg(data: dict[str, Any], key: str, top: float, label: str, width: in
     nights, bins = data["nights"], data["bins"]
     row_h, left, head = 18, 90, 22
     height = head + row_h * max(len(nights), 1) + 22
-    cell = (width - left - 10) / bins
+    cell = (width - left - 24) / bins
     parts = [f'<svg class="chart" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="{label} per night">',
              f'<text x="{left}" y="14" font-size="12">{label} (0 to {top:.2f}), share of the night\'s images</text>']
     for r, night in enumerate(nights):
@@ -147,7 +147,7 @@ def nights_svg(data: dict[str, Any], key: str, top: float, label: str, width: in
                          f'<title>{night["night"]}: {c} of {total} in [{i * top / bins:.2f}, {(i + 1) * top / bins:.2f})</title></rect>')
     y = head + row_h * max(len(nights), 1) + 14
     for x in (0, 0.5, 1):
-        parts.append(f'<text x="{left + x * (width - left - 10):.1f}" y="{y}" font-size="11" text-anchor="middle">{x * top:.2f}</text>')
+        parts.append(f'<text x="{left + x * (width - left - 24):.1f}" y="{y}" font-size="11" text-anchor="middle">{x * top:.2f}</text>')
     parts.append("</svg>")
     return "".join(parts)
 

@@ -1,4 +1,4 @@
-"""The read-only role `lesion_reader`: reads predictions, the views and labels; writes nothing; sees
+"""The read-only role `lesion_reader`: reads predictions, the views, labels and verdicts; writes nothing; sees
 no registry internals and no credentials."""
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ def test_reader_can_read_and_cannot_write(pg_url):
     reader = sa.create_engine(sa.engine.make_url(pg_url).set(username=login), isolation_level="AUTOCOMMIT")
     try:
         with reader.connect() as conn:
-            for table in ("predictions", "v_latest_predictions", "v_review_queue", "images"):
+            for table in ("predictions", "v_latest_predictions", "v_review_queue", "images", "reviews", "v_reviewed_labels"):
                 conn.execute(sa.text(f"SELECT * FROM {table} LIMIT 1")).all()
             for forbidden in ("INSERT INTO images (image_id) VALUES ('x')", "DELETE FROM predictions",
-                              "UPDATE images SET label = 'MEL'", "SELECT * FROM model_versions",
+                              "UPDATE images SET label = 'MEL'", "DELETE FROM reviews", "SELECT * FROM model_versions",
                               "SELECT * FROM quarantine", "SELECT * FROM champion_history",
                               "SELECT rolpassword FROM pg_authid", "CREATE TABLE sneaky (x int)"):
                 with pytest.raises(sa.exc.ProgrammingError, match="permission denied"):

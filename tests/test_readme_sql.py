@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from lesion_tasks import db, registry, retrain, scoring
+from lesion_tasks import db, registry, retrain, review, scoring
 from lesion_tasks.ingest import ingest
 from lesion_tasks.settings import Settings
 from lesion_tasks.synthetic import make_drop
@@ -20,7 +20,7 @@ BLOCKS = re.findall(r"```sql\n(.*?)```", README.read_text(), re.S)
 
 def test_readme_has_sql_examples():
     assert len(BLOCKS) >= 6
-    for topic in ("v_review_queue", "mutual_info", "GROUP BY p.model_version"):
+    for topic in ("v_review_queue", "mutual_info", "GROUP BY p.model_version", "FROM reviews", "v_reviewed_labels"):
         assert any(topic in b for b in BLOCKS), topic
 
 
@@ -34,12 +34,24 @@ def loaded_db(request, tmp_path_factory):
     (drop / "ISIC_9059999.jpg").write_bytes(b"")
     (drop / "ISIC_9050000.jpg").write_bytes((drop / "ISIC_9050001.jpg").read_bytes())  # pHash twins
     ingest(str(drop), settings)
+    clinic = make_drop(tmp / "clinic", n_images=6, seed=6)
+    (clinic / "metadata.csv").unlink()  # no ISIC labels: reviewers give them
+    ingest(str(clinic), settings, drop_id="clinic")
     trained = retrain.run(settings, retrain.make_config("demo", backbone="tiny", image_size=64, weights="none", epochs=60,
                                                         views=1, bootstrap=50), run_id="readme")
     engine = db.make_engine(settings.db_url)
     registry.promote(engine, trained["model_version"], "readme fixture", "test", override=not trained["promoted"])
     engine.dispose()
     scoring.score(settings)
+    engine = db.make_engine(settings.db_url)
+    with engine.connect() as conn:
+        version = registry.champion(conn)["model_version"]
+        clinic_ids = conn.scalars(sa.text("SELECT image_id FROM images WHERE drop_id = 'clinic' ORDER BY image_id")).all()
+        labelled = conn.scalars(sa.text("SELECT image_id FROM images WHERE label = 'NV' ORDER BY image_id")).first()
+    for k, (image_id, label) in enumerate(((clinic_ids[0], "MEL"), (clinic_ids[1], "NV"), (labelled, "MEL"))):
+        review.record(engine, image_id, version, "set_label", "dr-readme", label=label, note="README fixture",
+                      submission_id=f"readme-{k:04d}")
+    engine.dispose()
     return settings.db_url
 
 

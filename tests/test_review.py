@@ -1,0 +1,213 @@
+"""Review logic (lesion_tasks.review) on the embedded defaults: the queue equals v_review_queue and is
+ordered by uncertainty, verdicts are validated and idempotent, the stored MC samples are the ones
+behind p_mel, nightly aggregates add up, and reviewer labels become training data only where ISIC
+gave none (recorded in lineage; ISIC labels never overwritten)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+
+from lesion_tasks import db, mc, retrain, review, scoring, splits
+from lesion_tasks.ingest import ingest
+from lesion_tasks.schema import images, prediction_samples, predictions, reviews
+from lesion_tasks.schema import splits as splits_table
+from lesion_tasks.settings import Settings
+from lesion_tasks.synthetic import make_drop
+
+TINY = dict(backbone="tiny", image_size=64, weights="none", epochs=150, views=2, bootstrap=100, target_sensitivity=0.97)
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("review")
+    settings = Settings.from_env({"LESION_HOME": str(tmp / "home")})
+    db.upgrade(settings)
+    ingest(str(make_drop(tmp / "labelled", n_images=200, seed=41)), settings)
+    night = make_drop(tmp / "night", n_images=60, seed=42)
+    (night / "metadata.csv").unlink()  # clinic images without an ISIC label
+    ingest(str(night), settings, drop_id="night")
+    trained = retrain.run(settings, retrain.make_config("demo", **TINY), run_id="r1")
+    assert trained["promoted"], trained["gate"]
+    scoring.score(settings, run_id="night-1")
+    engine = db.make_engine(settings.db_url)
+    yield settings, engine, trained["model_version"]
+    engine.dispose()
+
+
+def test_queue_is_the_view_most_uncertain_first_with_working_filters(home):
+    settings, engine, version = home
+    with engine.connect() as conn:
+        everything = review.queue(conn, review.QueueFilter(status="all", limit=1000))
+        view = {r.image_id for r in conn.execute(sa.text("SELECT image_id FROM v_review_queue"))}
+        flagged = conn.execute(sa.select(sa.func.count()).select_from(predictions).where(predictions.c.needs_review)).scalar()
+        assert everything["model_version"] == version
+        assert {c["image_id"] for c in everything["cases"]} == view and everything["total"] == len(view) == flagged > 0
+        keys = [(c["entropy"], c["mutual_info"]) for c in everything["cases"]]
+        assert keys == sorted(keys, reverse=True)
+        page = review.queue(conn, review.QueueFilter(status="all", limit=5, offset=5))
+        assert [c["image_id"] for c in page["cases"]] == [c["image_id"] for c in everything["cases"][5:10]]
+        night = review.queue(conn, review.QueueFilter(drop_id="night", status="all", limit=1000))
+        assert night["cases"] and {c["drop_id"] for c in night["cases"]} == {"night"}
+        for label in ("MEL", "NV"):
+            part = review.queue(conn, review.QueueFilter(label=label, status="all", limit=1000))
+            assert {c["predicted_label"] for c in part["cases"]} <= {label}
+        for flag in review.FLAGS:
+            part = review.queue(conn, review.QueueFilter(flag=flag, status="all", limit=1000))
+            assert all(flag in c["review_reasons"].split(",") for c in part["cases"])
+            assert part["total"] == sum(flag in c["review_reasons"].split(",") for c in everything["cases"])
+        by_mi = review.queue(conn, review.QueueFilter(sort="mutual_info", status="all", limit=1000))["cases"]
+        assert [c["mutual_info"] for c in by_mi] == sorted((c["mutual_info"] for c in by_mi), reverse=True)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"verdict": "maybe"}, "verdict='maybe': expected one of agree, disagree, set_label"),
+    ({"verdict": "set_label"}, "label=None: expected one of MEL, NV, OTHER"),
+    ({"verdict": "set_label", "label": "BCC"}, "label='BCC': expected one of MEL, NV, OTHER"),
+    ({"verdict": "agree", "note": "x" * 2001}, "note of 2001 characters: expected at most 2000"),
+    ({"verdict": "agree", "reviewer": " \x07 "}, "reviewer: expected the name"),
+    ({"verdict": "agree", "submission_id": "../../x"}, "submission_id='../../x': expected 8-64"),
+])
+def test_bad_verdicts_are_refused_with_the_value_named(home, kwargs, message):
+    _, engine, version = home
+    image_id = _open_case(engine)
+    args = {"reviewer": "dr-a", **kwargs}
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        review.record(engine, image_id, version, **args)
+    with pytest.raises(LookupError, match="has no prediction from model"):
+        review.record(engine, "ISIC_0000000", version, "agree", "dr-a")
+
+
+def _open_case(engine, drop_id=None) -> str:
+    with engine.connect() as conn:
+        return review.queue(conn, review.QueueFilter(drop_id=drop_id, limit=1))["cases"][0]["image_id"]
+
+
+def test_verdicts_are_appended_idempotent_per_submission_and_close_the_case(home):
+    _, engine, version = home
+    image_id = _open_case(engine)
+    first = review.record(engine, image_id, version, "agree", "dr-a", note="ok\x00 \x1b[31m", submission_id="sub-000001")
+    again = review.record(engine, image_id, version, "agree", "dr-a", note="ok", submission_id="sub-000001")
+    assert first == again and first["note"] == "ok [31m"  # control characters stripped
+    with engine.connect() as conn:
+        prediction = conn.execute(sa.select(predictions).where(predictions.c.image_id == image_id)
+                                  .where(predictions.c.model_version == version)).mappings().one()
+        assert first["label"] == prediction["predicted_label"] and first["p_mel"] == prediction["p_mel"]
+        assert conn.execute(sa.select(sa.func.count()).select_from(reviews).where(reviews.c.image_id == image_id)).scalar() == 1
+        assert image_id not in {c["image_id"] for c in review.queue(conn, review.QueueFilter(limit=1000))["cases"]}
+        assert image_id in {c["image_id"] for c in review.queue(conn, review.QueueFilter(status="reviewed", limit=1000))["cases"]}
+    second = review.record(engine, image_id, version, "disagree", "dr-b", submission_id="sub-000002")
+    assert second["label"] == ("NV" if first["label"] == "MEL" else "MEL")
+    with engine.connect() as conn:
+        shown = review.case(conn, image_id)
+        latest = conn.execute(sa.text("SELECT verdict, reviewer FROM v_reviewed_labels WHERE image_id = :i"), {"i": image_id}).one()
+    assert [r["reviewer"] for r in shown["reviews"]] == ["dr-b", "dr-a"]  # newest first, history kept
+    assert tuple(latest) == ("disagree", "dr-b")
+
+
+def test_stored_mc_samples_are_the_ones_behind_each_prediction(home):
+    settings, engine, version = home
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(predictions.c.image_id, predictions.c.p_mel, predictions.c.entropy,
+                                      predictions.c.mutual_info, predictions.c.mc_samples, prediction_samples.c.p_mel_samples)
+                            .join(prediction_samples, sa.and_(prediction_samples.c.image_id == predictions.c.image_id,
+                                                              prediction_samples.c.model_version == predictions.c.model_version))
+                            .where(predictions.c.model_version == version)).all()
+        n = conn.execute(sa.select(sa.func.count()).select_from(predictions)).scalar()
+    assert len(rows) == n == 260
+    samples = np.array([r.p_mel_samples for r in rows])
+    assert samples.shape == (n, rows[0].mc_samples)
+    p, h, mi = mc.summarize(samples)
+    np.testing.assert_allclose(p, [r.p_mel for r in rows], atol=1e-5)
+    np.testing.assert_allclose(h, [r.entropy for r in rows], atol=1e-4)
+    np.testing.assert_allclose(mi, [r.mutual_info for r in rows], atol=1e-4)
+
+
+def test_nightly_aggregates_add_up(home):
+    _, engine, _ = home
+    with engine.connect() as conn:
+        data = review.nightly(conn, nights=7)
+        scored = conn.execute(sa.select(sa.func.count()).select_from(predictions)).scalar()
+        flagged = conn.execute(sa.select(sa.func.count()).select_from(predictions).where(predictions.c.needs_review)).scalar()
+    assert len(data["nights"]) == 1
+    night = data["nights"][0]
+    assert (night["scored"], night["flagged"]) == (scored, flagged)
+    assert sum(night["p_mel"]) == sum(night["entropy"]) == scored and len(night["p_mel"]) == data["bins"]
+    assert night["reviewed"] >= 0
+
+
+def test_reviewer_labels_become_training_data_without_touching_isic_labels(home):
+    settings, engine, version = home
+    with engine.connect() as conn:
+        night_cases = review.queue(conn, review.QueueFilter(drop_id="night", status="all", limit=1000))["cases"]
+        isic_case = conn.execute(sa.select(images.c.image_id, images.c.label).where(images.c.label == "NV")
+                                 .order_by(images.c.image_id)).first()
+        isic_before = dict(conn.execute(sa.select(images.c.image_id, images.c.label)).all())
+    assert len(night_cases) >= 6
+    chosen = {c["image_id"]: ("MEL" if k % 2 else "NV") for k, c in enumerate(night_cases[:6])}
+    for k, (image_id, label) in enumerate(chosen.items()):
+        review.record(engine, image_id, version, "set_label", "dr-c", label=label, submission_id=f"train-{k:06d}")
+    other = night_cases[6]["image_id"] if len(night_cases) > 6 else None
+    if other:
+        review.record(engine, other, version, "set_label", "dr-c", label="OTHER", submission_id="train-other1")
+    # a reviewer contradicting ISIC: counted, never applied
+    review.record(engine, isic_case.image_id, version, "set_label", "dr-c", label="MEL", submission_id="train-conflict")
+
+    summary = retrain.prepare_split(settings)
+    trained = retrain.train_model(settings, retrain.make_config("demo", **TINY), run_id="r2")
+    with engine.connect() as conn:
+        assigned = dict(conn.execute(sa.select(splits_table.c.image_id, splits_table.c.rule)
+                                     .where(splits_table.c.image_id.in_(list(chosen)))).all())
+        refs = retrain._split_refs(conn)
+        lineage = conn.execute(sa.text("SELECT lineage FROM model_versions WHERE model_version = :v"),
+                               {"v": trained["model_version"]}).scalar()
+        isic_after = dict(conn.execute(sa.select(images.c.image_id, images.c.label)).all())
+        in_splits = set(conn.scalars(sa.select(splits_table.c.image_id)))
+    lineage = lineage if isinstance(lineage, dict) else json.loads(lineage)
+    assert isic_after == isic_before  # images.label untouched (NULL stays NULL, NV stays NV)
+    assert set(assigned) == set(chosen) and set(assigned.values()) <= {"reviewed-train", "group"}
+    train_labels = dict(zip([r.image_id for r in refs["train"][0]], refs["train"][1].tolist()))
+    assert {i: train_labels[i] for i in chosen} == {i: int(label == "MEL") for i, label in chosen.items()}
+    assert not set(chosen) & {r.image_id for r in refs["val"][0] + refs["test"][0]}
+    assert other is None or other not in in_splits  # OTHER is not a binary training label
+    assert train_labels.get(isic_case.image_id, 0) == 0 or isic_case.image_id not in train_labels
+    reviewed = lineage["reviewed_labels"]
+    assert reviewed["train_images"] == sorted(chosen)
+    conflicts = reviewed["conflicts_with_isic_kept_isic"]
+    assert isic_case.image_id in conflicts and all(isic_after[i] is not None for i in conflicts)
+    counts = Counter(chosen.values())
+    assert summary["counts"]["train"]["MEL"] >= counts["MEL"] and "reviewed-train" in " ".join(summary["rules"])
+    assert splits.summary(engine) == summary
+
+
+def test_app_on_the_embedded_defaults_streams_from_the_local_store(home):
+    """`make airflow` runs the app on SQLite + a local directory: every page renders, images and
+    overlays stream from the directory (there are no presigned links there), and the login is
+    still required. (Airflow's real login is exercised by tests/live/test_review_ui.py.)"""
+    from fastapi.testclient import TestClient
+
+    from lesion_tasks.review_web import Reviewer, create_app
+
+    settings, engine, version = home
+
+    async def authenticate(request):
+        return Reviewer("dr-local", True, True) if request.headers.get("authorization") == "Bearer ok" else None
+
+    client = TestClient(create_app(lambda: settings, authenticate, lambda nxt: f"/auth/login?next={nxt}"))
+    assert client.get("/", headers={"Accept": "text/html"}, follow_redirects=False).headers["location"].startswith("/auth/login")
+    auth = {"Authorization": "Bearer ok"}
+    image_id = _open_case(engine, drop_id="night")
+    for path, kind in (("/", "text/html"), (f"/case/{image_id}", "text/html"), ("/models", "text/html"),
+                       ("/nights", "text/html"), (f"/image/{image_id}?size=thumb", "image/jpeg"),
+                       (f"/image/{image_id}?size=large", "image/jpeg"), (f"/overlay/{version}/{image_id}", "image/png"),
+                       (f"/models/{version}/report", "text/html")):
+        response = client.get(path, headers=auth)
+        assert response.status_code == 200 and response.headers["content-type"].startswith(kind), (path, response.text[:200])
+        assert "frame-ancestors 'self'" in response.headers["content-security-policy"]
+        assert client.get(path).status_code == 401
+    assert client.get("/image/ISIC_0000000", headers=auth).status_code == 404
+    assert client.get("/?status=bogus", headers=auth).text == "status='bogus': expected one of open, reviewed, all"
