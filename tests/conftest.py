@@ -161,8 +161,12 @@ def run_dag(dag, conf: dict | None = None):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """Write docs/reliability.md from the fault tests that ran (only when all of them passed)."""
+    """Write docs/reliability.md from the fault tests, only after a whole, green run (a partial run,
+    e.g. one file or -k, would leave a table with rows missing)."""
     from tests import reliability
 
-    if exitstatus == 0:
+    config = session.config
+    whole = (config.args_source == pytest.Config.ArgsSource.TESTPATHS and not config.option.keyword
+             and not config.option.markexpr and not config.option.lf)
+    if exitstatus == 0 and whole:
         reliability.write()

@@ -22,6 +22,7 @@ from lesion_tasks import registry, retrain, review, scoring
 from lesion_tasks.ingest import ingest
 from lesion_tasks.schema import predictions, reviews
 from lesion_tasks.synthetic import make_drop
+from tests import reliability
 from tests.conftest import IN_CI
 from tests.live.conftest import USERS
 
@@ -111,6 +112,10 @@ def test_anonymous_and_forged_requests_get_no_data(live, queue_ready):
     vote = requests.post(f"{base}/case/{some_case['image_id']}/review", timeout=10, allow_redirects=False,
                          data={"model_version": some_case["model_version"], "verdict": "agree", "submission_id": "anon-00000001"})
     assert vote.status_code == 401
+    reliability.record("Review UI without a login", "6 pages and image routes requested anonymously, with a forged "
+                       "bearer token and a forged session cookie; an anonymous verdict post",
+                       "no data: redirect to Airflow's login (browsers) or 401", "302 to /auth/login; 401 on all 19 others",
+                       0, 0)
 
 
 def test_queue_case_verdict_in_a_real_browser(live, queue_ready, browser):
@@ -232,6 +237,9 @@ def test_cross_site_form_post_is_refused(live, queue_ready):
     assert refused.status_code == 403 and "cross-site" in refused.text
     engine = _engine(live)
     with engine.connect() as conn:
-        assert conn.execute(sa.select(sa.func.count()).select_from(reviews)
-                            .where(reviews.c.submission_id == "csrf-00000001")).scalar() == 0
+        written = conn.execute(sa.select(sa.func.count()).select_from(reviews)
+                               .where(reviews.c.submission_id == "csrf-00000001")).scalar()
     engine.dispose()
+    assert written == 0
+    reliability.record("Cross-site verdict post", "form post with a valid session cookie and Origin: http://evil.example",
+                       "refused; nothing written", "403 'cross-site form post refused'; 0 rows", 0, 0)
