@@ -65,3 +65,18 @@ def test_lesion_env_names_match_the_settings():
     used -= {"LESION_DB_PASSWORD", "LESION_BUCKET"}  # .env values the compose file composes into URLs
     assert used <= known, used - known
     assert "ARG BAKE_RESNET101V2_WEIGHTS" in (REPO / "docker" / "Dockerfile").read_text()
+
+
+def test_every_non_python_file_of_lesion_tasks_ships_in_the_image():
+    """The image installs lesion_tasks non-editable: the review UI's templates and the migrations
+    must be package data, or the API server's plugin fails on the first page."""
+    import fnmatch
+    import tomllib
+
+    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["lesion_tasks"]
+    package = REPO / "lesion_tasks"
+    data = [p.relative_to(package).as_posix() for p in package.rglob("*")
+            if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts]
+    assert any(d.startswith("templates/") for d in data)
+    missing = [d for d in data if not any(fnmatch.fnmatch(d, pat) for pat in patterns)]
+    assert not missing, f"not in [tool.setuptools.package-data]: {missing}"
