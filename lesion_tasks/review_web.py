@@ -119,8 +119,10 @@ def histogram_svg(values: list[float], marks: dict[str, float], bins: int = 20, 
     for k, (name, x) in enumerate(marks.items()):
         px = pad + min(max(x, 0), 1) * (width - 2 * pad)
         color = ("#c0392b", "#222", "#888")[k % 3]
+        right = x > 0.6  # label on the left of marks near 1, so it stays inside the chart
         parts.append(f'<line x1="{px:.1f}" y1="8" x2="{px:.1f}" y2="{10 + plot_h}" stroke="{color}" stroke-dasharray="4 3"/>'
-                     f'<text x="{px + 3:.1f}" y="{18 + 12 * k}" font-size="11" fill="{color}">{name} {x:.3f}</text>')
+                     f'<text x="{px + (-3 if right else 3):.1f}" y="{18 + 12 * k}" font-size="11" fill="{color}" '
+                     f'text-anchor="{"end" if right else "start"}">{name} {x:.3f}</text>')
     parts.append("</svg>")
     return "".join(parts)
 

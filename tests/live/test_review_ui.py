@@ -203,11 +203,14 @@ def test_queue_case_verdict_in_a_real_browser(live, queue_ready, browser):
         assert "1 reviewed" in page.locator("svg.chart").first.inner_html()
         _shot(page, "05-nights")
 
-        # the entry in Airflow's own navigation opens the app inside Airflow's UI
+        # the entry in Airflow's own navigation (Browse -> Lesion review) opens the app inside Airflow's UI
         plugins = requests.get(f"{live.base}/api/v2/plugins", headers={"Authorization": f"Bearer {live.token()}"}, timeout=10).json()
         views = [v for p in plugins["plugins"] for v in p["external_views"]]
         assert {"name": "Lesion review", "url_route": "lesion-review"}.items() <= views[0].items()
-        page.goto(f"{live.base}/plugin/lesion-review")
+        page.goto(f"{live.base}/")
+        page.get_by_text("Browse", exact=True).first.click()
+        page.get_by_text("Lesion review", exact=True).first.click()
+        page.wait_for_url("**/plugin/lesion-review", timeout=30000)
         page.frame_locator("iframe").locator("#queue-count").wait_for(timeout=30000)
         _shot(page, "06-inside-airflow")
     finally:
