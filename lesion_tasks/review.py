@@ -19,8 +19,7 @@ import sqlalchemy as sa
 
 from lesion_tasks import registry
 from lesion_tasks.db import insert_ignore
-from lesion_tasks.schema import (LABELS, VERDICTS, images, model_versions, prediction_samples, predictions,
-                                 reviews)
+from lesion_tasks.schema import LABELS, VERDICTS, images, model_versions, prediction_samples, predictions, reviews
 
 FLAGS = ("predicted_mel", "uncertain", "near_threshold")
 STATUSES = ("open", "reviewed", "all")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 import sqlalchemy as sa
 from fastapi import Depends, FastAPI, Form, HTTPException, Request
@@ -32,7 +32,7 @@ from lesion_tasks import review
 from lesion_tasks.db import make_engine
 from lesion_tasks.schema import images, model_versions, predictions
 from lesion_tasks.settings import Settings
-from lesion_tasks.store import ObjectNotFound, ObjectStore, key_of, open_store
+from lesion_tasks.store import ObjectNotFound, ObjectStore, StoreError, key_of, open_store
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +216,10 @@ def create_app(settings: Callable[[], Settings], authenticate: Callable[[Request
     async def _not_found(_request: Request, exc: LookupError) -> Response:
         return Response(str(exc), status_code=404, media_type="text/plain")
 
+    @app.exception_handler(StoreError)
+    async def _store_down(_request: Request, exc: StoreError) -> Response:
+        return Response(f"object store unavailable: {exc}", status_code=503, media_type="text/plain")
+
     @app.exception_handler(ValueError)
     async def _bad_request(_request: Request, exc: ValueError) -> Response:
         return Response(str(exc), status_code=400, media_type="text/plain")
@@ -249,8 +253,7 @@ def create_app(settings: Callable[[], Settings], authenticate: Callable[[Request
                                     "status": status, "sort": sort}.items() if v}
         more = offset + limit < result["total"]
         return page(request, "queue.html", who, q=result, f=f, menus=menus, flags=review.FLAGS, statuses=review.STATUSES,
-                    sorts=list(review.SORTS), query=urlencode(params),
-                    next_page=urlencode({**params, "offset": offset + limit, "limit": limit}) if more else None)
+                    sorts=list(review.SORTS), next_page=urlencode({**params, "offset": offset + limit, "limit": limit}) if more else None)
 
     @app.get("/case/{image_id}", response_class=HTMLResponse)
     def case_page(request: Request, who: User, image_id: str, version: str | None = None, saved: str | None = None):
@@ -273,8 +276,9 @@ def create_app(settings: Callable[[], Settings], authenticate: Callable[[Request
         stored = review.record(backend.engine, image_id, model_version, verdict, who.name, label or None, note,
                                submission_id)
         log.info("review %s: %s on %s (%s) by %s", stored["id"], stored["verdict"], image_id, model_version, who.name)
-        target = f"../{next_case}?saved={image_id}" if next_case else f"../{image_id}?version={model_version}&saved={image_id}"
-        return RedirectResponse(target, status_code=303)
+        # the next open case (or this one again), one path segment under case/, on this site
+        target = quote(next_case or image_id, safe="") + "?" + urlencode({"version": model_version, "saved": image_id})
+        return RedirectResponse(f"../{target}", status_code=303)
 
     @app.get("/models", response_class=HTMLResponse)
     def models_page(request: Request, who: User):

@@ -170,7 +170,7 @@ def test_reviewer_labels_become_training_data_without_touching_isic_labels(home)
     lineage = lineage if isinstance(lineage, dict) else json.loads(lineage)
     assert isic_after == isic_before  # images.label untouched (NULL stays NULL, NV stays NV)
     assert set(assigned) == set(chosen) and set(assigned.values()) <= {"reviewed-train", "group"}
-    train_labels = dict(zip([r.image_id for r in refs["train"][0]], refs["train"][1].tolist()))
+    train_labels = dict(zip([r.image_id for r in refs["train"][0]], refs["train"][1].tolist(), strict=True))
     assert {i: train_labels[i] for i in chosen} == {i: int(label == "MEL") for i, label in chosen.items()}
     assert not set(chosen) & {r.image_id for r in refs["val"][0] + refs["test"][0]}
     assert other is None or other not in in_splits  # OTHER is not a binary training label

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import statistics
-import time
 from pathlib import Path
 
 import pytest
