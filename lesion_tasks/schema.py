@@ -142,8 +142,10 @@ predictions = sa.Table(
     sa.Column("review_reasons", sa.String(256), nullable=True),
     sa.Column("drop_id", sa.String(128), nullable=False, index=True),
     sa.Column("run_id", sa.String(256), nullable=False, index=True),
-    sa.Column("scored_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("scored_at", sa.DateTime(timezone=True), nullable=False, index=True),
     sa.CheckConstraint("predicted_label IN ('MEL', 'NV')", name="ck_predictions_label"),
+    # the review queue of one model version, without scanning every version's rows
+    sa.Index("ix_predictions_version_review", "model_version", "needs_review"),
 )
 
 VERDICTS = ("agree", "disagree", "set_label")

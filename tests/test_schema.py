@@ -38,3 +38,18 @@ def test_label_check_constraint(url):
         conn.execute(sa.text("INSERT INTO drops (drop_id, source, layout, fingerprint, status, n_entries, started_at) "
                              "VALUES ('d', 's', 'l', 'f', 'bogus', 0, CURRENT_TIMESTAMP)"))
     engine.dispose()
+
+
+def test_latest_migration_downgrades_and_upgrades_again(url):
+    """An operator can step back one revision (views, grants and indexes recreated) and forward again."""
+    from alembic import command
+
+    db.upgrade(url)
+    command.downgrade(db._alembic_config(url), "0004_reader_role")
+    assert db.current_revision(url) == "0004_reader_role"
+    engine = db.make_engine(url)
+    with engine.connect() as conn:
+        assert "reviews" not in sa.inspect(conn).get_table_names()
+        conn.execute(sa.text("SELECT image_id, known_label FROM v_review_queue")).all()
+    engine.dispose()
+    assert db.upgrade(url) == "0005_reviews"

@@ -7,6 +7,7 @@
   distribution), written with the prediction.
 - `v_reviewed_labels`: the latest reviewer label per image.
 - `v_review_queue` gains the latest verdict on the champion's prediction (columns appended).
+- indexes for the UI's queries: predictions by (model_version, needs_review) and by scored_at.
 
 Revision ID: 0005_reviews
 Revises: 0004_reader_role
@@ -73,6 +74,8 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(["image_id", "model_version"], ["predictions.image_id", "predictions.model_version"],
                             ondelete="CASCADE"),
     )
+    op.create_index("ix_predictions_version_review", "predictions", ["model_version", "needs_review"])
+    op.create_index("ix_predictions_scored_at", "predictions", ["scored_at"])
     op.execute(f"CREATE VIEW v_reviewed_labels AS {REVIEWED_LABELS}")
     _replace_queue(NEW_QUEUE)
     bind = op.get_bind()
@@ -84,6 +87,8 @@ def downgrade() -> None:
     _replace_queue(OLD_QUEUE)
     op.execute("DROP VIEW v_reviewed_labels")
     op.drop_table("prediction_samples")
+    op.drop_index("ix_predictions_scored_at", "predictions")
+    op.drop_index("ix_predictions_version_review", "predictions")
     op.drop_index("ix_reviews_image_id", "reviews")
     op.drop_table("reviews")
     if _reader_exists(op.get_bind()):
