@@ -28,7 +28,7 @@ import sqlalchemy as sa
 from PIL import Image, ImageOps
 
 from lesion_tasks import backbones, features, gradcam, mc, registry
-from lesion_tasks.db import engine_for, upsert
+from lesion_tasks.db import analyze, engine_for, upsert
 from lesion_tasks.retrain import load_head
 from lesion_tasks.schema import images, prediction_samples, predictions
 from lesion_tasks.settings import Settings
@@ -213,8 +213,18 @@ def score(settings: Settings, model_version: str = "champion", mc_samples: int |
     finally:
         engine.dispose()
     result = score_range(settings, version, limit=limit, mc_samples=mc_samples, run_id=run_id)
+    if result["scored"]:
+        _refresh_statistics(settings)
     return {"model_version": version, "scored": result["scored"], "skipped": skipped,
             "needs_review": result["needs_review"], "seconds": result["seconds"]}
+
+
+def _refresh_statistics(settings: Settings) -> None:
+    engine = engine_for(settings)
+    try:
+        analyze(engine, ["predictions", "prediction_samples"])
+    finally:
+        engine.dispose()
 
 
 def summarize(settings: Settings, model_version: str, run_id: str, results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -232,6 +242,8 @@ def summarize(settings: Settings, model_version: str, run_id: str, results: list
                                   .where(predictions.c.run_id == run_id)).one()
     finally:
         engine.dispose()
+    if in_run[0]:
+        _refresh_statistics(settings)
     summary = {"model_version": model_version, "run_id": run_id, "shards": len(results),
                "scored": sum(r["scored"] for r in results), "rows_of_this_run": in_run[0],
                "needs_review": int(in_run[1] or 0), "still_unscored": remaining}

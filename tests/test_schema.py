@@ -53,3 +53,15 @@ def test_latest_migration_downgrades_and_upgrades_again(url):
         conn.execute(sa.text("SELECT image_id, known_label FROM v_review_queue")).all()
     engine.dispose()
     assert db.upgrade(url) == "0005_reviews"
+
+
+def test_analyze_refreshes_postgres_statistics_and_is_a_no_op_on_sqlite(url):
+    db.upgrade(url)
+    engine = db.make_engine(url)
+    db.analyze(engine, ["predictions", "prediction_samples"])
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            analyzed = dict(conn.execute(sa.text("SELECT relname, last_analyze FROM pg_stat_user_tables "
+                                                 "WHERE relname IN ('predictions', 'prediction_samples')")).all())
+        assert set(analyzed) == {"predictions", "prediction_samples"} and all(analyzed.values())
+    engine.dispose()
