@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,7 +108,8 @@ def live(tmp_path_factory):
     s3 = start_s3_or_fail()
     proc = None
     try:
-        lesion_url = _create_database(pg.url, "lesion")
+        suffix = uuid.uuid4().hex[:8]  # unique even on an external server (LESION_TEST_PG_URL)
+        lesion_url = _create_database(pg.url, f"lesion_live_{suffix}")
         settings = Settings.from_env({"LESION_HOME": str(tmp / "lesion")}, db_url=lesion_url,
                                      store_url="s3://lesion-live/lesion", s3_endpoint=s3.endpoint,
                                      s3_access_key=s3.access_key, s3_secret_key=s3.secret_key)
@@ -123,7 +125,7 @@ def live(tmp_path_factory):
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "LESION_"))}
         env.update({
             "LESION_HOME": str(tmp / "lesion"), "AIRFLOW_HOME": str(airflow_home),
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": _create_database(pg.url, "airflow"),
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": _create_database(pg.url, f"airflow_live_{suffix}"),
             "AIRFLOW_CONN_LESION_DB": json.dumps({"conn_type": "postgres", "host": url.host, "port": url.port,
                                                   "login": url.username, "schema": url.database}),
             "AIRFLOW_CONN_LESION_S3": json.dumps({"conn_type": "aws", "login": s3.access_key, "password": s3.secret_key,
