@@ -103,10 +103,12 @@ def _code_version() -> str:
     return f"{__version__}+{sha}" if sha else __version__
 
 
-def _split_refs(conn: sa.Connection) -> dict[str, tuple[list[features.ImageRef], np.ndarray]]:
+def _split_refs(conn: sa.Connection, reviewed: dict[str, str] | None = None
+                ) -> dict[str, tuple[list[features.ImageRef], np.ndarray]]:
     """Images and labels per split: the ISIC label, or where ISIC gave none the latest reviewer label
-    (review.training_labels); images whose label is neither MEL nor NV (any more) are left out."""
-    reviewed = review.training_labels(conn)["labels"]
+    (`reviewed`, default review.training_labels); images whose label is neither MEL nor NV (any more)
+    are left out."""
+    reviewed = review.training_labels(conn)["labels"] if reviewed is None else reviewed
     rows = conn.execute(
         sa.select(images.c.image_id, images.c.drop_id, images.c.normalized_uri, images.c.label, splits_table.c.split)
         .join(splits_table, splits_table.c.image_id == images.c.image_id).order_by(images.c.image_id)).all()
@@ -176,8 +178,8 @@ def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[st
     try:
         weights = _weights(config, settings, store)
         with engine.connect() as conn:
-            parts = _split_refs(conn)
             reviewed = review.training_labels(conn)
+            parts = _split_refs(conn, reviewed["labels"])
         (train_refs, y_train), (val_refs, y_val) = parts["train"], parts["val"]
         in_train = {r.image_id for r in train_refs}
         reviewed_lineage = {"train_images": sorted(i for i in reviewed["labels"] if i in in_train),

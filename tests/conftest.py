@@ -127,6 +127,13 @@ def airflow_db():
     return os.environ["AIRFLOW_HOME"]
 
 
+def tiny_config(**overrides):
+    """A `demo`-profile config on the test backbone: tiny, 64 px, random init (no weights file)."""
+    from lesion_tasks import retrain
+
+    return retrain.make_config("demo", **{"backbone": "tiny", "image_size": 64, "weights": "none", **overrides})
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the real `lesion` console script."""
     lesion = Path(sys.executable).with_name("lesion")

@@ -10,7 +10,6 @@ import io
 import zipfile
 from pathlib import Path
 
-import pytest
 import sqlalchemy as sa
 
 from lesion_tasks.schema import images, quarantine

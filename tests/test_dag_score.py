@@ -17,7 +17,7 @@ from lesion_tasks.ingest import ingest
 from lesion_tasks.schema import images, predictions
 from lesion_tasks.synthetic import make_drop
 from tests import reliability
-from tests.conftest import run_dag
+from tests.conftest import run_dag, tiny_config
 
 DAGS = Path(__file__).resolve().parents[1] / "dags"
 
@@ -38,9 +38,7 @@ def test_nightly_scoring_killed_then_rerun_scores_each_image_once(airflow_env, t
     night = make_drop(tmp_path / "night", n_images=400, seed=42, size=128)
     (night / "metadata.csv").unlink()
     ingest(str(night), settings)
-    trained = retrain.run(settings, retrain.make_config("demo", backbone="tiny", image_size=64, weights="none",
-                                                        epochs=150, views=2, bootstrap=100,
-                                                        target_sensitivity=0.97), run_id="night-model")
+    trained = retrain.run(settings, tiny_config(epochs=150, views=2, bootstrap=100, target_sensitivity=0.97), run_id="night-model")
     assert trained["promoted"], trained["gate"]
     n_images = _count(settings.db_url, images)
 

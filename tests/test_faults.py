@@ -20,10 +20,10 @@ from lesion_tasks.settings import Settings
 from lesion_tasks.store import StoreError, key_of, open_store
 from lesion_tasks.synthetic import make_drop
 from tests import reliability
-from tests.conftest import start_s3_or_fail
+from tests.conftest import start_s3_or_fail, tiny_config
 from tests.imagegen import unlabelled_drop
 
-TINY = dict(backbone="tiny", image_size=64, weights="none", epochs=80, views=1, bootstrap=50, target_sensitivity=0.97)
+TINY = tiny_config(epochs=80, views=1, bootstrap=50, target_sensitivity=0.97)
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +114,7 @@ def scoring_setup(tmp_path_factory, postgres, own_s3):
     db.upgrade(settings)
     ingest(str(make_drop(tmp / "labelled", n_images=160, seed=52)), settings)
     ingest(str(unlabelled_drop(tmp / "night", 1_500, 53)), settings)  # enough work to be interrupted mid-way
-    trained = retrain.run(settings, retrain.make_config("demo", **TINY), run_id="faults")
+    trained = retrain.run(settings, TINY, run_id="faults")
     engine = db.make_engine(settings.db_url)
     registry.promote(engine, trained["model_version"], "fault tests", "test", override=not trained["promoted"])
     engine.dispose()

@@ -17,6 +17,7 @@ from lesion_tasks.schema import predictions
 from lesion_tasks.settings import Settings
 from lesion_tasks.synthetic import make_drop
 from tests import reliability
+from tests.conftest import tiny_config
 from tests.imagegen import unlabelled_drop
 
 CHILD = """
@@ -39,8 +40,7 @@ def test_ingest_5000_and_score_20000_with_bounded_memory(tmp_path):
     settings = Settings.from_env({"LESION_HOME": str(tmp_path / "home")})
     db.upgrade(settings)
     ingest(str(make_drop(tmp_path / "labelled", n_images=160, seed=71)), settings)
-    trained = retrain.run(settings, retrain.make_config("demo", backbone="tiny", image_size=64, weights="none", epochs=40,
-                                                        views=1, bootstrap=20, mc_samples=20), run_id="load")
+    trained = retrain.run(settings, tiny_config(epochs=40, views=1, bootstrap=20, mc_samples=20), run_id="load")
     engine = db.make_engine(settings.db_url)
     registry.promote(engine, trained["model_version"], "load test", "test", override=not trained["promoted"])
     engine.dispose()

@@ -13,6 +13,7 @@ from lesion_tasks import db, registry, retrain, review, scoring
 from lesion_tasks.ingest import ingest
 from lesion_tasks.settings import Settings
 from lesion_tasks.synthetic import make_drop
+from tests.conftest import tiny_config
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```sql\n(.*?)```", README.read_text(), re.S)
@@ -37,8 +38,7 @@ def loaded_db(request, tmp_path_factory):
     clinic = make_drop(tmp / "clinic", n_images=6, seed=6)
     (clinic / "metadata.csv").unlink()  # no ISIC labels: reviewers give them
     ingest(str(clinic), settings, drop_id="clinic")
-    trained = retrain.run(settings, retrain.make_config("demo", backbone="tiny", image_size=64, weights="none", epochs=60,
-                                                        views=1, bootstrap=50), run_id="readme")
+    trained = retrain.run(settings, tiny_config(epochs=60, views=1, bootstrap=50), run_id="readme")
     engine = db.make_engine(settings.db_url)
     registry.promote(engine, trained["model_version"], "readme fixture", "test", override=not trained["promoted"])
     engine.dispose()

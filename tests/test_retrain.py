@@ -22,10 +22,11 @@ from lesion_tasks.schema import champion_history, model_versions
 from lesion_tasks.settings import Settings
 from lesion_tasks.store import key_of, open_store
 from lesion_tasks.synthetic import make_drop
+from tests.conftest import tiny_config
 
 # target sensitivity 0.97: with ~12 validation melanomas, 0.85 lands the threshold inside the melanoma
 # distribution and the 0.80 floor on test becomes a coin toss; these tests are about the pipeline
-TINY = dict(backbone="tiny", image_size=64, weights="none", epochs=150, views=2, bootstrap=200, target_sensitivity=0.97)
+TINY = tiny_config(epochs=150, views=2, bootstrap=200, target_sensitivity=0.97)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def trained(tmp_path_factory):
     settings = Settings.from_env({"LESION_HOME": str(tmp / "home")})
     db.upgrade(settings)
     ingest(str(make_drop(tmp / "drop", n_images=300, seed=11)), settings)
-    config = retrain.make_config("demo", **TINY)
+    config = TINY
     first = retrain.run(settings, config, run_id="first")
     second = retrain.run(settings, config, run_id="second")
     return settings, config, first, second

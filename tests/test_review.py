@@ -18,8 +18,9 @@ from lesion_tasks.schema import images, prediction_samples, predictions, reviews
 from lesion_tasks.schema import splits as splits_table
 from lesion_tasks.settings import Settings
 from lesion_tasks.synthetic import make_drop
+from tests.conftest import tiny_config
 
-TINY = dict(backbone="tiny", image_size=64, weights="none", epochs=150, views=2, bootstrap=100, target_sensitivity=0.97)
+TINY = tiny_config(epochs=150, views=2, bootstrap=100, target_sensitivity=0.97)
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def home(tmp_path_factory):
     night = make_drop(tmp / "night", n_images=60, seed=42)
     (night / "metadata.csv").unlink()  # clinic images without an ISIC label
     ingest(str(night), settings, drop_id="night")
-    trained = retrain.run(settings, retrain.make_config("demo", **TINY), run_id="r1")
+    trained = retrain.run(settings, TINY, run_id="r1")
     assert trained["promoted"], trained["gate"]
     scoring.score(settings, run_id="night-1")
     engine = db.make_engine(settings.db_url)
@@ -158,7 +159,7 @@ def test_reviewer_labels_become_training_data_without_touching_isic_labels(home)
     review.record(engine, isic_case.image_id, version, "set_label", "dr-c", label="MEL", submission_id="train-conflict")
 
     summary = retrain.prepare_split(settings)
-    trained = retrain.train_model(settings, retrain.make_config("demo", **TINY), run_id="r2")
+    trained = retrain.train_model(settings, TINY, run_id="r2")
     with engine.connect() as conn:
         assigned = dict(conn.execute(sa.select(splits_table.c.image_id, splits_table.c.rule)
                                      .where(splits_table.c.image_id.in_(list(chosen)))).all())

@@ -17,6 +17,7 @@ from lesion_tasks.schema import images, predictions
 from lesion_tasks.settings import Settings
 from lesion_tasks.store import key_of, open_store
 from lesion_tasks.synthetic import make_drop
+from tests.conftest import tiny_config
 
 VOLATILE = {"run_id", "scored_at"}
 
@@ -31,9 +32,7 @@ def scored_home(tmp_path_factory):
     (unlabelled / "metadata.csv").unlink()  # images only: scored, never trained on
     Image.fromarray(np.full((2000, 3000, 3), 180, np.uint8)).save(unlabelled / "ISIC_9329999.jpg")  # a big original
     ingest(str(unlabelled), settings)
-    trained = retrain.run(settings, retrain.make_config("demo", backbone="tiny", image_size=64, weights="none",
-                                                        epochs=150, views=2, bootstrap=100,
-                                                        target_sensitivity=0.97), run_id="t")
+    trained = retrain.run(settings, tiny_config(epochs=150, views=2, bootstrap=100, target_sensitivity=0.97), run_id="t")
     assert trained["promoted"], trained["gate"]
     first = scoring.score(settings)
     return settings, trained["model_version"], first

@@ -18,7 +18,7 @@ from lesion_tasks.settings import Settings
 from lesion_tasks.store import S3Store, StoreError
 from lesion_tasks.synthetic import make_drop
 from tests import reliability
-from tests.conftest import run_cli
+from tests.conftest import run_cli, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 # credentials of the throwaway servers the tests start: not secrets
@@ -84,8 +84,7 @@ def test_gradcam_links_are_presigned_and_expire(tmp_path, s3_settings_kwargs):
     settings = Settings.from_env({"LESION_HOME": str(tmp_path / "home")}, **s3_settings_kwargs)
     db.upgrade(settings)
     ingest(str(make_drop(tmp_path / "drop", n_images=120, seed=62)), settings)
-    trained = retrain.run(settings, retrain.make_config("demo", backbone="tiny", image_size=64, weights="none", epochs=40,
-                                                        views=1, bootstrap=20), run_id="links")
+    trained = retrain.run(settings, tiny_config(epochs=40, views=1, bootstrap=20), run_id="links")
     engine = db.make_engine(settings.db_url)
     registry.promote(engine, trained["model_version"], "link test", "test", override=not trained["promoted"])
     engine.dispose()

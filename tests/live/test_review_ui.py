@@ -22,15 +22,14 @@ from lesion_tasks.ingest import ingest
 from lesion_tasks.schema import predictions, reviews
 from lesion_tasks.synthetic import make_drop
 from tests import reliability
-from tests.conftest import IN_CI
+from tests.conftest import IN_CI, tiny_config
 from tests.live.conftest import USERS
 
 REPO = Path(__file__).resolve().parents[2]
 SHOTS = Path(os.environ.get("LESION_SCREENSHOT_DIR", REPO / "build" / "screenshots"))
 CHROMIUM = os.environ.get("LESION_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
 QUEUE_TARGET_S = 1.0
-TINY = retrain.make_config("demo", backbone="tiny", image_size=64, weights="none", epochs=150, views=2, bootstrap=100,
-                           mc_samples=30, target_sensitivity=0.97)
+TINY = tiny_config(epochs=150, views=2, bootstrap=100, mc_samples=30, target_sensitivity=0.97)
 
 
 def _engine(live):
