@@ -43,22 +43,40 @@ def engine_for(settings: Settings) -> Engine:
     return make_engine(settings.db_url)
 
 
-def _alembic_config(url: str):
+def _alembic_config(url: str, store_url: str | None = None):
+    """Alembic's configuration; `store_url` (the configured store) is there for migrations that
+    rewrite stored references (0006)."""
     from alembic.config import Config
 
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     cfg.set_main_option("version_table", VERSION_TABLE)
+    cfg.attributes["store_url"] = store_url
     return cfg
+
+
+def _target(settings_or_url: Settings | str):
+    if isinstance(settings_or_url, str):
+        return settings_or_url, _alembic_config(settings_or_url)
+    return settings_or_url.db_url, _alembic_config(settings_or_url.db_url, settings_or_url.store_url)
 
 
 def upgrade(settings_or_url: Settings | str, revision: str = "head") -> str:
     """Apply migrations up to `revision`; return the database's revision afterwards."""
     from alembic import command
 
-    url = settings_or_url if isinstance(settings_or_url, str) else settings_or_url.db_url
-    command.upgrade(_alembic_config(url), revision)
+    url, cfg = _target(settings_or_url)
+    command.upgrade(cfg, revision)
+    return current_revision(url)
+
+
+def downgrade(settings_or_url: Settings | str, revision: str) -> str | None:
+    """Step back to `revision` (an operator's rollback); return the database's revision afterwards."""
+    from alembic import command
+
+    url, cfg = _target(settings_or_url)
+    command.downgrade(cfg, revision)
     return current_revision(url)
 
 

@@ -13,8 +13,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from lesion_tasks import registry
+from lesion_tasks.keys import slug
 from lesion_tasks.db import engine_for
-from lesion_tasks.ingest import slug
 from lesion_tasks.schema import model_versions
 from lesion_tasks.settings import Settings
 from lesion_tasks.sources import INCOMING_PREFIX
@@ -71,6 +71,8 @@ def summary(settings: Settings) -> tuple[dict[str, Any], str]:
     finally:
         engine.dispose()
     gate = (latest or {}).get("gate") or {}
+    report_key = champion["report_uri"] if champion else (latest or {}).get("report_uri")
+    report_uri = open_store(settings).uri(report_key) if report_key else None
     table = "\n".join(f"  {r['image_id']}  {r['predicted_label']:<3}  p_mel {r['p_mel']}  entropy {r['entropy']}  "
                       f"{r['review_reasons']}" for r in rows) or "  (empty)"
     human = (
@@ -78,12 +80,12 @@ def summary(settings: Settings) -> tuple[dict[str, Any], str]:
         f"latest model {latest['model_version'] if latest else None}: {latest['status'] if latest else '-'}\n"
         + "".join(f"  {r}\n" for r in gate.get("reasons", []))
         + f"champion: {champion['model_version'] if champion else 'none (no model passed the gate)'}\n"
-        f"report:   {champion['report_uri'] if champion else (latest or {}).get('report_uri')}\n"
+        f"report:   {report_uri}\n"
         f"scored {counts['predictions']} images with the champion; review queue: {counts['review_queue']}\n"
         f"review them: `make airflow`, then http://127.0.0.1:8080/lesion-review/ (or \"Lesion review\" in Airflow's menu)\n"
         f"database: {settings.describe()['db_url']}\nstore:    {settings.store_url}\n\n"
         f"{SAMPLE_QUERY}\n{table}"
     )
     payload = {"counts": counts, "champion": champion["model_version"] if champion else None,
-               "report_uri": champion["report_uri"] if champion else None, "query": SAMPLE_QUERY, "rows": rows}
+               "report_uri": report_uri if champion else None, "query": SAMPLE_QUERY, "rows": rows}
     return payload, human

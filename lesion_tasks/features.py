@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from lesion_tasks import backbones
+from lesion_tasks import backbones, keys
 from lesion_tasks.store import ObjectNotFound, ObjectStore, key_of
 
 log = logging.getLogger(__name__)
@@ -106,10 +106,6 @@ class BackboneRunner:
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def _cache_key(config: FeatureConfig, view: int, drop_id: str) -> str:
-    return f"features/{config.key}/view{view}/{drop_id}.npz"
-
-
 def _load(store: ObjectStore, key: str) -> dict[str, np.ndarray]:
     try:
         data = np.load(io.BytesIO(store.get(key)))
@@ -128,11 +124,11 @@ def features_for(refs: Sequence[ImageRef], views: Sequence[int], config: Feature
     by_drop: dict[str, list[ImageRef]] = {}
     for ref in refs:
         by_drop.setdefault(ref.drop_id, []).append(ref)
-    store.put(f"features/{config.key}/config.json", json.dumps(config.__dict__, sort_keys=True).encode(), "application/json")
+    store.put(keys.feature_config(config.key), json.dumps(config.__dict__, sort_keys=True).encode(), "application/json")
     result: dict[int, dict[str, np.ndarray]] = {v: {} for v in views}
     for view in views:
         for drop_id, drop_refs in sorted(by_drop.items()):
-            key = _cache_key(config, view, drop_id)
+            key = keys.features(config.key, view, drop_id)
             cached = _load(store, key)
             missing = [r for r in drop_refs if r.image_id not in cached]
             stats.reused += len(drop_refs) - len(missing)

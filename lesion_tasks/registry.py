@@ -15,6 +15,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from lesion_tasks.db import insert_ignore
 from lesion_tasks.schema import champion_history, model_versions
 
 log = logging.getLogger(__name__)
@@ -39,14 +40,46 @@ def champion(conn: sa.Connection) -> dict[str, Any] | None:
     return dict(row) if row else None
 
 
-def resolve(conn: sa.Connection, model_version: str) -> dict[str, Any]:
-    """`champion` or a version id -> its registry row (ValueError when there is none)."""
-    if model_version == "champion":
+def resolve(conn: sa.Connection, model_version: str | None, required: bool = True) -> dict[str, Any] | None:
+    """`champion` (or None / "") or a version id -> its registry row. With no champion yet: a
+    ValueError saying what to do, or None when not `required`. An unknown version id is always an error."""
+    if model_version in (None, "", "champion"):
         row = champion(conn)
-        if row is None:
+        if row is None and required:
             raise ValueError("no champion model yet: run `lesion train` (or trigger lesion_retrain) first")
         return row
     return get(conn, model_version)
+
+
+# statuses whose artifacts the run that claimed the version may still (re)write
+WRITABLE = ("training", "candidate", "rejected")
+
+
+class VersionConflict(ValueError):
+    """A model version id is taken by another run, or its artifacts are frozen (promoted)."""
+
+
+def claim(engine: sa.Engine, model_version: str, run_id: str, placeholder: dict[str, Any]) -> None:
+    """Reserve `model_version` for `run_id` before anything is written under it.
+
+    The first claim inserts a `training` row; a retried task of the same run finds its own row and
+    goes on. Another run's version, or one that was ever promoted (champion or retired), is refused:
+    nothing may overwrite a champion's artifacts."""
+    with engine.begin() as conn:
+        insert_ignore(conn, model_versions, [{**placeholder, "model_version": model_version, "run_id": run_id,
+                                              "status": "training", "is_champion": False}], ["model_version"])
+        owner = conn.execute(sa.select(model_versions.c.run_id, model_versions.c.status, model_versions.c.is_champion)
+                             .where(model_versions.c.model_version == model_version)).one()
+    if owner.run_id != run_id:
+        raise VersionConflict(f"model version {model_version!r} belongs to run {owner.run_id!r}, not {run_id!r}: "
+                              "refusing to write over it (use another run id)")
+    ensure_writable(owner.status, owner.is_champion, model_version)
+
+
+def ensure_writable(status: str, is_champion: bool, model_version: str) -> None:
+    if is_champion or status not in WRITABLE:
+        raise VersionConflict(f"model version {model_version!r} is {status}: its artifacts are write-once after "
+                              "promotion (train a new version instead)")
 
 
 def decide(metrics: dict[str, Any], comparison: dict[str, Any] | None, floors: GateFloors) -> tuple[bool, list[str]]:

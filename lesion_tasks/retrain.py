@@ -1,21 +1,19 @@
 """Retraining, step by step: split -> train -> evaluate -> gate. The CLI runs all four in a row
 (`run`); the DAG `lesion_retrain` runs them as tasks, passing only the model version between them.
 
-A model version's id derives from the run id, so a retried task overwrites its own artifacts and
-rows instead of creating a second version.
+A model version's id derives from the run id, injectively (`keys.injective_slug`), and is claimed in
+the registry before anything is written: a retried task rewrites its own artifacts and row instead of
+creating a second version, and no other run can write under it, nor anyone after its promotion.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import os
 import platform
 import subprocess
-import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,12 +21,11 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
-from lesion_tasks import backbones, evaluation, features, mc, registry, report, review, splits
-from lesion_tasks.db import engine_for, insert_ignore
-from lesion_tasks.ingest import slug
+from lesion_tasks import artifacts, backbones, evaluation, features, keys, mc, registry, report, splits, trainset
+from lesion_tasks.db import engine_for
 from lesion_tasks.schema import images, model_versions, splits as splits_table
 from lesion_tasks.settings import Settings
-from lesion_tasks.store import ObjectStore, key_of, open_store
+from lesion_tasks.store import ObjectStore, open_store
 
 log = logging.getLogger(__name__)
 MIN_REVIEW_ENTROPY = 0.2
@@ -61,23 +58,52 @@ PROFILES: dict[str, TrainConfig] = {
 }
 
 
+# every numeric knob and its allowed range (checked before any expensive work)
+BOUNDS: dict[str, tuple[type, float, float]] = {
+    "epochs": (int, 1, 10_000), "image_size": (int, 32, 1024), "views": (int, 1, 64), "mc_samples": (int, 2, 1000),
+    "seed": (int, 0, 2**31 - 1), "bootstrap": (int, 0, 100_000), "dropout": (float, 0.01, 0.99),
+    "target_sensitivity": (float, 0.5, 1.0), "learning_rate": (float, 1e-7, 1.0),
+}
+# what the lesion_retrain trigger form (and `lesion train`) may set
+PARAM_KEYS = ("profile", "backbone", "epochs", "image_size", "weights", "seed", "mc_samples", "target_sensitivity")
+
+
 def make_config(profile: str = "demo", **overrides: Any) -> TrainConfig:
-    """The profile's defaults with the non-None overrides applied, validated."""
+    """The profile's defaults with the non-None overrides applied, validated (ValueError naming the
+    value and what was expected)."""
     if profile not in PROFILES:
         raise ValueError(f"profile {profile!r}: expected one of {sorted(PROFILES)}")
+    unknown = sorted(set(overrides) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise ValueError(f"unknown training settings {unknown}: expected some of {sorted(PARAM_KEYS)}")
     config = replace(PROFILES[profile], **{k: v for k, v in overrides.items() if v is not None})
     backbones.get_backbone(config.backbone)
-    checks = {"epochs": config.epochs >= 1, "image_size": 32 <= config.image_size <= 1024, "views": config.views >= 1,
-              "mc_samples": config.mc_samples >= 2, "dropout": 0 < config.dropout < 1,
-              "target_sensitivity": 0 < config.target_sensitivity <= 1}
-    for name, ok in checks.items():
-        if not ok:
-            raise ValueError(f"{name}={getattr(config, name)!r} is out of range")
+    for name, (kind, low, high) in BOUNDS.items():
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+            raise ValueError(f"{name}={value!r}: expected {'an integer' if kind is int else 'a number'} "
+                             f"from {low} to {high}")
+        if not low <= value <= high:
+            raise ValueError(f"{name}={value!r} is out of range: expected {low} to {high}")
+    if not isinstance(config.weights, str) or not config.weights.strip():
+        raise ValueError(f"weights={config.weights!r}: expected imagenet, none, a file path or s3://bucket/key")
     return config
 
 
+def config_from_params(params: dict[str, Any]) -> TrainConfig:
+    """The config of a `lesion_retrain` run from its Params / conf: undeclared keys are refused (a
+    trigger cannot reach settings the form does not offer), every value is bounded."""
+    unknown = sorted(set(params) - set(PARAM_KEYS))
+    if unknown:
+        raise ValueError(f"lesion_retrain conf keys {unknown} are not Params of this DAG: expected some of "
+                         f"{list(PARAM_KEYS)}")
+    values = dict(params)
+    return make_config(values.pop("profile", "demo") or "demo", **values)
+
+
 def model_version_id(run_id: str, config: TrainConfig) -> str:
-    return slug(f"{config.profile}-{config.backbone}-{run_id}")[:128]
+    """Readable and injective: two run ids never name one version (`keys.injective_slug`)."""
+    return keys.injective_slug(f"{config.profile}-{config.backbone}-{run_id}")
 
 
 def _environment() -> dict[str, Any]:
@@ -103,22 +129,11 @@ def _code_version() -> str:
     return f"{__version__}+{sha}" if sha else __version__
 
 
-def _split_refs(conn: sa.Connection, reviewed: dict[str, str] | None = None
-                ) -> dict[str, tuple[list[features.ImageRef], np.ndarray]]:
-    """Images and labels per split: the ISIC label, or where ISIC gave none the latest reviewer label
-    (`reviewed`, default review.training_labels); images whose label is neither MEL nor NV (any more)
-    are left out."""
-    reviewed = review.training_labels(conn)["labels"] if reviewed is None else reviewed
-    rows = conn.execute(
-        sa.select(images.c.image_id, images.c.drop_id, images.c.normalized_uri, images.c.label, splits_table.c.split)
-        .join(splits_table, splits_table.c.image_id == images.c.image_id).order_by(images.c.image_id)).all()
-    out = {}
-    for split in ("train", "val", "test"):
-        part = [(r, r.label or reviewed.get(r.image_id)) for r in rows if r.split == split]
-        part = [(r, label) for r, label in part if label in ("MEL", "NV")]
-        out[split] = ([features.ImageRef(r.image_id, r.drop_id, r.normalized_uri) for r, _ in part],
-                      np.array([1 if label == "MEL" else 0 for _, label in part], np.int64))
-    return out
+def _placeholder(config: TrainConfig, run_id: str) -> dict[str, Any]:
+    """The registry row that claims a version while it trains (filled in when training ends)."""
+    return {"created_at": datetime.now(UTC), "profile": config.profile, "backbone": config.backbone,
+            "image_size": config.image_size, "mc_samples": config.mc_samples, "config": {}, "environment": {},
+            "weights_source": "(training)", "lineage": {"run_id": run_id}, "code_version": _code_version()}
 
 
 def _weights(config: TrainConfig, settings: Settings, store: ObjectStore) -> backbones.ResolvedWeights:
@@ -133,31 +148,6 @@ def _weights(config: TrainConfig, settings: Settings, store: ObjectStore) -> bac
                     "expect a much weaker model (recorded in the registry)", exc, config.backbone)
         resolved = backbones.resolve_weights("none", spec, settings.home / "cache")
         return replace(resolved, source=f"random initialisation (ImageNet weights unavailable: {exc})"[:2000])
-
-
-def _put_npz(store: ObjectStore, key: str, **arrays: np.ndarray) -> str:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return store.put(key, buf.getvalue())
-
-
-def load_head(store: ObjectStore, row: dict[str, Any]) -> mc.HeadWeights:
-    data = np.load(io.BytesIO(store.get(f"models/{row['model_version']}/head.npz")))
-    return mc.HeadWeights(*(data[k] for k in ("w1", "b1", "gamma", "beta", "mean", "var")), float(data["eps"]),
-                          data["w2"], data["b2"], float(data["dropout"]))
-
-
-def _feature_config(row: dict[str, Any]) -> features.FeatureConfig:
-    return features.FeatureConfig(row["backbone"], row["weights_sha256"], row["image_size"], row["config"]["seed"])
-
-
-def _weights_of(row: dict[str, Any], settings: Settings, store: ObjectStore) -> backbones.ResolvedWeights:
-    resolved = backbones.resolve_weights(row["config"]["weights_used"], backbones.get_backbone(row["backbone"]),
-                                         settings.home / "cache", store)
-    if resolved.sha256 != row["weights_sha256"]:
-        raise ValueError(f"model {row['model_version']}: weights {resolved.source} have sha256 {resolved.sha256}, "
-                         f"expected {row['weights_sha256']} (the file changed since training)")
-    return resolved
 
 
 # --- the four steps ----------------------------------------------------------------------------
@@ -176,10 +166,11 @@ def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[st
     store, engine = open_store(settings), engine_for(settings)
     version = model_version_id(run_id, config)
     try:
+        registry.claim(engine, version, run_id, _placeholder(config, run_id))
         weights = _weights(config, settings, store)
         with engine.connect() as conn:
-            reviewed = review.training_labels(conn)
-            parts = _split_refs(conn, reviewed["labels"])
+            reviewed = trainset.reviewer_labels(conn)
+            parts = trainset.split_refs(conn, reviewed["labels"])
         (train_refs, y_train), (val_refs, y_val) = parts["train"], parts["val"]
         in_train = {r.image_id for r in train_refs}
         reviewed_lineage = {"train_images": sorted(i for i in reviewed["labels"] if i in in_train),
@@ -209,12 +200,10 @@ def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[st
         model = backbones.build_model(config.backbone, config.image_size, weights, config.dropout, config.seed)
         for name in ("head_dense", "head_bn", "head_out"):
             model.get_layer(name).set_weights(head_model.get_layer(name).get_weights())
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "model.keras"
-            model.save(path)
-            model_uri = store.put(f"models/{version}/model.keras", path.read_bytes())
-        _put_npz(store, f"models/{version}/head.npz", **{k: np.asarray(v) for k, v in asdict(head).items()})
-        store.put(f"models/{version}/train_log.json", json.dumps({"history": history, "head_seconds": head_seconds}).encode())
+        out = artifacts.ModelArtifacts(store, version)
+        model_uri = out.save_model(model)
+        out.save_head(head)
+        out.put_json("train_log.json", {"history": history, "head_seconds": head_seconds})
         with engine.connect() as conn:
             drops_used = dict(conn.execute(sa.select(images.c.drop_id, sa.func.count())
                                            .join(splits_table, splits_table.c.image_id == images.c.image_id)
@@ -223,7 +212,7 @@ def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[st
         cfg = {k: v for k, v in asdict(config).items() if k != "floors"} | {
             "floors": asdict(config.floors), "weights_used": weights.spec if weights.path else "none",
             "preprocessing": backbones.PREPROCESSING, "last_activation": backbones.get_backbone(config.backbone).last_activation}
-        store.put(f"models/{version}/config.json", json.dumps(cfg, indent=1).encode(), "application/json")
+        out.put_json("config.json", cfg)
         row = {
             "model_version": version, "created_at": datetime.now(UTC), "status": "candidate", "profile": config.profile,
             "backbone": config.backbone, "image_size": config.image_size, "threshold": threshold,
@@ -234,10 +223,14 @@ def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[st
                         "reviewed_labels": reviewed_lineage},
             "review_rule": review_rule, "model_uri": model_uri, "code_version": _code_version(), "run_id": run_id,
         }
-        with engine.begin() as conn:
-            conn.execute(model_versions.delete().where(model_versions.c.model_version == version)
-                         .where(model_versions.c.is_champion == sa.false()))
-            insert_ignore(conn, model_versions, [row], ["model_version"])
+        with engine.begin() as conn:  # only this run's row, and only while it is not promoted
+            written = conn.execute(model_versions.update().where(model_versions.c.model_version == version)
+                                   .where(model_versions.c.run_id == run_id)
+                                   .where(model_versions.c.status.in_(registry.WRITABLE))
+                                   .where(model_versions.c.is_champion == sa.false()).values(row)).rowcount
+        if written != 1:
+            raise registry.VersionConflict(f"model version {version!r} changed owner or was promoted while run "
+                                           f"{run_id!r} trained it: its row was left as it was")
         computed = s1.computed + s2.computed
         log.info("model %s trained: threshold %.4f, backbone ran on %d images (%d reused from cache)",
                  version, threshold, computed, s1.reused + s2.reused)
@@ -251,7 +244,6 @@ def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[st
 
 def _gradcam_examples(store: ObjectStore, row: dict[str, Any], refs: list[features.ImageRef], y: np.ndarray,
                       p: np.ndarray, settings: Settings, n: int = 4) -> list[dict[str, Any]]:
-    import keras
     from PIL import Image
 
     from lesion_tasks.gradcam import gradcam_tape, overlay, png_bytes
@@ -262,10 +254,7 @@ def _gradcam_examples(store: ObjectStore, row: dict[str, Any], refs: list[featur
     pick = list(right[np.argsort(-np.abs(p[right] - row["threshold"]))][:n]) + list(wrong[np.argsort(-np.abs(p[wrong] - row["threshold"]))][:n])
     if not pick:
         return []
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.keras"
-        path.write_bytes(store.get(key_of(store, row["model_uri"])))
-        model = keras.models.load_model(path, compile=False)
+    model = artifacts.of(store, row).load_model(row["model_uri"])
     rgb = np.stack([features.load_rgb(store, refs[i].uri, row["image_size"]) for i in pick])
     cams = gradcam_tape(model, row["config"]["last_activation"], backbones.preprocess(rgb), pred[pick])
     return [{"image_id": refs[i].image_id, "true": "MEL" if y[i] else "NV", "p_mel": float(p[i]), "right": bool(pred[i] == y[i]),
@@ -278,10 +267,12 @@ def evaluate_model(settings: Settings, model_version: str) -> dict[str, Any]:
     try:
         with engine.connect() as conn:
             row = registry.get(conn, model_version)
-            parts = _split_refs(conn)
-        head = load_head(store, row)
-        fcfg = _feature_config(row)
-        weights = _weights_of(row, settings, store)
+            parts = trainset.split_refs(conn)
+        registry.ensure_writable(row["status"], row["is_champion"], model_version)
+        out_artifacts = artifacts.of(store, row)
+        head = out_artifacts.load_head()
+        fcfg = artifacts.feature_config(row)
+        weights = artifacts.weights_of(row, settings, store)
         out: dict[str, Any] = {}
         preds = {}
         for split in ("val", "test"):
@@ -293,11 +284,10 @@ def evaluate_model(settings: Settings, model_version: str) -> dict[str, Any]:
             preds[split] = (refs, y, p, h)
         refs, y, p, h = preds["test"]
         truth_csv, pred_csv = evaluation.isic_csvs([r.image_id for r in refs], y, p, row["threshold"])
-        base = f"models/{model_version}"
-        store.put(f"{base}/test_truth_isic.csv", truth_csv.encode(), "text/csv")
-        store.put(f"{base}/test_predictions_isic.csv", pred_csv.encode(), "text/csv")
-        _put_npz(store, f"{base}/test_predictions.npz", ids=np.array([r.image_id for r in refs]), y=y, p_mel=p, entropy=h)
-        history = json.loads(store.get(f"{base}/train_log.json"))["history"]
+        out_artifacts.put("test_truth_isic.csv", truth_csv.encode(), "text/csv")
+        out_artifacts.put("test_predictions_isic.csv", pred_csv.encode(), "text/csv")
+        out_artifacts.put_npz("test_predictions.npz", ids=np.array([r.image_id for r in refs]), y=y, p_mel=p, entropy=h)
+        history = out_artifacts.get_json("train_log.json")["history"]
         test = out["test"]
         figures = {
             "training curves": report.training_curves(history),
@@ -308,17 +298,17 @@ def evaluate_model(settings: Settings, model_version: str) -> dict[str, Any]:
             "referral curve": report.referral_figure(test["referral"]),
         }
         for name, png in figures.items():
-            store.put(f"{base}/figures/{slug(name.lower())}.png", png, "image/png")
+            out_artifacts.put(f"figures/{keys.slug(name.lower())}.png", png, "image/png")
         examples = _gradcam_examples(store, row, refs, y, p, settings)
         for e in examples:
-            store.put(f"{base}/figures/gradcam-{e['image_id']}.png", e["png"], "image/png")
+            out_artifacts.put(f"figures/gradcam-{e['image_id']}.png", e["png"], "image/png")
         stored = evaluation.json_safe(out)  # undefined metrics (NaN) become null
-        metrics_uri = store.put(f"{base}/metrics.json", json.dumps(stored, indent=1).encode(), "application/json")
+        metrics_uri = out_artifacts.put_json("metrics.json", stored)
         with engine.begin() as conn:
             conn.execute(model_versions.update().where(model_versions.c.model_version == model_version)
                          .values(metrics=stored, metrics_uri=metrics_uri))
             row = registry.get(conn, model_version)
-        report_uri = store.put(f"{base}/report.html", report.html_report(row, out, figures, examples), "text/html")
+        report_uri = out_artifacts.put("report.html", report.html_report(row, out, figures, examples), "text/html")
         with engine.begin() as conn:
             conn.execute(model_versions.update().where(model_versions.c.model_version == model_version).values(report_uri=report_uri))
         return {"model_version": model_version, "report_uri": report_uri, "metrics": _headline(stored)}
@@ -338,8 +328,9 @@ def _compare_with_champion(settings: Settings, store: ObjectStore, row: dict[str
     ids = [r.image_id for r in refs]
     p = {}
     for which in (row, champion):
-        feats, _ = features.features_for(refs, [0], _feature_config(which), _weights_of(which, settings, store), store)
-        p[which["model_version"]] = mc.predict(load_head(store, which), feats[0], ids, which["model_version"],
+        feats, _ = features.features_for(refs, [0], artifacts.feature_config(which),
+                                         artifacts.weights_of(which, settings, store), store)
+        p[which["model_version"]] = mc.predict(artifacts.of(store, which).load_head(), feats[0], ids, which["model_version"],
                                                which["mc_samples"])[0]
     delta = evaluation.paired_delta(y, p[row["model_version"]], row["threshold"], p[champion["model_version"]],
                                     champion["threshold"], n=row["config"]["bootstrap"], seed=row["config"]["seed"])
@@ -353,7 +344,7 @@ def gate_model(settings: Settings, model_version: str, actor: str = "lesion_retr
         with engine.connect() as conn:
             row = registry.get(conn, model_version)
             champion = registry.champion(conn)
-            parts = _split_refs(conn)
+            parts = trainset.split_refs(conn)
         if row["metrics"] is None:
             raise ValueError(f"model version {model_version}: evaluate it before gating")
         if champion and champion["model_version"] == model_version:
@@ -388,7 +379,7 @@ def run(settings: Settings, config: TrainConfig, run_id: str | None = None) -> d
     return {
         "model_version": trained["model_version"], "promoted": gated["promoted"], "threshold": trained["threshold"],
         "metrics": evaluated["metrics"], "gate": {"reasons": gated["reasons"], "champion": gated["champion"]},
-        "report_uri": evaluated["report_uri"], "feature_cache": trained["feature_cache"],
+        "report_uri": open_store(settings).uri(evaluated["report_uri"]), "feature_cache": trained["feature_cache"],
         "head_seconds": trained["head_seconds"], "weights": trained["weights"], "split": split["counts"],
         "wall_seconds": round(time.monotonic() - started, 1),
     }

@@ -14,25 +14,21 @@ from __future__ import annotations
 
 import io
 import logging
-import tempfile
 import time
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import sqlalchemy as sa
 from PIL import Image, ImageOps
 
-from lesion_tasks import backbones, features, gradcam, mc, registry
+from lesion_tasks import artifacts, backbones, features, gradcam, keys, mc, registry
 from lesion_tasks.db import analyze, engine_for, upsert
-from lesion_tasks.retrain import load_head
 from lesion_tasks.schema import images, prediction_samples, predictions
 from lesion_tasks.settings import Settings
-from lesion_tasks.store import ObjectNotFound, ObjectStore, key_of, open_store
+from lesion_tasks.store import ObjectStore, key_of, open_store
 
 log = logging.getLogger(__name__)
 BATCH = 32
@@ -55,19 +51,9 @@ def load_scoring_model(store: ObjectStore, row: dict[str, Any]) -> ScoringModel:
     import keras
     import tensorflow as tf
 
-    version = row["model_version"]
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "model.keras"
-            path.write_bytes(store.get(key_of(store, row["model_uri"])))
-            model = keras.models.load_model(path, compile=False)
-        head = load_head(store, row)
-    except ObjectNotFound as exc:
-        raise ValueError(f"model {version}: artifact {exc.args[0]} is missing from the store; scoring stopped, "
-                         "nothing written (retrain, or promote another version)") from None
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
-        raise ValueError(f"model {version}: artifact {row['model_uri']} is unreadable ({type(exc).__name__}: {exc}); "
-                         "scoring stopped, nothing written") from None
+    saved = artifacts.of(store, row)
+    model = saved.load_model(row["model_uri"])  # ArtifactError (a ValueError) names what is missing or broken
+    head = saved.load_head()
     cut = keras.Model(model.input, [model.get_layer(row["config"]["last_activation"]).output,
                                      model.get_layer("head_gap").output])
     fn = tf.function(lambda x: cut(x, training=False), reduce_retracing=True)
@@ -100,10 +86,11 @@ def plan_shards(settings: Settings, model_version: str = "champion", shard_size:
     engine = engine_for(settings)
     try:
         with engine.connect() as conn:
-            if model_version == "champion" and registry.champion(conn) is None:
+            row = registry.resolve(conn, model_version, required=False)
+            if row is None:
                 log.warning("no champion model yet: nothing to score (train one with lesion_retrain / lesion train)")
                 return []
-            version = registry.resolve(conn, model_version)["model_version"]
+            version = row["model_version"]
             ids = [r.image_id for r in _unscored(conn, version, limit=limit)]
     finally:
         engine.dispose()
@@ -173,8 +160,9 @@ def score_range(settings: Settings, model_version: str = "champion", first: str 
                 ids = [r.image_id for r in batch]
                 rgb = np.stack(list(pool.map(lambda r: features.load_rgb(store, r.normalized_uri, row["image_size"]), batch)))
                 p, h, mi, is_mel, heat, mc_p = score_batch(model, rgb, ids, samples)
-                keys = [f"predictions/{model.version}/gradcam/{r.drop_id}/{r.image_id}.png" for r in batch]
-                uris = list(pool.map(lambda a: _write_overlay(store, *a), zip(keys, [r.original_uri for r in batch], heat)))
+                overlay_keys = [keys.gradcam(model.version, r.drop_id, r.image_id) for r in batch]
+                uris = list(pool.map(lambda a: _write_overlay(store, *a),
+                                     zip(overlay_keys, [r.original_uri for r in batch], heat)))
                 now = datetime.now(UTC)
                 rows = []
                 for k, r in enumerate(batch):
@@ -233,10 +221,11 @@ def summarize(settings: Settings, model_version: str, run_id: str, results: list
     engine = engine_for(settings)
     try:
         with engine.connect() as conn:
-            if model_version == "champion" and registry.champion(conn) is None:
+            row = registry.resolve(conn, model_version, required=False)
+            if row is None:
                 return {"model_version": None, "run_id": run_id, "shards": 0, "scored": 0, "still_unscored": None,
                         "note": "no champion model yet"}
-            model_version = registry.resolve(conn, model_version)["model_version"]
+            model_version = row["model_version"]
             remaining = len(_unscored(conn, model_version))
             in_run = conn.execute(sa.select(sa.func.count(), sa.func.sum(sa.cast(predictions.c.needs_review, sa.Integer)))
                                   .where(predictions.c.run_id == run_id)).one()

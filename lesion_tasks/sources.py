@@ -1,23 +1,34 @@
-"""Where a drop's bytes come from: a local folder, a local or stored `.zip`, or a folder in the store.
+"""Where a drop's bytes come from: a local folder, a local or stored `.zip`, or a folder in the store;
+and which drops under `incoming/` in the store are ready to ingest (`discover_incoming`).
 
 Nothing is ever extracted to disk: entries are read into memory one at a time, so a hostile archive
-cannot write outside the store. Entries that are unsafe to read carry their problem up front.
+cannot write outside the store. Entries that are unsafe to read carry their problem up front. A drop
+in the store is recorded by its key (`incoming/<drop>`), a local one by its file URI.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import tempfile
 import zipfile
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
+import sqlalchemy as sa
+
+from lesion_tasks.db import engine_for
 from lesion_tasks.reasons import Reason
-from lesion_tasks.store import ObjectNotFound, ObjectStore
+from lesion_tasks.schema import drops
+from lesion_tasks.settings import Settings
+from lesion_tasks.store import ObjectNotFound, ObjectStore, is_relative, key_of, open_store
 
+log = logging.getLogger(__name__)
 INCOMING_PREFIX = "incoming/"
+READY_MARKER = "_READY"
 
 
 @dataclass(frozen=True)
@@ -158,7 +169,7 @@ class StoreDirSource:
     def __init__(self, store: ObjectStore, prefix: str):
         self.store = store
         self.prefix = prefix.rstrip("/") + "/"
-        self.uri = store.uri(self.prefix.rstrip("/"))
+        self.uri = self.prefix.rstrip("/")
         self.name = PurePosixPath(self.prefix).name
 
     def entries(self) -> list[Entry]:
@@ -186,11 +197,7 @@ def open_source(source: str, store: ObjectStore, limits: Limits) -> DropSource:
         return DirSource(path, limits)
     if path.is_file():
         return ZipSource(path, path.resolve().as_uri(), drop_name(source), limits)
-    key = source
-    base = store.uri("x")[:-1]
-    if source.startswith(base):
-        key = source[len(base):]
-    key = key.strip("/")
+    key = source.strip("/") if is_relative(source) else key_of(store, source)
     if key.lower().endswith(".zip"):
         spool = tempfile.TemporaryFile()  # unlinked at once: nothing left behind on disk
         try:
@@ -199,7 +206,42 @@ def open_source(source: str, store: ObjectStore, limits: Limits) -> DropSource:
             spool.close()
             raise ValueError(f"drop source {source!r}: no such folder, zip file, or object in {store.url}") from None
         spool.seek(0)
-        return ZipSource(spool, store.uri(key), drop_name(key), limits)
+        return ZipSource(spool, key, drop_name(key), limits)
     if key and any(True for _ in store.list(key + "/")):
         return StoreDirSource(store, key)
     raise ValueError(f"drop source {source!r}: no such folder, zip file, or object in {store.url}")
+
+
+def discover_incoming(settings: Settings, store: ObjectStore | None = None, now: datetime | None = None) -> list[str]:
+    """Keys of drops under `incoming/` that are ready and not yet ingested completely.
+
+    A `.zip` is ready as soon as it exists (S3 writes are atomic); a folder once it holds `_READY`
+    or nothing in it changed for `settings.incoming_settle_seconds`.
+    """
+    store = store or open_store(settings)
+    now = now or datetime.now(UTC)
+    candidates: dict[str, dict[str, Any]] = {}
+    for obj in store.list(INCOMING_PREFIX):
+        first, _, rest = obj.key[len(INCOMING_PREFIX):].partition("/")
+        if not rest and not first.lower().endswith(".zip"):
+            log.warning("incoming: ignoring loose file %s (a drop is a folder or a .zip)", obj.key)
+            continue
+        info = candidates.setdefault(INCOMING_PREFIX + first, {"zip": not rest, "newest": obj.modified, "ready": False})
+        info["newest"] = max(info["newest"], obj.modified)
+        info["ready"] |= PurePosixPath(rest).name == READY_MARKER
+    engine = engine_for(settings)
+    try:
+        with engine.connect() as conn:
+            complete = set(conn.scalars(sa.select(drops.c.source).where(drops.c.status == "complete")))
+    finally:
+        engine.dispose()
+    ready = []
+    for key, info in sorted(candidates.items()):
+        if key in complete:
+            continue
+        settled = (now - info["newest"]).total_seconds() >= settings.incoming_settle_seconds
+        if info["zip"] or info["ready"] or settled:
+            ready.append(key)
+        else:
+            log.info("incoming: %s still changing (newest object %s), waiting", key, info["newest"].isoformat())
+    return ready

@@ -23,7 +23,7 @@ import numpy as np
 import sqlalchemy as sa
 from sklearn.model_selection import StratifiedGroupKFold
 
-from lesion_tasks import review
+from lesion_tasks import trainset
 from lesion_tasks.db import insert_ignore
 from lesion_tasks.schema import images, splits
 
@@ -76,7 +76,7 @@ def assign(engine: sa.Engine, seed: int = 0, test_frac: float = 0.2, val_frac: f
                 group_split[r.near_dup_group] = split
                 assigned[r.image_id] = (split, f"hash-v1:seed={seed}:test={test_frac}:val={val_frac}")
     with engine.connect() as conn:
-        reviewed = review.training_labels(conn)["labels"]
+        reviewed = trainset.reviewer_labels(conn)["labels"]
         reviewed_rows = conn.execute(sa.select(images.c.image_id, images.c.near_dup_group)
                                      .where(images.c.image_id.in_(sorted(reviewed)))
                                      .order_by(images.c.image_id)).all() if reviewed else []
@@ -104,13 +104,13 @@ def assign(engine: sa.Engine, seed: int = 0, test_frac: float = 0.2, val_frac: f
 def summary(engine: sa.Engine) -> dict:
     """Images per split and label (the ISIC label, else the reviewer label) and the rules used."""
     with engine.connect() as conn:
-        reviewed = review.training_labels(conn)["labels"]
+        reviewed = trainset.reviewer_labels(conn)["labels"]
         rows = conn.execute(sa.select(splits.c.split, images.c.image_id, images.c.label)
                             .join(images, images.c.image_id == splits.c.image_id)).all()
         rules = sorted(set(conn.scalars(sa.select(splits.c.rule).distinct())))
     counts: dict[str, dict[str, int]] = {s: {"MEL": 0, "NV": 0} for s in ("train", "val", "test")}
     for split, image_id, label in rows:
-        label = label or reviewed.get(image_id)
-        if label in ("MEL", "NV"):
+        label = trainset.label_of(label, image_id, reviewed)
+        if label:
             counts[split][label] += 1
     return {"counts": counts, "rules": rules}

@@ -2,7 +2,9 @@
 
 The rest of the code only sees `ObjectStore`. Keys are `/`-separated relative paths; writes are
 atomic (a reader never sees half an object) and overwriting a key with the same bytes is harmless,
-which is what makes reruns idempotent.
+which is what makes reruns idempotent. The database stores keys (references relative to the
+configured store), never absolute URIs: a home copied elsewhere or a bucket restored under another
+name or prefix keeps working. `uri(key)` is for people (logs, CLI output).
 """
 
 from __future__ import annotations
@@ -36,13 +38,14 @@ class ObjectInfo:
     key: str
     size: int
     modified: datetime
+    etag: str | None = None
 
 
 class ObjectStore(Protocol):
     url: str
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
-        """Write `data` at `key` atomically; return the object's URI."""
+        """Write `data` at `key` atomically; return the key."""
 
     def get(self, key: str) -> bytes:
         """Read a whole object; raise ObjectNotFound when absent."""
@@ -51,6 +54,9 @@ class ObjectStore(Protocol):
         """Stream an object into an open binary file."""
 
     def exists(self, key: str) -> bool: ...
+
+    def stat(self, key: str) -> ObjectInfo:
+        """Size, modification time (and ETag where there is one); ObjectNotFound when absent."""
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         """Objects whose key starts with `prefix`, sorted by key."""
@@ -100,7 +106,7 @@ class LocalStore:
             if isinstance(exc, OSError):
                 raise StoreError(f"cannot write {key!r} under {self.root}: {exc.strerror or exc}") from exc
             raise
-        return path.as_uri()
+        return key
 
     def get(self, key: str) -> bytes:
         try:
@@ -118,6 +124,13 @@ class LocalStore:
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def stat(self, key: str) -> ObjectInfo:
+        path = self._path(key)
+        if not path.is_file():
+            raise ObjectNotFound(key)
+        st = path.stat()
+        return ObjectInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, UTC))
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         base = self.root
@@ -200,7 +213,7 @@ class S3Store:
             raise StoreError(f"S3 put {self.url}/{key} refused: {exc.code} {exc.message}") from exc
         except Exception as exc:  # noqa: BLE001 - urllib3/socket errors: the server is gone
             raise self._unreachable("put", key, exc) from exc
-        return self.uri(key)
+        return key
 
     def get(self, key: str) -> bytes:
         response = self._get(key)
@@ -252,6 +265,19 @@ class S3Store:
         except Exception as exc:  # noqa: BLE001
             raise self._unreachable("stat", key, exc) from exc
 
+    def stat(self, key: str) -> ObjectInfo:
+        from minio.error import S3Error
+
+        try:
+            st = self.client.stat_object(self.bucket, self._name(key))
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
+                raise ObjectNotFound(key) from None
+            raise StoreError(f"S3 stat {self.url}/{key} refused: {exc.code} {exc.message}") from exc
+        except Exception as exc:  # noqa: BLE001
+            raise self._unreachable("stat", key, exc) from exc
+        return ObjectInfo(key, st.size or 0, st.last_modified or datetime.now(UTC), st.etag)
+
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         stem = prefix.rstrip("/")
         full = self._name(stem) if stem else ""
@@ -293,9 +319,28 @@ def open_store(settings: Settings) -> ObjectStore:
     raise ValueError(f"LESION_STORE_URL={settings.store_url!r}: expected file:///dir or s3://bucket[/prefix]")
 
 
-def key_of(store: ObjectStore, uri: str) -> str:
-    """The key of an object URI written by `store` (the inverse of `store.uri`)."""
+def is_relative(ref: str) -> bool:
+    """A reference relative to the store (a key), as the database holds them."""
+    return "://" not in ref
+
+
+def key_of(store: ObjectStore, ref: str) -> str:
+    """The key of a stored reference: a key as it is, or an absolute URI of `store` (`store.uri(key)`,
+    e.g. a weights file given as s3://bucket/prefix/weights/x.h5)."""
+    if is_relative(ref):
+        return check_key(ref)
     base = store.url.rstrip("/") + "/"
-    if not uri.startswith(base):
-        raise ValueError(f"object URI {uri!r}: not in store {store.url}")
-    return check_key(unquote(uri[len(base):]))
+    if not ref.startswith(base):
+        raise ValueError(f"object URI {ref!r}: not in store {store.url}")
+    return check_key(unquote(ref[len(base):]))
+
+
+def base_uri(store_url: str) -> str:
+    """What `open_store(...).url` would be for `store_url`, without opening it (no server needed)."""
+    parts = urlsplit(store_url)
+    if parts.scheme == "file":
+        return Path(unquote(parts.path)).resolve().as_uri()
+    if parts.scheme == "s3" and parts.netloc:
+        prefix = parts.path.strip("/")
+        return f"s3://{parts.netloc}" + (f"/{prefix}" if prefix else "")
+    raise ValueError(f"LESION_STORE_URL={store_url!r}: expected file:///dir or s3://bucket[/prefix]")

@@ -1,0 +1,127 @@
+"""A model version's artifacts in the store, under `models/<version>/`: the one place that knows
+their names, how they are written and how they are read back.
+
+- `model.keras`   the full flat model (backbone + head), saved without optimizer state
+- `head.npz`      the head's weights as arrays (MC dropout and Grad-CAM run on them, no Keras)
+- `config.json`, `train_log.json`, `metrics.json`, `report.html`, `figures/*.png`, test CSVs
+
+Writes are only made by the run that claimed the version in the registry (`registry.claim`), and
+never after promotion: a champion's artifacts do not change. Reads turn a missing or unreadable
+artifact into a ValueError that names the version and the artifact.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+import zipfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lesion_tasks import backbones, keys, mc
+from lesion_tasks.features import FeatureConfig
+from lesion_tasks.settings import Settings
+from lesion_tasks.store import ObjectNotFound, ObjectStore, check_key, key_of
+
+MODEL = "model.keras"
+HEAD = "head.npz"
+
+
+class ArtifactError(ValueError):
+    """A model version's artifact is missing or unreadable."""
+
+
+class ModelArtifacts:
+    def __init__(self, store: ObjectStore, version: str):
+        self.store, self.version = store, version
+        self.prefix = keys.model_prefix(version)
+
+    def key(self, name: str) -> str:
+        return self.prefix + check_key(name)
+
+    def put(self, name: str, data: bytes, content_type: str = "application/octet-stream") -> str:
+        """Write one artifact; return its key (what the registry stores)."""
+        self.store.put(self.key(name), data, content_type)
+        return self.key(name)
+
+    def get(self, name: str) -> bytes:
+        try:
+            return self.store.get(self.key(name))
+        except ObjectNotFound:
+            raise ArtifactError(f"model {self.version}: artifact {self.key(name)} is missing from the store "
+                                f"{self.store.url}") from None
+
+    def put_json(self, name: str, value: Any) -> str:
+        return self.put(name, json.dumps(value, indent=1).encode(), "application/json")
+
+    def get_json(self, name: str) -> Any:
+        return json.loads(self.get(name))
+
+    def put_npz(self, name: str, **arrays: np.ndarray) -> str:
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        return self.put(name, buf.getvalue())
+
+    def save_model(self, model) -> str:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / MODEL
+            model.save(path)
+            return self.put(MODEL, path.read_bytes())
+
+    def load_model(self, ref: str | None = None):
+        """The saved Keras model (`ref`: the registry's model_uri, default the version's model.keras)."""
+        import keras
+
+        key = key_of(self.store, ref) if ref else self.key(MODEL)
+        try:
+            data = self.store.get(key)
+        except ObjectNotFound:
+            raise ArtifactError(f"model {self.version}: artifact {key} is missing from the store {self.store.url}; "
+                                "nothing written (retrain, or promote another version)") from None
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / MODEL
+                path.write_bytes(data)
+                return keras.models.load_model(path, compile=False)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, zipfile.BadZipFile) as exc:
+            detail = " ".join(str(exc).split())[:300]  # Keras' messages run to pages
+            raise ArtifactError(f"model {self.version}: artifact {key} is unreadable ({type(exc).__name__}: {detail}); "
+                                "nothing written") from None
+
+    def save_head(self, head: mc.HeadWeights) -> str:
+        return self.put_npz(HEAD, **{k: np.asarray(v) for k, v in asdict(head).items()})
+
+    def load_head(self) -> mc.HeadWeights:
+        try:
+            data = np.load(io.BytesIO(self.get(HEAD)))
+            return mc.HeadWeights(*(data[k] for k in ("w1", "b1", "gamma", "beta", "mean", "var")), float(data["eps"]),
+                                  data["w2"], data["b2"], float(data["dropout"]))
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+            if isinstance(exc, ArtifactError):
+                raise
+            raise ArtifactError(f"model {self.version}: artifact {self.key(HEAD)} is unreadable "
+                                f"({type(exc).__name__}: {exc})") from None
+
+
+def of(store: ObjectStore, row: dict[str, Any]) -> ModelArtifacts:
+    """The artifacts of a registry row."""
+    return ModelArtifacts(store, row["model_version"])
+
+
+def feature_config(row: dict[str, Any]) -> FeatureConfig:
+    """The feature cache configuration a model version was trained on."""
+    return FeatureConfig(row["backbone"], row["weights_sha256"], row["image_size"], row["config"]["seed"])
+
+
+def weights_of(row: dict[str, Any], settings: Settings, store: ObjectStore) -> backbones.ResolvedWeights:
+    """The backbone weights a model version recorded, checked against its recorded sha256."""
+    resolved = backbones.resolve_weights(row["config"]["weights_used"], backbones.get_backbone(row["backbone"]),
+                                         settings.home / "cache", store)
+    if resolved.sha256 != row["weights_sha256"]:
+        raise ArtifactError(f"model {row['model_version']}: weights {resolved.source} have sha256 {resolved.sha256}, "
+                            f"expected {row['weights_sha256']} (the file changed since training)")
+    return resolved

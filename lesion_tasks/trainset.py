@@ -1,0 +1,62 @@
+"""Which label an image trains and is evaluated with: the one training-label policy.
+
+- The ISIC label (`images.label`, from the drop's ground truth or metadata) always wins.
+- Where ISIC gave no label, the latest reviewer verdict (review UI) counts when it says MEL or NV;
+  it is training data only (`splits.assign` keeps such images out of validation and test).
+- A reviewer disagreeing with an ISIC label is counted as a conflict in the model's lineage, never applied.
+- Only MEL and NV enter the binary task; OTHER and unlabelled images are left out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+
+from lesion_tasks.features import ImageRef
+from lesion_tasks.schema import images, reviews, splits
+
+BINARY = ("MEL", "NV")
+
+
+def latest_reviews(by_version: bool = False) -> sa.Subquery:
+    """id of the latest review per image (per image and model version with `by_version`)."""
+    cols = [reviews.c.image_id] + ([reviews.c.model_version] if by_version else [])
+    return sa.select(*cols, sa.func.max(reviews.c.id).label("review_id")).group_by(*cols).subquery()
+
+
+def reviewer_labels(conn: sa.Connection) -> dict[str, Any]:
+    """Reviewer labels that become training data: {"labels": {image_id: MEL|NV}, "review_ids",
+    "conflicts_with_isic"} (see the module's policy)."""
+    latest = latest_reviews()
+    rows = conn.execute(sa.select(reviews.c.image_id, reviews.c.label, reviews.c.id, images.c.label.label("isic"))
+                        .join(latest, latest.c.review_id == reviews.c.id)
+                        .join(images, images.c.image_id == reviews.c.image_id)
+                        .order_by(reviews.c.image_id)).all()
+    used = {r.image_id: r.label for r in rows if r.isic is None and r.label in BINARY}
+    return {"labels": used,
+            "review_ids": sorted(r.id for r in rows if r.image_id in used),
+            "conflicts_with_isic": sorted(r.image_id for r in rows if r.isic is not None and r.label != r.isic)}
+
+
+def label_of(isic_label: str | None, image_id: str, reviewed: dict[str, str]) -> str | None:
+    """The label an image trains with (MEL, NV), or None when it is not in the binary task."""
+    label = isic_label or reviewed.get(image_id)
+    return label if label in BINARY else None
+
+
+def split_refs(conn: sa.Connection, reviewed: dict[str, str] | None = None
+               ) -> dict[str, tuple[list[ImageRef], np.ndarray]]:
+    """Images and labels (1 = MEL) per split, by `label_of`; `reviewed` defaults to `reviewer_labels`."""
+    reviewed = reviewer_labels(conn)["labels"] if reviewed is None else reviewed
+    rows = conn.execute(
+        sa.select(images.c.image_id, images.c.drop_id, images.c.normalized_uri, images.c.label, splits.c.split)
+        .join(splits, splits.c.image_id == images.c.image_id).order_by(images.c.image_id)).all()
+    out = {}
+    for split in ("train", "val", "test"):
+        part = [(r, label_of(r.label, r.image_id, reviewed)) for r in rows if r.split == split]
+        part = [(r, label) for r, label in part if label]
+        out[split] = ([ImageRef(r.image_id, r.drop_id, r.normalized_uri) for r, _ in part],
+                      np.array([1 if label == "MEL" else 0 for _, label in part], np.int64))
+    return out
