@@ -33,18 +33,19 @@ def isic_ingest():
     def find_new_drops() -> list[str]:
         from lesion_airflow import lesion_settings
 
-        from lesion_tasks.ingest import discover_incoming
+        from lesion_tasks.sources import discover_incoming
 
         return discover_incoming(lesion_settings())
 
-    # one drop at a time: drops deduplicate against each other
+    # one drop at a time: drops deduplicate against each other. A bad drop is recorded as failed and
+    # returned as such (the others go on); an unreachable store or database raises and is retried.
     @task(max_active_tis_per_dagrun=1)
     def ingest_drop(source: str) -> dict:
         from lesion_airflow import lesion_settings
 
-        from lesion_tasks.ingest import ingest
+        from lesion_tasks.ingest import ingest_one_of_many
 
-        return ingest(source, lesion_settings()).as_json()
+        return ingest_one_of_many(source, lesion_settings())
 
     @task(outlets=[VALIDATED_IMAGES])
     def publish(results: list[dict]) -> dict:
@@ -57,7 +58,19 @@ def isic_ingest():
             raise AirflowSkipException(f"nothing new accepted ({summary}): no asset event")
         return summary
 
-    publish(ingest_drop.expand(source=find_new_drops()))
+    @task(trigger_rule="all_done")
+    def check_drops(results: list[dict]) -> None:
+        """The run fails, after the good drops were published, when a drop failed."""
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from lesion_tasks.ingest import summarize
+
+        failed = summarize(list(results))["failed"]
+        if failed:
+            raise AirflowFailException(f"{len(failed)} drop(s) failed: {failed}")
+
+    results = ingest_drop.expand(source=find_new_drops())
+    publish(results) >> check_drops(results)
 
 
 isic_ingest()

@@ -23,11 +23,12 @@ PARAMS = {
                      description="demo: multi-scale MobileNet features, minutes on a CPU. paper: ResNet101V2 at 224 px (the paper's model)."),
     "backbone": Param(None, type=["null", "string"], enum=[None, "resnet101v2", "mobilenet025", "mobilenet025_multiscale", "tiny"],
                       title="Backbone", description="Override the profile's backbone (empty = the profile's)."),
-    "epochs": Param(None, type=["null", "integer"], minimum=1, title="Epochs", description="Maximum head epochs (early stopping applies)."),
+    "epochs": Param(None, type=["null", "integer"], minimum=1, maximum=10_000, title="Epochs", description="Maximum head epochs (early stopping applies)."),
     "image_size": Param(None, type=["null", "integer"], minimum=32, maximum=1024, title="Image size", description="Input side in pixels."),
     "weights": Param("imagenet", type="string", title="Weights",
                      description="imagenet (Keras cache or $LESION_WEIGHTS_DIR), none, a file path, or s3://bucket/key."),
-    "seed": Param(0, type="integer", title="Seed", description="Split, initialisation and training seed."),
+    "seed": Param(0, type="integer", minimum=0, maximum=2**31 - 1, title="Seed",
+                  description="Split, initialisation and training seed."),
     "mc_samples": Param(50, type="integer", minimum=2, maximum=1000, title="MC-dropout samples",
                         description="Samples T for p_mel, entropy and mutual information."),
     "target_sensitivity": Param(0.85, type="number", minimum=0.5, maximum=1.0, title="Target melanoma sensitivity",
@@ -51,19 +52,19 @@ def lesion_retrain():
     def prepare_split() -> dict:
         from lesion_airflow import lesion_settings
 
-        from lesion_tasks.retrain import prepare_split as split
+        from lesion_tasks.retrain import config_from_params, prepare_split as split
 
-        return split(lesion_settings(), get_current_context()["params"]["seed"])
+        config = config_from_params(dict(get_current_context()["params"]))  # bad values fail here, first
+        return split(lesion_settings(), config.seed)
 
     @task(pool=TF_POOL)
     def train_model(_split: dict) -> str:
         from lesion_airflow import lesion_settings
 
-        from lesion_tasks.retrain import make_config, train_model as train
+        from lesion_tasks.retrain import config_from_params, train_model as train
 
         context = get_current_context()
-        params = dict(context["params"])
-        config = make_config(params.pop("profile"), **params)
+        config = config_from_params(dict(context["params"]))
         return train(lesion_settings(), config, context["run_id"])["model_version"]
 
     @task(pool=TF_POOL)

@@ -139,19 +139,10 @@ def resolve_weights(spec: str, backbone: Backbone, cache_dir: Path, store=None, 
         from lesion_tasks.store import key_of
 
         key = key_of(store, spec)  # ValueError naming the store when the URI is elsewhere
-        local = cache_dir / "weights" / Path(key).name
-        if not local.exists():
-            local.parent.mkdir(parents=True, exist_ok=True)
-            tmp = local.with_suffix(".part")
-            with open(tmp, "wb") as fh:
-                store.download(key, fh)
-            tmp.replace(local)
-        return ResolvedWeights(spec, str(local), spec, _sha256(local))
+        return _from_store(spec, store, key, cache_dir / "weights")
     if spec != "imagenet":
-        path = Path(spec).expanduser()
-        if not path.is_file():
-            raise ValueError(f"weights {spec!r}: no such file (expected imagenet, none, a file path or s3://bucket/key)")
-        return ResolvedWeights(spec, str(path), str(path.resolve()), _sha256(path))
+        path = _allowed_path(spec)
+        return ResolvedWeights(spec, str(path), str(path), _sha256(path))
     fname = backbone.keras_weights_file
     if fname is None:
         raise ValueError(f"backbone {backbone.name!r} has no ImageNet weights: use --weights none or a file")
@@ -161,6 +152,50 @@ def resolve_weights(spec: str, backbone: Backbone, cache_dir: Path, store=None, 
         if path.is_file():
             return ResolvedWeights(spec, str(path), f"imagenet ({path})", _sha256(path))
     return _download_imagenet(spec, backbone, fname, candidates, timeout_s)
+
+
+def weights_dirs() -> list[Path]:
+    """Folders local weight files are read from: $LESION_WEIGHTS_DIR and Keras' cache (~/.keras/models)."""
+    dirs = [Path(os.environ["LESION_WEIGHTS_DIR"])] if os.environ.get("LESION_WEIGHTS_DIR") else []
+    return dirs + [Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"]
+
+
+def _allowed_path(spec: str) -> Path:
+    """A local weights file, only inside `weights_dirs()` unless the operator opts in with
+    LESION_WEIGHTS_ANY_PATH=1: a trigger form must not make the worker read (or probe) any file."""
+    path = Path(spec).expanduser().resolve()
+    allowed = [d.expanduser().resolve() for d in weights_dirs()]
+    if os.environ.get("LESION_WEIGHTS_ANY_PATH") != "1" and not any(path.is_relative_to(d) for d in allowed):
+        raise ValueError(f"weights {spec!r}: local weight files are read only from {', '.join(map(str, allowed))} "
+                         "(put the file there or set LESION_WEIGHTS_DIR; an operator may allow any path with "
+                         "LESION_WEIGHTS_ANY_PATH=1)")
+    if not path.is_file():
+        raise ValueError(f"weights {spec!r}: no such file (expected imagenet, none, a file path or s3://bucket/key)")
+    return path
+
+
+def _from_store(spec: str, store, key: str, cache_dir: Path) -> ResolvedWeights:
+    """A weights object, fetched once per object version: the cache entry is named by the object's
+    store, key, size and modification time (ETag where the store has one), so another key with the same
+    file name, or an updated object, is fetched anew; the recorded sha256 is that of the bytes used."""
+    from lesion_tasks.store import ObjectNotFound
+
+    try:
+        info = store.stat(key)
+    except ObjectNotFound:
+        raise ValueError(f"weights {spec!r}: no such object in {store.url}") from None
+    stamp = hashlib.sha256(f"{store.url}\0{key}\0{info.size}\0{info.modified.isoformat()}\0{info.etag}".encode())
+    local = cache_dir / f"{stamp.hexdigest()[:20]}-{Path(key).name}"
+    if not local.exists():
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(f".{local.name}.{os.getpid()}.part")
+        try:
+            with open(tmp, "wb") as fh:
+                store.download(key, fh)
+            tmp.replace(local)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return ResolvedWeights(spec, str(local), spec, _sha256(local))
 
 
 def _how_to_provide(fname: str, looked: list[Path]) -> str:

@@ -5,6 +5,7 @@ Labels: 1 = MEL, 0 = NV. `p` is the MC-dropout mean p(MEL); a case is predicted 
 
 from __future__ import annotations
 
+import csv
 import io
 from typing import Any
 
@@ -145,11 +146,12 @@ def isic_csvs(image_ids: list[str], y: np.ndarray, p: np.ndarray, t: float) -> t
     """
     s = np.where(p >= t, 0.5 + 1e-6 + (0.5 - 2e-6) * (p - t) / max(1 - t, 1e-12), 0.5 * p / max(t, 1e-12))
     truth, pred = io.StringIO(), io.StringIO()
-    truth.write("image,MEL,NV\n")
-    pred.write("image,MEL,NV\n")
+    truth_csv, pred_csv = csv.writer(truth, lineterminator="\n"), csv.writer(pred, lineterminator="\n")
+    truth_csv.writerow(["image", "MEL", "NV"])
+    pred_csv.writerow(["image", "MEL", "NV"])
     for i, label, score in zip(image_ids, y, s):
-        truth.write(f"{i},{float(label)},{float(1 - label)}\n")
-        pred.write(f"{i},{score:.9f},{1 - score:.9f}\n")
+        truth_csv.writerow([i, float(label), float(1 - label)])
+        pred_csv.writerow([i, f"{score:.9f}", f"{1 - score:.9f}"])
     return truth.getvalue(), pred.getvalue()
 
 

@@ -16,34 +16,49 @@ DEFAULT_MAX_DISTANCE = 2
 
 
 class NearDupIndex:
+    """Near-linear in the number of images: images are bucketed by exact hash (only the smallest group
+    of a bucket can win the `min`), and the buckets are found through a multi-index: the 64-bit hash cut
+    into `max_distance + 1` chunks, of which at least one matches exactly when the distance is at most
+    `max_distance` (pigeonhole), so a new image is compared only with buckets sharing a chunk."""
+
     def __init__(self, max_distance: int = DEFAULT_MAX_DISTANCE):
         self.max_distance = max_distance
-        self._hashes = np.zeros(1024, dtype=np.uint64)
-        self._groups: list[str] = []
+        self._n = 0
+        self._bucket_group: dict[int, str] = {}  # exact hash -> smallest group among its images
+        n_chunks = max_distance + 1
+        bounds = np.linspace(0, 64, n_chunks + 1).astype(int)
+        self._chunks = [(int(lo), (1 << int(hi - lo)) - 1) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        self._tables: list[dict[int, list[int]]] = [{} for _ in self._chunks]
         self._by_lesion: dict[str, str] = {}
         self._by_label: dict[str, str] = {}
 
     def __len__(self) -> int:
-        return len(self._groups)
+        return self._n
 
     def add(self, phash: int, group: str, lesion_id: str | None = None, label: str | None = None) -> None:
-        n = len(self._groups)
-        if n == len(self._hashes):
-            self._hashes = np.concatenate([self._hashes, np.zeros_like(self._hashes)])
-        self._hashes[n] = np.uint64(phash)
-        self._groups.append(group)
+        self._n += 1
+        known = self._bucket_group.get(phash)
+        if known is None:
+            self._bucket_group[phash] = group
+            for (shift, mask), table in zip(self._chunks, self._tables):
+                table.setdefault((phash >> shift) & mask, []).append(phash)
+        elif group < known:
+            self._bucket_group[phash] = group
         if lesion_id:
             self._by_lesion.setdefault(lesion_id, group)
         if label:
             self._by_label.setdefault(label, group)
 
+    def _near(self, phash: int) -> list[str]:
+        """The smallest group of every bucket within `max_distance` bits of `phash`."""
+        seen: set[int] = set()
+        for (shift, mask), table in zip(self._chunks, self._tables):
+            seen.update(table.get((phash >> shift) & mask, ()))
+        return [self._bucket_group[h] for h in seen if (h ^ phash).bit_count() <= self.max_distance]
+
     def assign(self, image_id: str, phash: int, lesion_id: str | None = None, label: str | None = None) -> str:
         """The group of a new image, which is then added to the index."""
-        candidates: list[str] = []
-        n = len(self._groups)
-        if n:
-            distance = np.bitwise_count(self._hashes[:n] ^ np.uint64(phash))
-            candidates += [self._groups[i] for i in np.flatnonzero(distance <= self.max_distance)]
+        candidates = self._near(phash)
         if lesion_id and lesion_id in self._by_lesion:
             candidates.append(self._by_lesion[lesion_id])
         if label and label in self._by_label:

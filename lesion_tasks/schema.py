@@ -25,7 +25,8 @@ drops = sa.Table(
     sa.Column("manifest_uri", sa.Text, nullable=True),
     sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
-    sa.CheckConstraint("status IN ('running', 'complete')", name="ck_drops_status"),
+    sa.Column("error", sa.Text, nullable=True),  # why a `failed` drop failed
+    sa.CheckConstraint("status IN ('running', 'complete', 'failed')", name="ck_drops_status"),
 )
 
 images = sa.Table(

@@ -18,7 +18,9 @@ def resnet_weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("weights") / "resnet101v2_random.weights.h5"
     keras.utils.set_random_seed(5)
     keras.applications.ResNet101V2(include_top=False, weights=None, input_shape=(224, 224, 3)).save_weights(path)
-    return path
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LESION_WEIGHTS_DIR", str(path.parent))  # local weight files are read only from there
+        yield path
 
 
 def test_paper_parameter_counts(resnet_weights):

@@ -1,0 +1,76 @@
+"""Model version ids are injective and claimed before anything is written; a promoted version's artifacts
+never change (issue: a reviewer replaced the champion by triggering a run id that slugged to its id)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+import sqlalchemy as sa
+
+from lesion_tasks import db, keys, registry, retrain
+from lesion_tasks.schema import champion_history, model_versions
+from lesion_tasks.store import open_store
+from tests import reliability
+from tests.conftest import shared_config, tiny_config
+
+
+def test_run_ids_that_slug_alike_get_different_versions():
+    config = tiny_config()
+    base = "manual__2026-11-26T08:00:00+00:00"
+    variants = [base, base + ".", base + "~", base + ":", base + "-", base + "--", "x" * 300, "x" * 300 + "y"]
+    ids = [retrain.model_version_id(r, config) for r in variants]
+    assert len(set(ids)) == len(variants)
+    assert all(len(i) <= 128 and keys.slug(i) == i for i in ids)
+    assert retrain.model_version_id("first", config) == "demo-tiny-first"  # plain run ids stay readable
+
+
+def _state(settings, version):
+    store = open_store(settings)
+    objects = {o.key: store.get(o.key) for o in store.list(keys.model_prefix(version))}
+    engine = db.make_engine(settings.db_url)
+    with engine.connect() as conn:
+        row = dict(conn.execute(sa.select(model_versions).where(model_versions.c.model_version == version)).mappings().one())
+        history = conn.execute(sa.select(champion_history)).all()
+        versions = conn.scalars(sa.select(model_versions.c.model_version)).all()
+    engine.dispose()
+    return objects, row, history, sorted(versions)
+
+
+def test_another_runs_version_is_refused_before_anything_is_written(trained_home, home_copy, monkeypatch):
+    version = trained_home.version
+    before = _state(home_copy, version)
+    assert before[0], "the champion has artifacts to protect"
+    monkeypatch.setattr(retrain, "model_version_id", lambda run_id, config: version)  # a colliding id
+    with pytest.raises(registry.VersionConflict, match="belongs to run 'shared', not 'intruder'"):
+        retrain.train_model(home_copy, shared_config(), run_id="intruder")
+    assert _state(home_copy, version) == before
+    reliability.record("A run id colliding with the champion's version", "train_model of another run under the champion's "
+                       "version id; the champion's own run retried", "refused before any write; artifacts write-once",
+                       "VersionConflict; artifacts, registry row and history byte-identical", 0, 0)
+
+
+def test_a_promoted_version_is_write_once_even_for_its_own_run(trained_home, home_copy):
+    version = trained_home.version
+    before = _state(home_copy, version)
+    assert before[1]["is_champion"]
+    with pytest.raises(registry.VersionConflict, match="write-once"):
+        retrain.train_model(home_copy, shared_config(), run_id="shared")  # the champion's own run, retried
+    with pytest.raises(registry.VersionConflict, match="write-once"):
+        retrain.evaluate_model(home_copy, version)
+    assert _state(home_copy, version) == before
+
+
+def test_a_retried_task_of_the_same_run_reclaims_its_own_version(home_copy):
+    engine = db.make_engine(home_copy.db_url)
+    placeholder = {"created_at": datetime.now(UTC), "profile": "demo", "backbone": "tiny", "image_size": 64, "mc_samples": 2,
+                   "config": {}, "environment": {}, "weights_source": "-", "lineage": {}, "code_version": "0"}
+    registry.claim(engine, "v-retry", "run-a", placeholder)
+    registry.claim(engine, "v-retry", "run-a", placeholder)  # the retry: same owner, still training
+    with pytest.raises(registry.VersionConflict, match="belongs to run 'run-a'"):
+        registry.claim(engine, "v-retry", "run-b", placeholder)
+    with engine.connect() as conn:
+        row = conn.execute(sa.select(model_versions.c.run_id, model_versions.c.status)
+                           .where(model_versions.c.model_version == "v-retry")).one()
+    engine.dispose()
+    assert tuple(row) == ("run-a", "training")
