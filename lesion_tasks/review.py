@@ -1,9 +1,8 @@
 """Human review of what the model was unsure about: the queue, one case, verdicts, trends.
 
 The review UI (plugins/lesion_review.py) calls these; they know nothing of the web. A verdict is
-appended to `reviews` (history kept, the latest per image counts). A reviewer's label becomes
-training data for the next retrain only where ISIC gave no label: `images.label` is never changed,
-and a reviewer disagreeing with an ISIC label is counted as a conflict in the model's lineage.
+appended to `reviews` (history kept, the latest per image counts). Which verdicts become training
+labels is `trainset.py`'s policy; `images.label` is never changed here.
 """
 
 from __future__ import annotations
@@ -20,12 +19,14 @@ import sqlalchemy as sa
 from lesion_tasks import registry
 from lesion_tasks.db import insert_ignore
 from lesion_tasks.schema import LABELS, VERDICTS, images, model_versions, prediction_samples, predictions, reviews
+from lesion_tasks.trainset import latest_reviews
 
 FLAGS = ("predicted_mel", "uncertain", "near_threshold")
 STATUSES = ("open", "reviewed", "all")
 SORTS = {"entropy": predictions.c.entropy, "mutual_info": predictions.c.mutual_info, "p_mel": predictions.c.p_mel}
 MAX_NOTE = 2000
 MAX_PAGE = 1000
+MAX_OFFSET = 10**9  # far past any queue; larger values overflow the database's integers (a 500)
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
@@ -48,8 +49,8 @@ class QueueFilter:
         _one_of("sort", self.sort, tuple(SORTS))
         if not 1 <= self.limit <= MAX_PAGE:
             raise ValueError(f"limit={self.limit}: expected 1 to {MAX_PAGE}")
-        if self.offset < 0:
-            raise ValueError(f"offset={self.offset}: expected >= 0")
+        if not 0 <= self.offset <= MAX_OFFSET:
+            raise ValueError(f"offset={self.offset}: expected 0 to {MAX_OFFSET}")
 
 
 def _one_of(name: str, value: Any, allowed: tuple, optional: bool = False) -> None:
@@ -59,18 +60,10 @@ def _one_of(name: str, value: Any, allowed: tuple, optional: bool = False) -> No
         raise ValueError(f"{name}={value!r}: expected one of {', '.join(allowed)}")
 
 
-def _latest_review(version_col=None) -> sa.Subquery:
-    """id of the latest review per image (and model version, when `version_col` is given)."""
-    cols = [reviews.c.image_id] + ([reviews.c.model_version] if version_col is not None else [])
-    return sa.select(*cols, sa.func.max(reviews.c.id).label("review_id")).group_by(*cols).subquery()
-
-
 def resolve_version(conn: sa.Connection, model_version: str | None) -> str | None:
     """The model version a page is about (None: no champion yet)."""
-    if model_version in (None, "", "champion"):
-        champion = registry.champion(conn)
-        return champion["model_version"] if champion else None
-    return registry.get(conn, model_version)["model_version"]
+    row = registry.resolve(conn, model_version, required=False)
+    return row["model_version"] if row else None
 
 
 def queue(conn: sa.Connection, f: QueueFilter) -> dict[str, Any]:
@@ -79,7 +72,7 @@ def queue(conn: sa.Connection, f: QueueFilter) -> dict[str, Any]:
     version = resolve_version(conn, f.model_version)
     if version is None:
         return {"model_version": None, "total": 0, "cases": []}
-    latest = _latest_review(version_col=True)
+    latest = latest_reviews(by_version=True)
     r = reviews.alias("r")
     query = (sa.select(predictions.c.image_id, predictions.c.model_version, predictions.c.p_mel,
                        predictions.c.predicted_label, predictions.c.threshold, predictions.c.entropy,
@@ -191,20 +184,6 @@ def record(engine: sa.Engine, image_id: str, model_version: str, verdict: str, r
         insert_ignore(conn, reviews, [row], ["submission_id"])
         stored = conn.execute(sa.select(reviews).where(reviews.c.submission_id == submission_id)).mappings().one()
     return dict(stored)
-
-
-def training_labels(conn: sa.Connection) -> dict[str, Any]:
-    """Reviewer labels that become training data: the latest verdict of each image that has no ISIC
-    label, when it says MEL or NV. Disagreements with an ISIC label are counted, never applied."""
-    latest = _latest_review()
-    rows = conn.execute(sa.select(reviews.c.image_id, reviews.c.label, reviews.c.id, images.c.label.label("isic"))
-                        .join(latest, latest.c.review_id == reviews.c.id)
-                        .join(images, images.c.image_id == reviews.c.image_id)
-                        .order_by(reviews.c.image_id)).all()
-    used = {r.image_id: r.label for r in rows if r.isic is None and r.label in ("MEL", "NV")}
-    return {"labels": used,
-            "review_ids": sorted(r.id for r in rows if r.image_id in used),
-            "conflicts_with_isic": sorted(r.image_id for r in rows if r.isic is not None and r.label != r.isic)}
 
 
 def model_overview(conn: sa.Connection) -> list[dict[str, Any]]:

@@ -13,9 +13,11 @@ from __future__ import annotations
 import io
 import logging
 import math
+import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -26,7 +28,7 @@ import sqlalchemy as sa
 from fastapi import Depends, FastAPI, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
-from PIL import Image, ImageOps
+from PIL import Image
 
 from lesion_tasks import review
 from lesion_tasks.db import make_engine
@@ -38,6 +40,22 @@ log = logging.getLogger(__name__)
 
 THUMB_SIDE = 192  # queue thumbnails
 LARGE_SIDE = 1024  # the case page's view of the original (ISIC originals reach 6000x4000)
+# Decoding bounds, per API-server process (it serves Airflow's Execution API too). An image is decoded
+# only if it has at most DECODE_MAX_PIXELS pixels once opened (JPEG: at the reduced scale `draft` picks,
+# 1/2 to 1/8), and only DECODE_SLOTS decodes run at once, each holding at most DECODE_MAX_BYTES of
+# encoded bytes and a few bytes per pixel (~100 MB for a 16 MP RGBA PNG) while it decodes. An
+# original past a bound (ingest admits up to 64 MP, and PNG/TIFF/BMP/WebP have no reduced-scale
+# decoding) is shown as its normalised copy made at ingest. A request waits DECODE_WAIT_S for a slot,
+# then gets 503.
+DECODE_MAX_PIXELS = 16_000_000
+DECODE_MAX_BYTES = 40 * 2**20
+DECODE_SLOTS = 2
+DECODE_WAIT_S = 30.0
+_decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
+_ORIENTATION = 0x0112
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
 CACHE = "private, max-age=300"
 SECURITY_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
                                                "frame-ancestors 'self'; form-action 'self'",
@@ -177,14 +195,46 @@ def queue_bars_svg(data: dict[str, Any], width: int = 640) -> str:
 
 # --- the app ------------------------------------------------------------------------------------
 
+class TooLargeToDecode(Exception):
+    """The image is past the decoding budget: it is not decoded."""
+
+
+@contextmanager
+def _decode_slot() -> Iterator[None]:
+    """One of the process's DECODE_SLOTS: parallel requests queue here instead of stacking decoded images."""
+    if not _decode_slots.acquire(timeout=DECODE_WAIT_S):
+        raise HTTPException(503, "busy decoding images: try again shortly", headers={"Retry-After": "5"})
+    try:
+        yield
+    finally:
+        _decode_slots.release()
+
+
 def _downscaled(data: bytes, side: int) -> bytes:
-    im = Image.open(io.BytesIO(data))
-    if im.format == "JPEG":
-        im.draft("RGB", (side, side))
-    im = ImageOps.exif_transpose(im).convert("RGB")
-    im.thumbnail((side, side))
+    """A JPEG of `data` fitting side x side, upright. Call it inside a `_decode_slot`. Raises
+    TooLargeToDecode, before decoding anything, when the image is past the budget."""
+    if len(data) > DECODE_MAX_BYTES:
+        raise TooLargeToDecode(f"{len(data)} bytes, decoding limit {DECODE_MAX_BYTES}")
+    try:
+        im = Image.open(io.BytesIO(data))  # lazy: reads the header only
+    except Image.DecompressionBombError as exc:
+        raise TooLargeToDecode(str(exc)) from None
+    with im:
+        im.draft("RGB", (side, side))  # JPEG/MPO: decode at the smallest scale >= side; other formats: no-op
+        width, height = im.size
+        if width * height > DECODE_MAX_PIXELS:
+            raise TooLargeToDecode(f"{width}x{height} = {width * height} pixels to decode, limit {DECODE_MAX_PIXELS}")
+        im.load()
+        orientation = im.getexif().get(_ORIENTATION, 1)  # PNG: the eXIf chunk may follow the pixels
+        small: Image.Image = im
+        if small.mode not in ("RGB", "RGBA", "RGBX", "L", "LA", "CMYK", "YCbCr"):
+            small = small.convert("RGB")  # palette, 1-bit, 16-bit, float: resize them as RGB
+        small.thumbnail((side, side))  # in place: the full-size pixels are freed here
+        if orientation in _UPRIGHT:
+            small = small.transpose(_UPRIGHT[orientation])
+        small = small.convert("RGB")
     out = io.BytesIO()
-    im.save(out, "JPEG", quality=85)
+    small.save(out, "JPEG", quality=85)
     return out.getvalue()
 
 
@@ -219,6 +269,10 @@ def create_app(settings: Callable[[], Settings], authenticate: Callable[[Request
     @app.exception_handler(StoreError)
     async def _store_down(_request: Request, exc: StoreError) -> Response:
         return Response(f"object store unavailable: {exc}", status_code=503, media_type="text/plain")
+
+    @app.exception_handler(TooLargeToDecode)
+    async def _too_large(_request: Request, exc: TooLargeToDecode) -> Response:
+        return Response(f"image too large to preview: {exc}", status_code=413, media_type="text/plain")
 
     @app.exception_handler(ValueError)
     async def _bad_request(_request: Request, exc: ValueError) -> Response:
@@ -294,27 +348,48 @@ def create_app(settings: Callable[[], Settings], authenticate: Callable[[Request
             data = review.nightly(conn, nights)
         return page(request, "nights.html", who, data=data, n=nights, bars=queue_bars_svg(data), ln2=math.log(2))
 
-    def _object(uri: str | None, side: int | None, media_type: str, what: str) -> Response:
+    def _read(uri: str | None, what: str) -> bytes:
         if uri is None:
             raise LookupError(f"{what}: not found")
         try:
-            data = backend.store.get(key_of(backend.store, uri))
+            return backend.store.get(key_of(backend.store, uri))
         except ObjectNotFound:
             raise LookupError(f"{what}: the object {uri} is missing from the store") from None
-        if side:
-            data, media_type = _downscaled(data, side), "image/jpeg"
-        return Response(data, media_type=media_type, headers={"Cache-Control": CACHE})
+
+    def _object(uri: str | None, side: int | None, media_type: str, what: str) -> Response:
+        if not side:
+            return Response(_read(uri, what), media_type=media_type, headers={"Cache-Control": CACHE})
+        with _decode_slot():
+            data = _downscaled(_read(uri, what), side)
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": CACHE})
+
+    def _large_view(row: Any, what: str) -> Response:
+        """The original downscaled to LARGE_SIDE, or (past the decoding budget) the normalised copy."""
+        if row.n_bytes <= DECODE_MAX_BYTES:
+            try:
+                with _decode_slot():  # the original's bytes count against the slot too
+                    data = _downscaled(_read(row.original_uri, what), LARGE_SIDE)
+                return Response(data, media_type="image/jpeg", headers={"Cache-Control": CACHE, "X-Lesion-View": "original"})
+            except TooLargeToDecode as exc:
+                log.debug("%s: the large view is the normalised copy (%s)", what, exc)
+        return Response(_read(row.normalized_uri, what), media_type="image/jpeg",
+                        headers={"Cache-Control": CACHE, "X-Lesion-View": "normalized"})
 
     @app.get("/image/{image_id}")
     def image(who: User, image_id: str, size: str = "normalized"):
-        """size: normalized (the model's input copy), thumb, or large (the original, downscaled)."""
+        """size: normalized (the model's input copy), thumb, or large (the original, downscaled; the
+        normalised copy when the original is past the decoding budget)."""
         if size not in ("normalized", "thumb", "large"):
             raise ValueError(f"size={size!r}: expected normalized, thumb or large")
-        column = images.c.original_uri if size == "large" else images.c.normalized_uri
+        what = f"image {image_id!r}"
         with backend.engine.connect() as conn:
-            uri = conn.execute(sa.select(column).where(images.c.image_id == image_id)).scalar()
-        side = {"thumb": THUMB_SIDE, "large": LARGE_SIDE}.get(size)
-        return _object(uri, side, "image/jpeg", f"image {image_id!r}")
+            row = conn.execute(sa.select(images.c.original_uri, images.c.normalized_uri, images.c.n_bytes)
+                               .where(images.c.image_id == image_id)).first()
+        if row is None:
+            raise LookupError(f"{what}: not found")
+        if size == "large":
+            return _large_view(row, what)
+        return _object(row.normalized_uri, THUMB_SIDE if size == "thumb" else None, "image/jpeg", what)
 
     @app.get("/overlay/{model_version}/{image_id}")
     def overlay(who: User, model_version: str, image_id: str, thumb: bool = False):

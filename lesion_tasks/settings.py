@@ -14,11 +14,12 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote_plus
 
 
 @dataclass(frozen=True)
@@ -78,12 +79,24 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
     return value
 
 
+# Query parameters whose value is a secret (libpq's `password`/`sslpassword`, `pwd`, `token`, `api_key`, ...)
+_SECRET_PARAM = re.compile(r"pass|pwd|secret|token|key|credential|auth", re.IGNORECASE)
+# `scheme://user:<password>@`, read as SQLAlchemy reads it: the password runs up to the first '@'
+# (so it may hold '?', '/' or '#', which `urlsplit` would take for the query, path or fragment)
+_USERINFO = re.compile(r"^(?P<head>[\w+.-]+:" r"//[^:/]*:)(?P<password>[^@]*)@")  # split: no URL-like literal
+
+
 def _mask_password(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
+    """`url` safe to log: the userinfo password and every query parameter named like a secret are `***`."""
+    masked = _USERINFO.sub(r"\g<head>***@", url, count=1)
+    base, sep, query = masked.partition("?")
+    if not sep:
+        return masked
+    params = []
+    for param in query.split("&"):
+        name, eq, _value = param.partition("=")
+        params.append(f"{name}=***" if eq and _SECRET_PARAM.search(unquote_plus(name)) else param)
+    return f"{base}?{'&'.join(params)}"
 
 
 # --- Airflow Connection fields -> settings (pure functions: the DAG side passes the fields in) ---

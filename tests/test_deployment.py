@@ -3,10 +3,18 @@ carries the services the DAGs need, and agrees with the settings and the lock.""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import secrets
+import shutil
+import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
+
+from tests import reliability
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,7 +62,8 @@ def test_workers_profile_and_remote_logging():
     env = compose["x-airflow-common"]["environment"]
     assert env["AIRFLOW__CORE__EXECUTOR"].startswith("${AIRFLOW_EXECUTOR")
     assert env["AIRFLOW__LOGGING__REMOTE_LOGGING"] == "true" and env["AIRFLOW__LOGGING__REMOTE_BASE_LOG_FOLDER"].startswith("s3://")
-    assert "mc mb --ignore-existing local/airflow-logs" in services["minio-init"]["entrypoint"]
+    assert "/docker/minio-init.sh" in services["minio-init"]["entrypoint"]
+    assert 'mc mb --ignore-existing "local/$LOGS_BUCKET"' in (REPO / "docker" / "minio-init.sh").read_text()
     assert "pools set lesion_tensorflow" in services["airflow-init"]["command"][1]
 
 
@@ -80,3 +89,168 @@ def test_every_non_python_file_of_lesion_tasks_ships_in_the_image():
     assert any(d.startswith("templates/") for d in data)
     missing = [d for d in data if not any(fnmatch.fnmatch(d, pat) for pat in patterns)]
     assert not missing, f"not in [tool.setuptools.package-data]: {missing}"
+
+
+# --- secrets and least privilege (static: no Docker engine here) ---------------------------------------
+
+SECRETS = ("POSTGRES_PASSWORD", "LESION_DB_PASSWORD", "MINIO_ROOT_PASSWORD", "MINIO_APP_PASSWORD", "MINIO_LOGS_PASSWORD",
+           "AIRFLOW_SECRET_KEY", "AIRFLOW_JWT_SECRET", "AIRFLOW_FERNET_KEY")
+MINIO_USERS = ("MINIO_ROOT_USER", "MINIO_APP_USER", "MINIO_LOGS_USER")
+AIRFLOW_SERVICES = ("airflow-init", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer",
+                    "airflow-worker")
+
+
+def _example() -> dict[str, str]:
+    lines = (REPO / ".env.example").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
+
+
+def _depends(services: dict, name: str) -> set[str]:
+    """Every service `name` waits for, directly or not."""
+    seen, todo = set(), [name]
+    while todo:
+        for dep in services[todo.pop()].get("depends_on", {}):
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+    return seen
+
+
+def test_every_secret_is_required_where_it_is_used():
+    """`${VAR:?...}`: compose refuses to start while a secret is unset or empty (a blank Fernet key
+    would store Connections unencrypted)."""
+    text = (REPO / "docker-compose.yaml").read_text()
+    for name in SECRETS + MINIO_USERS[1:]:
+        uses = re.findall(r"(?<!\$)\$\{" + name + r"((?:[:?+-][^}]*)?)\}", text)
+        assert uses, f"{name} is not used"
+        assert all(u.startswith(":?") for u in uses), f"{name}: every use must be ${{{name}:?...}}, found {uses}"
+    compose = _compose()
+    for name, service in [("x-airflow-common", compose["x-airflow-common"]), *compose["services"].items()]:
+        assert "env_file" not in service, f"{name}: .env is for interpolation, no container gets every secret"
+
+
+def test_one_jwt_secret_fernet_key_and_api_secret_for_every_airflow_component():
+    services = _compose()["services"]
+    expected = [("AIRFLOW__API_AUTH__JWT_SECRET", "AIRFLOW_JWT_SECRET"), ("AIRFLOW__CORE__FERNET_KEY", "AIRFLOW_FERNET_KEY"),
+                ("AIRFLOW__API__SECRET_KEY", "AIRFLOW_SECRET_KEY")]
+    for service in AIRFLOW_SERVICES:
+        env = services[service]["environment"]
+        for setting, variable in expected:
+            assert env[setting].startswith("${" + variable + ":?"), (service, setting, env.get(setting))
+
+
+def test_check_secrets_runs_before_anything_else():
+    services = _compose()["services"]
+    check = services["check-secrets"]
+    assert set(SECRETS) | set(MINIO_USERS) <= set(check["environment"])
+    assert "/docker/check-secrets.sh" in check["entrypoint"] and "restart" not in check
+    for name in ("postgres", "minio"):  # before any data volume is initialised with a weak password
+        assert services[name]["depends_on"]["check-secrets"]["condition"] == "service_completed_successfully"
+    for name in services:
+        if name != "check-secrets":
+            assert "check-secrets" in _depends(services, name), f"{name} can start without check-secrets"
+
+
+def test_minio_root_credentials_stay_in_minio_and_its_init():
+    services = _compose()["services"]
+    for name, service in services.items():
+        mentions = json.dumps(service.get("environment", {})) + json.dumps(service.get("command", "")) + \
+            json.dumps(service.get("entrypoint", ""))
+        if name not in ("minio", "minio-init", "check-secrets"):
+            assert "MINIO_ROOT" not in mentions, f"{name} gets MinIO's root credentials"
+    env = _compose()["x-airflow-common"]["environment"]
+    app, logs = json.loads(env["AIRFLOW_CONN_LESION_S3"]), json.loads(env["AIRFLOW_CONN_MINIO_LOGS"])
+    assert app["login"].startswith("${MINIO_APP_USER:?") and app["password"].startswith("${MINIO_APP_PASSWORD:?")
+    assert logs["login"].startswith("${MINIO_LOGS_USER:?") and logs["password"].startswith("${MINIO_LOGS_PASSWORD:?")
+    assert env["AIRFLOW__LOGGING__REMOTE_LOG_CONN_ID"] == "minio_logs"
+    assert env["AIRFLOW__LOGGING__REMOTE_BASE_LOG_FOLDER"] == "s3://airflow-logs"
+
+
+def test_env_example_never_passes_as_it_is():
+    example = _example()
+    assert set(SECRETS) | set(MINIO_USERS) <= set(example)
+    for name in SECRETS:
+        assert example[name] == "" or example[name].startswith("change-me"), name
+    assert len({example[n] for n in MINIO_USERS}) == 3
+
+
+def _good_env() -> dict[str, str]:
+    from cryptography.fernet import Fernet
+
+    env = {name: secrets.token_urlsafe(24) for name in SECRETS}
+    env["AIRFLOW_FERNET_KEY"] = Fernet.generate_key().decode()
+    env.update(MINIO_ROOT_USER="admin-x", MINIO_APP_USER="lesion-app", MINIO_LOGS_USER="airflow-logs")
+    return env
+
+
+def _check(env: dict[str, str]) -> subprocess.CompletedProcess:
+    sh = shutil.which("sh")
+    if sh is None:
+        pytest.skip("no POSIX sh")
+    return subprocess.run([sh, str(REPO / "docker" / "check-secrets.sh")], env={"PATH": os.environ["PATH"], **env},
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_check_secrets_refuses_the_example_and_weak_values():
+    good = _good_env()
+    ok = _check(good)
+    assert ok.returncode == 0, ok.stderr
+    example = {k: v for k, v in _example().items() if k in set(SECRETS) | set(MINIO_USERS)}
+    refused = _check(example)
+    assert refused.returncode == 1
+    for name in SECRETS:
+        assert f"check-secrets: {name} is" in refused.stderr, name
+    assert "change-me" not in refused.stderr.replace("is still a change-me placeholder", "")  # names, never values
+    cases = {"AIRFLOW_JWT_SECRET": ("CHANGE-ME-please-0123456789", "change-me placeholder"),
+             "POSTGRES_PASSWORD": ("x1y2z3", "shorter than 16"),
+             "LESION_DB_PASSWORD": ("quote'in-the-password-0123", "characters outside"),
+             "AIRFLOW_FERNET_KEY": ("not-a-fernet-key-0123456789", "not a Fernet key"),
+             "MINIO_APP_USER": (good["MINIO_ROOT_USER"], "three different users"),
+             "MINIO_LOGS_PASSWORD": (good["MINIO_ROOT_PASSWORD"], "three different secrets")}
+    for name, (value, message) in cases.items():
+        result = _check({**good, name: value})
+        assert result.returncode == 1 and message in result.stderr, (name, result.stderr)
+        assert value not in result.stderr
+    reliability.record("Compose started with example or weak secrets", "docker/check-secrets.sh on .env.example "
+                       "values, change-me, short, reused, invalid Fernet", "the stack refuses to start, naming the variable",
+                       f"exit 1 for all {len(cases) + 1} cases; values never printed", 0, 0)
+
+
+def test_minio_init_makes_least_privilege_users(tmp_path):
+    """docker/minio-init.sh against a stand-in `mc` that records its calls: one user per client, each
+    with a policy on its own bucket only."""
+    sh = shutil.which("sh")
+    if sh is None:
+        pytest.skip("no POSIX sh")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "mc").write_text('#!/bin/sh\necho "$*" >> "$MC_LOG"\n'
+                             'if [ "$1 $2 $3" = "admin policy create" ]; then cp "$6" "$MC_POLICIES/$5.json"; fi\n')
+    (fake / "mc").chmod(0o755)
+    (tmp_path / "policies").mkdir()
+    env = {**_good_env(), "LESION_BUCKET": "lesion", "PATH": f"{fake}:{os.environ['PATH']}",
+           "MC_LOG": str(tmp_path / "calls"), "MC_POLICIES": str(tmp_path / "policies"), "TMPDIR": str(tmp_path)}
+    result = subprocess.run([sh, str(REPO / "docker" / "minio-init.sh")], env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls[:2] == ["mb --ignore-existing local/lesion", "mb --ignore-existing local/airflow-logs"]
+    assert f"admin user add local lesion-app {env['MINIO_APP_PASSWORD']}" in calls
+    assert f"admin user add local airflow-logs {env['MINIO_LOGS_PASSWORD']}" in calls
+    assert "admin policy attach local lesion-app --user lesion-app" in calls
+    assert "admin policy attach local lesion-logs --user airflow-logs" in calls
+    assert env["MINIO_ROOT_PASSWORD"] not in "\n".join(calls)  # the root secret is never an argument
+
+    def grants(policy: str) -> dict[str, set[str]]:
+        doc = json.loads((tmp_path / "policies" / f"{policy}.json").read_text())
+        out: dict[str, set[str]] = {}
+        for statement in doc["Statement"]:
+            assert statement["Effect"] == "Allow"
+            for resource in statement["Resource"]:
+                out.setdefault(resource, set()).update(statement["Action"])
+        return out
+
+    bucket = {"s3:GetBucketLocation", "s3:ListBucket"}
+    assert grants("lesion-app") == {"arn:aws:s3:::lesion": bucket,
+                                    "arn:aws:s3:::lesion/*": {"s3:GetObject", "s3:PutObject", "s3:DeleteObject"}}
+    assert grants("lesion-logs") == {"arn:aws:s3:::airflow-logs": bucket,
+                                     "arn:aws:s3:::airflow-logs/*": {"s3:GetObject", "s3:PutObject"}}

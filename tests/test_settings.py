@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from lesion_tasks.settings import Settings, db_url_from_connection, s3_overrides_from_connection
+from tests import reliability
 
 
 def test_embedded_defaults_live_under_home(tmp_path):
@@ -46,3 +47,43 @@ def test_connection_fields_to_urls():
     o = s3_overrides_from_connection("minio", 9000, "ak", "sk", {"store_url": "s3://lesion"})
     assert o == {"s3_endpoint": "http://minio:9000", "s3_access_key": "ak", "s3_secret_key": "sk", "store_url": "s3://lesion"}
     assert s3_overrides_from_connection(None, None, "ak", "sk", {"endpoint_url": "https://s3.example"})["s3_endpoint"] == "https://s3.example"
+
+
+@pytest.mark.parametrize("url, secrets", [
+    ("postgresql+psycopg2://lesion@db:5432/lesion?password=hunter2", ["hunter2"]),
+    ("postgresql://lesion:hunter2@db/lesion?sslmode=require&sslpassword=keypass1", ["hunter2", "keypass1"]),
+    ("postgresql://db/lesion?user=u&PassWord=Hunter2&application_name=x", ["Hunter2"]),
+    ("postgresql://db/lesion?pwd=p1&passwd=p2&secret=p3&token=p4&api_key=p5&X-Auth-Token=p6", ["p1", "p2", "p3", "p4", "p5", "p6"]),
+    ("postgresql://db/lesion?password=a%40b%26c", ["a%40b%26c", "a@b&c"]),
+    # SQLAlchemy reads the password up to the '@', '?' and '/' included
+    ("postgresql://u:p?s/w@db/lesion", ["p?s/w", "?s/w"]),
+    ("postgresql://me@corp:hunter2@db/lesion", ["hunter2"]),  # SQLAlchemy: user 'me@corp', password 'hunter2'
+    ("postgresql://u:@db/lesion", []),
+])
+def test_password_in_query_or_userinfo_is_masked(url, secrets):
+    s = Settings.from_env({"LESION_HOME": "/x", "LESION_DB_URL": url})
+    shown = s.describe()["db_url"]
+    for secret in secrets:
+        assert secret not in shown and secret not in repr(s)
+    assert shown.startswith("postgresql") and "db" in shown
+    if "sslmode=require" in url:
+        assert "sslmode=require" in shown  # other parameters stay readable
+    if "application_name=x" in url:
+        assert "user=u" in shown and "application_name=x" in shown
+
+
+def test_db_upgrade_output_masks_query_password(tmp_path, monkeypatch, capsys):
+    from lesion_tasks import cli, db
+
+    url = "postgresql+psycopg2://lesion@db:5432/lesion?sslmode=require&password=hunter2"
+    monkeypatch.setenv("LESION_HOME", str(tmp_path))
+    monkeypatch.setenv("LESION_DB_URL", url)
+    seen = []
+    monkeypatch.setattr(db, "upgrade", lambda settings: seen.append(settings.db_url) or "0007")
+    for argv in (["db", "upgrade"], ["--json", "db", "upgrade"]):
+        assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert seen == [url, url]  # the real URL is used, only the output is masked
+    assert "hunter2" not in out and "password=***" in out and "sslmode=require" in out
+    reliability.record("A password in a database URL's query string", "...?password=hunter2 in LESION_DB_URL; "
+                       "`lesion db upgrade` with and without --json", "masked in every output", "password=*** shown", 0, 0)
