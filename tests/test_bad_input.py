@@ -101,7 +101,8 @@ def _check(settings, result, expected: dict[str, str]):
     # raw bytes of quarantined files are kept in the store
     store = open_store(settings)
     kept = raw["images/ISIC_B02.jpg"]
-    assert store.get(kept[len(store.url) + 1:]) == BAD_FILES["images/ISIC_B02.jpg"][0]
+    assert kept.startswith(f"drops/{result.drop_id}/quarantine/")  # a key, relative to the store
+    assert store.get(kept) == BAD_FILES["images/ISIC_B02.jpg"][0]
     # every entry of the drop is in the manifest with an outcome
     manifest = json.loads(store.get(f"drops/{result.drop_id}/manifest.json"))
     return {e["entry"]: e["outcome"] for e in manifest["entries"]}

@@ -7,6 +7,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from lesion_tasks.ingest import ingest
+from lesion_tasks.store import open_store
 from lesion_tasks.schema import champion_history, model_versions
 from lesion_tasks.synthetic import make_drop
 from tests.conftest import run_dag
@@ -35,6 +36,7 @@ def test_lesion_retrain_with_params(airflow_env, tmp_path):
     assert row["run_id"] == run.run_id and row["backbone"] == "tiny" and row["mc_samples"] == 20
     assert row["config"]["target_sensitivity"] == 0.97 and row["metrics"]["test"]["auc"] > 0.9
     assert row["is_champion"] and row["gate"]["passed"]
-    assert row["report_uri"].startswith(settings.store_url)
+    assert row["report_uri"] == f"models/{row['model_version']}/report.html"
+    assert open_store(settings).exists(row["report_uri"])
     assert [h["event"] for h in history] == ["promoted"] and history[0]["actor"].startswith("lesion_retrain:")
     assert not decoy.exists()

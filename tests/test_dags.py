@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 DAGS = Path(__file__).resolve().parents[1] / "dags"
-EXPECTED = {"isic_ingest": "*/30 * * * *", "lesion_retrain": None}
+EXPECTED = {"isic_ingest": "*/30 * * * *", "lesion_retrain": None, "lesion_nightly_score": "0 2 * * *"}
+TF_POOL = "lesion_tensorflow"
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,7 @@ def dagbag(airflow_db):
 
 def test_dag_files_import_cleanly(dagbag):
     assert dagbag.import_errors == {}
-    assert set(EXPECTED) <= set(dagbag.dag_ids)
+    assert set(dagbag.dag_ids) == set(EXPECTED)
 
 
 @pytest.mark.parametrize("dag_id", sorted(EXPECTED))
@@ -51,9 +52,24 @@ def test_retrain_params_are_the_trigger_form(dagbag):
     assert params["profile"] == "demo" and params["mc_samples"] == 50 and params["target_sensitivity"] == 0.85
 
 
-def test_tensorflow_tasks_share_one_pool(dagbag):
-    dag = dagbag.get_dag("lesion_retrain")
-    assert {t.task_id for t in dag.tasks if t.pool == "lesion_tensorflow"} == {"train_model", "evaluate_model"}
+@pytest.mark.parametrize("dag_id,tf_tasks", [("lesion_retrain", {"train_model", "evaluate_model"}),
+                                              ("lesion_nightly_score", {"score_shard"}), ("isic_ingest", set())])
+def test_tensorflow_tasks_share_one_pool(dagbag, dag_id, tf_tasks):
+    """Exactly the tasks that run TensorFlow take a slot of the one pool (one at a time per machine)."""
+    dag = dagbag.get_dag(dag_id)
+    assert {t.task_id for t in dag.tasks if t.pool == TF_POOL} == tf_tasks
+
+
+def test_nightly_score_policy(dagbag):
+    """02:00 UTC every night, two retries on every task, one shard at a time per run in the TF pool."""
+    dag = dagbag.get_dag("lesion_nightly_score")
+    assert dag.schedule == "0 2 * * *"
+    assert set(dag.tags) == {"lesion", "scoring"}
+    assert {t.task_id: t.retries for t in dag.tasks} == {"plan_shards": 2, "score_shard": 2, "summarise": 2}
+    shard = dag.get_task("score_shard")
+    assert shard.pool == TF_POOL and shard.max_active_tis_per_dagrun == 1
+    assert dag.get_task("summarise").trigger_rule == "none_failed"
+    assert {u for u in dag.get_task("summarise").upstream_task_ids} == {"plan_shards", "score_shard"}
 
 
 def test_isic_ingest_emits_validated_asset(dagbag):

@@ -1,5 +1,7 @@
 """Load: ingest a 5,000-image drop and score 20,000 small images with bounded memory (peak RSS of
-20,000 against 2,000, separate processes). Throughputs go to docs/reliability.md."""
+20,000 against 2,000, separate processes). Throughputs go to docs/reliability.md.
+
+On a copy of the session's trained home (its champion; its predictions removed)."""
 
 from __future__ import annotations
 
@@ -11,13 +13,11 @@ import time
 
 import sqlalchemy as sa
 
-from lesion_tasks import db, registry, retrain
+from lesion_tasks import db
 from lesion_tasks.ingest import ingest
-from lesion_tasks.schema import predictions
-from lesion_tasks.settings import Settings
-from lesion_tasks.synthetic import make_drop
+from lesion_tasks.schema import prediction_samples, predictions
 from tests import reliability
-from tests.conftest import tiny_config
+from tests.conftest import N_IMAGES
 from tests.imagegen import unlabelled_drop
 
 CHILD = """
@@ -36,13 +36,12 @@ def _score_child(settings, limit: int, run_id: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_ingest_5000_and_score_20000_with_bounded_memory(tmp_path):
-    settings = Settings.from_env({"LESION_HOME": str(tmp_path / "home")})
-    db.upgrade(settings)
-    ingest(str(make_drop(tmp_path / "labelled", n_images=160, seed=71)), settings)
-    trained = retrain.run(settings, tiny_config(epochs=40, views=1, bootstrap=20, mc_samples=20), run_id="load")
+def test_ingest_5000_and_score_20000_with_bounded_memory(home_copy, tmp_path):
+    settings = home_copy
     engine = db.make_engine(settings.db_url)
-    registry.promote(engine, trained["model_version"], "load test", "test", override=not trained["promoted"])
+    with engine.begin() as conn:  # all 20,000 images scored by the two processes below
+        conn.execute(prediction_samples.delete())
+        conn.execute(predictions.delete())
     engine.dispose()
 
     five = unlabelled_drop(tmp_path / "five", 5_000, 1)
@@ -50,7 +49,7 @@ def test_ingest_5000_and_score_20000_with_bounded_memory(tmp_path):
     first = ingest(str(five), settings)
     ingest_rate = first.accepted / (time.monotonic() - started)
     assert first.accepted == 5_000
-    ingest(str(unlabelled_drop(tmp_path / "more", 14_840, 2)), settings)  # 160 + 5,000 + 14,840 = 20,000
+    ingest(str(unlabelled_drop(tmp_path / "more", 15_000 - N_IMAGES, 2)), settings)  # N_IMAGES + 5,000 + the rest = 20,000
 
     small = _score_child(settings, 2_000, "load-2k")
     big = _score_child(settings, 18_000, "load-18k")  # the rest: 20,000 scored in all

@@ -1,7 +1,9 @@
 """Review logic (lesion_tasks.review) on the embedded defaults: the queue equals v_review_queue and is
 ordered by uncertainty, verdicts are validated and idempotent, the stored MC samples are the ones
 behind p_mel, nightly aggregates add up, and reviewer labels become training data only where ISIC
-gave none (recorded in lineage; ISIC labels never overwritten)."""
+gave none (recorded in lineage; ISIC labels never overwritten).
+
+On a copy of the session's trained home (tests/conftest.py): these tests record verdicts and retrain."""
 
 from __future__ import annotations
 
@@ -12,31 +14,19 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from lesion_tasks import db, mc, retrain, review, scoring, splits
-from lesion_tasks.ingest import ingest
+from lesion_tasks import db, mc, retrain, review, splits, trainset
 from lesion_tasks.schema import images, prediction_samples, predictions, reviews
 from lesion_tasks.schema import splits as splits_table
-from lesion_tasks.settings import Settings
-from lesion_tasks.synthetic import make_drop
-from tests.conftest import tiny_config
-
-TINY = tiny_config(epochs=150, views=2, bootstrap=100, target_sensitivity=0.97)
+from tests.conftest import LABELLED_DROP, N_IMAGES, NIGHT_DROP, copy_home
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("review")
-    settings = Settings.from_env({"LESION_HOME": str(tmp / "home")})
-    db.upgrade(settings)
-    ingest(str(make_drop(tmp / "labelled", n_images=200, seed=41)), settings)
-    night = make_drop(tmp / "night", n_images=60, seed=42)
-    (night / "metadata.csv").unlink()  # clinic images without an ISIC label
-    ingest(str(night), settings, drop_id="night")
-    trained = retrain.run(settings, TINY, run_id="r1")
-    assert trained["promoted"], trained["gate"]
-    scoring.score(settings, run_id="night-1")
+def home(trained_home, tmp_path_factory):
+    """A labelled drop and a night of clinic images without an ISIC label (drop "night"), trained and
+    scored once (run "night-1"); this module's own copy."""
+    settings = copy_home(trained_home.settings, tmp_path_factory.mktemp("review") / "home")
     engine = db.make_engine(settings.db_url)
-    yield settings, engine, trained["model_version"]
+    yield settings, engine, trained_home.version
     engine.dispose()
 
 
@@ -52,8 +42,8 @@ def test_queue_is_the_view_most_uncertain_first_with_working_filters(home):
         assert keys == sorted(keys, reverse=True)
         page = review.queue(conn, review.QueueFilter(status="all", limit=5, offset=5))
         assert [c["image_id"] for c in page["cases"]] == [c["image_id"] for c in everything["cases"][5:10]]
-        night = review.queue(conn, review.QueueFilter(drop_id="night", status="all", limit=1000))
-        assert night["cases"] and {c["drop_id"] for c in night["cases"]} == {"night"}
+        night = review.queue(conn, review.QueueFilter(drop_id=NIGHT_DROP, status="all", limit=1000))
+        assert night["cases"] and {c["drop_id"] for c in night["cases"]} == {NIGHT_DROP}
         for label in ("MEL", "NV"):
             part = review.queue(conn, review.QueueFilter(label=label, status="all", limit=1000))
             assert {c["predicted_label"] for c in part["cases"]} <= {label}
@@ -90,7 +80,7 @@ def _open_case(engine, drop_id=None) -> str:
 
 def test_verdicts_are_appended_idempotent_per_submission_and_close_the_case(home):
     _, engine, version = home
-    image_id = _open_case(engine)
+    image_id = _open_case(engine, drop_id=LABELLED_DROP)  # an ISIC-labelled case: no reviewer label for training
     first = review.record(engine, image_id, version, "agree", "dr-a", note="ok\x00 \x1b[31m", submission_id="sub-000001")
     again = review.record(engine, image_id, version, "agree", "dr-a", note="ok", submission_id="sub-000001")
     assert first == again and first["note"] == "ok [31m"  # control characters stripped
@@ -119,7 +109,7 @@ def test_stored_mc_samples_are_the_ones_behind_each_prediction(home):
                                                               prediction_samples.c.model_version == predictions.c.model_version))
                             .where(predictions.c.model_version == version)).all()
         n = conn.execute(sa.select(sa.func.count()).select_from(predictions)).scalar()
-    assert len(rows) == n == 260
+    assert len(rows) == n == N_IMAGES
     samples = np.array([r.p_mel_samples for r in rows])
     assert samples.shape == (n, rows[0].mc_samples)
     p, h, mi = mc.summarize(samples)
@@ -129,41 +119,46 @@ def test_stored_mc_samples_are_the_ones_behind_each_prediction(home):
 
 
 def test_nightly_aggregates_add_up(home):
-    _, engine, _ = home
+    _, engine, version = home
+    review.record(engine, _open_case(engine, drop_id=LABELLED_DROP), version, "agree", "dr-n", submission_id="nightly-1")
     with engine.connect() as conn:
         data = review.nightly(conn, nights=7)
         scored = conn.execute(sa.select(sa.func.count()).select_from(predictions)).scalar()
         flagged = conn.execute(sa.select(sa.func.count()).select_from(predictions).where(predictions.c.needs_review)).scalar()
+        p_mel = conn.execute(sa.select(predictions.c.p_mel)).scalars().all()
+        n_reviews = conn.execute(sa.select(sa.func.count()).select_from(reviews)).scalar()
     assert len(data["nights"]) == 1
     night = data["nights"][0]
-    assert (night["scored"], night["flagged"]) == (scored, flagged)
+    assert (night["scored"], night["flagged"]) == (scored, flagged) and flagged > 0
     assert sum(night["p_mel"]) == sum(night["entropy"]) == scored and len(night["p_mel"]) == data["bins"]
-    assert night["reviewed"] >= 0
+    expected = np.bincount((np.minimum(p_mel, 0.999999) * data["bins"]).astype(int), minlength=data["bins"])
+    assert night["p_mel"] == expected.tolist()  # p_mel binned over [0, 1], 1.0 in the last bin
+    assert night["reviewed"] == n_reviews >= 1  # every verdict of this module, all given today
 
 
-def test_reviewer_labels_become_training_data_without_touching_isic_labels(home):
+def test_reviewer_labels_become_training_data_without_touching_isic_labels(home, trained_home):
     settings, engine, version = home
+    trained_config = trained_home.config
     with engine.connect() as conn:
-        night_cases = review.queue(conn, review.QueueFilter(drop_id="night", status="all", limit=1000))["cases"]
+        night_cases = review.queue(conn, review.QueueFilter(drop_id=NIGHT_DROP, status="all", limit=1000))["cases"]
         isic_case = conn.execute(sa.select(images.c.image_id, images.c.label).where(images.c.label == "NV")
                                  .order_by(images.c.image_id)).first()
         isic_before = dict(conn.execute(sa.select(images.c.image_id, images.c.label)).all())
-    assert len(night_cases) >= 6
+    assert len(night_cases) >= 7
     chosen = {c["image_id"]: ("MEL" if k % 2 else "NV") for k, c in enumerate(night_cases[:6])}
     for k, (image_id, label) in enumerate(chosen.items()):
         review.record(engine, image_id, version, "set_label", "dr-c", label=label, submission_id=f"train-{k:06d}")
-    other = night_cases[6]["image_id"] if len(night_cases) > 6 else None
-    if other:
-        review.record(engine, other, version, "set_label", "dr-c", label="OTHER", submission_id="train-other1")
+    other = night_cases[6]["image_id"]
+    review.record(engine, other, version, "set_label", "dr-c", label="OTHER", submission_id="train-other1")
     # a reviewer contradicting ISIC: counted, never applied
     review.record(engine, isic_case.image_id, version, "set_label", "dr-c", label="MEL", submission_id="train-conflict")
 
     summary = retrain.prepare_split(settings)
-    trained = retrain.train_model(settings, TINY, run_id="r2")
+    trained = retrain.train_model(settings, trained_config, run_id="r2")
     with engine.connect() as conn:
         assigned = dict(conn.execute(sa.select(splits_table.c.image_id, splits_table.c.rule)
                                      .where(splits_table.c.image_id.in_(list(chosen)))).all())
-        refs = retrain._split_refs(conn)
+        refs = trainset.split_refs(conn)
         lineage = conn.execute(sa.text("SELECT lineage FROM model_versions WHERE model_version = :v"),
                                {"v": trained["model_version"]}).scalar()
         isic_after = dict(conn.execute(sa.select(images.c.image_id, images.c.label)).all())
@@ -174,8 +169,8 @@ def test_reviewer_labels_become_training_data_without_touching_isic_labels(home)
     train_labels = dict(zip([r.image_id for r in refs["train"][0]], refs["train"][1].tolist(), strict=True))
     assert {i: train_labels[i] for i in chosen} == {i: int(label == "MEL") for i, label in chosen.items()}
     assert not set(chosen) & {r.image_id for r in refs["val"][0] + refs["test"][0]}
-    assert other is None or other not in in_splits  # OTHER is not a binary training label
-    assert train_labels.get(isic_case.image_id, 0) == 0 or isic_case.image_id not in train_labels
+    assert other not in in_splits  # OTHER is not a binary training label
+    assert train_labels.get(isic_case.image_id, 0) == 0  # in training (if at all) with its ISIC label, NV
     reviewed = lineage["reviewed_labels"]
     assert reviewed["train_images"] == sorted(chosen)
     conflicts = reviewed["conflicts_with_isic_kept_isic"]
@@ -201,7 +196,7 @@ def test_app_on_the_embedded_defaults_streams_from_the_local_store(home):
     client = TestClient(create_app(lambda: settings, authenticate, lambda nxt: f"/auth/login?next={nxt}"))
     assert client.get("/", headers={"Accept": "text/html"}, follow_redirects=False).headers["location"].startswith("/auth/login")
     auth = {"Authorization": "Bearer ok"}
-    image_id = _open_case(engine, drop_id="night")
+    image_id = _open_case(engine, drop_id=NIGHT_DROP)
     for path, kind in (("/", "text/html"), (f"/case/{image_id}", "text/html"), ("/models", "text/html"),
                        ("/nights", "text/html"), (f"/image/{image_id}?size=thumb", "image/jpeg"),
                        (f"/image/{image_id}?size=large", "image/jpeg"), (f"/overlay/{version}/{image_id}", "image/png"),

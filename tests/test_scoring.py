@@ -1,5 +1,7 @@
 """Nightly scoring: the one-backbone-pass shortcuts equal the naive computations, every image is
-scored once, reruns rewrite identical numbers, overlays are bounded, the views answer."""
+scored once, reruns rewrite identical numbers, overlays are bounded, the views answer.
+
+On the session's trained home (tests/conftest.py): read as it is, scored again on a copy."""
 
 from __future__ import annotations
 
@@ -11,31 +13,24 @@ import pytest
 import sqlalchemy as sa
 from PIL import Image
 
-from lesion_tasks import backbones, db, features, gradcam, mc, registry, retrain, scoring
-from lesion_tasks.ingest import ingest
+from lesion_tasks import artifacts, backbones, db, features, gradcam, mc, registry, scoring, trainset
 from lesion_tasks.schema import images, predictions
-from lesion_tasks.settings import Settings
 from lesion_tasks.store import key_of, open_store
-from lesion_tasks.synthetic import make_drop
-from tests.conftest import tiny_config
+from tests.conftest import BIG_ORIGINAL, N_IMAGES, copy_home
 
 VOLATILE = {"run_id", "scored_at"}
 
 
 @pytest.fixture(scope="module")
-def scored_home(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("scoring")
-    settings = Settings.from_env({"LESION_HOME": str(tmp / "home")})
-    db.upgrade(settings)
-    ingest(str(make_drop(tmp / "labelled", n_images=200, seed=31)), settings)
-    unlabelled = make_drop(tmp / "night", n_images=12, seed=32)
-    (unlabelled / "metadata.csv").unlink()  # images only: scored, never trained on
-    Image.fromarray(np.full((2000, 3000, 3), 180, np.uint8)).save(unlabelled / "ISIC_9329999.jpg")  # a big original
-    ingest(str(unlabelled), settings)
-    trained = retrain.run(settings, tiny_config(epochs=150, views=2, bootstrap=100, target_sensitivity=0.97), run_id="t")
-    assert trained["promoted"], trained["gate"]
-    first = scoring.score(settings)
-    return settings, trained["model_version"], first
+def scored_home(trained_home):
+    """The shared home: labelled and unlabelled images (one a big original), trained, scored once."""
+    return trained_home.settings, trained_home.version, trained_home.scored
+
+
+@pytest.fixture(scope="module")
+def scored_copy(trained_home, tmp_path_factory):
+    """A copy of it to score again."""
+    return copy_home(trained_home.settings, tmp_path_factory.mktemp("scoring") / "home")
 
 
 def _rows(settings, version):
@@ -47,22 +42,22 @@ def _rows(settings, version):
     return [{k: v for k, v in r.items() if k not in VOLATILE} for r in rows]
 
 
-def _model(settings, version):
+def _model(settings, version, tmp_path):
     import keras
 
     store = open_store(settings)
     engine = db.make_engine(settings.db_url)
     with engine.connect() as conn:
         row = registry.get(conn, version)
-        refs = retrain._split_refs(conn)["test"][0][:8]
+        refs = trainset.split_refs(conn)["test"][0][:8]
     engine.dispose()
-    path = settings.home / "model.keras"
+    path = tmp_path / "model.keras"
     path.write_bytes(store.get(key_of(store, row["model_uri"])))
     rgb = np.stack([features.load_rgb(store, r.uri, row["image_size"]) for r in refs])
     return row, keras.models.load_model(path, compile=False), backbones.preprocess(rgb), [r.image_id for r in refs], store
 
 
-def test_every_image_scored_once_with_valid_numbers(scored_home):
+def test_every_image_scored_once_with_valid_numbers(scored_home, scored_copy):
     settings, version, first = scored_home
     rows = _rows(settings, version)
     engine = db.make_engine(settings.db_url)
@@ -71,7 +66,7 @@ def test_every_image_scored_once_with_valid_numbers(scored_home):
     engine.dispose()
     assert first == {"model_version": version, "scored": n_images, "skipped": 0,
                      "needs_review": sum(r["needs_review"] for r in rows), "seconds": first["seconds"]}
-    assert len(rows) == n_images == 213
+    assert len(rows) == n_images == N_IMAGES
     for r in rows:
         assert 0 <= r["p_mel"] <= 1 and 0 <= r["entropy"] <= math.log(2) + 1e-9 and r["mutual_info"] >= 0
         assert r["predicted_label"] == ("MEL" if r["p_mel"] >= r["threshold"] else "NV")
@@ -79,12 +74,14 @@ def test_every_image_scored_once_with_valid_numbers(scored_home):
         assert r["needs_review"] == bool(r["review_reasons"])
         if r["predicted_label"] == "MEL":
             assert "predicted_mel" in r["review_reasons"]
-    again = scoring.score(settings)
+    again = scoring.score(scored_copy)
     assert (again["scored"], again["skipped"]) == (0, n_images)
+    assert _rows(scored_copy, version) == rows  # nothing rewritten
 
 
-def test_rerun_rewrites_identical_numbers_and_overlays(scored_home):
-    settings, version, _ = scored_home
+def test_rerun_rewrites_identical_numbers_and_overlays(scored_home, scored_copy):
+    _, version, _ = scored_home
+    settings = scored_copy
     store = open_store(settings)
     before = _rows(settings, version)
     pngs = {r["image_id"]: store.get(key_of(store, r["gradcam_uri"])) for r in before[:20]}
@@ -100,18 +97,18 @@ def test_rerun_rewrites_identical_numbers_and_overlays(scored_home):
 def test_overlay_is_drawn_on_the_original_at_bounded_size(scored_home):
     settings, version, _ = scored_home
     store = open_store(settings)
-    row = next(r for r in _rows(settings, version) if r["image_id"] == "ISIC_9329999")
+    row = next(r for r in _rows(settings, version) if r["image_id"] == BIG_ORIGINAL)
     overlay = Image.open(io.BytesIO(store.get(key_of(store, row["gradcam_uri"]))))
     assert overlay.format == "PNG" and overlay.size == (1024, 683)
 
 
-def test_head_only_mc_equals_naive_full_model_mc(scored_home):
+def test_head_only_mc_equals_naive_full_model_mc(scored_home, tmp_path):
     """T full forward passes with the same dropout masks give the same samples (max |diff| <= 1e-5)."""
     import keras
 
     settings, version, _ = scored_home
-    row, model, x, ids, store = _model(settings, version)
-    head = retrain.load_head(store, row)
+    row, model, x, ids, store = _model(settings, version, tmp_path)
+    head = artifacts.of(store, row).load_head()
     masks = mc.dropout_masks(ids, version, 50, backbones.HEAD_UNITS, head.dropout)
     to_bn = keras.Model(model.input, model.get_layer("head_bn").output)
     out = model.get_layer("head_out")
@@ -149,5 +146,5 @@ def test_views_one_row_per_image_and_review_queue(scored_home):
         queue = conn.execute(sa.text("SELECT image_id, needs_review, known_label FROM v_review_queue")).all()
         flagged = conn.execute(sa.select(sa.func.count()).select_from(predictions).where(predictions.c.needs_review)).scalar()
     engine.dispose()
-    assert len(latest) == len({i for i, _ in latest}) == 213 and {v for _, v in latest} == {version}
+    assert len(latest) == len({i for i, _ in latest}) == N_IMAGES and {v for _, v in latest} == {version}
     assert len(queue) == flagged and all(q.needs_review for q in queue)

@@ -5,20 +5,21 @@ from __future__ import annotations
 
 import re
 import subprocess
-import time
+from datetime import timedelta
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
 import sqlalchemy as sa
 
-from lesion_tasks import db, registry, retrain, scoring
-from lesion_tasks.ingest import ingest
+from lesion_tasks import db, scoring
+from lesion_tasks.schema import predictions
 from lesion_tasks.settings import Settings
-from lesion_tasks.store import S3Store, StoreError
+from lesion_tasks.store import S3Store, StoreError, key_of, open_store
 from lesion_tasks.synthetic import make_drop
 from tests import reliability
-from tests.conftest import run_cli, tiny_config
+from tests.conftest import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 # credentials of the throwaway servers the tests start: not secrets
@@ -80,25 +81,37 @@ def test_wrong_s3_credentials_are_refused(s3_server):
                        "refused with a clear error", "StoreError 'refused access'", 0, 0)
 
 
-def test_gradcam_links_are_presigned_and_expire(tmp_path, s3_settings_kwargs):
-    settings = Settings.from_env({"LESION_HOME": str(tmp_path / "home")}, **s3_settings_kwargs)
-    db.upgrade(settings)
-    ingest(str(make_drop(tmp_path / "drop", n_images=120, seed=62)), settings)
-    trained = retrain.run(settings, tiny_config(epochs=40, views=1, bootstrap=20), run_id="links")
-    engine = db.make_engine(settings.db_url)
-    registry.promote(engine, trained["model_version"], "link test", "test", override=not trained["promoted"])
-    engine.dispose()
-    scoring.score(settings, limit=3)
-    engine = db.make_engine(settings.db_url)
+def test_gradcam_links_are_presigned_and_expire(trained_home, s3_settings_kwargs, monkeypatch):
+    """A Grad-CAM link handed to a person works, names its lifetime, and is refused once that is over;
+    the bucket itself stays private. Expiry is checked without waiting: a link signed ten minutes ago
+    for 2 s is refused, one signed then for an hour still works (so the refusal is the expiry)."""
+    from minio import time as minio_time
+
+    shared = trained_home.settings  # its database is only read; one overlay goes to a fresh bucket
+    settings = Settings.from_env({"LESION_HOME": str(shared.home)}, db_url=shared.db_url, **s3_settings_kwargs)
+    engine = db.make_engine(shared.db_url)
     with engine.connect() as conn:
-        image_id = conn.execute(sa.text("SELECT image_id FROM predictions LIMIT 1")).scalar()
+        image_id, ref = conn.execute(sa.select(predictions.c.image_id, predictions.c.gradcam_uri)
+                                     .order_by(predictions.c.image_id).limit(1)).one()
     engine.dispose()
+    local, bucket = open_store(shared), open_store(settings)
+    bucket.put(key_of(local, ref), local.get(key_of(local, ref)), "image/png")
+
     url = scoring.gradcam_link(settings, image_id, expires_s=2)
+    assert parse_qs(urlsplit(url).query)["X-Amz-Expires"] == ["2"]
     anonymous = requests.get(url.split("?", 1)[0], timeout=10)  # the same object without the signature
     assert anonymous.status_code != 200 and not anonymous.content.startswith(b"\x89PNG")  # the bucket is private
-    first = requests.get(url, timeout=10)
-    assert first.status_code == 200 and first.content.startswith(b"\x89PNG")
-    time.sleep(3.5)
-    assert requests.get(url, timeout=10).status_code in (400, 401, 403)
-    reliability.record("Grad-CAM links handed to people", "presigned GET with a 2 s lifetime, fetched before and after",
-                       "works, then refused; unsigned access refused", "200 then refused; unsigned refused", 0, 0)
+    fresh = requests.get(scoring.gradcam_link(settings, image_id, expires_s=600), timeout=10)
+    assert fresh.status_code == 200 and fresh.content.startswith(b"\x89PNG")
+    signed_at = minio_time.utcnow() - timedelta(minutes=10)
+    monkeypatch.setattr(minio_time, "utcnow", lambda: signed_at)
+    expired = scoring.gradcam_link(settings, image_id, expires_s=2)
+    still_valid = scoring.gradcam_link(settings, image_id, expires_s=3600)
+    monkeypatch.undo()
+    assert requests.get(expired, timeout=10).status_code in (400, 401, 403)
+    assert requests.get(still_valid, timeout=10).status_code == 200
+    with pytest.raises(ValueError, match="expires=0: expected 1 to 604800 seconds"):
+        scoring.gradcam_link(settings, image_id, expires_s=0)
+    reliability.record("Grad-CAM links handed to people", "presigned GET with a 2 s lifetime, fetched in time and "
+                       "(signed 10 minutes earlier) after it", "works, then refused; unsigned access refused",
+                       "200 then refused; unsigned refused", 0, 0)

@@ -7,7 +7,7 @@ import io
 import pytest
 
 from lesion_tasks.settings import Settings
-from lesion_tasks.store import LocalStore, ObjectNotFound, S3Store, check_key, open_store
+from lesion_tasks.store import LocalStore, ObjectNotFound, S3Store, base_uri, check_key, key_of, open_store
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -18,11 +18,18 @@ def store(request, tmp_path):
     return open_store(Settings.from_env({"LESION_HOME": str(tmp_path)}, **kwargs))
 
 
-def test_put_get_roundtrip_and_uri(store):
-    uri = store.put("drops/d1/original/ISIC_1.jpg", b"\xff\xd8bytes", "image/jpeg")
-    assert store.get("drops/d1/original/ISIC_1.jpg") == b"\xff\xd8bytes"
-    assert uri == store.uri("drops/d1/original/ISIC_1.jpg")
-    assert uri.startswith(store.url)
+def test_put_get_roundtrip_and_references(store):
+    """put returns the key (what the database stores); key_of reads a key or this store's absolute URI."""
+    ref = store.put("drops/d1/original/ISIC_1.jpg", b"\xff\xd8bytes", "image/jpeg")
+    assert ref == "drops/d1/original/ISIC_1.jpg"
+    assert store.get(key_of(store, ref)) == b"\xff\xd8bytes"
+    uri = store.uri(ref)
+    assert uri.startswith(store.url) and key_of(store, uri) == ref
+    assert base_uri(store.url) == store.url
+    with pytest.raises(ValueError, match="not in store"):
+        key_of(store, "s3://elsewhere/drops/d1/original/ISIC_1.jpg")
+    with pytest.raises(ValueError, match="relative path"):
+        key_of(store, "../etc/passwd")
 
 
 def test_overwrite_is_whole(store):
