@@ -53,8 +53,12 @@ def lesion_nightly_score():
 
         from lesion_tasks.scoring import summarize
 
+        # `results` is Airflow's lazy sequence over the mapped XComs: iterating it (list(results)) reads
+        # item by item until the API answers 404, which the SDK logs as "XCom not found ... offset=N"
+        # on every run; a full slice reads them all in one request
         version = shards[0]["model_version"] if shards else "champion"
-        return summarize(lesion_settings(), version, get_current_context()["run_id"], list(results or []))
+        return summarize(lesion_settings(), version, get_current_context()["run_id"],
+                         list(results[:]) if results is not None else [])
 
     shards = plan_shards()
     summarise(shards, score_shard.expand(shard=shards))
