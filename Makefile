@@ -48,6 +48,7 @@ test-deps:
 bench: venv
 	$(BIN)/python bench/ingest_throughput.py
 	$(BIN)/python bench/review_queue.py
+	$(BIN)/python bench/neardup_grouping.py
 
 # Regenerates both locks from the current venv (after changing pyproject.toml and reinstalling).
 lock:
