@@ -10,14 +10,11 @@ iframe.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
-import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -28,9 +25,8 @@ import sqlalchemy as sa
 from fastapi import Depends, FastAPI, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
-from PIL import Image
 
-from lesion_tasks import review
+from lesion_tasks import previews, review
 from lesion_tasks.db import make_engine
 from lesion_tasks.schema import images, model_versions, predictions
 from lesion_tasks.settings import Settings
@@ -40,22 +36,6 @@ log = logging.getLogger(__name__)
 
 THUMB_SIDE = 192  # queue thumbnails
 LARGE_SIDE = 1024  # the case page's view of the original (ISIC originals reach 6000x4000)
-# Decoding bounds, per API-server process (it serves Airflow's Execution API too). An image is decoded
-# only if it has at most DECODE_MAX_PIXELS pixels once opened (JPEG: at the reduced scale `draft` picks,
-# 1/2 to 1/8), and only DECODE_SLOTS decodes run at once, each holding at most DECODE_MAX_BYTES of
-# encoded bytes and a few bytes per pixel (~100 MB for a 16 MP RGBA PNG) while it decodes. An
-# original past a bound (ingest admits up to 64 MP, and PNG/TIFF/BMP/WebP have no reduced-scale
-# decoding) is shown as its normalised copy made at ingest. A request waits DECODE_WAIT_S for a slot,
-# then gets 503.
-DECODE_MAX_PIXELS = 16_000_000
-DECODE_MAX_BYTES = 40 * 2**20
-DECODE_SLOTS = 2
-DECODE_WAIT_S = 30.0
-_decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
-_ORIENTATION = 0x0112
-_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-            8: Image.Transpose.ROTATE_90}
 CACHE = "private, max-age=300"
 SECURITY_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
                                                "frame-ancestors 'self'; form-action 'self'",
@@ -195,49 +175,6 @@ def queue_bars_svg(data: dict[str, Any], width: int = 640) -> str:
 
 # --- the app ------------------------------------------------------------------------------------
 
-class TooLargeToDecode(Exception):
-    """The image is past the decoding budget: it is not decoded."""
-
-
-@contextmanager
-def _decode_slot() -> Iterator[None]:
-    """One of the process's DECODE_SLOTS: parallel requests queue here instead of stacking decoded images."""
-    if not _decode_slots.acquire(timeout=DECODE_WAIT_S):
-        raise HTTPException(503, "busy decoding images: try again shortly", headers={"Retry-After": "5"})
-    try:
-        yield
-    finally:
-        _decode_slots.release()
-
-
-def _downscaled(data: bytes, side: int) -> bytes:
-    """A JPEG of `data` fitting side x side, upright. Call it inside a `_decode_slot`. Raises
-    TooLargeToDecode, before decoding anything, when the image is past the budget."""
-    if len(data) > DECODE_MAX_BYTES:
-        raise TooLargeToDecode(f"{len(data)} bytes, decoding limit {DECODE_MAX_BYTES}")
-    try:
-        im = Image.open(io.BytesIO(data))  # lazy: reads the header only
-    except Image.DecompressionBombError as exc:
-        raise TooLargeToDecode(str(exc)) from None
-    with im:
-        im.draft("RGB", (side, side))  # JPEG/MPO: decode at the smallest scale >= side; other formats: no-op
-        width, height = im.size
-        if width * height > DECODE_MAX_PIXELS:
-            raise TooLargeToDecode(f"{width}x{height} = {width * height} pixels to decode, limit {DECODE_MAX_PIXELS}")
-        im.load()
-        orientation = im.getexif().get(_ORIENTATION, 1)  # PNG: the eXIf chunk may follow the pixels
-        small: Image.Image = im
-        if small.mode not in ("RGB", "RGBA", "RGBX", "L", "LA", "CMYK", "YCbCr"):
-            small = small.convert("RGB")  # palette, 1-bit, 16-bit, float: resize them as RGB
-        small.thumbnail((side, side))  # in place: the full-size pixels are freed here
-        if orientation in _UPRIGHT:
-            small = small.transpose(_UPRIGHT[orientation])
-        small = small.convert("RGB")
-    out = io.BytesIO()
-    small.save(out, "JPEG", quality=85)
-    return out.getvalue()
-
-
 def _same_origin(request: Request) -> bool:
     """A browser form post must come from this site (the login cookie is SameSite=Lax as well)."""
     source = request.headers.get("origin") or request.headers.get("referer")
@@ -270,8 +207,12 @@ def create_app(settings: Callable[[], Settings], authenticate: Callable[[Request
     async def _store_down(_request: Request, exc: StoreError) -> Response:
         return Response(f"object store unavailable: {exc}", status_code=503, media_type="text/plain")
 
-    @app.exception_handler(TooLargeToDecode)
-    async def _too_large(_request: Request, exc: TooLargeToDecode) -> Response:
+    @app.exception_handler(previews.Busy)
+    async def _busy(_request: Request, exc: previews.Busy) -> Response:
+        return Response(str(exc), status_code=503, media_type="text/plain", headers={"Retry-After": "5"})
+
+    @app.exception_handler(previews.TooLargeToDecode)
+    async def _too_large(_request: Request, exc: previews.TooLargeToDecode) -> Response:
         return Response(f"image too large to preview: {exc}", status_code=413, media_type="text/plain")
 
     @app.exception_handler(ValueError)
@@ -359,18 +300,18 @@ def create_app(settings: Callable[[], Settings], authenticate: Callable[[Request
     def _object(uri: str | None, side: int | None, media_type: str, what: str) -> Response:
         if not side:
             return Response(_read(uri, what), media_type=media_type, headers={"Cache-Control": CACHE})
-        with _decode_slot():
-            data = _downscaled(_read(uri, what), side)
+        with previews.decode_slot():
+            data = previews.downscaled(_read(uri, what), side)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": CACHE})
 
     def _large_view(row: Any, what: str) -> Response:
         """The original downscaled to LARGE_SIDE, or (past the decoding budget) the normalised copy."""
-        if row.n_bytes <= DECODE_MAX_BYTES:
+        if row.n_bytes <= previews.DECODE_MAX_BYTES:
             try:
-                with _decode_slot():  # the original's bytes count against the slot too
-                    data = _downscaled(_read(row.original_uri, what), LARGE_SIDE)
+                with previews.decode_slot():  # the original's bytes count against the slot too
+                    data = previews.downscaled(_read(row.original_uri, what), LARGE_SIDE)
                 return Response(data, media_type="image/jpeg", headers={"Cache-Control": CACHE, "X-Lesion-View": "original"})
-            except TooLargeToDecode as exc:
+            except previews.TooLargeToDecode as exc:
                 log.debug("%s: the large view is the normalised copy (%s)", what, exc)
         return Response(_read(row.normalized_uri, what), media_type="image/jpeg",
                         headers={"Cache-Control": CACHE, "X-Lesion-View": "normalized"})

@@ -173,12 +173,12 @@ def test_parallel_decodes_are_capped(home, monkeypatch):
 
 
 def test_a_request_that_cannot_get_a_decode_slot_is_told_to_retry(home, monkeypatch):
-    from lesion_tasks import review_web
+    from lesion_tasks import previews
 
     settings, _ = home
     client = _client(settings)
-    monkeypatch.setattr(review_web, "DECODE_WAIT_S", 0.2)
-    held = [review_web._decode_slots.acquire(timeout=5) for _ in range(review_web.DECODE_SLOTS)]
+    monkeypatch.setattr(previews, "DECODE_WAIT_S", 0.2)
+    held = [previews._decode_slots.acquire(timeout=5) for _ in range(previews.DECODE_SLOTS)]
     try:
         assert all(held)
         busy = client.get(f"/image/{MID}?size=large")
@@ -186,7 +186,7 @@ def test_a_request_that_cannot_get_a_decode_slot_is_told_to_retry(home, monkeypa
         assert client.get(f"/image/{MID}").status_code == 200  # the normalised copy needs no decoding
     finally:
         for _ in held:
-            review_web._decode_slots.release()
+            previews._decode_slots.release()
     assert _size(client.get(f"/image/{MID}?size=large")) == (1024, 768)
 
 
