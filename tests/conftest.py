@@ -283,6 +283,27 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subproce
                           env={**os.environ, **(env or {})})
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_db_url(request, tmp_path) -> str:
+    """An empty database on each dialect: SQLite in tmp_path, then a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'x.db'}"
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def embedded_airflow_env(monkeypatch, tmp_path, airflow_db) -> Settings:
+    """DAGs run by dag.test() on the embedded defaults (SQLite + local store under tmp_path/home), no
+    Connections; incoming drops are taken at once."""
+    for name in ("AIRFLOW_CONN_LESION_DB", "AIRFLOW_CONN_LESION_S3", "LESION_DB_URL", "LESION_STORE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LESION_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("LESION_INCOMING_SETTLE_SECONDS", "0")
+    settings = Settings.from_env()
+    db.upgrade(settings)
+    return settings
+
+
 @pytest.fixture
 def airflow_env(monkeypatch, tmp_path, pg_s3_settings, airflow_db):
     """Connections lesion_db / lesion_s3 -> the test Postgres and S3; LESION_* -> decoys that must stay unused."""

@@ -11,7 +11,6 @@ import sqlalchemy as sa
 
 from lesion_tasks import db
 from lesion_tasks.schema import images, quarantine
-from lesion_tasks.settings import Settings
 from lesion_tasks.store import open_store
 from tests import imagegen as g
 from tests import reliability
@@ -49,15 +48,10 @@ def _hostile_drop(root: Path) -> dict[str, str]:
             "ISIC_H05.jpg": "nested_archive", "ISIC_H06.jpg": "corrupt_image", "ISIC_H07.jpg": "decompression_bomb"}
 
 
-def test_hostile_drop_through_the_dag(tmp_path, monkeypatch, airflow_db):
+def test_hostile_drop_through_the_dag(tmp_path, embedded_airflow_env):
     from airflow.dag_processing.dagbag import DagBag
 
-    for name in ("AIRFLOW_CONN_LESION_DB", "AIRFLOW_CONN_LESION_S3", "LESION_DB_URL", "LESION_STORE_URL"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("LESION_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("LESION_INCOMING_SETTLE_SECONDS", "0")
-    settings = Settings.from_env()
-    db.upgrade(settings)
+    settings = embedded_airflow_env
     store = open_store(settings)
     drop = tmp_path / "hostile"
     expected = _hostile_drop(drop)

@@ -19,7 +19,6 @@ from lesion_tasks.entries import valid_image_id
 from lesion_tasks.ingest import ingest, ingest_one_of_many
 from lesion_tasks.neardup import NearDupIndex
 from lesion_tasks.schema import drops, images, predictions, quarantine
-from lesion_tasks.settings import Settings
 from lesion_tasks.store import open_store
 from tests import imagegen as g
 from tests import reliability
@@ -94,19 +93,14 @@ def test_long_file_names_never_block_a_drop(tmp_path, local_settings):
                        f"both drops complete; {result.accepted} accepted from the zip", 0, 0)
 
 
-def test_a_failed_drop_is_recorded_and_the_others_still_publish(tmp_path, monkeypatch, airflow_db):
+def test_a_failed_drop_is_recorded_and_the_others_still_publish(monkeypatch, embedded_airflow_env):
     """One drop that breaks ingestion (here: label evidence that raises) is marked failed with its reason;
     the good drop of the same run is ingested and published; the run ends failed, saying which drop."""
     from airflow.dag_processing.dagbag import DagBag
 
     from lesion_tasks import labels
 
-    for name in ("AIRFLOW_CONN_LESION_DB", "AIRFLOW_CONN_LESION_S3", "LESION_DB_URL", "LESION_STORE_URL"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("LESION_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("LESION_INCOMING_SETTLE_SECONDS", "0")
-    settings = Settings.from_env()
-    db.upgrade(settings)
+    settings = embedded_airflow_env
     store = open_store(settings)
     for drop, ids in (("a-good", ("ISIC_9300001", "ISIC_9300002")), ("b-broken", ("ISIC_9399999",))):
         for k, image_id in enumerate(ids):

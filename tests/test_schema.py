@@ -12,11 +12,9 @@ from lesion_tasks.schema import metadata
 from lesion_tasks.settings import Settings
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'x.db'}"
-    return request.getfixturevalue("pg_url")
+@pytest.fixture
+def url(any_db_url):
+    return any_db_url
 
 
 def test_upgrade_matches_schema_module_and_is_repeatable(url):
