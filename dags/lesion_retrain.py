@@ -52,9 +52,14 @@ def lesion_retrain():
     def prepare_split() -> dict:
         from lesion_airflow import lesion_settings
 
+        from airflow.sdk.exceptions import AirflowFailException
+
         from lesion_tasks.retrain import config_from_params, prepare_split as split
 
-        config = config_from_params(dict(get_current_context()["params"]))  # bad values fail here, first
+        try:  # bad values fail here, first, and for good: a retry would not make them valid
+            config = config_from_params(dict(get_current_context()["params"]))
+        except ValueError as exc:
+            raise AirflowFailException(str(exc)) from None
         return split(lesion_settings(), config.seed)
 
     @task(pool=TF_POOL)
