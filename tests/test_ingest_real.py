@@ -80,3 +80,25 @@ def test_drop_id_reused_for_other_content_is_refused(data_dir, tmp_path):
     out = run_cli("ingest", str(data_dir / "isic2017-mel-nv"), "--drop-id", "night-1", env={"LESION_HOME": str(home)})
     assert out.returncode == 2
     assert "drop id 'night-1' was already used" in out.stderr
+
+
+def test_isic2019_84px_all_diagnoses(data_dir, tmp_path):
+    """12,914 images of all eight diagnoses: 47 byte-identical copies under other ids are duplicates,
+    everything else accepted; non-MEL/NV diagnoses kept as OTHER (scored, never trained on); rerun adds 0."""
+    drop = data_dir / "isic2019-84px"
+    if not drop.is_dir():
+        pytest.skip(f"{drop} not found (an older copy of the shared data)")
+    home = tmp_path / "home"
+    first = _ingest(drop, home)
+    assert (first["accepted"], first["quarantined"], first["duplicates"]) == (12867, 0, 47)
+    assert first["labels"] == {"MEL": 2875, "NV": 4316, "OTHER": 5676}
+    assert first["layout"] == "challenge-ground-truth+challenge-metadata"
+    again = _ingest(drop, home)
+    assert (again["accepted"], again["totals"]["accepted"]) == (0, 12867)
+    engine = sa.create_engine(f"sqlite:///{home / 'lesion.db'}")
+    with engine.connect() as conn:
+        with_lesion = conn.execute(sa.select(sa.func.count()).where(images.c.lesion_id.is_not(None))).scalar()
+        sizes = set(conn.execute(sa.select(images.c.width, images.c.height).distinct()).all())
+    engine.dispose()
+    assert with_lesion == 12523  # lesion ids from the metadata CSV (12,570 rows; 47 duplicates not accepted)
+    assert sizes == {(84, 84)}
