@@ -16,14 +16,14 @@ from pathlib import PurePosixPath
 from lesion_tasks import labels as lbl
 from lesion_tasks.images import Accepted, Rejected, inspect_image
 from lesion_tasks.reasons import Reason
-from lesion_tasks.sources import DropSource, Entry, EntryTooLarge, Limits
+from lesion_tasks.sources import READY_MARKER, DropSource, Entry, EntryTooLarge, Limits
 
 log = logging.getLogger(__name__)
 
 # the whole id, no whitespace or control character anywhere (fullmatch: `$` would admit a final newline)
 IMAGE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
 TEXT_SUFFIXES = {".csv", ".json", ".txt", ".md", ".html", ".pdf", ".tsv", ".xml", ".yaml", ".yml"}
-IGNORED_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini", "_READY"}
+IGNORED_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini", READY_MARKER}
 ARCHIVE_SIGNATURES = ((b"PK\x03\x04", "zip"), (b"PK\x05\x06", "zip"), (b"\x1f\x8b", "gzip"),
                       (b"7z\xbc\xaf\x27\x1c", "7z"), (b"Rar!\x1a\x07", "rar"), (b"BZh", "bzip2"))
 MAX_ENTRY_LENGTH = 512  # quarantine.entry is indexed: Postgres caps index rows at ~2.7 kB

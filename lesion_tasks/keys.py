@@ -25,9 +25,13 @@ from pathlib import PurePosixPath
 MAX_SEGMENT = 120  # bytes; file systems cap a name at 255, S3 a key at 1024
 
 
+def _readable(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")
+
+
 def slug(name: str, what: str = "drop name") -> str:
     """A readable id from a free-form name: letters, digits, '.', '_' and '-' only, at most 128."""
-    out = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")[:128]
+    out = _readable(name)[:128]
     if not out:
         raise ValueError(f"{what} {name!r}: cannot derive an id from it (pass one explicitly)")
     return out
@@ -36,7 +40,7 @@ def slug(name: str, what: str = "drop name") -> str:
 def injective_slug(name: str, max_len: int = 128) -> str:
     """`slug(name)` when that is `name` itself and fits; else the slug cut short plus a hash of the
     exact `name`, so two different names never give one id (e.g. run ids `a:b`, `a~b`, `a.b.`)."""
-    readable = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")
+    readable = _readable(name)
     if readable == name and 0 < len(name) <= max_len:
         return name
     digest = hashlib.sha256(name.encode()).hexdigest()[:12]
