@@ -103,6 +103,23 @@ def label_from_diagnosis(value: str) -> tuple[str | None, str | None]:
     return "OTHER", full
 
 
+# challenge code of an out-of-scope diagnosis in any vocabulary (lower-case keywords, first match wins)
+_CODE_KEYWORDS = (("basal cell carcinoma", "BCC"), ("squamous cell carcinoma", "SCC"), ("actinic keratosis", "AK"),
+                  ("bowen", "SCC"), ("seborrheic keratosis", "BKL"), ("solar lentigo", "BKL"), ("lentigo", "BKL"),
+                  ("lichen", "BKL"), ("benign keratosis", "BKL"), ("dermatofibroma", "DF"), ("hemangioma", "VASC"),
+                  ("angioma", "VASC"), ("angiokeratoma", "VASC"), ("pyogenic granuloma", "VASC"), ("vascular", "VASC"))
+
+
+def challenge_code(diagnosis: str | None) -> str:
+    """The ISIC 2019 challenge code (BCC, SCC, AK, BKL, DF, VASC, ...) of a diagnosis, "OTHER" when none fits."""
+    if not diagnosis:
+        return "OTHER"
+    if diagnosis.upper() in CLASS_CODES:
+        return "AK" if diagnosis.upper() == "AKIEC" else diagnosis.upper()
+    lower = diagnosis.lower()
+    return next((code for word, code in _CODE_KEYWORDS if word in lower), "OTHER")
+
+
 def _legacy_label(canonical: str) -> str:
     lower = canonical.lower()
     return "MEL" if lower in LEGACY_MEL else "NV" if lower in LEGACY_NV else "OTHER"
@@ -153,8 +170,10 @@ def _hostile(row: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _evidence_from_fields(image_id: str, source: str, row: Mapping[str, Any], labelled: bool, label=None) -> Evidence:
-    """Evidence from a flat record of ISIC fields; `label` given when a one-hot column decided it."""
+def _evidence_from_fields(image_id: str, source: str, row: Mapping[str, Any], labelled: bool, label=None,
+                          code: str | None = None) -> Evidence:
+    """Evidence from a flat record of ISIC fields; `label` (and the class `code`, e.g. BCC) given when a
+    one-hot column decided it."""
     diagnosis = None
     problem = None
     hostile = _hostile(row)
@@ -167,7 +186,7 @@ def _evidence_from_fields(image_id: str, source: str, row: Mapping[str, Any], la
         except ValueError as exc:
             problem = (Reason.INVALID_METADATA, f"{source}: {exc}")
     elif label is not None:
-        diagnosis = label
+        diagnosis = code or label
     metadata: dict[str, Any] = {}
     if problem is None:
         try:
@@ -206,7 +225,7 @@ def _one_hot(image_id: str, source: str, row: Mapping[str, Any], classes: list[s
         return Evidence(image_id, source, problem=(Reason.INVALID_LABEL, f"{source}: no class set among {classes}"), labelled=True)
     code = hot[0]
     label = None if code == "UNK" else ("MEL" if code == "MEL" else "NV" if code == "NV" else "OTHER")
-    return _evidence_from_fields(image_id, source, row, labelled=True, label=label)
+    return _evidence_from_fields(image_id, source, row, labelled=True, label=label, code=code)
 
 
 def _isic2017(image_id: str, source: str, row: Mapping[str, Any]) -> Evidence:
@@ -220,7 +239,8 @@ def _isic2017(image_id: str, source: str, row: Mapping[str, Any]) -> Evidence:
     if mel and sk:
         return Evidence(image_id, source, problem=(Reason.MULTI_HOT_LABEL, f"{source}: melanoma and seborrheic_keratosis both set"), labelled=True)
     label = "MEL" if mel else "OTHER" if sk else "NV"
-    return _evidence_from_fields(image_id, source, row, labelled=True, label=label)
+    # seborrhoeic keratosis is one of the benign keratosis-like lesions (BKL) of the 2018/2019 codes
+    return _evidence_from_fields(image_id, source, row, labelled=True, label=label, code="BKL" if sk else label)
 
 
 def read_csv(source: str, data: bytes) -> tuple[str | None, list[Evidence]]:

@@ -102,3 +102,36 @@ def test_isic2019_84px_all_diagnoses(data_dir, tmp_path):
     engine.dispose()
     assert with_lesion == 12523  # lesion ids from the metadata CSV (12,570 rows; 47 duplicates not accepted)
     assert sizes == {(84, 84)}
+    _check_diagnoses_and_lesion_split(home)
+
+
+def _check_diagnoses_and_lesion_split(home):
+    """The challenge class of each OTHER image is kept (the out-of-scope report is per diagnosis), and
+    the split keeps every lesion -- same lesion_id or near-duplicate group, transitively -- on one side,
+    stratified by label: each split holds its share of every diagnosis."""
+    from collections import Counter
+
+    from lesion_tasks import splits
+    from lesion_tasks.schema import splits as splits_table
+
+    engine = sa.create_engine(f"sqlite:///{home / 'lesion.db'}")
+    with engine.connect() as conn:
+        diagnoses = dict(conn.execute(sa.select(images.c.diagnosis, sa.func.count()).group_by(images.c.diagnosis)).all())
+    assert diagnoses == {"MEL": 2875, "NV": 4316, "BCC": 2802, "BKL": 1511, "AK": 697, "SCC": 431, "DF": 124, "VASC": 111}
+    summary = splits.assign(engine, seed=0)
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(images.c.lesion_id, images.c.near_dup_group, images.c.label, splits_table.c.split)
+                            .join(splits_table, splits_table.c.image_id == images.c.image_id)).all()
+    engine.dispose()
+    assert len(rows) == 12867  # every labelled image, OTHER included
+    for column in ("lesion_id", "near_dup_group"):
+        sides: dict[str, set[str]] = {}
+        for r in rows:
+            if getattr(r, column):
+                sides.setdefault(getattr(r, column), set()).add(r.split)
+        assert not [k for k, v in sides.items() if len(v) > 1], f"a {column} straddles splits"
+    counts = Counter((r.label, r.split) for r in rows)
+    for label in ("MEL", "NV", "OTHER"):
+        total = sum(counts[label, s] for s in ("train", "val", "test"))
+        assert 0.18 < counts[label, "test"] / total < 0.22 and 0.13 < counts[label, "val"] / total < 0.17, counts
+    assert summary["by_source"]["isic2019-84px"]["test"] == {k: counts[k, "test"] for k in ("MEL", "NV", "OTHER")}

@@ -1,4 +1,5 @@
-"""The split: stratified, grouped by near-duplicate group, frozen, extended by a recorded rule."""
+"""The split: stratified by label and source, grouped by lesion (near-duplicate group and lesion id,
+transitively), frozen, extended by a recorded rule."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from lesion_tasks.schema import drops, images
 from lesion_tasks.schema import splits as splits_table
 
 
-def _add_images(engine, n: int, start: int = 0, groups_of: int = 1, mel_every: int = 4, drop: str = "d"):
+def _add_images(engine, n: int, start: int = 0, groups_of: int = 1, mel_every: int = 4, drop: str = "d",
+                other_every: int = 0, lesion_of=lambda i: None):
     now = datetime.now(UTC)
     with engine.begin() as conn:
         db.insert_ignore(conn, drops, [{"drop_id": drop, "source": "s", "layout": "l", "fingerprint": "f", "status": "complete",
@@ -19,7 +21,8 @@ def _add_images(engine, n: int, start: int = 0, groups_of: int = 1, mel_every: i
         rows = []
         for i in range(start, start + n):
             rows.append({"image_id": f"I{i:05d}", "drop_id": drop, "source_entry": f"I{i}.jpg", "sha256": f"{i:064d}",
-                         "label": "MEL" if i % mel_every == 0 else "NV", "near_dup_group": f"G{i // groups_of:05d}",
+                         "label": "MEL" if i % mel_every == 0 else "OTHER" if other_every and i % other_every == 1 else "NV",
+                         "near_dup_group": f"G{i // groups_of:05d}", "lesion_id": lesion_of(i),
                          "phash": "0" * 16, "width": 1, "height": 1, "n_bytes": 1, "format": "JPEG",
                          "original_uri": "x", "normalized_uri": "x", "normalized_size": 224, "ingested_at": now})
         db.insert_ignore(conn, images, rows, ["image_id"])
@@ -55,8 +58,37 @@ def test_initial_split_is_stratified_grouped_and_frozen(tmp_path):
     assert after["I00400"] == first["I00000"]
     with engine.connect() as conn:
         rules = dict(conn.execute(sa.select(splits_table.c.image_id, splits_table.c.rule)).all())
-    assert rules["I00400"] == "group" and rules["I00401"].startswith("hash-v1") and rules["I00000"].startswith("initial:sgkf")
-    assert 5 < sum(after[f"I{i:05d}"] == "test" for i in range(401, 500)) < 40
+    assert rules["I00400"] == "group" and rules["I00000"].startswith("initial:sgkf-v2")
+    assert rules["I00401"].startswith("batch:sgkf-v2")  # 99 new lesions: stratified among themselves
+    assert 15 <= sum(after[f"I{i:05d}"] == "test" for i in range(401, 500)) <= 25
+    _add_images(engine, 10, start=500, drop="d3")  # a handful: each placed by the hash of its lesion
+    splits.assign(engine, seed=3)
+    with engine.connect() as conn:
+        rules = dict(conn.execute(sa.select(splits_table.c.image_id, splits_table.c.rule)).all())
+    assert all(rules[f"I{i:05d}"].startswith("hash-v2") for i in range(500, 510))
+    engine.dispose()
+
+
+def test_a_lesion_never_straddles_splits_even_through_another_group(tmp_path):
+    """Images of one lesion_id under different near-duplicate groups, and a near-duplicate of one of them
+    with no lesion id, form one lesion: all on one side, also when they arrive after the split froze."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    db.upgrade(url)
+    engine = db.make_engine(url)
+    # lesion L<k> spans images 3k and 3k+1 (own groups); image 3k+2 is a near-duplicate of 3k+1 only
+    _add_images(engine, 300, lesion_of=lambda i: f"L{i // 3}" if i % 3 < 2 else None, other_every=5)
+    with engine.begin() as conn:
+        for i in range(2, 300, 3):
+            conn.execute(images.update().where(images.c.image_id == f"I{i:05d}").values(near_dup_group=f"G{i - 1:05d}"))
+    summary = splits.assign(engine, seed=1)
+    split = _split_of(engine)
+    assert len(split) == 300  # OTHER images get a split too (they train and test the out-of-scope head)
+    assert sum(summary["counts"]["test"].values()) > 0 and summary["counts"]["train"]["OTHER"] > 0
+    assert all(split[f"I{3 * k:05d}"] == split[f"I{3 * k + 1:05d}"] == split[f"I{3 * k + 2:05d}"] for k in range(100))
+    # later: a new photograph of lesion L7 under a new group joins L7's side, whatever its hash says
+    _add_images(engine, 1, start=900, lesion_of=lambda i: "L7", drop="later")
+    splits.assign(engine, seed=1)
+    assert _split_of(engine)["I00900"] == split["I00021"]
     engine.dispose()
 
 
