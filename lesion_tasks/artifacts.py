@@ -2,7 +2,9 @@
 their names, how they are written and how they are read back.
 
 - `model.keras`   the full flat model (backbone + head), saved without optimizer state
-- `head.npz`      the head's weights as arrays (MC dropout and Grad-CAM run on them, no Keras)
+- `head.npz`      the head's weights as arrays (MC dropout and Grad-CAM run on them, no Keras) and its
+                  calibration
+- `scope.npz`     the out-of-scope head and threshold (`scope.py`), when the version has one
 - `config.json`, `train_log.json`, `metrics.json`, `report.html`, `figures/*.png`, test CSVs
 
 Writes are only made by the run that claimed the version in the registry (`registry.claim`), and
@@ -22,13 +24,14 @@ from typing import Any
 
 import numpy as np
 
-from lesion_tasks import backbones, keys, mc
+from lesion_tasks import backbones, keys, mc, scope
 from lesion_tasks.features import FeatureConfig
 from lesion_tasks.settings import Settings
 from lesion_tasks.store import ObjectNotFound, ObjectStore, check_key, key_of
 
 MODEL = "model.keras"
 HEAD = "head.npz"
+SCOPE = "scope.npz"
 
 
 class ArtifactError(ValueError):
@@ -98,12 +101,26 @@ class ModelArtifacts:
     def load_head(self) -> mc.HeadWeights:
         try:
             data = np.load(io.BytesIO(self.get(HEAD)))
+            calibration = {k: float(data[k]) for k in ("cal_a", "cal_b") if k in data.files}  # absent before 0.8
             return mc.HeadWeights(*(data[k] for k in ("w1", "b1", "gamma", "beta", "mean", "var")), float(data["eps"]),
-                                  data["w2"], data["b2"], float(data["dropout"]))
+                                  data["w2"], data["b2"], float(data["dropout"]), **calibration)
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
             if isinstance(exc, ArtifactError):
                 raise
             raise ArtifactError(f"model {self.version}: artifact {self.key(HEAD)} is unreadable "
+                                f"({type(exc).__name__}: {exc})") from None
+
+
+    def save_scope(self, head: scope.ScopeHead) -> str:
+        return self.put(SCOPE, head.to_bytes())
+
+    def load_scope(self) -> scope.ScopeHead:
+        try:
+            return scope.ScopeHead.from_bytes(self.get(SCOPE))
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+            if isinstance(exc, ArtifactError):
+                raise
+            raise ArtifactError(f"model {self.version}: artifact {self.key(SCOPE)} is unreadable "
                                 f"({type(exc).__name__}: {exc})") from None
 
 
@@ -114,7 +131,15 @@ def of(store: ObjectStore, row: dict[str, Any]) -> ModelArtifacts:
 
 def feature_config(row: dict[str, Any]) -> FeatureConfig:
     """The feature cache configuration a model version was trained on."""
-    return FeatureConfig(row["backbone"], row["weights_sha256"], row["image_size"], row["config"]["seed"])
+    cfg = row["config"]
+    return FeatureConfig(row["backbone"], row["weights_sha256"], row["image_size"], cfg["seed"],
+                         effective_resolution=cfg.get("effective_resolution", 0), color_constancy=cfg.get("color_constancy", ""))
+
+
+def load_scope_of(store: ObjectStore, row: dict[str, Any]) -> scope.ScopeHead | None:
+    """A version's out-of-scope head, None when it has none (trained without OTHER images, or before 0.8)."""
+    rule = row.get("review_rule") or {}
+    return of(store, row).load_scope() if "out_of_scope_above" in rule else None
 
 
 def weights_of(row: dict[str, Any], settings: Settings, store: ObjectStore) -> backbones.ResolvedWeights:

@@ -137,6 +137,22 @@ def evaluate(y: np.ndarray, p: np.ndarray, entropy: np.ndarray, mutual_info: np.
     return out
 
 
+def by_source(y: np.ndarray, p: np.ndarray, sources: np.ndarray, t: float, bootstrap: int = 0, seed: int = 0,
+              min_mel_for_ci: int = 30) -> dict[str, dict[str, Any]]:
+    """Binary metrics and calibration per source drop (bootstrap intervals where the source has at least
+    `min_mel_for_ci` melanomas): a pooled figure can hide a source the model fails on."""
+    out = {}
+    for source in sorted(set(sources.tolist())):
+        m = sources == source
+        part = binary_metrics(y[m], p[m], t)
+        part.update({k: v for k, v in calibration(y[m], p[m]).items() if k != "reliability"})
+        if bootstrap and y[m].sum() >= min_mel_for_ci and (y[m] == 0).sum():
+            part["ci95"] = bootstrap_ci(y[m], p[m], t, bootstrap, seed)
+        del part["confusion_normalized"]
+        out[source] = part
+    return out
+
+
 def isic_csvs(image_ids: list[str], y: np.ndarray, p: np.ndarray, t: float) -> tuple[str, str]:
     """(ground truth, predictions) in the ISIC challenge layout (`image,MEL,NV`).
 

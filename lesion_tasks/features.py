@@ -7,6 +7,12 @@ backbone zero times and a new drop only computes its own images.
 
 Augmentation views: view 0 is the image as is (what scoring sees); views 1..K apply a seeded random
 rotation, flips, brightness and contrast change, fixed per (view, image) so the cache stays valid.
+
+What the backbone sees (`model_input`, used alike by training, evaluation and scoring): the normalised
+copy, optionally brought to one *effective resolution* first (downsampled with an antialiasing filter,
+then resized to the input size), so sharp 256 px and blurry 84 px drops look alike and sharpness cannot
+stand in for the diagnosis; and optionally colour-normalised by Shades of Gray (Finlayson & Trezzi 2004,
+Minkowski p = 6), the usual correction for the light and camera of another clinic.
 """
 
 from __future__ import annotations
@@ -36,11 +42,14 @@ class FeatureConfig:
     image_size: int
     init_seed: int = 0  # only matters without a weights file (seeded random initialisation)
     preprocessing: str = backbones.PREPROCESSING
+    effective_resolution: int = 0  # 0: the normalised copy as is
+    color_constancy: str = ""  # "" or "shades_of_gray"
 
     @property
     def key(self) -> str:
         weights = self.weights_sha256 or f"random-init:seed={self.init_seed}"
-        text = json.dumps([self.backbone, weights, self.image_size, self.preprocessing])
+        look = [self.effective_resolution, self.color_constancy] if self.effective_resolution or self.color_constancy else []
+        text = json.dumps([self.backbone, weights, self.image_size, self.preprocessing, *look])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -59,11 +68,33 @@ class CacheStats:
     by_view: dict[int, int] = field(default_factory=dict)
 
 
-def load_rgb(store: ObjectStore, uri: str, size: int) -> np.ndarray:
+COLOR_CONSTANCY = ("", "shades_of_gray")
+SHADES_OF_GRAY_P = 6
+
+
+def shades_of_gray(rgb: np.ndarray, p: int = SHADES_OF_GRAY_P) -> np.ndarray:
+    """Shades of Gray colour constancy: the illuminant is the per-channel Minkowski p-norm mean; each
+    channel is scaled so that it becomes neutral grey (the image's overall brightness kept)."""
+    x = rgb.astype(np.float32)
+    illuminant = np.power(np.mean(np.power(x, p), axis=(0, 1)), 1.0 / p)
+    gain = illuminant.mean() / np.maximum(illuminant, 1e-6)
+    return np.clip(x * gain, 0, 255).round().astype(np.uint8)
+
+
+def load_rgb(store: ObjectStore, uri: str, size: int, effective_resolution: int = 0, color_constancy: str = "") -> np.ndarray:
+    """The model input of an image: its normalised copy at `size`, through the effective resolution and
+    colour constancy of the feature configuration (see the module doc)."""
     im = Image.open(io.BytesIO(store.get(key_of(store, uri)))).convert("RGB")
+    if effective_resolution and min(im.size) > effective_resolution:
+        im = im.resize((effective_resolution, effective_resolution), Image.Resampling.BOX)
     if im.size != (size, size):
         im = im.resize((size, size), Image.Resampling.BICUBIC)
-    return np.asarray(im)
+    rgb = np.asarray(im)
+    return shades_of_gray(rgb) if color_constancy == "shades_of_gray" else rgb
+
+
+def model_input(store: ObjectStore, uri: str, config: FeatureConfig) -> np.ndarray:
+    return load_rgb(store, uri, config.image_size, config.effective_resolution, config.color_constancy)
 
 
 def augment(rgb: np.ndarray, image_id: str, view: int) -> np.ndarray:
@@ -137,7 +168,7 @@ def features_for(refs: Sequence[ImageRef], views: Sequence[int], config: Feature
                          config.backbone, view, drop_id, len(missing), len(cached))
                 for start in range(0, len(missing), 256):
                     part = missing[start : start + 256]
-                    rgb = np.stack([augment(load_rgb(store, r.uri, config.image_size), r.image_id, view) for r in part])
+                    rgb = np.stack([augment(model_input(store, r.uri, config), r.image_id, view) for r in part])
                     for r, f in zip(part, runner(rgb)):
                         cached[r.image_id] = f
                 stats.computed += len(missing)

@@ -9,6 +9,12 @@ Uncertainty per image (natural log, so entropy is in [0, ln 2]):
 - p_mel = mean over t of p_t(MEL)
 - entropy = H(p_mel), the predictive entropy of the mean
 - mutual_info = H(p_mel) - mean_t H(p_t) >= 0 (BALD: disagreement between the samples)
+
+Calibration (Platt scaling of the samples): each sample is p_t = sigmoid(a d_t + b), d_t the head's
+logit difference MEL - NV; (a, b) = (1, 0) is the head as trained. Class weights make the raw head
+over-predict melanoma, so (a, b) is fitted after training on the validation split by minimising the
+negative log-likelihood of the MC mean (`fit_calibration`); p_mel, entropy and mutual information are
+all computed from the calibrated samples, so they stay consistent with one another.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ class HeadWeights:
     w2: np.ndarray
     b2: np.ndarray
     dropout: float
+    cal_a: float = 1.0
+    cal_b: float = 0.0
 
     @classmethod
     def from_model(cls, model) -> HeadWeights:
@@ -51,14 +59,16 @@ class HeadWeights:
         return (h - self.mean) / np.sqrt(self.var + self.eps) * self.gamma + self.beta
 
     def deterministic(self, features: np.ndarray) -> np.ndarray:
-        """p(MEL) with dropout off (what Keras predict() gives)."""
-        return _softmax(self.hidden(features) @ self.w2 + self.b2)[..., MEL]
+        """p(MEL) with dropout off (what Keras predict() gives, calibrated)."""
+        z = self.hidden(features) @ self.w2 + self.b2
+        return self.calibrated(z[..., MEL] - z[..., 1 - MEL])
+
+    def calibrated(self, logit_diff: np.ndarray) -> np.ndarray:
+        return _sigmoid(self.cal_a * logit_diff + self.cal_b)
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))  # overflow-free
 
 
 def image_seed(image_id: str, model_version: str) -> int:
@@ -75,11 +85,35 @@ def dropout_masks(image_ids: Sequence[str], model_version: str, samples: int, un
     return out
 
 
-def mc_samples(head: HeadWeights, features: np.ndarray, masks: np.ndarray) -> np.ndarray:
-    """(N, T) p(MEL) for each image and dropout sample, in one vectorised call."""
+def mc_logits(head: HeadWeights, features: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """(N, T) uncalibrated logit differences MEL - NV for each image and dropout sample, in one call."""
     h = head.hidden(features)  # (N, U), once per image
-    z = np.einsum("nu,ntu,uk->ntk", h, masks, head.w2, optimize=True) + head.b2
-    return _softmax(z)[..., MEL]
+    w = head.w2[:, MEL] - head.w2[:, 1 - MEL]
+    return np.einsum("nu,ntu,u->nt", h, masks, w, optimize=True) + (head.b2[MEL] - head.b2[1 - MEL])
+
+
+def mc_samples(head: HeadWeights, features: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """(N, T) calibrated p(MEL) for each image and dropout sample."""
+    return head.calibrated(mc_logits(head, features, masks))
+
+
+def fit_calibration(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(a, b) minimising the negative log-likelihood of mean_t sigmoid(a d_t + b) on labelled (N, T) logits
+    (Platt 1999, with his smoothed targets)."""
+    from scipy.optimize import minimize
+
+    y = np.asarray(y, np.float64)
+    n1, n0 = y.sum(), len(y) - y.sum()
+    # Platt's smoothed targets: on a validation split the head separates perfectly, plain NLL would
+    # drive the slope to its bound and make every probability 0 or 1
+    target = np.where(y == 1, (n1 + 1) / (n1 + 2), 1 / (n0 + 2))
+
+    def nll(params: np.ndarray) -> float:
+        p = np.clip(_sigmoid(params[0] * logits + params[1]).mean(axis=1), 1e-7, 1 - 1e-7)
+        return float(-np.mean(target * np.log(p) + (1 - target) * np.log(1 - p)))
+
+    best = minimize(nll, np.array([1.0, 0.0]), method="L-BFGS-B", bounds=[(0.02, 50.0), (-20.0, 20.0)])
+    return float(best.x[0]), float(best.x[1])
 
 
 def binary_entropy(p: np.ndarray) -> np.ndarray:
@@ -98,5 +132,11 @@ def summarize(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def predict(head: HeadWeights, features: np.ndarray, image_ids: Sequence[str], model_version: str,
             samples: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """MC-dropout (p_mel, entropy, mutual_info) for pooled features of `image_ids`."""
+    return summarize(head.calibrated(logits_for(head, features, image_ids, model_version, samples)))
+
+
+def logits_for(head: HeadWeights, features: np.ndarray, image_ids: Sequence[str], model_version: str,
+               samples: int) -> np.ndarray:
+    """(N, T) uncalibrated MC logit differences, with the seeded masks of (image, model version)."""
     masks = dropout_masks(image_ids, model_version, samples, head.w1.shape[1], head.dropout)
-    return summarize(mc_samples(head, features, masks))
+    return mc_logits(head, features, masks)

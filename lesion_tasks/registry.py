@@ -1,7 +1,7 @@
 """The model registry (`model_versions`), the quality gate and champion promotion.
 
 Gate = absolute floors on the frozen test split (melanoma sensitivity at the chosen threshold, AUC,
-balanced accuracy) AND no significant regression against the current champion on the same test
+balanced accuracy; pooled and per source drop; out-of-scope recall) AND no significant regression against the current champion on the same test
 images (paired bootstrap, 95%). One champion at a time (a unique partial index); every promotion,
 including a manual override, is recorded in `champion_history`.
 """
@@ -21,11 +21,19 @@ from lesion_tasks.schema import champion_history, model_versions
 log = logging.getLogger(__name__)
 
 
+# a source (drop) with at least this many melanomas in test is gated on its own as well as pooled
+MIN_SOURCE_MEL = 30
+# out-of-scope floors apply when the test split has at least this many such images
+MIN_OUT_OF_SCOPE = 30
+
+
 @dataclass(frozen=True)
 class GateFloors:
     mel_sensitivity: float = 0.80
     auc: float = 0.70
     balanced_accuracy: float = 0.60
+    out_of_scope_flagged: float = 0.95  # OTHER images flagged (predicted MEL or out_of_scope)
+    malignant_flagged: float = 0.97  # BCC, SCC, AK flagged
 
 
 def get(conn: sa.Connection, model_version: str) -> dict[str, Any]:
@@ -82,20 +90,41 @@ def ensure_writable(status: str, is_champion: bool, model_version: str) -> None:
                               "promotion (train a new version instead)")
 
 
-def decide(metrics: dict[str, Any], comparison: dict[str, Any] | None, floors: GateFloors) -> tuple[bool, list[str]]:
-    """(passed, reasons): every floor and regression check, passed or failed, in words."""
-    test = metrics["test"]
-    reasons, passed = [], True
+def _floor_checks(label: str, metrics: dict[str, Any], floors: GateFloors) -> tuple[bool, list[str]]:
+    passed, reasons = True, []
     for name, floor in (("mel_sensitivity", floors.mel_sensitivity), ("auc", floors.auc),
                         ("balanced_accuracy", floors.balanced_accuracy)):
-        value = test[name]
+        value = metrics.get(name)
         if value is None:  # undefined (e.g. a test split with one class): never a pass
             passed = False
-            reasons.append(f"FAIL: test {name} is undefined on this test split (floor {floor:.2f})")
+            reasons.append(f"FAIL: {label} {name} is undefined on this test split (floor {floor:.2f})")
             continue
         ok = value >= floor
         passed &= ok
-        reasons.append(f"{'PASS' if ok else 'FAIL'}: test {name} {value:.3f} {'>=' if ok else '<'} floor {floor:.2f}")
+        reasons.append(f"{'PASS' if ok else 'FAIL'}: {label} {name} {value:.4f} {'>=' if ok else '<'} floor {floor:.2f}")
+    return passed, reasons
+
+
+def decide(metrics: dict[str, Any], comparison: dict[str, Any] | None, floors: GateFloors) -> tuple[bool, list[str]]:
+    """(passed, reasons): every floor and regression check, passed or failed, in words. The floors apply
+    to the pooled test split, to every source drop with at least MIN_SOURCE_MEL melanomas in test, and
+    (with at least MIN_OUT_OF_SCOPE such test images) to the out-of-scope recall."""
+    test = metrics["test"]
+    passed, reasons = _floor_checks("test", test, floors)
+    for source, part in sorted((test.get("by_source") or {}).items()):
+        if (part.get("n_mel") or 0) >= MIN_SOURCE_MEL:
+            ok, more = _floor_checks(f"test[{source}]", part, floors)
+            passed &= ok
+            reasons += more
+    oos = (metrics.get("out_of_scope") or {}).get("test")
+    if oos:
+        for group, floor in (("all", floors.out_of_scope_flagged), ("malignant", floors.malignant_flagged)):
+            part = oos[group]
+            if part["n"] >= MIN_OUT_OF_SCOPE:
+                ok = part["flagged"] >= floor
+                passed &= ok
+                reasons.append(f"{'PASS' if ok else 'FAIL'}: test out-of-scope ({group}, n={part['n']}) flagged "
+                               f"{part['flagged']:.4f} {'>=' if ok else '<'} floor {floor:.2f}")
     if comparison is None:
         reasons.append("PASS: no champion to compare with")
     else:
@@ -108,7 +137,7 @@ def decide(metrics: dict[str, Any], comparison: dict[str, Any] | None, floors: G
             worse = hi < 0
             passed &= not worse
             reasons.append(f"{'FAIL' if worse else 'PASS'}: {name} vs champion {comparison['champion']} "
-                           f"delta {comparison[f'{name}_delta']:+.3f} (95% CI {lo:+.3f}..{hi:+.3f})"
+                           f"delta {comparison[f'{name}_delta']:+.4f} (95% CI {lo:+.4f}..{hi:+.4f})"
                            f"{' significantly worse' if worse else ''}")
     return passed, reasons
 

@@ -58,14 +58,14 @@ def roc_figure(y: np.ndarray, p: np.ndarray, t: float, auc: float) -> bytes:
     return _png(fig)
 
 
-def reliability_figure(table: list[dict[str, Any]], ece: float) -> bytes:
+def reliability_figure(table: list[dict[str, Any]], ece: float, title: str = "after calibration") -> bytes:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4, 4))
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.plot([r["mean_p"] for r in table], [r["frac_mel"] for r in table], "o-")
     ax.set_xlabel("mean p(MEL)")
     ax.set_ylabel("fraction melanoma")
-    ax.set_title(f"Reliability (ECE {ece:.3f})")
+    ax.set_title(f"Reliability {title} (ECE {ece:.3f})")
     return _png(fig)
 
 
@@ -103,6 +103,43 @@ def _img(data: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
 
 
+def _cell(value: Any, digits: int = 3) -> str:
+    return "–" if value is None or (isinstance(value, float) and not np.isfinite(value)) else f"{value:.{digits}f}"
+
+
+def _source_table(metrics: dict[str, Any]) -> str:
+    """Per-source test metrics: the gate applies its floors to every source with enough melanomas."""
+    sources = metrics["test"].get("by_source") or {}
+    if not sources:
+        return ""
+    rows = []
+    for name, m in sources.items():
+        ci = m.get("ci95", {})
+
+        def cell(key: str, m=m, ci=ci) -> str:
+            interval = f" ({ci[key][0]:.3f} – {ci[key][1]:.3f})" if key in ci else ""
+            return f"<td>{_cell(m.get(key))}{interval}</td>"
+
+        rows.append(f"<tr><td>{html.escape(name)}</td><td>{m['n']}</td><td>{m['n_mel']}</td>{cell('auc')}"
+                    f"{cell('mel_sensitivity')}{cell('mel_specificity')}{cell('balanced_accuracy')}<td>{_cell(m.get('ece'))}</td></tr>")
+    return ("<h2>Per source (test)</h2><table><tr><th>source drop</th><th>n</th><th>melanoma</th><th>AUC</th>"
+            "<th>sensitivity</th><th>specificity</th><th>balanced accuracy</th><th>ECE</th></tr>" + "".join(rows) + "</table>")
+
+
+def _scope_table(metrics: dict[str, Any]) -> str:
+    """Out-of-scope recall per diagnosis (flagged = out_of_scope or predicted MEL)."""
+    oos = (metrics.get("out_of_scope") or {}).get("test")
+    if not oos:
+        return "<h2>Out of scope</h2><p>This version has no out-of-scope head (no OTHER images in training).</p>"
+    rows = [(name, oos[name]) for name in ("all", "malignant")] + sorted(oos["by_diagnosis"].items())
+    body = "".join(f"<tr><td>{html.escape(name)}</td><td>{r['n']}</td><td>{_cell(r['flagged'])}</td>"
+                   f"<td>{_cell(r['out_of_scope'])}</td><td>{_cell(r['predicted_mel'])}</td></tr>" for name, r in rows)
+    return (f"<h2>Out of scope (test, threshold p_other &ge; {oos['threshold']:.4f})</h2><table><tr><th>diagnosis</th>"
+            "<th>n</th><th>flagged</th><th>out_of_scope</th><th>predicted MEL</th></tr>" + body + "</table>"
+            f"<p>Price: {_cell(oos['nv_flagged_out_of_scope'])} of nevi and {_cell(oos['mel_flagged_out_of_scope'])} "
+            "of melanomas are flagged out_of_scope too.</p>")
+
+
 def html_report(version: dict[str, Any], metrics: dict[str, Any], figures: dict[str, bytes],
                 examples: list[dict[str, Any]]) -> bytes:
     """A single HTML file, images embedded, nothing fetched from anywhere."""
@@ -136,6 +173,10 @@ weights: {html.escape(version['weights_source'])}. Threshold {test['threshold']:
 <p>MC-dropout entropy: right cases {test['entropy_right_mean']:.3f}, wrong cases {test['entropy_wrong_mean']:.3f}
 (AUC of entropy for spotting errors {test['uncertainty_auc_for_errors']:.3f}).</p>
 <pre>{html.escape(test['classification_report'])}</pre>
+{_source_table(metrics)}
+{_scope_table(metrics)}
+<p>Calibration (Platt scaling of the MC-dropout samples, fitted on validation): test ECE
+{test.get('uncalibrated', {}).get('ece', float('nan')):.3f} before, {test['ece']:.3f} after.</p>
 {figs}
 <h2>Grad-CAM examples (right and wrong)</h2>{cards}
 <h2>Lineage and environment</h2><pre>{html.escape(json.dumps({'lineage': version['lineage'], 'environment': version['environment'], 'config': version['config']}, indent=1, default=str))}</pre>

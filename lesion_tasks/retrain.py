@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
-from lesion_tasks import artifacts, backbones, evaluation, features, keys, mc, registry, report, splits, trainset
+from lesion_tasks import artifacts, backbones, evaluation, features, keys, mc, registry, report, scope, splits, trainset
 from lesion_tasks.db import engine_for
 from lesion_tasks.schema import images, model_versions, splits as splits_table
 from lesion_tasks.settings import Settings
@@ -41,6 +41,12 @@ class TrainConfig:
     seed: int = 0
     dropout: float = 0.5
     views: int = 8  # augmentation views per training image (view 0 = as is)
+    # every image through this resolution first (0: off): sharp and blurry drops look alike (features.py)
+    effective_resolution: int = 84
+    color_constancy: str = ""  # "" or "shades_of_gray"
+    # out of scope (scope.py): share of validation OTHER / malignant (BCC, SCC, AK) images to flag
+    out_of_scope_target: float = 0.97
+    malignant_target: float = 0.985
     mc_samples: int = 50
     target_sensitivity: float = 0.85
     learning_rate: float = 1e-3
@@ -63,6 +69,7 @@ BOUNDS: dict[str, tuple[type, float, float]] = {
     "epochs": (int, 1, 10_000), "image_size": (int, 32, 1024), "views": (int, 1, 64), "mc_samples": (int, 2, 1000),
     "seed": (int, 0, 2**31 - 1), "bootstrap": (int, 0, 100_000), "dropout": (float, 0.01, 0.99),
     "target_sensitivity": (float, 0.5, 1.0), "learning_rate": (float, 1e-7, 1.0),
+    "effective_resolution": (int, 0, 1024), "out_of_scope_target": (float, 0.5, 1.0), "malignant_target": (float, 0.5, 1.0),
 }
 # what the lesion_retrain trigger form (and `lesion train`) may set
 PARAM_KEYS = ("profile", "backbone", "epochs", "image_size", "weights", "seed", "mc_samples", "target_sensitivity")
@@ -85,6 +92,8 @@ def make_config(profile: str = "demo", **overrides: Any) -> TrainConfig:
                              f"from {low} to {high}")
         if not low <= value <= high:
             raise ValueError(f"{name}={value!r} is out of range: expected {low} to {high}")
+    if config.color_constancy not in features.COLOR_CONSTANCY:
+        raise ValueError(f"color_constancy={config.color_constancy!r}: expected one of {features.COLOR_CONSTANCY}")
     if not isinstance(config.weights, str) or not config.weights.strip():
         raise ValueError(f"weights={config.weights!r}: expected imagenet, none, a file path or s3://bucket/key")
     return config
@@ -161,6 +170,46 @@ def prepare_split(settings: Settings, seed: int = 0) -> dict[str, Any]:
         engine.dispose()
 
 
+def gated_sources(split_summary: dict[str, Any]) -> list[str]:
+    """Sources (drops) with at least MIN_SOURCE_MEL melanomas in test: the gate's floors and the
+    threshold's sensitivity apply to each of them, not only pooled."""
+    return sorted(src for src, parts in split_summary.get("by_source", {}).items()
+                  if parts["test"]["MEL"] >= registry.MIN_SOURCE_MEL)
+
+
+def _threshold(y: np.ndarray, p: np.ndarray, sources: np.ndarray, split_summary: dict[str, Any],
+               config: TrainConfig) -> tuple[float, dict[str, float]]:
+    """The highest threshold reaching the target sensitivity on the pooled validation split AND on the
+    validation images of every gated source (a pooled threshold dominated by one drop must not fail
+    another)."""
+    pooled = evaluation.threshold_for_sensitivity(y, p, config.target_sensitivity)
+    per_source = {src: evaluation.threshold_for_sensitivity(y[sources == src], p[sources == src], config.target_sensitivity)
+                  for src in gated_sources(split_summary) if y[sources == src].sum()}
+    return min([pooled, *per_source.values()]), {"pooled": pooled, **per_source}
+
+
+def _fit_scope(config: TrainConfig, out: artifacts.ModelArtifacts, head: mc.HeadWeights, version: str, threshold: float,
+               x_in: np.ndarray, fcfg: features.FeatureConfig, weights, store: ObjectStore, runner,
+               engine: sa.Engine) -> tuple[dict[str, Any], features.CacheStats]:
+    """The out-of-scope head (scope.py) on the training split's OTHER images, its threshold on validation;
+    {} when the data has no OTHER images (the version then flags nothing as out of scope)."""
+    with engine.connect() as conn:
+        other = trainset.out_of_scope_refs(conn)
+    (train_refs, _), (val_refs, val_dx) = other["train"], other["val"]
+    if not train_refs or not val_refs:
+        log.warning("no ISIC-labelled OTHER images in train/val: model %s gets no out-of-scope head", version)
+        return {}, features.CacheStats()
+    feats, stats = features.features_for(train_refs + val_refs, [0], fcfg, weights, store, runner)
+    x_train, x_val = feats[0][: len(train_refs)], feats[0][len(train_refs):]
+    fitted = scope.fit(x_in, x_train, config.seed)
+    p_mel, _, _ = mc.predict(head, x_val, [r.image_id for r in val_refs], version, config.mc_samples)
+    t = scope.choose_threshold(fitted.p_other(x_val), p_mel >= threshold, val_dx, config.out_of_scope_target,
+                               config.malignant_target)
+    out.save_scope(replace(fitted, threshold=t))
+    return {"out_of_scope_above": t, "out_of_scope_targets": {"other": config.out_of_scope_target,
+                                                              "malignant": config.malignant_target}}, stats
+
+
 def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[str, Any]:
     """Features (cached) -> head -> threshold on validation -> model artifacts -> a registry row."""
     store, engine = open_store(settings), engine_for(settings)
@@ -179,7 +228,9 @@ def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[st
         if not len(train_refs) or not y_val.sum():
             raise ValueError(f"split has {len(train_refs)} training and {int(y_val.sum())} validation melanomas: "
                              "ingest labelled drops first (lesion ingest) and run the split")
-        fcfg = features.FeatureConfig(config.backbone, weights.sha256, config.image_size, config.seed)
+        fcfg = features.FeatureConfig(config.backbone, weights.sha256, config.image_size, config.seed,
+                                      effective_resolution=config.effective_resolution,
+                                      color_constancy=config.color_constancy)
         runner = features.BackboneRunner(fcfg, weights)
         train_views, s1 = features.features_for(train_refs, list(range(config.views)), fcfg, weights, store, runner)
         val_feats, s2 = features.features_for(val_refs, [0], fcfg, weights, store, runner)
@@ -189,18 +240,26 @@ def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[st
                                                      val_feats[0], y_val, config.dropout, config.epochs, config.seed,
                                                      config.learning_rate)
         head = mc.HeadWeights.from_model(head_model)
-        p_val, h_val, _ = mc.predict(head, val_feats[0], [r.image_id for r in val_refs], version, config.mc_samples)
-        threshold = evaluation.threshold_for_sensitivity(y_val, p_val, config.target_sensitivity)
+        val_ids = [r.image_id for r in val_refs]
+        val_logits = mc.logits_for(head, val_feats[0], val_ids, version, config.mc_samples)
+        cal_a, cal_b = mc.fit_calibration(val_logits, y_val)
+        head = replace(head, cal_a=cal_a, cal_b=cal_b)
+        p_val, h_val, _ = mc.summarize(head.calibrated(val_logits))
+        split_summary = splits.summary(engine)
+        threshold, per_source = _threshold(y_val, p_val, np.array([r.drop_id for r in val_refs]), split_summary, config)
         # "uncertain" = in the most uncertain 20% of validation cases, but never below 0.2 nats
         # (p(MEL) between ~0.06 and ~0.94): a confident model should not flag confident cases
         review_rule = {"predicted_mel": True, "entropy_above": max(float(np.quantile(h_val, 0.8)), MIN_REVIEW_ENTROPY),
                        "p_mel_band": [max(0.0, threshold - 0.05), min(1.0, threshold + 0.05)],
-                       "calibrated_on": f"validation: max(80th percentile of entropy, {MIN_REVIEW_ENTROPY} nats)"}
+                       "calibrated_on": f"validation: max(80th percentile of entropy, {MIN_REVIEW_ENTROPY} nats)",
+                       "threshold_by_source": per_source}
+        out = artifacts.ModelArtifacts(store, version)
+        scope_info, s3 = _fit_scope(config, out, head, version, threshold, train_views[0], fcfg, weights, store, runner, engine)
+        review_rule |= scope_info
         # the full flat model, head weights copied by layer name, saved without optimizer state
         model = backbones.build_model(config.backbone, config.image_size, weights, config.dropout, config.seed)
         for name in ("head_dense", "head_bn", "head_out"):
             model.get_layer(name).set_weights(head_model.get_layer(name).get_weights())
-        out = artifacts.ModelArtifacts(store, version)
         model_uri = out.save_model(model)
         out.save_head(head)
         out.put_json("train_log.json", {"history": history, "head_seconds": head_seconds})
@@ -208,7 +267,6 @@ def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[st
             drops_used = dict(conn.execute(sa.select(images.c.drop_id, sa.func.count())
                                            .join(splits_table, splits_table.c.image_id == images.c.image_id)
                                            .group_by(images.c.drop_id)).all())
-        split_summary = splits.summary(engine)
         cfg = {k: v for k, v in asdict(config).items() if k != "floors"} | {
             "floors": asdict(config.floors), "weights_used": weights.spec if weights.path else "none",
             "preprocessing": backbones.PREPROCESSING, "last_activation": backbones.get_backbone(config.backbone).last_activation}
@@ -231,12 +289,14 @@ def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[st
         if written != 1:
             raise registry.VersionConflict(f"model version {version!r} changed owner or was promoted while run "
                                            f"{run_id!r} trained it: its row was left as it was")
-        computed = s1.computed + s2.computed
-        log.info("model %s trained: threshold %.4f, backbone ran on %d images (%d reused from cache)",
-                 version, threshold, computed, s1.reused + s2.reused)
+        computed, reused = s1.computed + s2.computed + s3.computed, s1.reused + s2.reused + s3.reused
+        log.info("model %s trained: threshold %.4f (calibration a=%.3f b=%.3f), out-of-scope threshold %s, "
+                 "backbone ran on %d images (%d reused from cache)", version, threshold, cal_a, cal_b,
+                 scope_info.get("out_of_scope_above"), computed, reused)
         return {"model_version": version, "threshold": threshold, "head_seconds": round(head_seconds, 2),
-                "feature_cache": {"computed": computed, "reused": s1.reused + s2.reused,
-                                  "seconds": round(s1.seconds + s2.seconds, 2)},
+                "calibration": {"a": cal_a, "b": cal_b}, "out_of_scope_threshold": scope_info.get("out_of_scope_above"),
+                "feature_cache": {"computed": computed, "reused": reused,
+                                  "seconds": round(s1.seconds + s2.seconds + s3.seconds, 2)},
                 "weights": weights.source}
     finally:
         engine.dispose()
@@ -255,10 +315,24 @@ def _gradcam_examples(store: ObjectStore, row: dict[str, Any], refs: list[featur
     if not pick:
         return []
     model = artifacts.of(store, row).load_model(row["model_uri"])
-    rgb = np.stack([features.load_rgb(store, refs[i].uri, row["image_size"]) for i in pick])
+    fcfg = artifacts.feature_config(row)
+    rgb = np.stack([features.model_input(store, refs[i].uri, fcfg) for i in pick])
     cams = gradcam_tape(model, row["config"]["last_activation"], backbones.preprocess(rgb), pred[pick])
     return [{"image_id": refs[i].image_id, "true": "MEL" if y[i] else "NV", "p_mel": float(p[i]), "right": bool(pred[i] == y[i]),
              "png": png_bytes(overlay(Image.fromarray(rgb[k]), cams[k]))} for k, i in enumerate(pick)]
+
+
+def _scope_recall(scope_head: scope.ScopeHead, part: tuple[list[features.ImageRef], list[str]], head: mc.HeadWeights,
+                  row: dict[str, Any], fcfg: features.FeatureConfig, weights, store: ObjectStore,
+                  p_other_in_scope: np.ndarray, y_in_scope: np.ndarray) -> dict[str, Any] | None:
+    """Out-of-scope recall per diagnosis on one split's OTHER images (scope.recall_table)."""
+    refs, diagnoses = part
+    if not refs:
+        return None
+    feats, _ = features.features_for(refs, [0], fcfg, weights, store)
+    p_mel, _, _ = mc.predict(head, feats[0], [r.image_id for r in refs], row["model_version"], row["mc_samples"])
+    return scope.recall_table(scope_head.p_other(feats[0]), p_mel >= row["threshold"], diagnoses,
+                              scope_head.threshold, p_other_in_scope, y_in_scope)
 
 
 def evaluate_model(settings: Settings, model_version: str) -> dict[str, Any]:
@@ -268,20 +342,30 @@ def evaluate_model(settings: Settings, model_version: str) -> dict[str, Any]:
         with engine.connect() as conn:
             row = registry.get(conn, model_version)
             parts = trainset.split_refs(conn)
+            oos_parts = trainset.out_of_scope_refs(conn)
         registry.ensure_writable(row["status"], row["is_champion"], model_version)
         out_artifacts = artifacts.of(store, row)
         head = out_artifacts.load_head()
         fcfg = artifacts.feature_config(row)
         weights = artifacts.weights_of(row, settings, store)
+        scope_head = artifacts.load_scope_of(store, row)
         out: dict[str, Any] = {}
         preds = {}
+        uncalibrated = replace(head, cal_a=1.0, cal_b=0.0)
         for split in ("val", "test"):
             refs, y = parts[split]
             feats, _ = features.features_for(refs, [0], fcfg, weights, store)
-            p, h, mi = mc.predict(head, feats[0], [r.image_id for r in refs], model_version, row["mc_samples"])
-            out[split] = evaluation.evaluate(y, p, h, mi, row["threshold"], row["config"]["bootstrap"] if split == "test" else 0,
-                                             row["config"]["seed"])
+            logits = mc.logits_for(head, feats[0], [r.image_id for r in refs], model_version, row["mc_samples"])
+            p, h, mi = mc.summarize(head.calibrated(logits))
+            n_boot, seed = (row["config"]["bootstrap"] if split == "test" else 0), row["config"]["seed"]
+            out[split] = evaluation.evaluate(y, p, h, mi, row["threshold"], n_boot, seed)
+            out[split]["uncalibrated"] = evaluation.calibration(y, mc.summarize(uncalibrated.calibrated(logits))[0])
+            out[split]["by_source"] = evaluation.by_source(y, p, np.array([r.drop_id for r in refs]), row["threshold"],
+                                                           n_boot, seed, min_mel_for_ci=registry.MIN_SOURCE_MEL)
             preds[split] = (refs, y, p, h)
+            if scope_head is not None:
+                out.setdefault("out_of_scope", {})[split] = _scope_recall(
+                    scope_head, oos_parts[split], head, row, fcfg, weights, store, scope_head.p_other(feats[0]), y)
         refs, y, p, h = preds["test"]
         truth_csv, pred_csv = evaluation.isic_csvs([r.image_id for r in refs], y, p, row["threshold"])
         out_artifacts.put("test_truth_isic.csv", truth_csv.encode(), "text/csv")
@@ -293,6 +377,8 @@ def evaluate_model(settings: Settings, model_version: str) -> dict[str, Any]:
             "training curves": report.training_curves(history),
             "ROC": report.roc_figure(y, p, row["threshold"], test["auc"]),
             "reliability": report.reliability_figure(test["reliability"], test["ece"]),
+            "reliability before calibration": report.reliability_figure(test["uncalibrated"]["reliability"],
+                                                                        test["uncalibrated"]["ece"], "before calibration"),
             "confusion (counts)": report.confusion_figure(test["confusion"]["matrix"], "Confusion (test)", ".0f"),
             "confusion (normalised)": report.confusion_figure(test["confusion_normalized"]["matrix"], "Confusion, row-normalised", ".2f"),
             "referral curve": report.referral_figure(test["referral"]),
@@ -317,9 +403,23 @@ def evaluate_model(settings: Settings, model_version: str) -> dict[str, Any]:
 
 
 def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    """What `lesion train --json` prints: pooled and per-source metrics, calibration, out-of-scope recall."""
     keys = ("auc", "mel_sensitivity", "mel_specificity", "balanced_accuracy", "average_precision", "ece", "brier",
             "nll", "threshold", "n", "n_mel", "ci95")
-    return {split: {k: metrics[split][k] for k in keys if k in metrics[split]} for split in ("test", "val") if split in metrics}
+    out: dict[str, Any] = {}
+    for split in ("test", "val"):
+        if split in metrics:
+            m = metrics[split]
+            out[split] = {k: m[k] for k in keys if k in m}
+            if "uncalibrated" in m:
+                out[split]["ece_before_calibration"] = m["uncalibrated"]["ece"]
+            out[split]["by_source"] = {src: {k: v[k] for k in keys if k in v} for src, v in (m.get("by_source") or {}).items()}
+    oos = (metrics.get("out_of_scope") or {}).get("test")
+    if oos:
+        out["out_of_scope_test"] = {"threshold": oos["threshold"], "all": oos["all"], "malignant": oos["malignant"],
+                                    "by_diagnosis": oos["by_diagnosis"], "nv_flagged_out_of_scope": oos["nv_flagged_out_of_scope"],
+                                    "mel_flagged_out_of_scope": oos["mel_flagged_out_of_scope"]}
+    return out
 
 
 def _compare_with_champion(settings: Settings, store: ObjectStore, row: dict[str, Any], champion: dict[str, Any],

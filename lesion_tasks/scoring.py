@@ -2,8 +2,8 @@
 
 Per batch of images, ONE compiled backbone pass yields the last activation map A and its global
 average (the pooled features). From the pooled features the head is sampled T times in one
-vectorised call (`mc.py`: p_mel, entropy, mutual information, seeded per image and model version),
-and Grad-CAM of the predicted class is A weighted by the head's analytic gradient (`gradcam.py`): no
+vectorised call (`mc.py`: calibrated p_mel, entropy, mutual information, seeded per image and model
+version), the out-of-scope head gives p_other (`scope.py`; flag `out_of_scope`), and Grad-CAM of the predicted class is A weighted by the head's analytic gradient (`gradcam.py`): no
 backprop through the backbone. Overlays are drawn on the original image at a bounded size and stored
 under the model version; rows are upserted, so a rerun rewrites identical numbers and never
 duplicates. Batches are read, scored and written one at a time: memory does not grow with the
@@ -24,7 +24,7 @@ import numpy as np
 import sqlalchemy as sa
 from PIL import Image, ImageOps
 
-from lesion_tasks import artifacts, backbones, features, gradcam, keys, mc, registry
+from lesion_tasks import artifacts, backbones, features, gradcam, keys, mc, registry, scope
 from lesion_tasks.db import analyze, engine_for, upsert
 from lesion_tasks.schema import images, prediction_samples, predictions
 from lesion_tasks.settings import Settings
@@ -40,6 +40,8 @@ class ScoringModel:
     row: dict[str, Any]
     head: mc.HeadWeights
     run_backbone: Any  # (N, S, S, 3) preprocessed -> (activations (N, H, W, K), pooled (N, K))
+    scope: scope.ScopeHead | None = None  # None: the version flags nothing as out of scope
+    input_config: features.FeatureConfig | None = None  # what the backbone sees (effective resolution, colour)
 
     @property
     def version(self) -> str:
@@ -65,7 +67,7 @@ def load_scoring_model(store: ObjectStore, row: dict[str, Any]) -> ScoringModel:
         activations, pooled = fn(tf.constant(batch))
         return activations.numpy()[:n], pooled.numpy()[:n]
 
-    return ScoringModel(row, head, run)
+    return ScoringModel(row, head, run, artifacts.load_scope_of(store, row), artifacts.feature_config(row))
 
 
 def _unscored(conn: sa.Connection, version: str, first: str | None = None, last: str | None = None,
@@ -100,8 +102,10 @@ def plan_shards(settings: Settings, model_version: str = "champion", shard_size:
     return shards
 
 
-def _needs_review(p: float, entropy: float, threshold: float, rule: dict[str, Any]) -> list[str]:
+def _needs_review(p: float, entropy: float, threshold: float, rule: dict[str, Any], p_other: float | None = None) -> list[str]:
     reasons = []
+    if p_other is not None and p_other >= rule["out_of_scope_above"]:
+        reasons.append("out_of_scope")
     if p >= threshold and rule.get("predicted_mel", True):
         reasons.append("predicted_mel")
     if entropy > rule["entropy_above"]:
@@ -125,15 +129,16 @@ def _write_overlay(store: ObjectStore, key: str, original_uri: str, heatmap: np.
 
 
 def score_batch(model: ScoringModel, rgb: np.ndarray, image_ids: list[str], mc_samples: int):
-    """(p_mel, entropy, mutual_info, predicted MEL, heatmaps, (N, T) MC samples) for one batch: one
-    backbone pass."""
+    """(p_mel, entropy, mutual_info, predicted MEL, heatmaps, (N, T) MC samples, p_other or None) for one
+    batch: one backbone pass."""
     activations, pooled = model.run_backbone(backbones.preprocess(rgb))
     masks = mc.dropout_masks(image_ids, model.version, mc_samples, model.head.w1.shape[1], model.head.dropout)
     samples = mc.mc_samples(model.head, pooled, masks)
     p, h, mi = mc.summarize(samples)
     is_mel = (p >= model.row["threshold"]).astype(np.int64)
     heat = gradcam.gradcam_fast(activations, gradcam.head_gradient(model.head, pooled, is_mel))
-    return p, h, mi, is_mel, heat, samples
+    p_other = model.scope.p_other(pooled) if model.scope is not None else None
+    return p, h, mi, is_mel, heat, samples, p_other
 
 
 def score_range(settings: Settings, model_version: str = "champion", first: str | None = None, last: str | None = None,
@@ -158,16 +163,17 @@ def score_range(settings: Settings, model_version: str = "champion", first: str 
             for start in range(0, len(todo), batch_size):
                 batch = todo[start : start + batch_size]
                 ids = [r.image_id for r in batch]
-                rgb = np.stack(list(pool.map(lambda r: features.load_rgb(store, r.normalized_uri, row["image_size"]), batch)))
-                p, h, mi, is_mel, heat, mc_p = score_batch(model, rgb, ids, samples)
+                rgb = np.stack(list(pool.map(lambda r: features.model_input(store, r.normalized_uri, model.input_config), batch)))
+                p, h, mi, is_mel, heat, mc_p, p_other = score_batch(model, rgb, ids, samples)
                 overlay_keys = [keys.gradcam(model.version, r.drop_id, r.image_id) for r in batch]
                 uris = list(pool.map(lambda a: _write_overlay(store, *a),
                                      zip(overlay_keys, [r.original_uri for r in batch], heat)))
                 now = datetime.now(UTC)
                 rows = []
                 for k, r in enumerate(batch):
-                    reasons = _needs_review(float(p[k]), float(h[k]), row["threshold"], rule)
-                    rows.append({"image_id": r.image_id, "model_version": model.version, "p_mel": float(p[k]),
+                    other = None if p_other is None else float(p_other[k])
+                    reasons = _needs_review(float(p[k]), float(h[k]), row["threshold"], rule, other)
+                    rows.append({"image_id": r.image_id, "model_version": model.version, "p_mel": float(p[k]), "p_other": other,
                                  "predicted_label": "MEL" if is_mel[k] else "NV", "threshold": float(row["threshold"]),
                                  "entropy": float(h[k]), "mutual_info": float(mi[k]), "mc_samples": samples,
                                  "gradcam_uri": uris[k], "needs_review": bool(reasons), "review_reasons": ",".join(reasons) or None,

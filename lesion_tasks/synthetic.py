@@ -1,8 +1,9 @@
 """A small synthetic drop in the isic-cli layout, for the demo when no real data is given.
 
 The images are drawn, not photographed: a skin-toned field with one pigmented blob; "melanoma"
-blobs are larger, darker, multi-coloured and irregular, so a model can learn the difference. They
-are not dermoscopy and say nothing about clinical performance.
+blobs are larger, darker, multi-coloured and irregular, so a model can learn the difference; with
+`other_fraction`, some lesions are pink-red "basal cell carcinomas" (out of scope: neither MEL nor NV).
+They are not dermoscopy and say nothing about clinical performance.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from PIL import Image, ImageDraw, ImageFilter
 
 MEL_DIAGNOSIS = ("Malignant", "Malignant melanocytic proliferations (Melanoma)", "Melanoma Invasive")
 NV_DIAGNOSIS = ("Benign", "Benign melanocytic proliferations", "Nevus")
+BCC_DIAGNOSIS = ("Malignant", "Malignant adnexal epithelial proliferations - Follicular", "Basal cell carcinoma")
 SITES = ("anterior torso", "posterior torso", "lower extremity", "upper extremity", "head/neck")
 
 
-def _lesion(rng: np.random.Generator, melanoma: bool, size: int) -> Image.Image:
+def _lesion(rng: np.random.Generator, melanoma: bool, size: int, other: bool = False) -> Image.Image:
     skin = np.array([224, 172, 140]) + rng.integers(-20, 20, 3)
     img = Image.new("RGB", (size, size), tuple(int(c) for c in skin))
     draw = ImageDraw.Draw(img)
@@ -29,8 +31,13 @@ def _lesion(rng: np.random.Generator, melanoma: bool, size: int) -> Image.Image:
     angles = np.linspace(0, 2 * np.pi, n, endpoint=False)
     radii = radius * (1 + rng.uniform(-jitter, jitter, n))
     points = [(cx + r * np.cos(a), cy + r * np.sin(a)) for r, a in zip(radii, angles)]
-    base = (70, 40, 25) if melanoma else (120, 75, 45)
+    base = (70, 40, 25) if melanoma else (190, 90, 100) if other else (120, 75, 45)
     draw.polygon(points, fill=tuple(int(c + rng.integers(-15, 15)) for c in base))
+    if other:  # pearly rim and red branching vessels
+        for _ in range(5):
+            x0, y0 = cx + rng.normal(0, radius / 2), cy + rng.normal(0, radius / 2)
+            x1, y1 = x0 + rng.normal(0, radius / 2), y0 + rng.normal(0, radius / 2)
+            draw.line([x0, y0, x1, y1], fill=(150, 20, 30), width=2)
     if melanoma:  # blue-grey veil and black dots
         for _ in range(6):
             x, y = cx + rng.normal(0, radius / 2), cy + rng.normal(0, radius / 2)
@@ -45,8 +52,9 @@ def _lesion(rng: np.random.Generator, melanoma: bool, size: int) -> Image.Image:
 
 
 def make_drop(root: str | Path, n_images: int = 60, melanoma_fraction: float = 0.3, seed: int = 0,
-              size: int = 256) -> Path:
-    """Write an isic-cli style drop (`<id>.jpg`, `metadata.csv`, `attribution.txt`) into `root`."""
+              size: int = 256, other_fraction: float = 0.0) -> Path:
+    """Write an isic-cli style drop (`<id>.jpg`, `metadata.csv`, `attribution.txt`) into `root`; with
+    `other_fraction`, that share of the images are out-of-scope lesions (basal cell carcinoma)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -54,8 +62,9 @@ def make_drop(root: str | Path, n_images: int = 60, melanoma_fraction: float = 0
     for i in range(n_images):
         isic_id = f"ISIC_9{seed % 100:02d}{i:04d}"
         melanoma = rng.random() < melanoma_fraction
-        _lesion(rng, melanoma, size).save(root / f"{isic_id}.jpg", quality=92)
-        dx = MEL_DIAGNOSIS if melanoma else NV_DIAGNOSIS
+        other = bool(other_fraction) and not melanoma and rng.random() < other_fraction / (1 - melanoma_fraction)
+        _lesion(rng, melanoma, size, other).save(root / f"{isic_id}.jpg", quality=92)
+        dx = MEL_DIAGNOSIS if melanoma else BCC_DIAGNOSIS if other else NV_DIAGNOSIS
         rows.append({
             "isic_id": isic_id, "attribution": "synthetic (lesion_tasks.synthetic)", "copyright_license": "CC-0",
             "age_approx": int(rng.integers(4, 17)) * 5, "sex": ("male", "female")[int(rng.integers(0, 2))],

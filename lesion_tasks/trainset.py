@@ -4,7 +4,8 @@
 - Where ISIC gave no label, the latest reviewer verdict (review UI) counts when it says MEL or NV;
   it is training data only (`splits.assign` keeps such images out of validation and test).
 - A reviewer disagreeing with an ISIC label is counted as a conflict in the model's lineage, never applied.
-- Only MEL and NV enter the binary task; OTHER and unlabelled images are left out.
+- Only MEL and NV enter the binary task; OTHER images (every other ISIC diagnosis) train and test the
+  out-of-scope signal (`out_of_scope_refs`); unlabelled images are left out.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import sqlalchemy as sa
 
 from lesion_tasks.features import ImageRef
+from lesion_tasks.labels import challenge_code
 from lesion_tasks.schema import images, reviews, splits
 
 BINARY = ("MEL", "NV")
@@ -60,3 +62,13 @@ def split_refs(conn: sa.Connection, reviewed: dict[str, str] | None = None
         out[split] = ([ImageRef(r.image_id, r.drop_id, r.normalized_uri) for r, _ in part],
                       np.array([1 if label == "MEL" else 0 for _, label in part], np.int64))
     return out
+
+
+def out_of_scope_refs(conn: sa.Connection) -> dict[str, tuple[list[ImageRef], list[str]]]:
+    """ISIC-labelled OTHER images and their diagnoses as challenge codes (BCC, AK, ...) per split."""
+    rows = conn.execute(
+        sa.select(images.c.image_id, images.c.drop_id, images.c.normalized_uri, images.c.diagnosis, splits.c.split)
+        .join(splits, splits.c.image_id == images.c.image_id).where(images.c.label == "OTHER")
+        .order_by(images.c.image_id)).all()
+    return {split: ([ImageRef(r.image_id, r.drop_id, r.normalized_uri) for r in rows if r.split == split],
+                    [challenge_code(r.diagnosis) for r in rows if r.split == split]) for split in ("train", "val", "test")}

@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from lesion_tasks import artifacts, db, evaluation, features, mc, registry, retrain, trainset
 from lesion_tasks.schema import champion_history, model_versions
 from lesion_tasks.store import key_of, open_store
-from tests.conftest import LABELLED_DROP, N_LABELLED, copy_home
+from tests.conftest import LABELLED_DROP, N_LABELLED, N_OTHER, OTHER_DROP, copy_home
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +57,30 @@ def test_first_model_learns_and_is_promoted(trained, trained_home):
     assert row["threshold"] == pytest.approx(first["threshold"])
     assert row["weights_source"] == "random initialisation" and row["config"]["weights_used"] == "none"
     assert {"tensorflow", "keras", "devices", "python"} <= set(row["environment"])
-    assert row["lineage"]["drops"] == {LABELLED_DROP: N_LABELLED} and set(row["lineage"]["splits"]) == {"train", "val", "test"}
+    assert row["lineage"]["drops"] == {LABELLED_DROP: N_LABELLED, OTHER_DROP: N_OTHER}
+    assert set(row["lineage"]["splits"]) == {"train", "val", "test"}
     assert row["review_rule"]["entropy_above"] > 0
+
+
+def test_per_source_metrics_calibration_and_out_of_scope_are_reported(trained):
+    """The CLI answer, the registry row and the report carry per-source metrics, the calibration before
+    and after, and out-of-scope recall per diagnosis (the synthetic basal cell carcinomas)."""
+    settings, _, first, _ = trained
+    test = first["metrics"]["test"]
+    assert set(test["by_source"]) == {LABELLED_DROP}  # OTHER images are not in the MEL/NV task
+    assert test["by_source"][LABELLED_DROP]["n"] == test["n"] and test["by_source"][LABELLED_DROP]["auc"] == test["auc"]
+    assert "ece_before_calibration" in test
+    oos = first["metrics"]["out_of_scope_test"]
+    assert set(oos["by_diagnosis"]) == {"BCC"} and oos["malignant"]["n"] == oos["all"]["n"] > 0
+    assert oos["all"]["flagged"] >= 0.75  # pink-red blobs are easy to tell from the pigmented ones
+    row = _row(settings, first["model_version"])
+    assert row["metrics"]["out_of_scope"]["test"]["threshold"] == pytest.approx(row["review_rule"]["out_of_scope_above"])
+    assert row["metrics"]["test"]["uncalibrated"]["ece"] >= 0
+    head = artifacts.of(open_store(settings), row).load_head()
+    assert (head.cal_a, head.cal_b) != (1.0, 0.0)
+    report = open_store(settings).get(key_of(open_store(settings), row["report_uri"])).decode()
+    assert "Per source (test)" in report and "Out of scope (test" in report and "<td>BCC</td>" in report
+    assert "before calibration" in report
 
 
 def test_artifacts_are_stored_without_optimizer_state(trained):
@@ -93,10 +115,12 @@ def test_saved_model_matches_the_cached_features(trained):
     engine.dispose()
     cached, stats = features.features_for(refs[:6], [0], artifacts.feature_config(row), artifacts.weights_of(row, settings, store), store)
     assert stats.computed == 0
-    rgb = np.stack([features.load_rgb(store, r.uri, 64) for r in refs[:6]])
+    rgb = np.stack([features.model_input(store, r.uri, artifacts.feature_config(row)) for r in refs[:6]])
     probs = model.predict(features.backbones.preprocess(rgb), verbose=0)[:, mc.MEL]
     head = artifacts.of(store, row).load_head()
-    np.testing.assert_allclose(head.deterministic(cached[0]), probs, atol=1e-5)
+    np.testing.assert_allclose(replace(head, cal_a=1.0, cal_b=0.0).deterministic(cached[0]), probs, atol=1e-5)
+    logit = np.log(probs) - np.log1p(-probs)  # the saved model is the raw head; scoring calibrates its samples
+    np.testing.assert_allclose(head.deterministic(cached[0]), 1 / (1 + np.exp(-(head.cal_a * logit + head.cal_b))), atol=1e-4)
 
 
 def test_retrain_on_unchanged_data_runs_no_backbone(trained):
@@ -124,7 +148,7 @@ def test_degenerate_always_nv_model_is_refused_and_champion_stays(trained):
     bad = replace(head, w2=np.zeros_like(head.w2), b2=np.array([10.0, -10.0], np.float32))  # always NV
     version = "degenerate-always-nv"
     artifacts.ModelArtifacts(store, version).save_head(bad)
-    for name in ("model.keras", "train_log.json"):
+    for name in ("model.keras", "train_log.json", "scope.npz"):
         store.put(f"models/{version}/{name}", store.get(f"models/{champ['model_version']}/{name}"))
     refs, y_val = parts["val"]
     feats, _ = features.features_for(refs, [0], artifacts.feature_config(champ), artifacts.weights_of(champ, settings, store), store)

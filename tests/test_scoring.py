@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from PIL import Image
 from lesion_tasks import artifacts, backbones, db, features, gradcam, mc, registry, scoring, trainset
 from lesion_tasks.schema import images, predictions
 from lesion_tasks.store import key_of, open_store
-from tests.conftest import BIG_ORIGINAL, N_IMAGES, copy_home
+from tests.conftest import BIG_ORIGINAL, N_IMAGES, OTHER_DROP, copy_home
 
 VOLATILE = {"run_id", "scored_at"}
 
@@ -79,6 +80,34 @@ def test_every_image_scored_once_with_valid_numbers(scored_home, scored_copy):
     assert _rows(scored_copy, version) == rows  # nothing rewritten
 
 
+def test_out_of_scope_lesions_are_flagged(scored_home):
+    """Scoring stores p_other from the version's out-of-scope head and flags `out_of_scope` exactly when
+    it reaches the version's threshold; the synthetic basal cell carcinomas are mostly caught."""
+    settings, version, _ = scored_home
+    rows = _rows(settings, version)
+    engine = db.make_engine(settings.db_url)
+    with engine.connect() as conn:
+        row = registry.get(conn, version)
+    engine.dispose()
+    threshold = row["review_rule"]["out_of_scope_above"]
+    assert all(r["p_other"] is not None and 0 <= r["p_other"] <= 1 for r in rows)
+    for r in rows:
+        assert ("out_of_scope" in (r["review_reasons"] or "")) == (r["p_other"] >= threshold)
+    other = [r for r in rows if r["drop_id"] == OTHER_DROP]
+    flagged = [r for r in other if {"out_of_scope", "predicted_mel"} & set((r["review_reasons"] or "").split(","))]
+    assert len(other) == 40 and len(flagged) >= 30
+    store = open_store(settings)
+    refs = [features.ImageRef(r["image_id"], r["drop_id"], "") for r in other[:5]]
+    with engine.connect() as conn:
+        uris = dict(conn.execute(sa.select(images.c.image_id, images.c.normalized_uri)
+                                 .where(images.c.image_id.in_([r.image_id for r in refs]))).all())
+    engine.dispose()
+    refs = [features.ImageRef(r.image_id, r.drop_id, uris[r.image_id]) for r in refs]
+    feats, _ = features.features_for(refs, [0], artifacts.feature_config(row), artifacts.weights_of(row, settings, store), store)
+    np.testing.assert_allclose(artifacts.load_scope_of(store, row).p_other(feats[0]), [r["p_other"] for r in other[:5]],
+                               atol=1e-4)
+
+
 def test_rerun_rewrites_identical_numbers_and_overlays(scored_home, scored_copy):
     _, version, _ = scored_home
     settings = scored_copy
@@ -114,8 +143,11 @@ def test_head_only_mc_equals_naive_full_model_mc(scored_home, tmp_path):
     out = model.get_layer("head_out")
     naive = np.stack([out(to_bn(x, training=False).numpy() * masks[:, t, :]).numpy()[:, mc.MEL] for t in range(50)], 1)
     pooled = scoring.load_scoring_model(store, row).run_backbone(x)[1]
-    fast = mc.mc_samples(head, pooled, masks)
+    fast = mc.mc_samples(replace(head, cal_a=1.0, cal_b=0.0), pooled, masks)  # the Keras head is uncalibrated
     assert np.abs(fast - naive).max() <= 1e-5
+    logit = np.log(naive) - np.log1p(-naive)
+    calibrated = 1 / (1 + np.exp(-(head.cal_a * logit + head.cal_b)))
+    assert np.abs(mc.mc_samples(head, pooled, masks) - calibrated).max() <= 1e-4
 
 
 @pytest.mark.parametrize("backbone,size", [("tiny", 64), ("mobilenet025_multiscale", 96)])
