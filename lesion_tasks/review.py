@@ -21,7 +21,16 @@ from lesion_tasks.db import insert_ignore
 from lesion_tasks.schema import LABELS, VERDICTS, images, model_versions, prediction_samples, predictions, reviews
 from lesion_tasks.trainset import latest_reviews
 
-FLAGS = ("predicted_mel", "uncertain", "near_threshold")
+FLAGS = ("predicted_mel", "uncertain", "near_threshold", "out_of_scope")
+# what the UI shows for each flag of `predictions.review_reasons`: a badge and what it means (tooltip)
+FLAG_TEXT = {
+    "predicted_mel": ("predicted_mel", "predicted melanoma: p(MEL) at or above the model version's threshold"),
+    "uncertain": ("uncertain", "entropy above the model version's review rule: the model is unsure"),
+    "near_threshold": ("near_threshold", "p(MEL) close to the model version's threshold"),
+    "out_of_scope": ("out of scope (not MEL/NV)",
+                     "the model thinks this lesion is neither melanoma nor nevus (e.g. basal cell carcinoma): "
+                     "outside the two classes it was trained to tell apart, so p(MEL) may mislead; p(other) is that probability"),
+}
 STATUSES = ("open", "reviewed", "all")
 SORTS = {"entropy": predictions.c.entropy, "mutual_info": predictions.c.mutual_info, "p_mel": predictions.c.p_mel}
 MAX_NOTE = 2000
@@ -79,7 +88,7 @@ def queue(conn: sa.Connection, f: QueueFilter) -> dict[str, Any]:
                        predictions.c.mutual_info, predictions.c.review_reasons, predictions.c.drop_id,
                        predictions.c.scored_at, images.c.label.label("known_label"),
                        r.c.verdict.label("review_verdict"), r.c.label.label("review_label"), r.c.reviewer,
-                       r.c.reviewed_at)
+                       r.c.reviewed_at, predictions.c.p_other)
              .join(images, images.c.image_id == predictions.c.image_id)
              .outerjoin(latest, sa.and_(latest.c.image_id == predictions.c.image_id,
                                         latest.c.model_version == predictions.c.model_version))
@@ -129,8 +138,8 @@ def case(conn: sa.Connection, image_id: str, model_version: str | None = None) -
                            .where(prediction_samples.c.model_version == version)).scalar()
     history = conn.execute(sa.select(reviews).where(reviews.c.image_id == image_id)
                            .order_by(reviews.c.id.desc())).mappings().all()
-    others = conn.execute(sa.select(predictions.c.model_version, predictions.c.p_mel, predictions.c.predicted_label,
-                                    predictions.c.entropy, predictions.c.mutual_info, predictions.c.needs_review,
+    others = conn.execute(sa.select(predictions.c.model_version, predictions.c.p_mel, predictions.c.p_other,
+                                    predictions.c.predicted_label, predictions.c.entropy, predictions.c.mutual_info, predictions.c.needs_review,
                                     predictions.c.scored_at)
                           .where(predictions.c.image_id == image_id).where(predictions.c.model_version != version)
                           .order_by(predictions.c.scored_at.desc())).mappings().all()

@@ -91,6 +91,7 @@ def _templates() -> Environment:
     env.filters["f3"] = lambda v: "–" if v is None else f"{v:.3f}"
     env.filters["pct"] = lambda v: "–" if v is None else f"{100 * v:.1f}%"
     env.filters["when"] = lambda v: "–" if v is None else v.strftime("%Y-%m-%d %H:%M UTC")
+    env.globals["flag_text"] = review.FLAG_TEXT
     env.globals["histogram_svg"] = histogram_svg
     env.globals["nights_svg"] = nights_svg
     return env

@@ -144,6 +144,8 @@ predictions = sa.Table(
     sa.Column("drop_id", sa.String(128), nullable=False, index=True),
     sa.Column("run_id", sa.String(256), nullable=False, index=True),
     sa.Column("scored_at", sa.DateTime(timezone=True), nullable=False, index=True),
+    # p(neither MEL nor NV, e.g. basal cell carcinoma): the out-of-scope head; NULL for versions without one
+    sa.Column("p_other", sa.Float, nullable=True),
     sa.CheckConstraint("predicted_label IN ('MEL', 'NV')", name="ck_predictions_label"),
     # the review queue of one model version, without scanning every version's rows
     sa.Index("ix_predictions_version_review", "model_version", "needs_review"),

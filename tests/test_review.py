@@ -8,6 +8,7 @@ On a copy of the session's trained home (tests/conftest.py): these tests record 
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 
 import numpy as np
@@ -207,3 +208,75 @@ def test_app_on_the_embedded_defaults_streams_from_the_local_store(home):
         assert client.get(path).status_code == 401
     assert client.get("/image/ISIC_0000000", headers=auth).status_code == 404
     assert client.get("/?status=bogus", headers=auth).text == "status='bogus': expected one of open, reviewed, all"
+
+
+def test_out_of_scope_case_in_the_queue_and_on_its_pages(home):
+    """A prediction flagged `out_of_scope` with p_other 0.93 (set here: scoring writes them once the model
+    has the head) is in the queue with its p_other, the `out_of_scope` filter finds it, and the queue and
+    case pages show p(other) as 0.930 and the flag as a readable badge that says what it means; a
+    prediction without p_other shows '–'."""
+    from fastapi.testclient import TestClient
+
+    from lesion_tasks.review_web import Reviewer, create_app
+
+    settings, engine, version = home
+    with engine.connect() as conn:
+        # an unflagged prediction if there is one (the out-of-scope flag alone puts it in the queue), and a flagged one
+        rows = conn.execute(sa.select(predictions.c.image_id, predictions.c.needs_review, predictions.c.review_reasons,
+                                      predictions.c.p_other)
+                            .where(predictions.c.model_version == version)
+                            .order_by(predictions.c.needs_review, predictions.c.image_id)).all()
+    target = rows[0]
+    plain = next(r for r in reversed(rows) if r.needs_review and "out_of_scope" not in (r.review_reasons or ""))
+    assert plain.image_id != target.image_id
+
+    def where(row):
+        return sa.and_(predictions.c.image_id == row.image_id, predictions.c.model_version == version)
+
+    with engine.begin() as conn:
+        conn.execute(predictions.update().where(where(target)).values(p_other=0.93, review_reasons="out_of_scope",
+                                                                      needs_review=True))
+        conn.execute(predictions.update().where(where(plain)).values(p_other=None))
+    try:
+        with engine.connect() as conn:
+            flagged = review.queue(conn, review.QueueFilter(version, flag="out_of_scope", status="all", limit=1000))
+            expected = set(conn.scalars(sa.select(predictions.c.image_id).where(
+                predictions.c.model_version == version, predictions.c.needs_review,
+                predictions.c.review_reasons.contains("out_of_scope"))))
+            everything = review.queue(conn, review.QueueFilter(version, status="all", limit=1000))["cases"]
+            in_view = conn.execute(sa.text("SELECT p_other, review_reasons FROM v_review_queue WHERE image_id = :i"),
+                                   {"i": target.image_id}).one()
+        assert {c["image_id"] for c in flagged["cases"]} == expected and flagged["total"] == len(expected)
+        case = next(c for c in flagged["cases"] if c["image_id"] == target.image_id)
+        assert (case["p_other"], case["review_reasons"]) == (0.93, "out_of_scope")
+        assert tuple(in_view) == (0.93, "out_of_scope")
+        assert {c["image_id"]: c["p_other"] for c in everything}[plain.image_id] is None
+
+        async def authenticate(request):
+            return Reviewer("dr-scope", True, True)
+
+        client = TestClient(create_app(lambda: settings, authenticate, lambda nxt: f"/auth/login?next={nxt}"))
+        page = client.get("/", params={"version": version, "status": "all", "limit": 1000})
+        assert page.status_code == 200
+        shown = dict(re.findall(r'<tr data-image-id="([^"]+)">(.*?)</tr>', page.text, re.S))
+        row = shown[target.image_id]
+        assert '<td class="num p-other">0.930</td>' in row
+        badge = re.search(r'<span class="tag out_of_scope"[^>]*>([^<]*)</span>', row)
+        assert badge and badge.group(1) == "out of scope (not MEL/NV)"
+        assert 'title="the model thinks this lesion is neither melanoma nor nevus' in badge.group(0)
+        assert '<td class="num p-other">–</td>' in shown[plain.image_id]
+        assert "out_of_scope" not in shown[plain.image_id]
+        only = client.get("/", params={"version": version, "flag": "out_of_scope", "status": "all"}).text
+        assert set(re.findall(r'<tr data-image-id="([^"]+)">', only)) == expected
+        assert '<option value="out_of_scope" selected>out of scope (not MEL/NV)</option>' in only
+        case_page = client.get(f"/case/{target.image_id}", params={"version": version}).text
+        assert '<td class="num" id="p-other">0.930</td>' in case_page
+        assert "out of scope (not MEL/NV)</span>" in case_page
+        # spelled out under the badge, not only in a tooltip
+        assert '<small class="flag-meaning">the model thinks this lesion is neither melanoma nor nevus' in case_page
+        assert '<td class="num" id="p-other">– <small>' in client.get(f"/case/{plain.image_id}", params={"version": version}).text
+    finally:
+        with engine.begin() as conn:
+            conn.execute(predictions.update().where(where(target)).values(
+                p_other=target.p_other, review_reasons=target.review_reasons, needs_review=target.needs_review))
+            conn.execute(predictions.update().where(where(plain)).values(p_other=plain.p_other))

@@ -11,6 +11,8 @@ from lesion_tasks import db
 from lesion_tasks.schema import metadata
 from lesion_tasks.settings import Settings
 
+HEAD = "0008_out_of_scope"
+
 
 @pytest.fixture
 def url(any_db_url):
@@ -18,8 +20,8 @@ def url(any_db_url):
 
 
 def test_upgrade_matches_schema_module_and_is_repeatable(url):
-    assert db.upgrade(url) == "0007_failed_drops"
-    assert db.upgrade(url) == "0007_failed_drops"  # a second upgrade is a no-op
+    assert db.upgrade(url) == HEAD
+    assert db.upgrade(url) == HEAD  # a second upgrade is a no-op
     engine = db.make_engine(url)
     with engine.connect() as conn:
         ctx = MigrationContext.configure(conn, opts={"compare_type": True, "version_table": db.VERSION_TABLE})
@@ -77,7 +79,7 @@ def test_migrations_downgrade_and_upgrade_again(url, tmp_path):
         assert "reviews" not in sa.inspect(conn).get_table_names()
         conn.execute(sa.text("SELECT image_id, known_label FROM v_review_queue")).all()
     engine.dispose()
-    assert db.upgrade(settings) == "0007_failed_drops"
+    assert db.upgrade(settings) == HEAD
 
 
 def test_analyze_refreshes_postgres_statistics_and_is_a_no_op_on_sqlite(url):
@@ -90,3 +92,66 @@ def test_analyze_refreshes_postgres_statistics_and_is_a_no_op_on_sqlite(url):
                                                  "WHERE relname IN ('predictions', 'prediction_samples')")).all())
         assert set(analyzed) == {"predictions", "prediction_samples"} and all(analyzed.values())
     engine.dispose()
+
+
+MODEL_ROW = ("INSERT INTO model_versions (model_version, created_at, status, profile, backbone, image_size, mc_samples, "
+             "config, environment, weights_source, lineage, code_version, run_id, is_champion) "
+             "VALUES ('m1', CURRENT_TIMESTAMP, 'champion', 'demo', 'tiny', 64, 2, '{}', '{}', 'none', '{}', 'c', 'r', :t)")
+PREDICTION_ROW = ("INSERT INTO predictions (image_id, model_version, p_mel, predicted_label, threshold, entropy, mutual_info, "
+                  "mc_samples, gradcam_uri, needs_review, review_reasons, drop_id, run_id, scored_at) "
+                  "VALUES (:image_id, 'm1', 0.6, 'MEL', 0.5, 0.67, 0.01, 2, 'g', :t, 'uncertain', 'd', 'r', CURRENT_TIMESTAMP)")
+SAMPLES_ROW = "INSERT INTO prediction_samples (image_id, model_version, p_mel_samples) VALUES (:image_id, 'm1', '[0.5, 0.7]')"
+
+
+def _view_columns(conn, view: str) -> list[str]:
+    return list(conn.execute(sa.text(f"SELECT * FROM {view}")).keys())
+
+
+def _reader_grants(conn) -> dict[str, bool] | None:
+    """Whether `lesion_reader` may SELECT each view (None: SQLite, or no such role)."""
+    if conn.dialect.name != "postgresql" or not conn.execute(
+            sa.text("SELECT 1 FROM pg_roles WHERE rolname = 'lesion_reader'")).scalar():
+        return None
+    return {v: conn.execute(sa.text("SELECT has_table_privilege('lesion_reader', :v, 'SELECT')"), {"v": v}).scalar()
+            for v in ("v_latest_predictions", "v_review_queue")}
+
+
+def test_out_of_scope_migration_appends_p_other_and_steps_back(url, tmp_path):
+    """0008 adds predictions.p_other (NULL for existing rows) and appends it to v_latest_predictions and
+    v_review_queue, every other column in its place; the reader's grants on the recreated views survive;
+    a downgrade removes the column and restores the views without losing rows (MC samples included)."""
+    settings = Settings.from_env({"LESION_HOME": str(tmp_path / "home")}, db_url=url)
+    assert db.upgrade(settings, "0007_failed_drops") == "0007_failed_drops"
+    engine = db.make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(DROP_ROW), {"status": "complete"})
+        conn.execute(sa.text(IMAGE_ROW), {"image_id": "i1", "label": None})
+        conn.execute(sa.text(MODEL_ROW), {"t": True})
+        conn.execute(sa.text(PREDICTION_ROW), {"image_id": "i1", "t": True})
+        conn.execute(sa.text(SAMPLES_ROW), {"image_id": "i1"})
+    with engine.connect() as conn:
+        before = {v: _view_columns(conn, v) for v in ("v_latest_predictions", "v_review_queue")}
+        grants_before = _reader_grants(conn)
+    assert before["v_review_queue"][-4:] == ["review_verdict", "review_label", "reviewer", "reviewed_at"]
+
+    assert db.upgrade(settings) == HEAD
+    with engine.begin() as conn:
+        assert {v: _view_columns(conn, v) for v in before} == {v: cols + ["p_other"] for v, cols in before.items()}
+        assert conn.execute(sa.text("SELECT p_other FROM v_review_queue WHERE image_id = 'i1'")).scalar() is None
+        conn.execute(sa.text("UPDATE predictions SET p_other = 0.93, review_reasons = 'out_of_scope,uncertain'"))
+        row = conn.execute(sa.text("SELECT image_id, p_mel, p_other, review_reasons FROM v_review_queue")).one()
+        assert tuple(row) == ("i1", 0.6, 0.93, "out_of_scope,uncertain")
+        assert conn.execute(sa.text("SELECT p_other FROM v_latest_predictions")).scalar() == 0.93
+        assert _reader_grants(conn) == grants_before
+        if conn.dialect.name == "postgresql":  # the test server's user may create roles: 0004 made lesion_reader
+            assert grants_before == {"v_latest_predictions": True, "v_review_queue": True}
+
+    assert db.downgrade(settings, "0007_failed_drops") == "0007_failed_drops"
+    with engine.connect() as conn:
+        assert {v: _view_columns(conn, v) for v in before} == before
+        assert "p_other" not in {c["name"] for c in sa.inspect(conn).get_columns("predictions")}
+        assert conn.execute(sa.text("SELECT review_reasons FROM v_review_queue")).scalar() == "out_of_scope,uncertain"
+        assert conn.execute(sa.text("SELECT COUNT(*) FROM prediction_samples")).scalar() == 1
+        assert _reader_grants(conn) == grants_before
+    engine.dispose()
+    assert db.upgrade(settings) == HEAD

@@ -1,7 +1,8 @@
 """The review UI in a real browser (Debian's headless Chromium, driven by Playwright) against the
 real `airflow standalone`: log in through Airflow's own login page, open the queue, open a case,
 record a verdict and find it in the database; a viewer may look but not record; anonymous and
-cross-site requests get no data. Screenshots go to LESION_SCREENSHOT_DIR (default build/screenshots).
+cross-site requests get no data; a prediction flagged out_of_scope shows its badge and p(other).
+Screenshots go to LESION_SCREENSHOT_DIR (default build/screenshots).
 The queue with >= 500 cases must load in under a second (Navigation Timing, measured here).
 """
 
@@ -244,3 +245,51 @@ def test_cross_site_form_post_is_refused(live, queue_ready):
     assert written == 0
     reliability.record("Cross-site verdict post", "form post with a valid session cookie and Origin: http://evil.example",
                        "refused; nothing written", "403 'cross-site form post refused'; 0 rows", 0, 0)
+
+
+def test_out_of_scope_flag_in_a_real_browser(live, queue_ready, browser):
+    """A prediction flagged out_of_scope shows, in the queue filtered by that flag and on its case page,
+    the readable badge (with what it means as its tooltip) and its p(other). The row is made here on the
+    live server's own throwaway database (scoring writes such rows once the model has the head) and put
+    back afterwards; an unflagged prediction, so the flag alone brings it into the queue."""
+    engine = _engine(live)
+    with engine.connect() as conn:
+        version = registry.champion(conn)["model_version"]
+        target = conn.execute(sa.select(predictions.c.image_id, predictions.c.p_other, predictions.c.review_reasons,
+                                        predictions.c.needs_review)
+                              .where(predictions.c.model_version == version)
+                              .order_by(predictions.c.needs_review, predictions.c.image_id)).first()
+    where = sa.and_(predictions.c.image_id == target.image_id, predictions.c.model_version == version)
+    with engine.begin() as conn:
+        conn.execute(predictions.update().where(where).values(p_other=0.91, review_reasons="out_of_scope,uncertain",
+                                                              needs_review=True))
+    context, page = _login(browser, live, "admin")
+    try:
+        page.select_option("select[name=flag]", "out_of_scope")
+        page.select_option("select[name=status]", "all")
+        page.click("form.filters button[type=submit]")
+        page.wait_for_selector("#queue-count")
+        assert "flag=out_of_scope" in page.url
+        shown = page.locator("#queue tbody tr")
+        assert shown.count() >= 1 and shown.count() == page.locator("#queue tbody tr .tag.out_of_scope").count()
+        row = page.locator(f"#queue tbody tr[data-image-id='{target.image_id}']")
+        badge = row.locator(".tag.out_of_scope")
+        assert badge.is_visible() and badge.inner_text() == "out of scope (not MEL/NV)"
+        assert "neither melanoma nor nevus" in badge.get_attribute("title")
+        assert row.locator(".tag.uncertain").inner_text() == "uncertain"
+        assert row.locator("td.p-other").inner_text() == "0.910"
+        _shot(page, "07-out-of-scope-queue")
+
+        row.locator("a.case-link").click()
+        page.wait_for_selector("#case-numbers")
+        assert page.locator("#p-other").inner_text() == "0.910"
+        flags = page.locator("#case-numbers td.flags")
+        assert flags.locator(".tag.out_of_scope").inner_text() == "out of scope (not MEL/NV)"
+        assert "neither melanoma nor nevus" in flags.locator(".flag-meaning").inner_text()
+        _shot(page, "08-out-of-scope-case")
+    finally:
+        context.close()
+        with engine.begin() as conn:
+            conn.execute(predictions.update().where(where).values(
+                p_other=target.p_other, review_reasons=target.review_reasons, needs_review=target.needs_review))
+        engine.dispose()
