@@ -21,7 +21,9 @@ TF_POOL = "lesion_tensorflow"  # one TensorFlow task at a time: a TF process hol
 PARAMS = {
     "profile": Param("demo", type="string", enum=["demo", "paper"], title="Profile",
                      description="demo: multi-scale MobileNet features, minutes on a CPU. paper: ResNet101V2 at 224 px (the paper's model)."),
-    "backbone": Param(None, type=["null", "string"], enum=[None, "resnet101v2", "mobilenet025", "mobilenet025_multiscale", "tiny"],
+    "backbone": Param(None, type=["null", "string"],
+                      enum=[None, "resnet101v2", "mobilenet025", "mobilenet025_multiscale", "effnet_lite0",
+                            "effnet_lite2_multiscale", "tiny"],
                       title="Backbone", description="Override the profile's backbone (empty = the profile's)."),
     "epochs": Param(None, type=["null", "integer"], minimum=1, maximum=10_000, title="Epochs", description="Maximum head epochs (early stopping applies)."),
     "image_size": Param(None, type=["null", "integer"], minimum=32, maximum=1024, title="Image size", description="Input side in pixels."),

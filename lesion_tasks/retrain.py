@@ -44,11 +44,13 @@ class TrainConfig:
     # every image through this resolution first (0: off): sharp and blurry drops look alike (features.py)
     effective_resolution: int = 84
     color_constancy: str = ""  # "" or "shades_of_gray"
-    # out of scope (scope.py): share of validation OTHER / malignant (BCC, SCC, AK) images to flag
-    out_of_scope_target: float = 0.97
-    malignant_target: float = 0.985
+    # out of scope (scope.py): share of validation OTHER / malignant (BCC, SCC, AK) images to flag; above
+    # the gate's floors (0.95 / 0.97) by the validation-to-test gap measured on the shared drops (0.986 -> 0.965)
+    out_of_scope_target: float = 0.975
+    malignant_target: float = 0.99
     mc_samples: int = 50
     target_sensitivity: float = 0.85
+    threshold_margin_se: float = 1.0  # the threshold's target is raised by this many standard errors (_threshold)
     learning_rate: float = 1e-3
     bootstrap: int = 1000
     # demo only: when ImageNet weights are unavailable, train from random initialisation, loudly
@@ -57,8 +59,10 @@ class TrainConfig:
 
 
 PROFILES: dict[str, TrainConfig] = {
-    # what learns on a 2-core CPU in minutes: frozen multi-scale MobileNet features, cached
-    "demo": TrainConfig(),
+    # what learns on a 2-core CPU in minutes: frozen multi-scale MobileNet features, cached. One view: on
+    # the validation split of the three shared drops, 8 augmentation views gave AUC 0.812 (sharp source
+    # 0.792), 4 views 0.811, 1 view 0.816 (0.822) at an eighth of the cost (README, "Model figures")
+    "demo": TrainConfig(views=1),
     # the paper: ResNet101V2, ImageNet, 224 px, frozen backbone, the Table II head
     "paper": TrainConfig(profile="paper", backbone="resnet101v2", epochs=100, views=2, random_init_fallback=False),
 }
@@ -68,7 +72,7 @@ PROFILES: dict[str, TrainConfig] = {
 BOUNDS: dict[str, tuple[type, float, float]] = {
     "epochs": (int, 1, 10_000), "image_size": (int, 32, 1024), "views": (int, 1, 64), "mc_samples": (int, 2, 1000),
     "seed": (int, 0, 2**31 - 1), "bootstrap": (int, 0, 100_000), "dropout": (float, 0.01, 0.99),
-    "target_sensitivity": (float, 0.5, 1.0), "learning_rate": (float, 1e-7, 1.0),
+    "target_sensitivity": (float, 0.5, 1.0), "learning_rate": (float, 1e-7, 1.0), "threshold_margin_se": (float, 0.0, 3.0),
     "effective_resolution": (int, 0, 1024), "out_of_scope_target": (float, 0.5, 1.0), "malignant_target": (float, 0.5, 1.0),
 }
 # what the lesion_retrain trigger form (and `lesion train`) may set
@@ -181,10 +185,18 @@ def _threshold(y: np.ndarray, p: np.ndarray, sources: np.ndarray, split_summary:
                config: TrainConfig) -> tuple[float, dict[str, float]]:
     """The highest threshold reaching the target sensitivity on the pooled validation split AND on the
     validation images of every gated source (a pooled threshold dominated by one drop must not fail
-    another)."""
-    pooled = evaluation.threshold_for_sensitivity(y, p, config.target_sensitivity)
-    per_source = {src: evaluation.threshold_for_sensitivity(y[sources == src], p[sources == src], config.target_sensitivity)
+    another). Each target is raised by `threshold_margin_se` binomial standard errors of its melanoma
+    count: a source with 84 validation melanomas estimates its sensitivity to about +-0.04, and without a
+    margin half of such sources land below the target on test."""
+    def threshold(yy: np.ndarray, pp: np.ndarray) -> float:
+        t = config.target_sensitivity
+        n = int(yy.sum())
+        target = min(1.0, t + config.threshold_margin_se * float(np.sqrt(t * (1 - t) / max(n, 1))))
+        return evaluation.threshold_for_sensitivity(yy, pp, target)
+
+    per_source = {src: threshold(y[sources == src], p[sources == src])
                   for src in gated_sources(split_summary) if y[sources == src].sum()}
+    pooled = threshold(y, p)
     return min([pooled, *per_source.values()]), {"pooled": pooled, **per_source}
 
 

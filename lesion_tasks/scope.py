@@ -45,8 +45,10 @@ class ScopeHead:
         return cls(arrays["mean"], arrays["scale"], arrays["coef"], float(arrays["intercept"]), float(arrays["threshold"]))
 
 
-def fit(x_in: np.ndarray, x_other: np.ndarray, seed: int = 0, c: float = 0.1) -> ScopeHead:
-    """The head on in-scope (MEL/NV) and OTHER training features, classes weighted equally."""
+def fit(x_in: np.ndarray, x_other: np.ndarray, seed: int = 0, c: float = 0.01) -> ScopeHead:
+    """The head on in-scope (MEL/NV) and OTHER training features, classes weighted equally. C = 0.01: on
+    validation it flags the targets' share of OTHER images at the lowest cost in nevi (0.155 of nevi vs
+    0.175-0.201 for C = 1 and 0.1, 0.161 for a one-hidden-layer MLP)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 

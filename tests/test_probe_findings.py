@@ -147,7 +147,7 @@ def test_trigger_params_are_declared_and_bounded(conf, message):
               "seed": 0, "mc_samples": 50, "target_sensitivity": 0.85}
     with pytest.raises(ValueError, match=message):
         retrain.config_from_params(params | conf)
-    assert retrain.config_from_params(params).views == 8
+    assert retrain.config_from_params(params).views == retrain.PROFILES["demo"].views
 
 
 def test_bad_params_fail_in_the_first_task_before_any_work(airflow_env):

@@ -83,9 +83,12 @@ def test_threshold_holds_on_every_gated_source():
     config = retrain.make_config("demo")
     t, per_source = retrain._threshold(y, p, src, summary, config)
     assert set(per_source) == {"pooled", "big", "sharp"} and t == min(per_source.values())
-    for s in ("big", "sharp"):
+    for s in ("big", "sharp"):  # each source's target is raised by one standard error of its melanoma count
         m = src == s
-        assert (p[m][y[m] == 1] >= t).mean() >= config.target_sensitivity
+        margin = np.sqrt(0.85 * 0.15 / y[m].sum())
+        assert (p[m][y[m] == 1] >= t).mean() >= config.target_sensitivity + margin
+    unmargined = retrain._threshold(y, p, src, summary, replace(config, threshold_margin_se=0.0))[0]
+    assert unmargined > t and (p[src == "sharp"][y[src == "sharp"] == 1] >= unmargined).mean() < 0.85 + 0.04
     assert (p[src == "sharp"][y[src == "sharp"] == 1] >= per_source["pooled"]).mean() < config.target_sensitivity
     summary["by_source"]["sharp"]["test"]["MEL"] = 29  # too few melanomas to gate the source on its own
     assert set(retrain._threshold(y, p, src, summary, config)[1]) == {"pooled", "big"}
