@@ -104,7 +104,7 @@ def compare_out_of_scope(name, settings, store, parts, other):
                                  effective_resolution=0 if eff == "effnone" else int(eff[3:]),
                                  color_constancy="" if cc == "rgb" else cc)
     (tr, ytr), (va, yva) = parts["train"], parts["val"]
-    (otr, _), (ova, dva) = other["train"], other["val"]
+    otr, ova = other["train"][0], other["val"][0]
     feats, _ = features.features_for(tr + va + otr + ova, [0], cfg, weights, store)
     f = feats[0]
     xtr, xva = f[: len(tr)], f[len(tr): len(tr) + len(va)]

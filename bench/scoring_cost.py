@@ -48,7 +48,7 @@ def main() -> None:
     if len(ids) < 2 * args.chunk * args.rounds:
         raise SystemExit(f"{len(ids)} unscored images: need {2 * args.chunk * args.rounds} (a scratch home)")
     full = scoring.load_scoring_model(open_store(settings), row)
-    before = replace(full, scope=None, input_config=replace(full.input_config, effective_resolution=0, color_constancy=""))
+    before = replace(full, scope_head=None, input_config=replace(full.input_config, effective_resolution=0, color_constancy=""))
     size = row["image_size"]
     full.run_backbone(np.zeros((1, size, size, 3), np.float32))  # trace once: both modes share the compiled pass
     totals = {"now": [0, 0.0], "before": [0, 0.0]}

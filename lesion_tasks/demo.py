@@ -23,18 +23,19 @@ from lesion_tasks.synthetic import make_drop
 
 log = logging.getLogger(__name__)
 
-SAMPLE_QUERY = """SELECT image_id, predicted_label, ROUND(p_mel, 3) AS p_mel, ROUND(entropy, 3) AS entropy, review_reasons
+SAMPLE_QUERY = """SELECT image_id, predicted_label, ROUND(p_mel, 3) AS p_mel, ROUND(entropy, 3) AS entropy,
+       ROUND(p_other, 3) AS p_other, review_reasons
 FROM v_review_queue ORDER BY entropy DESC LIMIT 5"""
 
 
-def prepare_drop(settings: Settings, data: Path | None, n_synthetic: int = 120) -> str:
+def prepare_drop(settings: Settings, data: Path | None, n_synthetic: int = 400) -> str:
     """Copy `data` (a folder or .zip) under `incoming/` in the store; without data, a synthetic drop."""
     if data is None:
         data = settings.home / "synthetic-drop"
         log.warning("no DATA given: using a SYNTHETIC ISIC-format drop (%d drawn blobs, not dermoscopy) in %s",
                     n_synthetic, data)
         if not (data / "metadata.csv").exists():
-            make_drop(data, n_images=n_synthetic)
+            make_drop(data, n_images=n_synthetic, other_fraction=0.15)  # some out-of-scope lesions too
     data = Path(data).expanduser().resolve()
     store = open_store(settings)
     if data.is_file():
@@ -73,7 +74,7 @@ def summary(settings: Settings) -> tuple[dict[str, Any], str]:
     gate = (latest or {}).get("gate") or {}
     report_key = champion["report_uri"] if champion else (latest or {}).get("report_uri")
     report_uri = open_store(settings).uri(report_key) if report_key else None
-    table = "\n".join(f"  {r['image_id']}  {r['predicted_label']:<3}  p_mel {r['p_mel']}  entropy {r['entropy']}  "
+    table = "\n".join(f"  {r['image_id']}  {r['predicted_label']:<3}  p_mel {r['p_mel']}  entropy {r['entropy']}  p_other {r['p_other']}  "
                       f"{r['review_reasons']}" for r in rows) or "  (empty)"
     human = (
         f"images accepted {counts['images']}, quarantined {counts['quarantined']}\n"

@@ -3,8 +3,9 @@
 Per batch of images, ONE compiled backbone pass yields the last activation map A and its global
 average (the pooled features). From the pooled features the head is sampled T times in one
 vectorised call (`mc.py`: calibrated p_mel, entropy, mutual information, seeded per image and model
-version), the out-of-scope head gives p_other (`scope.py`; flag `out_of_scope`), and Grad-CAM of the predicted class is A weighted by the head's analytic gradient (`gradcam.py`): no
-backprop through the backbone. Overlays are drawn on the original image at a bounded size and stored
+version), the out-of-scope head gives p_other (`scope.py`; flag `out_of_scope`), and Grad-CAM of the
+predicted class is A weighted by the head's analytic gradient (`gradcam.py`): no backprop through the
+backbone. The images go in as the model version saw them in training (`features.model_input`). Overlays are drawn on the original image at a bounded size and stored
 under the model version; rows are upserted, so a rerun rewrites identical numbers and never
 duplicates. Batches are read, scored and written one at a time: memory does not grow with the
 number of images.
@@ -40,7 +41,7 @@ class ScoringModel:
     row: dict[str, Any]
     head: mc.HeadWeights
     run_backbone: Any  # (N, S, S, 3) preprocessed -> (activations (N, H, W, K), pooled (N, K))
-    scope: scope.ScopeHead | None = None  # None: the version flags nothing as out of scope
+    scope_head: scope.ScopeHead | None = None  # None: the version flags nothing as out of scope
     input_config: features.FeatureConfig | None = None  # what the backbone sees (effective resolution, colour)
 
     @property
@@ -137,7 +138,7 @@ def score_batch(model: ScoringModel, rgb: np.ndarray, image_ids: list[str], mc_s
     p, h, mi = mc.summarize(samples)
     is_mel = (p >= model.row["threshold"]).astype(np.int64)
     heat = gradcam.gradcam_fast(activations, gradcam.head_gradient(model.head, pooled, is_mel))
-    p_other = model.scope.p_other(pooled) if model.scope is not None else None
+    p_other = model.scope_head.p_other(pooled) if model.scope_head is not None else None
     return p, h, mi, is_mel, heat, samples, p_other
 
 
