@@ -78,7 +78,7 @@ def lesion_retrain():
     def evaluate_model(model_version: str) -> str:
         from lesion_airflow import lesion_settings
 
-        from lesion_tasks.retrain import evaluate_model as evaluate
+        from lesion_tasks.assess import evaluate_model as evaluate
 
         evaluate(lesion_settings(), model_version)
         return model_version
@@ -87,7 +87,7 @@ def lesion_retrain():
     def gate_and_promote(model_version: str) -> dict:
         from lesion_airflow import lesion_settings
 
-        from lesion_tasks.retrain import gate_model
+        from lesion_tasks.assess import gate_model
 
         return gate_model(lesion_settings(), model_version, actor=f"lesion_retrain:{get_current_context()['run_id']}")
 

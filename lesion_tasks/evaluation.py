@@ -17,9 +17,12 @@ REFERRAL_FRACTIONS = tuple(round(f, 2) for f in np.arange(0.0, 0.501, 0.05))
 
 
 def threshold_for_sensitivity(y: np.ndarray, p: np.ndarray, target: float) -> float:
-    """The highest threshold whose melanoma sensitivity on (y, p) is >= target.
+    """A threshold whose melanoma sensitivity on (y, p) is >= target, as high as that allows.
 
-    The highest such threshold keeps specificity as high as the sensitivity target allows.
+    The highest such threshold is the score of the k-th highest melanoma, where a test melanoma scored a
+    hair lower would be missed. The threshold is the midpoint between it and the next lower score (of
+    any case): the same sensitivity and specificity on (y, p), with that gap as margin. On a validation
+    split the model separates perfectly, this is the middle of the gap between melanomas and nevi.
     """
     if not 0 < target <= 1:
         raise ValueError(f"target sensitivity {target}: expected a value in (0, 1]")
@@ -27,7 +30,9 @@ def threshold_for_sensitivity(y: np.ndarray, p: np.ndarray, target: float) -> fl
     if len(positives) == 0:
         raise ValueError("no melanoma in the validation split: cannot choose a threshold")
     k = int(np.ceil(target * len(positives)))  # this many melanomas must be at or above t
-    return float(positives[k - 1])
+    highest = float(positives[k - 1])
+    below = p[p < highest]
+    return (highest + float(below.max())) / 2 if below.size else highest
 
 
 def _safe_auc(y: np.ndarray, p: np.ndarray) -> float:

@@ -63,7 +63,12 @@ def test_threshold_reaches_target_sensitivity():
     t = evaluation.threshold_for_sensitivity(y, p, 0.85)
     sens = ((p >= t) & (y == 1)).sum() / y.sum()
     assert sens >= 0.85
-    assert ((p >= np.nextafter(t, 1)) & (y == 1)).sum() / y.sum() < 0.85  # the highest such threshold
+    highest = np.sort(p[y == 1])[::-1][int(np.ceil(0.85 * y.sum())) - 1]  # the highest threshold reaching 0.85
+    assert ((p >= np.nextafter(highest, 1)) & (y == 1)).sum() / y.sum() < 0.85
+    assert p[p < highest].max() < t < highest and t == pytest.approx((highest + p[p < highest].max()) / 2)
+    assert ((p >= t) == (p >= highest)).all()  # the same decisions on these cases
+    # perfectly separated: the middle of the gap
+    assert evaluation.threshold_for_sensitivity(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.6, 0.9]), 1.0) == pytest.approx(0.4)
     with pytest.raises(ValueError, match="no melanoma"):
         evaluation.threshold_for_sensitivity(np.zeros(5, int), p[:5], 0.85)
 

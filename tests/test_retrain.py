@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from lesion_tasks import artifacts, db, evaluation, features, mc, registry, retrain, trainset
+from lesion_tasks import artifacts, assess, db, evaluation, features, mc, registry, retrain, trainset
 from lesion_tasks.schema import champion_history, model_versions
 from lesion_tasks.store import key_of, open_store
 from tests.conftest import LABELLED_DROP, N_LABELLED, N_OTHER, OTHER_DROP, copy_home
@@ -160,8 +160,8 @@ def test_degenerate_always_nv_model_is_refused_and_champion_stays(trained):
         "model_uri": f"models/{version}/model.keras"}
     with engine.begin() as conn:
         conn.execute(model_versions.insert().values(**row))
-    retrain.evaluate_model(settings, version)
-    decision = retrain.gate_model(settings, version)
+    assess.evaluate_model(settings, version)
+    decision = assess.gate_model(settings, version)
     assert decision["promoted"] is False
     fails = [r for r in decision["reasons"] if r.startswith("FAIL")]
     assert any("auc" in r for r in fails) and any("balanced_accuracy" in r for r in fails)

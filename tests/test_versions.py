@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 import sqlalchemy as sa
 
-from lesion_tasks import db, keys, registry, retrain
+from lesion_tasks import assess, db, keys, registry, retrain
 from lesion_tasks.schema import champion_history, model_versions
 from lesion_tasks.store import open_store
 from tests import reliability
@@ -57,7 +57,7 @@ def test_a_promoted_version_is_write_once_even_for_its_own_run(trained_home, hom
     with pytest.raises(registry.VersionConflict, match="write-once"):
         retrain.train_model(home_copy, shared_config(), run_id="shared")  # the champion's own run, retried
     with pytest.raises(registry.VersionConflict, match="write-once"):
-        retrain.evaluate_model(home_copy, version)
+        assess.evaluate_model(home_copy, version)
     assert _state(home_copy, version) == before
 
 
