@@ -45,10 +45,6 @@ class TrainConfig:
     # every image through this resolution first (0: off): sharp and blurry drops look alike (features.py)
     effective_resolution: int = 84
     color_constancy: str = ""  # "" or "shades_of_gray"
-    # out of scope (scope.py): share of validation OTHER / malignant (BCC, SCC, AK) images to flag; above
-    # the gate's floors (0.95 / 0.97) by the validation-to-test gap measured on the shared drops (0.986 -> 0.965)
-    out_of_scope_target: float = 0.975
-    malignant_target: float = 0.99
     mc_samples: int = 50
     target_sensitivity: float = 0.85
     threshold_margin_se: float = 1.0  # the threshold's target is raised by this many standard errors (_threshold)
@@ -74,7 +70,7 @@ BOUNDS: dict[str, tuple[type, float, float]] = {
     "epochs": (int, 1, 10_000), "image_size": (int, 32, 1024), "views": (int, 1, 64), "mc_samples": (int, 2, 1000),
     "seed": (int, 0, 2**31 - 1), "bootstrap": (int, 0, 100_000), "dropout": (float, 0.01, 0.99),
     "target_sensitivity": (float, 0.5, 1.0), "learning_rate": (float, 1e-7, 1.0), "threshold_margin_se": (float, 0.0, 3.0),
-    "effective_resolution": (int, 0, 1024), "out_of_scope_target": (float, 0.5, 1.0), "malignant_target": (float, 0.5, 1.0),
+    "effective_resolution": (int, 0, 1024),
 }
 # what the lesion_retrain trigger form (and `lesion train`) may set
 PARAM_KEYS = ("profile", "backbone", "epochs", "image_size", "weights", "seed", "mc_samples", "target_sensitivity")
@@ -208,6 +204,7 @@ def _fit_scope(config: TrainConfig, out: artifacts.ModelArtifacts, head: mc.Head
     {} when the data has no OTHER images (the version then flags nothing as out of scope)."""
     with engine.connect() as conn:
         other = trainset.out_of_scope_refs(conn)
+        val_lesions = trainset.lesion_of(conn, [r.image_id for r in other["val"][0]])
     (train_refs, _), (val_refs, val_dx) = other["train"], other["val"]
     if not train_refs or not val_refs:
         log.warning("no ISIC-labelled OTHER images in train/val: model %s gets no out-of-scope head", version)
@@ -216,11 +213,12 @@ def _fit_scope(config: TrainConfig, out: artifacts.ModelArtifacts, head: mc.Head
     x_train, x_val = feats[0][: len(train_refs)], feats[0][len(train_refs):]
     fitted = scope.fit(x_in, x_train, config.seed)
     p_mel, _, _ = mc.predict(head, x_val, [r.image_id for r in val_refs], version, config.mc_samples)
-    t = scope.choose_threshold(fitted.p_other(x_val), p_mel >= threshold, val_dx, config.out_of_scope_target,
-                               config.malignant_target)
+    test_dx = other["test"][1]  # only how many: the test split's size sets the margin, never its outcomes
+    t, targets = scope.choose_threshold(fitted.p_other(x_val), p_mel >= threshold, val_dx, config.floors.out_of_scope_flagged,
+                                        config.floors.malignant_flagged, val_lesions,
+                                        (len(test_dx), sum(d in scope.MALIGNANT for d in test_dx)))
     out.save_scope(replace(fitted, threshold=t))
-    return {"out_of_scope_above": t, "out_of_scope_targets": {"other": config.out_of_scope_target,
-                                                              "malignant": config.malignant_target}}, stats
+    return {"out_of_scope_above": t, "out_of_scope_validation_targets": targets}, stats
 
 
 def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[str, Any]:

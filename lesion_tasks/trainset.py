@@ -64,6 +64,13 @@ def split_refs(conn: sa.Connection, reviewed: dict[str, str] | None = None
     return out
 
 
+def lesion_of(conn: sa.Connection, image_ids: list[str]) -> list[str]:
+    """The ISIC lesion_id of each image, else its near-duplicate group (for lesion-level resampling)."""
+    rows = dict(conn.execute(sa.select(images.c.image_id, sa.func.coalesce(images.c.lesion_id, images.c.near_dup_group))
+                             .where(images.c.image_id.in_(image_ids))).all()) if image_ids else {}
+    return [rows[i] for i in image_ids]
+
+
 def out_of_scope_refs(conn: sa.Connection) -> dict[str, tuple[list[ImageRef], list[str]]]:
     """ISIC-labelled OTHER images and their diagnoses as challenge codes (BCC, AK, ...) per split."""
     rows = conn.execute(

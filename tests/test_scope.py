@@ -57,11 +57,18 @@ def test_scope_head_separates_and_its_threshold_meets_both_targets():
     diagnoses = ["BCC"] * 100 + ["BKL"] * 150 + ["DF"] * 50
     predicted_mel = np.zeros(300, bool)
     predicted_mel[:10] = True  # some OTHER lesions are already flagged as melanoma
-    t = scope.choose_threshold(p_other, predicted_mel, diagnoses, 0.95, 0.99)
+    t, targets = scope.choose_threshold(p_other, predicted_mel, diagnoses, 0.95, 0.97, n_test=(1000, 300))
     table = scope.recall_table(p_other, predicted_mel, diagnoses, t, p_in, np.zeros(400, int))
-    assert table["all"]["flagged"] >= 0.95 and table["malignant"]["flagged"] >= 0.99
+    # the floor plus 1.645 standard errors of a validation-vs-test difference (300 vs 1000 / 100 vs 300 images)
+    assert targets["all"] == pytest.approx(0.95 + 1.645 * np.sqrt(0.95 * 0.05 * (1 / 300 + 1 / 1000)))
+    assert targets["malignant"] == 1.0  # 0.97 + 0.032: capped, with only 100 malignant validation images
+    assert table["all"]["flagged"] >= targets["all"] and table["malignant"]["flagged"] >= targets["malignant"]
     assert table["malignant"]["n"] == 100 and set(table["by_diagnosis"]) == {"BCC", "BKL", "DF"}
-    assert scope.choose_threshold(p_other, predicted_mel, diagnoses, 0.5, 0.5) > t  # the highest that suffices
+    assert scope.choose_threshold(p_other, predicted_mel, diagnoses, 0.5, 0.5)[0] > t  # the highest that suffices
+    # two photographs per lesion are not twice the evidence: a wider margin
+    paired = scope.choose_threshold(p_other, predicted_mel, diagnoses, 0.95, 0.97, [f"L{i // 2}" for i in range(300)],
+                                    n_test=(1000, 300))[1]
+    assert paired["all"] > targets["all"] and paired["malignant"] == 1.0
     again = scope.ScopeHead.from_bytes(replace(head, threshold=t).to_bytes())
     np.testing.assert_allclose(again.p_other(x_other), p_other, atol=1e-6)
     assert again.threshold == pytest.approx(t)
