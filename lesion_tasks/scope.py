@@ -7,7 +7,7 @@ logistic regression, trained on ISIC's OTHER images) gives `p_other`; an image w
 above the version's threshold is flagged `out_of_scope` for review. The threshold is chosen on the
 validation split so that, together with "predicted MEL", the OTHER images and the malignant ones (BCC,
 SCC, AK) are flagged at the gate's floors plus a margin: the test split is a finite sample too, and its
-recall must still reach the floor with 95% probability (`target_with_margin`). A separate head was chosen over a
+recall must still reach the floor with 95% probability (`evaluation.target_with_margin`). A separate head was chosen over a
 third class of the melanoma head by measurement (bench/model_selection.py): it leaves the MEL/NV head,
 its calibration and Monte Carlo dropout exactly as they were.
 """
@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+
+from lesion_tasks.evaluation import target_with_margin
 
 MALIGNANT = ("BCC", "SCC", "AK")  # labels.challenge_code
 
@@ -75,21 +77,11 @@ def _needed_threshold(p_other: np.ndarray, predicted_mel: np.ndarray, target: fl
     return float(rest[min(need, len(rest)) - 1])
 
 
-def target_with_margin(floor: float, n_val: int, n_test: int, images_per_lesion: float = 1.0, z: float = 1.645) -> float:
-    """The validation recall to aim for so that a test split of `n_test` images still reaches `floor` with
-    95% probability: the floor plus z standard errors of the difference between two binomial estimates
-    (validation and test), inflated by the images per lesion (photographs of one lesion are not
-    independent evidence)."""
-    if not n_val or not n_test:
-        return floor
-    return min(1.0, floor + z * float(np.sqrt(floor * (1 - floor) * images_per_lesion * (1 / n_val + 1 / n_test))))
-
-
 def choose_threshold(p_other: np.ndarray, predicted_mel: np.ndarray, diagnoses: list[str], floor: float,
                      malignant_floor: float, lesions: list[str] | None = None,
                      n_test: tuple[int, int] = (0, 0)) -> tuple[float, dict[str, float]]:
     """On validation OTHER images: the highest threshold whose recall (with predicted MEL) reaches each
-    floor plus its margin (`target_with_margin`; `n_test` = OTHER and malignant images in the test split).
+    floor plus its margin (`evaluation.target_with_margin`; `n_test` = OTHER and malignant images in the test split).
     Returns (threshold, the targets used)."""
     malignant = np.isin(np.asarray(diagnoses, dtype=object), MALIGNANT)
     lesions_arr = np.asarray(lesions if lesions else range(len(p_other)), dtype=object)

@@ -81,24 +81,25 @@ def test_scope_head_without_other_images_is_a_clear_error():
 
 def test_threshold_holds_on_every_gated_source():
     """A pooled threshold dominated by a large, easy source misses melanomas of the small, sharp one:
-    the chosen threshold is the lowest of the pooled one and each gated source's."""
+    the chosen threshold is the lowest of the pooled one and each gated source's, and a source with few
+    melanomas aims above the target (the floor plus a margin for its validation and test sizes)."""
     rng = np.random.default_rng(3)
     y = np.r_[np.ones(400), np.zeros(600), np.ones(60), np.zeros(200)].astype(int)
     p = np.r_[rng.uniform(0.5, 1, 400), rng.uniform(0, 0.6, 600), rng.uniform(0.2, 0.8, 60), rng.uniform(0, 0.5, 200)]
     src = np.array(["big"] * 1000 + ["sharp"] * 260)
-    summary = {"by_source": {"big": {"test": {"MEL": 100}}, "sharp": {"test": {"MEL": 30}}}}
+    lesions = [f"L{i}" for i in range(1260)]
+    summary = {"counts": {"test": {"MEL": 130}}, "by_source": {"big": {"test": {"MEL": 100}}, "sharp": {"test": {"MEL": 30}}}}
     config = retrain.make_config("demo")
-    t, per_source = retrain._threshold(y, p, src, summary, config)
+    t, per_source = retrain._threshold(y, p, src, lesions, summary, config)
     assert set(per_source) == {"pooled", "big", "sharp"} and t == min(per_source.values())
-    for s in ("big", "sharp"):  # each source's target is raised by one standard error of its melanoma count
-        m = src == s
-        margin = np.sqrt(0.85 * 0.15 / y[m].sum())
-        assert (p[m][y[m] == 1] >= t).mean() >= config.target_sensitivity + margin
-    unmargined = retrain._threshold(y, p, src, summary, replace(config, threshold_margin_se=0.0))[0]
-    assert unmargined > t and (p[src == "sharp"][y[src == "sharp"] == 1] >= unmargined).mean() < 0.85 + 0.04
-    assert (p[src == "sharp"][y[src == "sharp"] == 1] >= per_source["pooled"]).mean() < config.target_sensitivity
+    sharp = (src == "sharp") & (y == 1)
+    target = evaluation.target_with_margin(0.80, 60, 30)  # 0.80 + 1.645 * sqrt(0.16 * (1/60 + 1/30)) = 0.947
+    assert target == pytest.approx(0.80 + 1.645 * np.sqrt(0.16 * (1 / 60 + 1 / 30))) and target > 0.85
+    assert (p[sharp] >= t).mean() >= target
+    assert (p[(src == "big") & (y == 1)] >= t).mean() >= 0.85
+    assert (p[sharp] >= per_source["pooled"]).mean() < 0.85  # the pooled threshold alone fails the sharp source
     summary["by_source"]["sharp"]["test"]["MEL"] = 29  # too few melanomas to gate the source on its own
-    assert set(retrain._threshold(y, p, src, summary, config)[1]) == {"pooled", "big"}
+    assert set(retrain._threshold(y, p, src, lesions, summary, config)[1]) == {"pooled", "big"}
 
 
 def _metrics(**by_source):
