@@ -36,10 +36,10 @@ def threshold_for_sensitivity(y: np.ndarray, p: np.ndarray, target: float) -> fl
 
 
 def target_with_margin(floor: float, n_val: int, n_test: int, images_per_lesion: float = 1.0, z: float = 1.645) -> float:
-    """The validation rate (sensitivity, recall) to aim for so that a test split of `n_test` images still reaches `floor` with
-    95% probability: the floor plus z standard errors of the difference between two binomial estimates
-    (validation and test), inflated by the images per lesion (photographs of one lesion are not
-    independent evidence)."""
+    """The validation rate (sensitivity, recall) to aim for so that a test split of `n_test` images still
+    reaches `floor` with 95% probability: the floor plus z standard errors of the difference between two
+    binomial estimates (validation and test), inflated by the images per lesion (photographs of one lesion
+    are not independent evidence)."""
     if not n_val or not n_test:
         return floor
     return min(1.0, floor + z * float(np.sqrt(floor * (1 - floor) * images_per_lesion * (1 / n_val + 1 / n_test))))

@@ -81,8 +81,8 @@ def choose_threshold(p_other: np.ndarray, predicted_mel: np.ndarray, diagnoses: 
                      malignant_floor: float, lesions: list[str] | None = None,
                      n_test: tuple[int, int] = (0, 0)) -> tuple[float, dict[str, float]]:
     """On validation OTHER images: the highest threshold whose recall (with predicted MEL) reaches each
-    floor plus its margin (`evaluation.target_with_margin`; `n_test` = OTHER and malignant images in the test split).
-    Returns (threshold, the targets used)."""
+    floor plus its margin (`evaluation.target_with_margin`; `n_test` = OTHER and malignant images in the
+    test split). Returns (threshold, the targets used)."""
     malignant = np.isin(np.asarray(diagnoses, dtype=object), MALIGNANT)
     lesions_arr = np.asarray(lesions if lesions else range(len(p_other)), dtype=object)
     targets = {}

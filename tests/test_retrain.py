@@ -75,7 +75,7 @@ def test_per_source_metrics_calibration_and_out_of_scope_are_reported(trained):
     assert oos["all"]["flagged"] >= 0.75  # pink-red blobs are easy to tell from the pigmented ones
     row = _row(settings, first["model_version"])
     assert row["metrics"]["out_of_scope"]["test"]["threshold"] == pytest.approx(row["review_rule"]["out_of_scope_above"])
-    assert row["metrics"]["test"]["uncalibrated"]["ece"] >= 0
+    assert row["metrics"]["test"]["uncalibrated"]["ece"] == pytest.approx(first["metrics"]["test"]["ece_before_calibration"])
     head = artifacts.of(open_store(settings), row).load_head()
     assert (head.cal_a, head.cal_b) != (1.0, 0.0)
     report = open_store(settings).get(key_of(open_store(settings), row["report_uri"])).decode()
