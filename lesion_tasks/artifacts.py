@@ -98,30 +98,29 @@ class ModelArtifacts:
     def save_head(self, head: mc.HeadWeights) -> str:
         return self.put_npz(HEAD, **{k: np.asarray(v) for k, v in asdict(head).items()})
 
-    def load_head(self) -> mc.HeadWeights:
+    def _parsed(self, name: str, parse):
+        """`parse(bytes)` of an artifact; a missing or unreadable one is an ArtifactError naming it."""
+        data = self.get(name)  # ArtifactError when missing
         try:
-            data = np.load(io.BytesIO(self.get(HEAD)))
+            return parse(data)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+            raise ArtifactError(f"model {self.version}: artifact {self.key(name)} is unreadable "
+                                f"({type(exc).__name__}: {exc})") from None
+
+    def load_head(self) -> mc.HeadWeights:
+        def parse(raw: bytes) -> mc.HeadWeights:
+            data = np.load(io.BytesIO(raw))
             calibration = {k: float(data[k]) for k in ("cal_a", "cal_b") if k in data.files}  # absent before 0.8
             return mc.HeadWeights(*(data[k] for k in ("w1", "b1", "gamma", "beta", "mean", "var")), float(data["eps"]),
                                   data["w2"], data["b2"], float(data["dropout"]), **calibration)
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
-            if isinstance(exc, ArtifactError):
-                raise
-            raise ArtifactError(f"model {self.version}: artifact {self.key(HEAD)} is unreadable "
-                                f"({type(exc).__name__}: {exc})") from None
 
+        return self._parsed(HEAD, parse)
 
     def save_scope(self, head: scope.ScopeHead) -> str:
         return self.put(SCOPE, head.to_bytes())
 
     def load_scope(self) -> scope.ScopeHead:
-        try:
-            return scope.ScopeHead.from_bytes(self.get(SCOPE))
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
-            if isinstance(exc, ArtifactError):
-                raise
-            raise ArtifactError(f"model {self.version}: artifact {self.key(SCOPE)} is unreadable "
-                                f"({type(exc).__name__}: {exc})") from None
+        return self._parsed(SCOPE, scope.ScopeHead.from_bytes)
 
 
 def of(store: ObjectStore, row: dict[str, Any]) -> ModelArtifacts:
