@@ -4,19 +4,22 @@
 Every night at 02:00 UTC: every image without a prediction from the current champion gets one,
 with `p_mel`, the predicted label at the model version's threshold, MC-dropout uncertainty (entropy,
 mutual information), `needs_review`, and a Grad-CAM overlay in the store. The unscored images are cut
-into id-range shards, scored as dynamically mapped tasks (the unit that scales out to more workers),
-then summarised. Rows are upserted: reruns and retries never duplicate and rewrite identical numbers.
+into id-range shards (Param `shard_size`), scored as dynamically mapped tasks (the unit that scales out
+to more workers: as many run at once as the pool `lesion_tensorflow` has slots, one per machine), then
+summarised. A shard whose worker dies is retried (`[core] default_task_retry_delay`, see
+docker/airflow-workers.env) and scores only what is still unscored. Rows are upserted: reruns and
+retries never duplicate and rewrite identical numbers.
 
 Logic: `lesion_tasks.scoring` (also `lesion score`). This file only wires.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
-from airflow.sdk import dag, get_current_context, task
+from airflow.sdk import Param, dag, get_current_context, task
 
-TF_POOL = "lesion_tensorflow"  # one TensorFlow task at a time per machine
+TF_POOL = "lesion_tensorflow"  # slots = machines (workers): a TensorFlow task uses every core of its machine
 
 
 @dag(
@@ -27,7 +30,10 @@ TF_POOL = "lesion_tensorflow"  # one TensorFlow task at a time per machine
     max_active_runs=1,
     doc_md=__doc__,
     tags=["lesion", "scoring"],
-    default_args={"owner": "lesion", "retries": 2, "retry_delay": timedelta(minutes=2)},
+    # the retry delay is a deployment setting ([core] default_task_retry_delay, docker/airflow-workers.env)
+    default_args={"owner": "lesion", "retries": 2},
+    params={"shard_size": Param(512, type="integer", minimum=16, maximum=100_000, title="Images per shard",
+                                description="Unscored images per mapped score_shard task (one worker scores one shard).")},
 )
 def lesion_nightly_score():
     @task
@@ -36,9 +42,9 @@ def lesion_nightly_score():
 
         from lesion_tasks.scoring import plan_shards as plan
 
-        return plan(lesion_settings(), "champion")
+        return plan(lesion_settings(), "champion", shard_size=get_current_context()["params"]["shard_size"])
 
-    @task(pool=TF_POOL, max_active_tis_per_dagrun=1)
+    @task(pool=TF_POOL)
     def score_shard(shard: dict) -> dict:
         from lesion_airflow import lesion_settings
 

@@ -130,3 +130,32 @@ def start_s3() -> S3Server:
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     _wait_for_port(port, 30, "rclone serve s3", log)
     return S3Server(f"http://127.0.0.1:{port}", access, secret, root, proc, cmd)
+
+
+@dataclass
+class Redis:
+    url: str  # redis://127.0.0.1:<port>/0
+    proc: subprocess.Popen
+    root: Path
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def start_redis() -> Redis:
+    """Debian's redis-server (the Celery broker) on a free loopback port, nothing persisted."""
+    binary = shutil.which("redis-server") or ("/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None)
+    if not binary:
+        raise RuntimeError("redis-server not found: run `make test-deps` or install redis-server")
+    root = Path(tempfile.mkdtemp(prefix="lesion-redis-"))
+    port = free_port()
+    log = root / "redis.log"
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(root), "--protected-mode", "yes"], stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    _wait_for_port(port, 30, "redis-server", log)
+    return Redis(f"redis://127.0.0.1:{port}/0", proc, root)

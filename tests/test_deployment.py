@@ -67,11 +67,28 @@ def test_workers_profile_and_remote_logging():
     assert "pools set lesion_tensorflow" in services["airflow-init"]["command"][1]
 
 
+def test_every_airflow_service_reads_the_settings_the_celery_test_proved():
+    """docker/airflow-workers.env is the one source of the Celery, heartbeat and retry settings: every
+    Airflow service of the compose file reads it, and the live Celery test starts its workers with it."""
+    services = _compose()["services"]
+    airflow_services = {n for n, s in services.items() if str(s.get("image", "")).startswith("lesion-airflow")}
+    assert {"airflow-scheduler", "airflow-worker", "airflow-apiserver"} <= airflow_services
+    for name in airflow_services:
+        assert services[name]["env_file"] == ["docker/airflow-workers.env"], name
+    settings = dict(line.split("=", 1) for line in (REPO / "docker" / "airflow-workers.env").read_text().splitlines()
+                    if line and not line.startswith("#"))
+    assert settings["AIRFLOW__CELERY__WORKER_CONCURRENCY"] == "1"
+    assert int(settings["AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT"]) <= 60
+    assert "test_celery_workers.py" in (REPO / "docker" / "airflow-workers.env").read_text()
+    assert (REPO / "tests" / "live" / "test_celery_workers.py").exists()
+
+
 def test_lesion_env_names_match_the_settings():
     settings_src = (REPO / "lesion_tasks" / "settings.py").read_text() + (REPO / "lesion_tasks" / "backbones.py").read_text()
     known = set(re.findall(r'"(LESION_[A-Z0-9_]+)"', settings_src))
     used = set(re.findall(r"\b(LESION_[A-Z0-9_]+)\b", (REPO / "docker-compose.yaml").read_text() + (REPO / "docker" / "Dockerfile").read_text()))
     used -= {"LESION_DB_PASSWORD", "LESION_BUCKET"}  # .env values the compose file composes into URLs
+    used -= {"LESION_TF_POOL_SLOTS"}  # read by airflow-init's `airflow pools set`, not by the package
     assert used <= known, used - known
     assert "ARG BAKE_RESNET101V2_WEIGHTS" in (REPO / "docker" / "Dockerfile").read_text()
 
@@ -126,7 +143,10 @@ def test_every_secret_is_required_where_it_is_used():
         assert all(u.startswith(":?") for u in uses), f"{name}: every use must be ${{{name}:?...}}, found {uses}"
     compose = _compose()
     for name, service in [("x-airflow-common", compose["x-airflow-common"]), *compose["services"].items()]:
-        assert "env_file" not in service, f"{name}: .env is for interpolation, no container gets every secret"
+        # .env is for interpolation, no container gets every secret; the one env_file holds no secret
+        assert service.get("env_file", []) in ([], ["docker/airflow-workers.env"]), name
+    shared = (REPO / "docker" / "airflow-workers.env").read_text()
+    assert not re.search(r"^[^#]*(PASSWORD|SECRET|_KEY|_CONN_)", shared, re.M), shared
 
 
 def test_one_jwt_secret_fernet_key_and_api_secret_for_every_airflow_component():

@@ -13,3 +13,7 @@ export AIRFLOW__CORE__EXECUTION_API_SERVER_URL="${AIRFLOW__CORE__EXECUTION_API_S
 export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS="${AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS:-admin:admin}"
 export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE="${AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE:-$AIRFLOW_HOME/simple_auth_manager_passwords.json}"
 export PATH="$REPO/.venv/bin:$PATH"
+# Heartbeat, retry and Celery settings shared with docker-compose.yaml (defaults; the environment wins)
+while IFS='=' read -r key value; do
+  if [[ $key =~ ^AIRFLOW__[A-Z_]+$ ]] && [ -z "${!key:-}" ]; then export "$key=$value"; fi
+done < "$REPO/docker/airflow-workers.env"
