@@ -1,4 +1,4 @@
-"""`[core] hostname_callable` of the Celery workers in tests/live/test_celery_workers.py: two workers on
+"""`[core] hostname_callable` of the Celery workers in tests/celery_cluster.py: two workers on
 one machine share a host name, so each reports `<host>/<LESION_TEST_WORKER>` in its task instances."""
 
 from __future__ import annotations
