@@ -5,9 +5,11 @@ Manual retraining, with the trigger form as the UI: freeze (or extend) the split
 cached backbone features, choose the threshold on validation for the target melanoma sensitivity,
 evaluate on the frozen test split (metrics, figures, HTML report), then gate: floors on melanoma
 sensitivity, AUC and balanced accuracy, and no significant regression against the champion. Passing
-promotes the model to champion; failing keeps the champion and records why.
+promotes the model to champion; failing keeps the champion and records why. Last, promoted or not,
+retention (`lesion gc`): versions that are neither the champion, nor among the 3 newest, nor training
+lose their heavy artifacts (model, overlays, unused feature caches); every row stays.
 
-Logic: `lesion_tasks.retrain` (also `lesion train`). This file only wires.
+Logic: `lesion_tasks.retrain` (also `lesion train`) and `lesion_tasks.retention`. This file only wires.
 """
 
 from __future__ import annotations
@@ -91,7 +93,15 @@ def lesion_retrain():
 
         return gate_model(lesion_settings(), model_version, actor=f"lesion_retrain:{get_current_context()['run_id']}")
 
-    gate_and_promote(evaluate_model(train_model(prepare_split())))
+    @task(trigger_rule="none_failed")  # after the gate whichever way it went; not after a failed run
+    def collect_garbage(_gate: dict) -> dict:
+        from lesion_airflow import lesion_settings
+
+        from lesion_tasks.retention import collect_garbage as gc
+
+        return gc(lesion_settings())
+
+    collect_garbage(gate_and_promote(evaluate_model(train_model(prepare_split()))))
 
 
 lesion_retrain()

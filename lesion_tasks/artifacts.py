@@ -26,6 +26,7 @@ import numpy as np
 
 from lesion_tasks import backbones, keys, mc, scope
 from lesion_tasks.features import FeatureConfig
+from lesion_tasks.registry import pruned_message
 from lesion_tasks.settings import Settings
 from lesion_tasks.store import ObjectNotFound, ObjectStore, check_key, key_of
 
@@ -124,7 +125,10 @@ class ModelArtifacts:
 
 
 def of(store: ObjectStore, row: dict[str, Any]) -> ModelArtifacts:
-    """The artifacts of a registry row."""
+    """The artifacts of a registry row; an ArtifactError naming the version when `lesion gc` pruned them."""
+    if row.get("artifacts_pruned_at") is not None:
+        raise ArtifactError(f"{pruned_message(row['model_version'], row['artifacts_pruned_at'])}: it cannot score "
+                            "or be evaluated (score with the champion, or retrain); nothing written")
     return ModelArtifacts(store, row["model_version"])
 
 

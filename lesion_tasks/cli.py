@@ -108,6 +108,24 @@ def _cmd_promote(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_check(args: argparse.Namespace, settings: Settings) -> int:
+    from lesion_tasks import consistency, db
+
+    db.upgrade(settings)
+    report = consistency.check(settings)
+    _emit(args, report, consistency.summary(report))
+    return 0 if report["ok"] else 1
+
+
+def _cmd_gc(args: argparse.Namespace, settings: Settings) -> int:
+    from lesion_tasks import db, retention
+
+    db.upgrade(settings)
+    result = retention.collect_garbage(settings, keep_versions=args.keep_versions, dry_run=args.dry_run)
+    _emit(args, result, retention.summary(result))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     """Runs tools/airflow_demo.py: the demo goes through Airflow, which this package never imports."""
     import subprocess
@@ -165,11 +183,20 @@ def build_parser() -> argparse.ArgumentParser:
     p_promote.add_argument("--actor", default=os.environ.get("USER", "unknown"), help="who overrides (recorded)")
     p_promote.set_defaults(func=_cmd_promote)
 
+    p_check = sub.add_parser("check", help="consistency of the database and the object store (exit 1 when not)")
+    p_check.set_defaults(func=_cmd_check)
+
+    p_gc = sub.add_parser("gc", help="retention: prune old model versions' heavy artifacts (rows are kept)")
+    p_gc.add_argument("--keep-versions", type=int, default=3,
+                      help="keep the artifacts of the N newest versions besides the champion (default 3)")
+    p_gc.add_argument("--dry-run", action="store_true", help="report what would be deleted, delete nothing")
+    p_gc.set_defaults(func=_cmd_gc)
+
     p_demo = sub.add_parser("demo", help="run the pipeline on the embedded defaults")
     p_demo.add_argument("--data", help="an ISIC drop folder or .zip (default: a synthetic drop)")
     p_demo.set_defaults(func=_cmd_demo)
 
-    for p in (p_up, p_ing, p_train, p_score, p_link, p_promote, p_demo):  # --json accepted after the subcommand too
+    for p in (p_up, p_ing, p_train, p_score, p_link, p_promote, p_check, p_gc, p_demo):  # --json accepted after the subcommand too
         p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON object on stdout")
     return parser
 

@@ -76,12 +76,23 @@ def claim(engine: sa.Engine, model_version: str, run_id: str, placeholder: dict[
     with engine.begin() as conn:
         insert_ignore(conn, model_versions, [{**placeholder, "model_version": model_version, "run_id": run_id,
                                               "status": "training", "is_champion": False}], ["model_version"])
-        owner = conn.execute(sa.select(model_versions.c.run_id, model_versions.c.status, model_versions.c.is_champion)
+        owner = conn.execute(sa.select(model_versions.c.run_id, model_versions.c.status, model_versions.c.is_champion,
+                                       model_versions.c.artifacts_pruned_at)
                              .where(model_versions.c.model_version == model_version)).one()
     if owner.run_id != run_id:
         raise VersionConflict(f"model version {model_version!r} belongs to run {owner.run_id!r}, not {run_id!r}: "
                               "refusing to write over it (use another run id)")
+    if owner.artifacts_pruned_at is not None:
+        raise VersionConflict(f"{pruned_message(model_version, owner.artifacts_pruned_at)}: refusing to write under it "
+                              "again (use another run id)")
     ensure_writable(owner.status, owner.is_champion, model_version)
+
+
+def pruned_message(model_version: str, pruned_at: Any) -> str:
+    """What a refusal says about a version whose artifacts `lesion gc` deleted."""
+    when = pruned_at.isoformat(timespec="seconds") if hasattr(pruned_at, "isoformat") else str(pruned_at)
+    return (f"model version {model_version!r}: its artifacts (model, head, Grad-CAM overlays) were pruned by "
+            f"`lesion gc` at {when}; its registry row, metrics, report and predictions are kept")
 
 
 def ensure_writable(status: str, is_champion: bool, model_version: str) -> None:
@@ -148,7 +159,10 @@ def promote(engine: sa.Engine, model_version: str, reason: str, actor: str, over
         current = champion(conn)
         if current and current["model_version"] == model_version:
             return current["model_version"]
-        get(conn, model_version)
+        row = get(conn, model_version)
+        if row["artifacts_pruned_at"] is not None:
+            raise ValueError(f"{pruned_message(model_version, row['artifacts_pruned_at'])}: it cannot be promoted "
+                             "(promote a version that still has its artifacts, or retrain)")
         previous = current["model_version"] if current else None
         if previous:
             conn.execute(model_versions.update().where(model_versions.c.model_version == previous)

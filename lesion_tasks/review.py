@@ -88,7 +88,7 @@ def queue(conn: sa.Connection, f: QueueFilter) -> dict[str, Any]:
                        predictions.c.mutual_info, predictions.c.review_reasons, predictions.c.drop_id,
                        predictions.c.scored_at, images.c.label.label("known_label"),
                        r.c.verdict.label("review_verdict"), r.c.label.label("review_label"), r.c.reviewer,
-                       r.c.reviewed_at, predictions.c.p_other)
+                       r.c.reviewed_at, predictions.c.p_other, predictions.c.gradcam_uri)
              .join(images, images.c.image_id == predictions.c.image_id)
              .outerjoin(latest, sa.and_(latest.c.image_id == predictions.c.image_id,
                                         latest.c.model_version == predictions.c.model_version))
@@ -146,7 +146,8 @@ def case(conn: sa.Connection, image_id: str, model_version: str | None = None) -
     model = registry.get(conn, version)
     return {"image": dict(image), "prediction": dict(prediction), "samples": samples, "reviews": [dict(h) for h in history],
             "other_predictions": [dict(o) for o in others],
-            "model": {k: model[k] for k in ("model_version", "is_champion", "status", "backbone", "profile", "review_rule")}}
+            "model": {k: model[k] for k in ("model_version", "is_champion", "status", "backbone", "profile", "review_rule",
+                                            "artifacts_pruned_at")}}
 
 
 def _clean_note(note: str | None) -> str | None:
@@ -209,7 +210,7 @@ def model_overview(conn: sa.Connection) -> list[dict[str, Any]]:
                     "test": {k: test.get(k) for k in ("auc", "mel_sensitivity", "mel_specificity", "balanced_accuracy", "n", "n_mel")},
                     "ci95": test.get("ci95", {}), "gate": row["gate"] or {}, "report_uri": row["report_uri"],
                     "reviewed_labels": (row["lineage"] or {}).get("reviewed_labels"),
-                    "predictions": counts.get(row["model_version"], 0)})
+                    "predictions": counts.get(row["model_version"], 0), "artifacts_pruned_at": row["artifacts_pruned_at"]})
     return out
 
 

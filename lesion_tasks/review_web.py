@@ -335,10 +335,14 @@ def create_app(settings: Callable[[], Settings], authenticate: Callable[[Request
 
     @app.get("/overlay/{model_version}/{image_id}")
     def overlay(who: User, model_version: str, image_id: str, thumb: bool = False):
+        what = f"Grad-CAM of {image_id!r} by {model_version!r}"
         with backend.engine.connect() as conn:
-            uri = conn.execute(sa.select(predictions.c.gradcam_uri).where(predictions.c.image_id == image_id)
-                               .where(predictions.c.model_version == model_version)).scalar()
-        return _object(uri, THUMB_SIDE if thumb else None, "image/png", f"Grad-CAM of {image_id!r} by {model_version!r}")
+            found = conn.execute(sa.select(predictions.c.gradcam_uri).where(predictions.c.image_id == image_id)
+                                 .where(predictions.c.model_version == model_version)).first()
+        if found is not None and found.gradcam_uri is None:
+            raise LookupError(f"{what}: removed by `lesion gc` (the artifacts of model version {model_version!r} were "
+                              "pruned; its prediction is kept)")
+        return _object(found.gradcam_uri if found else None, THUMB_SIDE if thumb else None, "image/png", what)
 
     @app.get("/models/{model_version}/report")
     def report(who: User, model_version: str):

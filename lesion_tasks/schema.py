@@ -109,6 +109,9 @@ model_versions = sa.Table(
     sa.Column("code_version", sa.String(64), nullable=False),
     sa.Column("run_id", sa.String(256), nullable=False),
     sa.Column("is_champion", sa.Boolean, nullable=False, server_default=sa.false()),
+    # when `lesion gc` deleted the version's heavy artifacts (model, head, figures, overlays): it can no
+    # longer score nor be promoted; the row, its metrics.json and report.html stay (retention.py)
+    sa.Column("artifacts_pruned_at", sa.DateTime(timezone=True), nullable=True),
     sa.CheckConstraint("status IN ('training', 'candidate', 'champion', 'retired', 'rejected')", name="ck_model_versions_status"),
     sa.Index("uq_one_champion", "is_champion", unique=True,
              sqlite_where=sa.text("is_champion"), postgresql_where=sa.text("is_champion")),
@@ -138,7 +141,7 @@ predictions = sa.Table(
     sa.Column("entropy", sa.Float, nullable=False),
     sa.Column("mutual_info", sa.Float, nullable=False),
     sa.Column("mc_samples", sa.Integer, nullable=False),
-    sa.Column("gradcam_uri", sa.Text, nullable=False),
+    sa.Column("gradcam_uri", sa.Text, nullable=True),  # NULL once `lesion gc` removed the overlay (retention.py)
     sa.Column("needs_review", sa.Boolean, nullable=False),
     sa.Column("review_reasons", sa.String(256), nullable=True),
     sa.Column("drop_id", sa.String(128), nullable=False, index=True),

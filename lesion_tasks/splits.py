@@ -94,6 +94,9 @@ def _check_initial(labels: list[str], test_frac: float) -> None:
 def assign(engine: sa.Engine, seed: int = 0, test_frac: float = 0.2, val_frac: float = 0.15) -> dict:
     """Give every labelled image without a split one; return counts per split and label."""
     cols = (images.c.image_id, images.c.label, images.c.near_dup_group, images.c.lesion_id, images.c.drop_id)
+    # taken before the images are read: every drop finished before `assigned_at` had its rows read here
+    # (what `lesion check` relies on to tell a labelled image that should have a split)
+    now = datetime.now(UTC)
     with engine.connect() as conn:
         rows = conn.execute(sa.select(*cols).where(images.c.label.in_(SPLIT_LABELS)).order_by(images.c.image_id)).all()
         existing = dict(conn.execute(sa.select(splits.c.image_id, splits.c.split)).all())
@@ -101,7 +104,6 @@ def assign(engine: sa.Engine, seed: int = 0, test_frac: float = 0.2, val_frac: f
         reviewed_rows = conn.execute(sa.select(*cols).where(images.c.image_id.in_(sorted(reviewed)))
                                      .order_by(images.c.image_id)).all() if reviewed else []
     lesion = lesions(list(rows) + list(reviewed_rows))
-    now = datetime.now(UTC)
     lesion_splits: dict[str, set[str]] = {}
     for image_id, split in existing.items():
         if image_id in lesion:

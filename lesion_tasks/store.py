@@ -134,8 +134,11 @@ class LocalStore:
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         base = self.root
+        # walk only the folder the prefix names (e.g. models/<version>/), not the whole store
+        folder = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        start = base / folder if folder and all(p not in ("", ".", "..") for p in folder.split("/")) else base
         found: list[ObjectInfo] = []
-        for dirpath, dirnames, filenames in os.walk(base):
+        for dirpath, dirnames, filenames in os.walk(start):
             dirnames.sort()
             for name in filenames:
                 if name.startswith(self._TMP_PREFIX):
@@ -286,15 +289,30 @@ class S3Store:
         if prefix.endswith("/") or not stem:
             full = full + "/" if full else ""
         cut = len(self.prefix) + 1 if self.prefix else 0
-        found = [
-            ObjectInfo(o.object_name[cut:], o.size or 0, o.last_modified or datetime.now(UTC))
-            for o in self.client.list_objects(self.bucket, prefix=full, recursive=True)
-            if not o.is_dir
-        ]
+        from minio.error import S3Error
+
+        try:
+            found = [
+                ObjectInfo(o.object_name[cut:], o.size or 0, o.last_modified or datetime.now(UTC))
+                for o in self.client.list_objects(self.bucket, prefix=full, recursive=True)
+                if not o.is_dir
+            ]
+        except S3Error as exc:
+            raise StoreError(f"S3 list {self.url}/{prefix} refused: {exc.code} {exc.message}") from exc
+        except Exception as exc:  # noqa: BLE001
+            raise self._unreachable("list", prefix, exc) from exc
         yield from sorted(found, key=lambda o: o.key)
 
     def delete(self, key: str) -> None:
-        self.client.remove_object(self.bucket, self._name(key))
+        from minio.error import S3Error
+
+        name = self._name(key)
+        try:
+            self.client.remove_object(self.bucket, name)
+        except S3Error as exc:
+            raise StoreError(f"S3 delete {self.url}/{key} refused: {exc.code} {exc.message}") from exc
+        except Exception as exc:  # noqa: BLE001
+            raise self._unreachable("delete", key, exc) from exc
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._name(key)}"

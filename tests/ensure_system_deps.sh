@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system packages the suite needs when they are missing: PostgreSQL server binaries
-# (the tests start their own throwaway cluster), redis-server (the Celery broker of the workers test)
-# and Debian's Chromium (the review UI's browser tests drive it with Playwright; nothing is downloaded
-# at test time).
+# (the tests start their own throwaway cluster), redis-server (the Celery broker of the workers test),
+# the sqlite3 shell (the backup drill's documented `.backup`) and Debian's Chromium (the review UI's
+# browser tests drive it with Playwright; nothing is downloaded at test time).
 set -euo pipefail
 missing=()
 if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null && ! command -v initdb >/dev/null; then
@@ -10,6 +10,9 @@ if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null && ! command -v in
 fi
 if ! command -v redis-server >/dev/null && [ ! -x /usr/bin/redis-server ]; then
   missing+=(redis-server)
+fi
+if ! command -v sqlite3 >/dev/null; then
+  missing+=(sqlite3)
 fi
 if ! command -v chromium >/dev/null && [ -z "${LESION_CHROMIUM:-}" ]; then
   missing+=(chromium)

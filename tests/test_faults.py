@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from lesion_tasks import db, registry, scoring
+from lesion_tasks import consistency, db, registry, scoring
 from lesion_tasks.ingest import ingest
 from lesion_tasks.schema import images, predictions
 from lesion_tasks.settings import Settings
@@ -56,6 +56,12 @@ def _dangling(settings) -> int:
     return sum(not store.exists(key_of(store, u)) for u in uris)
 
 
+def _consistent(settings) -> None:
+    """Every fault scenario ends consistent: `lesion check` finds no problem, not even a warning."""
+    report = consistency.check(settings)
+    assert report["ok"] and not any(report["warnings"].values()), (report["problems"], report["warnings"], report["examples"])
+
+
 def _in_thread(fn, *args, **kwargs):
     box: dict = {}
 
@@ -94,6 +100,7 @@ def test_s3_killed_mid_ingestion_then_rerun(tmp_path, pg_url, own_s3):
     assert total == 400 and result.totals["accepted"] == 400
     dangling = _dangling(settings)
     assert dangling == 0
+    _consistent(settings)
     reliability.record("S3 server dies during ingestion", "SIGKILL of rclone serve s3 after 150 objects, then restart",
                        "StoreError naming the endpoint; rerun completes", f"error raised, {partial} rows before, rerun: {total}",
                        400 - total + dangling, 0)
@@ -148,6 +155,7 @@ def test_s3_killed_mid_scoring_shard_then_rerun(scoring_setup, own_s3):
     lost, duplicated = _once_each(settings)
     dangling = _dangling(settings)
     assert (lost, duplicated, dangling) == (0, 0, 0)
+    _consistent(settings)
     reliability.record("S3 server dies during a scoring shard", "SIGKILL of rclone serve s3 after 32 predictions, then restart",
                        "StoreError; rerun scores the rest once", f"error raised after {partial} rows; rerun complete",
                        lost + dangling, duplicated)
@@ -171,6 +179,7 @@ def test_postgres_restarted_mid_scoring_shard_then_rerun(scoring_setup):
     lost, duplicated = _once_each(settings)
     assert (lost, duplicated) == (0, 0)
     assert error is not None or rerun["scored"] == 0, "a shard that completed left nothing for the rerun"
+    _consistent(settings)
     outcome = f"{type(error).__name__}; rerun scored the rest" if error else "reconnected and completed; rerun scored 0"
     reliability.record("Postgres restarts during a scoring shard", "pg_ctl restart -m fast after 32 predictions",
                        "a database error or a reconnect, never anything else; rerun completes",
@@ -190,6 +199,7 @@ def test_two_scoring_runs_at_once(scoring_setup):
     assert codes == [0, 0], [p.stderr.read()[-2000:] for p in procs]
     lost, duplicated = _once_each(settings)
     assert (lost, duplicated) == (0, 0)
+    _consistent(settings)
     reliability.record("Two scoring runs at once", "two `lesion score` processes started together",
                        "both succeed; upserts keep one row per image", "both exit 0; one row per image", lost, duplicated)
 
@@ -241,6 +251,7 @@ def test_disk_full_and_read_only_store(tmp_path):
         subprocess.run(["mount", "-o", "remount,rw,size=64m", str(store_dir)], check=True)
         result = ingest(str(drop), settings)
         assert result.totals["accepted"] == 150 and _dangling(settings) == 0
+        _consistent(settings)
     finally:
         subprocess.run(["umount", "-l", str(store_dir)], check=False)
     reliability.record("Local store full, then read-only", "3 MB tmpfs under the store; then remount read-only",

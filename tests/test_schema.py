@@ -11,7 +11,7 @@ from lesion_tasks import db
 from lesion_tasks.schema import metadata
 from lesion_tasks.settings import Settings
 
-HEAD = "0008_out_of_scope"
+HEAD = "0009_retention"
 
 
 @pytest.fixture
@@ -153,5 +153,44 @@ def test_out_of_scope_migration_appends_p_other_and_steps_back(url, tmp_path):
         assert conn.execute(sa.text("SELECT review_reasons FROM v_review_queue")).scalar() == "out_of_scope,uncertain"
         assert conn.execute(sa.text("SELECT COUNT(*) FROM prediction_samples")).scalar() == 1
         assert _reader_grants(conn) == grants_before
+    engine.dispose()
+    assert db.upgrade(settings) == HEAD
+
+
+def test_retention_migration_lets_gc_clear_overlays_and_steps_back(url, tmp_path):
+    """0009 makes predictions.gradcam_uri nullable and adds model_versions.artifacts_pruned_at without
+    copying a row (MC samples kept on SQLite too), the views' columns and the reader's grants unchanged;
+    a downgrade gives NULL overlays back their deterministic key, then NOT NULL holds again."""
+    settings = Settings.from_env({"LESION_HOME": str(tmp_path / "home")}, db_url=url)
+    assert db.upgrade(settings, "0008_out_of_scope") == "0008_out_of_scope"
+    engine = db.make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(DROP_ROW), {"status": "complete"})
+        conn.execute(sa.text(IMAGE_ROW), {"image_id": "i1", "label": None})
+        conn.execute(sa.text(MODEL_ROW), {"t": True})
+        conn.execute(sa.text(PREDICTION_ROW), {"image_id": "i1", "t": True})
+        conn.execute(sa.text(SAMPLES_ROW), {"image_id": "i1"})
+    with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+        conn.execute(sa.text("UPDATE predictions SET gradcam_uri = NULL"))
+    with engine.connect() as conn:
+        before = {v: _view_columns(conn, v) for v in ("v_latest_predictions", "v_review_queue")}
+        grants_before = _reader_grants(conn)
+
+    assert db.upgrade(settings) == HEAD
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE predictions SET gradcam_uri = NULL"))
+        conn.execute(sa.text("UPDATE model_versions SET artifacts_pruned_at = CURRENT_TIMESTAMP"))
+        assert conn.execute(sa.text("SELECT gradcam_uri, p_mel FROM v_review_queue")).one() == (None, 0.6)
+        assert {v: _view_columns(conn, v) for v in before} == before
+        assert _reader_grants(conn) == grants_before
+        assert conn.execute(sa.text("SELECT COUNT(*) FROM prediction_samples")).scalar() == 1
+
+    assert db.downgrade(settings, "0008_out_of_scope") == "0008_out_of_scope"
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT gradcam_uri FROM predictions")).scalar() == "predictions/m1/gradcam/d/i1.png"
+        assert "artifacts_pruned_at" not in {c["name"] for c in sa.inspect(conn).get_columns("model_versions")}
+        assert conn.execute(sa.text("SELECT COUNT(*) FROM prediction_samples")).scalar() == 1
+    with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+        conn.execute(sa.text("UPDATE predictions SET gradcam_uri = NULL"))
     engine.dispose()
     assert db.upgrade(settings) == HEAD
