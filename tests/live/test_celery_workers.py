@@ -19,7 +19,7 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from lesion_tasks import db
+from lesion_tasks import consistency, db
 from lesion_tasks.schema import model_versions, predictions
 from lesion_tasks.settings import Settings
 from lesion_tasks.store import key_of, open_store
@@ -126,6 +126,8 @@ def test_shards_run_on_two_celery_workers_and_survive_a_killed_worker(cluster):
     summary = session.get(f"{run_url}/taskInstances/summarise/xcomEntries/return_value", timeout=10).json()["value"]
     summary = summary if isinstance(summary, dict) else json.loads(summary)
     assert summary["still_unscored"] == 0 and summary["rows_of_this_run"] == N_IMAGES
+    report = consistency.check(cluster.settings)  # `lesion check`: the home ends consistent
+    assert report["ok"] and not any(report["warnings"].values()), (report["problems"], report["warnings"], report["examples"])
 
     seconds = time.monotonic() - started
     print(f"\ncelery: {len(shards)} shards on {WORKERS}, {worker} killed ({killed} processes) during shard "
