@@ -8,7 +8,8 @@ their names, how they are written and how they are read back.
 - `config.json`, `train_log.json`, `metrics.json`, `report.html`, `figures/*.png`, test CSVs
 
 Writes are only made by the run that claimed the version in the registry (`registry.claim`), and
-never after promotion: a champion's artifacts do not change. Reads turn a missing or unreadable
+never after promotion: a champion's artifacts do not change, except the gate section of `report.html`
+(`assess.write_gate_report`: the decision, promotions and overrides as they happen). Reads turn a missing or unreadable
 artifact into a ValueError that names the version and the artifact.
 """
 

@@ -1,6 +1,7 @@
 """A trained model version assessed: full evaluation on the frozen test split (and validation), pooled
 and per source, out-of-scope recall, figures and the HTML report (`evaluate_model`); then the quality
-gate against the floors and the champion, and promotion (`gate_model`)."""
+gate against the evidence, the floors and the champion, promotion, and the report's gate section brought
+up to date (`gate_model`; `promote_with_report` for a manual override)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,17 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
+import sqlalchemy as sa
 
 from lesion_tasks import artifacts, backbones, evaluation, features, keys, mc, registry, report, scope, trainset
 from lesion_tasks.db import engine_for
-from lesion_tasks.schema import model_versions
+from lesion_tasks.schema import champion_history, model_versions
 from lesion_tasks.settings import Settings
 from lesion_tasks.store import ObjectStore, open_store
 
 log = logging.getLogger(__name__)
+# the one artifact written again after promotion: the gate section of the report follows the decisions
+REPORT = "report.html"
 
 
 def _gradcam_examples(store: ObjectStore, row: dict[str, Any], refs: list[features.ImageRef], y: np.ndarray,
@@ -48,7 +52,8 @@ def _scope_recall(scope_head: scope.ScopeHead, part: tuple[list[features.ImageRe
     if not refs:
         return None
     feats, _ = features.features_for(refs, [0], fcfg, weights, store)
-    p_mel, _, _ = mc.predict(head, feats[0], [r.image_id for r in refs], row["model_version"], row["mc_samples"])
+    p_mel, _, _ = mc.predict(head, feats[0], [r.image_id for r in refs], row["model_version"], row["mc_samples"],
+                             mc.mask_seed(row))
     return scope.recall_table(scope_head.p_other(feats[0]), p_mel >= row["threshold"], diagnoses,
                               scope_head.threshold, p_other_in_scope, y_in_scope)
 
@@ -73,9 +78,11 @@ def evaluate_model(settings: Settings, model_version: str) -> dict[str, Any]:
         for split in ("val", "test"):
             refs, y = parts[split]
             feats, _ = features.features_for(refs, [0], fcfg, weights, store)
-            logits = mc.logits_for(head, feats[0], [r.image_id for r in refs], model_version, row["mc_samples"])
+            logits = mc.logits_for(head, feats[0], [r.image_id for r in refs], model_version, row["mc_samples"],
+                                   mc.mask_seed(row))
             p, h, mi = mc.summarize(head.calibrated(logits))
-            n_boot, seed = (row["config"]["bootstrap"] if split == "test" else 0), row["config"]["seed"]
+            # intervals on validation too: the gate asks whether its AUC is above chance (registry.decide)
+            n_boot, seed = row["config"]["bootstrap"], row["config"]["seed"]
             out[split] = evaluation.evaluate(y, p, h, mi, row["threshold"], n_boot, seed)
             out[split]["uncalibrated"] = evaluation.calibration(y, mc.summarize(uncalibrated.calibrated(logits))[0])
             out[split]["by_source"] = evaluation.by_source(y, p, np.array([r.drop_id for r in refs]), row["threshold"],
@@ -112,7 +119,8 @@ def evaluate_model(settings: Settings, model_version: str) -> dict[str, Any]:
             conn.execute(model_versions.update().where(model_versions.c.model_version == model_version)
                          .values(metrics=stored, metrics_uri=metrics_uri))
             row = registry.get(conn, model_version)
-        report_uri = out_artifacts.put("report.html", report.html_report(row, out, figures, examples), "text/html")
+        # the gate has not decided on these metrics yet: its section says so until gate_model rewrites it
+        report_uri = out_artifacts.put(REPORT, report.html_report(row | {"gate": None}, out, figures, examples), "text/html")
         with engine.begin() as conn:
             conn.execute(model_versions.update().where(model_versions.c.model_version == model_version).values(report_uri=report_uri))
         return {"model_version": model_version, "report_uri": report_uri, "metrics": _headline(stored)}
@@ -149,14 +157,59 @@ def _compare_with_champion(settings: Settings, store: ObjectStore, row: dict[str
         feats, _ = features.features_for(refs, [0], artifacts.feature_config(which),
                                          artifacts.weights_of(which, settings, store), store)
         p[which["model_version"]] = mc.predict(artifacts.of(store, which).load_head(), feats[0], ids, which["model_version"],
-                                               which["mc_samples"])[0]
+                                               which["mc_samples"], mc.mask_seed(which))[0]
     delta = evaluation.paired_delta(y, p[row["model_version"]], row["threshold"], p[champion["model_version"]],
                                     champion["threshold"], n=row["config"]["bootstrap"], seed=row["config"]["seed"])
     return {"champion": champion["model_version"], "n_test": len(ids), **delta}
 
 
+def _history(conn: sa.Connection, model_version: str) -> list[dict[str, Any]]:
+    """champion_history events that made `model_version` champion or replaced it, oldest first."""
+    query = (sa.select(champion_history).where(sa.or_(champion_history.c.model_version == model_version,
+                                                      champion_history.c.previous == model_version))
+             .order_by(champion_history.c.id))
+    return [dict(r) for r in conn.execute(query).mappings()]
+
+
+def write_gate_report(store: ObjectStore, engine: sa.Engine, model_version: str) -> str | None:
+    """Rewrite the gate section of the version's report.html (same key) from the registry: decision,
+    reasons, champion compared with, promotions and overrides. The report is the one artifact rewritten
+    after promotion; its metrics and figures stay as evaluated. None when the version has no report."""
+    with engine.connect() as conn:
+        row = registry.get(conn, model_version)
+        history = _history(conn, model_version)
+    saved = artifacts.ModelArtifacts(store, model_version)  # not artifacts.of: a pruned version keeps its report
+    try:
+        old = saved.get(REPORT)
+    except artifacts.ArtifactError as exc:
+        log.warning("model %s: no report to bring up to date (%s)", model_version, exc)
+        return None
+    key = saved.put(REPORT, report.with_gate(old, report.gate_section(row, history)), "text/html")
+    if row["report_uri"] is None:
+        with engine.begin() as conn:
+            conn.execute(model_versions.update().where(model_versions.c.model_version == model_version).values(report_uri=key))
+    return key
+
+
+def promote_with_report(settings: Settings, engine: sa.Engine, model_version: str, reason: str, actor: str,
+                        override: bool = False) -> str | None:
+    """`registry.promote`, then the reports of the new and the previous champion say so."""
+    previous = registry.promote(engine, model_version, reason, actor, override=override)
+    store = open_store(settings)
+    for version in {model_version, previous} - {None}:
+        write_gate_report(store, engine, version)
+    return previous
+
+
+def _key_metrics(row: dict[str, Any]) -> dict[str, Any]:
+    test = (row.get("metrics") or {}).get("test") or {}
+    return {k: test.get(k) for k in ("auc", "mel_sensitivity", "mel_specificity", "balanced_accuracy", "threshold",
+                                     "n", "n_mel")}
+
+
 def gate_model(settings: Settings, model_version: str, actor: str = "lesion_retrain") -> dict[str, Any]:
-    """Floors + no significant regression vs the champion; promote or keep the champion, with reasons."""
+    """Evidence + floors + no significant regression vs the champion; promote or keep the champion, with
+    reasons; then the version's report (and a replaced champion's) tells the outcome."""
     store, engine = open_store(settings), engine_for(settings)
     try:
         with engine.connect() as conn:
@@ -166,20 +219,24 @@ def gate_model(settings: Settings, model_version: str, actor: str = "lesion_retr
         if row["metrics"] is None:
             raise ValueError(f"model version {model_version}: evaluate it before gating")
         if champion and champion["model_version"] == model_version:
-            return {"model_version": model_version, "promoted": True, "reasons": ["already the champion"]}
+            write_gate_report(store, engine, model_version)  # a retried task: the report may not say so yet
+            return {"model_version": model_version, "promoted": True, "reasons": ["already the champion"],
+                    "champion": model_version}
         comparison = evaluation.json_safe(_compare_with_champion(settings, store, row, champion, parts)) if champion else None
         floors = registry.GateFloors(**row["config"]["floors"])
         passed, reasons = registry.decide(row["metrics"], comparison, floors)
         gate = evaluation.json_safe({"passed": passed, "reasons": reasons, "comparison": comparison,
+                                     "champion_metrics": _key_metrics(champion) if champion else None,
                                      "floors": row["config"]["floors"], "decided_at": datetime.now(UTC).isoformat()})
         with engine.begin() as conn:
             conn.execute(model_versions.update().where(model_versions.c.model_version == model_version)
                          .values(gate=gate, status="candidate" if passed else "rejected"))
         if passed:
-            registry.promote(engine, model_version, "; ".join(reasons), actor)
+            promote_with_report(settings, engine, model_version, "; ".join(reasons), actor)
         else:
             log.warning("model %s NOT promoted (champion stays %s): %s", model_version,
                         champion["model_version"] if champion else None, "; ".join(r for r in reasons if r.startswith("FAIL")))
+            write_gate_report(store, engine, model_version)
         return {"model_version": model_version, "promoted": passed, "reasons": reasons,
                 "champion": model_version if passed else (champion["model_version"] if champion else None)}
     finally:

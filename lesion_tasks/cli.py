@@ -57,6 +57,7 @@ def _cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
 
 def _cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     from lesion_tasks import db
+    from lesion_tasks.registry import shown
     from lesion_tasks.retrain import make_config, run
 
     db.upgrade(settings)
@@ -65,9 +66,13 @@ def _cmd_train(args: argparse.Namespace, settings: Settings) -> int:
                          target_sensitivity=args.target_sensitivity, views=args.views)
     result = run(settings, config)
     t = result["metrics"]["test"]
+
+    def num(key: str) -> str:  # rounded down, as the gate's reasons: on the same side of a floor as the value
+        return "undefined" if t.get(key) is None else shown(t[key])
+
     human = (f"model {result['model_version']}: {'PROMOTED to champion' if result['promoted'] else 'NOT promoted'}\n"
-             f"  test AUC {t['auc']:.3f}  melanoma sensitivity {t['mel_sensitivity']:.3f}  specificity "
-             f"{t['mel_specificity']:.3f}  balanced accuracy {t['balanced_accuracy']:.3f}  (threshold {result['threshold']:.4f})\n"
+             f"  test AUC {num('auc')}  melanoma sensitivity {num('mel_sensitivity')}  specificity "
+             f"{num('mel_specificity')}  balanced accuracy {num('balanced_accuracy')}  (threshold {result['threshold']:.4f})\n"
              + "".join(f"  {r}\n" for r in result["gate"]["reasons"])
              + f"  report: {result['report_uri']}\n  backbone runs: {result['feature_cache']['computed']} "
              f"(cached {result['feature_cache']['reused']}), head training {result['head_seconds']} s, wall {result['wall_seconds']} s")
@@ -95,12 +100,13 @@ def _cmd_gradcam_url(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_promote(args: argparse.Namespace, settings: Settings) -> int:
-    from lesion_tasks import registry
+    from lesion_tasks import assess
     from lesion_tasks.db import engine_for
 
     engine = engine_for(settings)
-    try:
-        previous = registry.promote(engine, args.model_version, f"manual override: {args.reason}", args.actor, override=True)
+    try:  # the reports of both versions say what happened
+        previous = assess.promote_with_report(settings, engine, args.model_version, f"manual override: {args.reason}",
+                                              args.actor, override=True)
     finally:
         engine.dispose()
     _emit(args, {"champion": args.model_version, "previous": previous, "override": True},

@@ -1,4 +1,4 @@
-"""Monte Carlo dropout on the head alone, vectorised, seeded per (image, model version).
+"""Monte Carlo dropout on the head alone, vectorised, seeded per image and per model version's seed.
 
 Dropout lives only in the head, so the T stochastic forward passes share one backbone pass: with
 h = BN(ReLU(f W1 + b1)) computed once per image (BatchNormalization in inference mode, always), sample
@@ -15,6 +15,11 @@ logit difference MEL - NV; (a, b) = (1, 0) is the head as trained. Class weights
 over-predict melanoma, so (a, b) is fitted after training on the validation split by minimising the
 negative log-likelihood of the MC mean (`fit_calibration`); p_mel, entropy and mutual information are
 all computed from the calibrated samples, so they stay consistent with one another.
+
+Seeding: a model version records its mask seed (`config["mc_seed"]`, the training seed);
+its masks are one stream per (seed, image), so the same data, config and seed give the same numbers
+whatever the run's (timestamped) version id. Versions trained before seeds were recorded keep their
+stream per (model version, image). Either way the masks of an image do not depend on its batch.
 """
 
 from __future__ import annotations
@@ -71,16 +76,26 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * x))  # overflow-free
 
 
-def image_seed(image_id: str, model_version: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"{model_version}\0{image_id}".encode()).digest()[:8], "little")
+def image_seed(image_id: str, model_version: str, seed: int | None = None) -> int:
+    """The mask stream of one image: per (seed, image) when the version recorded a seed, else per
+    (model version, image) for versions that recorded none."""
+    key = f"mc-seed={int(seed)}\0{image_id}" if seed is not None else f"{model_version}\0{image_id}"
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
 
 
-def dropout_masks(image_ids: Sequence[str], model_version: str, samples: int, units: int, rate: float) -> np.ndarray:
-    """(N, T, units) float32 masks already scaled by 1/(1-rate), one seeded stream per image."""
+def mask_seed(row: dict) -> int | None:
+    """The mask seed a registry row recorded (`config["mc_seed"]`), None for versions that recorded none."""
+    seed = (row.get("config") or {}).get("mc_seed")
+    return None if seed is None else int(seed)
+
+
+def dropout_masks(image_ids: Sequence[str], model_version: str, samples: int, units: int, rate: float,
+                  seed: int | None = None) -> np.ndarray:
+    """(N, T, units) float32 masks already scaled by 1/(1-rate), one seeded stream per image (`image_seed`)."""
     keep = 1.0 - rate
     out = np.empty((len(image_ids), samples, units), np.float32)
     for i, image_id in enumerate(image_ids):
-        rng = np.random.default_rng(image_seed(image_id, model_version))
+        rng = np.random.default_rng(image_seed(image_id, model_version, seed))
         out[i] = (rng.random((samples, units)) < keep) / keep
     return out
 
@@ -130,13 +145,13 @@ def summarize(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def predict(head: HeadWeights, features: np.ndarray, image_ids: Sequence[str], model_version: str,
-            samples: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            samples: int, seed: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """MC-dropout (p_mel, entropy, mutual_info) for pooled features of `image_ids`."""
-    return summarize(head.calibrated(logits_for(head, features, image_ids, model_version, samples)))
+    return summarize(head.calibrated(logits_for(head, features, image_ids, model_version, samples, seed)))
 
 
 def logits_for(head: HeadWeights, features: np.ndarray, image_ids: Sequence[str], model_version: str,
-               samples: int) -> np.ndarray:
-    """(N, T) uncalibrated MC logit differences, with the seeded masks of (image, model version)."""
-    masks = dropout_masks(image_ids, model_version, samples, head.w1.shape[1], head.dropout)
+               samples: int, seed: int | None = None) -> np.ndarray:
+    """(N, T) uncalibrated MC logit differences, with the seeded masks of each image (`image_seed`)."""
+    masks = dropout_masks(image_ids, model_version, samples, head.w1.shape[1], head.dropout, seed)
     return mc_logits(head, features, masks)

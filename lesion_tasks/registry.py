@@ -1,15 +1,19 @@
 """The model registry (`model_versions`), the quality gate and champion promotion.
 
-Gate = absolute floors on the frozen test split (melanoma sensitivity at the chosen threshold, AUC,
-balanced accuracy; pooled and per source drop; out-of-scope recall) AND no significant regression against the current champion on the same test
-images (paired bootstrap, 95%). One champion at a time (a unique partial index); every promotion,
-including a manual override, is recorded in `champion_history`.
+Gate = enough evidence to decide at all (at least `GateFloors.min_melanomas` melanomas in the test and
+in the validation split, validation AUC above chance) AND absolute floors on the frozen test split
+(melanoma sensitivity at the chosen threshold, AUC, balanced accuracy; pooled and per source drop;
+out-of-scope recall) AND no significant regression against the current champion on the same test
+images (paired bootstrap, 95%). Reasons show numbers rounded toward the side of the bound they are on.
+One champion at a time (a unique partial index); every promotion, including a manual override, is
+recorded in `champion_history`.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from datetime import UTC, datetime
 from typing import Any
 
@@ -34,6 +38,24 @@ class GateFloors:
     balanced_accuracy: float = 0.60
     out_of_scope_flagged: float = 0.95  # OTHER images flagged (predicted MEL or out_of_scope)
     malignant_flagged: float = 0.97  # BCC, SCC, AK flagged
+    # evidence: below this many melanomas in the test or the validation split the gate does not decide
+    # (a sensitivity on 13 melanomas moves 8 points per case); NOT promoted, saying so
+    min_melanomas: int = 30
+    val_auc_above: float = 0.5  # chance: the validation AUC (its 95% CI's lower bound, if any) must exceed it
+
+
+def shown(value: float, digits: int = 4, sign: bool = False, up: bool = False) -> str:
+    """`value` with `digits` decimals, rounded down (toward -inf; `up`: toward +inf), so that against a
+    bound of at most `digits` decimals the shown number is on the same side as the real one: rounded
+    down for `value >= bound` ("0.5999 < floor 0.60", never "0.600 < 0.60"), up for `value > bound`."""
+    q = Decimal(repr(float(value))).quantize(Decimal(1).scaleb(-digits), rounding=ROUND_CEILING if up else ROUND_FLOOR)
+    q = abs(q) if q == 0 else q  # no "-0.0000"
+    return f"{q:+f}" if sign else f"{q:f}"
+
+
+def bound(value: float) -> str:
+    """A floor as written: two decimals when that is exact, else every digit it has."""
+    return f"{value:.2f}" if float(f"{value:.2f}") == value else repr(float(value))
 
 
 def get(conn: sa.Connection, model_version: str) -> dict[str, Any]:
@@ -108,20 +130,47 @@ def _floor_checks(label: str, metrics: dict[str, Any], floors: GateFloors) -> tu
         value = metrics.get(name)
         if value is None:  # undefined (e.g. a test split with one class): never a pass
             passed = False
-            reasons.append(f"FAIL: {label} {name} is undefined on this test split (floor {floor:.2f})")
+            reasons.append(f"FAIL: {label} {name} is undefined on this test split (floor {bound(floor)})")
             continue
         ok = value >= floor
         passed &= ok
-        reasons.append(f"{'PASS' if ok else 'FAIL'}: {label} {name} {value:.4f} {'>=' if ok else '<'} floor {floor:.2f}")
+        reasons.append(f"{'PASS' if ok else 'FAIL'}: {label} {name} {shown(value)} {'>=' if ok else '<'} floor {bound(floor)}")
+    return passed, reasons
+
+
+def _evidence_checks(metrics: dict[str, Any], floors: GateFloors) -> tuple[bool, list[str]]:
+    """Is there enough to decide on? Melanomas in test and validation (pooled), validation AUC above chance."""
+    passed, reasons = True, []
+    for split, name in (("test", "test"), ("val", "validation")):
+        n = (metrics.get(split) or {}).get("n_mel")
+        ok = n is not None and n >= floors.min_melanomas
+        passed &= ok
+        reasons.append(f"PASS: evidence: {n} melanomas in {name} (>= {floors.min_melanomas})" if ok else
+                       f"FAIL: too little evidence: {n if n is not None else 'no'} melanomas in {name} "
+                       f"(need >= {floors.min_melanomas})")
+    val = metrics.get("val") or {}
+    low = ((val.get("ci95") or {}).get("auc") or [None])[0]
+    value, what = (low, "validation AUC 95% CI lower bound") if low is not None else (val.get("auc"), "validation AUC")
+    ok = value is not None and value > floors.val_auc_above
+    passed &= ok
+    if value is None:
+        reasons.append(f"FAIL: too little evidence: {what} is undefined")
+    else:
+        reasons.append(f"PASS: evidence: {what} {shown(value, up=True)} > {bound(floors.val_auc_above)} (chance)" if ok
+                       else f"FAIL: too little evidence: {what} {shown(value, up=True)} <= {bound(floors.val_auc_above)} (chance)")
     return passed, reasons
 
 
 def decide(metrics: dict[str, Any], comparison: dict[str, Any] | None, floors: GateFloors) -> tuple[bool, list[str]]:
-    """(passed, reasons): every floor and regression check, passed or failed, in words. The floors apply
-    to the pooled test split, to every source drop with at least MIN_SOURCE_MEL melanomas in test, and
-    (with at least MIN_OUT_OF_SCOPE such test images) to the out-of-scope recall."""
+    """(passed, reasons): every evidence, floor and regression check, passed or failed, in words. Too
+    little evidence (`_evidence_checks`) is never a pass. The floors apply to the pooled test split, to
+    every source drop with at least MIN_SOURCE_MEL melanomas in test, and (with at least MIN_OUT_OF_SCOPE
+    such test images) to the out-of-scope recall."""
     test = metrics["test"]
-    passed, reasons = _floor_checks("test", test, floors)
+    passed, reasons = _evidence_checks(metrics, floors)
+    ok, more = _floor_checks("test", test, floors)
+    passed &= ok
+    reasons += more
     for source, part in sorted((test.get("by_source") or {}).items()):
         if (part.get("n_mel") or 0) >= MIN_SOURCE_MEL:
             ok, more = _floor_checks(f"test[{source}]", part, floors)
@@ -135,7 +184,7 @@ def decide(metrics: dict[str, Any], comparison: dict[str, Any] | None, floors: G
                 ok = part["flagged"] >= floor
                 passed &= ok
                 reasons.append(f"{'PASS' if ok else 'FAIL'}: test out-of-scope ({group}, n={part['n']}) flagged "
-                               f"{part['flagged']:.4f} {'>=' if ok else '<'} floor {floor:.2f}")
+                               f"{shown(part['flagged'])} {'>=' if ok else '<'} floor {bound(floor)}")
     if comparison is None:
         reasons.append("PASS: no champion to compare with")
     else:
@@ -148,7 +197,8 @@ def decide(metrics: dict[str, Any], comparison: dict[str, Any] | None, floors: G
             worse = hi < 0
             passed &= not worse
             reasons.append(f"{'FAIL' if worse else 'PASS'}: {name} vs champion {comparison['champion']} "
-                           f"delta {comparison[f'{name}_delta']:+.4f} (95% CI {lo:+.4f}..{hi:+.4f})"
+                           f"delta {shown(comparison[f'{name}_delta'], sign=True)} (95% CI {shown(lo, sign=True)}.."
+                           f"{shown(hi, sign=True)})"
                            f"{' significantly worse' if worse else ''}")
     return passed, reasons
 

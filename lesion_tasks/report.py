@@ -1,4 +1,10 @@
-"""Figures (PNG) and one self-contained HTML report per model version."""
+"""Figures (PNG) and one self-contained HTML report per model version.
+
+The report is written when the version is evaluated, with its gate section pending, and that section
+is rewritten (`with_gate`) once the gate has decided and again after every promotion or manual override
+involving the version: the decision, every reason, the champion compared with and the promotion history.
+Numbers are shown rounded toward the side of the gate's floors they are on (`registry.shown`).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,13 @@ import io
 import json
 from typing import Any
 
+import re
+
 import numpy as np
+
+from lesion_tasks.registry import shown
+
+GATE_BEGIN, GATE_END = "<!--gate:begin-->", "<!--gate:end-->"
 
 
 def _plt():
@@ -103,8 +115,8 @@ def _img(data: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
 
 
-def _cell(value: Any, digits: int = 3) -> str:
-    return "–" if value is None or (isinstance(value, float) and not np.isfinite(value)) else f"{value:.{digits}f}"
+def _cell(value: Any, digits: int = 4) -> str:
+    return "–" if value is None or (isinstance(value, float) and not np.isfinite(value)) else shown(value, digits)
 
 
 def _source_table(metrics: dict[str, Any]) -> str:
@@ -140,17 +152,83 @@ def _scope_table(metrics: dict[str, Any]) -> str:
             "of melanomas are flagged out_of_scope too.</p>")
 
 
+_KEY_METRICS = (("AUC", "auc"), ("sensitivity", "mel_sensitivity"), ("specificity", "mel_specificity"),
+                ("balanced accuracy", "balanced_accuracy"))
+
+
+def _history_items(version: str, history: list[dict[str, Any]]) -> str:
+    items = []
+    for e in history:
+        when = e["at"].isoformat(timespec="seconds") if hasattr(e["at"], "isoformat") else str(e["at"])
+        who = f"by {html.escape(str(e['actor']))}: {html.escape(str(e['reason']))}"
+        if e["model_version"] == version:
+            what = ("<b class=\"fail\">MANUAL OVERRIDE</b>: made champion" if e["event"] == "override"
+                    else "promoted to champion by the gate")
+            items.append(f"<li>{when} {what} (previous champion {html.escape(str(e['previous']))}) {who}</li>")
+        else:
+            how = "a manual override" if e["event"] == "override" else "the gate"
+            items.append(f"<li>{when} replaced as champion by {html.escape(e['model_version'])} through {how} {who}</li>")
+    return "".join(items)
+
+
+def gate_section(version: dict[str, Any], history: list[dict[str, Any]] | None = None) -> str:
+    """The report's gate section: decision, whether the version is the champion, every reason, the
+    champion it was compared with (version, its test metrics, the paired deltas) and the champion_history
+    events naming the version (manual overrides marked)."""
+    gate, history = version.get("gate") or {}, history or []
+    overridden = any(e["model_version"] == version["model_version"] and e["event"] == "override" for e in history)
+    if "passed" not in gate:
+        title = '<span class="pending">not decided yet</span> (the gate runs after evaluation)'
+    else:
+        verdict = ('<span class="pass">PASSED</span>' if gate["passed"] else '<span class="fail">NOT PASSED</span>')
+        promoted = any(e["model_version"] == version["model_version"] for e in history) or version.get("is_champion")
+        outcome = ("promoted by manual override" if overridden else "promoted") if promoted else "not promoted"
+        title = f"{verdict}, {outcome}; now {html.escape(str(version.get('status')))}"
+    parts = [f"<h2>Gate: {title}</h2>"]
+    if gate.get("decided_at"):
+        parts.append(f"<p>Decided {html.escape(str(gate['decided_at']))}.</p>")
+    parts.append("<ul>" + "".join(f'<li class="{"fail" if r.startswith("FAIL") else "pass"}">{html.escape(r)}</li>'
+                                  for r in gate.get("reasons", [])) + "</ul>")
+    comparison = gate.get("comparison")
+    if comparison:
+        champ = gate.get("champion_metrics") or {}
+        recorded = ", ".join(f"{name} {_cell(champ.get(key))}" for name, key in _KEY_METRICS)
+        parts.append(f"<p>Compared with the champion {html.escape(comparison['champion'])} (its recorded test metrics: "
+                     f"{recorded}, threshold {_cell(champ.get('threshold'))}) on the same {comparison.get('n_test')} "
+                     f"test images: AUC delta {_cell(comparison.get('auc_delta'))}, sensitivity delta "
+                     f"{_cell(comparison.get('mel_sensitivity_delta'))}.</p>")
+    elif "passed" in gate:
+        parts.append("<p>There was no champion to compare with.</p>")
+    if history:
+        parts.append("<h3>Champion history of this version</h3><ul>"
+                     + _history_items(version["model_version"], history) + "</ul>")
+    return GATE_BEGIN + "".join(parts) + GATE_END
+
+
+def with_gate(report: bytes, section: str) -> bytes:
+    """`report` with its gate section replaced by `section` (a report from before the markers: its old
+    "Gate:" heading and list; else inserted after the title)."""
+    text = report.decode()
+    if GATE_BEGIN in text and GATE_END in text:
+        start, end = text.index(GATE_BEGIN), text.index(GATE_END) + len(GATE_END)
+        return (text[:start] + section + text[end:]).encode()
+    legacy = re.search(r"<h2>Gate: .*?</ul>", text, re.S)
+    if legacy:
+        return (text[:legacy.start()] + section + text[legacy.end():]).encode()
+    head = text.index("</h1>") + len("</h1>") if "</h1>" in text else 0
+    return (text[:head] + section + text[head:]).encode()
+
+
 def html_report(version: dict[str, Any], metrics: dict[str, Any], figures: dict[str, bytes],
-                examples: list[dict[str, Any]]) -> bytes:
+                examples: list[dict[str, Any]], history: list[dict[str, Any]] | None = None) -> bytes:
     """A single HTML file, images embedded, nothing fetched from anywhere."""
     test = metrics["test"]
     ci = test.get("ci95", {})
 
     def row(name: str, key: str) -> str:
         interval = f" ({ci[key][0]:.3f} – {ci[key][1]:.3f})" if key in ci else ""
-        return f"<tr><td>{name}</td><td>{test[key]:.3f}{interval}</td><td>{metrics['val'][key]:.3f}</td></tr>"
+        return f"<tr><td>{name}</td><td>{_cell(test.get(key))}{interval}</td><td>{_cell(metrics['val'].get(key))}</td></tr>"
 
-    gate = version.get("gate") or {}
     cards = "".join(
         f'<figure>{_img(e["png"], e["image_id"])}<figcaption>{html.escape(e["image_id"])}: true {e["true"]}, '
         f'p(MEL) {e["p_mel"]:.2f}, {"right" if e["right"] else "WRONG"}</figcaption></figure>' for e in examples)
@@ -158,13 +236,12 @@ def html_report(version: dict[str, Any], metrics: dict[str, Any], figures: dict[
     body = f"""<!doctype html><html><head><meta charset="utf-8"><title>Model {html.escape(version['model_version'])}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:3px 8px}} figure{{display:inline-block;margin:6px;vertical-align:top}}
-img{{max-width:330px}} .fail{{color:#b00}} .pass{{color:#070}} pre{{background:#f6f6f6;padding:8px}}</style></head><body>
+img{{max-width:330px}} .fail{{color:#b00}} .pass{{color:#070}} .pending{{color:#a60}} pre{{background:#f6f6f6;padding:8px}}</style></head><body>
 <h1>Model version {html.escape(version['model_version'])}</h1>
 <p>Profile <b>{html.escape(version['profile'])}</b>, backbone <b>{html.escape(version['backbone'])}</b>, input {version['image_size']} px,
 weights: {html.escape(version['weights_source'])}. Threshold {test['threshold']:.4f} (chosen on validation for melanoma sensitivity
 {version['config']['target_sensitivity']}), MC-dropout samples {version['mc_samples']}.</p>
-<h2>Gate: <span class="{'pass' if gate.get('passed') else 'fail'}">{'PASSED' if gate.get('passed') else 'NOT PASSED'}</span></h2>
-<ul>{''.join(f'<li>{html.escape(r)}</li>' for r in gate.get('reasons', []))}</ul>
+{gate_section(version, history)}
 <h2>Metrics (test n={test['n']}, {test['n_mel']} melanoma; 95% bootstrap intervals)</h2>
 <table><tr><th>metric</th><th>test</th><th>validation</th></tr>
 {row('AUC', 'auc')}{row('melanoma sensitivity', 'mel_sensitivity')}{row('melanoma specificity', 'mel_specificity')}

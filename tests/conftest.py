@@ -147,11 +147,14 @@ def airflow_db():
 
 def tiny_config(**overrides):
     """A `demo`-profile config on the test backbone: tiny, 64 px, random init (no weights file), every
-    image through 48 px first (the effective-resolution path runs in every test)."""
+    image through 48 px first (the effective-resolution path runs in every test). The gate decides with 5
+    melanomas in test and validation (the synthetic drops have ~16-20); its default, 30, is tested in
+    tests/test_gate.py and by the Params-driven DAG tests, which cannot lower it."""
     from lesion_tasks import retrain
 
     return retrain.make_config("demo", **{"backbone": "tiny", "image_size": 64, "weights": "none",
-                                          "effective_resolution": 48, **overrides})
+                                          "effective_resolution": 48,
+                                          "floors": retrain.registry.GateFloors(min_melanomas=5), **overrides})
 
 
 # --- one trained home for the session ---------------------------------------------------------------

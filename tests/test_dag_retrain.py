@@ -19,7 +19,7 @@ def test_lesion_retrain_with_params(airflow_env, tmp_path):
     from airflow.dag_processing.dagbag import DagBag
 
     settings, decoy = airflow_env
-    ingest(str(make_drop(tmp_path / "drop", n_images=300, seed=11)), settings)
+    ingest(str(make_drop(tmp_path / "drop", n_images=450, seed=11, melanoma_fraction=0.5)), settings)
     dag = DagBag(dag_folder=str(DAGS)).get_dag("lesion_retrain")
     conf = {"profile": "demo", "backbone": "tiny", "image_size": 64, "weights": "none", "epochs": 150, "seed": 0,
             "mc_samples": 20, "target_sensitivity": 0.97}

@@ -84,3 +84,40 @@ def test_metrics_match_definitions():
     assert cal["brier"] == pytest.approx(np.mean((p - y) ** 2))
     curve = evaluation.referral_curve(y, p, np.abs(p - 0.5) * -1, 0.5)
     assert curve[0]["kept"] == 8 and curve[-1]["kept"] == 4
+
+
+def test_masks_of_a_version_with_a_recorded_seed_do_not_depend_on_its_id():
+    """Seeded per (seed, image): two versions trained with one seed (run ids differ) draw the same masks;
+    another seed draws others; a version without a recorded seed keeps its stream per (version, image)."""
+    import hashlib
+
+    ids = [f"ISIC_{k:07d}" for k in range(6)]
+    a = mc.dropout_masks(ids, "demo-tiny-run-1", 20, 128, 0.5, seed=7)
+    np.testing.assert_array_equal(a, mc.dropout_masks(ids, "demo-tiny-run-2", 20, 128, 0.5, seed=7))
+    assert not np.array_equal(a, mc.dropout_masks(ids, "demo-tiny-run-1", 20, 128, 0.5, seed=8))
+    np.testing.assert_array_equal(a[2:3], mc.dropout_masks(ids[2:3], "x", 20, 128, 0.5, seed=7))  # per image, not per batch
+    legacy = mc.dropout_masks(ids, "demo-tiny-run-1", 20, 128, 0.5)
+    assert not np.array_equal(a, legacy)
+    expected = int.from_bytes(hashlib.sha256(b"demo-tiny-run-1\0ISIC_0000000").digest()[:8], "little")  # as before seeds
+    assert mc.image_seed("ISIC_0000000", "demo-tiny-run-1") == expected
+    np.testing.assert_array_equal(legacy[0], (np.random.default_rng(expected).random((20, 128)) < 0.5) / 0.5)
+    assert mc.mask_seed({"config": {"mc_seed": 7, "seed": 7}}) == 7
+    assert mc.mask_seed({"config": {"seed": 7}}) is None and mc.mask_seed({"config": None}) is None
+
+
+def test_head_training_is_deterministic_and_leaves_op_determinism_as_it_was():
+    from tensorflow.python.framework import config as tf_config
+
+    from lesion_tasks.training import fit_head
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(160, 16)).astype(np.float32), (rng.random(160) < 0.3).astype(int)
+    xv, yv = rng.normal(size=(40, 16)).astype(np.float32), (rng.random(40) < 0.3).astype(int)
+    y[:2], yv[:2] = 1, 1
+    runs = [fit_head([x, x + 0.05], y, xv, yv, 0.5, epochs=6, seed=s, patience=3)[:2] for s in (3, 3, 4)]
+    (h1, hist1), (h2, hist2), (h3, _) = runs
+    assert hist1 == hist2
+    for w1, w2 in zip(h1.get_weights(), h2.get_weights()):
+        np.testing.assert_array_equal(w1, w2)
+    assert not all(np.array_equal(w1, w3) for w1, w3 in zip(h1.get_weights(), h3.get_weights()))  # the seed matters
+    assert not tf_config.is_op_determinism_enabled()  # scoped to the training

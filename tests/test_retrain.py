@@ -1,11 +1,14 @@
 """Retraining end to end on a synthetic drop with the tiny backbone: registry, artifacts, feature
-cache, gate (including a degenerate always-NV model), and agreement with isic-challenge-scoring.
+cache, gate (including a degenerate always-NV model and a version refused for too little evidence, then
+overridden), the report after the gate, determinism (same data, config and seed: same metrics), and
+agreement with isic-challenge-scoring.
 
 The first model is the session's trained home (tests/conftest.py); the second retrain, the degenerate
 model and the override happen on this module's copy of it."""
 
 from __future__ import annotations
 
+import html
 import io
 import json
 import os
@@ -50,7 +53,14 @@ def test_first_model_learns_and_is_promoted(trained, trained_home):
     assert first["promoted"] is True, first["gate"]
     assert test["auc"] > 0.9 and test["mel_sensitivity"] >= 0.8 and test["balanced_accuracy"] > 0.75
     assert set(test["ci95"]) == {"auc", "mel_sensitivity", "mel_specificity", "balanced_accuracy"}
-    assert _row(trained_home.settings, first["model_version"])["status"] == "champion"
+    home_row = _row(trained_home.settings, first["model_version"])
+    assert home_row["status"] == "champion"
+    # what the models page shows: 95% intervals of sensitivity and specificity, test and validation
+    for split in ("test", "val"):
+        ci = home_row["metrics"][split]["ci95"]
+        for key in ("auc", "mel_sensitivity", "mel_specificity"):
+            lo, hi = ci[key]
+            assert 0 <= lo <= home_row["metrics"][split][key] <= hi <= 1, (split, key, ci[key])
     row = _row(settings, first["model_version"])
     assert row["status"] == ("retired" if second["promoted"] else "champion")  # in the copy, after the second retrain
     assert row["gate"]["passed"] is True
@@ -135,6 +145,54 @@ def test_second_model_was_compared_with_the_champion(trained):
     row = _row(settings, second["model_version"])
     assert row["gate"]["comparison"]["champion"] == first["model_version"]
     assert any("vs champion" in r for r in row["gate"]["reasons"])
+    assert row["gate"]["champion_metrics"]["auc"] == first["metrics"]["test"]["auc"]
+    report = _report(settings, row)
+    assert f"Compared with the champion {first['model_version']}" in report
+    assert f"AUC {registry.shown(first['metrics']['test']['auc'])}" in report
+
+
+def _report(settings, row) -> str:
+    store = open_store(settings)
+    return store.get(key_of(store, row["report_uri"])).decode()
+
+
+def test_a_promoted_versions_report_says_passed_after_the_gate(trained_home):
+    """report.html is rewritten after the gate: the champion's says PASSED and promoted, with every reason
+    (it was rendered before the gate decided, when it could only say "not decided yet")."""
+    row = _row(trained_home.settings, trained_home.version)
+    report = _report(trained_home.settings, row)
+    assert '<h2>Gate: <span class="pass">PASSED</span>, promoted; now champion</h2>' in report
+    assert "NOT PASSED" not in report and "not decided yet" not in report
+    for reason in row["gate"]["reasons"]:
+        assert html.escape(reason) in report
+    assert "There was no champion to compare with" in report and "promoted to champion by the gate" in report
+
+
+def test_same_data_config_and_seed_give_the_same_metrics(trained):
+    """The second retrain (another run id, so another version id) on the same data, config and seed
+    reproduces the first's numbers exactly, and both draw the same MC-dropout samples for an image."""
+    settings, _, first, second = trained
+    assert first["model_version"] != second["model_version"]
+    for split in ("test", "val"):
+        for key in ("auc", "mel_sensitivity", "mel_specificity", "balanced_accuracy", "threshold", "ece", "brier"):
+            assert second["metrics"][split][key] == first["metrics"][split][key], (split, key)
+    assert second["threshold"] == first["threshold"]
+    store = open_store(settings)
+    rows = [_row(settings, v["model_version"]) for v in (first, second)]
+    assert rows[0]["config"]["mc_seed"] == rows[1]["config"]["mc_seed"] == rows[0]["config"]["seed"]
+    engine = db.make_engine(settings.db_url)
+    with engine.connect() as conn:
+        refs = trainset.split_refs(conn)["test"][0][:3]
+    engine.dispose()
+    ids = [r.image_id for r in refs]
+    samples = []
+    for row in rows:
+        feats, _ = features.features_for(refs, [0], artifacts.feature_config(row), artifacts.weights_of(row, settings, store), store)
+        head = artifacts.of(store, row).load_head()
+        samples.append(head.calibrated(mc.logits_for(head, feats[0], ids, row["model_version"], row["mc_samples"],
+                                                     mc.mask_seed(row))))
+    np.testing.assert_array_equal(samples[0], samples[1])
+    assert samples[0].std(axis=1).max() > 0  # they are MC samples: dropout makes them differ
 
 
 def test_degenerate_always_nv_model_is_refused_and_champion_stays(trained):
@@ -166,16 +224,55 @@ def test_degenerate_always_nv_model_is_refused_and_champion_stays(trained):
     fails = [r for r in decision["reasons"] if r.startswith("FAIL")]
     assert any("auc" in r for r in fails) and any("balanced_accuracy" in r for r in fails)
     with engine.connect() as conn:
+        report = _report(settings, registry.get(conn, version))
+    assert '<span class="fail">NOT PASSED</span>, not promoted; now rejected' in report and "PASSED</span>, promoted" not in report
+    assert all(html.escape(r) in report for r in fails)
+    with engine.connect() as conn:
         assert registry.champion(conn)["model_version"] == champ["model_version"]
         assert registry.get(conn, version)["status"] == "rejected"
     engine.dispose()
 
 
-def test_the_papers_model_would_be_refused():
-    """0% melanoma sensitivity, accuracy 0.71 = balanced accuracy 0.50 (the 2025 paper)."""
-    metrics = {"test": {"mel_sensitivity": 0.0, "auc": 0.5, "balanced_accuracy": 0.5}}
-    passed, reasons = registry.decide(metrics, None, registry.GateFloors())
-    assert not passed and sum(r.startswith("FAIL") for r in reasons) == 3
+def test_too_little_evidence_is_refused_then_overridden_and_the_reports_say_so(trained_home, home_copy):
+    """The champion's own model, gated with the default evidence minimum (30 melanomas; the shared drop has
+    fewer): refused saying why, its report NOT PASSED with the reasons and the champion compared with.
+    Then a manual override: its report says so, and the replaced champion's report too."""
+    settings = home_copy
+    store = open_store(settings)
+    engine = db.make_engine(settings.db_url)
+    with engine.connect() as conn:
+        champ = registry.champion(conn)
+    version = "too-little-evidence"
+    for name in ("model.keras", "head.npz", "train_log.json", "scope.npz"):
+        store.put(f"models/{version}/{name}", store.get(f"models/{champ['model_version']}/{name}"))
+    config = champ["config"] | {"floors": champ["config"]["floors"] | {"min_melanomas": 30}}
+    with engine.begin() as conn:
+        conn.execute(model_versions.insert().values(**champ | {
+            "model_version": version, "status": "candidate", "is_champion": False, "metrics": None, "gate": None,
+            "config": config, "run_id": "test", "model_uri": f"models/{version}/model.keras", "report_uri": None}))
+    assess.evaluate_model(settings, version)
+    decision = assess.gate_model(settings, version)
+    n_test = champ["metrics"]["test"]["n_mel"]
+    assert n_test < 30 and decision["promoted"] is False
+    assert f"FAIL: too little evidence: {n_test} melanomas in test (need >= 30)" in decision["reasons"]
+    with engine.connect() as conn:
+        row = registry.get(conn, version)
+    report = _report(settings, row)
+    assert '<span class="fail">NOT PASSED</span>, not promoted; now rejected' in report
+    assert all(html.escape(r) in report for r in decision["reasons"])
+    assert f"Compared with the champion {champ['model_version']}" in report
+
+    previous = assess.promote_with_report(settings, engine, version, "manual override: the reader study", "dr-test",
+                                          override=True)
+    assert previous == champ["model_version"]
+    with engine.connect() as conn:
+        report = _report(settings, registry.get(conn, version))
+        old = _report(settings, registry.get(conn, previous))
+    engine.dispose()
+    assert "NOT PASSED</span>, promoted by manual override; now champion" in report
+    assert "MANUAL OVERRIDE" in report and "dr-test" in report and "the reader study" in report
+    assert "PASSED</span>, promoted; now retired" in old
+    assert f"replaced as champion by {version} through a manual override" in old
 
 
 def test_manual_override_is_recorded(trained):

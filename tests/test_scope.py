@@ -104,7 +104,8 @@ def test_threshold_holds_on_every_gated_source():
 
 def _metrics(**by_source):
     good = {"mel_sensitivity": 0.9, "auc": 0.9, "balanced_accuracy": 0.8}
-    return {"test": {**good, "by_source": {name: {**good, **m} for name, m in by_source.items()}}}
+    return {"test": {**good, "n_mel": 40, "by_source": {name: {**good, **m} for name, m in by_source.items()}},
+            "val": {"n_mel": 40, "auc": 0.9}}
 
 
 def test_gate_refuses_a_model_that_fails_one_source_with_enough_melanomas():

@@ -74,3 +74,27 @@ def test_a_retried_task_of_the_same_run_reclaims_its_own_version(home_copy):
                            .where(model_versions.c.model_version == "v-retry")).one()
     engine.dispose()
     assert tuple(row) == ("run-a", "training")
+
+
+def test_after_promotion_only_the_reports_gate_section_is_rewritten(trained_home, home_copy):
+    """A manual override retires the champion: its report.html (same key) now says it was replaced, every
+    other artifact of it stays byte-identical, and it still refuses to be evaluated again."""
+    version = trained_home.version
+    objects, row, _, _ = _state(home_copy, version)
+    report_key = f"{keys.model_prefix(version)}report.html"
+    assert report_key in objects and "now champion" in objects[report_key].decode()
+    engine = db.make_engine(home_copy.db_url)
+    with engine.begin() as conn:
+        conn.execute(model_versions.insert().values(**row | {"model_version": "overrider", "status": "candidate",
+                                                               "is_champion": False, "run_id": "other", "report_uri": None}))
+    assert assess.promote_with_report(home_copy, engine, "overrider", "manual override: drill", "dr-test", override=True) == version
+    engine.dispose()
+    after, row_after, _, _ = _state(home_copy, version)
+    assert set(after) == set(objects)
+    assert {k: v for k, v in after.items() if k != report_key} == {k: v for k, v in objects.items() if k != report_key}
+    report = after[report_key].decode()
+    assert "now retired" in report and "replaced as champion by overrider through a manual override" in report
+    assert report.split("<!--gate:end-->")[1] == objects[report_key].decode().split("<!--gate:end-->")[1]  # metrics as they were
+    assert row_after["report_uri"] == row["report_uri"] and row_after["status"] == "retired"
+    with pytest.raises(registry.VersionConflict, match="write-once"):
+        assess.evaluate_model(home_copy, version)

@@ -40,7 +40,7 @@ from tests.conftest import _unavailable, start_s3_or_fail
 
 REPO = Path(__file__).resolve().parents[2]
 USERS = {"admin": ("admin", "lesion-live-admin-password"), "viewer": ("viewer", "lesion-live-viewer-password")}
-N_IMAGES = 300
+N_IMAGES = 450  # half of them melanomas: >= 30 in test and validation, or the gate refuses to decide
 
 
 @dataclass
@@ -208,7 +208,7 @@ def live(tmp_path_factory, request):
                                      store_url="s3://lesion-live/lesion", s3_endpoint=s3.endpoint,
                                      s3_access_key=s3.access_key, s3_secret_key=s3.secret_key)
         db.upgrade(settings)
-        ingest(str(make_drop(tmp / "drop", n_images=N_IMAGES, seed=11)), settings)
+        ingest(str(make_drop(tmp / "drop", n_images=N_IMAGES, seed=11, melanoma_fraction=0.5)), settings)
 
         airflow_home = tmp / "airflow"
         airflow_home.mkdir()

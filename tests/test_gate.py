@@ -1,0 +1,129 @@
+"""The gate's decision in words: it refuses to decide on too little evidence, and every number it shows
+is on the same side of its floor as the real value. The report's gate section is replaced, not appended."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+
+from lesion_tasks import registry, report
+
+GOOD = {"mel_sensitivity": 0.9, "auc": 0.95, "balanced_accuracy": 0.85}
+
+
+def _metrics(n_test: int = 40, n_val: int = 40, val_auc: float = 0.9, val_ci: list | None = None, **test) -> dict:
+    val = {"n_mel": n_val, "auc": val_auc, **({"ci95": {"auc": val_ci}} if val_ci else {})}
+    return {"test": {"n_mel": n_test, **GOOD, **test}, "val": val}
+
+
+def _fails(reasons: list[str]) -> list[str]:
+    return [r for r in reasons if r.startswith("FAIL")]
+
+
+def test_too_few_melanomas_in_test_or_validation_is_refused_saying_so():
+    passed, reasons = registry.decide(_metrics(n_test=13), None, registry.GateFloors())
+    assert not passed
+    assert _fails(reasons) == ["FAIL: too little evidence: 13 melanomas in test (need >= 30)"]
+    passed, reasons = registry.decide(_metrics(n_val=29), None, registry.GateFloors())
+    assert not passed and _fails(reasons) == ["FAIL: too little evidence: 29 melanomas in validation (need >= 30)"]
+    passed, reasons = registry.decide(_metrics(n_test=30, n_val=30), None, registry.GateFloors())
+    assert passed and "PASS: evidence: 30 melanomas in test (>= 30)" in reasons
+    # the minimum is the version's: a config may lower it (the tests' small synthetic drops do)
+    assert registry.decide(_metrics(n_test=13, n_val=13), None, registry.GateFloors(min_melanomas=5))[0]
+    passed, reasons = registry.decide({"test": {"n_mel": 40, **GOOD}}, None, registry.GateFloors())  # no validation metrics
+    assert not passed and "FAIL: too little evidence: no melanomas in validation (need >= 30)" in reasons
+
+
+def test_validation_auc_not_above_chance_is_refused():
+    floors = registry.GateFloors()
+    passed, reasons = registry.decide(_metrics(val_auc=0.8, val_ci=[0.48, 0.95]), None, floors)
+    assert not passed
+    assert _fails(reasons) == ["FAIL: too little evidence: validation AUC 95% CI lower bound 0.4800 <= 0.50 (chance)"]
+    passed, reasons = registry.decide(_metrics(val_auc=0.5), None, floors)  # no interval: the point value
+    assert not passed and _fails(reasons) == ["FAIL: too little evidence: validation AUC 0.5000 <= 0.50 (chance)"]
+    passed, reasons = registry.decide(_metrics(val_auc=0.9, val_ci=[0.50001, 0.99]), None, floors)
+    assert passed and "PASS: evidence: validation AUC 95% CI lower bound 0.5001 > 0.50 (chance)" in reasons
+    passed, reasons = registry.decide(_metrics(val_auc=None), None, floors)
+    assert not passed and "FAIL: too little evidence: validation AUC is undefined" in reasons
+
+
+def test_the_papers_model_would_be_refused_by_the_floors_too():
+    """0% melanoma sensitivity, balanced accuracy 0.50 (the 2025 paper), with evidence enough."""
+    metrics = _metrics(mel_sensitivity=0.0, auc=0.5, balanced_accuracy=0.5)
+    passed, reasons = registry.decide(metrics, None, registry.GateFloors())
+    assert not passed and len(_fails(reasons)) == 3 and not any("evidence" in r for r in _fails(reasons))
+
+
+def test_shown_values_are_on_the_same_side_of_the_floor():
+    passed, reasons = registry.decide(_metrics(balanced_accuracy=0.59996), None, registry.GateFloors())
+    assert not passed and "FAIL: test balanced_accuracy 0.5999 < floor 0.60" in reasons
+    assert "PASS: test auc 0.9500 >= floor 0.70" in reasons
+    # every value near a floor, for ">=" (floors) and ">" (chance) checks: the shown number decides alike
+    rng = np.random.default_rng(0)
+    values = np.concatenate([0.6 + rng.normal(0, 1e-4, 2000), [0.6, np.nextafter(0.6, 0), np.nextafter(0.6, 1), 0.59995]])
+    for v in values:
+        assert (float(registry.shown(v)) >= 0.6) == (v >= 0.6), v
+        assert (float(registry.shown(v, up=True)) > 0.6) == (v > 0.6), v
+        _, why = registry.decide(_metrics(mel_sensitivity=float(v) + 0.2), None, registry.GateFloors())
+        line = next(r for r in why if "mel_sensitivity" in r)
+        number, sign, floor = re.search(r"mel_sensitivity (\S+) (>=|<) floor (\S+)", line).groups()
+        assert (float(number) >= float(floor)) == (sign == ">=") == line.startswith("PASS"), line
+    assert registry.shown(-1e-9, sign=True) == "-0.0001" and registry.shown(0.0, sign=True) == "+0.0000"
+    assert registry.bound(0.8) == "0.80" and registry.bound(0.805) == "0.805"
+
+
+def test_a_regression_vs_the_champion_reads_as_it_is_decided():
+    comparison = {"champion": "old", "auc_delta": -0.01, "auc_delta_ci95": [-0.03, -1e-9],
+                  "mel_sensitivity_delta": 0.0, "mel_sensitivity_delta_ci95": [-0.1, 0.1]}
+    passed, reasons = registry.decide(_metrics(), comparison, registry.GateFloors())
+    assert not passed
+    assert _fails(reasons) == ["FAIL: auc vs champion old delta -0.0100 (95% CI -0.0300..-0.0001) significantly worse"]
+
+
+def _version(**gate) -> dict:
+    return {"model_version": "v2", "status": "rejected" if gate.get("passed") is False else "champion",
+            "is_champion": gate.get("passed", False), "gate": gate or None}
+
+
+def test_gate_section_says_the_decision_reasons_champion_and_overrides():
+    pending = report.gate_section(_version())
+    assert "not decided yet" in pending and "PASSED" not in pending
+    reasons = ["FAIL: too little evidence: 13 melanomas in test (need >= 30)", "PASS: test auc 0.9000 >= floor 0.70"]
+    gate = {"passed": False, "reasons": reasons, "decided_at": "2026-11-26T08:00:00+00:00",
+            "comparison": {"champion": "v1", "n_test": 68, "auc_delta": 0.01, "mel_sensitivity_delta": -0.05},
+            "champion_metrics": {"auc": 0.93, "mel_sensitivity": 0.85, "mel_specificity": 0.7,
+                                 "balanced_accuracy": 0.775, "threshold": 0.41}}
+    refused = report.gate_section(_version(**gate))
+    assert '<span class="fail">NOT PASSED</span>, not promoted; now rejected' in refused
+    assert all(r.replace(">=", "&gt;=") in refused for r in reasons)
+    assert "champion v1" in refused and "AUC 0.9300" in refused and "balanced accuracy 0.7750" in refused
+    override = [{"model_version": "v2", "event": "override", "previous": "v1", "actor": "dr-x", "reason": "manual override: why",
+                 "at": datetime(2026, 11, 27, tzinfo=UTC)}]
+    overridden = report.gate_section({**_version(**gate), "status": "champion", "is_champion": True}, override)
+    assert "NOT PASSED</span>, promoted by manual override; now champion" in overridden
+    assert "MANUAL OVERRIDE" in overridden and "dr-x" in overridden
+    promoted = [{"model_version": "v1", "event": "promoted", "previous": None, "actor": "lesion train", "reason": "PASS: x",
+                 "at": datetime(2026, 11, 26, tzinfo=UTC)}]
+    replaced = report.gate_section({**_version(passed=True, reasons=["PASS: x"]), "model_version": "v1", "status": "retired",
+                                    "is_champion": False}, promoted + override)
+    assert "PASSED</span>, promoted; now retired" in replaced and "replaced as champion by v2 through a manual override" in replaced
+
+
+def test_the_gate_section_is_replaced_not_appended():
+    first = f"<html><body><h1>Model v2</h1>{report.gate_section(_version())}<h2>Metrics</h2></body></html>".encode()
+    decided = report.with_gate(first, report.gate_section(_version(passed=True, reasons=["PASS: all"])))
+    text = decided.decode()
+    assert text.count(report.GATE_BEGIN) == 1 and "not decided yet" not in text and "PASSED" in text
+    assert text.startswith("<html><body><h1>Model v2</h1>") and text.endswith("<h2>Metrics</h2></body></html>")
+    assert report.with_gate(decided, report.gate_section(_version(passed=True, reasons=["PASS: all"]))) == decided
+    legacy = b'<h1>Model v2</h1>\n<h2>Gate: <span class="fail">NOT PASSED</span></h2>\n<ul><li>x</li></ul>\n<h2>Metrics</h2>'
+    text = report.with_gate(legacy, report.gate_section(_version(passed=True, reasons=["PASS: all"]))).decode()
+    assert "NOT PASSED" not in text and text.count("<h2>Gate:") == 1 and text.endswith("\n<h2>Metrics</h2>")
+
+
+@pytest.mark.parametrize("value,expected", [(0.7996, "0.7996"), (0.79999999, "0.7999"), (None, "–"), (float("nan"), "–")])
+def test_report_cells_round_toward_the_floor_side(value, expected):
+    assert report._cell(value) == expected
