@@ -1,4 +1,5 @@
-"""Human review of what the model was unsure about: the queue, one case, verdicts, trends.
+"""Human review of what the model was unsure about: the queue, the label check (ISIC labels the model
+contradicts), one case, verdicts, trends, and what an empty page should say.
 
 The review UI (plugins/lesion_review.py) calls these; they know nothing of the web. A verdict is
 appended to `reviews` (history kept, the latest per image counts). Which verdicts become training
@@ -10,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -19,6 +20,7 @@ import sqlalchemy as sa
 from lesion_tasks import registry
 from lesion_tasks.db import insert_ignore
 from lesion_tasks.schema import LABELS, VERDICTS, images, model_versions, prediction_samples, predictions, reviews
+from lesion_tasks.schema import splits as split_rows
 from lesion_tasks.trainset import latest_reviews
 
 FLAGS = ("predicted_mel", "uncertain", "near_threshold", "out_of_scope")
@@ -32,6 +34,11 @@ FLAG_TEXT = {
                      "outside the two classes it was trained to tell apart, so p(MEL) may mislead; p(other) is that probability"),
 }
 STATUSES = ("open", "reviewed", "all")
+# images.label: a verdict becomes a training label only where ISIC gave none, so the queue shows unlabelled
+# images by default; labelled ones are for reporting ISIC label errors (label_check)
+LABELLED = ("unlabelled", "labelled", "all")
+DEFAULT_LABELLED = "unlabelled"  # the review UI's default
+SPLIT_FILTERS = ("train", "val", "test", "none")  # none: no row in `splits` (never trained on nor tested with)
 SORTS = {"entropy": predictions.c.entropy, "mutual_info": predictions.c.mutual_info, "p_mel": predictions.c.p_mel}
 MAX_NOTE = 2000
 MAX_PAGE = 1000
@@ -41,7 +48,9 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 @dataclass(frozen=True)
 class QueueFilter:
-    """What the queue page shows. `model_version` None = the champion."""
+    """What the queue page shows. `model_version` None = the champion. `labelled` filters on the ISIC label
+    (images.label; "all" here for callers of the library, the UI defaults to DEFAULT_LABELLED), `split`
+    on the image's split (None: any)."""
     model_version: str | None = None
     drop_id: str | None = None
     label: str | None = None  # predicted label
@@ -50,12 +59,16 @@ class QueueFilter:
     sort: str = "entropy"
     limit: int = 500
     offset: int = 0
+    labelled: str = "all"
+    split: str | None = None
 
     def __post_init__(self):
         _one_of("label", self.label, ("MEL", "NV"), optional=True)
         _one_of("flag", self.flag, FLAGS, optional=True)
         _one_of("status", self.status, STATUSES)
         _one_of("sort", self.sort, tuple(SORTS))
+        _one_of("labelled", self.labelled, LABELLED)
+        _one_of("split", self.split, SPLIT_FILTERS, optional=True)
         if not 1 <= self.limit <= MAX_PAGE:
             raise ValueError(f"limit={self.limit}: expected 1 to {MAX_PAGE}")
         if not 0 <= self.offset <= MAX_OFFSET:
@@ -75,25 +88,51 @@ def resolve_version(conn: sa.Connection, model_version: str | None) -> str | Non
     return row["model_version"] if row else None
 
 
+def contradicts_isic() -> sa.ColumnElement[bool]:
+    """A prediction that contradicts the image's ISIC label: MEL predicted for an ISIC nevus, NV for an ISIC
+    melanoma, or an ISIC OTHER lesion neither predicted MEL nor flagged out_of_scope (only where the model
+    version has an out-of-scope head, i.e. p_other is set)."""
+    label, predicted = images.c.label, predictions.c.predicted_label
+    reasons = sa.func.coalesce(predictions.c.review_reasons, "")
+    return sa.or_(sa.and_(label == "NV", predicted == "MEL"), sa.and_(label == "MEL", predicted == "NV"),
+                  sa.and_(label == "OTHER", predictions.c.p_other.is_not(None), predicted == "NV",
+                          sa.not_(reasons.contains("out_of_scope"))))
+
+
 def queue(conn: sa.Connection, f: QueueFilter) -> dict[str, Any]:
-    """A page of the review queue (what `v_review_queue` holds for the champion), most uncertain first,
-    with the latest verdict on each case; `total` counts the filtered queue."""
+    """A page of the review queue (what `v_review_queue` holds for the champion, narrowed by `f`), most
+    uncertain first, with the latest verdict on each case; `total` counts the filtered queue and `counts`
+    what each value of the labelled, split and status filters would show (the other filters kept)."""
+    return _listing(conn, f, check=False)
+
+
+def label_check(conn: sa.Connection, f: QueueFilter) -> dict[str, Any]:
+    """ISIC-labelled images whose prediction contradicts the ISIC label (`contradicts_isic`), flagged for
+    review or not: candidates for an ISIC label error report. `f.labelled` is ignored."""
+    return _listing(conn, replace(f, labelled="all"), check=True)
+
+
+def _listing(conn: sa.Connection, f: QueueFilter, check: bool) -> dict[str, Any]:
     version = resolve_version(conn, f.model_version)
     if version is None:
-        return {"model_version": None, "total": 0, "cases": []}
+        counts = _counts(f, [])
+        return {"model_version": None, "total": counts.pop("total"), "cases": [], "counts": counts}
     latest = latest_reviews(by_version=True)
     r = reviews.alias("r")
+    # images and splits joined on their primary key image_id; the version's rows via ix_predictions_version_review
     query = (sa.select(predictions.c.image_id, predictions.c.model_version, predictions.c.p_mel,
                        predictions.c.predicted_label, predictions.c.threshold, predictions.c.entropy,
                        predictions.c.mutual_info, predictions.c.review_reasons, predictions.c.drop_id,
                        predictions.c.scored_at, images.c.label.label("known_label"),
                        r.c.verdict.label("review_verdict"), r.c.label.label("review_label"), r.c.reviewer,
-                       r.c.reviewed_at, predictions.c.p_other, predictions.c.gradcam_uri)
+                       r.c.reviewed_at, predictions.c.p_other, predictions.c.gradcam_uri, split_rows.c.split)
              .join(images, images.c.image_id == predictions.c.image_id)
+             .outerjoin(split_rows, split_rows.c.image_id == predictions.c.image_id)
              .outerjoin(latest, sa.and_(latest.c.image_id == predictions.c.image_id,
                                         latest.c.model_version == predictions.c.model_version))
              .outerjoin(r, r.c.id == latest.c.review_id)
-             .where(predictions.c.model_version == version, predictions.c.needs_review))
+             .where(predictions.c.model_version == version)
+             .where(contradicts_isic() if check else predictions.c.needs_review))
     if f.drop_id:
         query = query.where(predictions.c.drop_id == f.drop_id)
     if f.label:
@@ -101,15 +140,116 @@ def queue(conn: sa.Connection, f: QueueFilter) -> dict[str, Any]:
     if f.flag:
         # reasons are a comma-separated list of FLAGS (no flag is a substring of another)
         query = query.where(predictions.c.review_reasons.contains(f.flag))
+    # one grouped scan instead of a count: the total and what each labelled / split / status value holds
+    is_open = r.c.id.is_(None)  # no bound parameters: PostgreSQL must see the GROUP BY and SELECT expressions equal
+    groups = conn.execute(query.with_only_columns(images.c.label, split_rows.c.split, is_open, sa.func.count())
+                          .group_by(images.c.label, split_rows.c.split, is_open)).all()
+    counts = _counts(f, groups)
+    if f.labelled != "all":
+        query = query.where(images.c.label.is_(None) if f.labelled == "unlabelled" else images.c.label.is_not(None))
+    if f.split:
+        query = query.where(split_rows.c.split.is_(None) if f.split == "none" else split_rows.c.split == f.split)
     if f.status == "open":
         query = query.where(r.c.id.is_(None))
     elif f.status == "reviewed":
         query = query.where(r.c.id.is_not(None))
-    total = conn.execute(sa.select(sa.func.count()).select_from(query.subquery())).scalar()
     ties = predictions.c.mutual_info if f.sort != "mutual_info" else predictions.c.entropy
     rows = conn.execute(query.order_by(SORTS[f.sort].desc(), ties.desc(), predictions.c.image_id)
                         .limit(f.limit).offset(f.offset)).mappings().all()
-    return {"model_version": version, "total": total, "cases": [dict(row) for row in rows]}
+    return {"model_version": version, "total": counts.pop("total"), "cases": [dict(row) for row in rows], "counts": counts}
+
+
+def _counts(f: QueueFilter, groups) -> dict[str, Any]:
+    """Per filter dimension, how many cases each value holds with every other filter kept ("all" included);
+    `isic_label` per ISIC label under every filter; `total` under every filter."""
+    dims = {"labelled": (f.labelled, LABELLED), "split": (f.split or "all", SPLIT_FILTERS + ("all",)),
+            "status": (f.status, STATUSES)}
+    counts: dict[str, Any] = {dim: dict.fromkeys(values, 0) for dim, (_, values) in dims.items()}
+    counts["isic_label"], counts["total"] = dict.fromkeys(("MEL", "NV", "OTHER"), 0), 0
+    for label, split, is_open, n in groups:
+        value = {"labelled": "unlabelled" if label is None else "labelled", "split": split or "none",
+                 "status": "open" if is_open else "reviewed"}
+        chosen = {dim: sel in ("all", value[dim]) for dim, (sel, _) in dims.items()}
+        for dim in dims:
+            if all(ok for other, ok in chosen.items() if other != dim):
+                counts[dim][value[dim]] += n
+                counts[dim]["all"] += n
+        if all(chosen.values()):
+            counts["total"] += n
+            if label is not None:
+                counts["isic_label"][label] = counts["isic_label"].get(label, 0) + n
+    return counts
+
+
+def no_champion(conn: sa.Connection) -> dict[str, Any]:
+    """What a page says while there is no champion ({"versions": trained, "text"}): how many model versions
+    were trained and why the last one was not promoted (the gate's first failed check), or how to train one."""
+    rows = conn.execute(sa.select(model_versions.c.model_version, model_versions.c.status, model_versions.c.gate)
+                        .order_by(model_versions.c.created_at.desc())).all()
+    trained = [row for row in rows if row.status != "training"]
+    training = f" ({len(rows) - len(trained)} training now)" if len(rows) > len(trained) else ""
+    if not trained:
+        return {"versions": 0, "text": f"No model version trained yet{training}: trigger the lesion_retrain DAG (Airflow: "
+                "DAGs, lesion_retrain, Trigger) or run `lesion train`; nightly scoring (lesion_nightly_score) then scores "
+                "the images with the champion."}
+    last, gate = trained[0], trained[0].gate or {}
+    fails = [r.removeprefix("FAIL: ") for r in gate.get("reasons") or [] if r.startswith("FAIL")]
+    if gate.get("passed") is False or last.status == "rejected":
+        more = f" (and {len(fails) - 1} more)" if len(fails) > 1 else ""
+        why = f"was refused by the gate: {fails[0] if fails else 'no reason recorded'}{more}"
+    elif gate.get("passed"):
+        why = "passed the gate but is not the champion: promote it (`lesion promote`)"
+    elif last.status == "retired":
+        why = "was retired and nothing replaced it"
+    else:
+        why = "has not been through the gate yet (lesion_retrain's gate_and_promote)"
+    n = len(trained)
+    return {"versions": n, "text": f"{n} model version{'s' if n != 1 else ''} trained{training}, none promoted: "
+                                  f"the last one, {last.model_version}, {why}."}
+
+
+def empty_hints(f: QueueFilter, result: dict[str, Any], check: bool = False) -> dict[str, Any]:
+    """Why a page of the queue (`check`: of the label check) is empty: a headline, and per filter what it
+    hides with the links that show it ({"text", "links": [{"text", "path", "params"}]}; params None = drop
+    that parameter; path "" is the queue, "label-check" the label check)."""
+    c, version = result["counts"], result["model_version"]
+    where = f" in split {f.split}" if f.split else ""
+    if check:
+        head = f"0 labelled images{where} where model {version} contradicts ISIC ({f.status})"
+    else:
+        noun = {"unlabelled": "unlabelled cases", "labelled": "labelled cases", "all": "cases"}[f.labelled]
+        head = {"open": f"0 {noun}{where} need review", "reviewed": f"0 reviewed {noun}{where}",
+                "all": f"0 flagged {noun}{where}"}[f.status]
+    hints: list[dict[str, Any]] = []
+
+    def hint(text: str, *links: tuple[str, str, dict[str, Any]]) -> None:
+        hints.append({"text": text, "links": [{"text": t, "path": path, "params": params} for t, path, params in links]})
+
+    def are(n: int, noun: str) -> str:
+        return f"{n} {noun}{'s are' if n != 1 else ' is'}"
+
+    if not check and f.labelled != "all":
+        other = "labelled" if f.labelled == "unlabelled" else "unlabelled"
+        if n := c["labelled"][other]:
+            if other == "labelled":
+                hint(f"{are(n, 'labelled image')} flagged (ISIC labelled them: a verdict cannot make them training labels)",
+                     ("see Label check", "label-check", {"labelled": None}), ("show them", "", {"labelled": "labelled"}))
+            else:
+                hint(f"{are(n, 'unlabelled case')} flagged", ("show them", "", {"labelled": "unlabelled"}))
+    if f.split and (n := c["split"]["all"] - c["split"][f.split]):
+        hint(f"{are(n, 'case')} in other splits", ("show every split", "", {"split": None}))
+    if f.status != "all":
+        other = "reviewed" if f.status == "open" else "open"
+        if n := c["status"][other]:
+            hint(f"{are(n, 'case')} {'already reviewed' if other == 'reviewed' else 'still open'}",
+                 (f"show {other}", "", {"status": other}))
+    narrowing = [f"{name} {value}" for name, value in (("drop", f.drop_id), ("predicted label", f.label),
+                                                       ("flag", f.flag)) if value]
+    if narrowing:
+        hint(f"the filters {', '.join(narrowing)} may hide more", ("clear them", "", {"drop": None, "label": None, "flag": None}))
+    if not hints:
+        hint(f"model {version} agrees with every ISIC label it scored" if check else f"model {version} flagged nothing for review")
+    return {"headline": head, "hints": hints}
 
 
 def choices(conn: sa.Connection) -> dict[str, list[str]]:

@@ -1,4 +1,4 @@
-"""The review UI as a FastAPI app: queue, case, model versions, nights. No Airflow in here.
+"""The review UI as a FastAPI app: queue, label check, case, model versions, nights. No Airflow in here.
 
 `plugins/lesion_review.py` mounts it in the Airflow API server and hands it Airflow's login (who the
 caller is, whether they may record verdicts) and the project's settings (Connections first). Every
@@ -27,6 +27,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from lesion_tasks import previews, review
+from lesion_tasks.review_charts import histogram_svg, nights_svg, queue_bars_svg
 from lesion_tasks.db import make_engine
 from lesion_tasks.schema import images, model_versions, predictions
 from lesion_tasks.settings import Settings
@@ -91,87 +92,11 @@ def _templates() -> Environment:
     env.filters["f3"] = lambda v: "–" if v is None else f"{v:.3f}"
     env.filters["pct"] = lambda v: "–" if v is None else f"{100 * v:.1f}%"
     env.filters["when"] = lambda v: "–" if v is None else v.strftime("%Y-%m-%d %H:%M UTC")
+    env.filters["ci"] = _ci
     env.globals["flag_text"] = review.FLAG_TEXT
     env.globals["histogram_svg"] = histogram_svg
     env.globals["nights_svg"] = nights_svg
     return env
-
-
-# --- charts (inline SVG: no JavaScript, no external files) ---------------------------------------
-
-def histogram_svg(values: list[float], marks: dict[str, float], bins: int = 20, width: int = 420, height: int = 160) -> str:
-    """Histogram of values in [0, 1] with labelled vertical marks (e.g. the threshold, the mean)."""
-    counts = [0] * bins
-    for v in values:
-        counts[min(int(v * bins), bins - 1)] += 1
-    top = max(counts) or 1
-    pad, plot_h = 24, height - 40
-    bar_w = (width - 2 * pad) / bins
-    parts = [f'<svg class="chart" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="MC distribution of p(MEL)">']
-    for i, c in enumerate(counts):
-        h = plot_h * c / top
-        parts.append(f'<rect x="{pad + i * bar_w:.1f}" y="{10 + plot_h - h:.1f}" width="{bar_w - 1:.1f}" height="{h:.1f}" '
-                     f'fill="#5b7db1"><title>{i / bins:.2f}–{(i + 1) / bins:.2f}: {c}</title></rect>')
-    parts.append(f'<line x1="{pad}" y1="{10 + plot_h}" x2="{width - pad}" y2="{10 + plot_h}" stroke="#333"/>')
-    for x in (0, 0.5, 1):
-        parts.append(f'<text x="{pad + x * (width - 2 * pad):.1f}" y="{height - 12}" font-size="11" text-anchor="middle">{x:g}</text>')
-    for k, (name, x) in enumerate(marks.items()):
-        px = pad + min(max(x, 0), 1) * (width - 2 * pad)
-        color = ("#c0392b", "#222", "#888")[k % 3]
-        right = x > 0.6  # label on the left of marks near 1, so it stays inside the chart
-        parts.append(f'<line x1="{px:.1f}" y1="8" x2="{px:.1f}" y2="{10 + plot_h}" stroke="{color}" stroke-dasharray="4 3"/>'
-                     f'<text x="{px + (-3 if right else 3):.1f}" y="{18 + 12 * k}" font-size="11" fill="{color}" '
-                     f'text-anchor="{"end" if right else "start"}">{name} {x:.3f}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-def _heat(frac: float) -> str:
-    shade = int(255 - 200 * min(max(frac, 0.0), 1.0))
-    return f"rgb({shade},{shade},255)"
-
-
-def nights_svg(data: dict[str, Any], key: str, top: float, label: str, width: int = 520) -> str:
-    """One row per night: the distribution of `key` as a heat strip (darker = more images)."""
-    nights, bins = data["nights"], data["bins"]
-    row_h, left, head = 18, 90, 22
-    height = head + row_h * max(len(nights), 1) + 22
-    cell = (width - left - 24) / bins
-    parts = [f'<svg class="chart" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="{label} per night">',
-             f'<text x="{left}" y="14" font-size="12">{label} (0 to {top:.2f}), share of the night\'s images</text>']
-    for r, night in enumerate(nights):
-        counts, total = night[key], max(sum(night[key]), 1)
-        y = head + r * row_h
-        parts.append(f'<text x="{left - 6}" y="{y + 13}" font-size="11" text-anchor="end">{night["night"]}</text>')
-        for i, c in enumerate(counts):
-            parts.append(f'<rect x="{left + i * cell:.1f}" y="{y}" width="{cell - 1:.1f}" height="{row_h - 2}" fill="{_heat(c / total)}">'
-                         f'<title>{night["night"]}: {c} of {total} in [{i * top / bins:.2f}, {(i + 1) * top / bins:.2f})</title></rect>')
-    y = head + row_h * max(len(nights), 1) + 14
-    for x in (0, 0.5, 1):
-        parts.append(f'<text x="{left + x * (width - left - 24):.1f}" y="{y}" font-size="11" text-anchor="middle">{x * top:.2f}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-def queue_bars_svg(data: dict[str, Any], width: int = 640) -> str:
-    """Per night: images scored, cases flagged for review, verdicts recorded."""
-    nights = data["nights"]
-    row_h, left, head = 18, 90, 22
-    height = head + row_h * max(len(nights), 1) + 8
-    top = max([n["scored"] for n in nights] + [1])
-    scale = (width - left - 230) / top
-    parts = [f'<svg class="chart" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="review queue size per night">',
-             f'<text x="{left}" y="14" font-size="12">grey: scored · red: flagged for review · green: verdicts</text>']
-    for r, n in enumerate(nights):
-        y = head + r * row_h
-        parts.append(f'<text x="{left - 6}" y="{y + 13}" font-size="11" text-anchor="end">{n["night"]}</text>'
-                     f'<rect x="{left}" y="{y}" width="{n["scored"] * scale:.1f}" height="{row_h - 2}" fill="#ddd"/>'
-                     f'<rect x="{left}" y="{y + 3}" width="{n["flagged"] * scale:.1f}" height="{row_h - 8}" fill="#c0392b"/>'
-                     f'<rect x="{left}" y="{y + 6}" width="{n["reviewed"] * scale:.1f}" height="{row_h - 14}" fill="#27ae60"/>'
-                     f'<text x="{left + n["scored"] * scale + 6:.1f}" y="{y + 13}" font-size="11">'
-                     f'{n["flagged"]} flagged of {n["scored"]}, {n["reviewed"]} reviewed</text>')
-    parts.append("</svg>")
-    return "".join(parts)
 
 
 # --- the app ------------------------------------------------------------------------------------
@@ -237,34 +162,58 @@ def create_app(settings: Callable[[], Settings], authenticate: Callable[[Request
         return HTMLResponse(templates.get_template(name).render(user=who, root=root, **context),
                             headers={"Cache-Control": "no-store"})
 
+    def listing(request: Request, who: User, check: bool, version: str | None, drop: str | None, label: str | None,
+                flag: str | None, status: str, sort: str, offset: int, limit: int, labelled: str, split: str | None):
+        f = review.QueueFilter(version or None, drop or None, label or None, flag or None, status, sort, limit, offset,
+                               labelled or review.DEFAULT_LABELLED, split or None)
+        with backend.engine.connect() as conn:
+            result = (review.label_check if check else review.queue)(conn, f)
+            menus = review.choices(conn)
+            missing = review.no_champion(conn) if result["model_version"] is None else None
+        params = {k: v for k, v in {"version": version, "drop": drop, "label": label, "flag": flag, "status": status,
+                                    "sort": sort, "labelled": None if check else f.labelled, "split": split}.items() if v}
+        empty = review.empty_hints(f, result, check) if missing is None and result["total"] == 0 else None
+        for hint in (empty or {}).get("hints", []):
+            for link in hint["links"]:
+                link["href"] = _href(link["path"], params, link["params"])
+        more = offset + limit < result["total"]
+        return page(request, "queue.html", who, q=result, f=f, check=check, menus=menus, flags=review.FLAGS,
+                    statuses=review.STATUSES, sorts=list(review.SORTS), labelled_values=review.LABELLED,
+                    split_values=review.SPLIT_FILTERS, no_champion=missing, empty=empty,
+                    next_page=_href("label-check" if check else "", params, {"offset": offset + limit, "limit": limit}) if more else None)
+
     @app.get("/", response_class=HTMLResponse)
     def queue_page(request: Request, who: User, version: str | None = None, drop: str | None = None, label: str | None = None,
                    flag: str | None = None, status: str = "open", sort: str = "entropy", offset: int = 0,
-                   limit: int = 500):
-        f = review.QueueFilter(version or None, drop or None, label or None, flag or None, status, sort, limit, offset)
-        with backend.engine.connect() as conn:
-            result = review.queue(conn, f)
-            menus = review.choices(conn)
-        params = {k: v for k, v in {"version": version, "drop": drop, "label": label, "flag": flag,
-                                    "status": status, "sort": sort}.items() if v}
-        more = offset + limit < result["total"]
-        return page(request, "queue.html", who, q=result, f=f, menus=menus, flags=review.FLAGS, statuses=review.STATUSES,
-                    sorts=list(review.SORTS), next_page=urlencode({**params, "offset": offset + limit, "limit": limit}) if more else None)
+                   limit: int = 500, labelled: str = review.DEFAULT_LABELLED, split: str | None = None):
+        """The flagged predictions of a model version; by default those of unlabelled images (a verdict can
+        become their training label)."""
+        return listing(request, who, False, version, drop, label, flag, status, sort, offset, limit, labelled, split)
+
+    @app.get("/label-check", response_class=HTMLResponse)
+    def label_check_page(request: Request, who: User, version: str | None = None, drop: str | None = None,
+                         label: str | None = None, flag: str | None = None, status: str = "open", sort: str = "entropy",
+                         offset: int = 0, limit: int = 500, split: str | None = None):
+        """ISIC-labelled images the model contradicts: candidates for an ISIC label error report."""
+        return listing(request, who, True, version, drop, label, flag, status, sort, offset, limit, "all", split)
 
     @app.get("/case/{image_id}", response_class=HTMLResponse)
-    def case_page(request: Request, who: User, image_id: str, version: str | None = None, saved: str | None = None):
+    def case_page(request: Request, who: User, image_id: str, version: str | None = None, saved: str | None = None,
+                  check: bool = False):
+        """`check`: opened from the label check, whose next open case the verdict form moves on to."""
         with backend.engine.connect() as conn:
             data = review.case(conn, image_id, version)
-            upcoming = review.queue(conn, review.QueueFilter(data["prediction"]["model_version"], limit=2))["cases"]
+            upcoming = review.QueueFilter(data["prediction"]["model_version"], limit=2, labelled=review.DEFAULT_LABELLED)
+            upcoming = (review.label_check if check else review.queue)(conn, upcoming)["cases"]
         next_case = next((c["image_id"] for c in upcoming if c["image_id"] != image_id), None)
         samples = data["samples"] or []
         return page(request, "case.html", who, c=data, samples=samples, saved=saved, submission_id=uuid.uuid4().hex,
-                    sample_sd=_sd(samples), labels=("MEL", "NV", "OTHER"), next_case=next_case)
+                    sample_sd=_sd(samples), labels=("MEL", "NV", "OTHER"), next_case=next_case, check=check)
 
     @app.post("/case/{image_id}/review")
     def review_case(request: Request, who: User, image_id: str, model_version: str = Form(...), verdict: str = Form(...),
                     submission_id: str = Form(...), label: str | None = Form(None), note: str | None = Form(None),
-                    next_case: str | None = Form(None)):
+                    next_case: str | None = Form(None), check: bool = Form(False)):
         if not who.can_review:
             raise HTTPException(403, f"user {who.name!r} may look at cases but not record verdicts (needs edit access to lesion_retrain)")
         if not _same_origin(request):
@@ -273,7 +222,8 @@ def create_app(settings: Callable[[], Settings], authenticate: Callable[[Request
                                submission_id)
         log.info("review %s: %s on %s (%s) by %s", stored["id"], stored["verdict"], image_id, model_version, who.name)
         # the next open case (or this one again), one path segment under case/, on this site
-        target = quote(next_case or image_id, safe="") + "?" + urlencode({"version": model_version, "saved": image_id})
+        back = {"version": model_version, "saved": image_id, **({"check": "1"} if check else {})}
+        target = quote(next_case or image_id, safe="") + "?" + urlencode(back)
         return RedirectResponse(f"../{target}", status_code=303)
 
     @app.get("/models", response_class=HTMLResponse)
@@ -288,7 +238,10 @@ def create_app(settings: Callable[[], Settings], authenticate: Callable[[Request
             raise ValueError(f"nights={nights}: expected 1 to 366")
         with backend.engine.connect() as conn:
             data = review.nightly(conn, nights)
-        return page(request, "nights.html", who, data=data, n=nights, bars=queue_bars_svg(data), ln2=math.log(2))
+            champion = review.resolve_version(conn, None)
+            missing = review.no_champion(conn) if champion is None else None
+        return page(request, "nights.html", who, data=data, n=nights, bars=queue_bars_svg(data), ln2=math.log(2),
+                    champion=champion, no_champion=missing)
 
     def _read(uri: str | None, what: str) -> bytes:
         if uri is None:
@@ -354,6 +307,19 @@ def create_app(settings: Callable[[], Settings], authenticate: Callable[[Request
         return response
 
     return app
+
+
+def _href(path: str, params: dict[str, Any], changes: dict[str, Any]) -> str:
+    """A link relative to the app's root: `path` with the page's parameters, `changes` applied (None drops one)."""
+    merged = {k: v for k, v in {**params, **changes}.items() if v is not None}
+    return f"{path}?{urlencode(merged)}" if merged else path or "./"
+
+
+def _ci(pair: Any, pct: bool = False) -> str:
+    """A 95% interval as "(lo–hi)"; "—" where the registry row has none (older versions, undefined bounds)."""
+    if not isinstance(pair, (list, tuple)) or len(pair) != 2 or None in pair:
+        return "—"
+    return f"({100 * pair[0]:.1f}–{100 * pair[1]:.1f}%)" if pct else f"({pair[0]:.3f}–{pair[1]:.3f})"
 
 
 def _sd(values: list[float]) -> float | None:

@@ -215,7 +215,7 @@ def test_gc_on_sqlite_and_a_local_store(trained_home, tmp_path):
     assert client.get(f"/overlay/{trained_home.version}/{image_id}").status_code == 200
     case = client.get(f"/case/{image_id}", params={"version": "old-rejected"})
     assert case.status_code == 200 and "No Grad-CAM overlay: <code>lesion gc</code> removed it" in case.text
-    assert "overlay pruned" in client.get("/", params={"version": "old-rejected", "status": "all"}).text
+    assert "overlay pruned" in client.get("/", params={"version": "old-rejected", "status": "all", "labelled": "all"}).text
     assert client.get("/models").text.count("artifacts pruned") == 4
     assert client.get("/models/old-retired/report").status_code == 200  # the report is kept
 

@@ -256,7 +256,7 @@ def test_out_of_scope_case_in_the_queue_and_on_its_pages(home):
             return Reviewer("dr-scope", True, True)
 
         client = TestClient(create_app(lambda: settings, authenticate, lambda nxt: f"/auth/login?next={nxt}"))
-        page = client.get("/", params={"version": version, "status": "all", "limit": 1000})
+        page = client.get("/", params={"version": version, "status": "all", "limit": 1000, "labelled": "all"})
         assert page.status_code == 200
         shown = dict(re.findall(r'<tr data-image-id="([^"]+)">(.*?)</tr>', page.text, re.S))
         row = shown[target.image_id]
@@ -266,7 +266,7 @@ def test_out_of_scope_case_in_the_queue_and_on_its_pages(home):
         assert 'title="the model thinks this lesion is neither melanoma nor nevus' in badge.group(0)
         assert '<td class="num p-other">–</td>' in shown[plain.image_id]
         assert "out_of_scope" not in shown[plain.image_id]
-        only = client.get("/", params={"version": version, "flag": "out_of_scope", "status": "all"}).text
+        only = client.get("/", params={"version": version, "flag": "out_of_scope", "status": "all", "labelled": "all"}).text
         assert set(re.findall(r'<tr data-image-id="([^"]+)">', only)) == expected
         assert '<option value="out_of_scope" selected>out of scope (not MEL/NV)</option>' in only
         case_page = client.get(f"/case/{target.image_id}", params={"version": version}).text

@@ -1,7 +1,9 @@
 """The review UI in a real browser (Debian's headless Chromium, driven by Playwright) against the
-real `airflow standalone`: log in through Airflow's own login page, open the queue, open a case,
-record a verdict and find it in the database; a viewer may look but not record; anonymous and
-cross-site requests get no data; a prediction flagged out_of_scope shows its badge and p(other).
+real `airflow standalone`: log in through Airflow's own login page, open the queue (unlabelled images
+by default), open a case, record a verdict and find it in the database; the Label check lists the
+labelled images the model contradicts, its split filter narrows it; with no champion the pages say
+why and link to Model versions; a viewer may look but not record; anonymous and cross-site requests
+get no data; a prediction flagged out_of_scope shows its badge and p(other).
 Screenshots go to LESION_SCREENSHOT_DIR (default build/screenshots).
 The queue with >= 500 cases must load in under a second (Navigation Timing, measured here).
 """
@@ -12,6 +14,8 @@ import json
 import os
 import shutil
 import statistics
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -20,7 +24,7 @@ import sqlalchemy as sa
 
 from lesion_tasks import registry, retrain, review, scoring
 from lesion_tasks.ingest import ingest
-from lesion_tasks.schema import predictions, reviews
+from lesion_tasks.schema import images, model_versions, predictions, reviews
 from lesion_tasks.synthetic import make_drop
 from tests import reliability
 from tests.conftest import IN_CI, tiny_config
@@ -39,22 +43,23 @@ def _engine(live):
 
 @pytest.fixture(scope="module")
 def queue_ready(live):
-    """A champion (trained here unless an earlier test made one) whose queue holds >= 500 cases:
-    an unlabelled 1,600-image night drop is ingested and scored on top of the labelled drop."""
+    """A champion (trained here unless an earlier test made one) whose default queue (unlabelled images)
+    holds >= 500 open cases: an unlabelled 1,800-image night drop is ingested and scored on top of the
+    labelled drop."""
     engine = _engine(live)
     with engine.connect() as conn:
         champion = registry.champion(conn)
     if champion is None:
         trained = retrain.run(live.settings, TINY, run_id="review-ui")
         assert trained["promoted"], trained["gate"]
-    night = make_drop(live.tmp / "night", n_images=1600, seed=12, size=128)
+    night = make_drop(live.tmp / "night", n_images=1800, seed=12, size=128)
     (night / "metadata.csv").unlink()  # clinic images: no ISIC label
     ingest(str(night), live.settings, drop_id="night-1")
     scoring.score(live.settings, run_id="review-ui-night")
     with engine.connect() as conn:
-        result = review.queue(conn, review.QueueFilter(status="open", limit=5))
+        result = review.queue(conn, review.QueueFilter(status="open", limit=5, labelled=review.DEFAULT_LABELLED))
     engine.dispose()
-    assert result["total"] >= 500, f"only {result['total']} open cases: the queue test needs 500"
+    assert result["total"] >= 500, f"only {result['total']} open unlabelled cases: the queue test needs 500"
     return result
 
 
@@ -87,6 +92,16 @@ def _login(browser, live, user: str):
     page.wait_for_url(f"{live.base}/lesion-review/**", timeout=30000)
     page.wait_for_selector("#queue-count", timeout=30000)
     return context, page
+
+
+def _until(page, predicate: str, timeout: float = 30) -> None:
+    """Poll a JavaScript predicate (a function) from here. Not page.wait_for_function: its in-page polling
+    evals the predicate's text, which the app's CSP (no 'unsafe-eval') refuses once it has to poll."""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(predicate):
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {predicate}")
+        time.sleep(0.1)
 
 
 def _shot(page, name: str) -> Path:
@@ -135,10 +150,13 @@ def test_queue_case_verdict_in_a_real_browser(live, queue_ready, browser):
         (SHOTS.mkdir(parents=True, exist_ok=True), (SHOTS / "queue_timing.json").write_text(json.dumps(
             {"rows": rows, "open_cases": total, "load_s": load_s, "dom_content_loaded_s": dom_s})))
         assert rows == min(total, 500)
+        # the default queue: unlabelled images only (a verdict can become their training label), the count shown
+        assert set(page.locator("#queue tbody tr td:nth-child(10)").all_inner_texts()) == {"–"}
+        assert page.locator("select[name=labelled] option:checked").inner_text() == f"unlabelled ({total})"
         # the timing is a figure (build/screenshots/queue_timing.json, the README), not a pass/fail: tests assert behaviour
         entropies = [float(v) for v in page.locator("#queue tbody tr td:nth-child(6)").all_inner_texts()]
         assert entropies == sorted(entropies, reverse=True)  # most uncertain first
-        page.wait_for_function("[...document.querySelectorAll('#queue img')].slice(0, 4).every(i => i.complete && i.naturalWidth > 0)")
+        _until(page, "() => [...document.querySelectorAll('#queue img')].slice(0, 4).every(i => i.complete && i.naturalWidth > 0)")
         _shot(page, "01-queue")
 
         # a filter: only predicted melanomas
@@ -154,8 +172,8 @@ def test_queue_case_verdict_in_a_real_browser(live, queue_ready, browser):
         image_id = first.get_attribute("data-image-id")
         first.locator("a.case-link").click()
         page.wait_for_selector("#verdict")
-        page.wait_for_function("['case-image', 'case-overlay'].every(id => { const i = document.getElementById(id); "
-                               "return i.complete && i.naturalWidth > 0; })")
+        _until(page, "() => ['case-image', 'case-overlay'].every(id => { const i = document.getElementById(id); "
+                     "return i.complete && i.naturalWidth > 0; })")
         assert page.locator("svg.chart rect").count() >= 20  # the MC distribution
         numbers = page.locator("#case-numbers").inner_text()
         assert "p(MEL)" in numbers and "mutual information" in numbers and "threshold" in numbers
@@ -267,6 +285,7 @@ def test_out_of_scope_flag_in_a_real_browser(live, queue_ready, browser):
     try:
         page.select_option("select[name=flag]", "out_of_scope")
         page.select_option("select[name=status]", "all")
+        page.select_option("select[name=labelled]", "all")  # the target may be an ISIC-labelled image
         page.click("form.filters button[type=submit]")
         page.wait_for_selector("#queue-count")
         assert "flag=out_of_scope" in page.url
@@ -292,4 +311,86 @@ def test_out_of_scope_flag_in_a_real_browser(live, queue_ready, browser):
         with engine.begin() as conn:
             conn.execute(predictions.update().where(where).values(
                 p_other=target.p_other, review_reasons=target.review_reasons, needs_review=target.needs_review))
+        engine.dispose()
+
+
+def test_label_check_filters_and_no_champion_in_a_real_browser(live, queue_ready, browser):
+    """The Label check (one contradiction planted: an ISIC nevus predicted MEL) lists what
+    review.label_check says, labelled images only; its split filter narrows it to what the database
+    holds for that split; the queue's labelled filter shows labelled cases. Then, with the champion
+    demoted and a newer version refused by the gate, the queue says so and links to Model versions.
+    Everything changed here is put back."""
+    engine = _engine(live)
+    with engine.connect() as conn:
+        champion = registry.champion(conn)
+        version = champion["model_version"]
+        nevus = conn.execute(sa.select(predictions.c.image_id, predictions.c.predicted_label, predictions.c.needs_review,
+                                       predictions.c.review_reasons)
+                             .join(images, images.c.image_id == predictions.c.image_id)
+                             .where(predictions.c.model_version == version, images.c.label == "NV",
+                                    predictions.c.predicted_label == "NV").order_by(predictions.c.image_id)).first()
+    where = sa.and_(predictions.c.image_id == nevus.image_id, predictions.c.model_version == version)
+    refused = {**champion, "model_version": "refused-live", "run_id": "refused-live", "is_champion": False,
+               "status": "rejected", "created_at": champion["created_at"] + timedelta(hours=1),
+               "gate": {"passed": False, "reasons": ["PASS: test auc 0.9000 >= floor 0.70",
+                                                     "FAIL: test mel_sensitivity 0.6500 < floor 0.80"]}}
+    with engine.begin() as conn:
+        conn.execute(predictions.update().where(where).values(predicted_label="MEL", needs_review=True,
+                                                              review_reasons="predicted_mel"))
+    context, page = _login(browser, live, "admin")
+    try:
+        with engine.connect() as conn:
+            expected = review.label_check(conn, review.QueueFilter(limit=1000))
+            in_test = review.label_check(conn, review.QueueFilter(limit=1000, split="test"))
+            labelled = review.queue(conn, review.QueueFilter(limit=1000, labelled="labelled"))
+        assert nevus.image_id in {c["image_id"] for c in expected["cases"]}
+        page.get_by_role("link", name="Label check", exact=True).click()
+        page.wait_for_selector("#label-check-intro")
+        assert page.url.endswith("/lesion-review/label-check")
+        shown = set(page.locator("#queue tbody tr").evaluate_all("rows => rows.map(r => r.dataset.imageId)"))
+        assert shown == {c["image_id"] for c in expected["cases"][:500]}
+        assert "–" not in page.locator("#queue tbody tr td:nth-child(10)").all_inner_texts()  # every one ISIC-labelled
+        assert page.locator(f"#queue tbody tr[data-image-id='{nevus.image_id}'] td:nth-child(10)").inner_text() == "NV"
+        assert f"ISIC NV predicted MEL: {expected['counts']['isic_label']['NV']}" in page.locator("#label-check-kinds").inner_text()
+        _shot(page, "09-label-check")
+
+        # a filter: the test split only
+        page.select_option("select[name=split]", "test")
+        page.click("form.filters button[type=submit]")
+        page.wait_for_selector("#queue-count")
+        assert "label-check?" in page.url and "split=test" in page.url
+        ids = set(page.locator("#queue tbody tr").evaluate_all("rows => rows.map(r => r.dataset.imageId)"))
+        assert ids == {c["image_id"] for c in in_test["cases"]}
+        if not ids:  # nothing contradicts ISIC in test: the page says so and what other splits hold
+            assert "0 labelled images in split test" in page.locator("#empty").inner_text()
+
+        # the queue's labelled filter: the flagged ISIC-labelled images
+        page.goto(f"{live.base}/lesion-review/?labelled=labelled")
+        page.wait_for_selector("#queue-count")
+        assert page.locator("#queue tbody tr").count() == min(labelled["total"], 500) > 0
+        assert "–" not in page.locator("#queue tbody tr td:nth-child(10)").all_inner_texts()
+
+        # no champion: the last version was refused by the gate; the page says why and links to Model versions
+        with engine.begin() as conn:
+            conn.execute(model_versions.update().where(model_versions.c.model_version == version)
+                         .values(is_champion=False, status="retired"))
+            conn.execute(model_versions.insert().values(refused))
+        page.goto(f"{live.base}/lesion-review/")
+        message = page.locator("#no-champion")
+        assert "none promoted: the last one, refused-live, was refused by the gate: test mel_sensitivity 0.6500 < floor 0.80" \
+            in message.inner_text()
+        assert page.locator("#queue").count() == 0
+        _shot(page, "10-no-champion")
+        message.get_by_role("link", name="Model versions").click()
+        page.wait_for_selector("#models")
+        assert page.url.endswith("/lesion-review/models")
+        assert "failed" in page.locator("#models tr[data-version='refused-live']").inner_text()
+    finally:
+        context.close()
+        with engine.begin() as conn:
+            conn.execute(model_versions.delete().where(model_versions.c.model_version == "refused-live"))
+            conn.execute(model_versions.update().where(model_versions.c.model_version == version)
+                         .values(is_champion=True, status="champion"))
+            conn.execute(predictions.update().where(where).values(
+                predicted_label=nevus.predicted_label, needs_review=nevus.needs_review, review_reasons=nevus.review_reasons))
         engine.dispose()
