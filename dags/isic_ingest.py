@@ -4,7 +4,10 @@
 Every 30 minutes: find new ISIC drops (a folder or a `.zip`) under `incoming/` in the object store,
 validate every image and metadata row, record accepted images in `images` and everything else in
 `quarantine` with a reason code. Emits the Asset `lesion://images/validated` when anything new was
-accepted. Re-running is safe: finished drops are skipped and every write is idempotent.
+accepted (`lesion_nightly_score` then scores them). Re-running is safe: finished drops are skipped and every
+write is idempotent. A run that finds no new drop (e.g. a manual run after the schedule took it) ends with
+`find_new_drops` **skipped**, its message saying what it saw: "no new drop under incoming/: 2 drop(s) already
+ingested (night-1, night-2.zip), 0 settling, 0 loose file(s) ignored".
 
 Logic: `lesion_tasks.ingest` (also `lesion ingest SOURCE`). This file only wires.
 """
@@ -31,11 +34,19 @@ VALIDATED_IMAGES = Asset("lesion://images/validated")
 def isic_ingest():
     @task
     def find_new_drops() -> list[str]:
+        """Skipped, saying what it saw (drops already ingested, still settling, loose files), when no drop is new."""
         from lesion_airflow import lesion_settings
 
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from lesion_tasks.alerts import incoming_report
         from lesion_tasks.sources import discover_incoming
 
-        return discover_incoming(lesion_settings())
+        settings = lesion_settings()
+        ready = discover_incoming(settings)
+        if not ready:
+            raise AirflowSkipException(incoming_report(settings, ready))
+        return ready
 
     # one drop at a time: drops deduplicate against each other. A bad drop is recorded as failed and
     # returned as such (the others go on); an unreachable store or database raises and is retried.

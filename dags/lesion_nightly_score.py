@@ -1,7 +1,8 @@
 """
 ### lesion_nightly_score
 
-Every night at 02:00 UTC: every image without a prediction from the current champion gets one,
+Every night at 02:00 UTC, and whenever `isic_ingest` accepted new images (the Asset
+`lesion://images/validated`): every image without a prediction from the current champion gets one,
 with `p_mel`, the predicted label at the model version's threshold, MC-dropout uncertainty (entropy,
 mutual information), `needs_review`, and a Grad-CAM overlay in the store. The unscored images are cut
 into id-range shards (Param `shard_size`), scored as dynamically mapped tasks (the unit that scales out
@@ -10,21 +11,34 @@ summarised. A shard whose worker dies is retried (`[core] default_task_retry_del
 docker/airflow-workers.env) and scores only what is still unscored. Rows are upserted: reruns and
 retries never duplicate and rewrite identical numbers.
 
-Logic: `lesion_tasks.scoring` (also `lesion score`). This file only wires.
+Without a champion model, `plan_shards` ends **skipped** ("no champion model: train one with lesion_retrain")
+and so does the rest: the run is not a silent green. After scoring, `summarise` compares tonight's `p_mel`
+and entropy with the previous nights' of the same model version (`lesion_tasks.alerts`: Kolmogorov-Smirnov
+above 0.2 with p < 0.01). With the Connection `lesion_alerts_smtp`, a failed run, a run without a champion and
+a shifted night are mailed (README, "Alerts").
+
+Logic: `lesion_tasks.scoring` (also `lesion score`) and `lesion_tasks.alerts`. This file only wires.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
 
+VALIDATED_IMAGES = Asset("lesion://images/validated")  # emitted by isic_ingest when it accepted new images
 TF_POOL = "lesion_tensorflow"  # slots = machines (workers): a TensorFlow task uses every core of its machine
+
+
+def _failed(context) -> None:
+    from lesion_airflow import nightly_failed_callback
+
+    nightly_failed_callback(context)
 
 
 @dag(
     dag_id="lesion_nightly_score",
-    schedule="0 2 * * *",
+    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable("0 2 * * *", timezone="UTC"), assets=VALIDATED_IMAGES),
     start_date=datetime(2026, 1, 1, tzinfo=UTC),
     catchup=False,
     max_active_runs=1,
@@ -32,39 +46,57 @@ TF_POOL = "lesion_tensorflow"  # slots = machines (workers): a TensorFlow task u
     tags=["lesion", "scoring"],
     # the retry delay is a deployment setting ([core] default_task_retry_delay, docker/airflow-workers.env)
     default_args={"owner": "lesion", "retries": 2},
+    on_failure_callback=_failed,
     params={"shard_size": Param(512, type="integer", minimum=16, maximum=100_000, title="Images per shard",
                                 description="Unscored images per mapped score_shard task (one worker scores one shard).")},
 )
 def lesion_nightly_score():
     @task
     def plan_shards() -> list[dict]:
-        from lesion_airflow import lesion_settings
+        from lesion_airflow import alert_links, lesion_settings, send_alert
 
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from lesion_tasks import alerts
         from lesion_tasks.scoring import plan_shards as plan
 
-        return plan(lesion_settings(), "champion", shard_size=get_current_context()["params"]["shard_size"])
+        context, settings = get_current_context(), lesion_settings()
+        shards = plan(settings, "champion", shard_size=context["params"]["shard_size"])
+        if not shards and alerts.champion_version(settings) is None:  # nothing to score *because* no model
+            send_alert(context, alerts.nightly_empty(context["run_id"], alert_links(context)))
+            raise AirflowSkipException(alerts.NO_CHAMPION)
+        return shards
 
     @task(pool=TF_POOL)
     def score_shard(shard: dict) -> dict:
-        from lesion_airflow import lesion_settings
+        from lesion_airflow import lesion_settings, quiet_tensorflow
 
+        quiet_tensorflow()
         from lesion_tasks.scoring import score_range
 
         return score_range(lesion_settings(), shard["model_version"], shard["first"], shard["last"],
                            run_id=get_current_context()["run_id"])
 
-    @task(trigger_rule="none_failed")
+    # runs after the shards unless one failed; skipped with plan_shards (no champion)
+    @task(trigger_rule="none_failed_min_one_success")
     def summarise(shards: list[dict], results: list[dict] | None = None) -> dict:
-        from lesion_airflow import lesion_settings
+        from lesion_airflow import alert_links, lesion_settings, send_alert
 
+        from lesion_tasks import alerts
         from lesion_tasks.scoring import summarize
 
         # `results` is Airflow's lazy sequence over the mapped XComs: iterating it (list(results)) reads
         # item by item until the API answers 404, which the SDK logs as "XCom not found ... offset=N"
         # on every run; a full slice reads them all in one request
+        context, settings = get_current_context(), lesion_settings()
         version = shards[0]["model_version"] if shards else "champion"
-        return summarize(lesion_settings(), version, get_current_context()["run_id"],
-                         list(results[:]) if results is not None else [])
+        summary = summarize(settings, version, context["run_id"], list(results[:]) if results is not None else [])
+        if summary.get("model_version") and summary.get("scored"):
+            summary["shift"] = shift = alerts.shift(settings, summary["model_version"], context["run_id"])
+            print("distribution shift check:", shift)
+            if shift["shifted"]:
+                send_alert(context, alerts.distribution_shift(shift, alert_links(context, summary["model_version"])))
+        return summary
 
     shards = plan_shards()
     summarise(shards, score_shard.expand(shard=shards))

@@ -10,6 +10,7 @@ import io
 import zipfile
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 
 from lesion_tasks.schema import images, quarantine
@@ -65,10 +66,17 @@ def test_isic_ingest_dag_against_postgres_and_s3(airflow_env, tmp_path):
     assert store.exists("drops/night-1/manifest.json") and store.exists("drops/night-2/aux/metadata.csv")
     assert not decoy.exists(), "LESION_DB_URL was used although the lesion_db Connection exists"
 
-    # a second run finds nothing new: no new rows, no asset event
+    # a second run finds nothing new: no new rows, no asset event, and the run says why
     run2, states2 = run_dag(dag)
     assert run2.state == "success", states2
-    assert states2["publish"] == "skipped"
+    assert states2 == {"find_new_drops": "skipped", "ingest_drop": "skipped", "publish": "skipped",
+                       "check_drops": "success"}, states2
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    with pytest.raises(AirflowSkipException) as skipped:  # what the skipped task said (its callable, called here)
+        dag.get_task("find_new_drops").python_callable()
+    assert str(skipped.value) == ("no new drop under incoming/: 2 drop(s) already ingested (night-1, night-2.zip), "
+                                  "0 settling, 0 loose file(s) ignored")
     with engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(images)).scalar() == 16
         assert conn.execute(sa.select(sa.func.count()).select_from(quarantine)).scalar() == 1
