@@ -10,7 +10,7 @@ export LESION_WEIGHTS_DIR ?= $(abspath ../shared/weights)
 DATA ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv demo airflow test test-deps bench lock clean
+.PHONY: venv demo airflow test test-deps screenshots bench lock clean
 
 venv: $(VENV)/.installed
 
@@ -44,6 +44,13 @@ test: venv $(VENV)-isic/.installed test-deps
 
 test-deps:
 	@bash tests/ensure_system_deps.sh
+
+# Regenerates the README's review UI screenshots (docs/screenshots/*.jpg) from a small real ISIC 2017 drop,
+# through a live Airflow and Chromium (tests/live/test_zz_screenshots.py). Needs the real data.
+screenshots: venv test-deps
+	@test -d "$(LESION_DATA_DIR)/isic2017-mel-nv" || { echo "no $(LESION_DATA_DIR)/isic2017-mel-nv: set LESION_DATA_DIR"; exit 1; }
+	LESION_SCREENSHOT_DIR="$(abspath docs/screenshots)" PATH="$(abspath $(BIN)):$$PATH" \
+		$(BIN)/python -m pytest tests/live/test_zz_screenshots.py -q -x $(PYTEST_ARGS)
 
 bench: venv
 	$(BIN)/python bench/ingest_throughput.py

@@ -11,12 +11,8 @@ The queue with >= 500 cases must load in under a second (Navigation Timing, meas
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import statistics
-import time
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import requests
@@ -27,12 +23,12 @@ from lesion_tasks.ingest import ingest
 from lesion_tasks.schema import images, model_versions, predictions, reviews
 from lesion_tasks.synthetic import make_drop
 from tests import reliability
-from tests.conftest import IN_CI, tiny_config
-from tests.live.conftest import USERS
+from tests.conftest import tiny_config
+from tests.live.browser import SHOTS, chromium
+from tests.live.browser import login as _login
+from tests.live.browser import shot as _shot
+from tests.live.browser import until as _until
 
-REPO = Path(__file__).resolve().parents[2]
-SHOTS = Path(os.environ.get("LESION_SCREENSHOT_DIR", REPO / "build" / "screenshots"))
-CHROMIUM = os.environ.get("LESION_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
 QUEUE_TARGET_S = 1.0
 TINY = tiny_config(epochs=150, views=2, bootstrap=100, mc_samples=30, target_sensitivity=0.97)
 
@@ -65,51 +61,8 @@ def queue_ready(live):
 
 @pytest.fixture(scope="module")
 def browser():
-    if not Path(CHROMIUM).exists():
-        message = f"Chromium not found at {CHROMIUM} (apt-get install chromium, or set LESION_CHROMIUM)"
-        if IN_CI:
-            pytest.fail(message + " (CI=true: a missing browser is a failure)")
-        pytest.skip(message)
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-            "--disable-component-update", "--no-first-run"])
+    with chromium() as browser:
         yield browser
-        browser.close()
-
-
-def _login(browser, live, user: str):
-    context = browser.new_context(viewport={"width": 1400, "height": 900})
-    page = context.new_page()
-    page.goto(f"{live.base}/lesion-review/")
-    page.wait_for_selector("input[name=username]", timeout=30000)  # Airflow's own login page
-    assert "/auth/login" in page.url
-    page.fill("input[name=username]", user)
-    page.fill("input[name=password]", USERS[user][1])
-    page.press("input[name=password]", "Enter")
-    page.wait_for_url(f"{live.base}/lesion-review/**", timeout=30000)
-    page.wait_for_selector("#queue-count", timeout=30000)
-    return context, page
-
-
-def _until(page, predicate: str, timeout: float = 30) -> None:
-    """Poll a JavaScript predicate (a function) from here. Not page.wait_for_function: its in-page polling
-    evals the predicate's text, which the app's CSP (no 'unsafe-eval') refuses once it has to poll."""
-    deadline = time.monotonic() + timeout
-    while not page.evaluate(predicate):
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {predicate}")
-        time.sleep(0.1)
-
-
-def _shot(page, name: str) -> Path:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    path = SHOTS / f"{name}.png"
-    page.screenshot(path=str(path), full_page=False)
-    assert path.stat().st_size > 10_000, f"{path} looks empty"
-    return path
 
 
 def test_anonymous_and_forged_requests_get_no_data(live, queue_ready):
