@@ -7,8 +7,9 @@ version), the out-of-scope head gives p_other (`scope.py`; flag `out_of_scope`),
 predicted class is A weighted by the head's analytic gradient (`gradcam.py`): no backprop through the
 backbone. The images go in as the model version saw them in training (`features.model_input`). Overlays are drawn on the original image at a bounded size and stored
 under the model version; rows are upserted, so a rerun rewrites identical numbers and never
-duplicates. Batches are read, scored and written one at a time: memory does not grow with the
-number of images.
+duplicates. Batches go through a bounded pipeline (`score_range`): the next batch is read and the
+previous ones' overlays and rows are written while the backbone runs, a row only once its overlay
+object exists; at most a few batches are in flight, so memory does not grow with the number of images.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from __future__ import annotations
 import io
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -34,6 +36,7 @@ from lesion_tasks.store import ObjectStore, key_of, open_store
 log = logging.getLogger(__name__)
 BATCH = 32
 SHARD_SIZE = 512
+WRITE_BEHIND = 2  # batches whose overlays and rows may still be being written while the next is scored
 
 
 @dataclass
@@ -133,7 +136,8 @@ def score_batch(model: ScoringModel, rgb: np.ndarray, image_ids: list[str], mc_s
     """(p_mel, entropy, mutual_info, predicted MEL, heatmaps, (N, T) MC samples, p_other or None) for one
     batch: one backbone pass."""
     activations, pooled = model.run_backbone(backbones.preprocess(rgb))
-    masks = mc.dropout_masks(image_ids, model.version, mc_samples, model.head.w1.shape[1], model.head.dropout)
+    masks = mc.dropout_masks(image_ids, model.version, mc_samples, model.head.w1.shape[1], model.head.dropout,
+                             mc.mask_seed(model.row))  # the version's recorded seed: as in its evaluation
     samples = mc.mc_samples(model.head, pooled, masks)
     p, h, mi = mc.summarize(samples)
     is_mel = (p >= model.row["threshold"]).astype(np.int64)
@@ -142,54 +146,90 @@ def score_batch(model: ScoringModel, rgb: np.ndarray, image_ids: list[str], mc_s
     return p, h, mi, is_mel, heat, samples, p_other
 
 
+def _rows(model: ScoringModel, row: dict[str, Any], batch: list[sa.Row], scores: tuple, uris: list[str], samples: int,
+          run_id: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The prediction rows and MC-sample rows of one scored batch whose overlays are stored."""
+    p, h, mi, is_mel, _, mc_p, p_other = scores
+    now = datetime.now(UTC)
+    rows, sample_rows = [], []
+    for k, r in enumerate(batch):
+        other = None if p_other is None else float(p_other[k])
+        reasons = _needs_review(float(p[k]), float(h[k]), row["threshold"], row["review_rule"], other)
+        rows.append({"image_id": r.image_id, "model_version": model.version, "p_mel": float(p[k]), "p_other": other,
+                     "predicted_label": "MEL" if is_mel[k] else "NV", "threshold": float(row["threshold"]),
+                     "entropy": float(h[k]), "mutual_info": float(mi[k]), "mc_samples": samples,
+                     "gradcam_uri": uris[k], "needs_review": bool(reasons), "review_reasons": ",".join(reasons) or None,
+                     "drop_id": r.drop_id, "run_id": run_id, "scored_at": now})
+        sample_rows.append({"image_id": r.image_id, "model_version": model.version,
+                            "p_mel_samples": [round(float(v), 6) for v in mc_p[k]]})
+    return rows, sample_rows
+
+
 def score_range(settings: Settings, model_version: str = "champion", first: str | None = None, last: str | None = None,
                 limit: int | None = None, mc_samples: int | None = None, run_id: str | None = None,
                 batch_size: int = BATCH, model: ScoringModel | None = None) -> dict[str, Any]:
-    """Score the unscored images of one id range (a shard), batch by batch."""
+    """Score the unscored images of one id range (a shard), batch by batch, as a pipeline: while the
+    backbone runs on batch k (TensorFlow releases the GIL), batch k+1 is read and the overlays and rows of
+    the batches before are written by background threads. A batch's rows are upserted once all its
+    overlay objects exist, batch after batch in order; the first failed read or write fails the shard."""
     store, engine = open_store(settings), engine_for(settings)
     run_id = run_id or f"cli-{datetime.now(UTC):%Y%m%dT%H%M%S}"
     started = time.monotonic()
     try:
         with engine.connect() as conn:
             row = registry.resolve(conn, model_version)
+            if row.get("artifacts_pruned_at") is not None:  # refused even with nothing left to score
+                raise ValueError(registry.pruned_message(row["model_version"], row["artifacts_pruned_at"]) + ": it cannot score")
             todo = _unscored(conn, row["model_version"], first, last, limit)
         if not todo:
             return {"model_version": row["model_version"], "scored": 0, "needs_review": 0, "seconds": 0.0}
         model = model or load_scoring_model(store, row)
         samples = mc_samples or row["mc_samples"]
-        rule = row["review_rule"]
+        batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
+        io_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="score-io")  # store reads, overlays
+        writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score-db")  # upserts, in batch order
+        pending: deque[Future] = deque()  # the batches written behind the backbone, oldest first
         scored = flagged = 0
         last_log = started
-        with ThreadPoolExecutor(max_workers=4, thread_name_prefix="score-io") as pool:
-            for start in range(0, len(todo), batch_size):
-                batch = todo[start : start + batch_size]
-                ids = [r.image_id for r in batch]
-                rgb = np.stack(list(pool.map(lambda r: features.model_input(store, r.normalized_uri, model.input_config), batch)))
-                p, h, mi, is_mel, heat, mc_p, p_other = score_batch(model, rgb, ids, samples)
-                overlay_keys = [keys.gradcam(model.version, r.drop_id, r.image_id) for r in batch]
-                uris = list(pool.map(lambda a: _write_overlay(store, *a),
-                                     zip(overlay_keys, [r.original_uri for r in batch], heat)))
-                now = datetime.now(UTC)
-                rows = []
-                for k, r in enumerate(batch):
-                    other = None if p_other is None else float(p_other[k])
-                    reasons = _needs_review(float(p[k]), float(h[k]), row["threshold"], rule, other)
-                    rows.append({"image_id": r.image_id, "model_version": model.version, "p_mel": float(p[k]), "p_other": other,
-                                 "predicted_label": "MEL" if is_mel[k] else "NV", "threshold": float(row["threshold"]),
-                                 "entropy": float(h[k]), "mutual_info": float(mi[k]), "mc_samples": samples,
-                                 "gradcam_uri": uris[k], "needs_review": bool(reasons), "review_reasons": ",".join(reasons) or None,
-                                 "drop_id": r.drop_id, "run_id": run_id, "scored_at": now})
-                sample_rows = [{"image_id": i, "model_version": model.version,
-                                "p_mel_samples": [round(float(v), 6) for v in mc_p[k]]} for k, i in enumerate(ids)]
-                with engine.begin() as conn:
-                    upsert(conn, predictions, rows, ["image_id", "model_version"])
-                    upsert(conn, prediction_samples, sample_rows, ["image_id", "model_version"])
-                scored += len(rows)
-                flagged += sum(r["needs_review"] for r in rows)
-                if time.monotonic() - last_log > 10 or scored == len(todo):
-                    last_log = time.monotonic()
-                    log.info("model %s: scored %d/%d images (%d need review), %.1f images/s", model.version, scored,
-                             len(todo), flagged, scored / max(last_log - started, 1e-9))
+
+        def read(batch: list[sa.Row]) -> list[Future]:
+            return [io_pool.submit(features.model_input, store, r.normalized_uri, model.input_config) for r in batch]
+
+        def write(batch: list[sa.Row], scores: tuple, overlays: list[Future], previous: Future | None) -> tuple[int, int]:
+            if previous is not None:
+                previous.result()  # a failed batch stops the ones after it, as if they ran one at a time
+            rows, sample_rows = _rows(model, row, batch, scores, [f.result() for f in overlays], samples, run_id)
+            with engine.begin() as conn:
+                upsert(conn, predictions, rows, ["image_id", "model_version"])
+                upsert(conn, prediction_samples, sample_rows, ["image_id", "model_version"])
+            return len(rows), sum(r["needs_review"] for r in rows)
+
+        def collect(future: Future) -> None:  # raises what the batch's writes raised
+            nonlocal scored, flagged, last_log
+            n, n_flagged = future.result()
+            scored, flagged = scored + n, flagged + n_flagged
+            if time.monotonic() - last_log > 10 or scored == len(todo):
+                last_log = time.monotonic()
+                log.info("model %s: scored %d/%d images (%d need review), %.1f images/s", model.version, scored,
+                         len(todo), flagged, scored / max(last_log - started, 1e-9))
+
+        try:
+            reading = read(batches[0])
+            for k, batch in enumerate(batches):
+                rgb = np.stack([f.result() for f in reading])
+                if k + 1 < len(batches):
+                    reading = read(batches[k + 1])  # prefetch: read while this batch is scored
+                scores = score_batch(model, rgb, [r.image_id for r in batch], samples)
+                overlays = [io_pool.submit(_write_overlay, store, keys.gradcam(model.version, r.drop_id, r.image_id),
+                                           r.original_uri, heat) for r, heat in zip(batch, scores[4])]
+                pending.append(writer.submit(write, batch, scores, overlays, pending[-1] if pending else None))
+                while pending and (pending[0].done() or len(pending) > WRITE_BEHIND):  # bounded; fails early
+                    collect(pending.popleft())
+            while pending:
+                collect(pending.popleft())
+        finally:  # on an error: queued reads and writes are dropped, running ones end
+            io_pool.shutdown(cancel_futures=True)
+            writer.shutdown(cancel_futures=True)
         return {"model_version": model.version, "scored": scored, "needs_review": flagged,
                 "seconds": round(time.monotonic() - started, 2)}
     finally:
@@ -253,12 +293,16 @@ def gradcam_link(settings: Settings, image_id: str, model_version: str = "champi
     try:
         with engine.connect() as conn:
             version = registry.resolve(conn, model_version)["model_version"]
-            uri = conn.execute(sa.select(predictions.c.gradcam_uri).where(predictions.c.image_id == image_id)
-                               .where(predictions.c.model_version == version)).scalar()
+            found = conn.execute(sa.select(predictions.c.gradcam_uri).where(predictions.c.image_id == image_id)
+                                 .where(predictions.c.model_version == version)).first()
     finally:
         engine.dispose()
-    if uri is None:
+    if found is None:
         raise ValueError(f"image {image_id!r} has no prediction from model {version}")
+    uri = found.gradcam_uri
+    if uri is None:
+        raise ValueError(f"image {image_id!r}: the Grad-CAM overlay of model {version} was removed by `lesion gc` "
+                         "(its artifacts were pruned); its prediction is kept")
     if not hasattr(store, "presigned_url"):
         raise ValueError(f"store {store.url} is a local directory: open {uri} directly (presigned links need S3)")
     if not 1 <= expires_s <= 7 * 24 * 3600:
