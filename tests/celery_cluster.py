@@ -28,7 +28,7 @@ from lesion_tasks.settings import Settings
 from tests import servers
 
 REPO = Path(__file__).resolve().parents[1]
-PASSWORD = "lesion-celery-admin-password"
+PASSWORD = uuid.uuid4().hex  # the admin password of this throwaway Airflow, made per process
 
 
 def worker_settings() -> dict[str, str]:
