@@ -36,6 +36,7 @@ from lesion_tasks.ingest import ingest
 from lesion_tasks.settings import Settings
 from lesion_tasks.synthetic import make_drop
 from tests import servers
+from tests.celery_cluster import create_database
 from tests.conftest import _unavailable, start_s3_or_fail
 
 REPO = Path(__file__).resolve().parents[2]
@@ -93,14 +94,6 @@ class Live:
         tasks = session.get(f"{url}/taskInstances", timeout=10).json()
         assert state == "success", {t["task_id"]: t["state"] for t in tasks["task_instances"]}
         return run_id
-
-
-def _create_database(admin_url: str, name: str) -> str:
-    engine = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    engine.dispose()
-    return admin_url.rsplit("/", 1)[0] + "/" + name
 
 
 def _default_sigint() -> None:
@@ -203,7 +196,7 @@ def live(tmp_path_factory, request):
     proc = None
     try:
         suffix = uuid.uuid4().hex[:8]  # unique even on an external server (LESION_TEST_PG_URL)
-        lesion_url = _create_database(pg.url, f"lesion_live_{suffix}")
+        lesion_url = create_database(pg.url, f"lesion_live_{suffix}")
         settings = Settings.from_env({"LESION_HOME": str(tmp / "lesion")}, db_url=lesion_url,
                                      store_url="s3://lesion-live/lesion", s3_endpoint=s3.endpoint,
                                      s3_access_key=s3.access_key, s3_secret_key=s3.secret_key)
@@ -219,7 +212,7 @@ def live(tmp_path_factory, request):
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "LESION_"))}
         env.update({
             "LESION_HOME": str(tmp / "lesion"), "AIRFLOW_HOME": str(airflow_home),
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": _create_database(pg.url, f"airflow_live_{suffix}"),
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": create_database(pg.url, f"airflow_live_{suffix}"),
             "AIRFLOW_CONN_LESION_DB": json.dumps({"conn_type": "postgres", "host": url.host, "port": url.port,
                                                   "login": url.username, "schema": url.database}),
             "AIRFLOW_CONN_LESION_S3": json.dumps({"conn_type": "aws", "login": s3.access_key, "password": s3.secret_key,
