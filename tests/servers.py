@@ -35,6 +35,16 @@ def _wait_for_port(port: int, timeout: float, what: str, log: Path | None = None
     raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port} within {timeout}s\n{detail}")
 
 
+
+def _terminate(proc: subprocess.Popen, root: Path) -> None:
+    """Stop a server process (SIGTERM, then SIGKILL after 10 s) and remove its data folder."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    shutil.rmtree(root, ignore_errors=True)
+
 @dataclass
 class Postgres:
     url: str  # SQLAlchemy URL of the `postgres` database, superuser, trust auth
@@ -107,12 +117,7 @@ class S3Server:
         _wait_for_port(int(self.endpoint.rsplit(":", 1)[1]), 30, "rclone serve s3", log)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        shutil.rmtree(self.root, ignore_errors=True)
+        _terminate(self.proc, self.root)
 
 
 def start_s3() -> S3Server:
@@ -139,12 +144,7 @@ class Redis:
     root: Path
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        shutil.rmtree(self.root, ignore_errors=True)
+        _terminate(self.proc, self.root)
 
 
 def start_redis() -> Redis:

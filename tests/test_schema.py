@@ -19,6 +19,20 @@ def url(any_db_url):
     return any_db_url
 
 
+def _one_prediction_at(url: str, tmp_path, revision: str):
+    """A database migrated to `revision` holding one drop, image, model version, prediction and its MC samples."""
+    settings = Settings.from_env({"LESION_HOME": str(tmp_path / "home")}, db_url=url)
+    assert db.upgrade(settings, revision) == revision
+    engine = db.make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(DROP_ROW), {"status": "complete"})
+        conn.execute(sa.text(IMAGE_ROW), {"image_id": "i1", "label": None})
+        conn.execute(sa.text(MODEL_ROW), {"t": True})
+        conn.execute(sa.text(PREDICTION_ROW), {"image_id": "i1", "t": True})
+        conn.execute(sa.text(SAMPLES_ROW), {"image_id": "i1"})
+    return settings, engine
+
+
 def test_upgrade_matches_schema_module_and_is_repeatable(url):
     assert db.upgrade(url) == HEAD
     assert db.upgrade(url) == HEAD  # a second upgrade is a no-op
@@ -120,15 +134,7 @@ def test_out_of_scope_migration_appends_p_other_and_steps_back(url, tmp_path):
     """0008 adds predictions.p_other (NULL for existing rows) and appends it to v_latest_predictions and
     v_review_queue, every other column in its place; the reader's grants on the recreated views survive;
     a downgrade removes the column and restores the views without losing rows (MC samples included)."""
-    settings = Settings.from_env({"LESION_HOME": str(tmp_path / "home")}, db_url=url)
-    assert db.upgrade(settings, "0007_failed_drops") == "0007_failed_drops"
-    engine = db.make_engine(url)
-    with engine.begin() as conn:
-        conn.execute(sa.text(DROP_ROW), {"status": "complete"})
-        conn.execute(sa.text(IMAGE_ROW), {"image_id": "i1", "label": None})
-        conn.execute(sa.text(MODEL_ROW), {"t": True})
-        conn.execute(sa.text(PREDICTION_ROW), {"image_id": "i1", "t": True})
-        conn.execute(sa.text(SAMPLES_ROW), {"image_id": "i1"})
+    settings, engine = _one_prediction_at(url, tmp_path, "0007_failed_drops")
     with engine.connect() as conn:
         before = {v: _view_columns(conn, v) for v in ("v_latest_predictions", "v_review_queue")}
         grants_before = _reader_grants(conn)
@@ -161,15 +167,7 @@ def test_retention_migration_lets_gc_clear_overlays_and_steps_back(url, tmp_path
     """0009 makes predictions.gradcam_uri nullable and adds model_versions.artifacts_pruned_at without
     copying a row (MC samples kept on SQLite too), the views' columns and the reader's grants unchanged;
     a downgrade gives NULL overlays back their deterministic key, then NOT NULL holds again."""
-    settings = Settings.from_env({"LESION_HOME": str(tmp_path / "home")}, db_url=url)
-    assert db.upgrade(settings, "0008_out_of_scope") == "0008_out_of_scope"
-    engine = db.make_engine(url)
-    with engine.begin() as conn:
-        conn.execute(sa.text(DROP_ROW), {"status": "complete"})
-        conn.execute(sa.text(IMAGE_ROW), {"image_id": "i1", "label": None})
-        conn.execute(sa.text(MODEL_ROW), {"t": True})
-        conn.execute(sa.text(PREDICTION_ROW), {"image_id": "i1", "t": True})
-        conn.execute(sa.text(SAMPLES_ROW), {"image_id": "i1"})
+    settings, engine = _one_prediction_at(url, tmp_path, "0008_out_of_scope")
     with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
         conn.execute(sa.text("UPDATE predictions SET gradcam_uri = NULL"))
     with engine.connect() as conn:
