@@ -322,7 +322,7 @@ def record(engine: sa.Engine, image_id: str, model_version: str, verdict: str, r
     if not re.fullmatch(r"[0-9A-Za-z_-]{8,64}", submission_id):
         raise ValueError(f"submission_id={submission_id[:80]!r}: expected 8-64 letters, digits, '-' or '_'")
     with engine.begin() as conn:
-        prediction = conn.execute(sa.select(predictions.c.p_mel, predictions.c.predicted_label)
+        prediction = conn.execute(sa.select(predictions.c.p_mel, predictions.c.predicted_label, predictions.c.p_other)
                                   .where(predictions.c.image_id == image_id)
                                   .where(predictions.c.model_version == model_version)).first()
         if prediction is None:
@@ -330,7 +330,7 @@ def record(engine: sa.Engine, image_id: str, model_version: str, verdict: str, r
         row = {"submission_id": submission_id, "image_id": image_id, "model_version": model_version,
                "verdict": verdict, "label": verdict_label(verdict, prediction.predicted_label, label),
                "note": _clean_note(note), "reviewer": reviewer[:256], "reviewed_at": datetime.now(UTC),
-               "p_mel": prediction.p_mel, "predicted_label": prediction.predicted_label}
+               "p_mel": prediction.p_mel, "predicted_label": prediction.predicted_label, "p_other": prediction.p_other}
         insert_ignore(conn, reviews, [row], ["submission_id"])
         stored = conn.execute(sa.select(reviews).where(reviews.c.submission_id == submission_id)).mappings().one()
     return dict(stored)

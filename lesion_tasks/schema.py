@@ -170,6 +170,7 @@ reviews = sa.Table(
     sa.Column("reviewed_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("p_mel", sa.Float, nullable=False),  # what the reviewer was shown
     sa.Column("predicted_label", sa.String(8), nullable=False),
+    sa.Column("p_other", sa.Float, nullable=True),  # shown too (NULL: the version has no out-of-scope head)
     sa.CheckConstraint("verdict IN ('agree', 'disagree', 'set_label')", name="ck_reviews_verdict"),
     sa.CheckConstraint("label IN ('MEL', 'NV', 'OTHER')", name="ck_reviews_label"),
     sa.UniqueConstraint("submission_id", name="uq_reviews_submission"),

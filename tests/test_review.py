@@ -274,7 +274,21 @@ def test_out_of_scope_case_in_the_queue_and_on_its_pages(home):
         assert "out of scope (not MEL/NV)</span>" in case_page
         # spelled out under the badge, not only in a tooltip
         assert '<small class="flag-meaning">the model thinks this lesion is neither melanoma nor nevus' in case_page
-        assert '<td class="num" id="p-other">– <small>' in client.get(f"/case/{plain.image_id}", params={"version": version}).text
+        plain_page = client.get(f"/case/{plain.image_id}", params={"version": version}).text
+        assert '<td class="num" id="p-other">– <small>' in plain_page
+        # the verdict form says how to record "neither MEL nor NV"; the verdict keeps the p(other) that was shown
+        assert 'id="scope-hint"' in case_page and "set label OTHER" in case_page and 'id="scope-hint"' not in plain_page
+        posted = client.post(f"/case/{target.image_id}/review", follow_redirects=False, headers={"Origin": "http://testserver"},
+                             data={"model_version": version, "verdict": "set_label", "label": "OTHER",
+                                   "submission_id": "scope-verdict-1"})
+        assert posted.status_code == 303
+        with engine.connect() as conn:
+            stored = conn.execute(sa.select(reviews.c.label, reviews.c.p_other, reviews.c.p_mel)
+                                  .where(reviews.c.submission_id == "scope-verdict-1")).one()
+        assert stored.label == "OTHER" and stored.p_other == 0.93 and stored.p_mel is not None
+        history = client.get(f"/case/{target.image_id}", params={"version": version}).text
+        assert f'<td class="num">{stored.p_mel:.3f} / 0.930</td>' in history
+        assert review.record(engine, plain.image_id, version, "agree", "dr-plain")["p_other"] is None
     finally:
         with engine.begin() as conn:
             conn.execute(predictions.update().where(where(target)).values(

@@ -11,7 +11,7 @@ from lesion_tasks import db
 from lesion_tasks.schema import metadata
 from lesion_tasks.settings import Settings
 
-HEAD = "0009_retention"
+HEAD = "0010_review_p_other"
 
 
 @pytest.fixture
@@ -192,3 +192,30 @@ def test_retention_migration_lets_gc_clear_overlays_and_steps_back(url, tmp_path
         conn.execute(sa.text("UPDATE predictions SET gradcam_uri = NULL"))
     engine.dispose()
     assert db.upgrade(settings) == HEAD
+
+
+def test_review_p_other_migration_keeps_verdicts_and_steps_back(url, tmp_path):
+    """0010 adds reviews.p_other (NULL for verdicts recorded before it) without touching a verdict or the
+    views; a downgrade drops the column and keeps the verdicts."""
+    settings, engine = _one_prediction_at(url, tmp_path, "0009_retention")
+    with engine.begin() as conn:
+        conn.execute(sa.text(REVIEW_ROW))
+        before = {v: _view_columns(conn, v) for v in ("v_latest_predictions", "v_review_queue")}
+
+    assert db.upgrade(settings) == HEAD
+    with engine.begin() as conn:
+        assert conn.execute(sa.text("SELECT label, p_other FROM reviews")).one() == ("OTHER", None)
+        conn.execute(sa.text("UPDATE reviews SET p_other = 0.93"))
+        assert conn.execute(sa.text("SELECT review_label FROM v_review_queue")).scalar() == "OTHER"
+        assert {v: _view_columns(conn, v) for v in before} == before
+
+    assert db.downgrade(settings, "0009_retention") == "0009_retention"
+    with engine.connect() as conn:
+        assert "p_other" not in {c["name"] for c in sa.inspect(conn).get_columns("reviews")}
+        assert conn.execute(sa.text("SELECT verdict, label FROM reviews")).one() == ("set_label", "OTHER")
+    engine.dispose()
+    assert db.upgrade(settings) == HEAD
+
+
+REVIEW_ROW = ("INSERT INTO reviews (submission_id, image_id, model_version, verdict, label, reviewer, reviewed_at, p_mel, "
+              "predicted_label) VALUES ('s-0001', 'i1', 'm1', 'set_label', 'OTHER', 'dr', CURRENT_TIMESTAMP, 0.6, 'MEL')")
