@@ -219,16 +219,16 @@ def _threshold(y: np.ndarray, p: np.ndarray, sources: np.ndarray, lesions: list[
 
 
 def _fit_scope(config: TrainConfig, out: artifacts.ModelArtifacts, head: mc.HeadWeights, version: str, threshold: float,
-               x_in: np.ndarray, fcfg: features.FeatureConfig, weights, store: ObjectStore, runner,
-               engine: sa.Engine) -> tuple[dict[str, Any], features.CacheStats]:
-    """The out-of-scope head (scope.py) on the training split's OTHER images, its threshold on validation;
-    {} when the data has no OTHER images (the version then flags nothing as out of scope)."""
+               x_in: np.ndarray, other: dict[str, tuple[list, list[str]]], fcfg: features.FeatureConfig, weights,
+               store: ObjectStore, runner, engine: sa.Engine) -> tuple[dict[str, Any], features.CacheStats]:
+    """The out-of-scope head (scope.py) on the training split's OTHER images (`trainset.out_of_scope_refs`),
+    its threshold on validation; {} when the data has no OTHER images (the version then flags nothing as
+    out of scope)."""
     with engine.connect() as conn:
-        other = trainset.out_of_scope_refs(conn)
         val_lesions = trainset.lesion_of(conn, [r.image_id for r in other["val"][0]])
     (train_refs, _), (val_refs, val_dx) = other["train"], other["val"]
     if not train_refs or not val_refs:
-        log.warning("no ISIC-labelled OTHER images in train/val: model %s gets no out-of-scope head", version)
+        log.warning("no OTHER images in train/val: model %s gets no out-of-scope head", version)
         return {}, features.CacheStats()
     feats, stats = features.features_for(train_refs + val_refs, [0], fcfg, weights, store, runner)
     x_train, x_val = feats[0][: len(train_refs)], feats[0][len(train_refs):]
@@ -252,8 +252,9 @@ def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[st
         with engine.connect() as conn:
             reviewed = trainset.reviewer_labels(conn)
             parts = trainset.split_refs(conn, reviewed["labels"])
+            other = trainset.out_of_scope_refs(conn, reviewed["labels"])
         (train_refs, y_train), (val_refs, y_val) = parts["train"], parts["val"]
-        in_train = {r.image_id for r in train_refs}
+        in_train = {r.image_id for r in train_refs + other["train"][0]}
         reviewed_lineage = {"train_images": sorted(i for i in reviewed["labels"] if i in in_train),
                             "review_ids": reviewed["review_ids"],
                             "conflicts_with_isic_kept_isic": reviewed["conflicts_with_isic"]}
@@ -289,7 +290,8 @@ def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[st
                        "calibrated_on": f"validation: max(80th percentile of entropy, {MIN_REVIEW_ENTROPY} nats)",
                        "threshold_by_source": per_source}
         out = artifacts.ModelArtifacts(store, version)
-        scope_info, s3 = _fit_scope(config, out, head, version, threshold, train_views[0], fcfg, weights, store, runner, engine)
+        scope_info, s3 = _fit_scope(config, out, head, version, threshold, train_views[0], other, fcfg, weights, store, runner,
+                                    engine)
         review_rule |= scope_info
         # the full flat model, head weights copied by layer name, saved without optimizer state
         model = backbones.build_model(config.backbone, config.image_size, weights, config.dropout, config.seed)

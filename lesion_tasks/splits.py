@@ -163,7 +163,7 @@ def summary(engine: sa.Engine) -> dict:
     counts: dict[str, dict[str, int]] = {s: dict.fromkeys(SPLIT_LABELS, 0) for s in ("train", "val", "test")}
     by_source: dict[str, dict[str, dict[str, int]]] = {}
     for split, image_id, label, drop_id in rows:
-        label = trainset.label_of(label, image_id, reviewed) or ("OTHER" if label == "OTHER" else None)
+        label = trainset.label_of(label, image_id, reviewed) or ("OTHER" if (label or reviewed.get(image_id)) == "OTHER" else None)
         if label:
             counts[split][label] += 1
             source = by_source.setdefault(drop_id, {s: dict.fromkeys(SPLIT_LABELS, 0) for s in counts})

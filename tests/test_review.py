@@ -163,17 +163,21 @@ def test_reviewer_labels_become_training_data_without_touching_isic_labels(home,
         lineage = conn.execute(sa.text("SELECT lineage FROM model_versions WHERE model_version = :v"),
                                {"v": trained["model_version"]}).scalar()
         isic_after = dict(conn.execute(sa.select(images.c.image_id, images.c.label)).all())
-        in_splits = set(conn.scalars(sa.select(splits_table.c.image_id)))
+        other_split = conn.scalar(sa.select(splits_table.c.split).where(splits_table.c.image_id == other))
+        scope_refs = trainset.out_of_scope_refs(conn)
     lineage = lineage if isinstance(lineage, dict) else json.loads(lineage)
     assert isic_after == isic_before  # images.label untouched (NULL stays NULL, NV stays NV)
     assert set(assigned) == set(chosen) and set(assigned.values()) <= {"reviewed-train", "group"}
     train_labels = dict(zip([r.image_id for r in refs["train"][0]], refs["train"][1].tolist(), strict=True))
     assert {i: train_labels[i] for i in chosen} == {i: int(label == "MEL") for i, label in chosen.items()}
     assert not set(chosen) & {r.image_id for r in refs["val"][0] + refs["test"][0]}
-    assert other not in in_splits  # OTHER is not a binary training label
+    # "neither MEL nor NV": not a binary label, a training image of the out-of-scope head (code OTHER)
+    assert other_split == "train" and other not in train_labels
+    assert dict(zip([r.image_id for r in scope_refs["train"][0]], scope_refs["train"][1]))[other] == "OTHER"
+    assert other not in {r.image_id for split in ("val", "test") for r in scope_refs[split][0]}
     assert train_labels.get(isic_case.image_id, 0) == 0  # in training (if at all) with its ISIC label, NV
     reviewed = lineage["reviewed_labels"]
-    assert reviewed["train_images"] == sorted(chosen)
+    assert reviewed["train_images"] == sorted([*chosen, other])
     conflicts = reviewed["conflicts_with_isic_kept_isic"]
     assert isic_case.image_id in conflicts and all(isic_after[i] is not None for i in conflicts)
     counts = Counter(chosen.values())
