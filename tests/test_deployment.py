@@ -61,6 +61,10 @@ def test_workers_profile_and_remote_logging():
     assert services["airflow-worker"]["command"] == "celery worker" and "healthcheck" in services["airflow-worker"]
     env = compose["x-airflow-common"]["environment"]
     assert env["AIRFLOW__CORE__EXECUTOR"].startswith("${AIRFLOW_EXECUTOR")
+    # the broker asks for the password the workers send
+    assert env["AIRFLOW__CELERY__BROKER_URL"].startswith("redis://:${REDIS_PASSWORD:?")
+    assert '--requirepass "$$REDISCLI_AUTH"' in services["redis"]["command"][-1]
+    assert services["redis"]["environment"]["REDISCLI_AUTH"].startswith("${REDIS_PASSWORD:?")
     assert env["AIRFLOW__LOGGING__REMOTE_LOGGING"] == "true" and env["AIRFLOW__LOGGING__REMOTE_BASE_LOG_FOLDER"].startswith("s3://")
     assert "/docker/minio-init.sh" in services["minio-init"]["entrypoint"]
     assert 'mc mb --ignore-existing "local/$LOGS_BUCKET"' in (REPO / "docker" / "minio-init.sh").read_text()
@@ -111,7 +115,7 @@ def test_every_non_python_file_of_lesion_tasks_ships_in_the_image():
 # --- secrets and least privilege (static: no Docker engine here) ---------------------------------------
 
 SECRETS = ("POSTGRES_PASSWORD", "LESION_DB_PASSWORD", "MINIO_ROOT_PASSWORD", "MINIO_APP_PASSWORD", "MINIO_LOGS_PASSWORD",
-           "AIRFLOW_SECRET_KEY", "AIRFLOW_JWT_SECRET", "AIRFLOW_FERNET_KEY")
+           "AIRFLOW_SECRET_KEY", "AIRFLOW_JWT_SECRET", "AIRFLOW_FERNET_KEY", "REDIS_PASSWORD")
 MINIO_USERS = ("MINIO_ROOT_USER", "MINIO_APP_USER", "MINIO_LOGS_USER")
 AIRFLOW_SERVICES = ("airflow-init", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer",
                     "airflow-worker")
