@@ -288,6 +288,17 @@ def mirror_home(source: Settings, dest: Settings, *, predictions: bool = True, o
                 dest_store.put(info.key, source_store.get(info.key))
 
 
+def registry_row(settings: Settings, version: str) -> dict:
+    """The registry row of `version` in the home `settings` points at."""
+    from lesion_tasks import registry
+
+    engine = db.make_engine(settings.db_url)
+    with engine.connect() as conn:
+        row = registry.get(conn, version)
+    engine.dispose()
+    return row
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the real `lesion` console script."""
     lesion = Path(sys.executable).with_name("lesion")

@@ -14,7 +14,7 @@ from lesion_tasks import consistency, db, registry
 from lesion_tasks.schema import images, model_versions, predictions, splits
 from lesion_tasks.store import open_store
 from tests import reliability
-from tests.conftest import LABELLED_DROP, NIGHT_DROP, run_cli
+from tests.conftest import LABELLED_DROP, NIGHT_DROP, registry_row, run_cli
 
 N_ORPHAN_OVERLAYS = 25  # more than the 20 examples shown
 
@@ -40,14 +40,6 @@ def test_a_clean_home_is_consistent(home_copy, trained_home):
     assert f"{'missing_normalized':<32} 0\n" in human.stdout
     as_json = _check_cli(home_copy, "--json")
     assert as_json.returncode == 0 and json.loads(as_json.stdout)["ok"] is True
-
-
-def registry_row(settings, version):
-    engine = db.make_engine(settings.db_url)
-    with engine.connect() as conn:
-        row = registry.get(conn, version)
-    engine.dispose()
-    return row
 
 
 def test_each_inconsistency_is_reported_and_fails_the_check(home_copy, trained_home):

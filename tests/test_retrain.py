@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from lesion_tasks import artifacts, assess, db, evaluation, features, mc, registry, retrain, trainset
 from lesion_tasks.schema import champion_history, model_versions
 from lesion_tasks.store import key_of, open_store
-from tests.conftest import LABELLED_DROP, N_LABELLED, N_OTHER, OTHER_DROP, copy_home
+from tests.conftest import LABELLED_DROP, N_LABELLED, N_OTHER, OTHER_DROP, copy_home, registry_row
 
 
 @pytest.fixture(scope="module")
@@ -39,21 +39,13 @@ def trained(trained_home, tmp_path_factory):
     return settings, config, first, second
 
 
-def _row(settings, version):
-    engine = db.make_engine(settings.db_url)
-    with engine.connect() as conn:
-        row = registry.get(conn, version)
-    engine.dispose()
-    return row
-
-
 def test_first_model_learns_and_is_promoted(trained, trained_home):
     settings, _, first, second = trained
     test = first["metrics"]["test"]
     assert first["promoted"] is True, first["gate"]
     assert test["auc"] > 0.9 and test["mel_sensitivity"] >= 0.8 and test["balanced_accuracy"] > 0.75
     assert set(test["ci95"]) == {"auc", "mel_sensitivity", "mel_specificity", "balanced_accuracy"}
-    home_row = _row(trained_home.settings, first["model_version"])
+    home_row = registry_row(trained_home.settings, first["model_version"])
     assert home_row["status"] == "champion"
     # what the models page shows: 95% intervals of sensitivity and specificity, test and validation
     for split in ("test", "val"):
@@ -61,7 +53,7 @@ def test_first_model_learns_and_is_promoted(trained, trained_home):
         for key in ("auc", "mel_sensitivity", "mel_specificity"):
             lo, hi = ci[key]
             assert 0 <= lo <= home_row["metrics"][split][key] <= hi <= 1, (split, key, ci[key])
-    row = _row(settings, first["model_version"])
+    row = registry_row(settings, first["model_version"])
     assert row["status"] == ("retired" if second["promoted"] else "champion")  # in the copy, after the second retrain
     assert row["gate"]["passed"] is True
     assert row["threshold"] == pytest.approx(first["threshold"])
@@ -83,7 +75,7 @@ def test_per_source_metrics_calibration_and_out_of_scope_are_reported(trained):
     oos = first["metrics"]["out_of_scope_test"]
     assert set(oos["by_diagnosis"]) == {"BCC"} and oos["malignant"]["n"] == oos["all"]["n"] > 0
     assert oos["all"]["flagged"] >= 0.75  # pink-red blobs are easy to tell from the pigmented ones
-    row = _row(settings, first["model_version"])
+    row = registry_row(settings, first["model_version"])
     assert row["metrics"]["out_of_scope"]["test"]["threshold"] == pytest.approx(row["review_rule"]["out_of_scope_above"])
     assert row["metrics"]["test"]["uncalibrated"]["ece"] == pytest.approx(first["metrics"]["test"]["ece_before_calibration"])
     head = artifacts.of(open_store(settings), row).load_head()
@@ -115,7 +107,7 @@ def test_saved_model_matches_the_cached_features(trained):
 
     settings, config, first, _ = trained
     store = open_store(settings)
-    row = _row(settings, first["model_version"])
+    row = registry_row(settings, first["model_version"])
     model_path = settings.home / "m.keras"
     model_path.write_bytes(store.get(key_of(store, row["model_uri"])))
     model = keras.models.load_model(model_path, compile=False)
@@ -142,7 +134,7 @@ def test_retrain_on_unchanged_data_runs_no_backbone(trained):
 
 def test_second_model_was_compared_with_the_champion(trained):
     settings, _, first, second = trained
-    row = _row(settings, second["model_version"])
+    row = registry_row(settings, second["model_version"])
     assert row["gate"]["comparison"]["champion"] == first["model_version"]
     assert any("vs champion" in r for r in row["gate"]["reasons"])
     assert row["gate"]["champion_metrics"]["auc"] == first["metrics"]["test"]["auc"]
@@ -159,7 +151,7 @@ def _report(settings, row) -> str:
 def test_a_promoted_versions_report_says_passed_after_the_gate(trained_home):
     """report.html is rewritten after the gate: the champion's says PASSED and promoted, with every reason
     (it was rendered before the gate decided, when it could only say "not decided yet")."""
-    row = _row(trained_home.settings, trained_home.version)
+    row = registry_row(trained_home.settings, trained_home.version)
     report = _report(trained_home.settings, row)
     assert '<h2>Gate: <span class="pass">PASSED</span>, promoted; now champion</h2>' in report
     assert "NOT PASSED" not in report and "not decided yet" not in report
@@ -178,7 +170,7 @@ def test_same_data_config_and_seed_give_the_same_metrics(trained):
             assert second["metrics"][split][key] == first["metrics"][split][key], (split, key)
     assert second["threshold"] == first["threshold"]
     store = open_store(settings)
-    rows = [_row(settings, v["model_version"]) for v in (first, second)]
+    rows = [registry_row(settings, v["model_version"]) for v in (first, second)]
     assert rows[0]["config"]["mc_seed"] == rows[1]["config"]["mc_seed"] == rows[0]["config"]["seed"]
     engine = db.make_engine(settings.db_url)
     with engine.connect() as conn:

@@ -175,14 +175,20 @@ def _stop_standalone(proc: subprocess.Popen, patience: float = 1.0) -> tuple[str
     deadline = time.monotonic() + 30 * patience
     while (leftovers := _alive(seen)) and time.monotonic() < deadline:
         time.sleep(0.5)
-    described = []
-    for p in leftovers:
-        try:
-            described.append(f"{p.pid} {' '.join(p.cmdline()[:4])}")
-        except psutil.Error:
-            pass
+    described = describe(leftovers)
     _signal_group(proc, signal.SIGKILL, leftovers)
     return stopped_by, elapsed, described
+
+
+def describe(processes) -> list[str]:
+    """'pid command…' of each process still there (for failure messages)."""
+    out = []
+    for p in processes:
+        try:
+            out.append(f"{p.pid} {' '.join(p.cmdline()[:5])}")
+        except psutil.Error:
+            pass
+    return out
 
 
 @pytest.fixture(scope="package")

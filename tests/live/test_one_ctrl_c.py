@@ -23,7 +23,7 @@ import pytest
 import requests
 
 from tests import servers
-from tests.live.conftest import _alive, _default_sigint, _signal_group
+from tests.live.conftest import _alive, _default_sigint, _signal_group, describe
 
 REPO = Path(__file__).resolve().parents[2]
 STOP_BOUND_S = 60  # measured: about 10 s on 2 busy cores (tools/airflow_standalone.sh gives the standalone 20 s)
@@ -49,16 +49,6 @@ def _executor_workers(processes) -> list[psutil.Process]:
             if "LocalExecutor" in " ".join(p.cmdline()) and "scheduler" in " ".join(p.parent().cmdline()):
                 out.append(p)
         except (psutil.Error, AttributeError):
-            pass
-    return out
-
-
-def _describe(processes) -> list[str]:
-    out = []
-    for p in processes:
-        try:
-            out.append(f"{p.pid} {' '.join(p.cmdline()[:5])}")
-        except psutil.Error:
             pass
     return out
 
@@ -95,7 +85,7 @@ def test_one_sigint_to_make_airflows_leader_stops_everything(tmp_path):
         seen |= set(psutil.Process(leader.pid).children(recursive=True)) | _ours(str(airflow_home))
         # sized to the machine: [core] parallelism LocalExecutor workers, not Airflow's default 32
         n_workers = len(_executor_workers(_alive(seen)))
-        assert 1 <= n_workers <= max(4, 2 * (os.cpu_count() or 1)), _describe(_alive(seen))
+        assert 1 <= n_workers <= max(4, 2 * (os.cpu_count() or 1)), describe(_alive(seen))
 
         started = time.monotonic()
         leader.send_signal(signal.SIGINT)  # the one and only signal
@@ -103,11 +93,11 @@ def test_one_sigint_to_make_airflows_leader_stops_everything(tmp_path):
             code = leader.wait(STOP_BOUND_S)
         except subprocess.TimeoutExpired:
             pytest.fail(f"the leader still runs {STOP_BOUND_S} s after one SIGINT; running: "
-                        f"{_describe(_alive(seen | _ours(str(airflow_home))))}\n{log.read_text(errors='replace')[-4000:]}")
+                        f"{describe(_alive(seen | _ours(str(airflow_home))))}\n{log.read_text(errors='replace')[-4000:]}")
         while (left := _alive(seen | _ours(str(airflow_home)))) and time.monotonic() - started < STOP_BOUND_S:
             time.sleep(0.5)
         elapsed = time.monotonic() - started
-        assert not left, (f"{len(left)} process(es) still running {elapsed:.0f} s after one SIGINT: {_describe(left)}\n"
+        assert not left, (f"{len(left)} process(es) still running {elapsed:.0f} s after one SIGINT: {describe(left)}\n"
                           f"{log.read_text(errors='replace')[-4000:]}")
         print(f"\nmake airflow stopped on one SIGINT in {elapsed:.1f} s (exit code {code}, {len(seen)} processes)")
     finally:
