@@ -105,17 +105,12 @@ def examine(src: DropSource, entry: Entry, limits: Limits, size: int) -> Examine
     """Read and check one image entry (runs in a worker thread)."""
     image_id = PurePosixPath(entry.name).stem
     ex = Examined(entry, image_id)
-    if entry.problem and entry.problem[0] == Reason.ZIP_BOMB:
-        return ex  # never expand it
+    if entry.problem:  # a bomb or an unsafe path (a link, an escaping name): never opened or expanded
+        return ex
     try:
         ex.data = src.read(entry, limits.max_bytes)
     except EntryTooLarge:
         ex.check = Rejected(Reason.FILE_TOO_LARGE, f"more than {limits.max_bytes} bytes")
-        return ex
-    except OSError as exc:  # e.g. a symbolic link, which sources refuse to follow
-        if entry.problem is None:
-            raise
-        log.debug("not reading %s: %s", entry.name, exc)
         return ex
     ex.sha256 = hashlib.sha256(ex.data).hexdigest()
     archive = next((kind for magic, kind in ARCHIVE_SIGNATURES if ex.data.startswith(magic)), None)

@@ -43,6 +43,18 @@ class Rejected:
     detail: str
 
 
+def _kind_of(data: bytes) -> str:
+    """What a file is, in words, never what it contains (its bytes may be anyone's secret)."""
+    head = data[:4096]
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        text = head[: exc.start].decode("utf-8") if exc.start >= len(head) - 3 else None  # a cut multi-byte char
+    if text is not None and all(c.isprintable() or c in "\t\r\n\f" for c in text):
+        return "text"
+    return "binary data with no image signature"
+
+
 def inspect_image(data: bytes, limits: Limits, size: int) -> Accepted | Rejected:
     """Check `data` is one usable image and return its normalised copy, or why it is not."""
     if not data:
@@ -57,7 +69,7 @@ def inspect_image(data: bytes, limits: Limits, size: int) -> Accepted | Rejected
         known = next((fmt for magic, fmt in _SIGNATURES if data.startswith(magic)), None)
         if known:  # the signature of an image, but the decoder cannot read its header
             return Rejected(Reason.CORRUPT_IMAGE, f"{known} signature but an unreadable header")
-        return Rejected(Reason.NOT_AN_IMAGE, f"no image format recognised in {len(data)} bytes (starts {data[:8]!r})")
+        return Rejected(Reason.NOT_AN_IMAGE, f"{_kind_of(data)} ({len(data)} bytes), not an image")
     except Image.DecompressionBombError as exc:
         return Rejected(Reason.DECOMPRESSION_BOMB, str(exc))
     except Exception as exc:  # noqa: BLE001 - any decoder failure on hostile bytes is a quarantine, not a crash

@@ -75,6 +75,19 @@ class _DropIngestion:
         self.seen_ids: dict[str, str] = {}
         self.counts: Counter[str] = Counter()
         self.label_counts: Counter[str] = Counter()
+        # this run's writes are bounded by the drop's own size: a small archive cannot fill the store
+        self.budget = limits.write_budget(src.nbytes)
+        self.written = 0
+
+    def _spend(self, n: int) -> bool:
+        """Whether `n` more bytes fit in the drop's write budget (and count them when they do)."""
+        if self.written + n > self.budget:
+            return False
+        self.written += n
+        return True
+
+    def _raw_location(self, name: str) -> str:
+        return f"{self.src.uri}!{name}"
 
     def _merged(self, image_id: str) -> lbl.Merged:
         return lbl.merge(image_id, self.plan.evidence.get(image_id, []))
@@ -127,11 +140,25 @@ class _DropIngestion:
         return index
 
     def _copy_aux(self, done: set[str]) -> None:
-        for e in self.plan.aux:
-            self.store.put(keys.aux(self.drop_id, e.name), self.src.read(e, self.limits.max_bytes))
         rows = [self._qrow(name, reason, detail) for name, (reason, detail) in self.plan.bad_aux.items()
                 if entry_key(name) not in done]
+        copied = []
+        for e in self.plan.aux:
+            if entry_key(e.name) in done:  # recorded over budget by an earlier run
+                continue
+            if self._spend(e.size):
+                self.store.put(keys.aux(self.drop_id, e.name), self.src.read(e, self.limits.max_bytes))
+                copied.append(e)
+            else:
+                rows.append(self._qrow(e.name, Reason.WRITE_BUDGET, self._over_budget(e.size),
+                                       raw_uri=self._raw_location(e.name)))
+        self.plan.aux = copied
         self._record([], rows)
+
+    def _over_budget(self, size: int) -> str:
+        return (f"{size} bytes not copied: the drop may write {self.budget} bytes "
+                f"({self.limits.write_factor:g}x its {self.src.nbytes} + {self.limits.write_allowance}) and wrote "
+                f"{self.written}; the bytes stay in the raw drop {self.src.uri}")
 
     def _quarantine_rows_without_images(self, done: set[str]) -> None:
         stems = {PurePosixPath(e.name).stem for e in self.plan.images}
@@ -176,7 +203,10 @@ class _DropIngestion:
         def reject(reason: Reason, detail: str):
             key = keys.quarantined(self.drop_id, name)
             if ex.data is None:  # zip bomb or link: the bytes stay only inside the raw drop
-                return "quarantine", self._qrow(name, reason, detail, image_id, ex.sha256, f"{self.src.uri}!{name}"), []
+                return "quarantine", self._qrow(name, reason, detail, image_id, ex.sha256, self._raw_location(name)), []
+            if not self._spend(len(ex.data)):  # recorded (name, size, sha256, reason), the bytes left where they are
+                detail = f"{detail}; {self._over_budget(len(ex.data))}"
+                return "quarantine", self._qrow(name, reason, detail, image_id, ex.sha256, self._raw_location(name)), []
             row = self._qrow(name, reason, detail, image_id, ex.sha256, key)
             return "quarantine", row, [(key, ex.data, "application/octet-stream")]
 
@@ -195,6 +225,8 @@ class _DropIngestion:
         if merged.problem:
             return reject(*merged.problem)
         check: Accepted = ex.check
+        if not self._spend(len(ex.data) + len(check.normalized)):
+            return reject(Reason.WRITE_BUDGET, f"a valid image of {len(ex.data)} bytes")
         self.seen_sha[ex.sha256] = image_id
         self.seen_ids[image_id] = ex.sha256
         suffix = PurePosixPath(name).suffix

@@ -21,6 +21,7 @@ class Reason(StrEnum):
     UNSAFE_PATH = "unsafe_path"  # zip entry or link escaping the drop (absolute, '..', symlink)
     ZIP_BOMB = "zip_bomb"  # compression ratio or total expanded size above the limits
     NESTED_ARCHIVE = "nested_archive"  # a zip/gzip/tar/7z/rar inside the drop: never expanded
+    WRITE_BUDGET = "write_budget"  # the drop already wrote Limits.write_budget: recorded, bytes left in the raw drop
     # the labels and metadata
     MISSING_IMAGE = "missing_image"  # a metadata / ground-truth row without its image
     MULTI_HOT_LABEL = "multi_hot_label"  # more than one class set in a one-hot ground truth row

@@ -39,8 +39,15 @@ class Limits:
     max_pixels: int = 64_000_000  # ISIC originals reach 6000x4000 = 24 MP
     min_side: int = 32
     max_aspect: float = 8.0
-    zip_max_ratio: float = 100.0  # expanded/compressed, for entries above 1 MiB
+    zip_max_ratio: float = 100.0  # expanded/compressed, for entries above 1 MiB and for the whole archive
     zip_max_total: int = 50 * 2**30  # expanded bytes of a whole archive
+    # what one drop may write to the store (copies, normalised images, quarantined bytes):
+    # write_factor x the drop's own bytes + write_allowance. Past it, entries are recorded, not copied.
+    write_factor: float = 20.0
+    write_allowance: int = 5 * 10**6
+
+    def write_budget(self, drop_bytes: int) -> int:
+        return int(self.write_factor * drop_bytes) + self.write_allowance
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,7 @@ class EntryTooLarge(Exception):
 class DropSource(Protocol):
     uri: str
     name: str
+    nbytes: int  # the drop's own size: the archive's bytes, or a folder's files added up
 
     def entries(self) -> list[Entry]: ...
 
@@ -83,13 +91,14 @@ class DirSource:
         self.uri = self.root.as_uri()
         self.name = self.root.name
         self.limits = limits
+        self.nbytes = 0
 
     def entries(self) -> list[Entry]:
         out: list[Entry] = []
         for dirpath, dirnames, filenames in os.walk(self.root, followlinks=False):
             dirnames.sort()
             here = Path(dirpath)
-            for name in sorted(filenames) + sorted(d for d in dirnames if (here / d).is_symlink()):
+            for name in sorted(filenames) + sorted(d for d in dirnames if (here / d).is_symlink()):  # never opened
                 path = here / name
                 rel = path.relative_to(self.root).as_posix()
                 info = path.lstat()
@@ -97,6 +106,7 @@ class DirSource:
                     out.append(Entry(rel, 0, (Reason.UNSAFE_PATH, f"{rel}: symbolic link to {os.readlink(path)!r}")))
                 elif stat.S_ISREG(info.st_mode):
                     out.append(Entry(rel, info.st_size))
+        self.nbytes = sum(e.size for e in out)
         return sorted(out, key=lambda e: e.name)
 
     def read(self, entry: Entry, max_bytes: int) -> bytes:
@@ -123,13 +133,22 @@ class ZipSource:
             self._zip = zipfile.ZipFile(fileobj)
         except zipfile.BadZipFile as exc:
             raise ValueError(f"drop {uri}: not a readable zip archive ({exc})") from None
+        if isinstance(fileobj, Path):
+            self.nbytes = fileobj.stat().st_size
+        else:
+            self.nbytes = fileobj.seek(0, os.SEEK_END)
+            fileobj.seek(0)
 
     def entries(self) -> list[Entry]:
+        infos = [i for i in self._zip.infolist() if not i.is_dir()]
+        # the whole archive's ratio too: many entries just under the per-entry floor are one bomb
+        expanded = sum(i.file_size for i in infos)
+        overall = expanded / max(self.nbytes, 1)
+        whole = (Reason.ZIP_BOMB, f"the archive expands {overall:.0f}x as a whole ({self.nbytes} -> {expanded} bytes): "
+                 f"no entry expanded") if overall > self.limits.zip_max_ratio and expanded > 2**20 else None
         out: list[Entry] = []
         total = 0
-        for info in self._zip.infolist():
-            if info.is_dir():
-                continue
+        for info in infos:
             name = info.filename
             mode = info.external_attr >> 16
             why = _unsafe(name)
@@ -141,7 +160,9 @@ class ZipSource:
                 continue
             total += info.file_size
             ratio = info.file_size / max(info.compress_size, 1)
-            if total > self.limits.zip_max_total:
+            if whole:
+                problem = whole
+            elif total > self.limits.zip_max_total:
                 problem = (Reason.ZIP_BOMB, f"{name}: archive expands past {self.limits.zip_max_total} bytes")
             elif ratio > self.limits.zip_max_ratio and info.file_size > 2**20:
                 problem = (Reason.ZIP_BOMB, f"{name}: expands {ratio:.0f}x ({info.compress_size} -> {info.file_size} bytes)")
@@ -171,9 +192,18 @@ class StoreDirSource:
         self.prefix = prefix.rstrip("/") + "/"
         self.uri = self.prefix.rstrip("/")
         self.name = PurePosixPath(self.prefix).name
+        self.nbytes = 0
 
     def entries(self) -> list[Entry]:
-        return [Entry(o.key[len(self.prefix):], o.size) for o in self.store.list(self.prefix)]
+        out = []
+        for o in self.store.list(self.prefix):
+            name = o.key[len(self.prefix):]
+            if o.link is not None:  # a local store's symbolic link (file or folder): never opened
+                out.append(Entry(name, 0, (Reason.UNSAFE_PATH, f"{name}: symbolic link to {o.link!r}")))
+            else:
+                out.append(Entry(name, o.size))
+        self.nbytes = sum(e.size for e in out)
+        return out
 
     def read(self, entry: Entry, max_bytes: int) -> bytes:
         if entry.size > max_bytes:
@@ -223,6 +253,9 @@ def discover_incoming(settings: Settings, store: ObjectStore | None = None, now:
     candidates: dict[str, dict[str, Any]] = {}
     for obj in store.list(INCOMING_PREFIX):
         first, _, rest = obj.key[len(INCOMING_PREFIX):].partition("/")
+        if obj.link is not None and not rest:
+            log.warning("incoming: ignoring %s, a symbolic link to %r (links are never followed)", obj.key, obj.link)
+            continue
         if not rest and not first.lower().endswith(".zip"):
             log.warning("incoming: ignoring loose file %s (a drop is a folder or a .zip)", obj.key)
             continue

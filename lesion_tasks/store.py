@@ -9,14 +9,16 @@ name or prefix keeps working. `uri(key)` is for people (logs, CLI output).
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Protocol
 from urllib.parse import unquote, urlsplit
 
@@ -39,6 +41,7 @@ class ObjectInfo:
     size: int
     modified: datetime
     etag: str | None = None
+    link: str | None = None  # a symbolic link in a local store: its target, never followed (S3 has none)
 
 
 class ObjectStore(Protocol):
@@ -90,6 +93,23 @@ class LocalStore:
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
 
+    def _regular(self, key: str) -> Path:
+        """The path of `key` when it is a regular file reached through no symbolic link (below the root);
+        ObjectNotFound otherwise: a link in the store is never an object, whatever it points to."""
+        path = self._path(key)
+        here = self.root
+        for part in PurePosixPath(key).parts:
+            here = here / part
+            try:
+                mode = here.lstat().st_mode
+            except (FileNotFoundError, NotADirectoryError):
+                raise ObjectNotFound(key) from None
+            if stat.S_ISLNK(mode):
+                raise ObjectNotFound(f"{key} (a symbolic link at {here.relative_to(self.root).as_posix()}: never followed)")
+        if not stat.S_ISREG(mode):
+            raise ObjectNotFound(key)
+        return path
+
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
         path = self._path(key)
         try:
@@ -108,28 +128,35 @@ class LocalStore:
             raise
         return key
 
-    def get(self, key: str) -> bytes:
-        try:
-            return self._path(key).read_bytes()
-        except (FileNotFoundError, IsADirectoryError):
+    def _open(self, key: str) -> BinaryIO:
+        try:  # O_NOFOLLOW: a link swapped in after the check is refused too
+            fd = os.open(self._regular(key), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ObjectNotFound(key) from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise ObjectNotFound(f"{key} (a symbolic link: never followed)") from None
+            raise StoreError(f"cannot read {key!r} under {self.root}: {exc.strerror or exc}") from exc
+        return os.fdopen(fd, "rb")
+
+    def get(self, key: str) -> bytes:
+        with self._open(key) as fh:
+            return fh.read()
 
     def download(self, key: str, fileobj: BinaryIO) -> None:
-        try:
-            with self._path(key).open("rb") as fh:
-                while chunk := fh.read(1 << 20):
-                    fileobj.write(chunk)
-        except (FileNotFoundError, IsADirectoryError):
-            raise ObjectNotFound(key) from None
+        with self._open(key) as fh:
+            while chunk := fh.read(1 << 20):
+                fileobj.write(chunk)
 
     def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
+        try:
+            self._regular(key)
+        except ObjectNotFound:
+            return False
+        return True
 
     def stat(self, key: str) -> ObjectInfo:
-        path = self._path(key)
-        if not path.is_file():
-            raise ObjectNotFound(key)
-        st = path.stat()
+        st = self._regular(key).lstat()
         return ObjectInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, UTC))
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
@@ -137,17 +164,22 @@ class LocalStore:
         # walk only the folder the prefix names (e.g. models/<version>/), not the whole store
         folder = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
         start = base / folder if folder and all(p not in ("", ".", "..") for p in folder.split("/")) else base
+        if any((base / "/".join(start.relative_to(base).parts[: i + 1])).is_symlink()
+               for i in range(len(start.relative_to(base).parts))):
+            return  # below a link: not the store's (the link itself is listed with its parent)
         found: list[ObjectInfo] = []
-        for dirpath, dirnames, filenames in os.walk(start):
+        for dirpath, dirnames, filenames in os.walk(start):  # never descends into a linked folder
             dirnames.sort()
-            for name in filenames:
+            for name in filenames + [d for d in dirnames if (Path(dirpath) / d).is_symlink()]:
                 if name.startswith(self._TMP_PREFIX):
                     continue
                 path = Path(dirpath) / name
                 key = path.relative_to(base).as_posix()
                 if key.startswith(prefix):
-                    stat = path.stat()
-                    found.append(ObjectInfo(key, stat.st_size, datetime.fromtimestamp(stat.st_mtime, UTC)))
+                    st = path.lstat()
+                    link = os.readlink(path) if stat.S_ISLNK(st.st_mode) else None
+                    found.append(ObjectInfo(key, 0 if link else st.st_size,
+                                            datetime.fromtimestamp(st.st_mtime, UTC), link=link))
         yield from sorted(found, key=lambda o: o.key)
 
     def delete(self, key: str) -> None:
