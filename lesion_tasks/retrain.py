@@ -158,7 +158,10 @@ def _weights(config: TrainConfig, settings: Settings, store: ObjectStore) -> tup
     try:
         return config, backbones.resolve_weights(config.weights, backbones.get_backbone(config.backbone), cache, store)
     except ValueError as exc:
-        if not (config.profile == "demo" and config.weights == "imagenet" and config.random_init_fallback):
+        # only the profile's own backbone falls back: a backbone someone chose is trained as chosen or refused
+        own_backbone = config.backbone == PROFILES[config.profile].backbone
+        if not (config.profile == "demo" and config.weights == "imagenet" and config.random_init_fallback
+                and own_backbone):
             raise
         missing = exc
     if config.backbone != DEMO_FALLBACK_BACKBONE:
@@ -179,13 +182,28 @@ def _weights(config: TrainConfig, settings: Settings, store: ObjectStore) -> tup
 
 # --- the four steps ----------------------------------------------------------------------------
 
-def prepare_split(settings: Settings, seed: int = 0) -> dict[str, Any]:
-    """Freeze (or extend, by the recorded rule) the train/val/test split."""
+def check_weights(settings: Settings, config: TrainConfig) -> dict[str, Any]:
+    """The backbone and weights `config` will train with, resolved now, before any split or TensorFlow work:
+    ValueError naming the value and how to provide the file when they cannot be had. A demo fallback is named."""
+    used, weights = _weights(config, settings, open_store(settings))
+    fallback = None
+    if used.backbone != config.backbone:
+        fallback = f"{config.backbone} has no ImageNet weights here: {used.backbone} is trained instead"
+    elif weights.path is None and config.weights != "none":
+        fallback = f"{config.backbone} is trained from random initialisation: no ImageNet weights here"
+    return {"backbone": used.backbone, "weights": weights.source, "fallback": fallback}
+
+
+def prepare_split(settings: Settings, config: TrainConfig | None = None) -> dict[str, Any]:
+    """Freeze (or extend, by the recorded rule) the train/val/test split. With `config`, its weights are
+    checked first (`check_weights`), so a run that could not train fails here, before anything is written."""
+    weights = check_weights(settings, config) if config is not None else None
     engine = engine_for(settings)
     try:
-        return splits.assign(engine, seed=seed)
+        summary = splits.assign(engine, seed=config.seed if config is not None else 0)
     finally:
         engine.dispose()
+    return summary | ({"weights": weights} if weights else {})
 
 
 def gated_sources(split_summary: dict[str, Any]) -> list[str]:
@@ -335,7 +353,7 @@ def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[st
                 "calibration": {"a": cal_a, "b": cal_b}, "out_of_scope_threshold": scope_info.get("out_of_scope_above"),
                 "feature_cache": {"computed": computed, "reused": reused,
                                   "seconds": round(s1.seconds + s2.seconds + s3.seconds, 2)},
-                "weights": weights.source}
+                "weights": weights.source, "backbone": config.backbone}
     finally:
         engine.dispose()
 
@@ -344,7 +362,7 @@ def run(settings: Settings, config: TrainConfig, run_id: str | None = None) -> d
     """The whole retrain (what `lesion train` prints)."""
     started = time.monotonic()
     run_id = run_id or f"cli-{datetime.now(UTC):%Y%m%dT%H%M%S}"
-    split = prepare_split(settings, config.seed)
+    split = prepare_split(settings, config)
     trained = train_model(settings, config, run_id)
     evaluated = assess.evaluate_model(settings, trained["model_version"])
     gated = assess.gate_model(settings, trained["model_version"], actor="lesion train")
@@ -353,5 +371,6 @@ def run(settings: Settings, config: TrainConfig, run_id: str | None = None) -> d
         "metrics": evaluated["metrics"], "gate": {"reasons": gated["reasons"], "champion": gated["champion"]},
         "report_uri": open_store(settings).uri(evaluated["report_uri"]), "feature_cache": trained["feature_cache"],
         "head_seconds": trained["head_seconds"], "weights": trained["weights"], "split": split["counts"],
+        "backbone": trained["backbone"], "weights_fallback": split["weights"]["fallback"],
         "wall_seconds": round(time.monotonic() - started, 1),
     }

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -86,8 +87,20 @@ class Backend:
         return open_store(self.settings)
 
 
+# Unicode bidirectional controls (U+202E and kin) reorder what follows them on screen: a note, a name or a
+# metadata value could make text read other than it is. Stored verbatim; shown as visible codes.
+_BIDI = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _visible(value: Any) -> Any:
+    """Every value a template prints (jinja's finalize): bidi controls become visible `[U+202E]`."""
+    if isinstance(value, str) and _BIDI.search(value):
+        return type(value)(_BIDI.sub(lambda m: f"[U+{ord(m.group()):04X}]", value))  # Markup stays Markup
+    return value
+
+
 def _templates() -> Environment:
-    env = Environment(loader=FileSystemLoader(Path(__file__).with_name("templates")),
+    env = Environment(loader=FileSystemLoader(Path(__file__).with_name("templates")), finalize=_visible,
                       autoescape=select_autoescape(["html"]), trim_blocks=True, lstrip_blocks=True)
     env.filters["f3"] = lambda v: "–" if v is None else f"{v:.3f}"
     env.filters["pct"] = lambda v: "–" if v is None else f"{100 * v:.1f}%"

@@ -278,3 +278,34 @@ def test_minio_init_makes_least_privilege_users(tmp_path):
                                     "arn:aws:s3:::lesion/*": {"s3:GetObject", "s3:PutObject", "s3:DeleteObject"}}
     assert grants("lesion-logs") == {"arn:aws:s3:::airflow-logs": bucket,
                                      "arn:aws:s3:::airflow-logs/*": {"s3:GetObject", "s3:PutObject"}}
+
+
+def test_task_log_file_names_stay_bounded_for_long_run_ids(monkeypatch):
+    """A 260-character run id made every task fail with no log ("File name too long") under Airflow's
+    default log_filename_template: the shipped one (compose and `make airflow` read airflow-workers.env)
+    keeps each path segment under the file system's 255 bytes, and is Airflow's default for ordinary ids."""
+    from types import SimpleNamespace
+
+    from airflow.configuration import conf
+    from airflow.utils.helpers import parse_template_string
+
+    settings = dict(line.split("=", 1) for line in (REPO / "docker" / "airflow-workers.env").read_text().splitlines()
+                    if line and not line.startswith("#"))
+    shipped = settings["AIRFLOW__LOGGING__LOG_FILENAME_TEMPLATE"]
+    monkeypatch.setenv("AIRFLOW__LOGGING__LOG_FILENAME_TEMPLATE", shipped)
+    assert conf.get("logging", "log_filename_template") == shipped  # read as written, no interpolation
+
+    def render(template: str, run_id: str, map_index: int = -1) -> str:
+        ti = SimpleNamespace(dag_id="lesion_nightly_score", task_id="score_shard", run_id=run_id, map_index=map_index,
+                             try_number=1)
+        return parse_template_string(template)[1].render(ti=ti, try_number=1)
+
+    default = conf.get_default_value("logging", "log_filename_template").replace("%%", "%")
+    for run_id in ("manual__2026-12-02T10:00:00+00:00", "r" * 200):
+        for map_index in (-1, 3):
+            assert render(shipped, run_id, map_index) == render(default, run_id, map_index)
+    long_a, long_b = "a" * 260, "a" * 250
+    assert max(len(seg.encode()) for seg in render(default, long_a).split("/")) > 255  # what failed
+    for run_id in (long_a, long_b):
+        assert max(len(seg.encode()) for seg in render(shipped, run_id).split("/")) <= 255
+    assert render(shipped, long_a) != render(shipped, long_b)

@@ -160,6 +160,36 @@ def test_bad_params_fail_in_the_first_task_before_any_work(airflow_env):
     reliability.record("Undeclared or out-of-range retrain Params", "conf bootstrap=-1 (undeclared); seed 2**64, -1, "
                        "strings for integers (unit)", "refused with the value and the range, before any work",
                        "prepare_split failed; train_model never ran", 0, 0)
+    run, states = run_dag(dag, {"profile": "demo", "backbone": "tiny", "weights": "/etc/passwd"})
+    tries = {ti.task_id: ti.try_number for ti in run.get_task_instances()}
+    assert run.state == "failed" and states["prepare_split"] == "failed" and tries["prepare_split"] == 1
+    assert states["train_model"] in ("upstream_failed", None)
+    reliability.record("Unusable weights in the retrain form", "weights=/etc/passwd from the form (unit: ../, file://, "
+                       "another bucket, http://127.0.0.1, paper profile without ResNet weights, tiny with imagenet)",
+                       "refused by prepare_split, once, without retry, before the TensorFlow slot",
+                       "prepare_split failed on its first try; train_model never ran", 0, 0)
+
+
+@pytest.mark.parametrize("weights", ["/etc/passwd", "../../../etc/passwd", "file:///etc/passwd",
+                                     "s3://another-bucket/weights.h5", "http://127.0.0.1/weights.h5"])
+def test_unusable_weights_fail_prepare_split_before_the_split(weights, local_settings, monkeypatch):
+    monkeypatch.setenv("LESION_WEIGHTS_DOWNLOAD", "0")
+    with pytest.raises(ValueError, match="weights|store"):
+        retrain.prepare_split(local_settings, retrain.make_config("demo", backbone="tiny", weights=weights))
+
+
+def test_weights_a_backbone_cannot_have_are_refused_not_replaced(local_settings, monkeypatch, tmp_path):
+    monkeypatch.setenv("LESION_WEIGHTS_DOWNLOAD", "0")
+    monkeypatch.setenv("LESION_WEIGHTS_DIR", str(tmp_path / "no-weights"))
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    with pytest.raises(ValueError, match="backbone 'tiny' has no ImageNet weights"):  # was: effnet_lite0, a warning
+        retrain.prepare_split(local_settings, retrain.make_config("demo", backbone="tiny"))
+    with pytest.raises(ValueError, match="resnet101v2_weights_tf_dim_ordering_tf_kernels_notop.h5"):
+        retrain.prepare_split(local_settings, retrain.make_config("paper"))
+    # the demo profile's own backbone still falls back, and says so in the result
+    checked = retrain.check_weights(local_settings, retrain.make_config("demo"))
+    assert checked["backbone"] == "effnet_lite0"
+    assert checked["fallback"] == "mobilenet025_multiscale has no ImageNet weights here: effnet_lite0 is trained instead"
 
 
 # --- weights cache ------------------------------------------------------------------------------

@@ -185,6 +185,27 @@ def test_reviewer_labels_become_training_data_without_touching_isic_labels(home,
     assert splits.summary(engine) == summary
 
 
+def test_bidi_controls_in_a_note_are_shown_as_codes_not_obeyed(home):
+    """A note with U+202E (right-to-left override) would show 'agree' text reversed; it is stored verbatim
+    and displayed as a visible code, on the case page like everywhere the templates print a value."""
+    from fastapi.testclient import TestClient
+
+    from lesion_tasks.review_web import Reviewer, create_app
+
+    settings, engine, version = home
+    image_id = _open_case(engine, drop_id=NIGHT_DROP)
+    note = "benign \u202egnp.exe\u2066 ok"
+    stored = review.record(engine, image_id, version, "agree", "dr-\u202ebidi", note=note, submission_id="sub-bidi01")
+    assert stored["note"] == note  # recorded as typed
+
+    async def authenticate(request):
+        return Reviewer("dr-local", True, True)
+
+    page = TestClient(create_app(lambda: settings, authenticate, lambda nxt: nxt)).get(f"/case/{image_id}").text
+    assert not re.search("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]", page)
+    assert "benign [U+202E]gnp.exe[U+2066] ok" in page and "dr-[U+202E]bidi" in page
+
+
 def test_app_on_the_embedded_defaults_streams_from_the_local_store(home):
     """`make airflow` runs the app on SQLite + a local directory: every page renders, images and
     overlays stream from the directory (there are no presigned links there), and the login is
