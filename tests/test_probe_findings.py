@@ -190,6 +190,10 @@ def test_weights_a_backbone_cannot_have_are_refused_not_replaced(local_settings,
     checked = retrain.check_weights(local_settings, retrain.make_config("demo"))
     assert checked["backbone"] == "effnet_lite0"
     assert checked["fallback"] == "mobilenet025_multiscale has no ImageNet weights here: effnet_lite0 is trained instead"
+    reliability.record("A backbone its weights cannot serve", "backbone tiny with weights imagenet from the form",
+                       "refused by prepare_split (was: effnet_lite0 trained with a warning line)",
+                       "ValueError 'backbone tiny has no ImageNet weights'; the demo's own fallback named in the result",
+                       0, 0)
 
 
 # --- weights cache ------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from lesion_tasks import db, mc, retrain, review, splits, trainset
 from lesion_tasks.schema import images, prediction_samples, predictions, reviews
 from lesion_tasks.schema import splits as splits_table
+from tests import reliability
 from tests.conftest import LABELLED_DROP, N_IMAGES, NIGHT_DROP, copy_home
 
 
@@ -204,6 +205,9 @@ def test_bidi_controls_in_a_note_are_shown_as_codes_not_obeyed(home):
     page = TestClient(create_app(lambda: settings, authenticate, lambda nxt: nxt)).get(f"/case/{image_id}").text
     assert not re.search("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]", page)
     assert "benign [U+202E]gnp.exe[U+2066] ok" in page and "dr-[U+202E]bidi" in page
+    reliability.record("Bidi control characters in a note", "a verdict note and reviewer name with U+202E / U+2066",
+                       "stored verbatim, shown as visible codes, never obeyed", "no bidi control in the page; "
+                       "[U+202E] shown", 0, 0)
 
 
 def test_app_on_the_embedded_defaults_streams_from_the_local_store(home):
