@@ -3,7 +3,7 @@ per-image costs the README's 100,000-images-a-night estimate is computed from. P
 
     .venv/bin/python bench/celery_workers.py [--images 3000] [--shard-size 500] [--rounds 1]
 
-Starts everything itself, as the live Celery test does (tests/celery_cluster.py): a PostgreSQL cluster,
+Starts everything itself, as the live Celery test does (tools/celery_cluster.py): a PostgreSQL cluster,
 the S3 server (rclone), Redis, and Airflow (api-server, scheduler, dag-processor) with N
 `airflow celery worker`s using docker/airflow-workers.env; the pool lesion_tensorflow gets N slots.
 A demo-profile model (MobileNet 0.25 multi-scale, 224 px, effective resolution 84 px; random weights:
@@ -33,13 +33,16 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-from lesion_tasks import backbones, db, registry, retrain, scoring  # noqa: E402
-from lesion_tasks.ingest import ingest  # noqa: E402
-from lesion_tasks.schema import prediction_samples, predictions  # noqa: E402
-from lesion_tasks.settings import Settings  # noqa: E402
-from lesion_tasks.store import open_store  # noqa: E402
-from lesion_tasks.synthetic import make_drop  # noqa: E402
-from tests import celery_cluster, servers  # noqa: E402
+from lesion_tasks.model import backbones
+from lesion_tasks.core import db
+from lesion_tasks.lifecycle import registry, retrain
+from lesion_tasks.scoring import nightly as scoring
+from lesion_tasks.ingest.drop import ingest  # noqa: E402
+from lesion_tasks.core.schema import prediction_samples, predictions  # noqa: E402
+from lesion_tasks.core.settings import Settings  # noqa: E402
+from lesion_tasks.core.store import open_store  # noqa: E402
+from lesion_tasks.ops.synthetic import make_drop  # noqa: E402
+from tools import celery_cluster, servers  # noqa: E402
 
 NIGHT_SECONDS = 4 * 3600
 NIGHT_IMAGES = 100_000

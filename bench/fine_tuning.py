@@ -31,10 +31,11 @@ from sklearn.linear_model import LogisticRegression  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
 
-from lesion_tasks import backbones, evaluation, features, trainset  # noqa: E402
-from lesion_tasks.db import engine_for  # noqa: E402
-from lesion_tasks.settings import Settings  # noqa: E402
-from lesion_tasks.store import open_store  # noqa: E402
+from lesion_tasks.model import backbones, evaluation, features
+from lesion_tasks.lifecycle import trainset
+from lesion_tasks.core.db import engine_for  # noqa: E402
+from lesion_tasks.core.settings import Settings  # noqa: E402
+from lesion_tasks.core.store import open_store  # noqa: E402
 
 EFFECTIVE = 84
 SIZE = 224

@@ -21,12 +21,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lesion_tasks import db  # noqa: E402
-from lesion_tasks.images import inspect_image  # noqa: E402
-from lesion_tasks.ingest import ingest  # noqa: E402
-from lesion_tasks.settings import Settings  # noqa: E402
-from lesion_tasks.sources import Limits  # noqa: E402
-from lesion_tasks.store import LocalStore  # noqa: E402
+from lesion_tasks.core import db
+from lesion_tasks.ingest.images import inspect_image  # noqa: E402
+from lesion_tasks.ingest.drop import ingest  # noqa: E402
+from lesion_tasks.core.settings import Settings  # noqa: E402
+from lesion_tasks.ingest.sources import Limits  # noqa: E402
+from lesion_tasks.core.store import LocalStore  # noqa: E402
 
 
 def _stages(files: list[Path], store_root: Path) -> dict[str, float]:

@@ -22,10 +22,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
-from lesion_tasks import backbones, evaluation, features, trainset
-from lesion_tasks.db import engine_for
-from lesion_tasks.settings import Settings
-from lesion_tasks.store import open_store
+from lesion_tasks.model import backbones, evaluation, features
+from lesion_tasks.lifecycle import trainset
+from lesion_tasks.core.db import engine_for
+from lesion_tasks.core.settings import Settings
+from lesion_tasks.core.store import open_store
 
 CANDIDATES = [  # (backbone, input size, effective resolution, colour constancy)
     ("mobilenet025_multiscale", 224, 0, ""),

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from lesion_tasks.neardup import NearDupIndex
+from lesion_tasks.ingest.neardup import NearDupIndex
 
 
 def timed(hashes: list[int]) -> float:

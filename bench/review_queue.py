@@ -27,9 +27,10 @@ sys.path.insert(0, str(REPO))
 
 import sqlalchemy as sa  # noqa: E402
 
-from lesion_tasks import db, review  # noqa: E402
-from lesion_tasks.schema import drops, images, model_versions, predictions, reviews  # noqa: E402
-from lesion_tasks.settings import Settings  # noqa: E402
+from lesion_tasks.core import db
+from lesion_tasks.review import cases as review
+from lesion_tasks.core.schema import drops, images, model_versions, predictions, reviews  # noqa: E402
+from lesion_tasks.core.settings import Settings  # noqa: E402
 
 CHUNK = 5000
 
@@ -103,7 +104,7 @@ def measure(db_url: str | None, n_predictions: int, versions: int, home: Path) -
 
     from fastapi.testclient import TestClient
 
-    from lesion_tasks.review_web import Reviewer, create_app
+    from lesion_tasks.review.web import Reviewer, create_app
 
     async def anyone(_request):
         return Reviewer("bench", True, True)

@@ -52,7 +52,7 @@ def _images(data: Path, n: int, size: int) -> tuple[np.ndarray, list[str]]:
 
 def _model(backbone: str, size: int):
     """A full model with random (seeded) weights and a head with non-trivial BatchNorm statistics."""
-    from lesion_tasks import backbones
+    from lesion_tasks.model import backbones
 
     weights = backbones.resolve_weights("none", backbones.get_backbone(backbone), None)
     model = backbones.build_model(backbone, size, weights, dropout=0.5, seed=0)
@@ -72,7 +72,8 @@ def compute_ratios(data: Path, backbone: str, n_images: int, n_naive: int) -> di
     import keras
     import tensorflow as tf
 
-    from lesion_tasks import backbones, gradcam, mc, scoring
+    from lesion_tasks.model import backbones, gradcam, mc
+    from lesion_tasks.scoring import nightly as scoring
 
     size = backbones.get_backbone(backbone).default_size
     rgb, ids = _images(data, n_images, size)
@@ -82,7 +83,7 @@ def compute_ratios(data: Path, backbone: str, n_images: int, n_naive: int) -> di
     head = mc.HeadWeights.from_model(model)
     version = "bench"
 
-    # scoring path: exactly what lesion_tasks.scoring runs per batch
+    # scoring path: exactly what lesion_tasks.scoring.nightly runs per batch
     cut = keras.Model(model.input, [model.get_layer(last).output, model.get_layer("head_gap").output])
     cut_fn = tf.function(lambda b: cut(b, training=False), reduce_retracing=True)
 
@@ -155,9 +156,11 @@ def _register_untrained(settings, backbone: str) -> str:
     from dataclasses import asdict
     from datetime import UTC, datetime
 
-    from lesion_tasks import backbones, db, mc, registry
-    from lesion_tasks.schema import model_versions
-    from lesion_tasks.store import open_store
+    from lesion_tasks.model import backbones, mc
+    from lesion_tasks.core import db
+    from lesion_tasks.lifecycle import registry
+    from lesion_tasks.core.schema import model_versions
+    from lesion_tasks.core.store import open_store
 
     store = open_store(settings)
     size = backbones.get_backbone(backbone).default_size
@@ -186,9 +189,9 @@ def _register_untrained(settings, backbone: str) -> str:
 
 def _prepare_home(data: Path, home: Path, backbone: str, n_images: int | None = None, **settings_kw):
     """A home with the ISIC drop ingested (its first `n_images` only when given) and a random champion."""
-    from lesion_tasks import db
-    from lesion_tasks.ingest import ingest
-    from lesion_tasks.settings import Settings
+    from lesion_tasks.core import db
+    from lesion_tasks.ingest.drop import ingest
+    from lesion_tasks.core.settings import Settings
 
     settings = Settings.from_env({"LESION_HOME": str(home)}, **settings_kw)
     db.upgrade(settings)
@@ -209,8 +212,8 @@ def _prepare_home(data: Path, home: Path, backbone: str, n_images: int | None = 
 
 def child_rss(home: str, limit: int) -> None:
     """Runs in its own process: score `limit` images, print peak RSS."""
-    from lesion_tasks.scoring import score_range
-    from lesion_tasks.settings import Settings
+    from lesion_tasks.scoring.nightly import score_range
+    from lesion_tasks.core.settings import Settings
 
     result = score_range(Settings.from_env({"LESION_HOME": home}), limit=limit, run_id=f"rss-{limit}")
     print(json.dumps({"images": result["scored"], "seconds": result["seconds"],
@@ -232,9 +235,9 @@ def rss_ratio(data: Path, backbone: str, sizes: list[int]) -> dict:
 
 
 def end_to_end(data: Path, backbone: str, n: int) -> dict:
-    from tests import servers
+    from tools import servers
 
-    from lesion_tasks.scoring import score_range
+    from lesion_tasks.scoring.nightly import score_range
 
     pg, s3 = servers.start_postgres(), servers.start_s3()
     try:
@@ -282,11 +285,14 @@ def _postgres_cpu_s(pg) -> float:
 def overhead(data: Path, backbone: str, n: int, rounds: int) -> dict:
     """(e) `score_range` end to end over plain backbone inference, alternating, on the same n images."""
     import sqlalchemy as sa
-    from tests import servers
+    from tools import servers
 
-    from lesion_tasks import backbones, db, features, gradcam, registry, scoring
-    from lesion_tasks.schema import images, prediction_samples, predictions
-    from lesion_tasks.store import open_store
+    from lesion_tasks.model import backbones, features, gradcam
+    from lesion_tasks.core import db
+    from lesion_tasks.lifecycle import registry
+    from lesion_tasks.scoring import nightly as scoring
+    from lesion_tasks.core.schema import images, prediction_samples, predictions
+    from lesion_tasks.core.store import open_store
 
     pg, s3 = servers.start_postgres(), servers.start_s3()
     try:

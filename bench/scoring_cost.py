@@ -24,11 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
 
-from lesion_tasks import registry, scoring  # noqa: E402
-from lesion_tasks.db import engine_for  # noqa: E402
-from lesion_tasks.schema import images, predictions  # noqa: E402
-from lesion_tasks.settings import Settings  # noqa: E402
-from lesion_tasks.store import open_store  # noqa: E402
+from lesion_tasks.lifecycle import registry
+from lesion_tasks.scoring import nightly as scoring
+from lesion_tasks.core.db import engine_for  # noqa: E402
+from lesion_tasks.core.schema import images, predictions  # noqa: E402
+from lesion_tasks.core.settings import Settings  # noqa: E402
+from lesion_tasks.core.store import open_store  # noqa: E402
 
 
 def main() -> None:

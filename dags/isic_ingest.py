@@ -9,7 +9,7 @@ write is idempotent. A run that finds no new drop (e.g. a manual run after the s
 `find_new_drops` **skipped**, its message saying what it saw: "no new drop under incoming/: 2 drop(s) already
 ingested (night-1, night-2.zip), 0 settling, 0 loose file(s) ignored".
 
-Logic: `lesion_tasks.ingest` (also `lesion ingest SOURCE`). This file only wires.
+Logic: `lesion_tasks.ingest.drop` (also `lesion ingest SOURCE`). This file only wires.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ def isic_ingest():
 
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from lesion_tasks.alerts import incoming_report
-        from lesion_tasks.sources import discover_incoming
+        from lesion_tasks.ops.alerts import incoming_report
+        from lesion_tasks.ingest.sources import discover_incoming
 
         settings = lesion_settings()
         ready = discover_incoming(settings)
@@ -54,7 +54,7 @@ def isic_ingest():
     def ingest_drop(source: str) -> dict:
         from lesion_airflow import lesion_settings
 
-        from lesion_tasks.ingest import ingest_one_of_many
+        from lesion_tasks.ingest.drop import ingest_one_of_many
 
         return ingest_one_of_many(source, lesion_settings())
 
@@ -62,7 +62,7 @@ def isic_ingest():
     def publish(results: list[dict]) -> dict:
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from lesion_tasks.ingest import summarize
+        from lesion_tasks.ingest.drop import summarize
 
         summary = summarize(list(results))
         if summary["accepted"] == 0:
@@ -74,7 +74,7 @@ def isic_ingest():
         """The run fails, after the good drops were published, when a drop failed."""
         from airflow.sdk.exceptions import AirflowFailException
 
-        from lesion_tasks.ingest import summarize
+        from lesion_tasks.ingest.drop import summarize
 
         failed = summarize(list(results))["failed"]
         if failed:

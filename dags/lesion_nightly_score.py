@@ -13,11 +13,11 @@ retries never duplicate and rewrite identical numbers.
 
 Without a champion model, `plan_shards` ends **skipped** ("no champion model: train one with lesion_retrain")
 and so does the rest: the run is not a silent green. After scoring, `summarise` compares tonight's `p_mel`
-and entropy with the previous nights' of the same model version (`lesion_tasks.alerts`: Kolmogorov-Smirnov
+and entropy with the previous nights' of the same model version (`lesion_tasks.ops.alerts`: Kolmogorov-Smirnov
 above 0.2 with p < 0.01). With the Connection `lesion_alerts_smtp`, a failed run, a run without a champion and
 a shifted night are mailed (README, "Alerts").
 
-Logic: `lesion_tasks.scoring` (also `lesion score`) and `lesion_tasks.alerts`. This file only wires.
+Logic: `lesion_tasks.scoring.nightly` (also `lesion score`) and `lesion_tasks.ops.alerts`. This file only wires.
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ def lesion_nightly_score():
 
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from lesion_tasks import alerts
-        from lesion_tasks.scoring import plan_shards as plan
+        from lesion_tasks.ops import alerts
+        from lesion_tasks.scoring.nightly import plan_shards as plan
 
         context, settings = get_current_context(), lesion_settings()
         shards = plan(settings, "champion", shard_size=context["params"]["shard_size"])
@@ -72,7 +72,7 @@ def lesion_nightly_score():
         from lesion_airflow import lesion_settings, quiet_tensorflow
 
         quiet_tensorflow()
-        from lesion_tasks.scoring import score_range
+        from lesion_tasks.scoring.nightly import score_range
 
         return score_range(lesion_settings(), shard["model_version"], shard["first"], shard["last"],
                            run_id=get_current_context()["run_id"])
@@ -82,8 +82,8 @@ def lesion_nightly_score():
     def summarise(shards: list[dict], results: list[dict] | None = None) -> dict:
         from lesion_airflow import alert_links, lesion_settings, send_alert
 
-        from lesion_tasks import alerts
-        from lesion_tasks.scoring import summarize
+        from lesion_tasks.ops import alerts
+        from lesion_tasks.scoring.nightly import summarize
 
         # `results` is Airflow's lazy sequence over the mapped XComs: iterating it (list(results)) reads
         # item by item until the API answers 404, which the SDK logs as "XCom not found ... offset=N"

@@ -18,7 +18,7 @@ images there are: the `prepare_split` task's log and return value (images per sp
 source drop) of any run, or `SELECT label, count(*) FROM images GROUP BY label` (not counted here: a DAG file
 never queries databases while it is parsed).
 
-Logic: `lesion_tasks.retrain` (also `lesion train`) and `lesion_tasks.retention`. This file only wires.
+Logic: `lesion_tasks.lifecycle.retrain` (also `lesion train`) and `lesion_tasks.ops.retention`. This file only wires.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from airflow.sdk import Param, dag, get_current_context, task
 
 TF_POOL = "lesion_tensorflow"  # one TensorFlow task at a time: a TF process holds all cores
 
-# The form shows the demo profile's values (lesion_tasks.retrain.PROFILES["demo"]; tests/test_dags.py keeps
+# The form shows the demo profile's values (lesion_tasks.lifecycle.retrain.PROFILES["demo"]; tests/test_dags.py keeps
 # them equal) and names the paper profile's in the descriptions. With profile `paper`, a field left at its
 # demo value takes the paper's (lesion_airflow.retrain_config). Backbones offered: every one but the test-only
 # `tiny`, which the API / CLI still accept (the field is free text with suggestions, checked by the task).
@@ -85,7 +85,7 @@ def lesion_retrain():
 
         from airflow.sdk.exceptions import AirflowFailException
 
-        from lesion_tasks.retrain import prepare_split as split
+        from lesion_tasks.lifecycle.retrain import prepare_split as split
 
         try:  # bad values and unavailable weights fail here, first, and for good: a retry would not fix them
             summary = split(lesion_settings(), config())
@@ -101,7 +101,7 @@ def lesion_retrain():
         from lesion_airflow import lesion_settings, quiet_tensorflow
 
         quiet_tensorflow()
-        from lesion_tasks.retrain import train_model as train
+        from lesion_tasks.lifecycle.retrain import train_model as train
 
         return train(lesion_settings(), config(), get_current_context()["run_id"])["model_version"]
 
@@ -110,7 +110,7 @@ def lesion_retrain():
         from lesion_airflow import lesion_settings, quiet_tensorflow
 
         quiet_tensorflow()
-        from lesion_tasks.assess import evaluate_model as evaluate
+        from lesion_tasks.lifecycle.assess import evaluate_model as evaluate
 
         evaluate(lesion_settings(), model_version)
         return model_version
@@ -122,8 +122,8 @@ def lesion_retrain():
         from airflow.sdk.exceptions import AirflowSkipException
 
         quiet_tensorflow()  # the comparison with the champion may load models
-        from lesion_tasks import alerts
-        from lesion_tasks.assess import gate_model
+        from lesion_tasks.ops import alerts
+        from lesion_tasks.lifecycle.assess import gate_model
 
         context = get_current_context()
         gate = gate_model(lesion_settings(), model_version, actor=f"lesion_retrain:{context['run_id']}")
@@ -136,7 +136,7 @@ def lesion_retrain():
     def collect_garbage() -> dict:
         from lesion_airflow import lesion_settings
 
-        from lesion_tasks.retention import collect_garbage as gc
+        from lesion_tasks.ops.retention import collect_garbage as gc
 
         return gc(lesion_settings())
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lesion_tasks.settings import Settings
+from lesion_tasks.core.settings import Settings
 
 log = logging.getLogger("lesion")
 
@@ -23,7 +23,7 @@ def _emit(args: argparse.Namespace, payload: dict[str, Any], human: str) -> None
 
 
 def _cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
-    from lesion_tasks import db
+    from lesion_tasks.core import db
 
     revision = db.upgrade(settings)
     _emit(args, {"revision": revision, "db_url": settings.describe()["db_url"]},
@@ -46,8 +46,8 @@ def _ingest_summary(result: dict[str, Any]) -> str:
 
 
 def _cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
-    from lesion_tasks import db
-    from lesion_tasks.ingest import ingest
+    from lesion_tasks.core import db
+    from lesion_tasks.ingest.drop import ingest
 
     db.upgrade(settings)
     result = ingest(args.source, settings, drop_id=args.drop_id).as_json()
@@ -56,9 +56,9 @@ def _cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_train(args: argparse.Namespace, settings: Settings) -> int:
-    from lesion_tasks import db
-    from lesion_tasks.registry import shown
-    from lesion_tasks.retrain import make_config, run
+    from lesion_tasks.core import db
+    from lesion_tasks.lifecycle.registry import shown
+    from lesion_tasks.lifecycle.retrain import make_config, run
 
     db.upgrade(settings)
     config = make_config(args.profile, backbone=args.backbone, epochs=args.epochs, image_size=args.image_size,
@@ -82,8 +82,8 @@ def _cmd_train(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_score(args: argparse.Namespace, settings: Settings) -> int:
-    from lesion_tasks import db
-    from lesion_tasks.scoring import score
+    from lesion_tasks.core import db
+    from lesion_tasks.scoring.nightly import score
 
     db.upgrade(settings)
     result = score(settings, args.model_version, mc_samples=args.mc_samples, limit=args.limit)
@@ -93,7 +93,7 @@ def _cmd_score(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_gradcam_url(args: argparse.Namespace, settings: Settings) -> int:
-    from lesion_tasks.scoring import gradcam_link
+    from lesion_tasks.scoring.nightly import gradcam_link
 
     url = gradcam_link(settings, args.image_id, args.model_version, args.expires)
     _emit(args, {"image_id": args.image_id, "url": url, "expires_s": args.expires}, url)
@@ -101,8 +101,8 @@ def _cmd_gradcam_url(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_promote(args: argparse.Namespace, settings: Settings) -> int:
-    from lesion_tasks import assess
-    from lesion_tasks.db import engine_for
+    from lesion_tasks.lifecycle import assess
+    from lesion_tasks.core.db import engine_for
 
     engine = engine_for(settings)
     try:  # the reports of both versions say what happened
@@ -116,7 +116,8 @@ def _cmd_promote(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_check(args: argparse.Namespace, settings: Settings) -> int:
-    from lesion_tasks import consistency, db
+    from lesion_tasks.ops import consistency
+    from lesion_tasks.core import db
 
     db.upgrade(settings)
     report = consistency.check(settings)
@@ -125,7 +126,8 @@ def _cmd_check(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_gc(args: argparse.Namespace, settings: Settings) -> int:
-    from lesion_tasks import db, retention
+    from lesion_tasks.core import db
+    from lesion_tasks.ops import retention
 
     db.upgrade(settings)
     result = retention.collect_garbage(settings, keep_versions=args.keep_versions, dry_run=args.dry_run)
@@ -217,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.verbose:
         logging.getLogger("alembic").setLevel(logging.WARNING)
-    from lesion_tasks.store import StoreError
+    from lesion_tasks.core.store import StoreError
 
     try:
         settings = Settings.from_env()

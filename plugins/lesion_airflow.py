@@ -26,8 +26,8 @@ def _connection(conn_id: str):
 
 
 def lesion_settings():
-    """`lesion_tasks.settings.Settings` for a task: Connections first, then the environment."""
-    from lesion_tasks.settings import Settings, db_url_from_connection, s3_overrides_from_connection
+    """`lesion_tasks.core.settings.Settings` for a task: Connections first, then the environment."""
+    from lesion_tasks.core.settings import Settings, db_url_from_connection, s3_overrides_from_connection
 
     overrides: dict = {}
     conn = _connection(DB_CONN_ID)
@@ -88,10 +88,10 @@ def quiet_tensorflow() -> None:
 # --- lesion_retrain's trigger form --------------------------------------------------------------------
 
 def retrain_config(params: dict, form_defaults: dict):
-    """`lesion_retrain`'s TrainConfig from its Params (`lesion_tasks.retrain.config_from_params`). The form
+    """`lesion_retrain`'s TrainConfig from its Params (`lesion_tasks.lifecycle.retrain.config_from_params`). The form
     shows the demo profile's values; with another profile, a field left at its demo value takes that
     profile's own (paper: resnet101v2, 100 epochs), so choosing `paper` alone trains the paper's model."""
-    from lesion_tasks.retrain import config_from_params
+    from lesion_tasks.lifecycle.retrain import config_from_params
 
     values = dict(params)
     if (values.get("profile") or "demo") != "demo":
@@ -149,7 +149,7 @@ def alert_links(context, model_version: str | None = None) -> dict[str, str]:
 
 
 def send_alert(context, alert) -> bool:
-    """Send `alert` (a `lesion_tasks.alerts.Alert`) through Airflow's SmtpNotifier and the Connection
+    """Send `alert` (a `lesion_tasks.ops.alerts.Alert`) through Airflow's SmtpNotifier and the Connection
     `lesion_alerts_smtp`. Without the Connection alerts are off (said once per process). Never raises: a
     mail server that is down must not fail the pipeline; it is logged as an error."""
     global _said_alerts_off
@@ -183,7 +183,7 @@ def send_alert(context, alert) -> bool:
 
 def nightly_failed_callback(context) -> None:
     """`lesion_nightly_score`'s on_failure_callback: one alert per failed run."""
-    from lesion_tasks import alerts
+    from lesion_tasks.ops import alerts
 
     version = None
     try:

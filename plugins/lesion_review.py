@@ -1,7 +1,7 @@
 """Airflow plugin: the lesion review UI, mounted in the API server at /lesion-review and listed in
 Airflow's navigation as "Lesion review".
 
-Only wiring: the app is `lesion_tasks.review_web`; this file hands it Airflow's login (the JWT the
+Only wiring: the app is `lesion_tasks.review.web`; this file hands it Airflow's login (the JWT the
 Airflow UI keeps in its `_token` cookie, or a bearer token) and Airflow's permissions: reading needs
 read access to the `lesion_nightly_score` DAG, recording verdicts edit access to `lesion_retrain`
 (verdicts become its training data). Settings come from the Connections lesion_db / lesion_s3.
@@ -14,7 +14,7 @@ import logging
 from airflow.plugins_manager import AirflowPlugin
 from fastapi import Request
 
-from lesion_tasks.review_web import Reviewer, create_app
+from lesion_tasks.review.web import Reviewer, create_app
 
 log = logging.getLogger(__name__)
 

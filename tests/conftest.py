@@ -31,9 +31,9 @@ os.environ.setdefault("AIRFLOW__CORE__PLUGINS_FOLDER", str(REPO / "plugins"))
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 os.environ.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "INFO")
 
-from lesion_tasks import db  # noqa: E402
-from lesion_tasks.settings import Settings  # noqa: E402
-from tests import servers  # noqa: E402
+from lesion_tasks.core import db
+from lesion_tasks.core.settings import Settings  # noqa: E402
+from tools import servers  # noqa: E402
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
@@ -150,7 +150,7 @@ def tiny_config(**overrides):
     image through 48 px first (the effective-resolution path runs in every test). The gate decides with 5
     melanomas in test and validation (the synthetic drops have ~16-20); its default, 30, is tested in
     tests/test_gate.py and by the Params-driven DAG tests, which cannot lower it."""
-    from lesion_tasks import retrain
+    from lesion_tasks.lifecycle import retrain
 
     return retrain.make_config("demo", **{"backbone": "tiny", "image_size": 64, "weights": "none",
                                           "effective_resolution": 48,
@@ -202,9 +202,10 @@ def trained_home(tmp_path_factory) -> Iterator[TrainedHome]:
     import numpy as np
     from PIL import Image
 
-    from lesion_tasks import retrain, scoring
-    from lesion_tasks.ingest import ingest
-    from lesion_tasks.synthetic import make_drop
+    from lesion_tasks.lifecycle import retrain
+    from lesion_tasks.scoring import nightly as scoring
+    from lesion_tasks.ingest.drop import ingest
+    from lesion_tasks.ops.synthetic import make_drop
 
     tmp = tmp_path_factory.mktemp("trained")
     settings = Settings.from_env({"LESION_HOME": str(tmp / "home")})
@@ -231,8 +232,8 @@ def trained_home(tmp_path_factory) -> Iterator[TrainedHome]:
 
 def _footprint(settings: Settings) -> dict:
     """Rows per table and objects in the store: what a test writing to a home would change."""
-    from lesion_tasks.schema import metadata, predictions
-    from lesion_tasks.store import open_store
+    from lesion_tasks.core.schema import metadata, predictions
+    from lesion_tasks.core.store import open_store
 
     engine = db.make_engine(settings.db_url)
     with engine.connect() as conn:
@@ -260,8 +261,8 @@ def mirror_home(source: Settings, dest: Settings, *, predictions: bool = True, o
     first, and with `objects` its objects into `dest`'s store: a trained home on PostgreSQL and S3
     without training there again. Without `predictions`, the images are left unscored (no
     predictions, samples, reviews or overlays)."""
-    from lesion_tasks.schema import metadata
-    from lesion_tasks.store import open_store
+    from lesion_tasks.core.schema import metadata
+    from lesion_tasks.core.store import open_store
 
     skip = set() if predictions else {"predictions", "prediction_samples", "reviews"}
     src, dst = db.make_engine(source.db_url), db.make_engine(dest.db_url)
@@ -290,7 +291,7 @@ def mirror_home(source: Settings, dest: Settings, *, predictions: bool = True, o
 
 def registry_row(settings: Settings, version: str) -> dict:
     """The registry row of `version` in the home `settings` points at."""
-    from lesion_tasks import registry
+    from lesion_tasks.lifecycle import registry
 
     engine = db.make_engine(settings.db_url)
     with engine.connect() as conn:

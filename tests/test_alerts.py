@@ -22,13 +22,15 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from lesion_tasks import alerts, db, keys, retrain
-from lesion_tasks.ingest import ingest
-from lesion_tasks.registry import GateFloors
-from lesion_tasks.schema import drops, model_versions
-from lesion_tasks.store import open_store
-from lesion_tasks.synthetic import make_drop
-from tests import servers
+from lesion_tasks.ops import alerts
+from lesion_tasks.core import db, keys
+from lesion_tasks.lifecycle import retrain
+from lesion_tasks.ingest.drop import ingest
+from lesion_tasks.lifecycle.registry import GateFloors
+from lesion_tasks.core.schema import drops, model_versions
+from lesion_tasks.core.store import open_store
+from lesion_tasks.ops.synthetic import make_drop
+from tools import servers
 from tests.conftest import copy_home, run_dag
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from lesion_tasks import backbones
-from lesion_tasks.settings import Settings
-from lesion_tasks.store import open_store
+from lesion_tasks.model import backbones
+from lesion_tasks.core.settings import Settings
+from lesion_tasks.core.store import open_store
 from tests import reliability
 
 

@@ -20,13 +20,16 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from lesion_tasks import db, registry, retrain, review, scoring
-from lesion_tasks.ingest import ingest
-from lesion_tasks.schema import images, prediction_samples, predictions, reviews
-from lesion_tasks.settings import Settings
-from lesion_tasks.store import open_store
-from lesion_tasks.synthetic import make_drop
-from tests import servers
+from lesion_tasks.core import db
+from lesion_tasks.lifecycle import registry, retrain
+from lesion_tasks.review import cases as review
+from lesion_tasks.scoring import nightly as scoring
+from lesion_tasks.ingest.drop import ingest
+from lesion_tasks.core.schema import images, prediction_samples, predictions, reviews
+from lesion_tasks.core.settings import Settings
+from lesion_tasks.core.store import open_store
+from lesion_tasks.ops.synthetic import make_drop
+from tools import servers
 from tests.conftest import IN_CI, fresh_database, run_cli, shared_config
 
 N_DROP = 300

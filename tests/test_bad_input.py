@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from lesion_tasks.ingest import ingest
-from lesion_tasks.schema import images, quarantine
-from lesion_tasks.sources import Limits
-from lesion_tasks.store import open_store
+from lesion_tasks.ingest.drop import ingest
+from lesion_tasks.core.schema import images, quarantine
+from lesion_tasks.ingest.sources import Limits
+from lesion_tasks.core.store import open_store
 from tests import imagegen as g
 
 LIMITS = Limits(max_bytes=1_500_000)

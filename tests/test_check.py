@@ -10,9 +10,11 @@ from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 
-from lesion_tasks import consistency, db, registry
-from lesion_tasks.schema import images, model_versions, predictions, splits
-from lesion_tasks.store import open_store
+from lesion_tasks.ops import consistency
+from lesion_tasks.core import db
+from lesion_tasks.lifecycle import registry
+from lesion_tasks.core.schema import images, model_versions, predictions, splits
+from lesion_tasks.core.store import open_store
 from tests import reliability
 from tests.conftest import LABELLED_DROP, NIGHT_DROP, registry_row, run_cli
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from lesion_tasks.schema import images, quarantine
-from lesion_tasks.store import open_store
-from lesion_tasks.synthetic import make_drop
+from lesion_tasks.core.schema import images, quarantine
+from lesion_tasks.core.store import open_store
+from lesion_tasks.ops.synthetic import make_drop
 from tests.conftest import run_dag
 
 DAGS = Path(__file__).resolve().parents[1] / "dags"

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from lesion_tasks.ingest import ingest
-from lesion_tasks.store import open_store
-from lesion_tasks.schema import champion_history, model_versions
-from lesion_tasks.synthetic import make_drop
+from lesion_tasks.ingest.drop import ingest
+from lesion_tasks.core.store import open_store
+from lesion_tasks.core.schema import champion_history, model_versions
+from lesion_tasks.ops.synthetic import make_drop
 from tests.conftest import run_dag
 
 DAGS = Path(__file__).resolve().parents[1] / "dags"

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from lesion_tasks import db, registry
-from lesion_tasks.ingest import ingest
-from lesion_tasks.schema import images, predictions
-from lesion_tasks.synthetic import make_drop
+from lesion_tasks.core import db
+from lesion_tasks.lifecycle import registry
+from lesion_tasks.ingest.drop import ingest
+from lesion_tasks.core.schema import images, predictions
+from lesion_tasks.ops.synthetic import make_drop
 from tests import reliability
 from tests.conftest import N_IMAGES, mirror_home, run_dag
 

@@ -71,8 +71,8 @@ def test_retrain_form_shows_real_defaults(dagbag):
     backbone but the test-only `tiny` (which the task still accepts: free text with suggestions)."""
     from dataclasses import asdict
 
-    from lesion_tasks.backbones import BACKBONES
-    from lesion_tasks.retrain import PROFILES
+    from lesion_tasks.model.backbones import BACKBONES
+    from lesion_tasks.lifecycle.retrain import PROFILES
 
     params = dagbag.get_dag("lesion_retrain").params
     demo, paper = asdict(PROFILES["demo"]), asdict(PROFILES["paper"])
@@ -99,7 +99,7 @@ def test_retrain_form_values_become_the_profiles_config(dagbag):
     sys.path.insert(0, str(REPO / "plugins"))
     from lesion_airflow import retrain_config
 
-    from lesion_tasks.retrain import PROFILES
+    from lesion_tasks.lifecycle.retrain import PROFILES
 
     params = dagbag.get_dag("lesion_retrain").params
     form = {name: params[name] for name in params}

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from lesion_tasks import db, effnet_lite
-from lesion_tasks.schema import model_versions
+from lesion_tasks.core import db
+from lesion_tasks.model import effnet_lite
+from lesion_tasks.core.schema import model_versions
 
 
 def test_make_demo_on_a_fresh_clone_promotes_a_pretrained_champion(tmp_path):

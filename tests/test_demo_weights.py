@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from lesion_tasks import effnet_lite, retrain
-from lesion_tasks.settings import Settings
-from lesion_tasks.store import open_store
+from lesion_tasks.model import effnet_lite
+from lesion_tasks.lifecycle import retrain
+from lesion_tasks.core.settings import Settings
+from lesion_tasks.core.store import open_store
 
 
 @pytest.fixture

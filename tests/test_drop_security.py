@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from lesion_tasks.db import engine_for
-from lesion_tasks.ingest import ingest
-from lesion_tasks.schema import images, quarantine
-from lesion_tasks.sources import Limits, discover_incoming
-from lesion_tasks.store import LocalStore, ObjectNotFound
+from lesion_tasks.core.db import engine_for
+from lesion_tasks.ingest.drop import ingest
+from lesion_tasks.core.schema import images, quarantine
+from lesion_tasks.ingest.sources import Limits, discover_incoming
+from lesion_tasks.core.store import LocalStore, ObjectNotFound
 from tests import imagegen as g
 from tests import reliability
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lesion_tasks import effnet_lite
+from lesion_tasks.model import effnet_lite
 
 REPO = Path(__file__).resolve().parents[1]
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -242,7 +242,7 @@ def test_batchnorm_statistics_on_dermoscopic_images(variant, data_dir):
     standard deviation (median over channels), which a [0, 255] input or broken weights are not."""
     import keras
 
-    from lesion_tasks.backbones import preprocess
+    from lesion_tasks.model.backbones import preprocess
 
     files = sorted((data_dir / "isic2017-mel-nv" / "images").glob("*.jpg"))[:64]
     if len(files) < 64:
@@ -295,7 +295,7 @@ def test_imagenet_classes_of_natural_images(variant):
     place of ReLU6 or missing residual adds all fail this (checked by breaking the rebuild)."""
     import keras
 
-    from lesion_tasks.backbones import preprocess
+    from lesion_tasks.model.backbones import preprocess
 
     images = _natural_images()
     missing = [str(p) for p, _ in images if not p.is_file()]

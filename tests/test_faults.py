@@ -13,12 +13,15 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from lesion_tasks import consistency, db, registry, scoring
-from lesion_tasks.ingest import ingest
-from lesion_tasks.schema import images, predictions
-from lesion_tasks.settings import Settings
-from lesion_tasks.store import StoreError, key_of, open_store
-from lesion_tasks.synthetic import make_drop
+from lesion_tasks.ops import consistency
+from lesion_tasks.core import db
+from lesion_tasks.lifecycle import registry
+from lesion_tasks.scoring import nightly as scoring
+from lesion_tasks.ingest.drop import ingest
+from lesion_tasks.core.schema import images, predictions
+from lesion_tasks.core.settings import Settings
+from lesion_tasks.core.store import StoreError, key_of, open_store
+from lesion_tasks.ops.synthetic import make_drop
 from tests import reliability
 from tests.conftest import fresh_database, mirror_home, start_s3_or_fail
 from tests.imagegen import unlabelled_drop

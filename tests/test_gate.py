@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 
-from lesion_tasks import registry, report
+from lesion_tasks.lifecycle import registry, report
 
 GOOD = {"mel_sensitivity": 0.9, "auc": 0.95, "balanced_accuracy": 0.85}
 

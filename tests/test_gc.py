@@ -18,10 +18,14 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
-from lesion_tasks import artifacts, consistency, db, keys, registry, retention, review, scoring
-from lesion_tasks.schema import model_versions, prediction_samples, predictions, reviews
-from lesion_tasks.settings import Settings
-from lesion_tasks.store import StoreError, open_store
+from lesion_tasks.lifecycle import artifacts, registry
+from lesion_tasks.ops import consistency, retention
+from lesion_tasks.core import db, keys
+from lesion_tasks.review import cases as review
+from lesion_tasks.scoring import nightly as scoring
+from lesion_tasks.core.schema import model_versions, prediction_samples, predictions, reviews
+from lesion_tasks.core.settings import Settings
+from lesion_tasks.core.store import StoreError, open_store
 from tests import reliability
 from tests.conftest import copy_home, fresh_database, mirror_home, run_cli, start_s3_or_fail
 
@@ -197,7 +201,7 @@ def _gc_scenario(settings: Settings, champion: str, crash=None) -> dict:
 def test_gc_on_sqlite_and_a_local_store(trained_home, tmp_path):
     from fastapi.testclient import TestClient
 
-    from lesion_tasks.review_web import Reviewer, create_app
+    from lesion_tasks.review.web import Reviewer, create_app
 
     settings = copy_home(trained_home.settings, tmp_path / "home")
     _gc_scenario(settings, trained_home.version)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from lesion_tasks import db
-from lesion_tasks.schema import images, quarantine
-from lesion_tasks.store import open_store
+from lesion_tasks.core import db
+from lesion_tasks.core.schema import images, quarantine
+from lesion_tasks.core.store import open_store
 from tests import imagegen as g
 from tests import reliability
 from tests.conftest import run_dag

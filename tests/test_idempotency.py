@@ -14,8 +14,8 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from lesion_tasks.schema import drops, images, quarantine
-from lesion_tasks.synthetic import make_drop
+from lesion_tasks.core.schema import drops, images, quarantine
+from lesion_tasks.ops.synthetic import make_drop
 from tests import reliability
 from tests.conftest import run_cli
 

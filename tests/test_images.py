@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lesion_tasks.images import Accepted, Rejected, inspect_image, phash
-from lesion_tasks.reasons import Reason
-from lesion_tasks.sources import Limits
+from lesion_tasks.ingest.images import Accepted, Rejected, inspect_image, phash
+from lesion_tasks.core.reasons import Reason
+from lesion_tasks.ingest.sources import Limits
 from tests import imagegen as g
 
 LIMITS = Limits()

@@ -10,7 +10,7 @@ import zipfile
 import pytest
 import sqlalchemy as sa
 
-from lesion_tasks.schema import images
+from lesion_tasks.core.schema import images
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.realdata
@@ -111,8 +111,8 @@ def _check_diagnoses_and_lesion_split(home):
     stratified by label: each split holds its share of every diagnosis."""
     from collections import Counter
 
-    from lesion_tasks import splits
-    from lesion_tasks.schema import splits as splits_table
+    from lesion_tasks.lifecycle import splits
+    from lesion_tasks.core.schema import splits as splits_table
 
     engine = sa.create_engine(f"sqlite:///{home / 'lesion.db'}")
     with engine.connect() as conn:

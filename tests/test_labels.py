@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from lesion_tasks.labels import label_from_diagnosis, merge, read_csv, read_sidecar
-from lesion_tasks.reasons import Reason
+from lesion_tasks.ingest.labels import label_from_diagnosis, merge, read_csv, read_sidecar
+from lesion_tasks.core.reasons import Reason
 
 
 @pytest.mark.parametrize("text,label", [

@@ -13,17 +13,17 @@ import time
 
 import sqlalchemy as sa
 
-from lesion_tasks import db
-from lesion_tasks.ingest import ingest
-from lesion_tasks.schema import prediction_samples, predictions
+from lesion_tasks.core import db
+from lesion_tasks.ingest.drop import ingest
+from lesion_tasks.core.schema import prediction_samples, predictions
 from tests import reliability
 from tests.conftest import N_IMAGES
 from tests.imagegen import unlabelled_drop
 
 CHILD = """
 import json, resource, sys
-from lesion_tasks.scoring import score_range
-from lesion_tasks.settings import Settings
+from lesion_tasks.scoring.nightly import score_range
+from lesion_tasks.core.settings import Settings
 r = score_range(Settings.from_env(), limit=int(sys.argv[1]), run_id=sys.argv[2])
 print(json.dumps({"scored": r["scored"], "seconds": r["seconds"], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lesion_tasks import evaluation, mc
-from lesion_tasks.backbones import build_head
+from lesion_tasks.model import evaluation, mc
+from lesion_tasks.model.backbones import build_head
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ def test_masks_of_a_version_with_a_recorded_seed_do_not_depend_on_its_id():
 def test_head_training_is_deterministic_and_leaves_op_determinism_as_it_was():
     from tensorflow.python.framework import config as tf_config
 
-    from lesion_tasks.training import fit_head
+    from lesion_tasks.model.training import fit_head
 
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(160, 16)).astype(np.float32), (rng.random(160) < 0.3).astype(int)

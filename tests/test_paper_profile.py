@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from lesion_tasks import backbones, db, retrain
-from lesion_tasks.ingest import ingest
-from lesion_tasks.settings import Settings
-from lesion_tasks.synthetic import make_drop
+from lesion_tasks.model import backbones
+from lesion_tasks.core import db
+from lesion_tasks.lifecycle import retrain
+from lesion_tasks.ingest.drop import ingest
+from lesion_tasks.core.settings import Settings
+from lesion_tasks.ops.synthetic import make_drop
 
 
 @pytest.fixture(scope="module")

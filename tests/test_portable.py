@@ -9,10 +9,11 @@ from datetime import UTC, datetime
 import pytest
 import sqlalchemy as sa
 
-from lesion_tasks import db, scoring
-from lesion_tasks.schema import drops, images, model_versions, predictions, quarantine
-from lesion_tasks.settings import Settings
-from lesion_tasks.store import S3Store, open_store
+from lesion_tasks.core import db
+from lesion_tasks.scoring import nightly as scoring
+from lesion_tasks.core.schema import drops, images, model_versions, predictions, quarantine
+from lesion_tasks.core.settings import Settings
+from lesion_tasks.core.store import S3Store, open_store
 from tests.conftest import N_IMAGES, copy_home, mirror_home, run_cli
 
 REF_COLUMNS = [(images, "original_uri"), (images, "normalized_uri"), (quarantine, "raw_uri"), (drops, "manifest_uri"),

@@ -14,12 +14,14 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from lesion_tasks import backbones, db, evaluation, retrain
-from lesion_tasks.entries import valid_image_id
-from lesion_tasks.ingest import ingest, ingest_one_of_many
-from lesion_tasks.neardup import NearDupIndex
-from lesion_tasks.schema import drops, images, predictions, quarantine
-from lesion_tasks.store import open_store
+from lesion_tasks.model import backbones, evaluation
+from lesion_tasks.core import db
+from lesion_tasks.lifecycle import retrain
+from lesion_tasks.ingest.entries import valid_image_id
+from lesion_tasks.ingest.drop import ingest, ingest_one_of_many
+from lesion_tasks.ingest.neardup import NearDupIndex
+from lesion_tasks.core.schema import drops, images, predictions, quarantine
+from lesion_tasks.core.store import open_store
 from tests import imagegen as g
 from tests import reliability
 from tests.conftest import run_dag
@@ -98,7 +100,7 @@ def test_a_failed_drop_is_recorded_and_the_others_still_publish(monkeypatch, emb
     the good drop of the same run is ingested and published; the run ends failed, saying which drop."""
     from airflow.dag_processing.dagbag import DagBag
 
-    from lesion_tasks import labels
+    from lesion_tasks.ingest import labels
 
     settings = embedded_airflow_env
     store = open_store(settings)
@@ -268,7 +270,8 @@ def test_a_model_naming_a_python_function_is_a_named_artifact_error(trained_home
     with the artifact's name, before anything is written."""
     import keras
 
-    from lesion_tasks import artifacts, scoring
+    from lesion_tasks.lifecycle import artifacts
+    from lesion_tasks.scoring import nightly as scoring
 
     inp = keras.Input((4,))
     keras.Model(inp, keras.layers.Lambda(_double)(inp)).save(tmp_path / "lambda.keras")

@@ -8,7 +8,7 @@ import uuid
 import pytest
 import sqlalchemy as sa
 
-from lesion_tasks import db
+from lesion_tasks.core import db
 
 
 def test_reader_can_read_and_cannot_write(pg_url):

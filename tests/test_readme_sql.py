@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from lesion_tasks import db, registry, review
-from lesion_tasks.settings import Settings
+from lesion_tasks.core import db
+from lesion_tasks.lifecycle import registry
+from lesion_tasks.review import cases as review
+from lesion_tasks.core.settings import Settings
 from tests.conftest import NIGHT_DROP, QUARANTINED, copy_home, fresh_database, mirror_home
 
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -22,9 +22,11 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from lesion_tasks import artifacts, assess, db, evaluation, features, mc, registry, retrain, trainset
-from lesion_tasks.schema import champion_history, model_versions
-from lesion_tasks.store import key_of, open_store
+from lesion_tasks.lifecycle import artifacts, assess, registry, retrain, trainset
+from lesion_tasks.core import db
+from lesion_tasks.model import evaluation, features, mc
+from lesion_tasks.core.schema import champion_history, model_versions
+from lesion_tasks.core.store import key_of, open_store
 from tests.conftest import LABELLED_DROP, N_LABELLED, N_OTHER, OTHER_DROP, copy_home, registry_row
 
 

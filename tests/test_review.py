@@ -1,4 +1,4 @@
-"""Review logic (lesion_tasks.review) on the embedded defaults: the queue equals v_review_queue and is
+"""Review logic (lesion_tasks.review.cases) on the embedded defaults: the queue equals v_review_queue and is
 ordered by uncertainty, verdicts are validated and idempotent, the stored MC samples are the ones
 behind p_mel, nightly aggregates add up, and reviewer labels become training data only where ISIC
 gave none (recorded in lineage; ISIC labels never overwritten).
@@ -15,9 +15,12 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from lesion_tasks import db, mc, retrain, review, splits, trainset
-from lesion_tasks.schema import images, prediction_samples, predictions, reviews
-from lesion_tasks.schema import splits as splits_table
+from lesion_tasks.core import db
+from lesion_tasks.model import mc
+from lesion_tasks.lifecycle import retrain, splits, trainset
+from lesion_tasks.review import cases as review
+from lesion_tasks.core.schema import images, prediction_samples, predictions, reviews
+from lesion_tasks.core.schema import splits as splits_table
 from tests import reliability
 from tests.conftest import LABELLED_DROP, N_IMAGES, NIGHT_DROP, copy_home
 
@@ -191,7 +194,7 @@ def test_bidi_controls_in_a_note_are_shown_as_codes_not_obeyed(home):
     and displayed as a visible code, on the case page like everywhere the templates print a value."""
     from fastapi.testclient import TestClient
 
-    from lesion_tasks.review_web import Reviewer, create_app
+    from lesion_tasks.review.web import Reviewer, create_app
 
     settings, engine, version = home
     image_id = _open_case(engine, drop_id=NIGHT_DROP)
@@ -216,7 +219,7 @@ def test_app_on_the_embedded_defaults_streams_from_the_local_store(home):
     still required. (Airflow's real login is exercised by tests/live/test_review_ui.py.)"""
     from fastapi.testclient import TestClient
 
-    from lesion_tasks.review_web import Reviewer, create_app
+    from lesion_tasks.review.web import Reviewer, create_app
 
     settings, engine, version = home
 
@@ -246,7 +249,7 @@ def test_out_of_scope_case_in_the_queue_and_on_its_pages(home):
     prediction without p_other shows '–'."""
     from fastapi.testclient import TestClient
 
-    from lesion_tasks.review_web import Reviewer, create_app
+    from lesion_tasks.review.web import Reviewer, create_app
 
     settings, engine, version = home
     with engine.connect() as conn:

@@ -21,11 +21,12 @@ import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
-from lesion_tasks import db, review
-from lesion_tasks.review_web import Reviewer, create_app
-from lesion_tasks.schema import images, model_versions, predictions
-from lesion_tasks.schema import splits as splits_table
-from lesion_tasks.settings import Settings
+from lesion_tasks.core import db
+from lesion_tasks.review import cases as review
+from lesion_tasks.review.web import Reviewer, create_app
+from lesion_tasks.core.schema import images, model_versions, predictions
+from lesion_tasks.core.schema import splits as splits_table
+from lesion_tasks.core.settings import Settings
 from tests.conftest import LABELLED_DROP, NIGHT_DROP, copy_home
 
 ALL = {"status": "all", "limit": 1000}

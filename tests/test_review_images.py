@@ -24,10 +24,11 @@ import pytest
 import sqlalchemy as sa
 from PIL import Image
 
-from lesion_tasks import db, review
-from lesion_tasks.schema import images
-from lesion_tasks.settings import Settings
-from lesion_tasks.store import key_of, open_store
+from lesion_tasks.core import db
+from lesion_tasks.review import cases as review
+from lesion_tasks.core.schema import images
+from lesion_tasks.core.settings import Settings
+from lesion_tasks.core.store import key_of, open_store
 from tests import reliability
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +55,7 @@ def _pattern(width: int, height: int) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
-    from lesion_tasks.ingest import ingest
+    from lesion_tasks.ingest.drop import ingest
 
     tmp = tmp_path_factory.mktemp("review-images")
     settings = Settings.from_env({"LESION_HOME": str(tmp / "home")})
@@ -80,7 +81,7 @@ def home(tmp_path_factory):
 def _client(settings):
     from fastapi.testclient import TestClient
 
-    from lesion_tasks.review_web import Reviewer, create_app
+    from lesion_tasks.review.web import Reviewer, create_app
 
     async def authenticate(request):
         return Reviewer("dr-images", True, False)
@@ -173,7 +174,7 @@ def test_parallel_decodes_are_capped(home, monkeypatch):
 
 
 def test_a_request_that_cannot_get_a_decode_slot_is_told_to_retry(home, monkeypatch):
-    from lesion_tasks import previews
+    from lesion_tasks.review import previews
 
     settings, _ = home
     client = _client(settings)
@@ -194,8 +195,8 @@ CHILD = r"""
 import json, sys
 from concurrent.futures import ThreadPoolExecutor
 from fastapi.testclient import TestClient
-from lesion_tasks.review_web import Reviewer, create_app
-from lesion_tasks.settings import Settings
+from lesion_tasks.review.web import Reviewer, create_app
+from lesion_tasks.core.settings import Settings
 
 home, path, warmup, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 settings = Settings.from_env({"LESION_HOME": home})

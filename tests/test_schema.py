@@ -7,9 +7,9 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from lesion_tasks import db
-from lesion_tasks.schema import metadata
-from lesion_tasks.settings import Settings
+from lesion_tasks.core import db
+from lesion_tasks.core.schema import metadata
+from lesion_tasks.core.settings import Settings
 
 HEAD = "0010_review_p_other"
 

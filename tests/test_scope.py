@@ -9,7 +9,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from lesion_tasks import evaluation, mc, registry, retrain, scope
+from lesion_tasks.model import evaluation, mc, scope
+from lesion_tasks.lifecycle import registry, retrain
 
 
 def _sigmoid(x):

@@ -14,9 +14,12 @@ import pytest
 import sqlalchemy as sa
 from PIL import Image
 
-from lesion_tasks import artifacts, backbones, db, features, gradcam, mc, registry, scoring, trainset
-from lesion_tasks.schema import images, predictions
-from lesion_tasks.store import key_of, open_store
+from lesion_tasks.lifecycle import artifacts, registry, trainset
+from lesion_tasks.model import backbones, features, gradcam, mc
+from lesion_tasks.core import db
+from lesion_tasks.scoring import nightly as scoring
+from lesion_tasks.core.schema import images, predictions
+from lesion_tasks.core.store import key_of, open_store
 from tests.conftest import BIG_ORIGINAL, N_IMAGES, OTHER_DROP, copy_home
 
 VOLATILE = {"run_id", "scored_at"}

@@ -13,11 +13,12 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from lesion_tasks import db, scoring
-from lesion_tasks.schema import predictions
-from lesion_tasks.settings import Settings
-from lesion_tasks.store import S3Store, StoreError, key_of, open_store
-from lesion_tasks.synthetic import make_drop
+from lesion_tasks.core import db
+from lesion_tasks.scoring import nightly as scoring
+from lesion_tasks.core.schema import predictions
+from lesion_tasks.core.settings import Settings
+from lesion_tasks.core.store import S3Store, StoreError, key_of, open_store
+from lesion_tasks.ops.synthetic import make_drop
 from tests import reliability
 from tests.conftest import run_cli
 

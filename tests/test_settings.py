@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from lesion_tasks.settings import Settings, db_url_from_connection, s3_overrides_from_connection
+from lesion_tasks.core.settings import Settings, db_url_from_connection, s3_overrides_from_connection
 from tests import reliability
 
 
@@ -73,7 +73,8 @@ def test_password_in_query_or_userinfo_is_masked(url, secrets):
 
 
 def test_db_upgrade_output_masks_query_password(tmp_path, monkeypatch, capsys):
-    from lesion_tasks import cli, db
+    from lesion_tasks import cli
+    from lesion_tasks.core import db
 
     url = "postgresql+psycopg2://lesion@db:5432/lesion?sslmode=require&password=hunter2"
     monkeypatch.setenv("LESION_HOME", str(tmp_path))

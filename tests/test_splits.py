@@ -7,9 +7,10 @@ from datetime import UTC, datetime
 
 import sqlalchemy as sa
 
-from lesion_tasks import db, splits
-from lesion_tasks.schema import drops, images
-from lesion_tasks.schema import splits as splits_table
+from lesion_tasks.core import db
+from lesion_tasks.lifecycle import splits
+from lesion_tasks.core.schema import drops, images
+from lesion_tasks.core.schema import splits as splits_table
 
 
 def _add_images(engine, n: int, start: int = 0, groups_of: int = 1, mel_every: int = 4, drop: str = "d",

@@ -6,8 +6,8 @@ import io
 
 import pytest
 
-from lesion_tasks.settings import Settings
-from lesion_tasks.store import LocalStore, ObjectNotFound, S3Store, base_uri, check_key, key_of, open_store
+from lesion_tasks.core.settings import Settings
+from lesion_tasks.core.store import LocalStore, ObjectNotFound, S3Store, base_uri, check_key, key_of, open_store
 
 
 @pytest.fixture(params=["local", "s3"])

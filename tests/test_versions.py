@@ -8,9 +8,10 @@ from datetime import UTC, datetime
 import pytest
 import sqlalchemy as sa
 
-from lesion_tasks import assess, db, keys, registry, retrain
-from lesion_tasks.schema import champion_history, model_versions
-from lesion_tasks.store import open_store
+from lesion_tasks.lifecycle import assess, registry, retrain
+from lesion_tasks.core import db, keys
+from lesion_tasks.core.schema import champion_history, model_versions
+from lesion_tasks.core.store import open_store
 from tests import reliability
 from tests.conftest import shared_config, tiny_config
 

@@ -60,9 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     # carries only the result (one JSON object with --json)
     real_stdout = os.dup(1)
     os.dup2(2, 1)
-    from lesion_tasks import db
+    from lesion_tasks.core import db
     from lesion_tasks.demo import prepare_drop, summary
-    from lesion_tasks.settings import Settings
+    from lesion_tasks.core.settings import Settings
 
     started = time.monotonic()
     settings = Settings.from_env()

@@ -31,12 +31,12 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from lesion_tasks import db
-from lesion_tasks.ingest import ingest
-from lesion_tasks.settings import Settings
-from lesion_tasks.synthetic import make_drop
-from tests import servers
-from tests.celery_cluster import create_database
+from lesion_tasks.core import db
+from lesion_tasks.ingest.drop import ingest
+from lesion_tasks.core.settings import Settings
+from lesion_tasks.ops.synthetic import make_drop
+from tools import servers
+from tools.celery_cluster import create_database
 from tests.conftest import _unavailable, start_s3_or_fail
 
 REPO = Path(__file__).resolve().parents[2]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import requests
 import sqlalchemy as sa
 
-from lesion_tasks.schema import images, model_versions, predictions
+from lesion_tasks.core.schema import images, model_versions, predictions
 
 TINY = {"profile": "demo", "backbone": "tiny", "image_size": 64, "weights": "none", "epochs": 150, "seed": 0,
         "mc_samples": 20, "target_sensitivity": 0.97}

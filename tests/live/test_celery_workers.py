@@ -19,11 +19,13 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from lesion_tasks import consistency, db
-from lesion_tasks.schema import model_versions, predictions
-from lesion_tasks.settings import Settings
-from lesion_tasks.store import key_of, open_store
-from tests import celery_cluster, reliability, servers
+from lesion_tasks.ops import consistency
+from lesion_tasks.core import db
+from lesion_tasks.core.schema import model_versions, predictions
+from lesion_tasks.core.settings import Settings
+from lesion_tasks.core.store import key_of, open_store
+from tests import reliability
+from tools import celery_cluster, servers
 from tests.conftest import N_IMAGES, _unavailable, mirror_home, start_s3_or_fail
 
 WORKERS = ("w1", "w2")

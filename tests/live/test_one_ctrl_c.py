@@ -22,7 +22,7 @@ import psutil
 import pytest
 import requests
 
-from tests import servers
+from tools import servers
 from tests.live.conftest import _alive, _default_sigint, _signal_group, describe
 
 REPO = Path(__file__).resolve().parents[2]

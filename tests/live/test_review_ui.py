@@ -18,10 +18,12 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from lesion_tasks import registry, retrain, review, scoring
-from lesion_tasks.ingest import ingest
-from lesion_tasks.schema import images, model_versions, predictions, reviews
-from lesion_tasks.synthetic import make_drop
+from lesion_tasks.lifecycle import registry, retrain
+from lesion_tasks.review import cases as review
+from lesion_tasks.scoring import nightly as scoring
+from lesion_tasks.ingest.drop import ingest
+from lesion_tasks.core.schema import images, model_versions, predictions, reviews
+from lesion_tasks.ops.synthetic import make_drop
 from tests import reliability
 from tests.conftest import tiny_config
 from tests.live.browser import SHOTS, chromium

@@ -8,9 +8,9 @@ import hashlib
 
 import sqlalchemy as sa
 
-from lesion_tasks import keys
-from lesion_tasks.schema import model_versions
-from lesion_tasks.store import open_store
+from lesion_tasks.core import keys
+from lesion_tasks.core.schema import model_versions
+from lesion_tasks.core.store import open_store
 from tests.live.test_airflow_rest import TINY
 
 

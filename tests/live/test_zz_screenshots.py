@@ -30,9 +30,11 @@ from urllib.parse import urljoin
 import pytest
 import sqlalchemy as sa
 
-from lesion_tasks import assess, registry, retrain, review, scoring
-from lesion_tasks.ingest import ingest
-from lesion_tasks.schema import images, model_versions
+from lesion_tasks.lifecycle import assess, registry, retrain
+from lesion_tasks.review import cases as review
+from lesion_tasks.scoring import nightly as scoring
+from lesion_tasks.ingest.drop import ingest
+from lesion_tasks.core.schema import images, model_versions
 from tests.live.browser import SHOTS, chromium
 from tests.live.browser import login as _login
 from tests.live.browser import until as _until

@@ -1,0 +1,157 @@
+"""A model version's artifacts in the store, under `models/<version>/`: the one place that knows
+their names, how they are written and how they are read back.
+
+- `model.keras`   the full flat model (backbone + head), saved without optimizer state
+- `head.npz`      the head's weights as arrays (MC dropout and Grad-CAM run on them, no Keras) and its
+                  calibration
+- `scope.npz`     the out-of-scope head and threshold (`scope.py`), when the version has one
+- `config.json`, `train_log.json`, `metrics.json`, `report.html`, `figures/*.png`, test CSVs
+
+Writes are only made by the run that claimed the version in the registry (`registry.claim`), and
+never after promotion: a champion's artifacts do not change, except the gate section of `report.html`
+(`assess.write_gate_report`: the decision, promotions and overrides as they happen). Reads turn a missing or unreadable
+artifact into a ValueError that names the version and the artifact.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+import zipfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lesion_tasks.model import backbones, mc, scope
+from lesion_tasks.core import keys
+from lesion_tasks.model.features import FeatureConfig
+from lesion_tasks.lifecycle.registry import pruned_message
+from lesion_tasks.core.settings import Settings
+from lesion_tasks.core.store import ObjectNotFound, ObjectStore, check_key, key_of
+
+MODEL = "model.keras"
+HEAD = "head.npz"
+SCOPE = "scope.npz"
+
+
+class ArtifactError(ValueError):
+    """A model version's artifact is missing or unreadable."""
+
+
+class ModelArtifacts:
+    def __init__(self, store: ObjectStore, version: str):
+        self.store, self.version = store, version
+        self.prefix = keys.model_prefix(version)
+
+    def key(self, name: str) -> str:
+        return self.prefix + check_key(name)
+
+    def put(self, name: str, data: bytes, content_type: str = "application/octet-stream") -> str:
+        """Write one artifact; return its key (what the registry stores)."""
+        self.store.put(self.key(name), data, content_type)
+        return self.key(name)
+
+    def get(self, name: str) -> bytes:
+        try:
+            return self.store.get(self.key(name))
+        except ObjectNotFound:
+            raise ArtifactError(f"model {self.version}: artifact {self.key(name)} is missing from the store "
+                                f"{self.store.url}") from None
+
+    def put_json(self, name: str, value: Any) -> str:
+        return self.put(name, json.dumps(value, indent=1).encode(), "application/json")
+
+    def get_json(self, name: str) -> Any:
+        return json.loads(self.get(name))
+
+    def put_npz(self, name: str, **arrays: np.ndarray) -> str:
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        return self.put(name, buf.getvalue())
+
+    def save_model(self, model) -> str:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / MODEL
+            model.save(path)
+            return self.put(MODEL, path.read_bytes())
+
+    def load_model(self, ref: str | None = None):
+        """The saved Keras model (`ref`: the registry's model_uri, default the version's model.keras)."""
+        import keras
+
+        key = key_of(self.store, ref) if ref else self.key(MODEL)
+        try:
+            data = self.store.get(key)
+        except ObjectNotFound:
+            raise ArtifactError(f"model {self.version}: artifact {key} is missing from the store {self.store.url}; "
+                                "nothing written (retrain, or promote another version)") from None
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / MODEL
+                path.write_bytes(data)
+                return keras.models.load_model(path, compile=False)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, zipfile.BadZipFile) as exc:
+            detail = " ".join(str(exc).split())[:300]  # Keras' messages run to pages
+            raise ArtifactError(f"model {self.version}: artifact {key} is unreadable ({type(exc).__name__}: {detail}); "
+                                "nothing written") from None
+
+    def save_head(self, head: mc.HeadWeights) -> str:
+        return self.put_npz(HEAD, **{k: np.asarray(v) for k, v in asdict(head).items()})
+
+    def _parsed(self, name: str, parse):
+        """`parse(bytes)` of an artifact; a missing or unreadable one is an ArtifactError naming it."""
+        data = self.get(name)  # ArtifactError when missing
+        try:
+            return parse(data)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+            raise ArtifactError(f"model {self.version}: artifact {self.key(name)} is unreadable "
+                                f"({type(exc).__name__}: {exc})") from None
+
+    def load_head(self) -> mc.HeadWeights:
+        def parse(raw: bytes) -> mc.HeadWeights:
+            data = np.load(io.BytesIO(raw))
+            calibration = {k: float(data[k]) for k in ("cal_a", "cal_b") if k in data.files}  # absent before 0.8
+            return mc.HeadWeights(*(data[k] for k in ("w1", "b1", "gamma", "beta", "mean", "var")), float(data["eps"]),
+                                  data["w2"], data["b2"], float(data["dropout"]), **calibration)
+
+        return self._parsed(HEAD, parse)
+
+    def save_scope(self, head: scope.ScopeHead) -> str:
+        return self.put(SCOPE, head.to_bytes())
+
+    def load_scope(self) -> scope.ScopeHead:
+        return self._parsed(SCOPE, scope.ScopeHead.from_bytes)
+
+
+def of(store: ObjectStore, row: dict[str, Any]) -> ModelArtifacts:
+    """The artifacts of a registry row; an ArtifactError naming the version when `lesion gc` pruned them."""
+    if row.get("artifacts_pruned_at") is not None:
+        raise ArtifactError(f"{pruned_message(row['model_version'], row['artifacts_pruned_at'])}: it cannot score "
+                            "or be evaluated (score with the champion, or retrain); nothing written")
+    return ModelArtifacts(store, row["model_version"])
+
+
+def feature_config(row: dict[str, Any]) -> FeatureConfig:
+    """The feature cache configuration a model version was trained on."""
+    cfg = row["config"]
+    return FeatureConfig(row["backbone"], row["weights_sha256"], row["image_size"], cfg["seed"],
+                         effective_resolution=cfg.get("effective_resolution", 0), color_constancy=cfg.get("color_constancy", ""))
+
+
+def load_scope_of(store: ObjectStore, row: dict[str, Any]) -> scope.ScopeHead | None:
+    """A version's out-of-scope head, None when it has none (trained without OTHER images, or before 0.8)."""
+    rule = row.get("review_rule") or {}
+    return of(store, row).load_scope() if "out_of_scope_above" in rule else None
+
+
+def weights_of(row: dict[str, Any], settings: Settings, store: ObjectStore) -> backbones.ResolvedWeights:
+    """The backbone weights a model version recorded, checked against its recorded sha256."""
+    resolved = backbones.resolve_weights(row["config"]["weights_used"], backbones.get_backbone(row["backbone"]),
+                                         settings.home / "cache", store)
+    if resolved.sha256 != row["weights_sha256"]:
+        raise ArtifactError(f"model {row['model_version']}: weights {resolved.source} have sha256 {resolved.sha256}, "
+                            f"expected {row['weights_sha256']} (the file changed since training)")
+    return resolved

@@ -1,0 +1,226 @@
+"""The model registry (`model_versions`), the quality gate and champion promotion.
+
+Gate = enough evidence to decide at all (at least `GateFloors.min_melanomas` melanomas in the test and
+in the validation split, validation AUC above chance) AND absolute floors on the frozen test split
+(melanoma sensitivity at the chosen threshold, AUC, balanced accuracy; pooled and per source drop;
+out-of-scope recall) AND no significant regression against the current champion on the same test
+images (paired bootstrap, 95%). Reasons show numbers rounded toward the side of the bound they are on.
+One champion at a time (a unique partial index); every promotion, including a manual override, is
+recorded in `champion_history`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from lesion_tasks.core.db import insert_ignore
+from lesion_tasks.core.schema import champion_history, model_versions
+
+log = logging.getLogger(__name__)
+
+
+# a source (drop) with at least this many melanomas in test is gated on its own as well as pooled
+MIN_SOURCE_MEL = 30
+# out-of-scope floors apply when the test split has at least this many such images
+MIN_OUT_OF_SCOPE = 30
+
+
+@dataclass(frozen=True)
+class GateFloors:
+    mel_sensitivity: float = 0.80
+    auc: float = 0.70
+    balanced_accuracy: float = 0.60
+    out_of_scope_flagged: float = 0.95  # OTHER images flagged (predicted MEL or out_of_scope)
+    malignant_flagged: float = 0.97  # BCC, SCC, AK flagged
+    # evidence: below this many melanomas in the test or the validation split the gate does not decide
+    # (a sensitivity on 13 melanomas moves 8 points per case); NOT promoted, saying so
+    min_melanomas: int = 30
+    val_auc_above: float = 0.5  # chance: the validation AUC (its 95% CI's lower bound, if any) must exceed it
+
+
+def shown(value: float, digits: int = 4, sign: bool = False, up: bool = False) -> str:
+    """`value` with `digits` decimals, rounded down (toward -inf; `up`: toward +inf), so that against a
+    bound of at most `digits` decimals the shown number is on the same side as the real one: rounded
+    down for `value >= bound` ("0.5999 < floor 0.60", never "0.600 < 0.60"), up for `value > bound`."""
+    q = Decimal(repr(float(value))).quantize(Decimal(1).scaleb(-digits), rounding=ROUND_CEILING if up else ROUND_FLOOR)
+    q = abs(q) if q == 0 else q  # no "-0.0000"
+    return f"{q:+f}" if sign else f"{q:f}"
+
+
+def bound(value: float) -> str:
+    """A floor as written: two decimals when that is exact, else every digit it has."""
+    return f"{value:.2f}" if float(f"{value:.2f}") == value else repr(float(value))
+
+
+def get(conn: sa.Connection, model_version: str) -> dict[str, Any]:
+    row = conn.execute(sa.select(model_versions).where(model_versions.c.model_version == model_version)).mappings().first()
+    if row is None:
+        raise ValueError(f"model version {model_version!r}: not in the registry")
+    return dict(row)
+
+
+def champion(conn: sa.Connection) -> dict[str, Any] | None:
+    row = conn.execute(sa.select(model_versions).where(model_versions.c.is_champion)).mappings().first()
+    return dict(row) if row else None
+
+
+def resolve(conn: sa.Connection, model_version: str | None, required: bool = True) -> dict[str, Any] | None:
+    """`champion` (or None / "") or a version id -> its registry row. With no champion yet: a
+    ValueError saying what to do, or None when not `required`. An unknown version id is always an error."""
+    if model_version in (None, "", "champion"):
+        row = champion(conn)
+        if row is None and required:
+            raise ValueError("no champion model yet: run `lesion train` (or trigger lesion_retrain) first")
+        return row
+    return get(conn, model_version)
+
+
+# statuses whose artifacts the run that claimed the version may still (re)write
+WRITABLE = ("training", "candidate", "rejected")
+
+
+class VersionConflict(ValueError):
+    """A model version id is taken by another run, or its artifacts are frozen (promoted)."""
+
+
+def claim(engine: sa.Engine, model_version: str, run_id: str, placeholder: dict[str, Any]) -> None:
+    """Reserve `model_version` for `run_id` before anything is written under it.
+
+    The first claim inserts a `training` row; a retried task of the same run finds its own row and
+    goes on. Another run's version, or one that was ever promoted (champion or retired), is refused:
+    nothing may overwrite a champion's artifacts."""
+    with engine.begin() as conn:
+        insert_ignore(conn, model_versions, [{**placeholder, "model_version": model_version, "run_id": run_id,
+                                              "status": "training", "is_champion": False}], ["model_version"])
+        owner = conn.execute(sa.select(model_versions.c.run_id, model_versions.c.status, model_versions.c.is_champion,
+                                       model_versions.c.artifacts_pruned_at)
+                             .where(model_versions.c.model_version == model_version)).one()
+    if owner.run_id != run_id:
+        raise VersionConflict(f"model version {model_version!r} belongs to run {owner.run_id!r}, not {run_id!r}: "
+                              "refusing to write over it (use another run id)")
+    if owner.artifacts_pruned_at is not None:
+        raise VersionConflict(f"{pruned_message(model_version, owner.artifacts_pruned_at)}: refusing to write under it "
+                              "again (use another run id)")
+    ensure_writable(owner.status, owner.is_champion, model_version)
+
+
+def pruned_message(model_version: str, pruned_at: Any) -> str:
+    """What a refusal says about a version whose artifacts `lesion gc` deleted."""
+    when = pruned_at.isoformat(timespec="seconds") if hasattr(pruned_at, "isoformat") else str(pruned_at)
+    return (f"model version {model_version!r}: its artifacts (model, head, Grad-CAM overlays) were pruned by "
+            f"`lesion gc` at {when}; its registry row, metrics, report and predictions are kept")
+
+
+def ensure_writable(status: str, is_champion: bool, model_version: str) -> None:
+    if is_champion or status not in WRITABLE:
+        raise VersionConflict(f"model version {model_version!r} is {status}: its artifacts are write-once after "
+                              "promotion (train a new version instead)")
+
+
+def _floor_checks(label: str, metrics: dict[str, Any], floors: GateFloors) -> tuple[bool, list[str]]:
+    passed, reasons = True, []
+    for name, floor in (("mel_sensitivity", floors.mel_sensitivity), ("auc", floors.auc),
+                        ("balanced_accuracy", floors.balanced_accuracy)):
+        value = metrics.get(name)
+        if value is None:  # undefined (e.g. a test split with one class): never a pass
+            passed = False
+            reasons.append(f"FAIL: {label} {name} is undefined on this test split (floor {bound(floor)})")
+            continue
+        ok = value >= floor
+        passed &= ok
+        reasons.append(f"{'PASS' if ok else 'FAIL'}: {label} {name} {shown(value)} {'>=' if ok else '<'} floor {bound(floor)}")
+    return passed, reasons
+
+
+def _evidence_checks(metrics: dict[str, Any], floors: GateFloors) -> tuple[bool, list[str]]:
+    """Is there enough to decide on? Melanomas in test and validation (pooled), validation AUC above chance."""
+    passed, reasons = True, []
+    for split, name in (("test", "test"), ("val", "validation")):
+        n = (metrics.get(split) or {}).get("n_mel")
+        ok = n is not None and n >= floors.min_melanomas
+        passed &= ok
+        reasons.append(f"PASS: evidence: {n} melanomas in {name} (>= {floors.min_melanomas})" if ok else
+                       f"FAIL: too little evidence: {n if n is not None else 'no'} melanomas in {name} "
+                       f"(need >= {floors.min_melanomas})")
+    val = metrics.get("val") or {}
+    low = ((val.get("ci95") or {}).get("auc") or [None])[0]
+    value, what = (low, "validation AUC 95% CI lower bound") if low is not None else (val.get("auc"), "validation AUC")
+    ok = value is not None and value > floors.val_auc_above
+    passed &= ok
+    if value is None:
+        reasons.append(f"FAIL: too little evidence: {what} is undefined")
+    else:
+        reasons.append(f"PASS: evidence: {what} {shown(value, up=True)} > {bound(floors.val_auc_above)} (chance)" if ok
+                       else f"FAIL: too little evidence: {what} {shown(value, up=True)} <= {bound(floors.val_auc_above)} (chance)")
+    return passed, reasons
+
+
+def decide(metrics: dict[str, Any], comparison: dict[str, Any] | None, floors: GateFloors) -> tuple[bool, list[str]]:
+    """(passed, reasons): every evidence, floor and regression check, passed or failed, in words. Too
+    little evidence (`_evidence_checks`) is never a pass. The floors apply to the pooled test split, to
+    every source drop with at least MIN_SOURCE_MEL melanomas in test, and (with at least MIN_OUT_OF_SCOPE
+    such test images) to the out-of-scope recall."""
+    test = metrics["test"]
+    passed, reasons = _evidence_checks(metrics, floors)
+    ok, more = _floor_checks("test", test, floors)
+    passed &= ok
+    reasons += more
+    for source, part in sorted((test.get("by_source") or {}).items()):
+        if (part.get("n_mel") or 0) >= MIN_SOURCE_MEL:
+            ok, more = _floor_checks(f"test[{source}]", part, floors)
+            passed &= ok
+            reasons += more
+    oos = (metrics.get("out_of_scope") or {}).get("test")
+    if oos:
+        for group, floor in (("all", floors.out_of_scope_flagged), ("malignant", floors.malignant_flagged)):
+            part = oos[group]
+            if part["n"] >= MIN_OUT_OF_SCOPE:
+                ok = part["flagged"] >= floor
+                passed &= ok
+                reasons.append(f"{'PASS' if ok else 'FAIL'}: test out-of-scope ({group}, n={part['n']}) flagged "
+                               f"{shown(part['flagged'])} {'>=' if ok else '<'} floor {bound(floor)}")
+    if comparison is None:
+        reasons.append("PASS: no champion to compare with")
+    else:
+        for name in ("auc", "mel_sensitivity"):
+            lo, hi = comparison[f"{name}_delta_ci95"]
+            if lo is None or hi is None or comparison[f"{name}_delta"] is None:
+                passed = False
+                reasons.append(f"FAIL: {name} vs champion {comparison['champion']} is undefined on this test split")
+                continue
+            worse = hi < 0
+            passed &= not worse
+            reasons.append(f"{'FAIL' if worse else 'PASS'}: {name} vs champion {comparison['champion']} "
+                           f"delta {shown(comparison[f'{name}_delta'], sign=True)} (95% CI {shown(lo, sign=True)}.."
+                           f"{shown(hi, sign=True)})"
+                           f"{' significantly worse' if worse else ''}")
+    return passed, reasons
+
+
+def promote(engine: sa.Engine, model_version: str, reason: str, actor: str, override: bool = False) -> str | None:
+    """Make `model_version` the champion; return the previous champion. Idempotent."""
+    with engine.begin() as conn:
+        current = champion(conn)
+        if current and current["model_version"] == model_version:
+            return current["model_version"]
+        row = get(conn, model_version)
+        if row["artifacts_pruned_at"] is not None:
+            raise ValueError(f"{pruned_message(model_version, row['artifacts_pruned_at'])}: it cannot be promoted "
+                             "(promote a version that still has its artifacts, or retrain)")
+        previous = current["model_version"] if current else None
+        if previous:
+            conn.execute(model_versions.update().where(model_versions.c.model_version == previous)
+                         .values(is_champion=False, status="retired"))
+        conn.execute(model_versions.update().where(model_versions.c.model_version == model_version)
+                     .values(is_champion=True, status="champion"))
+        conn.execute(champion_history.insert().values(
+            model_version=model_version, event="override" if override else "promoted", previous=previous,
+            reason=reason, actor=actor, at=datetime.now(UTC)))
+    log.info("champion is now %s (was %s): %s", model_version, previous, reason)
+    return previous

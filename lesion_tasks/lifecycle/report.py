@@ -1,0 +1,261 @@
+"""Figures (PNG) and one self-contained HTML report per model version.
+
+The report is written when the version is evaluated, with its gate section pending, and that section
+is rewritten (`with_gate`) once the gate has decided and again after every promotion or manual override
+involving the version: the decision, every reason, the champion compared with and the promotion history.
+Numbers are shown rounded toward the side of the gate's floors they are on (`registry.shown`).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from typing import Any
+
+import re
+
+import numpy as np
+
+from lesion_tasks.lifecycle.registry import shown
+
+GATE_BEGIN, GATE_END = "<!--gate:begin-->", "<!--gate:end-->"
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    _plt().close(fig)
+    return buf.getvalue()
+
+
+def training_curves(history: dict[str, list[float]]) -> bytes:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for key in ("loss", "val_loss"):
+        if key in history:
+            ax.plot(range(1, len(history[key]) + 1), history[key], label=key)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("class-weighted cross-entropy")
+    ax.legend()
+    ax.set_title("Head training")
+    return _png(fig)
+
+
+def roc_figure(y: np.ndarray, p: np.ndarray, t: float, auc: float) -> bytes:
+    from sklearn.metrics import roc_curve
+
+    plt = _plt()
+    fpr, tpr, _ = roc_curve(y, p)
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.plot(fpr, tpr, label=f"AUC {auc:.3f}")
+    pred = p >= t
+    ax.scatter([(pred & (y == 0)).sum() / max((y == 0).sum(), 1)], [(pred & (y == 1)).sum() / max((y == 1).sum(), 1)],
+               color="red", zorder=3, label=f"threshold {t:.3f}")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("melanoma sensitivity")
+    ax.legend(loc="lower right")
+    ax.set_title("ROC (test)")
+    return _png(fig)
+
+
+def reliability_figure(table: list[dict[str, Any]], ece: float, title: str = "after calibration") -> bytes:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.plot([r["mean_p"] for r in table], [r["frac_mel"] for r in table], "o-")
+    ax.set_xlabel("mean p(MEL)")
+    ax.set_ylabel("fraction melanoma")
+    ax.set_title(f"Reliability {title} (ECE {ece:.3f})")
+    return _png(fig)
+
+
+def confusion_figure(matrix: list[list[float]], title: str, fmt: str) -> bytes:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(3.4, 3))
+    arr = np.array(matrix, float)
+    ax.imshow(arr, cmap="Blues")
+    for i in range(2):
+        for j in range(2):
+            ax.text(j, i, format(arr[i, j], fmt), ha="center", va="center",
+                    color="white" if arr[i, j] > arr.max() / 2 else "black")
+    ax.set_xticks([0, 1], ["NV", "MEL"])
+    ax.set_yticks([0, 1], ["NV", "MEL"])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    return _png(fig)
+
+
+def referral_figure(curve: list[dict[str, Any]]) -> bytes:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    x = [100 * r["referred"] for r in curve]
+    for key in ("mel_sensitivity", "mel_specificity", "auc"):
+        ax.plot(x, [r[key] for r in curve], "o-", label=key)
+    ax.set_xlabel("% most uncertain cases referred (entropy)")
+    ax.set_ylim(0, 1.02)
+    ax.legend()
+    ax.set_title("Referral curve (test)")
+    return _png(fig)
+
+
+def _img(data: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+
+
+def _cell(value: Any, digits: int = 4) -> str:
+    return "–" if value is None or (isinstance(value, float) and not np.isfinite(value)) else shown(value, digits)
+
+
+def _source_table(metrics: dict[str, Any]) -> str:
+    """Per-source test metrics: the gate applies its floors to every source with enough melanomas."""
+    sources = metrics["test"].get("by_source") or {}
+    if not sources:
+        return ""
+    rows = []
+    for name, m in sources.items():
+        ci = m.get("ci95", {})
+
+        def cell(key: str, m=m, ci=ci) -> str:
+            interval = f" ({ci[key][0]:.3f} – {ci[key][1]:.3f})" if key in ci else ""
+            return f"<td>{_cell(m.get(key))}{interval}</td>"
+
+        rows.append(f"<tr><td>{html.escape(name)}</td><td>{m['n']}</td><td>{m['n_mel']}</td>{cell('auc')}"
+                    f"{cell('mel_sensitivity')}{cell('mel_specificity')}{cell('balanced_accuracy')}<td>{_cell(m.get('ece'))}</td></tr>")
+    return ("<h2>Per source (test)</h2><table><tr><th>source drop</th><th>n</th><th>melanoma</th><th>AUC</th>"
+            "<th>sensitivity</th><th>specificity</th><th>balanced accuracy</th><th>ECE</th></tr>" + "".join(rows) + "</table>")
+
+
+def _scope_table(metrics: dict[str, Any]) -> str:
+    """Out-of-scope recall per diagnosis (flagged = out_of_scope or predicted MEL)."""
+    oos = (metrics.get("out_of_scope") or {}).get("test")
+    if not oos:
+        return "<h2>Out of scope</h2><p>This version has no out-of-scope head (no OTHER images in training).</p>"
+    rows = [(name, oos[name]) for name in ("all", "malignant")] + sorted(oos["by_diagnosis"].items())
+    body = "".join(f"<tr><td>{html.escape(name)}</td><td>{r['n']}</td><td>{_cell(r['flagged'])}</td>"
+                   f"<td>{_cell(r['out_of_scope'])}</td><td>{_cell(r['predicted_mel'])}</td></tr>" for name, r in rows)
+    return (f"<h2>Out of scope (test, threshold p_other &ge; {oos['threshold']:.4f})</h2><table><tr><th>diagnosis</th>"
+            "<th>n</th><th>flagged</th><th>out_of_scope</th><th>predicted MEL</th></tr>" + body + "</table>"
+            f"<p>Price: {_cell(oos['nv_flagged_out_of_scope'])} of nevi and {_cell(oos['mel_flagged_out_of_scope'])} "
+            "of melanomas are flagged out_of_scope too.</p>")
+
+
+_KEY_METRICS = (("AUC", "auc"), ("sensitivity", "mel_sensitivity"), ("specificity", "mel_specificity"),
+                ("balanced accuracy", "balanced_accuracy"))
+
+
+def _history_items(version: str, history: list[dict[str, Any]]) -> str:
+    items = []
+    for e in history:
+        when = e["at"].isoformat(timespec="seconds") if hasattr(e["at"], "isoformat") else str(e["at"])
+        who = f"by {html.escape(str(e['actor']))}: {html.escape(str(e['reason']))}"
+        if e["model_version"] == version:
+            what = ("<b class=\"fail\">MANUAL OVERRIDE</b>: made champion" if e["event"] == "override"
+                    else "promoted to champion by the gate")
+            items.append(f"<li>{when} {what} (previous champion {html.escape(str(e['previous']))}) {who}</li>")
+        else:
+            how = "a manual override" if e["event"] == "override" else "the gate"
+            items.append(f"<li>{when} replaced as champion by {html.escape(e['model_version'])} through {how} {who}</li>")
+    return "".join(items)
+
+
+def gate_section(version: dict[str, Any], history: list[dict[str, Any]] | None = None) -> str:
+    """The report's gate section: decision, whether the version is the champion, every reason, the
+    champion it was compared with (version, its test metrics, the paired deltas) and the champion_history
+    events naming the version (manual overrides marked)."""
+    gate, history = version.get("gate") or {}, history or []
+    overridden = any(e["model_version"] == version["model_version"] and e["event"] == "override" for e in history)
+    if "passed" not in gate:
+        title = '<span class="pending">not decided yet</span> (the gate runs after evaluation)'
+    else:
+        verdict = ('<span class="pass">PASSED</span>' if gate["passed"] else '<span class="fail">NOT PASSED</span>')
+        promoted = any(e["model_version"] == version["model_version"] for e in history) or version.get("is_champion")
+        outcome = ("promoted by manual override" if overridden else "promoted") if promoted else "not promoted"
+        title = f"{verdict}, {outcome}; now {html.escape(str(version.get('status')))}"
+    parts = [f"<h2>Gate: {title}</h2>"]
+    if gate.get("decided_at"):
+        parts.append(f"<p>Decided {html.escape(str(gate['decided_at']))}.</p>")
+    parts.append("<ul>" + "".join(f'<li class="{"fail" if r.startswith("FAIL") else "pass"}">{html.escape(r)}</li>'
+                                  for r in gate.get("reasons", [])) + "</ul>")
+    comparison = gate.get("comparison")
+    if comparison:
+        champ = gate.get("champion_metrics") or {}
+        recorded = ", ".join(f"{name} {_cell(champ.get(key))}" for name, key in _KEY_METRICS)
+        parts.append(f"<p>Compared with the champion {html.escape(comparison['champion'])} (its recorded test metrics: "
+                     f"{recorded}, threshold {_cell(champ.get('threshold'))}) on the same {comparison.get('n_test')} "
+                     f"test images: AUC delta {_cell(comparison.get('auc_delta'))}, sensitivity delta "
+                     f"{_cell(comparison.get('mel_sensitivity_delta'))}.</p>")
+    elif "passed" in gate:
+        parts.append("<p>There was no champion to compare with.</p>")
+    if history:
+        parts.append("<h3>Champion history of this version</h3><ul>"
+                     + _history_items(version["model_version"], history) + "</ul>")
+    return GATE_BEGIN + "".join(parts) + GATE_END
+
+
+def with_gate(report: bytes, section: str) -> bytes:
+    """`report` with its gate section replaced by `section` (a report from before the markers: its old
+    "Gate:" heading and list; else inserted after the title)."""
+    text = report.decode()
+    if GATE_BEGIN in text and GATE_END in text:
+        start, end = text.index(GATE_BEGIN), text.index(GATE_END) + len(GATE_END)
+        return (text[:start] + section + text[end:]).encode()
+    legacy = re.search(r"<h2>Gate: .*?</ul>", text, re.S)
+    if legacy:
+        return (text[:legacy.start()] + section + text[legacy.end():]).encode()
+    head = text.index("</h1>") + len("</h1>") if "</h1>" in text else 0
+    return (text[:head] + section + text[head:]).encode()
+
+
+def html_report(version: dict[str, Any], metrics: dict[str, Any], figures: dict[str, bytes],
+                examples: list[dict[str, Any]], history: list[dict[str, Any]] | None = None) -> bytes:
+    """A single HTML file, images embedded, nothing fetched from anywhere."""
+    test = metrics["test"]
+    ci = test.get("ci95", {})
+
+    def row(name: str, key: str) -> str:
+        interval = f" ({ci[key][0]:.3f} – {ci[key][1]:.3f})" if key in ci else ""
+        return f"<tr><td>{name}</td><td>{_cell(test.get(key))}{interval}</td><td>{_cell(metrics['val'].get(key))}</td></tr>"
+
+    cards = "".join(
+        f'<figure>{_img(e["png"], e["image_id"])}<figcaption>{html.escape(e["image_id"])}: true {e["true"]}, '
+        f'p(MEL) {e["p_mel"]:.2f}, {"right" if e["right"] else "WRONG"}</figcaption></figure>' for e in examples)
+    figs = "".join(f"<figure>{_img(png, name)}<figcaption>{html.escape(name)}</figcaption></figure>" for name, png in figures.items())
+    body = f"""<!doctype html><html><head><meta charset="utf-8"><title>Model {html.escape(version['model_version'])}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:3px 8px}} figure{{display:inline-block;margin:6px;vertical-align:top}}
+img{{max-width:330px}} .fail{{color:#b00}} .pass{{color:#070}} .pending{{color:#a60}} pre{{background:#f6f6f6;padding:8px}}</style></head><body>
+<h1>Model version {html.escape(version['model_version'])}</h1>
+<p>Profile <b>{html.escape(version['profile'])}</b>, backbone <b>{html.escape(version['backbone'])}</b>, input {version['image_size']} px,
+weights: {html.escape(version['weights_source'])}. Threshold {test['threshold']:.4f} (chosen on validation for melanoma sensitivity
+{version['config']['target_sensitivity']}), MC-dropout samples {version['mc_samples']}.</p>
+{gate_section(version, history)}
+<h2>Metrics (test n={test['n']}, {test['n_mel']} melanoma; 95% bootstrap intervals)</h2>
+<table><tr><th>metric</th><th>test</th><th>validation</th></tr>
+{row('AUC', 'auc')}{row('melanoma sensitivity', 'mel_sensitivity')}{row('melanoma specificity', 'mel_specificity')}
+{row('balanced accuracy', 'balanced_accuracy')}{row('average precision', 'average_precision')}
+{row('ECE', 'ece')}{row('Brier', 'brier')}{row('NLL', 'nll')}</table>
+<p>MC-dropout entropy: right cases {test['entropy_right_mean']:.3f}, wrong cases {test['entropy_wrong_mean']:.3f}
+(AUC of entropy for spotting errors {test['uncertainty_auc_for_errors']:.3f}).</p>
+<pre>{html.escape(test['classification_report'])}</pre>
+{_source_table(metrics)}
+{_scope_table(metrics)}
+<p>Calibration (Platt scaling of the MC-dropout samples, fitted on validation): test ECE
+{test.get('uncalibrated', {}).get('ece', float('nan')):.3f} before, {test['ece']:.3f} after.</p>
+{figs}
+<h2>Grad-CAM examples (right and wrong)</h2>{cards}
+<h2>Lineage and environment</h2><pre>{html.escape(json.dumps({'lineage': version['lineage'], 'environment': version['environment'], 'config': version['config']}, indent=1, default=str))}</pre>
+</body></html>"""
+    return body.encode()

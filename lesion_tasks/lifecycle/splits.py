@@ -1,0 +1,171 @@
+"""Train / validation / test split: stratified by label and source, grouped by lesion, frozen.
+
+Every ISIC-labelled image (MEL, NV, and OTHER: the out-of-scope diagnoses train and test the
+out-of-scope signal) gets a split. Images are grouped into *lesions*: the connected components of
+"same near-duplicate group" and "same ISIC lesion_id", so several photographs of one lesion, or a
+re-photographed copy under another id, never straddle splits.
+
+The first call freezes the split with StratifiedGroupKFold (test = one fold of 1/test_frac, validation
+= one fold of the rest; strata = label x source drop). Later images never move existing ones: an image
+whose lesion already has a split joins it ("group"); new lesions are split the same stratified way
+among themselves when there are at least `BATCH_MIN_GROUPS` of them ("batch:sgkf-v2"), else each is
+placed by a hash of its lesion id ("hash-v2": deterministic, label-blind, stratified in expectation).
+Champion and challenger are therefore always compared on the same test images.
+
+Reviewer labels (images ISIC gave no label, labelled in the review UI) are training data only: such an
+image joins "train" ("reviewed-train"), or its lesion's split when that is "train"; an image whose
+lesion sits in validation or test is left out, so neither evaluation split ever holds a reviewer label
+nor another photograph of a training lesion.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from collections import Counter
+from datetime import UTC, datetime
+
+import numpy as np
+import sqlalchemy as sa
+from sklearn.model_selection import StratifiedGroupKFold
+
+from lesion_tasks.lifecycle import trainset
+from lesion_tasks.core.db import insert_ignore
+from lesion_tasks.core.schema import images, splits
+
+log = logging.getLogger(__name__)
+SPLIT_LABELS = ("MEL", "NV", "OTHER")
+BATCH_MIN_GROUPS = 50
+# where a new image goes when its lesion already (wrongly) sits in several splits: evaluation first
+PRIORITY = ("test", "val", "train")
+
+
+def _hash_split(group: str, seed: int, test_frac: float, val_frac: float) -> str:
+    u = int.from_bytes(hashlib.sha256(f"{seed}\0{group}".encode()).digest()[:8], "big") / 2**64
+    return "test" if u < test_frac else "val" if u < test_frac + val_frac else "train"
+
+
+def lesions(rows) -> dict[str, str]:
+    """{image_id: lesion group}: connected components of shared near_dup_group or lesion_id (union-find);
+    a component is named by its smallest near-duplicate group, so the name is stable as it grows."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for r in rows:
+        a = find("g\0" + r.near_dup_group)
+        if r.lesion_id:
+            b = find("l\0" + r.lesion_id)
+            if a != b:
+                parent[max(a, b)] = min(a, b)  # "g..." < "l...": a near-duplicate group names the component
+    return {r.image_id: find("g\0" + r.near_dup_group)[2:] for r in rows}
+
+
+def _stratified(ids: list[str], strata: np.ndarray, groups: np.ndarray, seed: int, test_frac: float,
+                val_frac: float) -> dict[str, str]:
+    n_test = max(2, round(1 / test_frac))
+    n_val = max(2, round((1 - test_frac) / val_frac))
+    with warnings.catch_warnings():  # a rare stratum (e.g. 3 dermatofibromas of one source) is fine
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        rest, test = next(StratifiedGroupKFold(n_splits=n_test, shuffle=True, random_state=seed).split(ids, strata, groups))
+        train, val = next(StratifiedGroupKFold(n_splits=n_val, shuffle=True, random_state=seed + 1)
+                          .split(rest, strata[rest], groups[rest]))
+    out = {ids[i]: "test" for i in test}
+    out.update({ids[rest[i]]: "val" for i in val})
+    out.update({ids[rest[i]]: "train" for i in train})
+    return out
+
+
+def _check_initial(labels: list[str], test_frac: float) -> None:
+    n_test = max(2, round(1 / test_frac))
+    counts = Counter(labels)
+    for name in ("MEL", "NV"):
+        if counts[name] < n_test:
+            raise ValueError(f"{counts[name]} labelled {name} images: need at least {n_test} of each class to freeze "
+                             "a test split")
+
+
+def assign(engine: sa.Engine, seed: int = 0, test_frac: float = 0.2, val_frac: float = 0.15) -> dict:
+    """Give every labelled image without a split one; return counts per split and label."""
+    cols = (images.c.image_id, images.c.label, images.c.near_dup_group, images.c.lesion_id, images.c.drop_id)
+    # taken before the images are read: every drop finished before `assigned_at` had its rows read here
+    # (what `lesion check` relies on to tell a labelled image that should have a split)
+    now = datetime.now(UTC)
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(*cols).where(images.c.label.in_(SPLIT_LABELS)).order_by(images.c.image_id)).all()
+        existing = dict(conn.execute(sa.select(splits.c.image_id, splits.c.split)).all())
+        reviewed = trainset.reviewer_labels(conn)["labels"]
+        reviewed_rows = conn.execute(sa.select(*cols).where(images.c.image_id.in_(sorted(reviewed)))
+                                     .order_by(images.c.image_id)).all() if reviewed else []
+    lesion = lesions(list(rows) + list(reviewed_rows))
+    lesion_splits: dict[str, set[str]] = {}
+    for image_id, split in existing.items():
+        if image_id in lesion:
+            lesion_splits.setdefault(lesion[image_id], set()).add(split)
+    straddling = sorted(g for g, s in lesion_splits.items() if len(s) > 1)
+    if straddling:
+        log.warning("split: %d lesions already straddle splits (frozen before lesion grouping), e.g. %s",
+                    len(straddling), straddling[:3])
+    lesion_split = {g: next(p for p in PRIORITY if p in s) for g, s in lesion_splits.items()}
+    new = [r for r in rows if r.image_id not in existing]
+    assigned: dict[str, tuple[str, str]] = {}
+    for r in new:
+        if lesion[r.image_id] in lesion_split:
+            assigned[r.image_id] = (lesion_split[lesion[r.image_id]], "group")
+    fresh = [r for r in new if r.image_id not in assigned]
+    fresh_groups = {lesion[r.image_id] for r in fresh}
+    if fresh and (not existing or len(fresh_groups) >= BATCH_MIN_GROUPS):
+        if not existing:
+            _check_initial([r.label for r in fresh], test_frac)
+        rule = f"{'batch' if existing else 'initial'}:sgkf-v2:seed={seed}:test={test_frac}:val={val_frac}"
+        chosen = _stratified([r.image_id for r in fresh], np.array([f"{r.label}|{r.drop_id}" for r in fresh]),
+                             np.array([lesion[r.image_id] for r in fresh]), seed, test_frac, val_frac)
+        assigned.update({i: (s, rule) for i, s in chosen.items()})
+    else:
+        rule = f"hash-v2:seed={seed}:test={test_frac}:val={val_frac}"
+        assigned.update({r.image_id: (_hash_split(lesion[r.image_id], seed, test_frac, val_frac), rule) for r in fresh})
+    for image_id, (split, _) in assigned.items():
+        lesion_split.setdefault(lesion[image_id], split)
+    left_out = 0
+    for r in reviewed_rows:
+        if r.image_id in existing or r.image_id in assigned:
+            continue
+        split = lesion_split.get(lesion[r.image_id])
+        if split in (None, "train"):
+            assigned[r.image_id] = ("train", "group" if split else "reviewed-train")
+            lesion_split[lesion[r.image_id]] = "train"
+        else:
+            left_out += 1
+    if left_out:
+        log.info("split: %d reviewer-labelled images left out (their lesion is in val/test)", left_out)
+    if assigned:
+        with engine.begin() as conn:
+            insert_ignore(conn, splits, [{"image_id": i, "split": s, "rule": rule, "assigned_at": now}
+                                         for i, (s, rule) in sorted(assigned.items())], ["image_id"])
+        log.info("split: %d images newly assigned (%s)", len(assigned), dict(Counter(s for s, _ in assigned.values())))
+    return summary(engine)
+
+
+def summary(engine: sa.Engine) -> dict:
+    """Images per split and label (the ISIC label, else the reviewer label), the same per source drop,
+    and the rules used."""
+    with engine.connect() as conn:
+        reviewed = trainset.reviewer_labels(conn)["labels"]
+        rows = conn.execute(sa.select(splits.c.split, images.c.image_id, images.c.label, images.c.drop_id)
+                            .join(images, images.c.image_id == splits.c.image_id)).all()
+        rules = sorted(set(conn.scalars(sa.select(splits.c.rule).distinct())))
+    counts: dict[str, dict[str, int]] = {s: dict.fromkeys(SPLIT_LABELS, 0) for s in ("train", "val", "test")}
+    by_source: dict[str, dict[str, dict[str, int]]] = {}
+    for split, image_id, label, drop_id in rows:
+        label = trainset.label_of(label, image_id, reviewed) or ("OTHER" if (label or reviewed.get(image_id)) == "OTHER" else None)
+        if label:
+            counts[split][label] += 1
+            source = by_source.setdefault(drop_id, {s: dict.fromkeys(SPLIT_LABELS, 0) for s in counts})
+            source[split][label] += 1
+    return {"counts": counts, "by_source": dict(sorted(by_source.items())), "rules": rules}

@@ -1,0 +1,2 @@
+"""Operations: consistency check, retention (gc), alerts, and the synthetic demo drop.
+May import: every room below it (core, ingest, model, lifecycle, scoring, review)."""

@@ -1,0 +1,209 @@
+"""What the pipeline's alerts say, and when a night's predictions have shifted. No Airflow here: the DAGs
+send what these functions build through Airflow's SMTP notifier (plugins/lesion_airflow.py, Connection
+`lesion_alerts_smtp`; without it alerts are off).
+
+Alerts, each with the model version, the numbers and links (the Airflow run, the report or review UI):
+- `gate_refused`: `lesion_retrain` did not promote its model (every failed gate check, with its value);
+- `nightly_failed`: a `lesion_nightly_score` run failed;
+- `nightly_empty`: a `lesion_nightly_score` run could not score anything: there is no champion model;
+- `distribution_shift`: tonight's predictions of the champion differ from the previous nights' of the same
+  model version (`shift`, the rule below).
+
+Distribution shift, the documented bound: for `p_mel` and for `entropy` separately, the two-sample
+Kolmogorov-Smirnov statistic between this run's predictions and the previous runs' predictions of the same
+model version (the REFERENCE_MAX most recent) is above KS_BOUND (0.2: the two empirical distributions are
+20 percentage points apart somewhere) *and* significant at P_BOUND (0.01), so a small night does not alert on
+noise. Nothing is compared below MIN_TONIGHT predictions tonight or MIN_REFERENCE before. The means and their
+difference are reported with the statistics.
+
+`incoming_report` says what `isic_ingest` saw under `incoming/` when it found no new drop.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import PurePosixPath
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+
+from lesion_tasks.core.db import engine_for
+from lesion_tasks.core.schema import drops, predictions
+from lesion_tasks.core.settings import Settings
+
+KS_BOUND = 0.2
+P_BOUND = 0.01
+MIN_TONIGHT = 30
+MIN_REFERENCE = 100
+REFERENCE_MAX = 5000
+NO_CHAMPION = "no champion model: train one with lesion_retrain"
+
+
+@dataclass(frozen=True)
+class Alert:
+    kind: str  # gate_refused | nightly_failed | nightly_empty | distribution_shift
+    subject: str
+    lines: list[str]
+    links: dict[str, str] = field(default_factory=dict)
+
+    def text(self) -> str:
+        return "\n".join([*self.lines, "", *(f"{name}: {url}" for name, url in self.links.items())])
+
+    def html(self) -> str:
+        links = "".join(f'<li><a href="{html.escape(url, quote=True)}">{html.escape(name)}</a>: '
+                        f"{html.escape(url)}</li>" for name, url in self.links.items())
+        return (f"<pre>{html.escape(chr(10).join(self.lines))}</pre>" + (f"<ul>{links}</ul>" if links else ""))
+
+
+# --- lesion_retrain ---------------------------------------------------------------------------------
+
+def failed_checks(gate: dict[str, Any]) -> list[str]:
+    """The gate's FAIL reasons (each names the metric, its value and the floor or the champion's CI)."""
+    return [r for r in gate.get("reasons") or [] if str(r).startswith("FAIL")]
+
+
+def refusal(gate: dict[str, Any]) -> str:
+    """One line for the skipped task and the run: 'NOT promoted: <reasons>'."""
+    return f"NOT promoted: model {gate['model_version']}: " + ("; ".join(failed_checks(gate)) or "the gate refused it")
+
+
+def gate_refused(gate: dict[str, Any], links: dict[str, str]) -> Alert:
+    failed = failed_checks(gate)
+    passed = [r for r in gate.get("reasons") or [] if r not in failed]
+    lines = [f"Model version {gate['model_version']} was NOT promoted: {len(failed)} gate check(s) failed.",
+             f"The champion stays: {gate.get('champion') or 'none (no model scores until one passes)'}.", "",
+             "Failed:", *(f"  {r}" for r in failed), "", "Passed:", *(f"  {r}" for r in passed)]
+    return Alert("gate_refused", f"[lesion] model {gate['model_version']} NOT promoted ({len(failed)} gate check(s) failed)",
+                 lines, links)
+
+
+# --- lesion_nightly_score ---------------------------------------------------------------------------
+
+def champion_version(settings: Settings) -> str | None:
+    """The champion's model version, None without one (scoring.plan_shards answers [] for both "no champion"
+    and "nothing to score")."""
+    from lesion_tasks.lifecycle import registry
+
+    engine = engine_for(settings)
+    try:
+        with engine.connect() as conn:
+            return (registry.champion(conn) or {}).get("model_version")
+    finally:
+        engine.dispose()
+
+
+def nightly_empty(run_id: str, links: dict[str, str]) -> Alert:
+    return Alert("nightly_empty", "[lesion] nightly scoring scored nothing: no champion model",
+                 [f"Run {run_id} of lesion_nightly_score scored no image: {NO_CHAMPION}.",
+                  "Model version: none. Images wait unscored until a model passes the gate."], links)
+
+
+def nightly_failed(run_id: str, model_version: str | None, failed_tasks: list[str], reason: str | None,
+                   links: dict[str, str]) -> Alert:
+    return Alert("nightly_failed", f"[lesion] nightly scoring FAILED (model {model_version or 'none'})",
+                 [f"Run {run_id} of lesion_nightly_score failed{f' ({reason})' if reason else ''}.",
+                  f"Model version: {model_version or 'none'}.",
+                  f"Failed tasks ({len(failed_tasks)}): {', '.join(failed_tasks) or 'unknown'}.",
+                  "Shards are idempotent: clear the failed tasks (or the run) to score what is still unscored."], links)
+
+
+def _compare(tonight: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
+    from scipy.stats import ks_2samp
+
+    ks = ks_2samp(tonight, reference)
+    mean_t, mean_r = float(np.mean(tonight)), float(np.mean(reference))
+    return {"mean_tonight": round(mean_t, 4), "mean_reference": round(mean_r, 4), "delta": round(mean_t - mean_r, 4),
+            "ks": round(float(ks.statistic), 4), "p_value": float(ks.pvalue),
+            "shifted": bool(ks.statistic > KS_BOUND and ks.pvalue < P_BOUND)}
+
+
+def compare_nights(tonight: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The shift rule on arrays {"p_mel": ..., "entropy": ...} (see the module's docstring)."""
+    n_t, n_r = len(tonight["p_mel"]), len(reference["p_mel"])
+    out: dict[str, Any] = {"n_tonight": n_t, "n_reference": n_r,
+                           "bound": {"ks": KS_BOUND, "p_value": P_BOUND, "min_tonight": MIN_TONIGHT,
+                                     "min_reference": MIN_REFERENCE}}
+    if n_t < MIN_TONIGHT or n_r < MIN_REFERENCE:
+        out.update(shifted=False, note=f"not compared: needs {MIN_TONIGHT} predictions tonight and {MIN_REFERENCE} "
+                                       f"before ({n_t} and {n_r})")
+        return out
+    for name in ("p_mel", "entropy"):
+        out[name] = _compare(np.asarray(tonight[name], float), np.asarray(reference[name], float))
+    out["shifted"] = out["p_mel"]["shifted"] or out["entropy"]["shifted"]
+    return out
+
+
+def shift(settings: Settings, model_version: str, run_id: str) -> dict[str, Any]:
+    """This run's predictions of `model_version` against the previous runs' (the REFERENCE_MAX newest)."""
+    engine = engine_for(settings)
+    cols = (predictions.c.p_mel, predictions.c.entropy)
+    of_version = predictions.c.model_version == model_version
+    try:
+        with engine.connect() as conn:
+            now = conn.execute(sa.select(*cols).where(of_version, predictions.c.run_id == run_id)).all()
+            before = conn.execute(sa.select(*cols).where(of_version, predictions.c.run_id != run_id)
+                                  .order_by(predictions.c.scored_at.desc()).limit(REFERENCE_MAX)).all()
+    finally:
+        engine.dispose()
+    arrays = [{"p_mel": np.array([r[0] for r in rows], float), "entropy": np.array([r[1] for r in rows], float)}
+              for rows in (now, before)]
+    return {"model_version": model_version, "run_id": run_id, **compare_nights(*arrays)}
+
+
+def distribution_shift(result: dict[str, Any], links: dict[str, str]) -> Alert:
+    def line(name: str) -> str:
+        s = result[name]
+        return (f"  {name}: mean {s['mean_tonight']:.4f} tonight vs {s['mean_reference']:.4f} before "
+                f"(delta {s['delta']:+.4f}); KS {s['ks']:.4f} (p = {s['p_value']:.2g})"
+                f"{'  SHIFTED' if s['shifted'] else ''}")
+
+    which = [n for n in ("p_mel", "entropy") if result[n]["shifted"]]
+    return Alert("distribution_shift",
+                 f"[lesion] prediction shift tonight ({', '.join(which)}) for model {result['model_version']}",
+                 [f"Model version {result['model_version']}: tonight's predictions (run {result['run_id']}, "
+                  f"n = {result['n_tonight']}) differ from the previous nights' of the same version "
+                  f"(n = {result['n_reference']}).", line("p_mel"), line("entropy"),
+                  f"Bound: KS > {KS_BOUND} with p < {P_BOUND}, for p_mel or entropy. A new source, scanner, "
+                  "population or a broken drop looks like this: review tonight's cases before trusting them."],
+                 links)
+
+
+# --- isic_ingest ------------------------------------------------------------------------------------
+
+def _names(keys: list[str]) -> str:
+    shown = ", ".join(PurePosixPath(k).name for k in keys[:10])
+    return f" ({shown}{', ...' if len(keys) > 10 else ''})" if keys else ""
+
+
+def incoming_report(settings: Settings, ready: list[str], now: datetime | None = None) -> str:
+    """What is under `incoming/` when `ready` (sources.discover_incoming's answer) is empty: drops already
+    ingested, drops still settling (changing within LESION_INCOMING_SETTLE_SECONDS, no `_READY`), loose files."""
+    from lesion_tasks.ingest.sources import INCOMING_PREFIX
+    from lesion_tasks.core.store import open_store
+
+    seen: dict[str, datetime] = {}
+    loose = []
+    for obj in open_store(settings).list(INCOMING_PREFIX):
+        first, _, rest = obj.key[len(INCOMING_PREFIX):].partition("/")
+        if not rest and not first.lower().endswith(".zip"):
+            loose.append(obj.key)
+            continue
+        key = INCOMING_PREFIX + first
+        seen[key] = max(seen.get(key, obj.modified), obj.modified)
+    engine = engine_for(settings)
+    try:
+        with engine.connect() as conn:
+            status = dict(conn.execute(sa.select(drops.c.source, drops.c.status)).all())
+    finally:
+        engine.dispose()
+    ingested = sorted(k for k in seen if status.get(k) == "complete")
+    settling = sorted(k for k in seen if k not in ingested and k not in ready)
+    now = now or datetime.now(UTC)
+    newest = max((seen[k] for k in settling), default=None)
+    wait = (f"; waits until unchanged for {settings.incoming_settle_seconds} s (newest change "
+            f"{int((now - newest).total_seconds())} s ago) or a _READY marker" if newest else "")
+    return (f"no new drop under {INCOMING_PREFIX}: {len(ingested)} drop(s) already ingested{_names(ingested)}, "
+            f"{len(settling)} settling{_names(settling)}{wait}, {len(loose)} loose file(s) ignored{_names(loose)}")

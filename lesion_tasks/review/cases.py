@@ -1,0 +1,388 @@
+"""Human review of what the model was unsure about: the queue, the label check (ISIC labels the model
+contradicts), one case, verdicts, trends, and what an empty page should say.
+
+The review UI (plugins/lesion_review.py) calls these; they know nothing of the web. A verdict is
+appended to `reviews` (history kept, the latest per image counts). Which verdicts become training
+labels is `trainset.py`'s policy; `images.label` is never changed here.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import uuid
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from lesion_tasks.lifecycle import registry
+from lesion_tasks.core.db import insert_ignore
+from lesion_tasks.core.schema import LABELS, VERDICTS, images, model_versions, prediction_samples, predictions, reviews
+from lesion_tasks.core.schema import splits as split_rows
+from lesion_tasks.lifecycle.trainset import latest_reviews
+
+FLAGS = ("predicted_mel", "uncertain", "near_threshold", "out_of_scope")
+# what the UI shows for each flag of `predictions.review_reasons`: a badge and what it means (tooltip)
+FLAG_TEXT = {
+    "predicted_mel": ("predicted_mel", "predicted melanoma: p(MEL) at or above the model version's threshold"),
+    "uncertain": ("uncertain", "entropy above the model version's review rule: the model is unsure"),
+    "near_threshold": ("near_threshold", "p(MEL) close to the model version's threshold"),
+    "out_of_scope": ("out of scope (not MEL/NV)",
+                     "the model thinks this lesion is neither melanoma nor nevus (e.g. basal cell carcinoma): "
+                     "outside the two classes it was trained to tell apart, so p(MEL) may mislead; p(other) is that probability"),
+}
+STATUSES = ("open", "reviewed", "all")
+# images.label: a verdict becomes a training label only where ISIC gave none, so the queue shows unlabelled
+# images by default; labelled ones are for reporting ISIC label errors (label_check)
+LABELLED = ("unlabelled", "labelled", "all")
+DEFAULT_LABELLED = "unlabelled"  # the review UI's default
+SPLIT_FILTERS = ("train", "val", "test", "none")  # none: no row in `splits` (never trained on nor tested with)
+SORTS = {"entropy": predictions.c.entropy, "mutual_info": predictions.c.mutual_info, "p_mel": predictions.c.p_mel}
+MAX_NOTE = 2000
+MAX_PAGE = 1000
+MAX_OFFSET = 10**9  # far past any queue; larger values overflow the database's integers (a 500)
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+@dataclass(frozen=True)
+class QueueFilter:
+    """What the queue page shows. `model_version` None = the champion. `labelled` filters on the ISIC label
+    (images.label; "all" here for callers of the library, the UI defaults to DEFAULT_LABELLED), `split`
+    on the image's split (None: any)."""
+    model_version: str | None = None
+    drop_id: str | None = None
+    label: str | None = None  # predicted label
+    flag: str | None = None  # one of FLAGS
+    status: str = "open"
+    sort: str = "entropy"
+    limit: int = 500
+    offset: int = 0
+    labelled: str = "all"
+    split: str | None = None
+
+    def __post_init__(self):
+        _one_of("label", self.label, ("MEL", "NV"), optional=True)
+        _one_of("flag", self.flag, FLAGS, optional=True)
+        _one_of("status", self.status, STATUSES)
+        _one_of("sort", self.sort, tuple(SORTS))
+        _one_of("labelled", self.labelled, LABELLED)
+        _one_of("split", self.split, SPLIT_FILTERS, optional=True)
+        if not 1 <= self.limit <= MAX_PAGE:
+            raise ValueError(f"limit={self.limit}: expected 1 to {MAX_PAGE}")
+        if not 0 <= self.offset <= MAX_OFFSET:
+            raise ValueError(f"offset={self.offset}: expected 0 to {MAX_OFFSET}")
+
+
+def _one_of(name: str, value: Any, allowed: tuple, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r}: expected one of {', '.join(allowed)}")
+
+
+def resolve_version(conn: sa.Connection, model_version: str | None) -> str | None:
+    """The model version a page is about (None: no champion yet)."""
+    row = registry.resolve(conn, model_version, required=False)
+    return row["model_version"] if row else None
+
+
+def contradicts_isic() -> sa.ColumnElement[bool]:
+    """A prediction that contradicts the image's ISIC label: MEL predicted for an ISIC nevus, NV for an ISIC
+    melanoma, or an ISIC OTHER lesion neither predicted MEL nor flagged out_of_scope (only where the model
+    version has an out-of-scope head, i.e. p_other is set)."""
+    label, predicted = images.c.label, predictions.c.predicted_label
+    reasons = sa.func.coalesce(predictions.c.review_reasons, "")
+    return sa.or_(sa.and_(label == "NV", predicted == "MEL"), sa.and_(label == "MEL", predicted == "NV"),
+                  sa.and_(label == "OTHER", predictions.c.p_other.is_not(None), predicted == "NV",
+                          sa.not_(reasons.contains("out_of_scope"))))
+
+
+def queue(conn: sa.Connection, f: QueueFilter) -> dict[str, Any]:
+    """A page of the review queue (what `v_review_queue` holds for the champion, narrowed by `f`), most
+    uncertain first, with the latest verdict on each case; `total` counts the filtered queue and `counts`
+    what each value of the labelled, split and status filters would show (the other filters kept)."""
+    return _listing(conn, f, check=False)
+
+
+def label_check(conn: sa.Connection, f: QueueFilter) -> dict[str, Any]:
+    """ISIC-labelled images whose prediction contradicts the ISIC label (`contradicts_isic`), flagged for
+    review or not: candidates for an ISIC label error report. `f.labelled` is ignored."""
+    return _listing(conn, replace(f, labelled="all"), check=True)
+
+
+def _listing(conn: sa.Connection, f: QueueFilter, check: bool) -> dict[str, Any]:
+    version = resolve_version(conn, f.model_version)
+    if version is None:
+        counts = _counts(f, [])
+        return {"model_version": None, "total": counts.pop("total"), "cases": [], "counts": counts}
+    latest = latest_reviews(by_version=True)
+    r = reviews.alias("r")
+    # images and splits joined on their primary key image_id; the version's rows via ix_predictions_version_review
+    query = (sa.select(predictions.c.image_id, predictions.c.model_version, predictions.c.p_mel,
+                       predictions.c.predicted_label, predictions.c.threshold, predictions.c.entropy,
+                       predictions.c.mutual_info, predictions.c.review_reasons, predictions.c.drop_id,
+                       predictions.c.scored_at, images.c.label.label("known_label"),
+                       r.c.verdict.label("review_verdict"), r.c.label.label("review_label"), r.c.reviewer,
+                       r.c.reviewed_at, predictions.c.p_other, predictions.c.gradcam_uri, split_rows.c.split)
+             .join(images, images.c.image_id == predictions.c.image_id)
+             .outerjoin(split_rows, split_rows.c.image_id == predictions.c.image_id)
+             .outerjoin(latest, sa.and_(latest.c.image_id == predictions.c.image_id,
+                                        latest.c.model_version == predictions.c.model_version))
+             .outerjoin(r, r.c.id == latest.c.review_id)
+             .where(predictions.c.model_version == version)
+             .where(contradicts_isic() if check else predictions.c.needs_review))
+    if f.drop_id:
+        query = query.where(predictions.c.drop_id == f.drop_id)
+    if f.label:
+        query = query.where(predictions.c.predicted_label == f.label)
+    if f.flag:
+        # reasons are a comma-separated list of FLAGS (no flag is a substring of another)
+        query = query.where(predictions.c.review_reasons.contains(f.flag))
+    # one grouped scan instead of a count: the total and what each labelled / split / status value holds
+    is_open = r.c.id.is_(None)  # no bound parameters: PostgreSQL must see the GROUP BY and SELECT expressions equal
+    groups = conn.execute(query.with_only_columns(images.c.label, split_rows.c.split, is_open, sa.func.count())
+                          .group_by(images.c.label, split_rows.c.split, is_open)).all()
+    counts = _counts(f, groups)
+    if f.labelled != "all":
+        query = query.where(images.c.label.is_(None) if f.labelled == "unlabelled" else images.c.label.is_not(None))
+    if f.split:
+        query = query.where(split_rows.c.split.is_(None) if f.split == "none" else split_rows.c.split == f.split)
+    if f.status == "open":
+        query = query.where(r.c.id.is_(None))
+    elif f.status == "reviewed":
+        query = query.where(r.c.id.is_not(None))
+    ties = predictions.c.mutual_info if f.sort != "mutual_info" else predictions.c.entropy
+    rows = conn.execute(query.order_by(SORTS[f.sort].desc(), ties.desc(), predictions.c.image_id)
+                        .limit(f.limit).offset(f.offset)).mappings().all()
+    return {"model_version": version, "total": counts.pop("total"), "cases": [dict(row) for row in rows], "counts": counts}
+
+
+def _counts(f: QueueFilter, groups) -> dict[str, Any]:
+    """Per filter dimension, how many cases each value holds with every other filter kept ("all" included);
+    `isic_label` per ISIC label under every filter; `total` under every filter."""
+    dims = {"labelled": (f.labelled, LABELLED), "split": (f.split or "all", SPLIT_FILTERS + ("all",)),
+            "status": (f.status, STATUSES)}
+    counts: dict[str, Any] = {dim: dict.fromkeys(values, 0) for dim, (_, values) in dims.items()}
+    counts["isic_label"], counts["total"] = dict.fromkeys(("MEL", "NV", "OTHER"), 0), 0
+    for label, split, is_open, n in groups:
+        value = {"labelled": "unlabelled" if label is None else "labelled", "split": split or "none",
+                 "status": "open" if is_open else "reviewed"}
+        chosen = {dim: sel in ("all", value[dim]) for dim, (sel, _) in dims.items()}
+        for dim in dims:
+            if all(ok for other, ok in chosen.items() if other != dim):
+                counts[dim][value[dim]] += n
+                counts[dim]["all"] += n
+        if all(chosen.values()):
+            counts["total"] += n
+            if label is not None:
+                counts["isic_label"][label] = counts["isic_label"].get(label, 0) + n
+    return counts
+
+
+def no_champion(conn: sa.Connection) -> dict[str, Any]:
+    """What a page says while there is no champion ({"versions": trained, "text"}): how many model versions
+    were trained and why the last one was not promoted (the gate's first failed check), or how to train one."""
+    rows = conn.execute(sa.select(model_versions.c.model_version, model_versions.c.status, model_versions.c.gate)
+                        .order_by(model_versions.c.created_at.desc())).all()
+    trained = [row for row in rows if row.status != "training"]
+    training = f" ({len(rows) - len(trained)} training now)" if len(rows) > len(trained) else ""
+    if not trained:
+        return {"versions": 0, "text": f"No model version trained yet{training}: trigger the lesion_retrain DAG (Airflow: "
+                "DAGs, lesion_retrain, Trigger) or run `lesion train`; nightly scoring (lesion_nightly_score) then scores "
+                "the images with the champion."}
+    last, gate = trained[0], trained[0].gate or {}
+    fails = [r.removeprefix("FAIL: ") for r in gate.get("reasons") or [] if r.startswith("FAIL")]
+    if gate.get("passed") is False or last.status == "rejected":
+        more = f" (and {len(fails) - 1} more)" if len(fails) > 1 else ""
+        why = f"was refused by the gate: {fails[0] if fails else 'no reason recorded'}{more}"
+    elif gate.get("passed"):
+        why = "passed the gate but is not the champion: promote it (`lesion promote`)"
+    elif last.status == "retired":
+        why = "was retired and nothing replaced it"
+    else:
+        why = "has not been through the gate yet (lesion_retrain's gate_and_promote)"
+    n = len(trained)
+    return {"versions": n, "text": f"{n} model version{'s' if n != 1 else ''} trained{training}, none promoted: "
+                                  f"the last one, {last.model_version}, {why}."}
+
+
+def empty_hints(f: QueueFilter, result: dict[str, Any], check: bool = False) -> dict[str, Any]:
+    """Why a page of the queue (`check`: of the label check) is empty: a headline, and per filter what it
+    hides with the links that show it ({"text", "links": [{"text", "path", "params"}]}; params None = drop
+    that parameter; path "" is the queue, "label-check" the label check)."""
+    c, version = result["counts"], result["model_version"]
+    where = f" in split {f.split}" if f.split else ""
+    if check:
+        head = f"0 labelled images{where} where model {version} contradicts ISIC ({f.status})"
+    else:
+        noun = {"unlabelled": "unlabelled cases", "labelled": "labelled cases", "all": "cases"}[f.labelled]
+        head = {"open": f"0 {noun}{where} need review", "reviewed": f"0 reviewed {noun}{where}",
+                "all": f"0 flagged {noun}{where}"}[f.status]
+    hints: list[dict[str, Any]] = []
+
+    def hint(text: str, *links: tuple[str, str, dict[str, Any]]) -> None:
+        hints.append({"text": text, "links": [{"text": t, "path": path, "params": params} for t, path, params in links]})
+
+    def are(n: int, noun: str) -> str:
+        return f"{n} {noun}{'s are' if n != 1 else ' is'}"
+
+    if not check and f.labelled != "all":
+        other = "labelled" if f.labelled == "unlabelled" else "unlabelled"
+        if n := c["labelled"][other]:
+            if other == "labelled":
+                hint(f"{are(n, 'labelled image')} flagged (ISIC labelled them: a verdict cannot make them training labels)",
+                     ("see Label check", "label-check", {"labelled": None}), ("show them", "", {"labelled": "labelled"}))
+            else:
+                hint(f"{are(n, 'unlabelled case')} flagged", ("show them", "", {"labelled": "unlabelled"}))
+    if f.split and (n := c["split"]["all"] - c["split"][f.split]):
+        hint(f"{are(n, 'case')} in other splits", ("show every split", "", {"split": None}))
+    if f.status != "all":
+        other = "reviewed" if f.status == "open" else "open"
+        if n := c["status"][other]:
+            hint(f"{are(n, 'case')} {'already reviewed' if other == 'reviewed' else 'still open'}",
+                 (f"show {other}", "", {"status": other}))
+    narrowing = [f"{name} {value}" for name, value in (("drop", f.drop_id), ("predicted label", f.label),
+                                                       ("flag", f.flag)) if value]
+    if narrowing:
+        hint(f"the filters {', '.join(narrowing)} may hide more", ("clear them", "", {"drop": None, "label": None, "flag": None}))
+    if not hints:
+        hint(f"model {version} agrees with every ISIC label it scored" if check else f"model {version} flagged nothing for review")
+    return {"headline": head, "hints": hints}
+
+
+def choices(conn: sa.Connection) -> dict[str, list[str]]:
+    """Values for the queue's filter menus."""
+    versions = conn.scalars(sa.select(model_versions.c.model_version).where(model_versions.c.metrics.is_not(None))
+                            .order_by(model_versions.c.created_at.desc())).all()
+    drops = conn.scalars(sa.select(predictions.c.drop_id).distinct().order_by(predictions.c.drop_id)).all()
+    return {"model_versions": list(versions), "drops": list(drops)}
+
+
+def case(conn: sa.Connection, image_id: str, model_version: str | None = None) -> dict[str, Any]:
+    """Everything the case page shows: the prediction, its MC samples, the image, every verdict and
+    the other model versions' predictions of the same image."""
+    image = conn.execute(sa.select(images).where(images.c.image_id == image_id)).mappings().first()
+    if image is None:
+        raise LookupError(f"image {image_id!r} not found")
+    version = resolve_version(conn, model_version)
+    prediction = None
+    if version is not None:
+        prediction = conn.execute(sa.select(predictions).where(predictions.c.image_id == image_id)
+                                  .where(predictions.c.model_version == version)).mappings().first()
+    if prediction is None:
+        raise LookupError(f"image {image_id!r} has no prediction from model {version or '(no champion yet)'}")
+    samples = conn.execute(sa.select(prediction_samples.c.p_mel_samples)
+                           .where(prediction_samples.c.image_id == image_id)
+                           .where(prediction_samples.c.model_version == version)).scalar()
+    history = conn.execute(sa.select(reviews).where(reviews.c.image_id == image_id)
+                           .order_by(reviews.c.id.desc())).mappings().all()
+    others = conn.execute(sa.select(predictions.c.model_version, predictions.c.p_mel, predictions.c.p_other,
+                                    predictions.c.predicted_label, predictions.c.entropy, predictions.c.mutual_info, predictions.c.needs_review,
+                                    predictions.c.scored_at)
+                          .where(predictions.c.image_id == image_id).where(predictions.c.model_version != version)
+                          .order_by(predictions.c.scored_at.desc())).mappings().all()
+    model = registry.get(conn, version)
+    return {"image": dict(image), "prediction": dict(prediction), "samples": samples, "reviews": [dict(h) for h in history],
+            "other_predictions": [dict(o) for o in others],
+            "model": {k: model[k] for k in ("model_version", "is_champion", "status", "backbone", "profile", "review_rule",
+                                            "artifacts_pruned_at")}}
+
+
+def _clean_note(note: str | None) -> str | None:
+    if note is None:
+        return None
+    note = _CONTROL.sub("", note).strip()
+    if len(note) > MAX_NOTE:
+        raise ValueError(f"note of {len(note)} characters: expected at most {MAX_NOTE}")
+    return note or None
+
+
+def verdict_label(verdict: str, predicted_label: str, label: str | None) -> str:
+    """The label a verdict stands for: agree = the prediction, disagree = the other class,
+    set_label = the reviewer's choice."""
+    _one_of("verdict", verdict, VERDICTS)
+    if verdict == "agree":
+        return predicted_label
+    if verdict == "disagree":
+        return "NV" if predicted_label == "MEL" else "MEL"
+    _one_of("label", label, LABELS)
+    return label
+
+
+def record(engine: sa.Engine, image_id: str, model_version: str, verdict: str, reviewer: str, label: str | None = None,
+           note: str | None = None, submission_id: str | None = None) -> dict[str, Any]:
+    """Append a verdict on `model_version`'s prediction of `image_id`. Idempotent per `submission_id`
+    (a form submitted twice records one verdict)."""
+    reviewer = _CONTROL.sub("", reviewer or "").strip()
+    if not reviewer:
+        raise ValueError("reviewer: expected the name of the logged-in user, got nothing")
+    submission_id = submission_id or uuid.uuid4().hex
+    if not re.fullmatch(r"[0-9A-Za-z_-]{8,64}", submission_id):
+        raise ValueError(f"submission_id={submission_id[:80]!r}: expected 8-64 letters, digits, '-' or '_'")
+    with engine.begin() as conn:
+        prediction = conn.execute(sa.select(predictions.c.p_mel, predictions.c.predicted_label, predictions.c.p_other)
+                                  .where(predictions.c.image_id == image_id)
+                                  .where(predictions.c.model_version == model_version)).first()
+        if prediction is None:
+            raise LookupError(f"image {image_id!r} has no prediction from model {model_version!r}: nothing to review")
+        row = {"submission_id": submission_id, "image_id": image_id, "model_version": model_version,
+               "verdict": verdict, "label": verdict_label(verdict, prediction.predicted_label, label),
+               "note": _clean_note(note), "reviewer": reviewer[:256], "reviewed_at": datetime.now(UTC),
+               "p_mel": prediction.p_mel, "predicted_label": prediction.predicted_label, "p_other": prediction.p_other}
+        insert_ignore(conn, reviews, [row], ["submission_id"])
+        stored = conn.execute(sa.select(reviews).where(reviews.c.submission_id == submission_id)).mappings().one()
+    return dict(stored)
+
+
+def model_overview(conn: sa.Connection) -> list[dict[str, Any]]:
+    """Every model version, newest first: status, champion, threshold, gate decision, test metrics."""
+    rows = conn.execute(sa.select(model_versions).order_by(model_versions.c.created_at.desc())).mappings().all()
+    counts = dict(conn.execute(sa.select(predictions.c.model_version, sa.func.count())
+                               .group_by(predictions.c.model_version)).all())
+    out = []
+    for row in rows:
+        test = (row["metrics"] or {}).get("test", {})
+        out.append({"model_version": row["model_version"], "created_at": row["created_at"], "status": row["status"],
+                    "is_champion": row["is_champion"], "profile": row["profile"], "backbone": row["backbone"],
+                    "threshold": row["threshold"], "weights_source": row["weights_source"],
+                    "test": {k: test.get(k) for k in ("auc", "mel_sensitivity", "mel_specificity", "balanced_accuracy", "n", "n_mel")},
+                    "ci95": test.get("ci95", {}), "gate": row["gate"] or {}, "report_uri": row["report_uri"],
+                    "reviewed_labels": (row["lineage"] or {}).get("reviewed_labels"),
+                    "predictions": counts.get(row["model_version"], 0), "artifacts_pruned_at": row["artifacts_pruned_at"]})
+    return out
+
+
+def _bin(column, bins: int, top: float, dialect: str):
+    scaled = sa.func.least(column / top, 0.999999) if dialect == "postgresql" else sa.func.min(column / top, 0.999999)
+    if dialect == "postgresql":
+        return sa.cast(sa.func.floor(scaled * bins), sa.Integer)
+    return sa.cast(scaled * bins, sa.Integer)  # SQLite's CAST truncates (values are >= 0)
+
+
+def nightly(conn: sa.Connection, nights: int = 14, bins: int = 10) -> dict[str, Any]:
+    """Per scoring night (UTC date) of the last `nights`: images scored, cases flagged for review, and
+    histograms of p_mel (over [0, 1]) and entropy (over [0, ln 2]); all aggregated in SQL."""
+    dialect = conn.dialect.name
+    since = datetime.now(UTC) - timedelta(days=nights)
+    night = sa.func.date(predictions.c.scored_at).label("night")
+    p_bin = _bin(predictions.c.p_mel, bins, 1.0, dialect).label("p_bin")
+    e_bin = _bin(predictions.c.entropy, bins, math.log(2), dialect).label("e_bin")
+    # one scan: at most nights x bins x bins groups, folded into the three views below
+    groups = conn.execute(sa.select(night, p_bin, e_bin, sa.func.count(),
+                                    sa.func.sum(sa.cast(predictions.c.needs_review, sa.Integer)))
+                          .where(predictions.c.scored_at >= since).group_by(night, p_bin, e_bin)).all()
+    out: dict[str, dict[str, Any]] = {}
+    for n, pb, eb, count, flagged in sorted(groups, key=lambda g: str(g[0])):
+        row = out.setdefault(str(n), {"night": str(n), "scored": 0, "flagged": 0, "p_mel": [0] * bins, "entropy": [0] * bins})
+        row["scored"] += int(count)
+        row["flagged"] += int(flagged or 0)
+        row["p_mel"][min(max(int(pb), 0), bins - 1)] += int(count)
+        row["entropy"][min(max(int(eb), 0), bins - 1)] += int(count)
+    day = sa.func.date(reviews.c.reviewed_at)
+    reviewed = {str(n): int(c) for n, c in conn.execute(sa.select(day, sa.func.count())
+                                                        .where(reviews.c.reviewed_at >= since).group_by(day)).all()}
+    for n, row in out.items():
+        row["reviewed"] = reviewed.get(n, 0)
+    return {"nights": list(out.values()), "bins": bins, "entropy_max": math.log(2)}

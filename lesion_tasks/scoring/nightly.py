@@ -1,0 +1,312 @@
+"""Nightly scoring: every image without a prediction from a model version gets one.
+
+Per batch of images, ONE compiled backbone pass yields the last activation map A and its global
+average (the pooled features). From the pooled features the head is sampled T times in one
+vectorised call (`mc.py`: calibrated p_mel, entropy, mutual information, seeded per image and model
+version), the out-of-scope head gives p_other (`scope.py`; flag `out_of_scope`), and Grad-CAM of the
+predicted class is A weighted by the head's analytic gradient (`gradcam.py`): no backprop through the
+backbone. The images go in as the model version saw them in training (`features.model_input`). Overlays are drawn on the original image at a bounded size and stored
+under the model version; rows are upserted, so a rerun rewrites identical numbers and never
+duplicates. Batches go through a bounded pipeline (`score_range`): the next batch is read and the
+previous ones' overlays and rows are written while the backbone runs, a row only once its overlay
+object exists; at most a few batches are in flight, so memory does not grow with the number of images.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+from PIL import Image, ImageOps
+
+from lesion_tasks.lifecycle import artifacts, registry
+from lesion_tasks.model import backbones, features, gradcam, mc, scope
+from lesion_tasks.core import keys
+from lesion_tasks.core.db import analyze, engine_for, upsert
+from lesion_tasks.core.schema import images, prediction_samples, predictions
+from lesion_tasks.core.settings import Settings
+from lesion_tasks.core.store import ObjectStore, key_of, open_store
+
+log = logging.getLogger(__name__)
+BATCH = 32
+SHARD_SIZE = 512
+WRITE_BEHIND = 2  # batches whose overlays and rows may still be being written while the next is scored
+
+
+@dataclass
+class ScoringModel:
+    row: dict[str, Any]
+    head: mc.HeadWeights
+    run_backbone: Any  # (N, S, S, 3) preprocessed -> (activations (N, H, W, K), pooled (N, K))
+    scope_head: scope.ScopeHead | None = None  # None: the version flags nothing as out of scope
+    input_config: features.FeatureConfig | None = None  # what the backbone sees (effective resolution, colour)
+
+    @property
+    def version(self) -> str:
+        return self.row["model_version"]
+
+
+def load_scoring_model(store: ObjectStore, row: dict[str, Any]) -> ScoringModel:
+    """The saved model cut at (last activation, pooled features), compiled for fixed batches."""
+    import keras
+    import tensorflow as tf
+
+    saved = artifacts.of(store, row)
+    model = saved.load_model(row["model_uri"])  # ArtifactError (a ValueError) names what is missing or broken
+    head = saved.load_head()
+    cut = keras.Model(model.input, [model.get_layer(row["config"]["last_activation"]).output,
+                                     model.get_layer("head_gap").output])
+    fn = tf.function(lambda x: cut(x, training=False), reduce_retracing=True)
+
+    def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n = len(batch)
+        if n < BATCH:  # one traced shape for every batch
+            batch = np.concatenate([batch, np.zeros((BATCH - n, *batch.shape[1:]), np.float32)])
+        activations, pooled = fn(tf.constant(batch))
+        return activations.numpy()[:n], pooled.numpy()[:n]
+
+    return ScoringModel(row, head, run, artifacts.load_scope_of(store, row), artifacts.feature_config(row))
+
+
+def _unscored(conn: sa.Connection, version: str, first: str | None = None, last: str | None = None,
+              limit: int | None = None) -> list[sa.Row]:
+    scored = sa.select(predictions.c.image_id).where(predictions.c.model_version == version)
+    query = (sa.select(images.c.image_id, images.c.drop_id, images.c.normalized_uri, images.c.original_uri)
+             .where(images.c.image_id.not_in(scored)).order_by(images.c.image_id))
+    if first is not None:
+        query = query.where(images.c.image_id >= first)
+    if last is not None:
+        query = query.where(images.c.image_id <= last)
+    return conn.execute(query.limit(limit) if limit else query).all()
+
+
+def plan_shards(settings: Settings, model_version: str = "champion", shard_size: int = SHARD_SIZE,
+                limit: int | None = None) -> list[dict[str, Any]]:
+    """Unscored images of the model version cut into id ranges (small XCom values: references only)."""
+    engine = engine_for(settings)
+    try:
+        with engine.connect() as conn:
+            row = registry.resolve(conn, model_version, required=False)
+            if row is None:
+                log.warning("no champion model yet: nothing to score (train one with lesion_retrain / lesion train)")
+                return []
+            version = row["model_version"]
+            ids = [r.image_id for r in _unscored(conn, version, limit=limit)]
+    finally:
+        engine.dispose()
+    shards = [{"model_version": version, "first": part[0], "last": part[-1], "n": len(part)}
+              for part in (ids[i : i + shard_size] for i in range(0, len(ids), shard_size))]
+    log.info("model %s: %d unscored images in %d shards", version, len(ids), len(shards))
+    return shards
+
+
+def _needs_review(p: float, entropy: float, threshold: float, rule: dict[str, Any], p_other: float | None = None) -> list[str]:
+    reasons = []
+    if p_other is not None and p_other >= rule["out_of_scope_above"]:
+        reasons.append("out_of_scope")
+    if p >= threshold and rule.get("predicted_mel", True):
+        reasons.append("predicted_mel")
+    if entropy > rule["entropy_above"]:
+        reasons.append("uncertain")
+    low, high = rule["p_mel_band"]
+    if low <= p <= high:
+        reasons.append("near_threshold")
+    return reasons
+
+
+def _original(store: ObjectStore, uri: str, max_side: int) -> Image.Image:
+    im = Image.open(io.BytesIO(store.get(key_of(store, uri))))
+    if im.format == "JPEG":
+        im.draft("RGB", (max_side, max_side))  # decode big originals at a reduced scale
+    return ImageOps.exif_transpose(im).convert("RGB")
+
+
+def _write_overlay(store: ObjectStore, key: str, original_uri: str, heatmap: np.ndarray) -> str:
+    picture = gradcam.overlay(_original(store, original_uri, gradcam.OVERLAY_MAX_SIDE), heatmap)
+    return store.put(key, gradcam.png_bytes(picture), "image/png")
+
+
+def score_batch(model: ScoringModel, rgb: np.ndarray, image_ids: list[str], mc_samples: int):
+    """(p_mel, entropy, mutual_info, predicted MEL, heatmaps, (N, T) MC samples, p_other or None) for one
+    batch: one backbone pass."""
+    activations, pooled = model.run_backbone(backbones.preprocess(rgb))
+    masks = mc.dropout_masks(image_ids, model.version, mc_samples, model.head.w1.shape[1], model.head.dropout,
+                             mc.mask_seed(model.row))  # the version's recorded seed: as in its evaluation
+    samples = mc.mc_samples(model.head, pooled, masks)
+    p, h, mi = mc.summarize(samples)
+    is_mel = (p >= model.row["threshold"]).astype(np.int64)
+    heat = gradcam.gradcam_fast(activations, gradcam.head_gradient(model.head, pooled, is_mel))
+    p_other = model.scope_head.p_other(pooled) if model.scope_head is not None else None
+    return p, h, mi, is_mel, heat, samples, p_other
+
+
+def _rows(model: ScoringModel, row: dict[str, Any], batch: list[sa.Row], scores: tuple, uris: list[str], samples: int,
+          run_id: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The prediction rows and MC-sample rows of one scored batch whose overlays are stored."""
+    p, h, mi, is_mel, _, mc_p, p_other = scores
+    now = datetime.now(UTC)
+    rows, sample_rows = [], []
+    for k, r in enumerate(batch):
+        other = None if p_other is None else float(p_other[k])
+        reasons = _needs_review(float(p[k]), float(h[k]), row["threshold"], row["review_rule"], other)
+        rows.append({"image_id": r.image_id, "model_version": model.version, "p_mel": float(p[k]), "p_other": other,
+                     "predicted_label": "MEL" if is_mel[k] else "NV", "threshold": float(row["threshold"]),
+                     "entropy": float(h[k]), "mutual_info": float(mi[k]), "mc_samples": samples,
+                     "gradcam_uri": uris[k], "needs_review": bool(reasons), "review_reasons": ",".join(reasons) or None,
+                     "drop_id": r.drop_id, "run_id": run_id, "scored_at": now})
+        sample_rows.append({"image_id": r.image_id, "model_version": model.version,
+                            "p_mel_samples": [round(float(v), 6) for v in mc_p[k]]})
+    return rows, sample_rows
+
+
+def score_range(settings: Settings, model_version: str = "champion", first: str | None = None, last: str | None = None,
+                limit: int | None = None, mc_samples: int | None = None, run_id: str | None = None,
+                batch_size: int = BATCH, model: ScoringModel | None = None) -> dict[str, Any]:
+    """Score the unscored images of one id range (a shard), batch by batch, as a pipeline: while the
+    backbone runs on batch k (TensorFlow releases the GIL), batch k+1 is read and the overlays and rows of
+    the batches before are written by background threads. A batch's rows are upserted once all its
+    overlay objects exist, batch after batch in order; the first failed read or write fails the shard."""
+    store, engine = open_store(settings), engine_for(settings)
+    run_id = run_id or f"cli-{datetime.now(UTC):%Y%m%dT%H%M%S}"
+    started = time.monotonic()
+    try:
+        with engine.connect() as conn:
+            row = registry.resolve(conn, model_version)
+            if row.get("artifacts_pruned_at") is not None:  # refused even with nothing left to score
+                raise ValueError(registry.pruned_message(row["model_version"], row["artifacts_pruned_at"]) + ": it cannot score")
+            todo = _unscored(conn, row["model_version"], first, last, limit)
+        if not todo:
+            return {"model_version": row["model_version"], "scored": 0, "needs_review": 0, "seconds": 0.0}
+        model = model or load_scoring_model(store, row)
+        samples = mc_samples or row["mc_samples"]
+        batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
+        io_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="score-io")  # store reads, overlays
+        writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score-db")  # upserts, in batch order
+        pending: deque[Future] = deque()  # the batches written behind the backbone, oldest first
+        scored = flagged = 0
+        last_log = started
+
+        def read(batch: list[sa.Row]) -> list[Future]:
+            return [io_pool.submit(features.model_input, store, r.normalized_uri, model.input_config) for r in batch]
+
+        def write(batch: list[sa.Row], scores: tuple, overlays: list[Future], previous: Future | None) -> tuple[int, int]:
+            if previous is not None:
+                previous.result()  # a failed batch stops the ones after it, as if they ran one at a time
+            rows, sample_rows = _rows(model, row, batch, scores, [f.result() for f in overlays], samples, run_id)
+            with engine.begin() as conn:
+                upsert(conn, predictions, rows, ["image_id", "model_version"])
+                upsert(conn, prediction_samples, sample_rows, ["image_id", "model_version"])
+            return len(rows), sum(r["needs_review"] for r in rows)
+
+        def collect(future: Future) -> None:  # raises what the batch's writes raised
+            nonlocal scored, flagged, last_log
+            n, n_flagged = future.result()
+            scored, flagged = scored + n, flagged + n_flagged
+            if time.monotonic() - last_log > 10 or scored == len(todo):
+                last_log = time.monotonic()
+                log.info("model %s: scored %d/%d images (%d need review), %.1f images/s", model.version, scored,
+                         len(todo), flagged, scored / max(last_log - started, 1e-9))
+
+        try:
+            reading = read(batches[0])
+            for k, batch in enumerate(batches):
+                rgb = np.stack([f.result() for f in reading])
+                if k + 1 < len(batches):
+                    reading = read(batches[k + 1])  # prefetch: read while this batch is scored
+                scores = score_batch(model, rgb, [r.image_id for r in batch], samples)
+                overlays = [io_pool.submit(_write_overlay, store, keys.gradcam(model.version, r.drop_id, r.image_id),
+                                           r.original_uri, heat) for r, heat in zip(batch, scores[4])]
+                pending.append(writer.submit(write, batch, scores, overlays, pending[-1] if pending else None))
+                while pending and (pending[0].done() or len(pending) > WRITE_BEHIND):  # bounded; fails early
+                    collect(pending.popleft())
+            while pending:
+                collect(pending.popleft())
+        finally:  # on an error: queued reads and writes are dropped, running ones end
+            io_pool.shutdown(cancel_futures=True)
+            writer.shutdown(cancel_futures=True)
+        return {"model_version": model.version, "scored": scored, "needs_review": flagged,
+                "seconds": round(time.monotonic() - started, 2)}
+    finally:
+        engine.dispose()
+
+
+def score(settings: Settings, model_version: str = "champion", mc_samples: int | None = None, limit: int | None = None,
+          run_id: str | None = None) -> dict[str, Any]:
+    """What `lesion score` prints: {"model_version", "scored", "skipped", "needs_review"}."""
+    engine = engine_for(settings)
+    try:
+        with engine.connect() as conn:
+            version = registry.resolve(conn, model_version)["model_version"]
+            skipped = conn.execute(sa.select(sa.func.count()).select_from(predictions)
+                                   .where(predictions.c.model_version == version)).scalar()
+    finally:
+        engine.dispose()
+    result = score_range(settings, version, limit=limit, mc_samples=mc_samples, run_id=run_id)
+    if result["scored"]:
+        _refresh_statistics(settings)
+    return {"model_version": version, "scored": result["scored"], "skipped": skipped,
+            "needs_review": result["needs_review"], "seconds": result["seconds"]}
+
+
+def _refresh_statistics(settings: Settings) -> None:
+    engine = engine_for(settings)
+    try:
+        analyze(engine, ["predictions", "prediction_samples"])
+    finally:
+        engine.dispose()
+
+
+def summarize(settings: Settings, model_version: str, run_id: str, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """After the shards: what this run scored and what is still unscored (should be 0).
+    `model_version` may be "champion"."""
+    engine = engine_for(settings)
+    try:
+        with engine.connect() as conn:
+            row = registry.resolve(conn, model_version, required=False)
+            if row is None:
+                return {"model_version": None, "run_id": run_id, "shards": 0, "scored": 0, "still_unscored": None,
+                        "note": "no champion model yet"}
+            model_version = row["model_version"]
+            remaining = len(_unscored(conn, model_version))
+            in_run = conn.execute(sa.select(sa.func.count(), sa.func.sum(sa.cast(predictions.c.needs_review, sa.Integer)))
+                                  .where(predictions.c.run_id == run_id)).one()
+    finally:
+        engine.dispose()
+    if in_run[0]:
+        _refresh_statistics(settings)
+    summary = {"model_version": model_version, "run_id": run_id, "shards": len(results),
+               "scored": sum(r["scored"] for r in results), "rows_of_this_run": in_run[0],
+               "needs_review": int(in_run[1] or 0), "still_unscored": remaining}
+    log.info("nightly scoring summary: %s", summary)
+    return summary
+
+
+def gradcam_link(settings: Settings, image_id: str, model_version: str = "champion", expires_s: int = 3600) -> str:
+    """A time-limited presigned URL of an image's Grad-CAM overlay (S3 stores only: buckets stay private)."""
+    store, engine = open_store(settings), engine_for(settings)
+    try:
+        with engine.connect() as conn:
+            version = registry.resolve(conn, model_version)["model_version"]
+            found = conn.execute(sa.select(predictions.c.gradcam_uri).where(predictions.c.image_id == image_id)
+                                 .where(predictions.c.model_version == version)).first()
+    finally:
+        engine.dispose()
+    if found is None:
+        raise ValueError(f"image {image_id!r} has no prediction from model {version}")
+    uri = found.gradcam_uri
+    if uri is None:
+        raise ValueError(f"image {image_id!r}: the Grad-CAM overlay of model {version} was removed by `lesion gc` "
+                         "(its artifacts were pruned); its prediction is kept")
+    if not hasattr(store, "presigned_url"):
+        raise ValueError(f"store {store.url} is a local directory: open {uri} directly (presigned links need S3)")
+    if not 1 <= expires_s <= 7 * 24 * 3600:
+        raise ValueError(f"expires={expires_s}: expected 1 to 604800 seconds")
+    return store.presigned_url(key_of(store, uri), expires_s)
