@@ -88,7 +88,7 @@ def test_every_airflow_service_reads_the_settings_the_celery_test_proved():
 
 
 def test_lesion_env_names_match_the_settings():
-    settings_src = (REPO / "lesion_tasks" / "settings.py").read_text() + (REPO / "lesion_tasks" / "backbones.py").read_text()
+    settings_src = (REPO / "lesion_tasks" / "core" / "settings.py").read_text() + (REPO / "lesion_tasks" / "model" / "backbones.py").read_text()
     known = set(re.findall(r'"(LESION_[A-Z0-9_]+)"', settings_src))
     used = set(re.findall(r"\b(LESION_[A-Z0-9_]+)\b", (REPO / "docker-compose.yaml").read_text() + (REPO / "docker" / "Dockerfile").read_text()))
     used -= {"LESION_DB_PASSWORD", "LESION_BUCKET"}  # .env values the compose file composes into URLs
