@@ -107,7 +107,7 @@ def test_every_non_python_file_of_lesion_tasks_ships_in_the_image():
     package = REPO / "lesion_tasks"
     data = [p.relative_to(package).as_posix() for p in package.rglob("*")
             if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts]
-    assert any(d.startswith("templates/") for d in data)
+    assert any(d.startswith("review/templates/") for d in data)
     missing = [d for d in data if not any(fnmatch.fnmatch(d, pat) for pat in patterns)]
     assert not missing, f"not in [tool.setuptools.package-data]: {missing}"
 
