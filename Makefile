@@ -10,7 +10,7 @@ export LESION_WEIGHTS_DIR ?= $(abspath ../shared/weights)
 DATA ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv demo airflow test test-deps screenshots bench lock clean
+.PHONY: venv demo airflow test test-unit test-deps screenshots bench lock clean
 
 venv: $(VENV)/.installed
 
@@ -42,15 +42,19 @@ airflow: venv
 test: venv $(VENV)-isic/.installed test-deps
 	LESION_ISIC_SCORING_VENV="$(abspath $(VENV)-isic)" PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The fast tier while you work: no database or S3 server, no Airflow run, no network (tests/unit/conftest.py).
+test-unit: venv $(VENV)-isic/.installed
+	LESION_ISIC_SCORING_VENV="$(abspath $(VENV)-isic)" PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest tests/unit -m unit $(PYTEST_ARGS)
+
 test-deps:
 	@bash tests/ensure_system_deps.sh
 
 # Regenerates the README's review UI screenshots (docs/screenshots/*.jpg) from a small real ISIC 2017 drop,
-# through a live Airflow and Chromium (tests/live/test_zz_screenshots.py). Needs the real data.
+# through a live Airflow and Chromium (tests/live/test_screenshots.py). Needs the real data.
 screenshots: venv test-deps
 	@test -d "$(LESION_DATA_DIR)/isic2017-mel-nv" || { echo "no $(LESION_DATA_DIR)/isic2017-mel-nv: set LESION_DATA_DIR"; exit 1; }
 	LESION_SCREENSHOT_DIR="$(abspath docs/screenshots)" PATH="$(abspath $(BIN)):$$PATH" \
-		$(BIN)/python -m pytest tests/live/test_zz_screenshots.py -q -x $(PYTEST_ARGS)
+		$(BIN)/python -m pytest tests/live/test_screenshots.py -q -x $(PYTEST_ARGS)
 
 bench: venv
 	$(BIN)/python bench/ingest_throughput.py

@@ -29,7 +29,7 @@ from airflow.sdk import Param, dag, get_current_context, task
 
 TF_POOL = "lesion_tensorflow"  # one TensorFlow task at a time: a TF process holds all cores
 
-# The form shows the demo profile's values (lesion_tasks.lifecycle.retrain.PROFILES["demo"]; tests/test_dags.py keeps
+# The form shows the demo profile's values (lesion_tasks.lifecycle.retrain.PROFILES["demo"]; tests/dags/test_dags.py keeps
 # them equal) and names the paper profile's in the descriptions. With profile `paper`, a field left at its
 # demo value takes the paper's (lesion_airflow.retrain_config). Backbones offered: every one but the test-only
 # `tiny`, which the API / CLI still accept (the field is free text with suggestions, checked by the task).

@@ -37,7 +37,7 @@ from lesion_tasks.core.settings import Settings
 from lesion_tasks.ops.synthetic import make_drop
 from tools import servers
 from tools.celery_cluster import create_database
-from tests.conftest import _unavailable, start_s3_or_fail
+from tests.helpers import start_s3_or_fail, unavailable
 
 REPO = Path(__file__).resolve().parents[2]
 USERS = {"admin": ("admin", "lesion-live-admin-password"), "viewer": ("viewer", "lesion-live-viewer-password")}
@@ -197,7 +197,7 @@ def live(tmp_path_factory, request):
     try:
         pg = servers.start_postgres()
     except Exception as exc:  # noqa: BLE001
-        _unavailable("PostgreSQL (for the live Airflow)", exc)
+        unavailable("PostgreSQL (for the live Airflow)", exc)
     s3 = start_s3_or_fail()
     proc = None
     try:
@@ -265,3 +265,13 @@ def live(tmp_path_factory, request):
             _stop_standalone(proc, patience=0.1)
         s3.stop()
         pg.stop()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules marked `after_retrains` (the screenshots: they leave real labelled images in the live home,
+    which a later retrain would split in) run after every other live test, whatever the file names."""
+    here = Path(__file__).parent
+    slots = [i for i, item in enumerate(items) if Path(item.path).is_relative_to(here)]  # the live block stays in place
+    ordered = sorted((items[i] for i in slots), key=lambda item: item.get_closest_marker("after_retrains") is not None)
+    for i, item in zip(slots, ordered):
+        items[i] = item

@@ -26,7 +26,7 @@ from lesion_tasks.core.settings import Settings
 from lesion_tasks.core.store import key_of, open_store
 from tests import reliability
 from tools import celery_cluster, servers
-from tests.conftest import N_IMAGES, _unavailable, mirror_home, start_s3_or_fail
+from tests.helpers import N_IMAGES, unavailable, mirror_home, start_s3_or_fail
 
 WORKERS = ("w1", "w2")
 POOL_SLOTS = 2  # one TensorFlow task per worker (worker_concurrency 1 in docker/airflow-workers.env)
@@ -39,12 +39,12 @@ def cluster(trained_home, tmp_path_factory):
     try:
         redis = servers.start_redis()
     except Exception as exc:  # noqa: BLE001
-        _unavailable("redis-server (the Celery broker)", exc)
+        unavailable("redis-server (the Celery broker)", exc)
     try:
         pg = servers.start_postgres()
     except Exception as exc:  # noqa: BLE001
         redis.stop()
-        _unavailable("PostgreSQL (for Airflow with Celery)", exc)
+        unavailable("PostgreSQL (for Airflow with Celery)", exc)
     s3 = start_s3_or_fail()
     try:
         settings = Settings.from_env({"LESION_HOME": str(tmp / "lesion")},

@@ -25,7 +25,7 @@ from lesion_tasks.ingest.drop import ingest
 from lesion_tasks.core.schema import images, model_versions, predictions, reviews
 from lesion_tasks.ops.synthetic import make_drop
 from tests import reliability
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 from tests.live.browser import SHOTS, chromium
 from tests.live.browser import login as _login
 from tests.live.browser import shot as _shot

@@ -1,0 +1,185 @@
+"""Nightly scoring: the one-backbone-pass shortcuts equal the naive computations, every image is
+scored once, reruns rewrite identical numbers, overlays are bounded, the views answer.
+
+On the session's trained home (tests/conftest.py): read as it is, scored again on a copy."""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+from PIL import Image
+
+from lesion_tasks.lifecycle import artifacts, registry, trainset
+from lesion_tasks.model import backbones, features, gradcam, mc
+from lesion_tasks.core import db
+from lesion_tasks.scoring import nightly as scoring
+from lesion_tasks.core.schema import images, predictions
+from lesion_tasks.core.store import key_of, open_store
+from tests.helpers import BIG_ORIGINAL, N_IMAGES, OTHER_DROP, copy_home
+
+VOLATILE = {"run_id", "scored_at"}
+
+
+@pytest.fixture(scope="module")
+def scored_home(trained_home):
+    """The shared home: labelled and unlabelled images (one a big original), trained, scored once."""
+    return trained_home.settings, trained_home.version, trained_home.scored
+
+
+@pytest.fixture(scope="module")
+def scored_copy(trained_home, tmp_path_factory):
+    """A copy of it to score again."""
+    return copy_home(trained_home.settings, tmp_path_factory.mktemp("scoring") / "home")
+
+
+def _rows(settings, version):
+    engine = db.make_engine(settings.db_url)
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(predictions).where(predictions.c.model_version == version)
+                            .order_by(predictions.c.image_id)).mappings().all()
+    engine.dispose()
+    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in rows]
+
+
+def _model(settings, version, tmp_path):
+    import keras
+
+    store = open_store(settings)
+    engine = db.make_engine(settings.db_url)
+    with engine.connect() as conn:
+        row = registry.get(conn, version)
+        refs = trainset.split_refs(conn)["test"][0][:8]
+    engine.dispose()
+    path = tmp_path / "model.keras"
+    path.write_bytes(store.get(key_of(store, row["model_uri"])))
+    rgb = np.stack([features.load_rgb(store, r.uri, row["image_size"]) for r in refs])
+    return row, keras.models.load_model(path, compile=False), backbones.preprocess(rgb), [r.image_id for r in refs], store
+
+
+def test_every_image_scored_once_with_valid_numbers(scored_home, scored_copy):
+    settings, version, first = scored_home
+    rows = _rows(settings, version)
+    engine = db.make_engine(settings.db_url)
+    with engine.connect() as conn:
+        n_images = conn.execute(sa.select(sa.func.count()).select_from(images)).scalar()
+    engine.dispose()
+    assert first == {"model_version": version, "scored": n_images, "skipped": 0,
+                     "needs_review": sum(r["needs_review"] for r in rows), "seconds": first["seconds"]}
+    assert len(rows) == n_images == N_IMAGES
+    for r in rows:
+        assert 0 <= r["p_mel"] <= 1 and 0 <= r["entropy"] <= math.log(2) + 1e-9 and r["mutual_info"] >= 0
+        assert r["predicted_label"] == ("MEL" if r["p_mel"] >= r["threshold"] else "NV")
+        assert r["mc_samples"] == 50 and r["gradcam_uri"].endswith(f"/{r['drop_id']}/{r['image_id']}.png")
+        assert r["needs_review"] == bool(r["review_reasons"])
+        if r["predicted_label"] == "MEL":
+            assert "predicted_mel" in r["review_reasons"]
+    again = scoring.score(scored_copy)
+    assert (again["scored"], again["skipped"]) == (0, n_images)
+    assert _rows(scored_copy, version) == rows  # nothing rewritten
+
+
+def test_out_of_scope_lesions_are_flagged(scored_home):
+    """Scoring stores p_other from the version's out-of-scope head and flags `out_of_scope` exactly when
+    it reaches the version's threshold; the synthetic basal cell carcinomas are mostly caught."""
+    settings, version, _ = scored_home
+    rows = _rows(settings, version)
+    engine = db.make_engine(settings.db_url)
+    with engine.connect() as conn:
+        row = registry.get(conn, version)
+    engine.dispose()
+    threshold = row["review_rule"]["out_of_scope_above"]
+    assert all(r["p_other"] is not None and 0 <= r["p_other"] <= 1 for r in rows)
+    for r in rows:
+        assert ("out_of_scope" in (r["review_reasons"] or "")) == (r["p_other"] >= threshold)
+    other = [r for r in rows if r["drop_id"] == OTHER_DROP]
+    flagged = [r for r in other if {"out_of_scope", "predicted_mel"} & set((r["review_reasons"] or "").split(","))]
+    assert len(other) == 40 and len(flagged) >= 30
+    store = open_store(settings)
+    refs = [features.ImageRef(r["image_id"], r["drop_id"], "") for r in other[:5]]
+    with engine.connect() as conn:
+        uris = dict(conn.execute(sa.select(images.c.image_id, images.c.normalized_uri)
+                                 .where(images.c.image_id.in_([r.image_id for r in refs]))).all())
+    engine.dispose()
+    refs = [features.ImageRef(r.image_id, r.drop_id, uris[r.image_id]) for r in refs]
+    feats, _ = features.features_for(refs, [0], artifacts.feature_config(row), artifacts.weights_of(row, settings, store), store)
+    np.testing.assert_allclose(artifacts.load_scope_of(store, row).p_other(feats[0]), [r["p_other"] for r in other[:5]],
+                               atol=1e-4)
+
+
+def test_rerun_rewrites_identical_numbers_and_overlays(scored_home, scored_copy):
+    _, version, _ = scored_home
+    settings = scored_copy
+    store = open_store(settings)
+    before = _rows(settings, version)
+    pngs = {r["image_id"]: store.get(key_of(store, r["gradcam_uri"])) for r in before[:20]}
+    engine = db.make_engine(settings.db_url)
+    with engine.begin() as conn:
+        conn.execute(predictions.delete().where(predictions.c.model_version == version))
+    engine.dispose()
+    assert scoring.score(settings)["scored"] == len(before)
+    assert _rows(settings, version) == before
+    assert {i: store.get(key_of(store, u)) for i, u in ((r["image_id"], r["gradcam_uri"]) for r in before[:20])} == pngs
+
+
+def test_overlay_is_drawn_on_the_original_at_bounded_size(scored_home):
+    settings, version, _ = scored_home
+    store = open_store(settings)
+    row = next(r for r in _rows(settings, version) if r["image_id"] == BIG_ORIGINAL)
+    overlay = Image.open(io.BytesIO(store.get(key_of(store, row["gradcam_uri"]))))
+    assert overlay.format == "PNG" and overlay.size == (1024, 683)
+
+
+def test_head_only_mc_equals_naive_full_model_mc(scored_home, tmp_path):
+    """T full forward passes with the same dropout masks give the same samples (max |diff| <= 1e-5)."""
+    import keras
+
+    settings, version, _ = scored_home
+    row, model, x, ids, store = _model(settings, version, tmp_path)
+    head = artifacts.of(store, row).load_head()
+    masks = mc.dropout_masks(ids, version, 50, backbones.HEAD_UNITS, head.dropout)
+    to_bn = keras.Model(model.input, model.get_layer("head_bn").output)
+    out = model.get_layer("head_out")
+    naive = np.stack([out(to_bn(x, training=False).numpy() * masks[:, t, :]).numpy()[:, mc.MEL] for t in range(50)], 1)
+    pooled = scoring.load_scoring_model(store, row).run_backbone(x)[1]
+    fast = mc.mc_samples(replace(head, cal_a=1.0, cal_b=0.0), pooled, masks)  # the Keras head is uncalibrated
+    assert np.abs(fast - naive).max() <= 1e-5
+    logit = np.log(naive) - np.log1p(-naive)
+    calibrated = 1 / (1 + np.exp(-(head.cal_a * logit + head.cal_b)))
+    assert np.abs(mc.mc_samples(head, pooled, masks) - calibrated).max() <= 1e-4
+
+
+@pytest.mark.parametrize("backbone,size", [("tiny", 64), ("mobilenet025_multiscale", 96)])
+def test_fast_gradcam_equals_gradient_tape(backbone, size):
+    """Grad-CAM from the head's gradient equals a GradientTape through the whole model (rel. diff <= 1e-4)."""
+    import keras
+
+    weights = backbones.resolve_weights("none", backbones.get_backbone(backbone), None)
+    model = backbones.build_model(backbone, size, weights, 0.5, seed=3)
+    rng = np.random.default_rng(0)
+    model.get_layer("head_bn").set_weights([rng.uniform(0.5, 2, 128), rng.normal(0, .5, 128), rng.normal(0, .5, 128), rng.uniform(0.5, 2, 128)])
+    x = rng.uniform(-1, 1, (6, size, size, 3)).astype(np.float32)
+    last = backbones.get_backbone(backbone).last_activation
+    cut = keras.Model(model.input, [model.get_layer(last).output, model.get_layer("head_gap").output])
+    activations, pooled = (t.numpy() for t in cut(x, training=False))
+    head = mc.HeadWeights.from_model(model)
+    cls = (head.deterministic(pooled) >= 0.5).astype(np.int64)
+    fast = gradcam.gradcam_fast(activations, gradcam.head_gradient(head, pooled, cls), normalize=False)
+    tape = gradcam.gradcam_tape(model, last, x, cls, normalize=False)
+    assert np.linalg.norm(fast - tape) / max(np.linalg.norm(tape), 1e-12) <= 1e-4
+
+
+def test_views_one_row_per_image_and_review_queue(scored_home):
+    settings, version, _ = scored_home
+    engine = db.make_engine(settings.db_url)
+    with engine.connect() as conn:
+        latest = conn.execute(sa.text("SELECT image_id, model_version FROM v_latest_predictions")).all()
+        queue = conn.execute(sa.text("SELECT image_id, needs_review, known_label FROM v_review_queue")).all()
+        flagged = conn.execute(sa.select(sa.func.count()).select_from(predictions).where(predictions.c.needs_review)).scalar()
+    engine.dispose()
+    assert len(latest) == len({i for i, _ in latest}) == N_IMAGES and {v for _, v in latest} == {version}
+    assert len(queue) == flagged and all(q.needs_review for q in queue)
