@@ -25,10 +25,12 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from lesion_tasks import cli
+from lesion_tasks.lifecycle.config import make_config
 from lesion_tasks.core import db  # noqa: E402
 from lesion_tasks.core.settings import Settings  # noqa: E402
 from lesion_tasks.ingest.drop import ingest  # noqa: E402
-from lesion_tasks.lifecycle import registry, retrain  # noqa: E402
+from lesion_tasks.lifecycle import registry  # noqa: E402
 from lesion_tasks.ops.synthetic import make_drop  # noqa: E402
 
 CHILD = """
@@ -72,10 +74,10 @@ def main() -> None:
         settings = Settings.from_env({"LESION_HOME": str(home)})
         db.upgrade(settings)
         labelled = ingest(str(make_drop(Path(tmp) / "labelled", n_images=300, seed=11)), settings).accepted
-        config = retrain.make_config("demo", backbone="tiny", image_size=64, weights="none", effective_resolution=48,
+        config = make_config("demo", backbone="tiny", image_size=64, weights="none", effective_resolution=48,
                                      floors=registry.GateFloors(min_melanomas=5), epochs=150, views=2, bootstrap=200,
                                      target_sensitivity=0.97, seed=1)
-        trained = retrain.run(settings, config, run_id="load")
+        trained = cli.train(settings, config, run_id="load")
         started = time.monotonic()
         first = ingest(str(unlabelled(Path(tmp) / "timed", args.ingest, 1)), settings)
         ingest_seconds = time.monotonic() - started

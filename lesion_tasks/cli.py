@@ -55,16 +55,38 @@ def _cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def train(settings: Settings, config, run_id: str | None = None) -> dict[str, Any]:
+    """The whole retrain in one process (what `lesion train` prints): the four steps of `lesion_retrain`."""
+    import time
+    from datetime import UTC, datetime
+
+    from lesion_tasks.core.store import open_store
+    from lesion_tasks.lifecycle import assess, retrain
+
+    started = time.monotonic()
+    run_id = run_id or f"cli-{datetime.now(UTC):%Y%m%dT%H%M%S}"
+    split = retrain.prepare_split(settings, config)
+    trained = retrain.train_model(settings, config, run_id)
+    evaluated = assess.evaluate_model(settings, trained["model_version"])
+    gated = assess.gate_model(settings, trained["model_version"], actor="lesion train")
+    return {
+        "model_version": trained["model_version"], "promoted": gated["promoted"], "threshold": trained["threshold"],
+        "metrics": evaluated["metrics"], "gate": {"reasons": gated["reasons"], "champion": gated["champion"]},
+        "report_uri": open_store(settings).uri(evaluated["report_uri"]), "feature_cache": trained["feature_cache"],
+        "head_seconds": trained["head_seconds"], "weights": trained["weights"], "split": split["counts"],
+        "backbone": trained["backbone"], "weights_fallback": split["weights"]["fallback"],
+        "wall_seconds": round(time.monotonic() - started, 1),
+    }
+
+
 def _cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     from lesion_tasks.core import db
+    from lesion_tasks.lifecycle.config import config_from_cli
     from lesion_tasks.lifecycle.registry import shown
-    from lesion_tasks.lifecycle.retrain import make_config, run
 
     db.upgrade(settings)
-    config = make_config(args.profile, backbone=args.backbone, epochs=args.epochs, image_size=args.image_size,
-                         weights=args.weights, seed=args.seed, mc_samples=args.mc_samples,
-                         target_sensitivity=args.target_sensitivity, views=args.views)
-    result = run(settings, config)
+    config = config_from_cli(args)
+    result = train(settings, config)
     t = result["metrics"]["test"]
 
     def num(key: str) -> str:  # rounded down, as the gate's reasons: on the same side of a floor as the value
@@ -163,15 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_ing.set_defaults(func=_cmd_ingest)
 
     p_train = sub.add_parser("train", help="retrain: split, train, evaluate, gate, promote")
-    p_train.add_argument("--profile", default="demo", choices=["demo", "paper"])
-    p_train.add_argument("--backbone", help="override the profile's backbone")
-    p_train.add_argument("--epochs", type=int)
-    p_train.add_argument("--image-size", type=int)
-    p_train.add_argument("--weights", help="imagenet | none | PATH | s3://bucket/key")
-    p_train.add_argument("--seed", type=int)
-    p_train.add_argument("--mc-samples", type=int)
-    p_train.add_argument("--target-sensitivity", type=float)
-    p_train.add_argument("--views", type=int, help="augmentation views per training image")
+    from lesion_tasks.lifecycle.config import add_cli_options
+
+    add_cli_options(p_train)  # the same settings, types and bounds as lesion_retrain's form
     p_train.set_defaults(func=_cmd_train)
 
     p_score = sub.add_parser("score", help="score every image without a prediction from the model version")

@@ -85,20 +85,6 @@ def quiet_tensorflow() -> None:
                 sys.stderr.flush()
 
 
-# --- lesion_retrain's trigger form --------------------------------------------------------------------
-
-def retrain_config(params: dict, form_defaults: dict):
-    """`lesion_retrain`'s TrainConfig from its Params (`lesion_tasks.lifecycle.retrain.config_from_params`). The form
-    shows the demo profile's values; with another profile, a field left at its demo value takes that
-    profile's own (paper: resnet101v2, 100 epochs), so choosing `paper` alone trains the paper's model."""
-    from lesion_tasks.lifecycle.retrain import config_from_params
-
-    values = dict(params)
-    if (values.get("profile") or "demo") != "demo":
-        values = {k: v for k, v in values.items() if k == "profile" or v != form_defaults.get(k)}
-    return config_from_params(values)
-
-
 # --- alerts -----------------------------------------------------------------------------------------
 # Off by default: on once the Connection `lesion_alerts_smtp` (type smtp) exists. Recipients: its extra
 # "to" (a list or comma-separated), else the Variable `lesion_alerts_to`; sender: extra "from_email".

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from lesion_tasks.lifecycle.config import GateFloors, make_config
 from lesion_tasks.core import db
 from lesion_tasks.core.settings import Settings
 from tools import servers
@@ -67,11 +68,10 @@ def tiny_config(**overrides):
     image through 48 px first (the effective-resolution path runs in every test). The gate decides with 5
     melanomas in test and validation (the synthetic drops have ~16-20); its default, 30, is tested in
     tests/unit/test_gate.py and by the Params-driven DAG tests, which cannot lower it."""
-    from lesion_tasks.lifecycle import retrain
 
-    return retrain.make_config("demo", **{"backbone": "tiny", "image_size": 64, "weights": "none",
+    return make_config("demo", **{"backbone": "tiny", "image_size": 64, "weights": "none",
                                           "effective_resolution": 48,
-                                          "floors": retrain.registry.GateFloors(min_melanomas=5), **overrides})
+                                          "floors": GateFloors(min_melanomas=5), **overrides})
 
 
 LABELLED_DROP = "labelled"  # make_drop(n_images=300, seed=11) with two files that must be quarantined

@@ -23,8 +23,9 @@ import sqlalchemy as sa
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from lesion_tasks import cli
+from lesion_tasks.lifecycle.config import make_config
 from lesion_tasks.core import db
-from lesion_tasks.lifecycle import retrain
 from lesion_tasks.scoring import nightly as scoring
 from lesion_tasks.ingest.drop import ingest  # noqa: E402
 from lesion_tasks.lifecycle.registry import GateFloors  # noqa: E402
@@ -74,10 +75,10 @@ def main() -> None:
         ingest(str(make_drop(Path(tmp) / "labelled", n_images=300, seed=11)), settings)
         ingest(str(make_drop(Path(tmp) / "other", n_images=40, seed=13, melanoma_fraction=0.0, other_fraction=1.0)),
                settings)
-        config = retrain.make_config("demo", backbone="tiny", image_size=64, weights="none", effective_resolution=48,
+        config = make_config("demo", backbone="tiny", image_size=64, weights="none", effective_resolution=48,
                                      floors=GateFloors(min_melanomas=5), epochs=150, views=2, bootstrap=200,
                                      target_sensitivity=0.97, seed=1)
-        version = retrain.run(settings, config, run_id="fingerprint")["model_version"]
+        version = cli.train(settings, config, run_id="fingerprint")["model_version"]
         scoring.score(settings, run_id="fingerprint-night")
         out["synthetic_tiny"] = _fingerprint(settings, version)
         data = Path(os.environ.get("LESION_DATA_DIR", REPO.parent / "shared" / "data")) / "isic2017-mel-nv"
@@ -85,7 +86,7 @@ def main() -> None:
             settings = Settings.from_env({"LESION_HOME": f"{tmp}/real"})
             db.upgrade(settings)
             ingest(str(data), settings)
-            version = retrain.run(settings, retrain.make_config("demo", bootstrap=200), run_id="fingerprint")["model_version"]
+            version = cli.train(settings, make_config("demo", bootstrap=200), run_id="fingerprint")["model_version"]
             scoring.score(settings, run_id="fingerprint-night", limit=300)
             out["isic2017_demo"] = _fingerprint(settings, version)
     print(json.dumps(out, indent=1))

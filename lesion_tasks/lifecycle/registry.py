@@ -12,7 +12,6 @@ recorded in `champion_history`.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from datetime import UTC, datetime
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from lesion_tasks.core.db import insert_ignore
+from lesion_tasks.lifecycle.config import GateFloors  # noqa: F401 - the gate's floors, declared with the config
 from lesion_tasks.core.schema import champion_history, model_versions
 
 log = logging.getLogger(__name__)
@@ -29,19 +29,6 @@ log = logging.getLogger(__name__)
 MIN_SOURCE_MEL = 30
 # out-of-scope floors apply when the test split has at least this many such images
 MIN_OUT_OF_SCOPE = 30
-
-
-@dataclass(frozen=True)
-class GateFloors:
-    mel_sensitivity: float = 0.80
-    auc: float = 0.70
-    balanced_accuracy: float = 0.60
-    out_of_scope_flagged: float = 0.95  # OTHER images flagged (predicted MEL or out_of_scope)
-    malignant_flagged: float = 0.97  # BCC, SCC, AK flagged
-    # evidence: below this many melanomas in the test or the validation split the gate does not decide
-    # (a sensitivity on 13 melanomas moves 8 points per case); NOT promoted, saying so
-    min_melanomas: int = 30
-    val_auc_above: float = 0.5  # chance: the validation AUC (its 95% CI's lower bound, if any) must exceed it
 
 
 def shown(value: float, digits: int = 4, sign: bool = False, up: bool = False) -> str:

@@ -1,6 +1,6 @@
 """Retraining, step by step: split -> train -> evaluate -> gate (the last two in `assess.py`). The CLI
-runs all four in a row (`run`); the DAG `lesion_retrain` runs them as tasks, passing only the model
-version between them.
+runs all four in a row (`lesion_tasks.cli.train`); the DAG `lesion_retrain` runs them as tasks, passing only
+the model version between them.
 
 A model version's id derives from the run id, injectively (`keys.injective_slug`), and is claimed in
 the registry before anything is written: a retried task rewrites its own artifacts and row instead of
@@ -13,8 +13,7 @@ import logging
 import os
 import platform
 import subprocess
-import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,8 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
-from lesion_tasks.lifecycle import artifacts, assess, registry, splits, trainset
+from lesion_tasks.lifecycle import artifacts, config as configuration, registry, splits, trainset
+from lesion_tasks.lifecycle.config import TrainConfig
 from lesion_tasks.model import backbones, evaluation, features, mc, scope
 from lesion_tasks.core import keys
 from lesion_tasks.core.db import engine_for
@@ -32,84 +32,6 @@ from lesion_tasks.core.store import ObjectStore, open_store
 
 log = logging.getLogger(__name__)
 MIN_REVIEW_ENTROPY = 0.2
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    profile: str = "demo"
-    backbone: str = "mobilenet025_multiscale"
-    image_size: int = 224
-    weights: str = "imagenet"
-    epochs: int = 200
-    seed: int = 0
-    dropout: float = 0.5
-    views: int = 8  # augmentation views per training image (view 0 = as is)
-    # every image through this resolution first (0: off): sharp and blurry drops look alike (features.py)
-    effective_resolution: int = 84
-    color_constancy: str = ""  # "" or "shades_of_gray"
-    mc_samples: int = 50
-    target_sensitivity: float = 0.85
-    learning_rate: float = 1e-3
-    bootstrap: int = 1000
-    # demo only: when ImageNet weights are unavailable, train from random initialisation, loudly
-    random_init_fallback: bool = True
-    floors: registry.GateFloors = registry.GateFloors()
-
-
-PROFILES: dict[str, TrainConfig] = {
-    # what learns on a 2-core CPU in minutes: frozen multi-scale MobileNet features, cached. One view: on
-    # the validation split of the three shared drops, 8 augmentation views gave AUC 0.812 (sharp source
-    # 0.792), 4 views 0.811, 1 view 0.816 (0.822) at an eighth of the cost (README, "Model figures")
-    "demo": TrainConfig(views=1),
-    # the paper: ResNet101V2, ImageNet, 224 px, frozen backbone, the Table II head
-    "paper": TrainConfig(profile="paper", backbone="resnet101v2", epochs=100, views=2, random_init_fallback=False),
-}
-
-
-# every numeric knob and its allowed range (checked before any expensive work)
-BOUNDS: dict[str, tuple[type, float, float]] = {
-    "epochs": (int, 1, 10_000), "image_size": (int, 32, 1024), "views": (int, 1, 64), "mc_samples": (int, 2, 1000),
-    "seed": (int, 0, 2**31 - 1), "bootstrap": (int, 0, 100_000), "dropout": (float, 0.01, 0.99),
-    "target_sensitivity": (float, 0.5, 1.0), "learning_rate": (float, 1e-7, 1.0),
-    "effective_resolution": (int, 0, 1024),
-}
-# what the lesion_retrain trigger form (and `lesion train`) may set
-PARAM_KEYS = ("profile", "backbone", "epochs", "image_size", "weights", "seed", "mc_samples", "target_sensitivity")
-
-
-def make_config(profile: str = "demo", **overrides: Any) -> TrainConfig:
-    """The profile's defaults with the non-None overrides applied, validated (ValueError naming the
-    value and what was expected)."""
-    if profile not in PROFILES:
-        raise ValueError(f"profile {profile!r}: expected one of {sorted(PROFILES)}")
-    unknown = sorted(set(overrides) - {f.name for f in fields(TrainConfig)})
-    if unknown:
-        raise ValueError(f"unknown training settings {unknown}: expected some of {sorted(PARAM_KEYS)}")
-    config = replace(PROFILES[profile], **{k: v for k, v in overrides.items() if v is not None})
-    backbones.get_backbone(config.backbone)
-    for name, (kind, low, high) in BOUNDS.items():
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
-            raise ValueError(f"{name}={value!r}: expected {'an integer' if kind is int else 'a number'} "
-                             f"from {low} to {high}")
-        if not low <= value <= high:
-            raise ValueError(f"{name}={value!r} is out of range: expected {low} to {high}")
-    if config.color_constancy not in features.COLOR_CONSTANCY:
-        raise ValueError(f"color_constancy={config.color_constancy!r}: expected one of {features.COLOR_CONSTANCY}")
-    if not isinstance(config.weights, str) or not config.weights.strip():
-        raise ValueError(f"weights={config.weights!r}: expected imagenet, none, a file path or s3://bucket/key")
-    return config
-
-
-def config_from_params(params: dict[str, Any]) -> TrainConfig:
-    """The config of a `lesion_retrain` run from its Params / conf: undeclared keys are refused (a
-    trigger cannot reach settings the form does not offer), every value is bounded."""
-    unknown = sorted(set(params) - set(PARAM_KEYS))
-    if unknown:
-        raise ValueError(f"lesion_retrain conf keys {unknown} are not Params of this DAG: expected some of "
-                         f"{list(PARAM_KEYS)}")
-    values = dict(params)
-    return make_config(values.pop("profile", "demo") or "demo", **values)
 
 
 def model_version_id(run_id: str, config: TrainConfig) -> str:
@@ -161,7 +83,7 @@ def _weights(config: TrainConfig, settings: Settings, store: ObjectStore) -> tup
         return config, backbones.resolve_weights(config.weights, backbones.get_backbone(config.backbone), cache, store)
     except ValueError as exc:
         # only the profile's own backbone falls back: a backbone someone chose is trained as chosen or refused
-        own_backbone = config.backbone == PROFILES[config.profile].backbone
+        own_backbone = config.backbone == configuration.PROFILES[config.profile].backbone
         if not (config.profile == "demo" and config.weights == "imagenet" and config.random_init_fallback
                 and own_backbone):
             raise
@@ -358,21 +280,3 @@ def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[st
                 "weights": weights.source, "backbone": config.backbone}
     finally:
         engine.dispose()
-
-
-def run(settings: Settings, config: TrainConfig, run_id: str | None = None) -> dict[str, Any]:
-    """The whole retrain (what `lesion train` prints)."""
-    started = time.monotonic()
-    run_id = run_id or f"cli-{datetime.now(UTC):%Y%m%dT%H%M%S}"
-    split = prepare_split(settings, config)
-    trained = train_model(settings, config, run_id)
-    evaluated = assess.evaluate_model(settings, trained["model_version"])
-    gated = assess.gate_model(settings, trained["model_version"], actor="lesion train")
-    return {
-        "model_version": trained["model_version"], "promoted": gated["promoted"], "threshold": trained["threshold"],
-        "metrics": evaluated["metrics"], "gate": {"reasons": gated["reasons"], "champion": gated["champion"]},
-        "report_uri": open_store(settings).uri(evaluated["report_uri"]), "feature_cache": trained["feature_cache"],
-        "head_seconds": trained["head_seconds"], "weights": trained["weights"], "split": split["counts"],
-        "backbone": trained["backbone"], "weights_fallback": split["weights"]["fallback"],
-        "wall_seconds": round(time.monotonic() - started, 1),
-    }

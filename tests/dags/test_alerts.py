@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
+from lesion_tasks.lifecycle.config import PROFILES
 from lesion_tasks.ops import alerts
 from lesion_tasks.core import db, keys
-from lesion_tasks.lifecycle import retrain
 from lesion_tasks.ingest.drop import ingest
 from lesion_tasks.lifecycle.registry import GateFloors
 from lesion_tasks.core.schema import drops, model_versions
@@ -153,8 +153,8 @@ def test_nightly_without_a_champion_is_skipped_and_mailed(embedded_airflow_env, 
 def test_gate_refusal_is_a_skip_and_mailed(embedded_airflow_env, smtp_sink, tmp_path, monkeypatch):
     # a real gate, made to refuse: floors above any reachable AUC and balanced accuracy (dag.test runs the
     # tasks in this process, so the profile's floors are what the run records and the gate applies)
-    monkeypatch.setitem(retrain.PROFILES, "demo", dataclasses.replace(
-        retrain.PROFILES["demo"], floors=GateFloors(auc=1.01, balanced_accuracy=1.01)))
+    monkeypatch.setitem(PROFILES, "demo", dataclasses.replace(
+        PROFILES["demo"], floors=GateFloors(auc=1.01, balanced_accuracy=1.01)))
     # enough melanomas in test and validation for the gate to decide on its floors
     ingest(str(make_drop(tmp_path / "drop", n_images=450, seed=11, melanoma_fraction=0.5)), embedded_airflow_env)
     run, states = run_dag(_dag("lesion_retrain"), TINY)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
+from lesion_tasks.lifecycle.config import PROFILES, config_from_params, make_config
 from lesion_tasks.model import backbones, evaluation
 from lesion_tasks.core import db
 from lesion_tasks.lifecycle import retrain
@@ -148,8 +149,8 @@ def test_trigger_params_are_declared_and_bounded(conf, message):
     params = {"profile": "demo", "backbone": None, "epochs": None, "image_size": None, "weights": "imagenet",
               "seed": 0, "mc_samples": 50, "target_sensitivity": 0.85}
     with pytest.raises(ValueError, match=message):
-        retrain.config_from_params(params | conf)
-    assert retrain.config_from_params(params).views == retrain.PROFILES["demo"].views
+        config_from_params(params | conf)
+    assert config_from_params(params).views == PROFILES["demo"].views
 
 
 def test_bad_params_fail_in_the_first_task_before_any_work(airflow_env):
@@ -177,7 +178,7 @@ def test_bad_params_fail_in_the_first_task_before_any_work(airflow_env):
 def test_unusable_weights_fail_prepare_split_before_the_split(weights, local_settings, monkeypatch):
     monkeypatch.setenv("LESION_WEIGHTS_DOWNLOAD", "0")
     with pytest.raises(ValueError, match="weights|store"):
-        retrain.prepare_split(local_settings, retrain.make_config("demo", backbone="tiny", weights=weights))
+        retrain.prepare_split(local_settings, make_config("demo", backbone="tiny", weights=weights))
 
 
 def test_weights_a_backbone_cannot_have_are_refused_not_replaced(local_settings, monkeypatch, tmp_path):
@@ -185,11 +186,11 @@ def test_weights_a_backbone_cannot_have_are_refused_not_replaced(local_settings,
     monkeypatch.setenv("LESION_WEIGHTS_DIR", str(tmp_path / "no-weights"))
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
     with pytest.raises(ValueError, match="backbone 'tiny' has no ImageNet weights"):  # was: effnet_lite0, a warning
-        retrain.prepare_split(local_settings, retrain.make_config("demo", backbone="tiny"))
+        retrain.prepare_split(local_settings, make_config("demo", backbone="tiny"))
     with pytest.raises(ValueError, match="resnet101v2_weights_tf_dim_ordering_tf_kernels_notop.h5"):
-        retrain.prepare_split(local_settings, retrain.make_config("paper"))
+        retrain.prepare_split(local_settings, make_config("paper"))
     # the demo profile's own backbone still falls back, and says so in the result
-    checked = retrain.check_weights(local_settings, retrain.make_config("demo"))
+    checked = retrain.check_weights(local_settings, make_config("demo"))
     assert checked["backbone"] == "effnet_lite0"
     assert checked["fallback"] == "mobilenet025_multiscale has no ImageNet weights here: effnet_lite0 is trained instead"
     reliability.record("A backbone its weights cannot serve", "backbone tiny with weights imagenet from the form",

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+from lesion_tasks import cli
+from lesion_tasks.lifecycle.config import make_config
 from lesion_tasks.model import backbones
 from lesion_tasks.core import db
-from lesion_tasks.lifecycle import retrain
 from lesion_tasks.ingest.drop import ingest
 from lesion_tasks.core.settings import Settings
 from lesion_tasks.ops.synthetic import make_drop
@@ -39,8 +40,8 @@ def test_paper_profile_end_to_end(resnet_weights, tmp_path):
     settings = Settings.from_env({"LESION_HOME": str(tmp_path / "home")})
     db.upgrade(settings)
     ingest(str(make_drop(tmp_path / "drop", n_images=40, seed=21, melanoma_fraction=0.4)), settings)
-    config = retrain.make_config("paper", weights=str(resnet_weights), epochs=3, views=1, mc_samples=10, bootstrap=50)
-    result = retrain.run(settings, config, run_id="paper-check")
+    config = make_config("paper", weights=str(resnet_weights), epochs=3, views=1, mc_samples=10, bootstrap=50)
+    result = cli.train(settings, config, run_id="paper-check")
     assert result["model_version"].startswith("paper-resnet101v2-")
     split = result["split"]
     assert sum(split["test"].values()) > 0

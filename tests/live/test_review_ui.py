@@ -18,7 +18,8 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from lesion_tasks.lifecycle import registry, retrain
+from lesion_tasks import cli
+from lesion_tasks.lifecycle import registry
 from lesion_tasks.review import cases as review
 from lesion_tasks.scoring import nightly as scoring
 from lesion_tasks.ingest.drop import ingest
@@ -48,7 +49,7 @@ def queue_ready(live):
     with engine.connect() as conn:
         champion = registry.champion(conn)
     if champion is None:
-        trained = retrain.run(live.settings, TINY, run_id="review-ui")
+        trained = cli.train(live.settings, TINY, run_id="review-ui")
         assert trained["promoted"], trained["gate"]
     night = make_drop(live.tmp / "night", n_images=1800, seed=12, size=128)
     (night / "metadata.csv").unlink()  # clinic images: no ISIC label

@@ -31,7 +31,8 @@ from urllib.parse import urljoin
 import pytest
 import sqlalchemy as sa
 
-from lesion_tasks.lifecycle import assess, registry, retrain
+from lesion_tasks import cli
+from lesion_tasks.lifecycle import assess, registry
 from lesion_tasks.review import cases as review
 from lesion_tasks.scoring import nightly as scoring
 from lesion_tasks.ingest.drop import ingest
@@ -92,7 +93,7 @@ def prepare(settings, data_dir: Path, tmp: Path):
         before = registry.champion(conn)
     assert labels == {"MEL": REAL_MEL, "NV": REAL_NV, None: REAL_UNLABELLED}, labels
 
-    trained = retrain.run(settings, TINY, run_id=RUN_ID)
+    trained = cli.train(settings, TINY, run_id=RUN_ID)
     version = trained["model_version"]
     promoted_by = "the gate"
     try:

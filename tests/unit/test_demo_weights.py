@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from lesion_tasks.lifecycle.config import make_config
 from lesion_tasks.model import effnet_lite
 from lesion_tasks.lifecycle import retrain
 from lesion_tasks.core.settings import Settings
@@ -22,7 +23,7 @@ def fresh_clone(monkeypatch, tmp_path) -> Settings:
 
 
 def test_demo_profile_falls_back_to_packaged_imagenet_weights(fresh_clone):
-    config = retrain.make_config("demo")
+    config = make_config("demo")
     assert config.backbone == "mobilenet025_multiscale" and config.weights == "imagenet"
     used, weights = retrain._weights(config, fresh_clone, open_store(fresh_clone))
     assert used.backbone == retrain.DEMO_FALLBACK_BACKBONE == "effnet_lite0"
@@ -33,9 +34,9 @@ def test_demo_profile_falls_back_to_packaged_imagenet_weights(fresh_clone):
 
 def test_paper_profile_and_explicit_weights_never_fall_back(fresh_clone):
     with pytest.raises(ValueError, match="resnet101v2_weights_tf_dim_ordering_tf_kernels_notop.h5"):
-        retrain._weights(retrain.make_config("paper"), fresh_clone, open_store(fresh_clone))
+        retrain._weights(make_config("paper"), fresh_clone, open_store(fresh_clone))
     with pytest.raises(ValueError, match="local weight files are read only from"):
-        retrain._weights(retrain.make_config("demo", weights=str(fresh_clone.home / "x.h5")), fresh_clone,
+        retrain._weights(make_config("demo", weights=str(fresh_clone.home / "x.h5")), fresh_clone,
                          open_store(fresh_clone))
 
 
@@ -44,7 +45,7 @@ def test_demo_falls_back_to_random_initialisation_only_without_the_package(fresh
         raise ValueError(f"ImageNet weights for efficientnet-{variant} are not installed")
 
     monkeypatch.setattr(effnet_lite, "weights_file", not_installed)
-    used, weights = retrain._weights(retrain.make_config("demo"), fresh_clone, open_store(fresh_clone))
+    used, weights = retrain._weights(make_config("demo"), fresh_clone, open_store(fresh_clone))
     assert used.backbone == "mobilenet025_multiscale" and weights.path is None
     assert weights.source.startswith("random initialisation (ImageNet weights unavailable")
 

@@ -22,7 +22,9 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from lesion_tasks.lifecycle import artifacts, assess, registry, retrain, trainset
+from lesion_tasks import cli
+from lesion_tasks.lifecycle.config import make_config
+from lesion_tasks.lifecycle import artifacts, assess, registry, trainset
 from lesion_tasks.core import db
 from lesion_tasks.model import evaluation, features, mc
 from lesion_tasks.core.schema import champion_history, model_versions
@@ -37,7 +39,7 @@ def trained(trained_home, tmp_path_factory):
     settings = copy_home(trained_home.settings, tmp_path_factory.mktemp("retrain") / "home")
     config = trained_home.config
     first = trained_home.trained
-    second = retrain.run(settings, config, run_id="second")
+    second = cli.train(settings, config, run_id="second")
     return settings, config, first, second
 
 
@@ -323,9 +325,9 @@ def test_metrics_agree_with_isic_challenge_scoring(trained, isic_scoring, tmp_pa
 
 def test_make_config_validates():
     with pytest.raises(ValueError, match="profile 'fast'"):
-        retrain.make_config("fast")
+        make_config("fast")
     with pytest.raises(ValueError, match="backbone 'vgg'"):
-        retrain.make_config("demo", backbone="vgg")
+        make_config("demo", backbone="vgg")
     with pytest.raises(ValueError, match="epochs=0"):
-        retrain.make_config("demo", epochs=0)
-    assert retrain.make_config("paper").backbone == "resnet101v2"
+        make_config("demo", epochs=0)
+    assert make_config("paper").backbone == "resnet101v2"

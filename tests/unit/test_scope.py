@@ -9,6 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from lesion_tasks.lifecycle.config import make_config
 from lesion_tasks.model import evaluation, mc, scope
 from lesion_tasks.lifecycle import registry, retrain
 
@@ -90,7 +91,7 @@ def test_threshold_holds_on_every_gated_source():
     src = np.array(["big"] * 1000 + ["sharp"] * 260)
     lesions = [f"L{i}" for i in range(1260)]
     summary = {"counts": {"test": {"MEL": 130}}, "by_source": {"big": {"test": {"MEL": 100}}, "sharp": {"test": {"MEL": 30}}}}
-    config = retrain.make_config("demo")
+    config = make_config("demo")
     t, per_source = retrain._threshold(y, p, src, lesions, summary, config)
     assert set(per_source) == {"pooled", "big", "sharp"} and t == min(per_source.values())
     sharp = (src == "sharp") & (y == 1)
