@@ -9,6 +9,15 @@
 | `LESION_S3_ACCESS_KEY`, `LESION_S3_SECRET_KEY` | S3 credentials (never logged)         | none                          |
 | `LESION_IMAGE_SIZE`   | side of the normalised model-input copy made at ingestion      | `224`                         |
 | `LESION_INCOMING_SETTLE_SECONDS` | a folder drop under `incoming/` is taken once untouched this long (or when it holds `_READY`) | `300` |
+
+Weights (read per call by `weights_settings()`, so a process can be pointed elsewhere without restarting):
+
+| variable              | meaning                                                        | default                       |
+|-----------------------|----------------------------------------------------------------|-------------------------------|
+| `LESION_WEIGHTS_DIR`  | folder of local ImageNet weight files (also searched for `imagenet`) | none                    |
+| `KERAS_HOME`          | Keras' cache; `models/` in it is searched too                  | `~/.keras`                    |
+| `LESION_WEIGHTS_ANY_PATH` | `1`: a weights path may be anywhere (operators only)       | off                           |
+| `LESION_WEIGHTS_DOWNLOAD` | `0`: never try the Keras download                          | `1`                           |
 """
 
 from __future__ import annotations
@@ -158,3 +167,18 @@ def s3_overrides_from_connection(
         "s3_secret_key": password or extra.get("aws_secret_access_key") or None,
         "store_url": extra.get("store_url") or None,
     }
+
+
+@dataclass(frozen=True)
+class WeightsSettings:
+    dirs: tuple[Path, ...]  # where local weight files are read from, in order
+    any_path: bool
+    download: bool
+
+
+def weights_settings(env: Mapping[str, str] | None = None) -> WeightsSettings:
+    """Where ImageNet weight files are looked for, and what a weights value may name (see the table above)."""
+    env = os.environ if env is None else env
+    dirs = [Path(env["LESION_WEIGHTS_DIR"])] if env.get("LESION_WEIGHTS_DIR") else []
+    dirs.append(Path(env.get("KERAS_HOME", Path.home() / ".keras")) / "models")
+    return WeightsSettings(tuple(dirs), env.get("LESION_WEIGHTS_ANY_PATH") == "1", env.get("LESION_WEIGHTS_DOWNLOAD", "1") != "0")

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from lesion_tasks.core.settings import weights_settings
+
 log = logging.getLogger(__name__)
 
 HEAD_UNITS = 128
@@ -177,8 +179,7 @@ def resolve_weights(spec: str, backbone: Backbone, cache_dir: Path, store=None, 
     fname = backbone.keras_weights_file
     if fname is None:
         raise ValueError(f"backbone {backbone.name!r} has no ImageNet weights: use --weights none or a file")
-    candidates = [Path(os.environ["LESION_WEIGHTS_DIR"]) / fname] if os.environ.get("LESION_WEIGHTS_DIR") else []
-    candidates.append(Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models" / fname)
+    candidates = [d / fname for d in weights_settings().dirs]
     for path in candidates:
         if path.is_file():
             return ResolvedWeights(spec, str(path), f"imagenet ({path})", _sha256(path))
@@ -187,8 +188,7 @@ def resolve_weights(spec: str, backbone: Backbone, cache_dir: Path, store=None, 
 
 def weights_dirs() -> list[Path]:
     """Folders local weight files are read from: $LESION_WEIGHTS_DIR and Keras' cache (~/.keras/models)."""
-    dirs = [Path(os.environ["LESION_WEIGHTS_DIR"])] if os.environ.get("LESION_WEIGHTS_DIR") else []
-    return dirs + [Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"]
+    return list(weights_settings().dirs)
 
 
 def _allowed_path(spec: str) -> Path:
@@ -196,7 +196,7 @@ def _allowed_path(spec: str) -> Path:
     LESION_WEIGHTS_ANY_PATH=1: a trigger form must not make the worker read (or probe) any file."""
     path = Path(spec).expanduser().resolve()
     allowed = [d.expanduser().resolve() for d in weights_dirs()]
-    if os.environ.get("LESION_WEIGHTS_ANY_PATH") != "1" and not any(path.is_relative_to(d) for d in allowed):
+    if not weights_settings().any_path and not any(path.is_relative_to(d) for d in allowed):
         raise ValueError(f"weights {spec!r}: local weight files are read only from {', '.join(map(str, allowed))} "
                          "(put the file there or set LESION_WEIGHTS_DIR; an operator may allow any path with "
                          "LESION_WEIGHTS_ANY_PATH=1)")
@@ -238,7 +238,7 @@ def _how_to_provide(fname: str, looked: list[Path]) -> str:
 def _download_imagenet(spec: str, backbone: Backbone, fname: str, looked: list[Path], timeout_s: float) -> ResolvedWeights:
     import keras
 
-    if os.environ.get("LESION_WEIGHTS_DOWNLOAD", "1") == "0":
+    if not weights_settings().download:
         raise ValueError(f"ImageNet weights for {backbone.name} are not on this machine and downloads are off "
                          f"(LESION_WEIGHTS_DOWNLOAD=0). " + _how_to_provide(fname, looked))
     url = f"https://storage.googleapis.com/tensorflow/keras-applications/{'resnet' if 'resnet' in fname else 'mobilenet'}/{fname}"
