@@ -94,7 +94,11 @@ def compute_ratios(data: Path, backbone: str, n_images: int, n_naive: int) -> di
         a, p = cut_fn(tf.constant(batch))
         return a.numpy()[:n], p.numpy()[:n]
 
-    smodel = scoring.ScoringModel({"model_version": version, "threshold": 0.5}, head, run_backbone)
+    from lesion_tasks.lifecycle.registry import ModelVersion
+
+    info = ModelVersion.from_row({"model_version": version, "status": "candidate", "is_champion": False,
+                                  "backbone": "bench", "image_size": 224, "threshold": 0.5, "mc_samples": T})
+    smodel = scoring.ScoringModel(info, head, run_backbone)
 
     def fast_all():
         return [scoring.score_batch(smodel, rgb[i:i + scoring.BATCH], ids[i:i + scoring.BATCH], T)
@@ -120,7 +124,7 @@ def compute_ratios(data: Path, backbone: str, n_images: int, n_naive: int) -> di
     # overlays (drawn on 1024-px-bounded originals and PNG-encoded), for the "encoding must not dominate" check
     from PIL import Image
 
-    heat = fast_all()[0][4]
+    heat = fast_all()[0][1]  # (predictions, heatmaps) of the first batch
     originals = [Image.fromarray(r) for r in rgb[: len(heat)]]
     _, overlay_s = _timed(lambda: [gradcam.png_bytes(gradcam.overlay(o, h)) for o, h in zip(originals, heat)])
 

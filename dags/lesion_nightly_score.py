@@ -15,7 +15,7 @@ Without a champion model, `plan_shards` ends **skipped** ("no champion model: tr
 and so does the rest: the run is not a silent green. After scoring, `summarise` compares tonight's `p_mel`
 and entropy with the previous nights' of the same model version (`lesion_tasks.ops.alerts`: Kolmogorov-Smirnov
 above 0.2 with p < 0.01). With the Connection `lesion_alerts_smtp`, a failed run, a run without a champion and
-a shifted night are mailed (README, "Alerts").
+a shifted night are mailed (docs/operations.md, "Alerts").
 
 Logic: `lesion_tasks.scoring.nightly` (also `lesion score`) and `lesion_tasks.ops.alerts`. This file only wires.
 """
@@ -60,12 +60,12 @@ def lesion_nightly_score():
         from lesion_tasks.ops import alerts
         from lesion_tasks.scoring.nightly import plan_shards as plan
 
-        context, settings = get_current_context(), lesion_settings()
-        shards = plan(settings, "champion", shard_size=context["params"]["shard_size"])
-        if not shards and alerts.champion_version(settings) is None:  # nothing to score *because* no model
+        context = get_current_context()
+        planned = plan(lesion_settings(), "champion", shard_size=context["params"]["shard_size"])
+        if planned.reason == planned.NO_CHAMPION:  # nothing to score *because* there is no model
             send_alert(context, alerts.nightly_empty(context["run_id"], alert_links(context)))
             raise AirflowSkipException(alerts.NO_CHAMPION)
-        return shards
+        return planned.shards
 
     @task(pool=TF_POOL)
     def score_shard(shard: dict) -> dict:

@@ -11,7 +11,7 @@ lose their heavy artifacts (model, overlays, unused feature caches); every row s
 
 A refusal shows in the run: `gate_and_promote` ends **skipped**, its message (and the task log) saying
 "NOT promoted: ..." with every failed check; `collect_garbage` still runs. With the Connection
-`lesion_alerts_smtp` it is also mailed (README, "Alerts").
+`lesion_alerts_smtp` it is also mailed (docs/operations.md, "Alerts").
 
 The form shows the demo profile's values; the descriptions name the paper profile's. How many labelled
 images there are: the `prepare_split` task's log and return value (images per split and label, also per

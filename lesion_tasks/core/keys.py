@@ -97,5 +97,16 @@ def model_prefix(version: str) -> str:
     return f"models/{version}/"
 
 
+def gradcam_prefix(version: str) -> str:
+    """Every Grad-CAM overlay of a model version is under this prefix."""
+    return f"predictions/{version}/gradcam/"
+
+
 def gradcam(version: str, drop_id: str, image_id: str) -> str:
-    return f"predictions/{version}/gradcam/{drop_id}/{image_id}.png"
+    return f"{gradcam_prefix(version)}{drop_id}/{image_id}.png"
+
+
+def gradcam_version(key: str) -> str | None:
+    """The model version whose overlay `key` is (None: not an overlay key)."""
+    parts = key.split("/")
+    return parts[1] if len(parts) >= 4 and parts[0] == "predictions" and parts[2] == "gradcam" else None

@@ -6,6 +6,8 @@ their names, how they are written and how they are read back.
                   calibration
 - `scope.npz`     the out-of-scope head and threshold (`scope.py`), when the version has one
 - `config.json`, `train_log.json`, `metrics.json`, `report.html`, `figures/*.png`, test CSVs
+- what a version keeps once `lesion gc` pruned it (`KEPT_AFTER_PRUNING`); its Grad-CAM overlays live under
+  `keys.gradcam_prefix(version)` (retention and consistency both use these)
 
 Writes are only made by the run that claimed the version in the registry (`registry.claim`), and
 never after promotion: a champion's artifacts do not change, except the gate section of `report.html`
@@ -28,13 +30,32 @@ import numpy as np
 from lesion_tasks.model import backbones, mc, scope
 from lesion_tasks.core import keys
 from lesion_tasks.model.features import FeatureConfig
-from lesion_tasks.lifecycle.registry import pruned_message
+from lesion_tasks.lifecycle.registry import ModelVersion, pruned_message
 from lesion_tasks.core.settings import Settings
 from lesion_tasks.core.store import ObjectNotFound, ObjectStore, check_key, key_of
 
 MODEL = "model.keras"
 HEAD = "head.npz"
 SCOPE = "scope.npz"
+CONFIG = "config.json"
+TRAIN_LOG = "train_log.json"
+METRICS = "metrics.json"
+REPORT = "report.html"
+TEST_PREDICTIONS = "test_predictions.npz"
+KEPT_AFTER_PRUNING = (REPORT, METRICS)  # what a pruned version keeps under models/<version>/
+
+
+def figure(name: str) -> str:
+    """A report figure's artifact name."""
+    return f"figures/{keys.slug(name.lower())}.png"
+
+
+def gradcam_example(image_id: str) -> str:
+    return f"figures/gradcam-{image_id}.png"
+
+
+def _version(v: ModelVersion | dict[str, Any]) -> ModelVersion:
+    return v if isinstance(v, ModelVersion) else ModelVersion.from_row(v)
 
 
 class ArtifactError(ValueError):
@@ -126,32 +147,37 @@ class ModelArtifacts:
         return self._parsed(SCOPE, scope.ScopeHead.from_bytes)
 
 
-def of(store: ObjectStore, row: dict[str, Any]) -> ModelArtifacts:
-    """The artifacts of a registry row; an ArtifactError naming the version when `lesion gc` pruned them."""
-    if row.get("artifacts_pruned_at") is not None:
-        raise ArtifactError(f"{pruned_message(row['model_version'], row['artifacts_pruned_at'])}: it cannot score "
+def of(store: ObjectStore, version: ModelVersion | dict[str, Any]) -> ModelArtifacts:
+    """The artifacts of a model version; an ArtifactError naming it when `lesion gc` pruned them."""
+    v = _version(version)
+    if v.artifacts_pruned_at is not None:
+        raise ArtifactError(f"{pruned_message(v.model_version, v.artifacts_pruned_at)}: it cannot score "
                             "or be evaluated (score with the champion, or retrain); nothing written")
-    return ModelArtifacts(store, row["model_version"])
+    return ModelArtifacts(store, v.model_version)
 
 
-def feature_config(row: dict[str, Any]) -> FeatureConfig:
-    """The feature cache configuration a model version was trained on."""
-    cfg = row["config"]
-    return FeatureConfig(row["backbone"], row["weights_sha256"], row["image_size"], cfg["seed"],
-                         effective_resolution=cfg.get("effective_resolution", 0), color_constancy=cfg.get("color_constancy", ""))
+def feature_config(source: Any, weights_sha256: str | None = None) -> FeatureConfig:
+    """The feature cache configuration of a model version (a ModelVersion or its row), or of a training run
+    (its TrainConfig and the weights' sha256): the one builder for both."""
+    if isinstance(source, dict):
+        source = ModelVersion.from_row(source)
+    sha = source.weights_sha256 if isinstance(source, ModelVersion) else weights_sha256
+    return FeatureConfig(source.backbone, sha, source.image_size, source.seed,
+                         effective_resolution=source.effective_resolution, color_constancy=source.color_constancy)
 
 
-def load_scope_of(store: ObjectStore, row: dict[str, Any]) -> scope.ScopeHead | None:
-    """A version's out-of-scope head, None when it has none (trained without OTHER images, or before 0.8)."""
-    rule = row.get("review_rule") or {}
-    return of(store, row).load_scope() if "out_of_scope_above" in rule else None
+def load_scope_of(store: ObjectStore, version: ModelVersion | dict[str, Any]) -> scope.ScopeHead | None:
+    """A version's out-of-scope head, None when it has none (trained without OTHER images, or before 0.8).
+    Its threshold is the registry's (`ModelVersion.scope_threshold`), stored there only."""
+    v = _version(version)
+    return of(store, v).load_scope() if v.scope_threshold is not None else None
 
 
-def weights_of(row: dict[str, Any], settings: Settings, store: ObjectStore) -> backbones.ResolvedWeights:
+def weights_of(version: ModelVersion | dict[str, Any], settings: Settings, store: ObjectStore) -> backbones.ResolvedWeights:
     """The backbone weights a model version recorded, checked against its recorded sha256."""
-    resolved = backbones.resolve_weights(row["config"]["weights_used"], backbones.get_backbone(row["backbone"]),
-                                         settings.home / "cache", store)
-    if resolved.sha256 != row["weights_sha256"]:
-        raise ArtifactError(f"model {row['model_version']}: weights {resolved.source} have sha256 {resolved.sha256}, "
-                            f"expected {row['weights_sha256']} (the file changed since training)")
+    v = _version(version)
+    resolved = backbones.resolve_weights(v.weights_used, backbones.get_backbone(v.backbone), settings.home / "cache", store)
+    if resolved.sha256 != v.weights_sha256:
+        raise ArtifactError(f"model {v.model_version}: weights {resolved.source} have sha256 {resolved.sha256}, "
+                            f"expected {v.weights_sha256} (the file changed since training)")
     return resolved

@@ -6,103 +6,118 @@ up to date (`gate_model`; `promote_with_report` for a manual override)."""
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 import sqlalchemy as sa
 
-from lesion_tasks.lifecycle import artifacts, registry, report, trainset
+from lesion_tasks.lifecycle import artifacts, predict, registry, report, trainset
 from lesion_tasks.model import backbones, evaluation, features, mc, scope
-from lesion_tasks.core import keys
 from lesion_tasks.core.db import engine_for
-from lesion_tasks.core.schema import champion_history, model_versions
+from lesion_tasks.core.schema import champion_history
 from lesion_tasks.core.settings import Settings
 from lesion_tasks.core.store import ObjectStore, open_store
 
 log = logging.getLogger(__name__)
-# the one artifact written again after promotion: the gate section of the report follows the decisions
-REPORT = "report.html"
+REPORT = artifacts.REPORT  # the one artifact written again after promotion: its gate section follows the decisions
 
 
-def _gradcam_examples(store: ObjectStore, row: dict[str, Any], refs: list[features.ImageRef], y: np.ndarray,
-                      p: np.ndarray, settings: Settings, n: int = 4) -> list[dict[str, Any]]:
+@dataclass
+class Assessment:
+    """What `compute_metrics` measured: the metrics (as stored) and the test split's predictions."""
+
+    version: registry.ModelVersion
+    raw: dict[str, Any]  # as computed (undefined metrics are NaN): what the report and figures read
+    metrics: dict[str, Any]  # as stored (NaN -> null)
+    test_refs: list[features.ImageRef]
+    test_y: np.ndarray
+    test: predict.Predictions
+
+
+def _gradcam_examples(store: ObjectStore, v: registry.ModelVersion, refs: list[features.ImageRef], y: np.ndarray,
+                      p: np.ndarray, n: int = 4) -> list[dict[str, Any]]:
     from PIL import Image
 
     from lesion_tasks.model.gradcam import gradcam_tape, overlay, png_bytes
 
-    pred = (p >= row["threshold"]).astype(int)
+    pred = (p >= v.threshold).astype(int)
     right = np.flatnonzero(pred == y)
     wrong = np.flatnonzero(pred != y)
-    pick = list(right[np.argsort(-np.abs(p[right] - row["threshold"]))][:n]) + list(wrong[np.argsort(-np.abs(p[wrong] - row["threshold"]))][:n])
+    pick = list(right[np.argsort(-np.abs(p[right] - v.threshold))][:n]) + list(wrong[np.argsort(-np.abs(p[wrong] - v.threshold))][:n])
     if not pick:
         return []
-    model = artifacts.of(store, row).load_model(row["model_uri"])
-    fcfg = artifacts.feature_config(row)
+    model = artifacts.of(store, v).load_model(v.model_uri)
+    fcfg = artifacts.feature_config(v)
     rgb = np.stack([features.model_input(store, refs[i].uri, fcfg) for i in pick])
-    cams = gradcam_tape(model, row["config"]["last_activation"], backbones.preprocess(rgb), pred[pick])
+    cams = gradcam_tape(model, v.last_activation, backbones.preprocess(rgb), pred[pick])
     return [{"image_id": refs[i].image_id, "true": "MEL" if y[i] else "NV", "p_mel": float(p[i]), "right": bool(pred[i] == y[i]),
              "png": png_bytes(overlay(Image.fromarray(rgb[k]), cams[k]))} for k, i in enumerate(pick)]
 
 
-def _scope_recall(scope_head: scope.ScopeHead, part: tuple[list[features.ImageRef], list[str]], head: mc.HeadWeights,
-                  row: dict[str, Any], fcfg: features.FeatureConfig, weights, store: ObjectStore,
-                  p_other_in_scope: np.ndarray, y_in_scope: np.ndarray) -> dict[str, Any] | None:
-    """Out-of-scope recall per diagnosis on one split's OTHER images (scope.recall_table)."""
-    refs, diagnoses = part
-    if not refs:
-        return None
-    feats, _ = features.features_for(refs, [0], fcfg, weights, store)
-    p_mel, _, _ = mc.predict(head, feats[0], [r.image_id for r in refs], row["model_version"], row["mc_samples"],
-                             mc.mask_seed(row))
-    return scope.recall_table(scope_head.p_other(feats[0]), p_mel >= row["threshold"], diagnoses,
-                              scope_head.threshold, p_other_in_scope, y_in_scope)
+def _predict_refs(settings: Settings, store: ObjectStore, v: registry.ModelVersion, refs: list[features.ImageRef],
+                  head: mc.HeadWeights | None = None, scope_head: scope.ScopeHead | None = None) -> predict.Predictions:
+    """`predict.predict` on the cached features of `refs` (computed once, reused across versions and runs)."""
+    feats, _ = features.features_for(refs, [0], artifacts.feature_config(v), artifacts.weights_of(v, settings, store), store)
+    head = head if head is not None else artifacts.of(store, v).load_head()
+    return predict.predict(v, head, feats[0], [r.image_id for r in refs], scope_head)
 
 
-def evaluate_model(settings: Settings, model_version: str) -> dict[str, Any]:
-    """Full evaluation on the frozen test split (and validation), figures and the HTML report."""
+def compute_metrics(settings: Settings, model_version: str) -> Assessment:
+    """Every metric of a version on validation and the frozen test split: pooled, per source, calibration
+    before and after, out-of-scope recall per diagnosis. Writes nothing."""
     store, engine = open_store(settings), engine_for(settings)
     try:
         with engine.connect() as conn:
-            row = registry.get(conn, model_version)
+            v = registry.version(conn, model_version)
             parts = trainset.split_refs(conn)
             oos_parts = trainset.out_of_scope_refs(conn)
-        registry.ensure_writable(row["status"], row["is_champion"], model_version)
-        out_artifacts = artifacts.of(store, row)
-        head = out_artifacts.load_head()
-        fcfg = artifacts.feature_config(row)
-        weights = artifacts.weights_of(row, settings, store)
-        scope_head = artifacts.load_scope_of(store, row)
-        out: dict[str, Any] = {}
-        preds = {}
-        uncalibrated = replace(head, cal_a=1.0, cal_b=0.0)
-        for split in ("val", "test"):
-            refs, y = parts[split]
-            feats, _ = features.features_for(refs, [0], fcfg, weights, store)
-            logits = mc.logits_for(head, feats[0], [r.image_id for r in refs], model_version, row["mc_samples"],
-                                   mc.mask_seed(row))
-            p, h, mi = mc.summarize(head.calibrated(logits))
-            # intervals on validation too: the gate asks whether its AUC is above chance (registry.decide)
-            n_boot, seed = row["config"]["bootstrap"], row["config"]["seed"]
-            out[split] = evaluation.evaluate(y, p, h, mi, row["threshold"], n_boot, seed)
-            out[split]["uncalibrated"] = evaluation.calibration(y, mc.summarize(uncalibrated.calibrated(logits))[0])
-            out[split]["by_source"] = evaluation.by_source(y, p, np.array([r.drop_id for r in refs]), row["threshold"],
-                                                           n_boot, seed, min_mel_for_ci=registry.MIN_SOURCE_MEL)
-            preds[split] = (refs, y, p, h)
-            if scope_head is not None:
-                out.setdefault("out_of_scope", {})[split] = _scope_recall(
-                    scope_head, oos_parts[split], head, row, fcfg, weights, store, scope_head.p_other(feats[0]), y)
-        refs, y, p, h = preds["test"]
-        truth_csv, pred_csv = evaluation.isic_csvs([r.image_id for r in refs], y, p, row["threshold"])
-        out_artifacts.put("test_truth_isic.csv", truth_csv.encode(), "text/csv")
-        out_artifacts.put("test_predictions_isic.csv", pred_csv.encode(), "text/csv")
-        out_artifacts.put_npz("test_predictions.npz", ids=np.array([r.image_id for r in refs]), y=y, p_mel=p, entropy=h)
-        history = out_artifacts.get_json("train_log.json")["history"]
+    finally:
+        engine.dispose()
+    head = artifacts.of(store, v).load_head()
+    scope_head = artifacts.load_scope_of(store, v)
+    uncalibrated = replace(head, cal_a=1.0, cal_b=0.0)
+    out: dict[str, Any] = {}
+    preds = {}
+    for split in ("val", "test"):
+        refs, y = parts[split]
+        pr = _predict_refs(settings, store, v, refs, head, scope_head)
+        # intervals on validation too: the gate asks whether its AUC is above chance (registry.decide)
+        out[split] = evaluation.evaluate(y, pr.p_mel, pr.entropy, pr.mutual_info, v.threshold, v.bootstrap, v.seed)
+        out[split]["uncalibrated"] = evaluation.calibration(y, mc.summarize(uncalibrated.calibrated(pr.logits))[0])
+        out[split]["by_source"] = evaluation.by_source(y, pr.p_mel, np.array([r.drop_id for r in refs]), v.threshold,
+                                                       v.bootstrap, v.seed, min_mel_for_ci=registry.MIN_SOURCE_MEL)
+        preds[split] = pr
+        if scope_head is not None and oos_parts[split][0]:
+            other_refs, diagnoses = oos_parts[split]
+            other = _predict_refs(settings, store, v, other_refs, head, scope_head)
+            out.setdefault("out_of_scope", {})[split] = scope.recall_table(
+                other.p_other, other.is_mel.astype(bool), diagnoses, v.scope_threshold, pr.p_other, y)
+        elif scope_head is not None:
+            out.setdefault("out_of_scope", {})[split] = None
+    refs, y = parts["test"]
+    return Assessment(v, out, evaluation.json_safe(out), refs, y, preds["test"])
+
+
+def publish_metrics(settings: Settings, assessment: Assessment) -> str:
+    """The assessment as the version's artifacts (ISIC CSVs, test predictions, figures, metrics.json, the
+    report, its gate section pending) and its registry row; returns the report's key."""
+    store, engine = open_store(settings), engine_for(settings)
+    v, refs, y, pr = assessment.version, assessment.test_refs, assessment.test_y, assessment.test
+    out, stored = assessment.raw, assessment.metrics
+    try:
+        saved = artifacts.of(store, v)
+        truth_csv, pred_csv = evaluation.isic_csvs([r.image_id for r in refs], y, pr.p_mel, v.threshold)
+        saved.put("test_truth_isic.csv", truth_csv.encode(), "text/csv")
+        saved.put("test_predictions_isic.csv", pred_csv.encode(), "text/csv")
+        saved.put_npz(artifacts.TEST_PREDICTIONS, ids=np.array([r.image_id for r in refs]), y=y, p_mel=pr.p_mel,
+                      entropy=pr.entropy)
+        history = saved.get_json(artifacts.TRAIN_LOG)["history"]
         test = out["test"]
         figures = {
             "training curves": report.training_curves(history),
-            "ROC": report.roc_figure(y, p, row["threshold"], test["auc"]),
+            "ROC": report.roc_figure(y, pr.p_mel, v.threshold, test["auc"]),
             "reliability": report.reliability_figure(test["reliability"], test["ece"]),
             "reliability before calibration": report.reliability_figure(test["uncalibrated"]["reliability"],
                                                                         test["uncalibrated"]["ece"], "before calibration"),
@@ -111,23 +126,34 @@ def evaluate_model(settings: Settings, model_version: str) -> dict[str, Any]:
             "referral curve": report.referral_figure(test["referral"]),
         }
         for name, png in figures.items():
-            out_artifacts.put(f"figures/{keys.slug(name.lower())}.png", png, "image/png")
-        examples = _gradcam_examples(store, row, refs, y, p, settings)
+            saved.put(artifacts.figure(name), png, "image/png")
+        examples = _gradcam_examples(store, v, refs, y, pr.p_mel)
         for e in examples:
-            out_artifacts.put(f"figures/gradcam-{e['image_id']}.png", e["png"], "image/png")
-        stored = evaluation.json_safe(out)  # undefined metrics (NaN) become null
-        metrics_uri = out_artifacts.put_json("metrics.json", stored)
-        with engine.begin() as conn:
-            conn.execute(model_versions.update().where(model_versions.c.model_version == model_version)
-                         .values(metrics=stored, metrics_uri=metrics_uri))
-            row = registry.get(conn, model_version)
+            saved.put(artifacts.gradcam_example(e["image_id"]), e["png"], "image/png")
+        registry.record_metrics(engine, v.model_version, stored, saved.put_json(artifacts.METRICS, stored))
+        with engine.connect() as conn:
+            row = registry.get(conn, v.model_version)
         # the gate has not decided on these metrics yet: its section says so until gate_model rewrites it
-        report_uri = out_artifacts.put(REPORT, report.html_report(row | {"gate": None}, out, figures, examples), "text/html")
-        with engine.begin() as conn:
-            conn.execute(model_versions.update().where(model_versions.c.model_version == model_version).values(report_uri=report_uri))
-        return {"model_version": model_version, "report_uri": report_uri, "metrics": _headline(stored)}
+        report_uri = saved.put(REPORT, report.html_report(row | {"gate": None}, out, figures, examples), "text/html")
+        registry.record_report(engine, v.model_version, report_uri)
+        return report_uri
     finally:
         engine.dispose()
+
+
+def evaluate_model(settings: Settings, model_version: str) -> dict[str, Any]:
+    """Full evaluation on the frozen test split (and validation), figures and the HTML report: the DAG's
+    `evaluate_model` task, `compute_metrics` then `publish_metrics`."""
+    engine = engine_for(settings)
+    try:
+        with engine.connect() as conn:
+            v = registry.version(conn, model_version)
+    finally:
+        engine.dispose()
+    registry.ensure_writable(v.status, v.is_champion, model_version)
+    assessment = compute_metrics(settings, model_version)
+    report_uri = publish_metrics(settings, assessment)
+    return {"model_version": model_version, "report_uri": report_uri, "metrics": _headline(assessment.metrics)}
 
 
 def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -150,19 +176,14 @@ def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _compare_with_champion(settings: Settings, store: ObjectStore, row: dict[str, Any], champion: dict[str, Any],
-                           parts) -> dict[str, Any]:
-    refs, y = parts["test"]
-    ids = [r.image_id for r in refs]
-    p = {}
-    for which in (row, champion):
-        feats, _ = features.features_for(refs, [0], artifacts.feature_config(which),
-                                         artifacts.weights_of(which, settings, store), store)
-        p[which["model_version"]] = mc.predict(artifacts.of(store, which).load_head(), feats[0], ids, which["model_version"],
-                                               which["mc_samples"], mc.mask_seed(which))[0]
-    delta = evaluation.paired_delta(y, p[row["model_version"]], row["threshold"], p[champion["model_version"]],
-                                    champion["threshold"], n=row["config"]["bootstrap"], seed=row["config"]["seed"])
-    return {"champion": champion["model_version"], "n_test": len(ids), **delta}
+def _compare_with_champion(settings: Settings, store: ObjectStore, v: registry.ModelVersion,
+                           champion: registry.ModelVersion, parts) -> dict[str, Any]:
+    refs, _ = parts["test"]
+    y = parts["test"][1]
+    p = {which.model_version: _predict_refs(settings, store, which, refs).p_mel for which in (v, champion)}
+    delta = evaluation.paired_delta(y, p[v.model_version], v.threshold, p[champion.model_version], champion.threshold,
+                                    n=v.bootstrap, seed=v.seed)
+    return {"champion": champion.model_version, "n_test": len(refs), **delta}
 
 
 def _history(conn: sa.Connection, model_version: str) -> list[dict[str, Any]]:
@@ -188,8 +209,7 @@ def write_gate_report(store: ObjectStore, engine: sa.Engine, model_version: str)
         return None
     key = saved.put(REPORT, report.with_gate(old, report.gate_section(row, history)), "text/html")
     if row["report_uri"] is None:
-        with engine.begin() as conn:
-            conn.execute(model_versions.update().where(model_versions.c.model_version == model_version).values(report_uri=key))
+        registry.record_report(engine, model_version, key)
     return key
 
 
@@ -216,33 +236,31 @@ def gate_model(settings: Settings, model_version: str, actor: str = "lesion_retr
     try:
         with engine.connect() as conn:
             row = registry.get(conn, model_version)
-            champion = registry.champion(conn)
+            v = registry.ModelVersion.from_row(row)
+            champion = registry.version(conn, "champion", required=False)
             parts = trainset.split_refs(conn)
         if row["metrics"] is None:
             raise ValueError(f"model version {model_version}: evaluate it before gating")
-        if champion and champion["model_version"] == model_version:
+        if champion and champion.model_version == model_version:
             write_gate_report(store, engine, model_version)  # a retried task: the report may not say so yet
             return {"model_version": model_version, "promoted": True, "reasons": ["already the champion"],
                     "champion": model_version}
-        comparison = evaluation.json_safe(_compare_with_champion(settings, store, row, champion, parts)) if champion else None
-        floors = registry.GateFloors(**row["config"]["floors"])
-        passed, reasons = registry.decide(row["metrics"], comparison, floors)
+        comparison = evaluation.json_safe(_compare_with_champion(settings, store, v, champion, parts)) if champion else None
+        passed, reasons = registry.decide(row["metrics"], comparison, v.floors)
         source = row["weights_source"] or ""
         if "demo fallback" in source or source.startswith("random initialisation (ImageNet"):
             reasons.append(f"NOTE not the asked-for weights: {source}")  # the demo profile's loud fallback
         gate = evaluation.json_safe({"passed": passed, "reasons": reasons, "comparison": comparison,
-                                     "champion_metrics": _key_metrics(champion) if champion else None,
-                                     "floors": row["config"]["floors"], "decided_at": datetime.now(UTC).isoformat()})
-        with engine.begin() as conn:
-            conn.execute(model_versions.update().where(model_versions.c.model_version == model_version)
-                         .values(gate=gate, status="candidate" if passed else "rejected"))
+                                     "champion_metrics": _key_metrics(champion.row) if champion else None,
+                                     "floors": v.floors_recorded, "decided_at": datetime.now(UTC).isoformat()})
+        registry.record_gate(engine, model_version, gate, passed)
         if passed:
             promote_with_report(settings, engine, model_version, "; ".join(reasons), actor)
         else:
             log.warning("model %s NOT promoted (champion stays %s): %s", model_version,
-                        champion["model_version"] if champion else None, "; ".join(r for r in reasons if r.startswith("FAIL")))
+                        champion.model_version if champion else None, "; ".join(r for r in reasons if r.startswith("FAIL")))
             write_gate_report(store, engine, model_version)
         return {"model_version": model_version, "promoted": passed, "reasons": reasons,
-                "champion": model_version if passed else (champion["model_version"] if champion else None)}
+                "champion": model_version if passed else (champion.model_version if champion else None)}
     finally:
         engine.dispose()

@@ -7,19 +7,26 @@ out-of-scope recall) AND no significant regression against the current champion 
 images (paired bootstrap, 95%). Reasons show numbers rounded toward the side of the bound they are on.
 One champion at a time (a unique partial index); every promotion, including a manual override, is
 recorded in `champion_history`.
+
+This module owns a model version: `ModelVersion` is the typed, frozen view every other module reads
+(its config is read by key here and nowhere else), and every write of a `model_versions` row is one of
+its functions: `claim`, `record_trained`, `record_metrics`, `record_report`, `record_gate`, `promote`,
+`mark_pruned`. `resolve` is the one champion resolver.
 """
 
 from __future__ import annotations
 
 import logging
-from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from typing import Any
 
 import sqlalchemy as sa
 
 from lesion_tasks.core.db import insert_ignore
-from lesion_tasks.lifecycle.config import GateFloors  # noqa: F401 - the gate's floors, declared with the config
+from lesion_tasks.lifecycle.config import GateFloors
 from lesion_tasks.core.schema import champion_history, model_versions
 
 log = logging.getLogger(__name__)
@@ -43,6 +50,64 @@ def shown(value: float, digits: int = 4, sign: bool = False, up: bool = False) -
 def bound(value: float) -> str:
     """A floor as written: two decimals when that is exact, else every digit it has."""
     return f"{value:.2f}" if float(f"{value:.2f}") == value else repr(float(value))
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """A model version as every module but this one reads it: columns and the recorded config, typed."""
+
+    model_version: str
+    status: str
+    is_champion: bool
+    backbone: str
+    image_size: int
+    threshold: float | None  # pooled decision threshold on calibrated p_mel
+    mc_samples: int
+    weights_used: str  # the weights spec to resolve again ("none" for random initialisation)
+    weights_sha256: str | None
+    last_activation: str | None  # Grad-CAM's layer
+    seed: int
+    mc_seed: int | None  # None: masks per (version, image), for versions that recorded no seed
+    bootstrap: int
+    effective_resolution: int
+    color_constancy: str
+    floors: GateFloors
+    review_rule: Mapping[str, Any]
+    thresholds_by_source: Mapping[str, Any]
+    scope_threshold: float | None  # p_other above which a case is out of scope; None: no out-of-scope head
+    lineage: Mapping[str, Any]
+    metrics: Mapping[str, Any] | None
+    model_uri: str | None
+    report_uri: str | None
+    artifacts_pruned_at: Any
+    row: Mapping[str, Any] = field(repr=False, compare=False)  # the raw row, for display
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> ModelVersion:
+        cfg = row.get("config") or {}
+        rule = row.get("review_rule") or {}
+        return cls(
+            model_version=row["model_version"], status=row["status"], is_champion=bool(row["is_champion"]),
+            backbone=row["backbone"], image_size=row["image_size"], threshold=row["threshold"],
+            mc_samples=row["mc_samples"], weights_used=cfg.get("weights_used", "none"),
+            weights_sha256=row.get("weights_sha256"), last_activation=cfg.get("last_activation"),
+            seed=int(cfg.get("seed", 0)), mc_seed=None if cfg.get("mc_seed") is None else int(cfg["mc_seed"]),
+            bootstrap=int(cfg.get("bootstrap", 0)), effective_resolution=int(cfg.get("effective_resolution", 0)),
+            color_constancy=cfg.get("color_constancy", ""), floors=GateFloors(**cfg.get("floors", {})),
+            review_rule=rule, thresholds_by_source=rule.get("threshold_by_source") or {},
+            scope_threshold=rule.get("out_of_scope_above"), lineage=row.get("lineage") or {},
+            metrics=row.get("metrics"), model_uri=row.get("model_uri"), report_uri=row.get("report_uri"),
+            artifacts_pruned_at=row.get("artifacts_pruned_at"), row=dict(row))
+
+    @property
+    def floors_recorded(self) -> dict[str, Any]:
+        return dict((self.row.get("config") or {}).get("floors") or {})
+
+
+def version(conn: sa.Connection, model_version: str | None, required: bool = True) -> ModelVersion | None:
+    """`resolve`, typed."""
+    row = resolve(conn, model_version, required)
+    return None if row is None else ModelVersion.from_row(row)
 
 
 def get(conn: sa.Connection, model_version: str) -> dict[str, Any]:
@@ -108,6 +173,49 @@ def ensure_writable(status: str, is_champion: bool, model_version: str) -> None:
     if is_champion or status not in WRITABLE:
         raise VersionConflict(f"model version {model_version!r} is {status}: its artifacts are write-once after "
                               "promotion (train a new version instead)")
+
+
+def record_trained(engine: sa.Engine, model_version: str, run_id: str, row: dict[str, Any]) -> None:
+    """A trained version's row, written only by the run that claimed it and only while it is not promoted."""
+    with engine.begin() as conn:
+        written = conn.execute(model_versions.update().where(model_versions.c.model_version == model_version)
+                               .where(model_versions.c.run_id == run_id)
+                               .where(model_versions.c.status.in_(WRITABLE))
+                               .where(model_versions.c.is_champion == sa.false()).values(row)).rowcount
+    if written != 1:
+        raise VersionConflict(f"model version {model_version!r} changed owner or was promoted while run "
+                              f"{run_id!r} trained it: its row was left as it was")
+
+
+def _update(engine: sa.Engine, model_version: str, **values: Any) -> None:
+    with engine.begin() as conn:
+        conn.execute(model_versions.update().where(model_versions.c.model_version == model_version).values(**values))
+
+
+def record_metrics(engine: sa.Engine, model_version: str, metrics: dict[str, Any], metrics_uri: str) -> None:
+    _update(engine, model_version, metrics=metrics, metrics_uri=metrics_uri)
+
+
+def record_report(engine: sa.Engine, model_version: str, report_uri: str) -> None:
+    _update(engine, model_version, report_uri=report_uri)
+
+
+def record_gate(engine: sa.Engine, model_version: str, gate: dict[str, Any], passed: bool) -> None:
+    """The gate's decision; a refusal makes the version `rejected` (a pass stays `candidate` until promoted)."""
+    _update(engine, model_version, gate=gate, status="candidate" if passed else "rejected")
+
+
+def mark_pruned(conn: sa.Connection, model_version: str, now: datetime) -> bool:
+    """Record (in the caller's transaction) that `lesion gc` prunes the version's artifacts; False when it
+    became the champion meanwhile (left alone). Marked once: a rerun keeps the first time."""
+    row = conn.execute(sa.select(model_versions.c.is_champion, model_versions.c.artifacts_pruned_at)
+                       .where(model_versions.c.model_version == model_version)).one()
+    if row.is_champion:
+        return False
+    if row.artifacts_pruned_at is None:
+        conn.execute(model_versions.update().where(model_versions.c.model_version == model_version)
+                     .values(artifacts_pruned_at=now))
+    return True
 
 
 def _floor_checks(label: str, metrics: dict[str, Any], floors: GateFloors) -> tuple[bool, list[str]]:

@@ -26,7 +26,7 @@ from lesion_tasks.lifecycle.config import TrainConfig
 from lesion_tasks.model import backbones, evaluation, features, mc, scope
 from lesion_tasks.core import keys
 from lesion_tasks.core.db import engine_for
-from lesion_tasks.core.schema import images, model_versions, splits as splits_table
+from lesion_tasks.core.schema import images, splits as splits_table
 from lesion_tasks.core.settings import Settings
 from lesion_tasks.core.store import ObjectStore, open_store
 
@@ -180,7 +180,7 @@ def _fit_scope(config: TrainConfig, out: artifacts.ModelArtifacts, head: mc.Head
     t, targets = scope.choose_threshold(fitted.p_other(x_val), p_mel >= threshold, val_dx, config.floors.out_of_scope_flagged,
                                         config.floors.malignant_flagged, val_lesions,
                                         (len(test_dx), sum(d in scope.MALIGNANT for d in test_dx)))
-    out.save_scope(replace(fitted, threshold=t))
+    out.save_scope(fitted)  # its threshold goes to the registry row only (review_rule.out_of_scope_above)
     return {"out_of_scope_above": t, "out_of_scope_validation_targets": targets}, stats
 
 
@@ -203,9 +203,7 @@ def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[st
         if not len(train_refs) or not y_val.sum():
             raise ValueError(f"split has {len(train_refs)} training and {int(y_val.sum())} validation melanomas: "
                              "ingest labelled drops first (lesion ingest) and run the split")
-        fcfg = features.FeatureConfig(config.backbone, weights.sha256, config.image_size, config.seed,
-                                      effective_resolution=config.effective_resolution,
-                                      color_constancy=config.color_constancy)
+        fcfg = artifacts.feature_config(config, weights.sha256)
         runner = features.BackboneRunner(fcfg, weights)
         train_views, s1 = features.features_for(train_refs, list(range(config.views)), fcfg, weights, store, runner)
         val_feats, s2 = features.features_for(val_refs, [0], fcfg, weights, store, runner)
@@ -241,7 +239,7 @@ def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[st
             model.get_layer(name).set_weights(head_model.get_layer(name).get_weights())
         model_uri = out.save_model(model)
         out.save_head(head)
-        out.put_json("train_log.json", {"history": history, "head_seconds": head_seconds})
+        out.put_json(artifacts.TRAIN_LOG, {"history": history, "head_seconds": head_seconds})
         with engine.connect() as conn:
             drops_used = dict(conn.execute(sa.select(images.c.drop_id, sa.func.count())
                                            .join(splits_table, splits_table.c.image_id == images.c.image_id)
@@ -250,7 +248,7 @@ def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[st
             "floors": asdict(config.floors), "weights_used": weights.spec if weights.path else "none",
             "mc_seed": config.seed,  # MC-dropout masks per (seed, image), not per version id (mc.py)
             "preprocessing": backbones.PREPROCESSING, "last_activation": backbones.get_backbone(config.backbone).last_activation}
-        out.put_json("config.json", cfg)
+        out.put_json(artifacts.CONFIG, cfg)
         row = {
             "model_version": version, "created_at": datetime.now(UTC), "status": "candidate", "profile": config.profile,
             "backbone": config.backbone, "image_size": config.image_size, "threshold": threshold,
@@ -261,14 +259,7 @@ def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[st
                         "reviewed_labels": reviewed_lineage},
             "review_rule": review_rule, "model_uri": model_uri, "code_version": _code_version(), "run_id": run_id,
         }
-        with engine.begin() as conn:  # only this run's row, and only while it is not promoted
-            written = conn.execute(model_versions.update().where(model_versions.c.model_version == version)
-                                   .where(model_versions.c.run_id == run_id)
-                                   .where(model_versions.c.status.in_(registry.WRITABLE))
-                                   .where(model_versions.c.is_champion == sa.false()).values(row)).rowcount
-        if written != 1:
-            raise registry.VersionConflict(f"model version {version!r} changed owner or was promoted while run "
-                                           f"{run_id!r} trained it: its row was left as it was")
+        registry.record_trained(engine, version, run_id, row)  # only this run's row, while it is not promoted
         computed, reused = s1.computed + s2.computed + s3.computed, s1.reused + s2.reused + s3.reused
         log.info("model %s trained: threshold %.4f (calibration a=%.3f b=%.3f), out-of-scope threshold %s, "
                  "backbone ran on %d images (%d reused from cache)", version, threshold, cal_a, cal_b,

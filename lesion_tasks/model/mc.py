@@ -83,12 +83,6 @@ def image_seed(image_id: str, model_version: str, seed: int | None = None) -> in
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
 
 
-def mask_seed(row: dict) -> int | None:
-    """The mask seed a registry row recorded (`config["mc_seed"]`), None for versions that recorded none."""
-    seed = (row.get("config") or {}).get("mc_seed")
-    return None if seed is None else int(seed)
-
-
 def dropout_masks(image_ids: Sequence[str], model_version: str, samples: int, units: int, rate: float,
                   seed: int | None = None) -> np.ndarray:
     """(N, T, units) float32 masks already scaled by 1/(1-rate), one seeded stream per image (`image_seed`)."""

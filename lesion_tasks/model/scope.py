@@ -31,7 +31,7 @@ class ScopeHead:
     scale: np.ndarray
     coef: np.ndarray
     intercept: float
-    threshold: float = 1.0
+    # no threshold here: it is the version's, stored once in the registry (ModelVersion.scope_threshold)
 
     def p_other(self, features: np.ndarray) -> np.ndarray:
         z = ((features.astype(np.float32) - self.mean) / self.scale) @ self.coef + self.intercept
@@ -45,7 +45,8 @@ class ScopeHead:
     @classmethod
     def from_bytes(cls, data: bytes) -> ScopeHead:
         arrays = np.load(io.BytesIO(data))
-        return cls(arrays["mean"], arrays["scale"], arrays["coef"], float(arrays["intercept"]), float(arrays["threshold"]))
+        # files written before the threshold moved to the registry still hold one: ignored
+        return cls(arrays["mean"], arrays["scale"], arrays["coef"], float(arrays["intercept"]))
 
 
 def fit(x_in: np.ndarray, x_other: np.ndarray, seed: int = 0, c: float = 0.01) -> ScopeHead:

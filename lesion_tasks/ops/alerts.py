@@ -83,14 +83,14 @@ def gate_refused(gate: dict[str, Any], links: dict[str, str]) -> Alert:
 # --- lesion_nightly_score ---------------------------------------------------------------------------
 
 def champion_version(settings: Settings) -> str | None:
-    """The champion's model version, None without one (scoring.plan_shards answers [] for both "no champion"
-    and "nothing to score")."""
+    """The champion's model version, None without one (for a failure alert, which has no shard plan)."""
     from lesion_tasks.lifecycle import registry
 
     engine = engine_for(settings)
     try:
         with engine.connect() as conn:
-            return (registry.champion(conn) or {}).get("model_version")
+            champion = registry.version(conn, "champion", required=False)
+            return champion.model_version if champion else None
     finally:
         engine.dispose()
 

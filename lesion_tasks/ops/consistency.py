@@ -37,8 +37,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from lesion_tasks.core import keys
 from lesion_tasks.core.db import engine_for
-from lesion_tasks.ops.retention import KEPT_FILES, TRAINING_GRACE, aware, feature_key
+from lesion_tasks.lifecycle import artifacts
+from lesion_tasks.ops.retention import TRAINING_GRACE, aware, feature_key
 from lesion_tasks.core.schema import drops, images, model_versions, prediction_samples, predictions, quarantine, reviews, splits
 from lesion_tasks.core.settings import Settings
 from lesion_tasks.lifecycle.splits import SPLIT_LABELS
@@ -136,11 +138,11 @@ def _orphans(listing: dict[str, dict[str, int]], referenced: dict[str, set[str]]
         row = versions.get(version)
         if row is None:
             f.add("orphan_model_object", key)
-        elif row["artifacts_pruned_at"] is not None and name not in KEPT_FILES:
+        elif row["artifacts_pruned_at"] is not None and name not in artifacts.KEPT_AFTER_PRUNING:
             f.add("gc_leftover", key)
     for key in listing.get("predictions", {}):
         if key not in referenced["predictions"]:
-            version = key.split("/")[1]
+            version = keys.gradcam_version(key) or key.split("/")[1]
             pruned = version in versions and versions[version]["artifacts_pruned_at"] is not None
             f.add("gc_leftover" if pruned else "orphan_gradcam", key)
 

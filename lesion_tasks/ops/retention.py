@@ -39,11 +39,11 @@ from lesion_tasks.core.db import engine_for
 from lesion_tasks.core.schema import model_versions, predictions
 from lesion_tasks.core.settings import Settings
 from lesion_tasks.core.store import ObjectInfo, ObjectStore, open_store
+from lesion_tasks.lifecycle import artifacts, registry
 
 log = logging.getLogger(__name__)
 
 KEEP_VERSIONS = 3
-KEPT_FILES = ("report.html", "metrics.json")  # what a pruned version keeps under models/<version>/
 TRAINING_GRACE = timedelta(hours=24)  # a `training` claim older than this is an abandoned run
 PROGRESS_EVERY_S = 5.0
 
@@ -60,10 +60,10 @@ def feature_key(row: dict[str, Any]) -> str | None:
     key = (row.get("lineage") or {}).get("feature_config")
     if key:
         return key
+    if not row.get("config"):  # a claim still training: nothing recorded yet
+        return None
     try:
-        from lesion_tasks.lifecycle.artifacts import feature_config
-
-        return feature_config(row).key
+        return artifacts.feature_config(row).key
     except (KeyError, TypeError):
         return None
 
@@ -92,11 +92,11 @@ def decide(rows: list[dict[str, Any]], keep_versions: int, now: datetime) -> tup
 
 def _doomed_model_files(store: ObjectStore, version: str) -> list[ObjectInfo]:
     prefix = keys.model_prefix(version)
-    return [o for o in store.list(prefix) if o.key[len(prefix):] not in KEPT_FILES]
+    return [o for o in store.list(prefix) if o.key[len(prefix):] not in artifacts.KEPT_AFTER_PRUNING]
 
 
 def _overlays(store: ObjectStore, version: str) -> list[ObjectInfo]:
-    return list(store.list(f"predictions/{version}/gradcam/"))
+    return list(store.list(keys.gradcam_prefix(version)))
 
 
 def _feature_objects(store: ObjectStore) -> dict[str, list[ObjectInfo]]:
@@ -131,13 +131,8 @@ def _mark_pruned(engine: sa.Engine, version: str, now: datetime) -> tuple[bool, 
     """(still prunable, overlay references cleared): the rows' half of pruning one version. A version
     promoted meanwhile is left alone."""
     with engine.begin() as conn:
-        row = conn.execute(sa.select(model_versions.c.is_champion, model_versions.c.artifacts_pruned_at)
-                           .where(model_versions.c.model_version == version)).one()
-        if row.is_champion:
+        if not registry.mark_pruned(conn, version, now):
             return False, 0
-        if row.artifacts_pruned_at is None:
-            conn.execute(model_versions.update().where(model_versions.c.model_version == version)
-                         .values(artifacts_pruned_at=now))
         cleared = conn.execute(predictions.update().where(predictions.c.model_version == version)
                                .where(predictions.c.gradcam_uri.is_not(None)).values(gradcam_uri=None)).rowcount
     return True, cleared

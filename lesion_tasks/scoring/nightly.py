@@ -27,7 +27,7 @@ import numpy as np
 import sqlalchemy as sa
 from PIL import Image, ImageOps
 
-from lesion_tasks.lifecycle import artifacts, registry
+from lesion_tasks.lifecycle import artifacts, predict, registry
 from lesion_tasks.model import backbones, features, gradcam, mc, scope
 from lesion_tasks.core import keys
 from lesion_tasks.core.db import analyze, engine_for, upsert
@@ -43,7 +43,7 @@ WRITE_BEHIND = 2  # batches whose overlays and rows may still be being written w
 
 @dataclass
 class ScoringModel:
-    row: dict[str, Any]
+    info: registry.ModelVersion
     head: mc.HeadWeights
     run_backbone: Any  # (N, S, S, 3) preprocessed -> (activations (N, H, W, K), pooled (N, K))
     scope_head: scope.ScopeHead | None = None  # None: the version flags nothing as out of scope
@@ -51,18 +51,19 @@ class ScoringModel:
 
     @property
     def version(self) -> str:
-        return self.row["model_version"]
+        return self.info.model_version
 
 
-def load_scoring_model(store: ObjectStore, row: dict[str, Any]) -> ScoringModel:
+def load_scoring_model(store: ObjectStore, version: registry.ModelVersion | dict[str, Any]) -> ScoringModel:
     """The saved model cut at (last activation, pooled features), compiled for fixed batches."""
     import keras
     import tensorflow as tf
 
-    saved = artifacts.of(store, row)
-    model = saved.load_model(row["model_uri"])  # ArtifactError (a ValueError) names what is missing or broken
+    v = version if isinstance(version, registry.ModelVersion) else registry.ModelVersion.from_row(version)
+    saved = artifacts.of(store, v)
+    model = saved.load_model(v.model_uri)  # ArtifactError (a ValueError) names what is missing or broken
     head = saved.load_head()
-    cut = keras.Model(model.input, [model.get_layer(row["config"]["last_activation"]).output,
+    cut = keras.Model(model.input, [model.get_layer(v.last_activation).output,
                                      model.get_layer("head_gap").output])
     fn = tf.function(lambda x: cut(x, training=False), reduce_retracing=True)
 
@@ -73,7 +74,7 @@ def load_scoring_model(store: ObjectStore, row: dict[str, Any]) -> ScoringModel:
         activations, pooled = fn(tf.constant(batch))
         return activations.numpy()[:n], pooled.numpy()[:n]
 
-    return ScoringModel(row, head, run, artifacts.load_scope_of(store, row), artifacts.feature_config(row))
+    return ScoringModel(v, head, run, artifacts.load_scope_of(store, v), artifacts.feature_config(v))
 
 
 def _unscored(conn: sa.Connection, version: str, first: str | None = None, last: str | None = None,
@@ -88,38 +89,36 @@ def _unscored(conn: sa.Connection, version: str, first: str | None = None, last:
     return conn.execute(query.limit(limit) if limit else query).all()
 
 
+@dataclass(frozen=True)
+class ShardPlan:
+    """What a night scores: id-range shards of one version's unscored images, or why there is nothing."""
+
+    model_version: str | None
+    shards: list[dict[str, Any]]
+    reason: str | None  # None: shards to score; NO_CHAMPION: no model to score with; NOTHING_NEW: all scored
+
+    NO_CHAMPION = "no_champion"
+    NOTHING_NEW = "nothing_new"
+
+
 def plan_shards(settings: Settings, model_version: str = "champion", shard_size: int = SHARD_SIZE,
-                limit: int | None = None) -> list[dict[str, Any]]:
-    """Unscored images of the model version cut into id ranges (small XCom values: references only)."""
+                limit: int | None = None) -> ShardPlan:
+    """Unscored images of the model version cut into id ranges (small XCom values: references only), and
+    why there are none when there are none."""
     engine = engine_for(settings)
     try:
         with engine.connect() as conn:
-            row = registry.resolve(conn, model_version, required=False)
-            if row is None:
+            v = registry.version(conn, model_version, required=False)
+            if v is None:
                 log.warning("no champion model yet: nothing to score (train one with lesion_retrain / lesion train)")
-                return []
-            version = row["model_version"]
-            ids = [r.image_id for r in _unscored(conn, version, limit=limit)]
+                return ShardPlan(None, [], ShardPlan.NO_CHAMPION)
+            ids = [r.image_id for r in _unscored(conn, v.model_version, limit=limit)]
     finally:
         engine.dispose()
-    shards = [{"model_version": version, "first": part[0], "last": part[-1], "n": len(part)}
+    shards = [{"model_version": v.model_version, "first": part[0], "last": part[-1], "n": len(part)}
               for part in (ids[i : i + shard_size] for i in range(0, len(ids), shard_size))]
-    log.info("model %s: %d unscored images in %d shards", version, len(ids), len(shards))
-    return shards
-
-
-def _needs_review(p: float, entropy: float, threshold: float, rule: dict[str, Any], p_other: float | None = None) -> list[str]:
-    reasons = []
-    if p_other is not None and p_other >= rule["out_of_scope_above"]:
-        reasons.append("out_of_scope")
-    if p >= threshold and rule.get("predicted_mel", True):
-        reasons.append("predicted_mel")
-    if entropy > rule["entropy_above"]:
-        reasons.append("uncertain")
-    low, high = rule["p_mel_band"]
-    if low <= p <= high:
-        reasons.append("near_threshold")
-    return reasons
+    log.info("model %s: %d unscored images in %d shards", v.model_version, len(ids), len(shards))
+    return ShardPlan(v.model_version, shards, None if shards else ShardPlan.NOTHING_NEW)
 
 
 def _original(store: ObjectStore, uri: str, max_side: int) -> Image.Image:
@@ -134,36 +133,31 @@ def _write_overlay(store: ObjectStore, key: str, original_uri: str, heatmap: np.
     return store.put(key, gradcam.png_bytes(picture), "image/png")
 
 
-def score_batch(model: ScoringModel, rgb: np.ndarray, image_ids: list[str], mc_samples: int):
-    """(p_mel, entropy, mutual_info, predicted MEL, heatmaps, (N, T) MC samples, p_other or None) for one
-    batch: one backbone pass."""
+def score_batch(model: ScoringModel, rgb: np.ndarray, image_ids: list[str], mc_samples: int
+                ) -> tuple[predict.Predictions, np.ndarray]:
+    """One batch, one backbone pass: the version's predictions (`predict.predict`, as in its evaluation)
+    and the Grad-CAM heatmaps of the predicted class."""
     activations, pooled = model.run_backbone(backbones.preprocess(rgb))
-    masks = mc.dropout_masks(image_ids, model.version, mc_samples, model.head.w1.shape[1], model.head.dropout,
-                             mc.mask_seed(model.row))  # the version's recorded seed: as in its evaluation
-    samples = mc.mc_samples(model.head, pooled, masks)
-    p, h, mi = mc.summarize(samples)
-    is_mel = (p >= model.row["threshold"]).astype(np.int64)
-    heat = gradcam.gradcam_fast(activations, gradcam.head_gradient(model.head, pooled, is_mel))
-    p_other = model.scope_head.p_other(pooled) if model.scope_head is not None else None
-    return p, h, mi, is_mel, heat, samples, p_other
+    pr = predict.predict(model.info, model.head, pooled, image_ids, model.scope_head, mc_samples)
+    heat = gradcam.gradcam_fast(activations, gradcam.head_gradient(model.head, pooled, pr.is_mel))
+    return pr, heat
 
 
-def _rows(model: ScoringModel, row: dict[str, Any], batch: list[sa.Row], scores: tuple, uris: list[str], samples: int,
+def _rows(model: ScoringModel, batch: list[sa.Row], pr: predict.Predictions, uris: list[str], samples: int,
           run_id: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The prediction rows and MC-sample rows of one scored batch whose overlays are stored."""
-    p, h, mi, is_mel, _, mc_p, p_other = scores
     now = datetime.now(UTC)
     rows, sample_rows = [], []
     for k, r in enumerate(batch):
-        other = None if p_other is None else float(p_other[k])
-        reasons = _needs_review(float(p[k]), float(h[k]), row["threshold"], row["review_rule"], other)
-        rows.append({"image_id": r.image_id, "model_version": model.version, "p_mel": float(p[k]), "p_other": other,
-                     "predicted_label": "MEL" if is_mel[k] else "NV", "threshold": float(row["threshold"]),
-                     "entropy": float(h[k]), "mutual_info": float(mi[k]), "mc_samples": samples,
+        other = None if pr.p_other is None else float(pr.p_other[k])
+        reasons = pr.reasons(k)
+        rows.append({"image_id": r.image_id, "model_version": model.version, "p_mel": float(pr.p_mel[k]), "p_other": other,
+                     "predicted_label": "MEL" if pr.is_mel[k] else "NV", "threshold": pr.threshold,
+                     "entropy": float(pr.entropy[k]), "mutual_info": float(pr.mutual_info[k]), "mc_samples": samples,
                      "gradcam_uri": uris[k], "needs_review": bool(reasons), "review_reasons": ",".join(reasons) or None,
                      "drop_id": r.drop_id, "run_id": run_id, "scored_at": now})
         sample_rows.append({"image_id": r.image_id, "model_version": model.version,
-                            "p_mel_samples": [round(float(v), 6) for v in mc_p[k]]})
+                            "p_mel_samples": [round(float(v), 6) for v in pr.samples[k]]})
     return rows, sample_rows
 
 
@@ -179,14 +173,14 @@ def score_range(settings: Settings, model_version: str = "champion", first: str 
     started = time.monotonic()
     try:
         with engine.connect() as conn:
-            row = registry.resolve(conn, model_version)
-            if row.get("artifacts_pruned_at") is not None:  # refused even with nothing left to score
-                raise ValueError(registry.pruned_message(row["model_version"], row["artifacts_pruned_at"]) + ": it cannot score")
-            todo = _unscored(conn, row["model_version"], first, last, limit)
+            v = registry.version(conn, model_version)
+            if v.artifacts_pruned_at is not None:  # refused even with nothing left to score
+                raise ValueError(registry.pruned_message(v.model_version, v.artifacts_pruned_at) + ": it cannot score")
+            todo = _unscored(conn, v.model_version, first, last, limit)
         if not todo:
-            return {"model_version": row["model_version"], "scored": 0, "needs_review": 0, "seconds": 0.0}
-        model = model or load_scoring_model(store, row)
-        samples = mc_samples or row["mc_samples"]
+            return {"model_version": v.model_version, "scored": 0, "needs_review": 0, "seconds": 0.0}
+        model = model or load_scoring_model(store, v)
+        samples = mc_samples or v.mc_samples
         batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
         io_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="score-io")  # store reads, overlays
         writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score-db")  # upserts, in batch order
@@ -197,10 +191,10 @@ def score_range(settings: Settings, model_version: str = "champion", first: str 
         def read(batch: list[sa.Row]) -> list[Future]:
             return [io_pool.submit(features.model_input, store, r.normalized_uri, model.input_config) for r in batch]
 
-        def write(batch: list[sa.Row], scores: tuple, overlays: list[Future], previous: Future | None) -> tuple[int, int]:
+        def write(batch: list[sa.Row], pr: predict.Predictions, overlays: list[Future], previous: Future | None) -> tuple[int, int]:
             if previous is not None:
                 previous.result()  # a failed batch stops the ones after it, as if they ran one at a time
-            rows, sample_rows = _rows(model, row, batch, scores, [f.result() for f in overlays], samples, run_id)
+            rows, sample_rows = _rows(model, batch, pr, [f.result() for f in overlays], samples, run_id)
             with engine.begin() as conn:
                 upsert(conn, predictions, rows, ["image_id", "model_version"])
                 upsert(conn, prediction_samples, sample_rows, ["image_id", "model_version"])
@@ -221,10 +215,10 @@ def score_range(settings: Settings, model_version: str = "champion", first: str 
                 rgb = np.stack([f.result() for f in reading])
                 if k + 1 < len(batches):
                     reading = read(batches[k + 1])  # prefetch: read while this batch is scored
-                scores = score_batch(model, rgb, [r.image_id for r in batch], samples)
+                pr, heatmaps = score_batch(model, rgb, [r.image_id for r in batch], samples)
                 overlays = [io_pool.submit(_write_overlay, store, keys.gradcam(model.version, r.drop_id, r.image_id),
-                                           r.original_uri, heat) for r, heat in zip(batch, scores[4])]
-                pending.append(writer.submit(write, batch, scores, overlays, pending[-1] if pending else None))
+                                           r.original_uri, heat) for r, heat in zip(batch, heatmaps)]
+                pending.append(writer.submit(write, batch, pr, overlays, pending[-1] if pending else None))
                 while pending and (pending[0].done() or len(pending) > WRITE_BEHIND):  # bounded; fails early
                     collect(pending.popleft())
             while pending:

@@ -1,4 +1,4 @@
-"""The backup and restore drill of README "Backup and restore", command for command.
+"""The backup and restore drill of docs/operations.md, "Backup and restore", command for command.
 
 PostgreSQL + S3: a home is built for real (a synthetic drop ingested, a tiny model trained, part of the
 images scored, one verdict recorded), then `pg_dump -Fc`, `pg_restore --no-owner` into a NEW database,

@@ -15,7 +15,7 @@ from lesion_tasks.review import cases as review
 from lesion_tasks.core.settings import Settings
 from tests.helpers import NIGHT_DROP, QUARANTINED, copy_home, fresh_database, mirror_home
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+README = Path(__file__).resolve().parents[2] / "docs" / "sql.md"  # the SQL page the README links
 BLOCKS = re.findall(r"```sql\n(.*?)```", README.read_text(), re.S)
 
 

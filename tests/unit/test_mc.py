@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from lesion_tasks.lifecycle.registry import ModelVersion
 from lesion_tasks.model import evaluation, mc
 from lesion_tasks.model.backbones import build_head
 
@@ -101,8 +102,11 @@ def test_masks_of_a_version_with_a_recorded_seed_do_not_depend_on_its_id():
     expected = int.from_bytes(hashlib.sha256(b"demo-tiny-run-1\0ISIC_0000000").digest()[:8], "little")  # as before seeds
     assert mc.image_seed("ISIC_0000000", "demo-tiny-run-1") == expected
     np.testing.assert_array_equal(legacy[0], (np.random.default_rng(expected).random((20, 128)) < 0.5) / 0.5)
-    assert mc.mask_seed({"config": {"mc_seed": 7, "seed": 7}}) == 7
-    assert mc.mask_seed({"config": {"seed": 7}}) is None and mc.mask_seed({"config": None}) is None
+    row = {"model_version": "v", "status": "candidate", "is_champion": False, "backbone": "tiny", "image_size": 64,
+           "threshold": 0.5, "mc_samples": 20}
+    assert ModelVersion.from_row(row | {"config": {"mc_seed": 7, "seed": 7}}).mc_seed == 7
+    assert ModelVersion.from_row(row | {"config": {"seed": 7}}).mc_seed is None
+    assert ModelVersion.from_row(row | {"config": None}).mc_seed is None
 
 
 def test_head_training_is_deterministic_and_leaves_op_determinism_as_it_was():

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
+from lesion_tasks.lifecycle.registry import ModelVersion
 from lesion_tasks import cli
 from lesion_tasks.lifecycle.config import make_config
 from lesion_tasks.lifecycle import artifacts, assess, registry, trainset
@@ -186,7 +187,7 @@ def test_same_data_config_and_seed_give_the_same_metrics(trained):
         feats, _ = features.features_for(refs, [0], artifacts.feature_config(row), artifacts.weights_of(row, settings, store), store)
         head = artifacts.of(store, row).load_head()
         samples.append(head.calibrated(mc.logits_for(head, feats[0], ids, row["model_version"], row["mc_samples"],
-                                                     mc.mask_seed(row))))
+                                                     ModelVersion.from_row(row).mc_seed)))
     np.testing.assert_array_equal(samples[0], samples[1])
     assert samples[0].std(axis=1).max() > 0  # they are MC samples: dropout makes them differ
 

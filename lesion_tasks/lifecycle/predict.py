@@ -1,0 +1,63 @@
+"""The one prediction path of a model version on pooled backbone features: seeded MC-dropout masks ->
+calibrated p_mel samples -> (p_mel, entropy, mutual information) -> the decision at the version's threshold
+-> p_other from its out-of-scope head -> the review reasons. Evaluation, the gate's comparison with the
+champion and nightly scoring all call `predict`; only how the features are computed differs (cached
+features there, one pipelined backbone pass with Grad-CAM activations here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from lesion_tasks.lifecycle.registry import ModelVersion
+from lesion_tasks.model import mc, scope
+
+
+@dataclass(frozen=True)
+class Predictions:
+    image_ids: list[str]
+    logits: np.ndarray  # (N, T) uncalibrated MC logit differences MEL - NV
+    samples: np.ndarray  # (N, T) calibrated p(MEL) per dropout sample
+    p_mel: np.ndarray
+    entropy: np.ndarray
+    mutual_info: np.ndarray
+    is_mel: np.ndarray  # p_mel >= the version's threshold, as 0/1
+    p_other: np.ndarray | None  # None: the version has no out-of-scope head
+    threshold: float
+    review_rule: dict[str, Any]
+
+    def reasons(self, k: int) -> list[str]:
+        """Why case k goes to review (empty: it does not)."""
+        other = None if self.p_other is None else float(self.p_other[k])
+        return review_reasons(float(self.p_mel[k]), float(self.entropy[k]), self.threshold, self.review_rule, other)
+
+
+def review_reasons(p: float, entropy: float, threshold: float, rule: dict[str, Any], p_other: float | None = None) -> list[str]:
+    reasons = []
+    if p_other is not None and p_other >= rule["out_of_scope_above"]:
+        reasons.append("out_of_scope")
+    if p >= threshold and rule.get("predicted_mel", True):
+        reasons.append("predicted_mel")
+    if entropy > rule["entropy_above"]:
+        reasons.append("uncertain")
+    low, high = rule["p_mel_band"]
+    if low <= p <= high:
+        reasons.append("near_threshold")
+    return reasons
+
+
+def predict(version: ModelVersion, head: mc.HeadWeights, pooled: np.ndarray, image_ids: Sequence[str],
+            scope_head: scope.ScopeHead | None = None, mc_samples: int | None = None) -> Predictions:
+    """Version `version`'s predictions for the pooled features of `image_ids` (T = its recorded MC samples
+    unless `mc_samples`); masks seeded per (the version's seed, image), so every caller draws the same."""
+    ids = list(image_ids)
+    logits = mc.logits_for(head, pooled, ids, version.model_version, mc_samples or version.mc_samples, version.mc_seed)
+    samples = head.calibrated(logits)
+    p, h, mi = mc.summarize(samples)
+    return Predictions(ids, logits, samples, p, h, mi, (p >= version.threshold).astype(np.int64),
+                       scope_head.p_other(pooled) if scope_head is not None else None, float(version.threshold),
+                       dict(version.review_rule))
