@@ -115,7 +115,7 @@ def _doomed(before: dict[str, int], versions: list[str], feature_configs: list[s
     out = set()
     for key in before:
         top, name, rest = (key.split("/", 2) + ["", ""])[:3]
-        if (top == "models" and name in versions and rest not in retention.KEPT_FILES) \
+        if (top == "models" and name in versions and rest not in artifacts.KEPT_AFTER_PRUNING) \
                 or (top == "predictions" and name in versions and rest.startswith("gradcam/")) \
                 or (top == "features" and name in feature_configs):
             out.add(key)
@@ -149,7 +149,7 @@ def _gc_scenario(settings: Settings, champion: str, crash=None) -> dict:
     lost = len(set(before) - doomed - set(after))
     assert after == {k: v for k, v in before.items() if k not in doomed}  # drops/, kept versions, features untouched
     for version in ("old-rejected", "old-retired"):
-        assert {k for k in after if k.startswith(f"models/{version}/")} == {f"models/{version}/{n}" for n in retention.KEPT_FILES}
+        assert {k for k in after if k.startswith(f"models/{version}/")} == {f"models/{version}/{n}" for n in artifacts.KEPT_AFTER_PRUNING}
     assert not [k for k in after if k.startswith("models/claim-stale/")]
     rows = _counts(settings)
     assert rows == {**rows_before, "null_overlays": 2 * N_PREDICTIONS, "pruned": 3}  # no row deleted
