@@ -26,6 +26,7 @@ drops = sa.Table(
     sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
     sa.Column("error", sa.Text, nullable=True),  # why a `failed` drop failed
+    sa.Column("site", sa.String(128), nullable=True, index=True),  # where the drop came from (sites.py)
     sa.CheckConstraint("status IN ('running', 'complete', 'failed')", name="ck_drops_status"),
 )
 
@@ -53,6 +54,9 @@ images = sa.Table(
     sa.Column("normalized_size", sa.Integer, nullable=False),
     sa.Column("metadata", sa.JSON, nullable=True),
     sa.Column("ingested_at", sa.DateTime(timezone=True), nullable=False),
+    # the clinic / collection the image came from: its drop's site (NULL only for rows that predate 0011
+    # and were not backfilled; readers fall back to drop_id)
+    sa.Column("site", sa.String(128), nullable=True, index=True),
     sa.CheckConstraint("label IS NULL OR label IN ('MEL', 'NV', 'OTHER')", name="ck_images_label"),
     sa.UniqueConstraint("sha256", name="uq_images_sha256"),
 )
@@ -184,4 +188,57 @@ prediction_samples = sa.Table(
     sa.Column("p_mel_samples", sa.JSON, nullable=False),
     sa.ForeignKeyConstraint(["image_id", "model_version"], ["predictions.image_id", "predictions.model_version"],
                             ondelete="CASCADE"),
+)
+
+
+# a site's validation sample: the images to label first, in order, each with the probability with which
+# it was drawn (sites.py); rows are only ever added, so the sample extends and never redraws
+site_samples = sa.Table(
+    "site_samples",
+    metadata,
+    sa.Column("site", sa.String(128), primary_key=True),
+    sa.Column("image_id", sa.String(128), sa.ForeignKey("images.image_id"), primary_key=True),
+    sa.Column("rank", sa.Integer, nullable=False),
+    sa.Column("stratum", sa.String(32), nullable=False),
+    sa.Column("inclusion_probability", sa.Float, nullable=False),
+    sa.Column("drawn_at", sa.DateTime(timezone=True), nullable=False),
+    sa.UniqueConstraint("site", "rank", name="uq_site_samples_rank"),
+)
+
+# every row of every `lesion labels import` file, applied or not (a conflict with an ISIC label is
+# recorded here and never applied); one row per (file, line), so a rerun adds nothing
+label_imports = sa.Table(
+    "label_imports",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("file_sha256", sa.String(64), nullable=False),
+    sa.Column("line", sa.Integer, nullable=False),
+    sa.Column("image_id", sa.String(128), nullable=True),
+    sa.Column("diagnosis", sa.Text, nullable=True),
+    sa.Column("label", sa.String(8), nullable=True),
+    sa.Column("label_source", sa.String(128), nullable=False),
+    sa.Column("outcome", sa.String(16), nullable=False),
+    sa.Column("reason", sa.String(64), nullable=True),
+    sa.Column("imported_at", sa.DateTime(timezone=True), nullable=False),
+    sa.CheckConstraint("outcome IN ('imported', 'unchanged', 'rejected')", name="ck_label_imports_outcome"),
+    sa.UniqueConstraint("file_sha256", "line", name="uq_label_imports_file_line"),
+)
+
+SITE_STATUSES = ("unvalidated", "provisional", "validated", "failing")
+
+# how a model version does at each site, by the evidence it was evaluated on (assess.py); the champion's
+# rows give `v_sites.status` (and `site_status` in the prediction views)
+site_evaluations = sa.Table(
+    "site_evaluations",
+    metadata,
+    sa.Column("model_version", sa.String(128), sa.ForeignKey("model_versions.model_version"), primary_key=True),
+    sa.Column("site", sa.String(128), primary_key=True),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("evidence", sa.String(16), nullable=False),  # which out-of-sample predictions: "test"
+    sa.Column("melanomas_evidence", sa.Integer, nullable=False),
+    sa.Column("threshold", sa.Float, nullable=True),
+    sa.Column("chosen_on", sa.String(16), nullable=False),  # "site" or "pooled"
+    sa.Column("metrics", sa.JSON, nullable=True),
+    sa.Column("evaluated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.CheckConstraint("status IN ('unvalidated', 'provisional', 'validated', 'failing')", name="ck_site_evaluations_status"),
 )

@@ -35,7 +35,8 @@ from lesion_tasks.ingest.neardup import NearDupIndex
 from lesion_tasks.core.reasons import DUPLICATE_REASONS, Reason
 from lesion_tasks.core.schema import drops, images, quarantine
 from lesion_tasks.core.settings import Settings
-from lesion_tasks.ingest.sources import DropSource, Entry, Limits, open_source
+from lesion_tasks.ingest.sources import (DropSource, Entry, Limits, SiteConflict, layout_site, open_source,
+                                        read_site_file, resolve_site)
 from lesion_tasks.core.store import ObjectStore, StoreError, open_store
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class IngestResult:
     drop_id: str
     source: str
     layout: str
+    site: str = ""
     accepted: int = 0
     quarantined: int = 0
     duplicates: int = 0
@@ -66,8 +68,9 @@ class _DropIngestion:
     """State of one run over one drop. Use `ingest()`."""
 
     def __init__(self, src: DropSource, drop_id: str, settings: Settings, store: ObjectStore, engine: sa.Engine,
-                 limits: Limits, workers: int, batch_size: int):
+                 limits: Limits, workers: int, batch_size: int, site: str):
         self.src, self.drop_id, self.settings, self.store, self.engine = src, drop_id, settings, store, engine
+        self.site = site
         self.limits, self.workers, self.batch_size = limits, workers, batch_size
         self.size = settings.image_size
         self.now = datetime.now(UTC)
@@ -94,11 +97,12 @@ class _DropIngestion:
 
     def run(self, entries: list[Entry], fingerprint: str) -> IngestResult:
         self.plan: Plan = plan(self.src, entries, self.limits)
-        result = IngestResult(self.drop_id, self.src.uri, self.plan.layout)
+        result = IngestResult(self.drop_id, self.src.uri, self.plan.layout, self.site)
         with self.engine.begin() as conn:
             insert_ignore(conn, drops, [{
                 "drop_id": self.drop_id, "source": self.src.uri, "layout": self.plan.layout,
                 "fingerprint": fingerprint, "status": "running", "n_entries": len(entries), "started_at": self.now,
+                "site": self.site,
             }], ["drop_id"])
             done = set(conn.scalars(sa.select(images.c.source_entry).where(images.c.drop_id == self.drop_id)))
             done |= set(conn.scalars(sa.select(quarantine.c.entry).where(quarantine.c.drop_id == self.drop_id)))
@@ -239,7 +243,7 @@ class _DropIngestion:
         if merged.near_dup_label:
             metadata["near_dup_label"] = merged.near_dup_label
         row = {
-            "image_id": image_id, "drop_id": self.drop_id, "source_entry": name, "sha256": ex.sha256,
+            "image_id": image_id, "drop_id": self.drop_id, "site": self.site, "source_entry": name, "sha256": ex.sha256,
             "label": merged.label, "diagnosis": merged.diagnosis, "label_source": (merged.label_source or "")[:128] or None,
             "lesion_id": merged.lesion_id, "patient_id": merged.patient_id, "near_dup_group": group,
             "phash": f"{check.phash:016x}", "width": check.width, "height": check.height, "n_bytes": len(ex.data),
@@ -286,18 +290,22 @@ def ingest(
     settings: Settings,
     drop_id: str | None = None,
     limits: Limits | None = None,
+    site: str | None = None,
     workers: int | None = None,
     batch_size: int = 64,
     store: ObjectStore | None = None,
 ) -> IngestResult:
-    """Ingest the drop at `source` (local folder or .zip, or a folder/.zip in the store)."""
+    """Ingest the drop at `source` (local folder or .zip, or a folder/.zip in the store), from `site`
+    (else its `site.txt`, else the store layout `incoming/<site>/<drop>`, else the drop id)."""
     limits = limits or Limits()
     store = store or open_store(settings)
     engine = engine_for(settings)
     src = open_source(source, store, limits)
     try:
         entries = src.entries()
-        drop_id = keys.slug(drop_id or src.name)
+        layout = layout_site(source)
+        drop_id = keys.slug(drop_id or (f"{layout[0]}-{layout[1]}" if layout else src.name))
+        site = resolve_site(site, read_site_file(src, entries), layout[0] if layout else None, drop_id)
         fingerprint = hashlib.sha256("\n".join(f"{e.name}\t{e.size}" for e in entries).encode()).hexdigest()
         with engine.connect() as conn:
             existing = conn.execute(sa.select(drops).where(drops.c.drop_id == drop_id)).mappings().first()
@@ -306,12 +314,15 @@ def ingest(
                 f"drop id {drop_id!r} was already used for {existing['source']} with different content "
                 f"(fingerprint {existing['fingerprint'][:12]} != {fingerprint[:12]}): pass another --drop-id"
             )
+        if existing and existing.get("site") not in (None, site):
+            raise SiteConflict(f"site_conflict: drop {drop_id!r} was ingested from site {existing['site']!r}, "
+                               f"now named {site!r}: pass the same site or another --drop-id")
         if existing and existing["status"] == "complete":
             log.info("drop %s: already ingested completely from %s, nothing to do", drop_id, existing["source"])
             totals = {k: existing[k] for k in ("accepted", "quarantined", "duplicates")} | {"reasons": existing["reasons"] or {}}
-            return IngestResult(drop_id, src.uri, existing["layout"], already_ingested=existing["n_entries"], totals=totals)
+            return IngestResult(drop_id, src.uri, existing["layout"], site, already_ingested=existing["n_entries"], totals=totals)
         run = _DropIngestion(src, drop_id, settings, store, engine, limits,
-                             workers or min(4, 2 * (os.cpu_count() or 1)), batch_size)
+                             workers or min(4, 2 * (os.cpu_count() or 1)), batch_size, site)
         try:
             return run.run(entries, fingerprint)
         except Exception as exc:

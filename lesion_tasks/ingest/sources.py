@@ -29,6 +29,51 @@ from lesion_tasks.core.store import ObjectNotFound, ObjectStore, is_relative, ke
 log = logging.getLogger(__name__)
 INCOMING_PREFIX = "incoming/"
 READY_MARKER = "_READY"
+SITE_FILE = "site.txt"  # at a drop's root: the site the drop comes from (one line)
+
+
+class SiteConflict(ValueError):
+    """Two statements of a drop's site disagree (`--site`, its `site.txt`, the store layout): the drop fails."""
+
+    reason = "site_conflict"
+
+
+def layout_site(source: str) -> tuple[str, str] | None:
+    """(site, drop name) for a store key `incoming/<site>/<drop>[/|.zip]`, else None: the store layout
+    names the site of every drop inside a site folder (`discover_incoming` finds them)."""
+    if not source.startswith(INCOMING_PREFIX):
+        return None
+    parts = [p for p in source[len(INCOMING_PREFIX):].split("/") if p]
+    if len(parts) != 2:
+        return None
+    drop = parts[1][:-4] if parts[1].lower().endswith(".zip") else parts[1]
+    return parts[0], drop
+
+
+def resolve_site(given: str | None, site_file: str | None, layout: str | None, drop_id: str) -> str:
+    """The drop's site by DESIGN.md's precedence: `--site`, then `site.txt`, then the store layout, then
+    the drop id. The explicit statements must agree where there are several: a conflict fails the drop."""
+    from lesion_tasks.core import keys
+
+    stated = [(what, keys.slug(v, f"site ({what})")) for what, v in
+              (("--site", given), (SITE_FILE, site_file), ("store layout", layout)) if v is not None and v.strip()]
+    if len({v for _, v in stated}) > 1:
+        raise SiteConflict("site_conflict: the drop's site is stated differently: "
+                           + ", ".join(f"{what} {v!r}" for what, v in stated) + "; make them agree (or drop one)")
+    return stated[0][1] if stated else drop_id
+
+
+def read_site_file(src: "DropSource", entries: list[Entry]) -> str | None:
+    """The first non-empty line of the drop's root `site.txt`, or None when there is none."""
+    entry = next((e for e in entries if e.name == SITE_FILE and e.problem is None), None)
+    if entry is None:
+        return None
+    try:
+        text = src.read(entry, 4096).decode("utf-8-sig")
+    except (EntryTooLarge, UnicodeDecodeError) as exc:
+        raise SiteConflict(f"site_conflict: {SITE_FILE} is not a short UTF-8 text ({type(exc).__name__}); "
+                           "expected one line naming the site") from exc
+    return next((line.strip() for line in text.splitlines() if line.strip()), None)
 
 
 @dataclass(frozen=True)
@@ -250,7 +295,7 @@ def discover_incoming(settings: Settings, store: ObjectStore | None = None, now:
     """
     store = store or open_store(settings)
     now = now or datetime.now(UTC)
-    candidates: dict[str, dict[str, Any]] = {}
+    children: dict[str, list[tuple[str, Any]]] = {}
     for obj in store.list(INCOMING_PREFIX):
         first, _, rest = obj.key[len(INCOMING_PREFIX):].partition("/")
         if obj.link is not None and not rest:
@@ -259,9 +304,22 @@ def discover_incoming(settings: Settings, store: ObjectStore | None = None, now:
         if not rest and not first.lower().endswith(".zip"):
             log.warning("incoming: ignoring loose file %s (a drop is a folder or a .zip)", obj.key)
             continue
-        info = candidates.setdefault(INCOMING_PREFIX + first, {"zip": not rest, "newest": obj.modified, "ready": False})
+        children.setdefault(first, []).append((rest, obj))
+    candidates: dict[str, dict[str, Any]] = {}
+
+    def add(key: str, is_zip: bool, rest: str, obj) -> None:
+        info = candidates.setdefault(key, {"zip": is_zip, "newest": obj.modified, "ready": False})
         info["newest"] = max(info["newest"], obj.modified)
         info["ready"] |= PurePosixPath(rest).name == READY_MARKER
+
+    for first, objs in children.items():
+        if _is_site_folder([rest for rest, _ in objs]):  # incoming/<site>/<drop>/ or incoming/<site>/<drop>.zip
+            for rest, obj in objs:
+                drop, _, inner = rest.partition("/")
+                add(f"{INCOMING_PREFIX}{first}/{drop}", not inner, inner, obj)
+        else:
+            for rest, obj in objs:
+                add(INCOMING_PREFIX + first, not rest, rest, obj)
     engine = engine_for(settings)
     try:
         with engine.connect() as conn:
@@ -278,3 +336,15 @@ def discover_incoming(settings: Settings, store: ObjectStore | None = None, now:
         else:
             log.info("incoming: %s still changing (newest object %s), waiting", key, info["newest"].isoformat())
     return ready
+
+
+def _is_site_folder(rests: list[str]) -> bool:
+    """A first-level folder under `incoming/` is a site when it holds only folders or zips (no images, no
+    CSV/JSON), and is not a challenge drop (whose images sit in an `images/` subfolder)."""
+    if not rests or any(not r for r in rests):  # a .zip directly under incoming/ is a drop
+        return False
+    direct = {r.partition("/")[0] for r in rests if "/" not in r}
+    folders = {r.partition("/")[0] for r in rests if "/" in r}
+    if any(not d.lower().endswith(".zip") for d in direct):
+        return False
+    return folders != {"images"}

@@ -11,7 +11,7 @@ from lesion_tasks.core import db
 from lesion_tasks.core.schema import metadata
 from lesion_tasks.core.settings import Settings
 
-HEAD = "0010_review_p_other"
+HEAD = "0011_sites"
 
 
 @pytest.fixture
@@ -140,7 +140,7 @@ def test_out_of_scope_migration_appends_p_other_and_steps_back(url, tmp_path):
         grants_before = _reader_grants(conn)
     assert before["v_review_queue"][-4:] == ["review_verdict", "review_label", "reviewer", "reviewed_at"]
 
-    assert db.upgrade(settings) == HEAD
+    assert db.upgrade(settings, "0008_out_of_scope") == "0008_out_of_scope"
     with engine.begin() as conn:
         assert {v: _view_columns(conn, v) for v in before} == {v: cols + ["p_other"] for v, cols in before.items()}
         assert conn.execute(sa.text("SELECT p_other FROM v_review_queue WHERE image_id = 'i1'")).scalar() is None
@@ -174,7 +174,7 @@ def test_retention_migration_lets_gc_clear_overlays_and_steps_back(url, tmp_path
         before = {v: _view_columns(conn, v) for v in ("v_latest_predictions", "v_review_queue")}
         grants_before = _reader_grants(conn)
 
-    assert db.upgrade(settings) == HEAD
+    assert db.upgrade(settings, "0009_retention") == "0009_retention"
     with engine.begin() as conn:
         conn.execute(sa.text("UPDATE predictions SET gradcam_uri = NULL"))
         conn.execute(sa.text("UPDATE model_versions SET artifacts_pruned_at = CURRENT_TIMESTAMP"))
@@ -202,7 +202,7 @@ def test_review_p_other_migration_keeps_verdicts_and_steps_back(url, tmp_path):
         conn.execute(sa.text(REVIEW_ROW))
         before = {v: _view_columns(conn, v) for v in ("v_latest_predictions", "v_review_queue")}
 
-    assert db.upgrade(settings) == HEAD
+    assert db.upgrade(settings, "0010_review_p_other") == "0010_review_p_other"
     with engine.begin() as conn:
         assert conn.execute(sa.text("SELECT label, p_other FROM reviews")).one() == ("OTHER", None)
         conn.execute(sa.text("UPDATE reviews SET p_other = 0.93"))
@@ -219,3 +219,39 @@ def test_review_p_other_migration_keeps_verdicts_and_steps_back(url, tmp_path):
 
 REVIEW_ROW = ("INSERT INTO reviews (submission_id, image_id, model_version, verdict, label, reviewer, reviewed_at, p_mel, "
               "predicted_label) VALUES ('s-0001', 'i1', 'm1', 'set_label', 'OTHER', 'dr', CURRENT_TIMESTAMP, 0.6, 'MEL')")
+
+
+def test_sites_migration_backfills_site_and_appends_site_columns_and_steps_back(url, tmp_path):
+    """0011 gives every drop and image the site = its drop id, appends `site` and `site_status` to both
+    prediction views (every other column in place; the reader's grants survive), adds v_sites; a downgrade
+    removes all of it and keeps the rows."""
+    settings, engine = _one_prediction_at(url, tmp_path, "0010_review_p_other")
+    with engine.begin() as conn:
+        conn.execute(sa.text(IMAGE_ROW), {"image_id": "i2", "label": "MEL"})
+        before = {v: _view_columns(conn, v) for v in ("v_latest_predictions", "v_review_queue")}
+        grants_before = _reader_grants(conn)
+
+    assert db.upgrade(settings) == HEAD
+    with engine.begin() as conn:
+        assert conn.execute(sa.text("SELECT site FROM drops")).scalar() == "d"
+        assert set(conn.execute(sa.text("SELECT image_id, site FROM images")).all()) == {("i1", "d"), ("i2", "d")}
+        for view, cols in before.items():
+            assert _view_columns(conn, view) == cols + ["site", "site_status"]
+        # the drop has a labelled image of its own: provisional without a champion's evaluation
+        assert conn.execute(sa.text("SELECT site, site_status FROM v_latest_predictions")).one() == ("d", "provisional")
+        assert conn.execute(sa.text("SELECT site, images, labelled, status FROM v_sites")).one() == ("d", 2, 1, "provisional")
+        conn.execute(sa.text("INSERT INTO site_evaluations (model_version, site, status, evidence, melanomas_evidence, "
+                             "threshold, chosen_on, evaluated_at) VALUES ('m1', 'd', 'failing', 'test', 31, 0.2, 'site', "
+                             "CURRENT_TIMESTAMP)"))
+        assert conn.execute(sa.text("SELECT site_status FROM v_review_queue")).scalar() == "failing"
+        if grants_before is not None:
+            assert _reader_grants(conn) == grants_before
+
+    assert db.downgrade(settings, "0010_review_p_other") == "0010_review_p_other"
+    with engine.connect() as conn:
+        assert "site" not in {c["name"] for c in sa.inspect(conn).get_columns("images")}
+        assert "site_evaluations" not in sa.inspect(conn).get_table_names()
+        assert {v: _view_columns(conn, v) for v in before} == before
+        assert conn.execute(sa.text("SELECT COUNT(*) FROM images")).scalar() == 2
+    engine.dispose()
+    assert db.upgrade(settings) == HEAD
