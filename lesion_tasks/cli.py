@@ -32,7 +32,7 @@ def _cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _ingest_summary(result: dict[str, Any]) -> str:
-    lines = [f"drop {result['drop_id']} ({result['layout']}) from {result['source']}",
+    lines = [f"drop {result['drop_id']} ({result['layout']}) from {result['source']}, site {result['site']}",
              f"  accepted {result['accepted']}  quarantined {result['quarantined']}  duplicates {result['duplicates']}"]
     if result["labels"]:
         lines.append("  labels   " + "  ".join(f"{k} {v}" for k, v in result["labels"].items()))
@@ -50,8 +50,35 @@ def _cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
     from lesion_tasks.ingest.drop import ingest
 
     db.upgrade(settings)
-    result = ingest(args.source, settings, drop_id=args.drop_id).as_json()
+    result = ingest(args.source, settings, drop_id=args.drop_id, site=args.site).as_json()
     _emit(args, result, _ingest_summary(result))
+    return 0
+
+
+def _cmd_sites(args: argparse.Namespace, settings: Settings) -> int:
+    from lesion_tasks.core import db
+
+    db.upgrade(settings)
+    if getattr(args, "sites_command", None) == "sample":
+        from lesion_tasks.scoring import site_sample
+
+        result = site_sample.draw(settings, args.site, args.size)
+        _emit(args, result, site_sample.summary(result))
+        return 0
+    from lesion_tasks.lifecycle import sites
+
+    result = sites.overview(settings)
+    _emit(args, result, sites.summary(result))
+    return 0
+
+
+def _cmd_labels_import(args: argparse.Namespace, settings: Settings) -> int:
+    from lesion_tasks.core import db
+    from lesion_tasks.ingest import label_import
+
+    db.upgrade(settings)
+    result = label_import.import_labels(args.csv, settings)
+    _emit(args, result, label_import.summary(result))
     return 0
 
 
@@ -71,6 +98,7 @@ def train(settings: Settings, config, run_id: str | None = None) -> dict[str, An
     gated = assess.gate_model(settings, trained["model_version"], actor="lesion train")
     return {
         "model_version": trained["model_version"], "promoted": gated["promoted"], "threshold": trained["threshold"],
+        "thresholds_by_site": trained["thresholds_by_site"],
         "metrics": evaluated["metrics"], "gate": {"reasons": gated["reasons"], "champion": gated["champion"]},
         "report_uri": open_store(settings).uri(evaluated["report_uri"]), "feature_cache": trained["feature_cache"],
         "head_seconds": trained["head_seconds"], "weights": trained["weights"], "split": split["counts"],
@@ -181,8 +209,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_ing = sub.add_parser("ingest", help="validate and record one ISIC drop (folder or .zip)")
     p_ing.add_argument("source", help="folder, .zip, or a drop folder/.zip key in the store (incoming/...)")
-    p_ing.add_argument("--drop-id", help="id of the drop (default: its folder or file name)")
+    p_ing.add_argument("--drop-id", help="id of the drop (default: its folder or file name; <site>-<name> for "
+                                         "incoming/<site>/<name>)")
+    p_ing.add_argument("--site", help="the clinic or collection the drop comes from (default: its site.txt, else "
+                                      "incoming/<site>/..., else the drop id)")
     p_ing.set_defaults(func=_cmd_ingest)
+
+    p_sites = sub.add_parser("sites", help="every site: status for the champion, labelled images, threshold, metrics")
+    p_sites.set_defaults(func=_cmd_sites)
+    sites_sub = p_sites.add_subparsers(dest="sites_command")
+    p_sample = sites_sub.add_parser("sample", help="a site's validation sample: the images to label first")
+    p_sample.add_argument("site")
+    p_sample.add_argument("--size", type=int, default=200, help="images in the sample (default 200; larger extends it)")
+    p_sample.set_defaults(func=_cmd_sites)
+
+    p_labels = sub.add_parser("labels", help="labels that arrive later (histopathology, expert panel)")
+    labels_sub = p_labels.add_subparsers(dest="labels_command", required=True)
+    p_import = labels_sub.add_parser("import", help="apply a CSV image_id,diagnosis[,label_source]")
+    p_import.add_argument("csv")
+    p_import.set_defaults(func=_cmd_labels_import)
 
     p_train = sub.add_parser("train", help="retrain: split, train, evaluate, gate, promote")
     from lesion_tasks.lifecycle.config import add_cli_options
@@ -221,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--data", help="an ISIC drop folder or .zip (default: a synthetic drop)")
     p_demo.set_defaults(func=_cmd_demo)
 
-    for p in (p_up, p_ing, p_train, p_score, p_link, p_promote, p_check, p_gc, p_demo):  # --json accepted after the subcommand too
+    for p in (p_up, p_ing, p_sites, p_sample, p_import, p_train, p_score, p_link, p_promote, p_check, p_gc, p_demo):  # --json accepted after the subcommand too
         p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON object on stdout")
     return parser
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
-from lesion_tasks.lifecycle import artifacts, predict, registry, report, trainset
+from lesion_tasks.lifecycle import artifacts, predict, registry, report, sites, trainset
 from lesion_tasks.model import backbones, evaluation, features, mc, scope
 from lesion_tasks.core.db import engine_for
 from lesion_tasks.core.schema import champion_history
@@ -34,18 +34,19 @@ class Assessment:
     test_refs: list[features.ImageRef]
     test_y: np.ndarray
     test: predict.Predictions
+    test_sites: list[str]
 
 
 def _gradcam_examples(store: ObjectStore, v: registry.ModelVersion, refs: list[features.ImageRef], y: np.ndarray,
-                      p: np.ndarray, n: int = 4) -> list[dict[str, Any]]:
+                      p: np.ndarray, t: np.ndarray, n: int = 4) -> list[dict[str, Any]]:
     from PIL import Image
 
     from lesion_tasks.model.gradcam import gradcam_tape, overlay, png_bytes
 
-    pred = (p >= v.threshold).astype(int)
+    pred = (p >= t).astype(int)
     right = np.flatnonzero(pred == y)
     wrong = np.flatnonzero(pred != y)
-    pick = list(right[np.argsort(-np.abs(p[right] - v.threshold))][:n]) + list(wrong[np.argsort(-np.abs(p[wrong] - v.threshold))][:n])
+    pick = list(right[np.argsort(-np.abs(p[right] - t[right]))][:n]) + list(wrong[np.argsort(-np.abs(p[wrong] - t[wrong]))][:n])
     if not pick:
         return []
     model = artifacts.of(store, v).load_model(v.model_uri)
@@ -57,11 +58,13 @@ def _gradcam_examples(store: ObjectStore, v: registry.ModelVersion, refs: list[f
 
 
 def _predict_refs(settings: Settings, store: ObjectStore, v: registry.ModelVersion, refs: list[features.ImageRef],
-                  head: mc.HeadWeights | None = None, scope_head: scope.ScopeHead | None = None) -> predict.Predictions:
-    """`predict.predict` on the cached features of `refs` (computed once, reused across versions and runs)."""
+                  head: mc.HeadWeights | None = None, scope_head: scope.ScopeHead | None = None,
+                  sites: list[str] | None = None) -> predict.Predictions:
+    """`predict.predict` on the cached features of `refs` (computed once, reused across versions and runs),
+    each at its site's threshold."""
     feats, _ = features.features_for(refs, [0], artifacts.feature_config(v), artifacts.weights_of(v, settings, store), store)
     head = head if head is not None else artifacts.of(store, v).load_head()
-    return predict.predict(v, head, feats[0], [r.image_id for r in refs], scope_head)
+    return predict.predict(v, head, feats[0], [r.image_id for r in refs], scope_head, sites=sites)
 
 
 def compute_metrics(settings: Settings, model_version: str) -> Assessment:
@@ -73,6 +76,9 @@ def compute_metrics(settings: Settings, model_version: str) -> Assessment:
             v = registry.version(conn, model_version)
             parts = trainset.split_refs(conn)
             oos_parts = trainset.out_of_scope_refs(conn)
+            site_lists = {k: trainset.site_of(conn, [r.image_id for r in part[0]]) for k, part in [*parts.items(), *(
+                (f"oos_{s}", p) for s, p in oos_parts.items())]}
+            weights = {k: trainset.sample_weights(conn, [r.image_id for r in parts[k][0]]) for k in ("val", "test")}
     finally:
         engine.dispose()
     head = artifacts.of(store, v).load_head()
@@ -82,22 +88,29 @@ def compute_metrics(settings: Settings, model_version: str) -> Assessment:
     preds = {}
     for split in ("val", "test"):
         refs, y = parts[split]
-        pr = _predict_refs(settings, store, v, refs, head, scope_head)
-        # intervals on validation too: the gate asks whether its AUC is above chance (registry.decide)
-        out[split] = evaluation.evaluate(y, pr.p_mel, pr.entropy, pr.mutual_info, v.threshold, v.bootstrap, v.seed)
+        pr = _predict_refs(settings, store, v, refs, head, scope_head, site_lists[split])
+        # intervals on validation too: the gate asks whether its AUC is above chance (registry.decide);
+        # every case decided at its site's threshold (the pooled one where the site has none of its own)
+        out[split] = evaluation.evaluate(y, pr.p_mel, pr.entropy, pr.mutual_info, pr.thresholds, v.bootstrap, v.seed)
+        out[split]["threshold"] = v.threshold
+        out[split]["thresholds_applied"] = ("per site" if np.any(pr.thresholds != v.threshold) else "pooled")
         out[split]["uncalibrated"] = evaluation.calibration(y, mc.summarize(uncalibrated.calibrated(pr.logits))[0])
-        out[split]["by_source"] = evaluation.by_source(y, pr.p_mel, np.array([r.drop_id for r in refs]), v.threshold,
+        out[split]["by_source"] = evaluation.by_source(y, pr.p_mel, np.array([r.drop_id for r in refs]), pr.thresholds,
                                                        v.bootstrap, v.seed, min_mel_for_ci=registry.MIN_SOURCE_MEL)
+        # per site: weighted by inverse inclusion probability where a site's images come from its validation sample
+        out[split]["by_site"] = evaluation.by_source(y, pr.p_mel, np.array(site_lists[split], dtype=object), pr.thresholds,
+                                                     v.bootstrap, v.seed, min_mel_for_ci=registry.MIN_SOURCE_MEL,
+                                                     w=weights[split])
         preds[split] = pr
         if scope_head is not None and oos_parts[split][0]:
             other_refs, diagnoses = oos_parts[split]
-            other = _predict_refs(settings, store, v, other_refs, head, scope_head)
+            other = _predict_refs(settings, store, v, other_refs, head, scope_head, site_lists[f"oos_{split}"])
             out.setdefault("out_of_scope", {})[split] = scope.recall_table(
                 other.p_other, other.is_mel.astype(bool), diagnoses, v.scope_threshold, pr.p_other, y)
         elif scope_head is not None:
             out.setdefault("out_of_scope", {})[split] = None
     refs, y = parts["test"]
-    return Assessment(v, out, evaluation.json_safe(out), refs, y, preds["test"])
+    return Assessment(v, out, evaluation.json_safe(out), refs, y, preds["test"], site_lists["test"])
 
 
 def publish_metrics(settings: Settings, assessment: Assessment) -> str:
@@ -108,7 +121,7 @@ def publish_metrics(settings: Settings, assessment: Assessment) -> str:
     out, stored = assessment.raw, assessment.metrics
     try:
         saved = artifacts.of(store, v)
-        truth_csv, pred_csv = evaluation.isic_csvs([r.image_id for r in refs], y, pr.p_mel, v.threshold)
+        truth_csv, pred_csv = evaluation.isic_csvs([r.image_id for r in refs], y, pr.p_mel, pr.thresholds)
         saved.put("test_truth_isic.csv", truth_csv.encode(), "text/csv")
         saved.put("test_predictions_isic.csv", pred_csv.encode(), "text/csv")
         saved.put_npz(artifacts.TEST_PREDICTIONS, ids=np.array([r.image_id for r in refs]), y=y, p_mel=pr.p_mel,
@@ -127,10 +140,11 @@ def publish_metrics(settings: Settings, assessment: Assessment) -> str:
         }
         for name, png in figures.items():
             saved.put(artifacts.figure(name), png, "image/png")
-        examples = _gradcam_examples(store, v, refs, y, pr.p_mel)
+        examples = _gradcam_examples(store, v, refs, y, pr.p_mel, pr.thresholds)
         for e in examples:
             saved.put(artifacts.gradcam_example(e["image_id"]), e["png"], "image/png")
         registry.record_metrics(engine, v.model_version, stored, saved.put_json(artifacts.METRICS, stored))
+        sites.record_evaluations(engine, v, stored)
         with engine.connect() as conn:
             row = registry.get(conn, v.model_version)
         # the gate has not decided on these metrics yet: its section says so until gate_model rewrites it
@@ -167,7 +181,8 @@ def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
             out[split] = {k: m[k] for k in keys if k in m}
             if "uncalibrated" in m:
                 out[split]["ece_before_calibration"] = m["uncalibrated"]["ece"]
-            out[split]["by_source"] = {src: {k: v[k] for k in keys if k in v} for src, v in (m.get("by_source") or {}).items()}
+            for part in ("by_source", "by_site"):
+                out[split][part] = {src: {k: v[k] for k in keys if k in v} for src, v in (m.get(part) or {}).items()}
     oos = (metrics.get("out_of_scope") or {}).get("test")
     if oos:
         out["out_of_scope_test"] = {"threshold": oos["threshold"], "all": oos["all"], "malignant": oos["malignant"],
@@ -178,11 +193,16 @@ def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def _compare_with_champion(settings: Settings, store: ObjectStore, v: registry.ModelVersion,
                            champion: registry.ModelVersion, parts) -> dict[str, Any]:
-    refs, _ = parts["test"]
-    y = parts["test"][1]
-    p = {which.model_version: _predict_refs(settings, store, which, refs).p_mel for which in (v, champion)}
-    delta = evaluation.paired_delta(y, p[v.model_version], v.threshold, p[champion.model_version], champion.threshold,
-                                    n=v.bootstrap, seed=v.seed)
+    refs, y = parts["test"]
+    engine = engine_for(settings)
+    try:
+        with engine.connect() as conn:
+            test_sites = trainset.site_of(conn, [r.image_id for r in refs])
+    finally:
+        engine.dispose()
+    pr = {which.model_version: _predict_refs(settings, store, which, refs, sites=test_sites) for which in (v, champion)}
+    new, old = pr[v.model_version], pr[champion.model_version]
+    delta = evaluation.paired_delta(y, new.p_mel, new.thresholds, old.p_mel, old.thresholds, n=v.bootstrap, seed=v.seed)
     return {"champion": champion.model_version, "n_test": len(refs), **delta}
 
 

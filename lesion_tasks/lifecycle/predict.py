@@ -25,15 +25,16 @@ class Predictions:
     p_mel: np.ndarray
     entropy: np.ndarray
     mutual_info: np.ndarray
-    is_mel: np.ndarray  # p_mel >= the version's threshold, as 0/1
+    is_mel: np.ndarray  # p_mel >= the threshold applied to the case, as 0/1
     p_other: np.ndarray | None  # None: the version has no out-of-scope head
-    threshold: float
+    thresholds: np.ndarray  # per case: its site's threshold, else the version's pooled one
     review_rule: dict[str, Any]
 
     def reasons(self, k: int) -> list[str]:
         """Why case k goes to review (empty: it does not)."""
         other = None if self.p_other is None else float(self.p_other[k])
-        return review_reasons(float(self.p_mel[k]), float(self.entropy[k]), self.threshold, self.review_rule, other)
+        return review_reasons(float(self.p_mel[k]), float(self.entropy[k]), float(self.thresholds[k]), self.review_rule,
+                              other)
 
 
 def review_reasons(p: float, entropy: float, threshold: float, rule: dict[str, Any], p_other: float | None = None) -> list[str]:
@@ -44,20 +45,22 @@ def review_reasons(p: float, entropy: float, threshold: float, rule: dict[str, A
         reasons.append("predicted_mel")
     if entropy > rule["entropy_above"]:
         reasons.append("uncertain")
-    low, high = rule["p_mel_band"]
-    if low <= p <= high:
+    low, high = threshold - 0.05, threshold + 0.05  # rule["p_mel_band"] around the pooled threshold; here the applied one
+    if max(0.0, low) <= p <= min(1.0, high):
         reasons.append("near_threshold")
     return reasons
 
 
 def predict(version: ModelVersion, head: mc.HeadWeights, pooled: np.ndarray, image_ids: Sequence[str],
-            scope_head: scope.ScopeHead | None = None, mc_samples: int | None = None) -> Predictions:
+            scope_head: scope.ScopeHead | None = None, mc_samples: int | None = None,
+            sites: Sequence[str | None] | None = None) -> Predictions:
     """Version `version`'s predictions for the pooled features of `image_ids` (T = its recorded MC samples
-    unless `mc_samples`); masks seeded per (the version's seed, image), so every caller draws the same."""
+    unless `mc_samples`); masks seeded per (the version's seed, image), so every caller draws the same.
+    Each case is decided at its site's threshold (`ModelVersion.threshold_for`; `sites` None: pooled)."""
     ids = list(image_ids)
     logits = mc.logits_for(head, pooled, ids, version.model_version, mc_samples or version.mc_samples, version.mc_seed)
     samples = head.calibrated(logits)
     p, h, mi = mc.summarize(samples)
-    return Predictions(ids, logits, samples, p, h, mi, (p >= version.threshold).astype(np.int64),
-                       scope_head.p_other(pooled) if scope_head is not None else None, float(version.threshold),
-                       dict(version.review_rule))
+    t = version.thresholds_for(sites if sites is not None else [None] * len(ids))
+    return Predictions(ids, logits, samples, p, h, mi, (p >= t).astype(np.int64),
+                       scope_head.p_other(pooled) if scope_head is not None else None, t, dict(version.review_rule))

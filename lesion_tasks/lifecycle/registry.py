@@ -17,12 +17,13 @@ its functions: `claim`, `record_trained`, `record_metrics`, `record_report`, `re
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from typing import Any
 
+import numpy as np
 import sqlalchemy as sa
 
 from lesion_tasks.core.db import insert_ignore
@@ -32,7 +33,7 @@ from lesion_tasks.core.schema import champion_history, model_versions
 log = logging.getLogger(__name__)
 
 
-# a source (drop) with at least this many melanomas in test is gated on its own as well as pooled
+# a site with at least this many melanomas in test is gated on its own as well as pooled
 MIN_SOURCE_MEL = 30
 # out-of-scope floors apply when the test split has at least this many such images
 MIN_OUT_OF_SCOPE = 30
@@ -73,7 +74,8 @@ class ModelVersion:
     color_constancy: str
     floors: GateFloors
     review_rule: Mapping[str, Any]
-    thresholds_by_source: Mapping[str, Any]
+    thresholds_by_source: Mapping[str, Any]  # versions before sites: the per-drop thresholds the pooled one honours
+    thresholds_by_site: Mapping[str, Any]  # {site: {"threshold", "chosen_on": "site"|"pooled", "n_mel"}}
     scope_threshold: float | None  # p_other above which a case is out of scope; None: no out-of-scope head
     lineage: Mapping[str, Any]
     metrics: Mapping[str, Any] | None
@@ -95,9 +97,19 @@ class ModelVersion:
             bootstrap=int(cfg.get("bootstrap", 0)), effective_resolution=int(cfg.get("effective_resolution", 0)),
             color_constancy=cfg.get("color_constancy", ""), floors=GateFloors(**cfg.get("floors", {})),
             review_rule=rule, thresholds_by_source=rule.get("threshold_by_source") or {},
+            thresholds_by_site=rule.get("thresholds_by_site") or {},
             scope_threshold=rule.get("out_of_scope_above"), lineage=row.get("lineage") or {},
             metrics=row.get("metrics"), model_uri=row.get("model_uri"), report_uri=row.get("report_uri"),
             artifacts_pruned_at=row.get("artifacts_pruned_at"), row=dict(row))
+
+    def threshold_for(self, site: str | None) -> float:
+        """The decision threshold applied at `site`: its own where retraining chose one on the site's
+        labelled images (`chosen_on` "site"), else the pooled one."""
+        own = self.thresholds_by_site.get(site) if site is not None else None
+        return float(own["threshold"]) if own and own.get("chosen_on") == "site" else float(self.threshold)
+
+    def thresholds_for(self, sites: Sequence[str | None]) -> np.ndarray:
+        return np.array([self.threshold_for(s) for s in sites], dtype=np.float64)
 
     @property
     def floors_recorded(self) -> dict[str, Any]:
@@ -259,14 +271,15 @@ def _evidence_checks(metrics: dict[str, Any], floors: GateFloors) -> tuple[bool,
 def decide(metrics: dict[str, Any], comparison: dict[str, Any] | None, floors: GateFloors) -> tuple[bool, list[str]]:
     """(passed, reasons): every evidence, floor and regression check, passed or failed, in words. Too
     little evidence (`_evidence_checks`) is never a pass. The floors apply to the pooled test split, to
-    every source drop with at least MIN_SOURCE_MEL melanomas in test, and (with at least MIN_OUT_OF_SCOPE
+    every site with at least MIN_SOURCE_MEL melanomas in test, and (with at least MIN_OUT_OF_SCOPE
     such test images) to the out-of-scope recall."""
     test = metrics["test"]
     passed, reasons = _evidence_checks(metrics, floors)
     ok, more = _floor_checks("test", test, floors)
     passed &= ok
     reasons += more
-    for source, part in sorted((test.get("by_source") or {}).items()):
+    # per site (each at its own threshold where it has one; `by_source` in metrics from before sites)
+    for source, part in sorted((test.get("by_site") or test.get("by_source") or {}).items()):
         if (part.get("n_mel") or 0) >= MIN_SOURCE_MEL:
             ok, more = _floor_checks(f"test[{source}]", part, floors)
             passed &= ok

@@ -32,6 +32,8 @@ from lesion_tasks.core.store import ObjectStore, open_store
 
 log = logging.getLogger(__name__)
 MIN_REVIEW_ENTROPY = 0.2
+# a site with this many validation melanomas of its own gets its own threshold (its margin grows as they shrink)
+MIN_SITE_THRESHOLD_MEL = 10
 
 
 def model_version_id(run_id: str, config: TrainConfig) -> str:
@@ -131,33 +133,55 @@ def prepare_split(settings: Settings, config: TrainConfig | None = None) -> dict
 
 
 def gated_sources(split_summary: dict[str, Any]) -> list[str]:
-    """Sources (drops) with at least MIN_SOURCE_MEL melanomas in test: the gate's floors and the
-    threshold's sensitivity apply to each of them, not only pooled."""
-    return sorted(src for src, parts in split_summary.get("by_source", {}).items()
-                  if parts["test"]["MEL"] >= registry.MIN_SOURCE_MEL)
+    """Sites with at least MIN_SOURCE_MEL melanomas in test: the gate's floors and the pooled threshold's
+    sensitivity apply to each of them, not only pooled (`by_source` for summaries from before sites)."""
+    return sorted(src for src, parts in _by_site(split_summary).items() if parts["test"]["MEL"] >= registry.MIN_SOURCE_MEL)
+
+
+def _by_site(split_summary: dict[str, Any]) -> dict[str, Any]:
+    return split_summary.get("by_site", split_summary.get("by_source", {}))
 
 
 def _threshold(y: np.ndarray, p: np.ndarray, sources: np.ndarray, lesions: list[str], split_summary: dict[str, Any],
-               config: TrainConfig) -> tuple[float, dict[str, float]]:
-    """The highest threshold reaching the melanoma sensitivity target on the pooled validation split AND on
-    the validation images of every gated source (a pooled threshold dominated by one drop must not fail
-    another). Each target is the configured one, or higher where the sample sizes need it: the gate's
-    floor plus a margin for a validation-vs-test difference (`evaluation.target_with_margin`), so that a
-    source with 84 validation and 104 test melanomas still reaches the floor on test."""
+               config: TrainConfig, weights: np.ndarray | None = None) -> tuple[float, dict[str, float], dict[str, Any]]:
+    """(pooled threshold, the targets' thresholds, thresholds_by_site).
+
+    The pooled threshold is the highest reaching the melanoma sensitivity target on the pooled validation
+    split AND on the validation images of every gated site (a pooled threshold dominated by one site must
+    not fail another); it applies at every site without a threshold of its own. A site with at least
+    MIN_SITE_THRESHOLD_MEL validation melanomas of its own gets its own threshold, chosen the same way on
+    them alone (IPW-weighted where they come from its validation sample). Each target is the configured
+    one, or higher where the sample sizes need it: the gate's floor plus a margin for a validation-vs-test
+    difference (`evaluation.target_with_margin`), so that a site with 84 validation and 104 test melanomas
+    still reaches the floor on test, and one with 12 aims much higher."""
     floor = config.floors.mel_sensitivity
     lesions_arr = np.asarray(lesions, dtype=object)
 
-    def threshold(mask: np.ndarray, n_test: int) -> float:
+    def threshold(mask: np.ndarray, n_test: int, w: np.ndarray | None = None) -> float:
         mel = mask & (y == 1)
         per_lesion = mel.sum() / max(len(set(lesions_arr[mel].tolist())), 1)
         target = max(config.target_sensitivity, evaluation.target_with_margin(floor, int(mel.sum()), n_test, per_lesion))
-        return evaluation.threshold_for_sensitivity(y[mask], p[mask], min(target, 1.0))
+        return evaluation.threshold_for_sensitivity(y[mask], p[mask], min(target, 1.0), None if w is None else w[mask])
 
-    by_source = split_summary.get("by_source", {})
-    per_source = {src: threshold(sources == src, by_source[src]["test"]["MEL"])
-                  for src in gated_sources(split_summary) if y[sources == src].sum()}
+    by_site = _by_site(split_summary)
+    per_site = {src: threshold(sources == src, by_site[src]["test"]["MEL"])
+                for src in gated_sources(split_summary) if y[sources == src].sum()}
     pooled = threshold(np.ones(len(y), bool), split_summary["counts"]["test"]["MEL"])
-    return min([pooled, *per_source.values()]), {"pooled": pooled, **per_source}
+    chosen = min([pooled, *per_site.values()])
+    own = {}
+    for site in sorted(set(sources.tolist())):
+        n_mel = int(y[sources == site].sum())
+        if n_mel >= MIN_SITE_THRESHOLD_MEL:
+            w = None if weights is None or np.all(weights[sources == site] == 1.0) else weights
+            own[site] = {"threshold": threshold(sources == site, by_site.get(site, {}).get("test", {}).get("MEL", 0), w),
+                         "chosen_on": "site", "n_mel": n_mel, "weighted": w is not None}
+    return chosen, {"pooled": pooled, **per_site}, own
+
+
+def thresholds_by_site(own: dict[str, Any], pooled: float, sites: list[str], val_mel: dict[str, int]) -> dict[str, Any]:
+    """`thresholds_by_site` for every site with images: its own where `_threshold` chose one, else the pooled."""
+    return {site: own.get(site) or {"threshold": pooled, "chosen_on": "pooled", "n_mel": int(val_mel.get(site, 0))}
+            for site in sorted(set(sites) | set(own))}
 
 
 def _fit_scope(config: TrainConfig, out: artifacts.ModelArtifacts, head: mc.HeadWeights, version: str, threshold: float,
@@ -221,14 +245,21 @@ def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[st
         split_summary = splits.summary(engine)
         with engine.connect() as conn:
             val_lesions = trainset.lesion_of(conn, val_ids)
-        threshold, per_source = _threshold(y_val, p_val, np.array([r.drop_id for r in val_refs]), val_lesions,
-                                           split_summary, config)
+            val_sites = trainset.site_of(conn, val_ids)
+            val_w = trainset.sample_weights(conn, val_ids)
+            all_sites = list(conn.scalars(sa.select(sa.func.coalesce(images.c.site, images.c.drop_id)).distinct()))
+        val_sites_arr = np.array(val_sites, dtype=object)
+        threshold, per_source, own = _threshold(y_val, p_val, val_sites_arr, val_lesions, split_summary, config, val_w)
+        by_site_thresholds = thresholds_by_site(
+            own, threshold, all_sites, {s: int(y_val[val_sites_arr == s].sum()) for s in set(val_sites)})
+        log.info("thresholds: pooled %.4f; own threshold at %d of %d sites (%s)", threshold, len(own), len(by_site_thresholds),
+                 ", ".join(f"{k} {v['threshold']:.4f} on {v['n_mel']} melanomas" for k, v in own.items()) or "none")
         # "uncertain" = in the most uncertain 20% of validation cases, but never below 0.2 nats
         # (p(MEL) between ~0.06 and ~0.94): a confident model should not flag confident cases
         review_rule = {"predicted_mel": True, "entropy_above": max(float(np.quantile(h_val, 0.8)), MIN_REVIEW_ENTROPY),
                        "p_mel_band": [max(0.0, threshold - 0.05), min(1.0, threshold + 0.05)],
                        "calibrated_on": f"validation: max(80th percentile of entropy, {MIN_REVIEW_ENTROPY} nats)",
-                       "threshold_by_source": per_source}
+                       "threshold_by_source": per_source, "thresholds_by_site": by_site_thresholds}
         out = artifacts.ModelArtifacts(store, version)
         scope_info, s3 = _fit_scope(config, out, head, version, threshold, train_views[0], other, fcfg, weights, store, runner,
                                     engine)
@@ -268,6 +299,6 @@ def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[st
                 "calibration": {"a": cal_a, "b": cal_b}, "out_of_scope_threshold": scope_info.get("out_of_scope_above"),
                 "feature_cache": {"computed": computed, "reused": reused,
                                   "seconds": round(s1.seconds + s2.seconds + s3.seconds, 2)},
-                "weights": weights.source, "backbone": config.backbone}
+                "weights": weights.source, "backbone": config.backbone, "thresholds_by_site": by_site_thresholds}
     finally:
         engine.dispose()

@@ -1,4 +1,4 @@
-"""Train / validation / test split: stratified by label and source, grouped by lesion, frozen.
+"""Train / validation / test split: stratified by label and site, grouped by lesion, frozen.
 
 Every ISIC-labelled image (MEL, NV, and OTHER: the out-of-scope diagnoses train and test the
 out-of-scope signal) gets a split. Images are grouped into *lesions*: the connected components of
@@ -6,7 +6,7 @@ out-of-scope signal) gets a split. Images are grouped into *lesions*: the connec
 re-photographed copy under another id, never straddle splits.
 
 The first call freezes the split with StratifiedGroupKFold (test = one fold of 1/test_frac, validation
-= one fold of the rest; strata = label x source drop). Later images never move existing ones: an image
+= one fold of the rest; strata = label x site). Later images never move existing ones: an image
 whose lesion already has a split joins it ("group"); new lesions are split the same stratified way
 among themselves when there are at least `BATCH_MIN_GROUPS` of them ("batch:sgkf-v2"), else each is
 placed by a hash of its lesion id ("hash-v2": deterministic, label-blind, stratified in expectation).
@@ -93,7 +93,8 @@ def _check_initial(labels: list[str], test_frac: float) -> None:
 
 def assign(engine: sa.Engine, seed: int = 0, test_frac: float = 0.2, val_frac: float = 0.15) -> dict:
     """Give every labelled image without a split one; return counts per split and label."""
-    cols = (images.c.image_id, images.c.label, images.c.near_dup_group, images.c.lesion_id, images.c.drop_id)
+    cols = (images.c.image_id, images.c.label, images.c.near_dup_group, images.c.lesion_id,
+            sa.func.coalesce(images.c.site, images.c.drop_id).label("site"))
     # taken before the images are read: every drop finished before `assigned_at` had its rows read here
     # (what `lesion check` relies on to tell a labelled image that should have a split)
     now = datetime.now(UTC)
@@ -124,7 +125,7 @@ def assign(engine: sa.Engine, seed: int = 0, test_frac: float = 0.2, val_frac: f
         if not existing:
             _check_initial([r.label for r in fresh], test_frac)
         rule = f"{'batch' if existing else 'initial'}:sgkf-v2:seed={seed}:test={test_frac}:val={val_frac}"
-        chosen = _stratified([r.image_id for r in fresh], np.array([f"{r.label}|{r.drop_id}" for r in fresh]),
+        chosen = _stratified([r.image_id for r in fresh], np.array([f"{r.label}|{r.site}" for r in fresh]),
                              np.array([lesion[r.image_id] for r in fresh]), seed, test_frac, val_frac)
         assigned.update({i: (s, rule) for i, s in chosen.items()})
     else:
@@ -153,19 +154,22 @@ def assign(engine: sa.Engine, seed: int = 0, test_frac: float = 0.2, val_frac: f
 
 
 def summary(engine: sa.Engine) -> dict:
-    """Images per split and label (the ISIC label, else the reviewer label), the same per source drop,
-    and the rules used."""
+    """Images per split and label (the ISIC label, else the reviewer label), the same per source drop and
+    per site, and the rules used."""
     with engine.connect() as conn:
         reviewed = trainset.reviewer_labels(conn)["labels"]
-        rows = conn.execute(sa.select(splits.c.split, images.c.image_id, images.c.label, images.c.drop_id)
+        rows = conn.execute(sa.select(splits.c.split, images.c.image_id, images.c.label, images.c.drop_id,
+                                      sa.func.coalesce(images.c.site, images.c.drop_id))
                             .join(images, images.c.image_id == splits.c.image_id)).all()
         rules = sorted(set(conn.scalars(sa.select(splits.c.rule).distinct())))
     counts: dict[str, dict[str, int]] = {s: dict.fromkeys(SPLIT_LABELS, 0) for s in ("train", "val", "test")}
     by_source: dict[str, dict[str, dict[str, int]]] = {}
-    for split, image_id, label, drop_id in rows:
+    by_site: dict[str, dict[str, dict[str, int]]] = {}
+    for split, image_id, label, drop_id, site in rows:
         label = trainset.label_of(label, image_id, reviewed) or ("OTHER" if (label or reviewed.get(image_id)) == "OTHER" else None)
         if label:
             counts[split][label] += 1
-            source = by_source.setdefault(drop_id, {s: dict.fromkeys(SPLIT_LABELS, 0) for s in counts})
-            source[split][label] += 1
-    return {"counts": counts, "by_source": dict(sorted(by_source.items())), "rules": rules}
+            for table, key in ((by_source, drop_id), (by_site, site)):
+                table.setdefault(key, {s: dict.fromkeys(SPLIT_LABELS, 0) for s in counts})[split][label] += 1
+    return {"counts": counts, "by_source": dict(sorted(by_source.items())), "by_site": dict(sorted(by_site.items())),
+            "rules": rules}

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 
 from lesion_tasks.model.features import ImageRef
 from lesion_tasks.ingest.labels import challenge_code
-from lesion_tasks.core.schema import images, reviews, splits
+from lesion_tasks.core.schema import images, reviews, site_samples, splits
 
 BINARY = ("MEL", "NV")
 
@@ -70,6 +70,22 @@ def lesion_of(conn: sa.Connection, image_ids: list[str]) -> list[str]:
     rows = dict(conn.execute(sa.select(images.c.image_id, sa.func.coalesce(images.c.lesion_id, images.c.near_dup_group))
                              .where(images.c.image_id.in_(image_ids))).all()) if image_ids else {}
     return [rows[i] for i in image_ids]
+
+
+def site_of(conn: sa.Connection, image_ids: list[str]) -> list[str]:
+    """The site of each image (its drop id for rows that predate sites and were never backfilled)."""
+    rows = dict(conn.execute(sa.select(images.c.image_id, sa.func.coalesce(images.c.site, images.c.drop_id))
+                             .where(images.c.image_id.in_(image_ids))).all()) if image_ids else {}
+    return [rows[i] for i in image_ids]
+
+
+def sample_weights(conn: sa.Connection, image_ids: list[str]) -> np.ndarray:
+    """Inverse inclusion probability of each image in its site's validation sample (`site_samples`), 1 for
+    an image outside every sample (ISIC drops, labelled in full): the weight that makes a site's metrics
+    estimate its whole population rather than the melanoma-rich sample."""
+    pi = dict(conn.execute(sa.select(site_samples.c.image_id, site_samples.c.inclusion_probability)
+                           .where(site_samples.c.image_id.in_(image_ids))).all()) if image_ids else {}
+    return np.array([1.0 / pi[i] if pi.get(i) else 1.0 for i in image_ids], dtype=np.float64)
 
 
 def out_of_scope_refs(conn: sa.Connection, reviewed: dict[str, str] | None = None

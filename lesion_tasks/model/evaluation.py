@@ -1,6 +1,8 @@
 """Metrics on the frozen test split: discrimination, calibration, uncertainty and referral.
 
-Labels: 1 = MEL, 0 = NV. `p` is the MC-dropout mean p(MEL); a case is predicted MEL when p >= t.
+Labels: 1 = MEL, 0 = NV. `p` is the MC-dropout mean p(MEL); a case is predicted MEL when p >= t. `t` is one
+threshold, or one per case (each site's own, `thresholds_by_site`); `w` optional case weights (inverse
+inclusion probabilities of a site's validation sample: the metrics then estimate the site's population).
 """
 
 from __future__ import annotations
@@ -16,20 +18,31 @@ ECE_BINS = 15
 REFERRAL_FRACTIONS = tuple(round(f, 2) for f in np.arange(0.0, 0.501, 0.05))
 
 
-def threshold_for_sensitivity(y: np.ndarray, p: np.ndarray, target: float) -> float:
+def _at(t: Any, idx: Any) -> Any:
+    """The threshold(s) of the cases `idx`: `t` itself when it is one threshold for all."""
+    return t if np.ndim(t) == 0 else np.asarray(t)[idx]
+
+
+def threshold_for_sensitivity(y: np.ndarray, p: np.ndarray, target: float, w: np.ndarray | None = None) -> float:
     """A threshold whose melanoma sensitivity on (y, p) is >= target, as high as that allows.
 
     The highest such threshold is the score of the k-th highest melanoma, where a test melanoma scored a
     hair lower would be missed. The threshold is the midpoint between it and the next lower score (of
     any case): the same sensitivity and specificity on (y, p), with that gap as margin. On a validation
-    split the model separates perfectly, this is the middle of the gap between melanomas and nevi.
+    split the model separates perfectly, this is the middle of the gap between melanomas and nevi. With
+    weights `w`, the weighted share of melanomas at or above t reaches the target.
     """
     if not 0 < target <= 1:
         raise ValueError(f"target sensitivity {target}: expected a value in (0, 1]")
-    positives = np.sort(p[y == 1])[::-1]
+    order = np.argsort(-p[y == 1], kind="stable")
+    positives = p[y == 1][order]
     if len(positives) == 0:
         raise ValueError("no melanoma in the validation split: cannot choose a threshold")
-    k = int(np.ceil(target * len(positives)))  # this many melanomas must be at or above t
+    if w is None:
+        k = int(np.ceil(target * len(positives)))  # this many melanomas must be at or above t
+    else:
+        share = np.cumsum(w[y == 1][order]) / w[y == 1].sum()
+        k = int(np.searchsorted(share, target - 1e-12)) + 1
     highest = float(positives[k - 1])
     below = p[p < highest]
     return (highest + float(below.max())) / 2 if below.size else highest
@@ -45,23 +58,25 @@ def target_with_margin(floor: float, n_val: int, n_test: int, images_per_lesion:
     return min(1.0, floor + z * float(np.sqrt(floor * (1 - floor) * images_per_lesion * (1 / n_val + 1 / n_test))))
 
 
-def _safe_auc(y: np.ndarray, p: np.ndarray) -> float:
-    return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
+def _safe_auc(y: np.ndarray, p: np.ndarray, w: np.ndarray | None = None) -> float:
+    return float(roc_auc_score(y, p, sample_weight=w)) if 0 < y.sum() < len(y) else float("nan")
 
 
-def binary_metrics(y: np.ndarray, p: np.ndarray, t: float) -> dict[str, Any]:
+def binary_metrics(y: np.ndarray, p: np.ndarray, t: Any, w: np.ndarray | None = None) -> dict[str, Any]:
     pred = (p >= t).astype(int)
-    tn, fp, fn, tp = confusion_matrix(y, pred, labels=[0, 1]).ravel()
+    tn, fp, fn, tp = confusion_matrix(y, pred, labels=[0, 1], sample_weight=w).ravel()
+    if w is not None:  # weighted counts: rates estimate the population; n and n_mel stay case counts
+        tn, fp, fn, tp = (float(v) for v in (tn, fp, fn, tp))
     sens = tp / (tp + fn) if tp + fn else float("nan")
     spec = tn / (tn + fp) if tn + fp else float("nan")
     return {
-        "n": int(len(y)), "n_mel": int(y.sum()), "threshold": float(t),
-        "auc": _safe_auc(y, p),
-        "average_precision": float(average_precision_score(y, p)) if y.sum() else float("nan"),
+        "n": int(len(y)), "n_mel": int(y.sum()), "threshold": float(t) if np.ndim(t) == 0 else None,
+        "auc": _safe_auc(y, p, w),
+        "average_precision": float(average_precision_score(y, p, sample_weight=w)) if y.sum() else float("nan"),
         "mel_sensitivity": float(sens), "mel_specificity": float(spec),
         "nv_sensitivity": float(spec), "nv_specificity": float(sens),
         "balanced_accuracy": float((sens + spec) / 2),
-        "accuracy": float((tp + tn) / len(y)),
+        "accuracy": float((tp + tn) / (tp + tn + fp + fn)) if len(y) else float("nan"),
         "ppv": float(tp / (tp + fp)) if tp + fp else float("nan"),
         "npv": float(tn / (tn + fn)) if tn + fn else float("nan"),
         "confusion": {"labels": ["NV", "MEL"], "matrix": [[int(tn), int(fp)], [int(fn), int(tp)]]},
@@ -97,33 +112,35 @@ def referral_curve(y: np.ndarray, p: np.ndarray, uncertainty: np.ndarray, t: flo
     out = []
     for frac in REFERRAL_FRACTIONS:
         keep = np.sort(order[int(round(frac * len(y))):])
-        m = binary_metrics(y[keep], p[keep], t)
+        m = binary_metrics(y[keep], p[keep], _at(t, keep))
         out.append({"referred": frac, "kept": int(len(keep)), "auc": m["auc"], "mel_sensitivity": m["mel_sensitivity"],
                     "mel_specificity": m["mel_specificity"], "balanced_accuracy": m["balanced_accuracy"]})
     return out
 
 
-def bootstrap_ci(y: np.ndarray, p: np.ndarray, t: float, n: int = 1000, seed: int = 0) -> dict[str, list[float]]:
-    """95% percentile intervals by resampling test cases (stratified: both classes kept)."""
+def bootstrap_ci(y: np.ndarray, p: np.ndarray, t: Any, n: int = 1000, seed: int = 0,
+                 w: np.ndarray | None = None) -> dict[str, list[float]]:
+    """95% percentile intervals by resampling test cases (stratified: both classes kept; with weights `w`
+    each resampled case keeps its weight, so the intervals are those of the weighted estimate)."""
     rng = np.random.default_rng(seed)
     pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
     stats: dict[str, list[float]] = {"auc": [], "mel_sensitivity": [], "mel_specificity": [], "balanced_accuracy": []}
     for _ in range(n):
         i = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
-        m = binary_metrics(y[i], p[i], t)
+        m = binary_metrics(y[i], p[i], _at(t, i), None if w is None else w[i])
         for k in stats:
             stats[k].append(m[k])
     return {k: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))] for k, v in stats.items()}
 
 
-def paired_delta(y: np.ndarray, p_new: np.ndarray, t_new: float, p_old: np.ndarray, t_old: float,
+def paired_delta(y: np.ndarray, p_new: np.ndarray, t_new: Any, p_old: np.ndarray, t_old: Any,
                  n: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Challenger minus champion on the same cases, with paired-bootstrap 95% intervals."""
     rng = np.random.default_rng(seed)
     pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
 
     def delta(i):
-        a, b = binary_metrics(y[i], p_new[i], t_new), binary_metrics(y[i], p_old[i], t_old)
+        a, b = binary_metrics(y[i], p_new[i], _at(t_new, i)), binary_metrics(y[i], p_old[i], _at(t_old, i))
         return a["auc"] - b["auc"], a["mel_sensitivity"] - b["mel_sensitivity"]
 
     point = delta(np.arange(len(y)))
@@ -135,7 +152,7 @@ def paired_delta(y: np.ndarray, p_new: np.ndarray, t_new: float, p_old: np.ndarr
     }
 
 
-def evaluate(y: np.ndarray, p: np.ndarray, entropy: np.ndarray, mutual_info: np.ndarray, t: float,
+def evaluate(y: np.ndarray, p: np.ndarray, entropy: np.ndarray, mutual_info: np.ndarray, t: Any,
              bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Everything the report and the gate need, for one split."""
     out = binary_metrics(y, p, t)
@@ -152,30 +169,35 @@ def evaluate(y: np.ndarray, p: np.ndarray, entropy: np.ndarray, mutual_info: np.
     return out
 
 
-def by_source(y: np.ndarray, p: np.ndarray, sources: np.ndarray, t: float, bootstrap: int = 0, seed: int = 0,
-              min_mel_for_ci: int = 30) -> dict[str, dict[str, Any]]:
-    """Binary metrics and calibration per source drop (bootstrap intervals where the source has at least
-    `min_mel_for_ci` melanomas): a pooled figure can hide a source the model fails on."""
+def by_source(y: np.ndarray, p: np.ndarray, sources: np.ndarray, t: Any, bootstrap: int = 0, seed: int = 0,
+              min_mel_for_ci: int = 30, w: np.ndarray | None = None) -> dict[str, dict[str, Any]]:
+    """Binary metrics and calibration per source (drop or site; bootstrap intervals where it has at least
+    `min_mel_for_ci` melanomas): a pooled figure can hide a source the model fails on. With weights `w`
+    (a site's inverse inclusion probabilities), rates and AUC are weighted, calibration is not."""
     out = {}
     for source in sorted(set(sources.tolist())):
         m = sources == source
-        part = binary_metrics(y[m], p[m], t)
+        wm = None if w is None else w[m]
+        part = binary_metrics(y[m], p[m], _at(t, m), wm)
+        if np.ndim(t):
+            part["threshold"] = float(np.asarray(t)[m][0])  # one site, one threshold
         part.update({k: v for k, v in calibration(y[m], p[m]).items() if k != "reliability"})
         if bootstrap and y[m].sum() >= min_mel_for_ci and (y[m] == 0).sum():
-            part["ci95"] = bootstrap_ci(y[m], p[m], t, bootstrap, seed)
+            part["ci95"] = bootstrap_ci(y[m], p[m], _at(t, m), bootstrap, seed, wm)
         del part["confusion_normalized"]
         out[source] = part
     return out
 
 
-def isic_csvs(image_ids: list[str], y: np.ndarray, p: np.ndarray, t: float) -> tuple[str, str]:
+def isic_csvs(image_ids: list[str], y: np.ndarray, p: np.ndarray, t: Any) -> tuple[str, str]:
     """(ground truth, predictions) in the ISIC challenge layout (`image,MEL,NV`).
 
     The scorer counts a case positive when its score is > 0.5; predictions are exported as a
     monotone map of p(MEL) that crosses 0.5 exactly at our threshold t, so the scorer's
-    sensitivity, specificity and balanced accuracy are those at t, and its AUC is unchanged.
+    sensitivity, specificity and balanced accuracy are those at t, and its AUC is unchanged (with one
+    threshold per case, each site's, the map is monotone within a site only: the pooled AUC may differ).
     """
-    s = np.where(p >= t, 0.5 + 1e-6 + (0.5 - 2e-6) * (p - t) / max(1 - t, 1e-12), 0.5 * p / max(t, 1e-12))
+    s = np.where(p >= t, 0.5 + 1e-6 + (0.5 - 2e-6) * (p - t) / np.maximum(1 - t, 1e-12), 0.5 * p / np.maximum(t, 1e-12))
     truth, pred = io.StringIO(), io.StringIO()
     truth_csv, pred_csv = csv.writer(truth, lineterminator="\n"), csv.writer(pred, lineterminator="\n")
     truth_csv.writerow(["image", "MEL", "NV"])

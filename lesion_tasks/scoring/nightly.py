@@ -80,7 +80,8 @@ def load_scoring_model(store: ObjectStore, version: registry.ModelVersion | dict
 def _unscored(conn: sa.Connection, version: str, first: str | None = None, last: str | None = None,
               limit: int | None = None) -> list[sa.Row]:
     scored = sa.select(predictions.c.image_id).where(predictions.c.model_version == version)
-    query = (sa.select(images.c.image_id, images.c.drop_id, images.c.normalized_uri, images.c.original_uri)
+    query = (sa.select(images.c.image_id, images.c.drop_id, sa.func.coalesce(images.c.site, images.c.drop_id).label("site"),
+                       images.c.normalized_uri, images.c.original_uri)
              .where(images.c.image_id.not_in(scored)).order_by(images.c.image_id))
     if first is not None:
         query = query.where(images.c.image_id >= first)
@@ -133,12 +134,12 @@ def _write_overlay(store: ObjectStore, key: str, original_uri: str, heatmap: np.
     return store.put(key, gradcam.png_bytes(picture), "image/png")
 
 
-def score_batch(model: ScoringModel, rgb: np.ndarray, image_ids: list[str], mc_samples: int
-                ) -> tuple[predict.Predictions, np.ndarray]:
-    """One batch, one backbone pass: the version's predictions (`predict.predict`, as in its evaluation)
-    and the Grad-CAM heatmaps of the predicted class."""
+def score_batch(model: ScoringModel, rgb: np.ndarray, image_ids: list[str], mc_samples: int,
+                sites: list[str] | None = None) -> tuple[predict.Predictions, np.ndarray]:
+    """One batch, one backbone pass: the version's predictions (`predict.predict`, as in its evaluation;
+    each image at its site's threshold) and the Grad-CAM heatmaps of the predicted class."""
     activations, pooled = model.run_backbone(backbones.preprocess(rgb))
-    pr = predict.predict(model.info, model.head, pooled, image_ids, model.scope_head, mc_samples)
+    pr = predict.predict(model.info, model.head, pooled, image_ids, model.scope_head, mc_samples, sites)
     heat = gradcam.gradcam_fast(activations, gradcam.head_gradient(model.head, pooled, pr.is_mel))
     return pr, heat
 
@@ -152,7 +153,7 @@ def _rows(model: ScoringModel, batch: list[sa.Row], pr: predict.Predictions, uri
         other = None if pr.p_other is None else float(pr.p_other[k])
         reasons = pr.reasons(k)
         rows.append({"image_id": r.image_id, "model_version": model.version, "p_mel": float(pr.p_mel[k]), "p_other": other,
-                     "predicted_label": "MEL" if pr.is_mel[k] else "NV", "threshold": pr.threshold,
+                     "predicted_label": "MEL" if pr.is_mel[k] else "NV", "threshold": float(pr.thresholds[k]),
                      "entropy": float(pr.entropy[k]), "mutual_info": float(pr.mutual_info[k]), "mc_samples": samples,
                      "gradcam_uri": uris[k], "needs_review": bool(reasons), "review_reasons": ",".join(reasons) or None,
                      "drop_id": r.drop_id, "run_id": run_id, "scored_at": now})
@@ -215,7 +216,7 @@ def score_range(settings: Settings, model_version: str = "champion", first: str 
                 rgb = np.stack([f.result() for f in reading])
                 if k + 1 < len(batches):
                     reading = read(batches[k + 1])  # prefetch: read while this batch is scored
-                pr, heatmaps = score_batch(model, rgb, [r.image_id for r in batch], samples)
+                pr, heatmaps = score_batch(model, rgb, [r.image_id for r in batch], samples, [r.site for r in batch])
                 overlays = [io_pool.submit(_write_overlay, store, keys.gradcam(model.version, r.drop_id, r.image_id),
                                            r.original_uri, heat) for r, heat in zip(batch, heatmaps)]
                 pending.append(writer.submit(write, batch, pr, overlays, pending[-1] if pending else None))

@@ -94,8 +94,12 @@ def test_threshold_holds_on_every_gated_source():
     lesions = [f"L{i}" for i in range(1260)]
     summary = {"counts": {"test": {"MEL": 130}}, "by_source": {"big": {"test": {"MEL": 100}}, "sharp": {"test": {"MEL": 30}}}}
     config = make_config("demo")
-    t, per_source = retrain._threshold(y, p, src, lesions, summary, config)
+    t, per_source, own = retrain._threshold(y, p, src, lesions, summary, config)
     assert set(per_source) == {"pooled", "big", "sharp"} and t == min(per_source.values())
+    # each site with >= 10 validation melanomas also gets its own threshold, chosen on its images alone
+    assert {k: v["chosen_on"] for k, v in own.items()} == {"big": "site", "sharp": "site"}
+    assert own["sharp"]["threshold"] == per_source["sharp"] and own["big"]["threshold"] >= t
+    assert own["sharp"]["n_mel"] == 60 and own["big"]["weighted"] is False
     sharp = (src == "sharp") & (y == 1)
     target = evaluation.target_with_margin(0.80, 60, 30)  # 0.80 + 1.645 * sqrt(0.16 * (1/60 + 1/30)) = 0.947
     assert target == pytest.approx(0.80 + 1.645 * np.sqrt(0.16 * (1 / 60 + 1 / 30))) and target > 0.85

@@ -1,0 +1,133 @@
+"""Sites: the clinics, hospitals or collections images come from, and how a model version does at each.
+
+A site's status rests on evidence (DESIGN.md, "Sites"): `unvalidated` (no labelled image of its own),
+`provisional` (labelled images, but fewer than `GateFloors.min_melanomas` melanomas in its test split, the
+out-of-sample predictions its figures rest on here), `validated` (that many, and the version passes the
+gate's floors there), `failing` (that many, and the upper end of a metric's 95% interval is under its
+floor). With enough melanomas and a point estimate under a floor whose interval still reaches it, the site
+stays `provisional`: more labels decide. `record_evaluations` writes one `site_evaluations` row per site
+for a version as it is evaluated; `v_sites` (and `site_status` in the prediction views) reads the
+champion's rows; `overview` is `lesion sites`.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from lesion_tasks.core.db import engine_for, upsert
+from lesion_tasks.core.schema import images, site_evaluations, site_samples, splits
+from lesion_tasks.core.settings import Settings
+from lesion_tasks.lifecycle import registry
+from lesion_tasks.lifecycle.config import GateFloors
+
+log = logging.getLogger(__name__)
+FLOOR_METRICS = ("mel_sensitivity", "auc", "balanced_accuracy")
+SITE = sa.func.coalesce(images.c.site, images.c.drop_id)
+
+
+def status_of(part: dict[str, Any] | None, labelled: int, floors: GateFloors) -> tuple[str, str]:
+    """(status, what it still needs) from a site's test metrics `part` (None: no labelled test image)."""
+    n_mel = int((part or {}).get("n_mel") or 0)
+    if not labelled:
+        return "unvalidated", "labelled images of its own: draw its validation sample (lesion sites sample) and import their labels"
+    if n_mel < floors.min_melanomas:
+        return "provisional", (f"{floors.min_melanomas - n_mel} more melanomas in its test split "
+                               f"({n_mel} of {floors.min_melanomas}): label more of its validation sample and retrain")
+    ci = part.get("ci95") or {}
+    below = [m for m in FLOOR_METRICS if part.get(m) is None or part[m] < getattr(floors, m)]
+    failing = [m for m in below if (ci.get(m) or [None, None])[1] is not None and ci[m][1] < getattr(floors, m)]
+    if failing:
+        return "failing", ("the champion is below its floor here (" + ", ".join(
+            f"{m} 95% CI up to {ci[m][1]:.3f} < {getattr(floors, m)}" for m in failing) + "): its cases need review")
+    if below:
+        return "provisional", ("more melanomas: " + ", ".join(f"{m} {part.get(m)} under its floor {getattr(floors, m)}"
+                                                            for m in below) + " but its interval reaches the floor")
+    return "validated", "nothing: it passes every floor on enough melanomas"
+
+
+def labelled_counts(conn: sa.Connection) -> dict[str, dict[str, Any]]:
+    """{site: {"images", "labelled", "labelled_by_split": {"train", "val", "test"}}} over every site."""
+    out: dict[str, dict[str, Any]] = {}
+    for site, n, labelled in conn.execute(sa.select(SITE, sa.func.count(), sa.func.count(images.c.label)).group_by(SITE)):
+        out[site] = {"images": int(n), "labelled": int(labelled), "labelled_by_split": dict.fromkeys(("train", "val", "test"), 0)}
+    rows = conn.execute(sa.select(SITE, splits.c.split, sa.func.count()).join(splits, splits.c.image_id == images.c.image_id)
+                        .where(images.c.label.is_not(None)).group_by(SITE, splits.c.split))
+    for site, split, n in rows:
+        out[site]["labelled_by_split"][split] = int(n)
+    return out
+
+
+def record_evaluations(engine: sa.Engine, v: registry.ModelVersion, metrics: dict[str, Any]) -> dict[str, str]:
+    """One `site_evaluations` row per site for version `v`, from its stored metrics; returns {site: status}.
+    A rerun overwrites the version's rows with the same values."""
+    by_site = (metrics.get("test") or {}).get("by_site") or {}
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        counts = labelled_counts(conn)
+        rows = []
+        for site, c in sorted(counts.items()):
+            part = by_site.get(site)
+            status, _ = status_of(part, c["labelled"], v.floors)
+            own = v.thresholds_by_site.get(site) or {}
+            rows.append({"model_version": v.model_version, "site": site, "status": status, "evidence": "test",
+                         "melanomas_evidence": int((part or {}).get("n_mel") or 0), "threshold": v.threshold_for(site),
+                         "chosen_on": own.get("chosen_on", "pooled"), "metrics": part, "evaluated_at": now})
+        upsert(conn, site_evaluations, rows, ["model_version", "site"])
+    statuses = {r["site"]: r["status"] for r in rows}
+    log.info("sites of %s: %s", v.model_version, ", ".join(f"{s} {st}" for s, st in statuses.items()) or "none")
+    return statuses
+
+
+def overview(settings: Settings) -> dict[str, Any]:
+    """`lesion sites`: every site, its status for the champion, its labelled images per split, the
+    melanomas its figures rest on, the threshold applied there, its metrics and what it still needs."""
+    engine = engine_for(settings)
+    try:
+        with engine.connect() as conn:
+            champion = registry.version(conn, None, required=False)
+            counts = labelled_counts(conn)
+            evaluated = {r.site: r for r in conn.execute(sa.select(site_evaluations).where(
+                site_evaluations.c.model_version == champion.model_version))} if champion else {}
+            sampled = dict(conn.execute(sa.select(site_samples.c.site, sa.func.count()).group_by(site_samples.c.site)).all())
+    finally:
+        engine.dispose()
+    floors = champion.floors if champion else GateFloors()
+    out = []
+    for site, c in sorted(counts.items()):
+        row = evaluated.get(site)
+        status, needed = status_of(row.metrics if row else None, c["labelled"], floors)
+        if row is None and c["labelled"]:  # labelled after the champion was evaluated: only a retrain tells
+            status, needed = "provisional", "a retrain: its labelled images are newer than the champion's evaluation"
+        if champion is None:
+            threshold = {"value": None, "chosen_on": None}
+            needed = "a champion: train one (lesion train)" if status == "unvalidated" else needed
+        else:
+            own = champion.thresholds_by_site.get(site) or {}
+            threshold = {"value": champion.threshold_for(site), "chosen_on": own.get("chosen_on", "pooled")}
+        out.append({"site": site, "status": status, "images": c["images"], "labelled": c["labelled"],
+                    "labelled_by_split": c["labelled_by_split"], "validation_sample": int(sampled.get(site, 0)),
+                    "melanomas_evidence": row.melanomas_evidence if row else 0,
+                    "evidence": row.evidence if row else None, "threshold": threshold,
+                    "metrics": _headline(row.metrics) if row and row.metrics else None, "needed": needed})
+    return {"champion": champion.model_version if champion else None, "sites": out}
+
+
+def _headline(part: dict[str, Any]) -> dict[str, Any]:
+    keys = ("n", "n_mel", "auc", "mel_sensitivity", "mel_specificity", "balanced_accuracy", "ppv", "npv", "ci95")
+    return {k: part[k] for k in keys if k in part}
+
+
+def summary(result: dict[str, Any]) -> str:
+    lines = [f"champion {result['champion'] or '(none)'}; {len(result['sites'])} sites"]
+    for s in result["sites"]:
+        t = s["threshold"]
+        shown = "none" if t["value"] is None else f"{t['value']:.4f} ({t['chosen_on']})"
+        lines.append(f"  {s['site']}: {s['status'].upper()}  images {s['images']}  labelled {s['labelled']} "
+                     f"(train {s['labelled_by_split']['train']}, val {s['labelled_by_split']['val']}, "
+                     f"test {s['labelled_by_split']['test']})  test melanomas {s['melanomas_evidence']}  threshold {shown}")
+        lines.append(f"      needs: {s['needed']}")
+    return "\n".join(lines)

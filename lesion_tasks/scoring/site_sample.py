@@ -1,0 +1,127 @@
+"""A site's validation sample: which of its images to label first (`lesion sites sample SITE --size N`).
+
+Labelling a few hundred random images of a new clinic yields a couple of dozen melanomas: too few to choose
+a threshold or to validate on. So the sample over-represents the likely melanomas, and records how:
+
+- Size measure: an image in the top quintile of the champion's p_mel at the site weighs `HIGH_WEIGHT` (4),
+  every other image 1, so the top quintile makes up about half of the sample. Without a champion every
+  image weighs 1 (a uniform sample, said so in `stratum`).
+- Order sampling (sequential Poisson): image i's key is u_i / w_i, u_i uniform from a hash of (site, image
+  id); the sample is the images with the smallest keys. Deterministic, and a larger size takes the next
+  keys: the sample extends, never redraws. Images of a later night join the candidates of later draws only;
+  rows already drawn keep their rank and probability.
+- Inclusion probability: pi_i = min(1, n * w_i / sum of w over the site's images), n the size drawn so far
+  (an extension to a larger n updates the earlier rows: the first n keys hold the first n' < n ones). Metrics estimated from the labelled sample weight each image by 1 / pi_i
+  (`trainset.sample_weights`), so they estimate the site's whole population.
+
+The champion must have scored the site's images for p_mel: unscored ones are scored first (`nightly.score`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+
+from lesion_tasks.core.db import engine_for, insert_ignore
+from lesion_tasks.core.schema import images, predictions, site_samples
+from lesion_tasks.core.settings import Settings
+from lesion_tasks.lifecycle import registry
+from lesion_tasks.lifecycle.sites import SITE
+
+log = logging.getLogger(__name__)
+HIGH_QUANTILE = 0.8  # the top quintile of p_mel at the site ...
+HIGH_WEIGHT = 4.0  # ... weighs this much: with N >> n it is about half of the sample
+MAX_SIZE = 100_000
+
+
+def _u(site: str, image_id: str) -> float:
+    """A uniform (0, 1] number fixed by (site, image): the sample's randomness, reproducible anywhere."""
+    return (int.from_bytes(hashlib.sha256(f"site-sample-v1\0{site}\0{image_id}".encode()).digest()[:8], "big") + 1) / 2**64
+
+
+def size_measure(p_mel: dict[str, float] | None, ids: list[str]) -> tuple[np.ndarray, list[str]]:
+    """(weights, strata) of the site's images `ids` from the champion's p_mel (None: no champion)."""
+    if p_mel is None:
+        return np.ones(len(ids)), ["uniform (no champion)"] * len(ids)
+    p = np.array([p_mel[i] for i in ids])
+    cut = float(np.quantile(p, HIGH_QUANTILE)) if len(p) else 1.0
+    high = p >= cut
+    return np.where(high, HIGH_WEIGHT, 1.0), ["top_p_mel_quintile" if h else "rest" for h in high]
+
+
+def _weight(stratum: str) -> float:
+    return HIGH_WEIGHT if stratum == "top_p_mel_quintile" else 1.0
+
+
+def _state(conn: sa.Connection, site: str, version: str | None) -> tuple[list[str], list[Any], dict[str, float] | None]:
+    ids = list(conn.scalars(sa.select(images.c.image_id).where(SITE == site).order_by(images.c.image_id)))
+    drawn = conn.execute(sa.select(site_samples).where(site_samples.c.site == site).order_by(site_samples.c.rank)).all()
+    p_mel = None
+    if version is not None:
+        p_mel = dict(conn.execute(sa.select(predictions.c.image_id, predictions.c.p_mel)
+                                  .join(images, images.c.image_id == predictions.c.image_id)
+                                  .where(predictions.c.model_version == version, SITE == site)).all())
+    return ids, drawn, p_mel
+
+
+def draw(settings: Settings, site: str, size: int = 200) -> dict[str, Any]:
+    """The first `size` images of SITE's validation sample, drawing (and recording) as many as are missing."""
+    if not 1 <= size <= MAX_SIZE:
+        raise ValueError(f"--size {size}: expected 1..{MAX_SIZE}")
+    engine = engine_for(settings)
+    try:
+        with engine.connect() as conn:
+            champion = registry.version(conn, None, required=False)
+            version = champion.model_version if champion and champion.artifacts_pruned_at is None else None
+            ids, drawn, p_mel = _state(conn, site, version)
+            if not ids:
+                known = sorted(conn.scalars(sa.select(SITE).distinct()))
+                raise ValueError(f"site {site!r}: no images; known sites: {', '.join(known[:20]) or 'none'}")
+        if len(drawn) < size and version is not None and len(p_mel) < len(ids):
+            from lesion_tasks.scoring.nightly import score
+
+            log.info("site %s: %d of its %d images not scored by champion %s yet: scoring them first",
+                     site, len(ids) - len(p_mel), len(ids), version)
+            score(settings, version)
+            with engine.connect() as conn:
+                ids, drawn, p_mel = _state(conn, site, version)
+        if len(drawn) < size:
+            weights, strata = size_measure(p_mel, ids)
+            total = float(weights.sum())
+            taken = {r.image_id for r in drawn}
+            keys = sorted((_u(site, i) / w, i, w, s) for i, w, s in zip(ids, weights, strata) if i not in taken)
+            now = datetime.now(UTC)
+            rows = [{"site": site, "image_id": i, "rank": len(drawn) + k, "stratum": s,
+                     "inclusion_probability": min(1.0, size * w / total), "drawn_at": now}
+                    for k, (_, i, w, s) in enumerate(keys[: size - len(drawn)])]
+            with engine.begin() as conn:
+                insert_ignore(conn, site_samples, rows, ["site", "image_id"])
+                for stratum, w in {r.stratum: _weight(r.stratum) for r in drawn}.items():  # now in a sample of `size`
+                    conn.execute(site_samples.update().where(site_samples.c.site == site, site_samples.c.stratum == stratum)
+                                 .values(inclusion_probability=min(1.0, size * w / total)))
+                ids, drawn, _ = _state(conn, site, version)
+            log.info("site %s: validation sample extended by %d to %d of %d images (%s)", site, len(rows), len(drawn),
+                     len(ids), f"size measure from champion {version}" if version else "uniform: no champion")
+        with engine.connect() as conn:
+            chosen = drawn[:size]
+            labels = dict(conn.execute(sa.select(images.c.image_id, images.c.label)
+                                       .where(images.c.image_id.in_([r.image_id for r in chosen]))).all()) if chosen else {}
+    finally:
+        engine.dispose()
+    out = [{"image_id": r.image_id, "inclusion_probability": r.inclusion_probability, "stratum": r.stratum,
+            "rank": r.rank, "label": labels.get(r.image_id)} for r in chosen]
+    return {"site": site, "size": len(out), "site_images": len(ids), "drawn_by": version, "images": out,
+            "labelled": sum(1 for r in out if r["label"]), "melanomas": sum(1 for r in out if r["label"] == "MEL")}
+
+
+def summary(result: dict[str, Any]) -> str:
+    lines = [f"site {result['site']}: validation sample of {result['size']} (of {result['site_images']} images), "
+             f"{result['labelled']} of {result['size']} labelled, {result['melanomas']} melanomas"]
+    lines += [f"  {r['rank'] + 1:>4}  {r['image_id']}  pi={r['inclusion_probability']:.4f}  {r['stratum']}"
+              f"{'  ' + r['label'] if r['label'] else ''}" for r in result["images"]]
+    return "\n".join(lines)

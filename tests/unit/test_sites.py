@@ -1,0 +1,205 @@
+"""Sites: a site for every image (precedence, store layout, conflicts), the validation sample (melanomas
+over-represented, inclusion probabilities recorded, extended never redrawn), labels imported later (reason
+codes, reruns change nothing), and the whole flow on a new clinic: unlabelled drop with --site ->
+`unvalidated` -> sample -> labels import -> retrain -> the site has labelled images in its splits, its own
+threshold, `metrics.test.by_site.<site>` and a status other than `unvalidated`."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+
+from lesion_tasks import cli
+from lesion_tasks.core import db
+from lesion_tasks.core.schema import images, label_imports, site_samples, splits
+from lesion_tasks.ingest import label_import
+from lesion_tasks.ingest.drop import ingest
+from lesion_tasks.ingest.sources import SiteConflict, _is_site_folder, layout_site, resolve_site
+from lesion_tasks.lifecycle import sites
+from lesion_tasks.model import evaluation
+from lesion_tasks.ops.synthetic import make_drop
+from lesion_tasks.scoring import site_sample
+from tests.helpers import LABELLED_DROP, NIGHT_DROP
+
+pytestmark = pytest.mark.unit
+CLINIC = "clinic-x"
+
+
+def test_site_precedence_and_conflicts():
+    assert resolve_site(None, None, None, "drop-1") == "drop-1"
+    assert resolve_site(None, None, "clinic", "drop-1") == "clinic"
+    assert resolve_site(None, "Clinic A", None, "d") == "Clinic-A"
+    assert resolve_site("clinic", "clinic", "clinic", "d") == "clinic"
+    with pytest.raises(SiteConflict, match=r"site_conflict.*--site 'a'.*site.txt 'b'"):
+        resolve_site("a", "b", None, "d")
+    with pytest.raises(SiteConflict, match="store layout"):
+        resolve_site(None, "b", "c", "d")
+    assert layout_site("incoming/clinic/night-2.zip") == ("clinic", "night-2")
+    assert layout_site("incoming/clinic/night-2/") == ("clinic", "night-2")
+    assert layout_site("incoming/drop") is None and layout_site("/data/clinic/night") is None
+
+
+def test_store_layout_tells_a_site_folder_from_a_drop():
+    assert _is_site_folder(["night-1/a.jpg", "night-2.zip"])
+    assert not _is_site_folder(["a.jpg", "night-1/b.jpg"])  # images directly inside: a drop
+    assert not _is_site_folder(["metadata.csv", "images/a.jpg"])  # a challenge drop
+    assert not _is_site_folder(["images/a.jpg"])  # a challenge drop without its CSV
+    assert not _is_site_folder(["night-1/_READY", "_READY"])
+
+
+def test_weighted_threshold_and_metrics_reduce_to_the_unweighted_ones():
+    rng = np.random.default_rng(0)
+    y = (rng.random(300) < 0.3).astype(int)
+    p = np.clip(0.3 * y + rng.random(300) * 0.7, 0, 1)
+    for target in (0.8, 0.85, 0.9, 1.0):
+        assert evaluation.threshold_for_sensitivity(y, p, target, np.ones(300)) == evaluation.threshold_for_sensitivity(y, p, target)
+    t = evaluation.threshold_for_sensitivity(y, p, 0.85)
+    plain, weighted = evaluation.binary_metrics(y, p, t), evaluation.binary_metrics(y, p, t, np.ones(300))
+    for key in ("auc", "mel_sensitivity", "mel_specificity", "balanced_accuracy", "accuracy"):
+        assert weighted[key] == pytest.approx(plain[key])
+    # weights move the estimate: melanomas counted 3x in the lower half of the scores lower the sensitivity
+    w = np.where((y == 1) & (p < np.median(p[y == 1])), 3.0, 1.0)
+    assert evaluation.binary_metrics(y, p, t, w)["mel_sensitivity"] < plain["mel_sensitivity"]
+    assert evaluation.threshold_for_sensitivity(y, p, 0.85, w) <= t
+
+
+def test_imported_diagnoses():
+    assert label_import.parse_diagnosis("MEL") == ("MEL", "MEL")
+    assert label_import.parse_diagnosis("unk") == ("OTHER", "UNK")
+    assert label_import.parse_diagnosis("BCC") == ("OTHER", "BCC")
+    assert label_import.parse_diagnosis("nevus")[0] == "NV"
+    for bad in ("", "XYZ", "unknown"):
+        with pytest.raises(ValueError):
+            label_import.parse_diagnosis(bad)
+
+
+def _truth(drop) -> dict[str, str]:
+    with open(drop / "metadata.csv") as fh:
+        return {r["isic_id"]: ("MEL" if "Melanoma" in r["diagnosis_2"] else "NV") for r in csv.DictReader(fh)}
+
+
+def _write_csv(path, rows):
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image_id", "diagnosis", "label_source"])
+        w.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def clinic(trained_home, tmp_path_factory):
+    """A copy of the trained home plus an unlabelled drop of 400 images from a new clinic (`--site`)."""
+    from tests.helpers import copy_home
+
+    tmp = tmp_path_factory.mktemp("sites")
+    settings = copy_home(trained_home.settings, tmp / "home")
+    drop = make_drop(tmp / "night-1", n_images=400, melanoma_fraction=0.25, seed=77)
+    truth = _truth(drop)
+    (drop / "metadata.csv").unlink()  # the clinic sends images only
+    result = ingest(str(drop), settings, site=CLINIC)
+    assert result.site == CLINIC and result.accepted == 400
+    return settings, truth, tmp
+
+
+def test_a_new_clinic_is_unvalidated_and_existing_sites_are_their_drops(clinic):
+    settings, _, _ = clinic
+    listed = {s["site"]: s for s in sites.overview(settings)["sites"]}
+    assert listed[CLINIC]["status"] == "unvalidated" and listed[CLINIC]["labelled"] == 0
+    assert "validation sample" in listed[CLINIC]["needed"]
+    assert listed[CLINIC]["threshold"]["chosen_on"] == "pooled"
+    assert listed[NIGHT_DROP]["status"] == "unvalidated"  # the night drop: no labels, its own drop id as site
+    assert listed[LABELLED_DROP]["status"] != "unvalidated"
+
+
+def test_validation_sample_over_represents_melanomas_and_extends(clinic):
+    settings, truth, _ = clinic
+    first = site_sample.draw(settings, CLINIC, 100)
+    assert first["size"] == 100 and first["drawn_by"]  # the champion's p_mel set the size measure
+    ids = [r["image_id"] for r in first["images"]]
+    assert len(set(ids)) == 100 and all(0 < r["inclusion_probability"] <= 1 for r in first["images"])
+    share = np.mean([truth[i] == "MEL" for i in ids])
+    assert share > 1.4 * np.mean([v == "MEL" for v in truth.values()]), share
+    strata = [r["stratum"] for r in first["images"]]
+    assert 0.3 < strata.count("top_p_mel_quintile") / 100 < 0.7
+    assert site_sample.draw(settings, CLINIC, 100)["images"] == first["images"]  # the same call: the same sample
+    bigger = site_sample.draw(settings, CLINIC, 200)
+    assert [r["image_id"] for r in bigger["images"][:100]] == ids  # extended, not redrawn
+    # probabilities now those of a sample of 200: about twice as large for the same stratum
+    pi = {r["image_id"]: r["inclusion_probability"] for r in bigger["images"]}
+    assert pi[ids[0]] == pytest.approx(min(1.0, 2 * first["images"][0]["inclusion_probability"]), rel=1e-6)
+    with pytest.raises(ValueError, match="no images; known sites"):
+        site_sample.draw(settings, "nowhere", 10)
+
+
+def test_labels_import_reason_codes_and_rerun(clinic):
+    settings, truth, tmp = clinic
+    sample = site_sample.draw(settings, CLINIC, 200)["images"]
+    engine = db.make_engine(settings.db_url)
+    with engine.connect() as conn:
+        isic_mel = conn.scalar(sa.select(images.c.image_id).where(images.c.label == "MEL").limit(1))
+    engine.dispose()
+    rows = [(r["image_id"], truth[r["image_id"]], "histopathology") for r in sample]
+    bcc = rows[-1][0]
+    rows[-1] = (bcc, "UNK", "panel")  # an out-of-scope lesion of unknown kind
+    rows += [(rows[0][0], "NV", ""), ("ISIC_NOPE", "MEL", ""), (rows[1][0] + "x", "MEL", ""),
+             (isic_mel, "NV", ""), (sample[0]["image_id"] + "", "MEL", "")]
+    rows.insert(5, ("", "XYZ", ""))  # unknown diagnosis and no image: the image is unknown first
+    path = _write_csv(tmp / "labels.csv", rows)
+    result = label_import.import_labels(path, settings)
+    assert result["imported"] == 200
+    assert result["reasons"] == {"duplicate_row": 2, "unknown_image": 3, "conflicts_with_isic": 1}
+    assert result["rejected"] == 6 and result["unchanged"] == 0
+    again = label_import.import_labels(path, settings)
+    assert again["imported"] == 0 and again["unchanged"] == 200 and again["reasons"] == result["reasons"]
+    engine = db.make_engine(settings.db_url)
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(images.c.label, images.c.diagnosis, images.c.label_source)
+                            .where(images.c.image_id == bcc)).one() == ("OTHER", "UNK", "import:panel")
+        assert conn.scalar(sa.select(images.c.label).where(images.c.image_id == isic_mel)) == "MEL"  # never applied
+        assert conn.scalar(sa.select(sa.func.count()).select_from(label_imports)) == len(rows)  # once per line
+        assert conn.scalar(sa.select(sa.func.count()).select_from(label_imports)
+                           .where(label_imports.c.reason == "conflicts_with_isic")) == 1
+    engine.dispose()
+    bad = tmp / "bad.csv"
+    bad.write_text("isic,dx\nISIC_1,MEL\n")
+    with pytest.raises(ValueError, match="expected image_id,diagnosis"):
+        label_import.import_labels(bad, settings)
+
+
+def test_retrain_validates_the_clinic_on_its_own_labels(clinic, trained_home):
+    """After the import, a retrain splits the clinic's labelled images by lesion into train/val/test,
+    chooses its own threshold on its validation images (IPW-weighted) and reports its test metrics."""
+    settings, truth, _ = clinic
+    result = cli.train(settings, trained_home.config, run_id="after-import")
+    own = result["thresholds_by_site"][CLINIC]
+    assert own["chosen_on"] == "site" and own["n_mel"] >= 10, own
+    assert result["thresholds_by_site"][NIGHT_DROP]["chosen_on"] == "pooled"
+    part = result["metrics"]["test"]["by_site"][CLINIC]
+    assert part["n_mel"] > 0 and part["threshold"] == pytest.approx(own["threshold"])
+    listed = {s["site"]: s for s in sites.overview(settings)["sites"]}
+    clinic_row = listed[CLINIC]
+    assert clinic_row["status"] != "unvalidated"
+    assert min(clinic_row["labelled_by_split"].values()) > 0, clinic_row
+    engine = db.make_engine(settings.db_url)
+    with engine.connect() as conn:
+        n_split = conn.scalar(sa.select(sa.func.count()).select_from(splits).join(images, images.c.image_id == splits.c.image_id)
+                              .where(images.c.site == CLINIC))
+        assert n_split == 200
+        assert conn.scalar(sa.select(sa.func.count()).select_from(site_samples)) == 200
+    engine.dispose()
+    if result["promoted"]:
+        from lesion_tasks.scoring import nightly
+
+        nightly.score(settings)
+        engine = db.make_engine(settings.db_url)
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT site, site_status, threshold FROM v_latest_predictions WHERE site = :s"),
+                                {"s": CLINIC}).all()
+        engine.dispose()
+        assert len(rows) == 400 and {r.site_status for r in rows} == {clinic_row["status"]}
+        assert {round(r.threshold, 9) for r in rows} == {round(own["threshold"], 9)}
+    print(json.dumps({"site": clinic_row, "threshold": own}, default=str))
