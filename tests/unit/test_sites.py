@@ -203,3 +203,33 @@ def test_retrain_validates_the_clinic_on_its_own_labels(clinic, trained_home):
         assert len(rows) == 400 and {r.site_status for r in rows} == {clinic_row["status"]}
         assert {round(r.threshold, 9) for r in rows} == {round(own["threshold"], 9)}
     print(json.dumps({"site": clinic_row, "threshold": own}, default=str))
+
+
+def test_discovery_finds_drops_inside_site_folders_and_ingest_names_their_site(tmp_path):
+    """incoming/<site>/<drop>/ and incoming/<site>/<drop>.zip are drops of <site>; other first-level
+    entries are drops; the layout's site reaches the images, and a contradicting --site fails the drop."""
+    import io
+    import zipfile
+
+    from lesion_tasks.core.settings import Settings
+    from lesion_tasks.core.store import open_store
+    from lesion_tasks.ingest.sources import discover_incoming
+    from tests.imagegen import jpeg
+
+    settings = Settings.from_env({"LESION_HOME": str(tmp_path / "home"), "LESION_INCOMING_SETTLE_SECONDS": "0"})
+    db.upgrade(settings)
+    store = open_store(settings)
+    store.put("incoming/clinic-a/night-1/ISIC_5000001.jpg", jpeg(1))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("ISIC_5000002.jpg", jpeg(2))
+    store.put("incoming/clinic-a/night-2.zip", buf.getvalue())
+    store.put("incoming/plain-drop/ISIC_5000003.jpg", jpeg(3))
+    ready = discover_incoming(settings, store)
+    assert ready == ["incoming/clinic-a/night-1", "incoming/clinic-a/night-2.zip", "incoming/plain-drop"]
+    results = [ingest(key, settings) for key in ready]
+    assert [(r.drop_id, r.site) for r in results] == [("clinic-a-night-1", "clinic-a"), ("clinic-a-night-2", "clinic-a"),
+                                                       ("plain-drop", "plain-drop")]
+    with pytest.raises(SiteConflict, match="site_conflict"):
+        ingest("incoming/clinic-a/night-1", settings, drop_id="again", site="clinic-b")
+    assert discover_incoming(settings, store) == []  # all complete
