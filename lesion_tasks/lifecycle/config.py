@@ -42,6 +42,8 @@ class TrainConfig:
     mc_samples: int = 50
     target_sensitivity: float = 0.85
     learning_rate: float = 1e-3
+    # a site's own labelled images (its validation sample) weigh this much in training (retrain.py)
+    site_weight: float = 5.0
     bootstrap: int = 1000
     # demo only: when ImageNet weights are unavailable, train from random initialisation, loudly
     random_init_fallback: bool = True
@@ -98,6 +100,9 @@ KNOBS: tuple[Knob, ...] = (
     Knob("mc_samples", int, "MC-dropout samples", "Samples T for p_mel, entropy and mutual information.", 2, 1000),
     Knob("target_sensitivity", float, "Target melanoma sensitivity",
          "The threshold is the highest one reaching this sensitivity on validation.", 0.5, 1.0),
+    Knob("site_weight", float, "Weight of a site's own labels",
+         "Training weight of the images a site labelled from its validation sample (lesion sites sample), "
+         "relative to archive images: a new clinic's few hundred labels pull the head towards that clinic.", 1.0, 100.0),
     Knob("views", int, "Augmentation views", "Augmentation views per training image.", 1, 64, form=False),
     # not offered anywhere, bounded all the same (tests and benchmarks set them through make_config)
     Knob("bootstrap", int, "Bootstrap resamples", "Resamples for the confidence intervals.", 0, 100_000, form=False,

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
-from lesion_tasks.lifecycle import artifacts, config as configuration, registry, splits, trainset
+from lesion_tasks.lifecycle import artifacts, config as configuration, crossfit, registry, splits, trainset
 from lesion_tasks.lifecycle.config import TrainConfig
 from lesion_tasks.model import backbones, evaluation, features, mc, scope
 from lesion_tasks.core import keys
@@ -142,39 +142,65 @@ def _by_site(split_summary: dict[str, Any]) -> dict[str, Any]:
     return split_summary.get("by_site", split_summary.get("by_source", {}))
 
 
+def _site_threshold(y: np.ndarray, p: np.ndarray, lesions: np.ndarray, config: TrainConfig, n_test: int | None,
+                    w: np.ndarray | None = None) -> float:
+    """The highest threshold reaching the sensitivity target on (y, p), the target raised by the margin its
+    evidence needs (`evaluation.target_with_margin`; weighted evidence counts by its effective size)."""
+    mel = y == 1
+    per_lesion = mel.sum() / max(len(set(lesions[mel].tolist())), 1)
+    n_val = evaluation.effective_size(w[mel]) if w is not None else int(mel.sum())
+    target = max(config.target_sensitivity,
+                 evaluation.target_with_margin(config.floors.mel_sensitivity, n_val, n_test, per_lesion))
+    return evaluation.threshold_for_sensitivity(y, p, min(target, 1.0), w)
+
+
 def _threshold(y: np.ndarray, p: np.ndarray, sources: np.ndarray, lesions: list[str], split_summary: dict[str, Any],
-               config: TrainConfig, weights: np.ndarray | None = None) -> tuple[float, dict[str, float], dict[str, Any]]:
+               config: TrainConfig, weights: np.ndarray | None = None,
+               crossfitted: dict[str, tuple[crossfit.OutOfFold, np.ndarray]] | None = None
+               ) -> tuple[float, dict[str, float], dict[str, Any]]:
     """(pooled threshold, the targets' thresholds, thresholds_by_site).
 
     The pooled threshold is the highest reaching the melanoma sensitivity target on the pooled validation
     split AND on the validation images of every gated site (a pooled threshold dominated by one site must
-    not fail another); it applies at every site without a threshold of its own. A site with at least
-    MIN_SITE_THRESHOLD_MEL validation melanomas of its own gets its own threshold, chosen the same way on
-    them alone (IPW-weighted where they come from its validation sample). Each target is the configured
+    not fail another); it applies at every site without a threshold of its own. Each target is the configured
     one, or higher where the sample sizes need it: the gate's floor plus a margin for a validation-vs-test
     difference (`evaluation.target_with_margin`), so that a site with 84 validation and 104 test melanomas
-    still reaches the floor on test, and one with 12 aims much higher."""
-    floor = config.floors.mel_sensitivity
+    still reaches the floor on test, and one with 12 aims much higher.
+
+    A site gets its own threshold, chosen the same way on its images alone, from
+    - `crossfitted` (sites with a validation sample): out-of-fold scores over all of its labelled train+val
+      images (`crossfit.py`), IPW-weighted, the margin for its effective number of melanomas against its
+      whole population (its next nights), where they hold MIN_SITE_THRESHOLD_MEL melanomas;
+    - else its validation split, where that holds MIN_SITE_THRESHOLD_MEL melanomas."""
     lesions_arr = np.asarray(lesions, dtype=object)
-
-    def threshold(mask: np.ndarray, n_test: int, w: np.ndarray | None = None) -> float:
-        mel = mask & (y == 1)
-        per_lesion = mel.sum() / max(len(set(lesions_arr[mel].tolist())), 1)
-        target = max(config.target_sensitivity, evaluation.target_with_margin(floor, int(mel.sum()), n_test, per_lesion))
-        return evaluation.threshold_for_sensitivity(y[mask], p[mask], min(target, 1.0), None if w is None else w[mask])
-
+    crossfitted = crossfitted or {}
     by_site = _by_site(split_summary)
-    per_site = {src: threshold(sources == src, by_site[src]["test"]["MEL"])
-                for src in gated_sources(split_summary) if y[sources == src].sum()}
-    pooled = threshold(np.ones(len(y), bool), split_summary["counts"]["test"]["MEL"])
+
+    def n_test(site: str) -> int:
+        return by_site.get(site, {}).get("test", {}).get("MEL", 0)
+
+    def on_val(mask: np.ndarray, tested: int, w: np.ndarray | None = None) -> float:
+        return _site_threshold(y[mask], p[mask], lesions_arr[mask], config, tested, None if w is None else w[mask])
+
+    per_site = {src: on_val(sources == src, n_test(src)) for src in gated_sources(split_summary) if y[sources == src].sum()}
+    pooled = on_val(np.ones(len(y), bool), split_summary["counts"]["test"]["MEL"])
     chosen = min([pooled, *per_site.values()])
     own = {}
-    for site in sorted(set(sources.tolist())):
+    for site in sorted(set(sources.tolist()) | set(crossfitted)):
+        if site in crossfitted:
+            oof, w = crossfitted[site]
+            if oof.y.sum() < MIN_SITE_THRESHOLD_MEL:
+                continue
+            t = _site_threshold(oof.y, oof.p, oof.lesions, config, None, w)
+            own[site] = {"threshold": t, "chosen_on": "site", "n_mel": int(oof.y.sum()), "weighted": True,
+                         "method": f"cross-fitted ({oof.folds} folds over {len(oof.y)} labelled train+val images)",
+                         "validation": evaluation.binary_metrics(oof.y, oof.p, t, w)}
+            continue
         n_mel = int(y[sources == site].sum())
         if n_mel >= MIN_SITE_THRESHOLD_MEL:
             w = None if weights is None or np.all(weights[sources == site] == 1.0) else weights
-            own[site] = {"threshold": threshold(sources == site, by_site.get(site, {}).get("test", {}).get("MEL", 0), w),
-                         "chosen_on": "site", "n_mel": n_mel, "weighted": w is not None}
+            own[site] = {"threshold": on_val(sources == site, n_test(site), w), "chosen_on": "site", "n_mel": n_mel,
+                         "weighted": w is not None, "method": "validation split"}
     return chosen, {"pooled": pooled, **per_site}, own
 
 
@@ -233,25 +259,37 @@ def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[st
         val_feats, s2 = features.features_for(val_refs, [0], fcfg, weights, store, runner)
         from lesion_tasks.model.training import fit_head
 
-        head_model, history, head_seconds = fit_head([train_views[v] for v in range(config.views)], y_train,
-                                                     val_feats[0], y_val, config.dropout, config.epochs, config.seed,
-                                                     config.learning_rate)
+        with engine.connect() as conn:
+            train_ids = [r.image_id for r in train_refs]
+            train = crossfit.Labelled([train_views[v] for v in range(config.views)], y_train, train_ids,
+                                      np.array(trainset.site_of(conn, train_ids), dtype=object),
+                                      np.array(trainset.lesion_of(conn, train_ids), dtype=object))
+            pi = dict(zip(train_ids, trainset.inclusion_probabilities(conn, train_ids)))
+            val_ids = [r.image_id for r in val_refs]
+            val = crossfit.Labelled([val_feats[0]], y_val, val_ids, np.array(trainset.site_of(conn, val_ids), dtype=object),
+                                    np.array(trainset.lesion_of(conn, val_ids), dtype=object))
+            pi |= dict(zip(val_ids, trainset.inclusion_probabilities(conn, val_ids)))
+            val_w = trainset.sample_weights(conn, val_ids)
+            all_sites = list(conn.scalars(sa.select(sa.func.coalesce(images.c.site, images.c.drop_id)).distinct()))
+
+        def fit(views, y, x_val, y_val, sample_weight):
+            return fit_head(views, y, x_val, y_val, config.dropout, config.epochs, config.seed, config.learning_rate,
+                            sample_weight=sample_weight)
+
+        head_model, history, head_seconds = fit(train.views, y_train, val_feats[0], y_val,
+                                                crossfit.training_weights(train_ids, pi, config.site_weight))
         head = mc.HeadWeights.from_model(head_model)
-        val_ids = [r.image_id for r in val_refs]
         val_logits = mc.logits_for(head, val_feats[0], val_ids, version, config.mc_samples, config.seed)
         cal_a, cal_b = mc.fit_calibration(val_logits, y_val)
         head = replace(head, cal_a=cal_a, cal_b=cal_b)
         p_val, h_val, _ = mc.summarize(head.calibrated(val_logits))
         split_summary = splits.summary(engine)
-        with engine.connect() as conn:
-            val_lesions = trainset.lesion_of(conn, val_ids)
-            val_sites = trainset.site_of(conn, val_ids)
-            val_w = trainset.sample_weights(conn, val_ids)
-            all_sites = list(conn.scalars(sa.select(sa.func.coalesce(images.c.site, images.c.drop_id)).distinct()))
-        val_sites_arr = np.array(val_sites, dtype=object)
-        threshold, per_source, own = _threshold(y_val, p_val, val_sites_arr, val_lesions, split_summary, config, val_w)
+        crossfitted = crossfit.sampled_sites(train, val, pi, lambda *a: fit(*a)[0], version, config.mc_samples, config.seed,
+                                             config.site_weight)
+        threshold, per_source, own = _threshold(y_val, p_val, val.sites, list(val.lesions), split_summary, config, val_w,
+                                                crossfitted)
         by_site_thresholds = thresholds_by_site(
-            own, threshold, all_sites, {s: int(y_val[val_sites_arr == s].sum()) for s in set(val_sites)})
+            own, threshold, all_sites, {s: int(y_val[val.sites == s].sum()) for s in set(val.sites.tolist())})
         log.info("thresholds: pooled %.4f; own threshold at %d of %d sites (%s)", threshold, len(own), len(by_site_thresholds),
                  ", ".join(f"{k} {v['threshold']:.4f} on {v['n_mel']} melanomas" for k, v in own.items()) or "none")
         # "uncertain" = in the most uncertain 20% of validation cases, but never below 0.2 nats

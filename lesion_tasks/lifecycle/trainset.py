@@ -79,13 +79,20 @@ def site_of(conn: sa.Connection, image_ids: list[str]) -> list[str]:
     return [rows[i] for i in image_ids]
 
 
-def sample_weights(conn: sa.Connection, image_ids: list[str]) -> np.ndarray:
-    """Inverse inclusion probability of each image in its site's validation sample (`site_samples`), 1 for
-    an image outside every sample (ISIC drops, labelled in full): the weight that makes a site's metrics
-    estimate its whole population rather than the melanoma-rich sample."""
+def inclusion_probabilities(conn: sa.Connection, image_ids: list[str]) -> np.ndarray:
+    """Each image's inclusion probability in its site's validation sample (`site_samples`), NaN for an image
+    outside every sample (ISIC drops, labelled in full)."""
     pi = dict(conn.execute(sa.select(site_samples.c.image_id, site_samples.c.inclusion_probability)
                            .where(site_samples.c.image_id.in_(image_ids))).all()) if image_ids else {}
-    return np.array([1.0 / pi[i] if pi.get(i) else 1.0 for i in image_ids], dtype=np.float64)
+    return np.array([pi[i] if pi.get(i) else np.nan for i in image_ids], dtype=np.float64)
+
+
+def sample_weights(conn: sa.Connection, image_ids: list[str]) -> np.ndarray:
+    """Inverse inclusion probability of each image in its site's validation sample, 1 for an image outside
+    every sample: the weight that makes a site's metrics estimate its whole population rather than the
+    melanoma-rich sample."""
+    pi = inclusion_probabilities(conn, image_ids)
+    return np.where(np.isnan(pi), 1.0, 1.0 / np.where(np.isnan(pi), 1.0, pi))
 
 
 def out_of_scope_refs(conn: sa.Connection, reviewed: dict[str, str] | None = None

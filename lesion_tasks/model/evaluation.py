@@ -48,14 +48,23 @@ def threshold_for_sensitivity(y: np.ndarray, p: np.ndarray, target: float, w: np
     return (highest + float(below.max())) / 2 if below.size else highest
 
 
-def target_with_margin(floor: float, n_val: int, n_test: int, images_per_lesion: float = 1.0, z: float = 1.645) -> float:
+def target_with_margin(floor: float, n_val: float, n_test: int | None, images_per_lesion: float = 1.0,
+                      z: float = 1.645) -> float:
     """The validation rate (sensitivity, recall) to aim for so that a test split of `n_test` images still
     reaches `floor` with 95% probability: the floor plus z standard errors of the difference between two
     binomial estimates (validation and test), inflated by the images per lesion (photographs of one lesion
-    are not independent evidence)."""
-    if not n_val or not n_test:
+    are not independent evidence). `n_test=None`: the site's whole population (only the validation
+    estimate's error counts); `n_val` may be an effective sample size (weighted evidence)."""
+    if not n_val or n_test == 0:
         return floor
-    return min(1.0, floor + z * float(np.sqrt(floor * (1 - floor) * images_per_lesion * (1 / n_val + 1 / n_test))))
+    inv_test = 0.0 if n_test is None else 1 / n_test
+    return min(1.0, floor + z * float(np.sqrt(floor * (1 - floor) * images_per_lesion * (1 / n_val + inv_test))))
+
+
+def effective_size(w: np.ndarray) -> float:
+    """Kish's effective sample size of weights `w`: (sum w)^2 / sum w^2 (= len(w) when all are equal)."""
+    w = np.asarray(w, np.float64)
+    return float(w.sum() ** 2 / (w ** 2).sum()) if len(w) else 0.0
 
 
 def _safe_auc(y: np.ndarray, p: np.ndarray, w: np.ndarray | None = None) -> float:

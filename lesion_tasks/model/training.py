@@ -48,8 +48,9 @@ def deterministic_ops() -> Iterator[None]:
 
 def fit_head(train_views: list[np.ndarray], y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
              dropout: float, epochs: int, seed: int, learning_rate: float = 1e-3, batch_size: int = 64,
-             patience: int = 10) -> tuple[Any, dict[str, list[float]], float]:
-    """(head model, history, seconds). Every augmentation view of every training image is a sample."""
+             patience: int = 10, sample_weight: np.ndarray | None = None) -> tuple[Any, dict[str, list[float]], float]:
+    """(head model, history, seconds). Every augmentation view of every training image is a sample, weighed
+    by its class's balanced weight times its `sample_weight` (e.g. a site's own labelled images, retrain.py)."""
     import keras
     import tensorflow as tf
 
@@ -57,6 +58,8 @@ def fit_head(train_views: list[np.ndarray], y_train: np.ndarray, x_val: np.ndarr
     y = np.tile(y_train, len(train_views))
     weights = balanced_weights(y_train)
     w = np.array([weights[int(c)] for c in y], np.float32)  # = class_weight, as sample weights
+    if sample_weight is not None:
+        w = w * np.tile(np.asarray(sample_weight, np.float32), len(train_views))
     val_w = np.array([weights[int(c)] for c in y_val], np.float32)
 
     class _Progress(keras.callbacks.Callback):
