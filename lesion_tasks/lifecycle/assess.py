@@ -21,6 +21,7 @@ from lesion_tasks.core.settings import Settings
 from lesion_tasks.core.store import ObjectStore, open_store
 
 log = logging.getLogger(__name__)
+MIN_SITE_CI_MEL = 5  # melanomas a site's test split needs for bootstrap intervals
 REPORT = artifacts.REPORT  # the one artifact written again after promotion: its gate section follows the decisions
 
 
@@ -57,7 +58,7 @@ def _gradcam_examples(store: ObjectStore, v: registry.ModelVersion, refs: list[f
              "png": png_bytes(overlay(Image.fromarray(rgb[k]), cams[k]))} for k, i in enumerate(pick)]
 
 
-def _predict_refs(settings: Settings, store: ObjectStore, v: registry.ModelVersion, refs: list[features.ImageRef],
+def predict_refs(settings: Settings, store: ObjectStore, v: registry.ModelVersion, refs: list[features.ImageRef],
                   head: mc.HeadWeights | None = None, scope_head: scope.ScopeHead | None = None,
                   sites: list[str] | None = None) -> predict.Predictions:
     """`predict.predict` on the cached features of `refs` (computed once, reused across versions and runs),
@@ -88,7 +89,7 @@ def compute_metrics(settings: Settings, model_version: str) -> Assessment:
     preds = {}
     for split in ("val", "test"):
         refs, y = parts[split]
-        pr = _predict_refs(settings, store, v, refs, head, scope_head, site_lists[split])
+        pr = predict_refs(settings, store, v, refs, head, scope_head, site_lists[split])
         # intervals on validation too: the gate asks whether its AUC is above chance (registry.decide);
         # every case decided at its site's threshold (the pooled one where the site has none of its own)
         out[split] = evaluation.evaluate(y, pr.p_mel, pr.entropy, pr.mutual_info, pr.thresholds, v.bootstrap, v.seed)
@@ -97,16 +98,23 @@ def compute_metrics(settings: Settings, model_version: str) -> Assessment:
         out[split]["uncalibrated"] = evaluation.calibration(y, mc.summarize(uncalibrated.calibrated(pr.logits))[0])
         out[split]["by_source"] = evaluation.by_source(y, pr.p_mel, np.array([r.drop_id for r in refs]), pr.thresholds,
                                                        v.bootstrap, v.seed, min_mel_for_ci=registry.MIN_SOURCE_MEL)
-        # per site: weighted by inverse inclusion probability where a site's images come from its validation sample
+        # per site: weighted by inverse inclusion probability where a site's images come from its validation sample,
+        # with (weighted) intervals from a handful of melanomas on: a small site's figures need them most
         out[split]["by_site"] = evaluation.by_source(y, pr.p_mel, np.array(site_lists[split], dtype=object), pr.thresholds,
-                                                     v.bootstrap, v.seed, min_mel_for_ci=registry.MIN_SOURCE_MEL,
+                                                     v.bootstrap, v.seed, min_mel_for_ci=MIN_SITE_CI_MEL,
                                                      w=weights[split])
         preds[split] = pr
         if scope_head is not None and oos_parts[split][0]:
             other_refs, diagnoses = oos_parts[split]
-            other = _predict_refs(settings, store, v, other_refs, head, scope_head, site_lists[f"oos_{split}"])
-            out.setdefault("out_of_scope", {})[split] = scope.recall_table(
-                other.p_other, other.is_mel.astype(bool), diagnoses, v.scope_threshold, pr.p_other, y)
+            other = predict_refs(settings, store, v, other_refs, head, scope_head, site_lists[f"oos_{split}"])
+            table = scope.recall_table(other.p_other, other.is_mel.astype(bool), diagnoses, v.scope_threshold, pr.p_other, y)
+            # per site (counts, unweighted): a new clinic's BCC and AK called NV without a flag is what it must see
+            oos_sites, in_sites = np.array(site_lists[f"oos_{split}"], dtype=object), np.array(site_lists[split], dtype=object)
+            table["by_site"] = {site: scope.recall_table(
+                other.p_other[m], other.is_mel[m].astype(bool), [d for d, k in zip(diagnoses, m) if k], v.scope_threshold,
+                pr.p_other[in_sites == site], y[in_sites == site])
+                for site in sorted(set(oos_sites.tolist())) for m in [oos_sites == site]}
+            out.setdefault("out_of_scope", {})[split] = table
         elif scope_head is not None:
             out.setdefault("out_of_scope", {})[split] = None
     refs, y = parts["test"]
@@ -200,7 +208,7 @@ def _compare_with_champion(settings: Settings, store: ObjectStore, v: registry.M
             test_sites = trainset.site_of(conn, [r.image_id for r in refs])
     finally:
         engine.dispose()
-    pr = {which.model_version: _predict_refs(settings, store, which, refs, sites=test_sites) for which in (v, champion)}
+    pr = {which.model_version: predict_refs(settings, store, which, refs, sites=test_sites) for which in (v, champion)}
     new, old = pr[v.model_version], pr[champion.model_version]
     delta = evaluation.paired_delta(y, new.p_mel, new.thresholds, old.p_mel, old.thresholds, n=v.bootstrap, seed=v.seed)
     return {"champion": champion.model_version, "n_test": len(refs), **delta}

@@ -119,22 +119,32 @@ def _cell(value: Any, digits: int = 4) -> str:
     return "–" if value is None or (isinstance(value, float) and not np.isfinite(value)) else shown(value, digits)
 
 
-def _source_table(metrics: dict[str, Any]) -> str:
-    """Per-source test metrics: the gate applies its floors to every source with enough melanomas."""
-    sources = metrics["test"].get("by_source") or {}
-    if not sources:
+def _site_table(metrics: dict[str, Any], thresholds: dict[str, Any]) -> str:
+    """Per-site test metrics (IPW-weighted where a site's labels come from its validation sample) and the
+    threshold each site is decided at: its own (how it was chosen) or the pooled one. The gate applies its
+    floors to every site with enough test melanomas."""
+    sites = metrics["test"].get("by_site") or metrics["test"].get("by_source") or {}
+    names = sorted(set(sites) | set(thresholds))
+    if not names:
         return ""
     rows = []
-    for name, m in sources.items():
+    for name in names:
+        m, t = sites.get(name, {}), thresholds.get(name, {})
         ci = m.get("ci95", {})
 
         def cell(key: str, m=m, ci=ci) -> str:
             interval = f" ({ci[key][0]:.3f} – {ci[key][1]:.3f})" if key in ci else ""
             return f"<td>{_cell(m.get(key))}{interval}</td>"
 
-        rows.append(f"<tr><td>{html.escape(name)}</td><td>{m['n']}</td><td>{m['n_mel']}</td>{cell('auc')}"
-                    f"{cell('mel_sensitivity')}{cell('mel_specificity')}{cell('balanced_accuracy')}<td>{_cell(m.get('ece'))}</td></tr>")
-    return ("<h2>Per source (test)</h2><table><tr><th>source drop</th><th>n</th><th>melanoma</th><th>AUC</th>"
+        applied = (f"{t['threshold']:.4f}: {'own' if t['chosen_on'] == 'site' else 'pooled'}"
+                   + (f", {html.escape(t['method'])} on {t['n_mel']} melanomas" if t.get("method") else "")
+                   if t else "–")
+        rows.append(f"<tr><td>{html.escape(name)}</td><td>{applied}</td><td>{m.get('n', 0)}</td><td>{m.get('n_mel', 0)}</td>"
+                    f"{cell('auc')}{cell('mel_sensitivity')}{cell('mel_specificity')}{cell('balanced_accuracy')}"
+                    f"<td>{_cell(m.get('ece'))}</td></tr>")
+    return ("<h2>Per site (test)</h2><p>Every site is decided at the threshold in its row: its own where its labelled "
+            "images hold enough melanomas, else the pooled one. A site with no test images has empty figures.</p>"
+            "<table><tr><th>site</th><th>threshold applied</th><th>n</th><th>melanoma</th><th>AUC</th>"
             "<th>sensitivity</th><th>specificity</th><th>balanced accuracy</th><th>ECE</th></tr>" + "".join(rows) + "</table>")
 
 
@@ -149,7 +159,21 @@ def _scope_table(metrics: dict[str, Any]) -> str:
     return (f"<h2>Out of scope (test, threshold p_other &ge; {oos['threshold']:.4f})</h2><table><tr><th>diagnosis</th>"
             "<th>n</th><th>flagged</th><th>out_of_scope</th><th>predicted MEL</th></tr>" + body + "</table>"
             f"<p>Price: {_cell(oos['nv_flagged_out_of_scope'])} of nevi and {_cell(oos['mel_flagged_out_of_scope'])} "
-            "of melanomas are flagged out_of_scope too.</p>")
+            "of melanomas are flagged out_of_scope too.</p>" + _scope_by_site(oos.get("by_site") or {}))
+
+
+def _scope_by_site(by_site: dict[str, Any]) -> str:
+    """Per site: how many of its OTHER lesions (and its malignant ones) were flagged; the rest were called NV
+    without a flag."""
+    if not by_site:
+        return ""
+    body = "".join(
+        f"<tr><td>{html.escape(site)}</td><td>{t['all']['n']}</td><td>{_cell(t['all']['flagged'])}</td>"
+        f"<td>{t['malignant']['n']}</td><td>{_cell(t['malignant']['flagged'])}</td><td>"
+        + ", ".join(f"{html.escape(d)} {_cell(r['flagged'], 2)} of {r['n']}" for d, r in t["by_diagnosis"].items())
+        + "</td></tr>" for site, t in by_site.items())
+    return ("<h3>Out of scope per site (test)</h3><table><tr><th>site</th><th>OTHER lesions</th><th>flagged</th>"
+            "<th>malignant (BCC, SCC, AK)</th><th>flagged</th><th>flagged per diagnosis</th></tr>" + body + "</table>")
 
 
 _KEY_METRICS = (("AUC", "auc"), ("sensitivity", "mel_sensitivity"), ("specificity", "mel_specificity"),
@@ -250,7 +274,7 @@ weights: {html.escape(version['weights_source'])}. Threshold {test['threshold']:
 <p>MC-dropout entropy: right cases {test['entropy_right_mean']:.3f}, wrong cases {test['entropy_wrong_mean']:.3f}
 (AUC of entropy for spotting errors {test['uncertainty_auc_for_errors']:.3f}).</p>
 <pre>{html.escape(test['classification_report'])}</pre>
-{_source_table(metrics)}
+{_site_table(metrics, (version.get('review_rule') or {}).get('thresholds_by_site') or {})}
 {_scope_table(metrics)}
 <p>Calibration (Platt scaling of the MC-dropout samples, fitted on validation): test ECE
 {test.get('uncalibrated', {}).get('ece', float('nan')):.3f} before, {test['ece']:.3f} after.</p>

@@ -86,7 +86,7 @@ def test_per_source_metrics_calibration_and_out_of_scope_are_reported(trained):
     head = artifacts.of(open_store(settings), row).load_head()
     assert (head.cal_a, head.cal_b) != (1.0, 0.0)
     report = open_store(settings).get(key_of(open_store(settings), row["report_uri"])).decode()
-    assert "Per source (test)" in report and "Out of scope (test" in report and "<td>BCC</td>" in report
+    assert "Per site (test)" in report and "threshold applied" in report and "Out of scope (test" in report and "<td>BCC</td>" in report
     assert "before calibration" in report
 
 
