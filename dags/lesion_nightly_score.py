@@ -96,6 +96,9 @@ def lesion_nightly_score():
             print("distribution shift check:", shift)
             if shift["shifted"]:
                 send_alert(context, alerts.distribution_shift(shift, alert_links(context, summary["model_version"])))
+            if summary["sites"]["mostly_unvalidated"]:
+                print(summary["sites"]["note"])
+                send_alert(context, alerts.unvalidated_night(summary, alert_links(context, summary["model_version"])))
         return summary
 
     shards = plan_shards()

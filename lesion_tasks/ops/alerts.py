@@ -7,7 +7,9 @@ Alerts, each with the model version, the numbers and links (the Airflow run, the
 - `nightly_failed`: a `lesion_nightly_score` run failed;
 - `nightly_empty`: a `lesion_nightly_score` run could not score anything: there is no champion model;
 - `distribution_shift`: tonight's predictions of the champion differ from the previous nights' of the same
-  model version (`shift`, the rule below).
+  model version, pooled or at one site (`shift`, the rule below);
+- `unvalidated_night`: most of tonight's predictions come from sites the champion was never validated at
+  (`scoring.nightly.night_sites`).
 
 Distribution shift, the documented bound: for `p_mel` and for `entropy` separately, the two-sample
 Kolmogorov-Smirnov statistic between this run's predictions and the previous runs' predictions of the same
@@ -31,7 +33,7 @@ import numpy as np
 import sqlalchemy as sa
 
 from lesion_tasks.core.db import engine_for
-from lesion_tasks.core.schema import drops, predictions
+from lesion_tasks.core.schema import drops, images, predictions
 from lesion_tasks.core.settings import Settings
 
 KS_BOUND = 0.2
@@ -44,7 +46,7 @@ NO_CHAMPION = "no champion model: train one with lesion_retrain"
 
 @dataclass(frozen=True)
 class Alert:
-    kind: str  # gate_refused | nightly_failed | nightly_empty | distribution_shift
+    kind: str  # gate_refused | nightly_failed | nightly_empty | distribution_shift | unvalidated_night
     subject: str
     lines: list[str]
     links: dict[str, str] = field(default_factory=dict)
@@ -137,38 +139,67 @@ def compare_nights(tonight: dict[str, np.ndarray], reference: dict[str, np.ndarr
 
 
 def shift(settings: Settings, model_version: str, run_id: str) -> dict[str, Any]:
-    """This run's predictions of `model_version` against the previous runs' (the REFERENCE_MAX newest)."""
+    """This run's predictions of `model_version` against the previous runs' (the REFERENCE_MAX newest): pooled,
+    and per site (`by_site`: each site's predictions tonight against its own before), so one clinic whose
+    scanner changed is not averaged away by the others."""
     engine = engine_for(settings)
-    cols = (predictions.c.p_mel, predictions.c.entropy)
+    site = sa.func.coalesce(images.c.site, images.c.drop_id).label("site")
+    cols = (predictions.c.p_mel, predictions.c.entropy, site)
     of_version = predictions.c.model_version == model_version
+    joined = sa.select(*cols).join(images, images.c.image_id == predictions.c.image_id)
     try:
         with engine.connect() as conn:
-            now = conn.execute(sa.select(*cols).where(of_version, predictions.c.run_id == run_id)).all()
-            before = conn.execute(sa.select(*cols).where(of_version, predictions.c.run_id != run_id)
+            now = conn.execute(joined.where(of_version, predictions.c.run_id == run_id)).all()
+            before = conn.execute(joined.where(of_version, predictions.c.run_id != run_id)
                                   .order_by(predictions.c.scored_at.desc()).limit(REFERENCE_MAX)).all()
     finally:
         engine.dispose()
-    arrays = [{"p_mel": np.array([r[0] for r in rows], float), "entropy": np.array([r[1] for r in rows], float)}
-              for rows in (now, before)]
-    return {"model_version": model_version, "run_id": run_id, **compare_nights(*arrays)}
+
+    def arrays(rows: list, only: str | None = None) -> dict[str, np.ndarray]:
+        rows = [r for r in rows if only is None or r.site == only]
+        return {"p_mel": np.array([r[0] for r in rows], float), "entropy": np.array([r[1] for r in rows], float)}
+
+    out = {"model_version": model_version, "run_id": run_id, **compare_nights(arrays(now), arrays(before))}
+    tonight_sites = sorted({r.site for r in now})
+    out["by_site"] = {name: compare_nights(arrays(now, name), arrays(before, name)) for name in tonight_sites}
+    out["shifted_sites"] = [name for name, part in out["by_site"].items() if part["shifted"]]
+    out["shifted"] = bool(out["shifted"] or out["shifted_sites"])
+    return out
 
 
 def distribution_shift(result: dict[str, Any], links: dict[str, str]) -> Alert:
-    def line(name: str) -> str:
-        s = result[name]
+    def line(name: str, s: dict[str, Any]) -> str:
         return (f"  {name}: mean {s['mean_tonight']:.4f} tonight vs {s['mean_reference']:.4f} before "
                 f"(delta {s['delta']:+.4f}); KS {s['ks']:.4f} (p = {s['p_value']:.2g})"
                 f"{'  SHIFTED' if s['shifted'] else ''}")
 
-    which = [n for n in ("p_mel", "entropy") if result[n]["shifted"]]
-    return Alert("distribution_shift",
-                 f"[lesion] prediction shift tonight ({', '.join(which)}) for model {result['model_version']}",
-                 [f"Model version {result['model_version']}: tonight's predictions (run {result['run_id']}, "
-                  f"n = {result['n_tonight']}) differ from the previous nights' of the same version "
-                  f"(n = {result['n_reference']}).", line("p_mel"), line("entropy"),
-                  f"Bound: KS > {KS_BOUND} with p < {P_BOUND}, for p_mel or entropy. A new source, scanner, "
-                  "population or a broken drop looks like this: review tonight's cases before trusting them."],
-                 links)
+    compared = "p_mel" in result
+    which = [n for n in ("p_mel", "entropy") if compared and result[n]["shifted"]]
+    sites = result.get("shifted_sites") or []
+    lines = [f"Model version {result['model_version']}: tonight's predictions (run {result['run_id']}, "
+             f"n = {result['n_tonight']}) differ from the previous nights' of the same version "
+             f"(n = {result['n_reference']})" + (f", at site(s) {', '.join(sites)}" if sites else "") + "."]
+    if compared:
+        lines += [line("p_mel", result["p_mel"]), line("entropy", result["entropy"])]
+    for name in sites:
+        part = result["by_site"][name]
+        lines.append(f"Site {name} (n = {part['n_tonight']} tonight, {part['n_reference']} before):")
+        lines += [line(n, part[n]) for n in ("p_mel", "entropy")]
+    lines.append(f"Bound: KS > {KS_BOUND} with p < {P_BOUND}, for p_mel or entropy, pooled or at one site. A new source, "
+                 "scanner, population or a broken drop looks like this: review tonight's cases before trusting them.")
+    subject = ", ".join(which + [f"site {n}" for n in sites])
+    return Alert("distribution_shift", f"[lesion] prediction shift tonight ({subject}) for model {result['model_version']}",
+                 lines, links)
+
+
+def unvalidated_night(summary: dict[str, Any], links: dict[str, str]) -> Alert:
+    """Most of a night's predictions come from sites the model was never validated at (`nightly.night_sites`)."""
+    sites = summary["sites"]
+    counts = ", ".join(f"{status} {n}" for status, n in sites["images_by_status"].items() if n)
+    return Alert("unvalidated_night",
+                 f"[lesion] tonight's predictions come mostly from unvalidated sites (model {summary['model_version']})",
+                 [f"Run {summary['run_id']} of lesion_nightly_score, model version {summary['model_version']}: {sites['note']}",
+                  f"Images by site status: {counts}."], links)
 
 
 # --- isic_ingest ------------------------------------------------------------------------------------

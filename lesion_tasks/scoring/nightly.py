@@ -19,7 +19,7 @@ import logging
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,7 +31,7 @@ from lesion_tasks.lifecycle import artifacts, predict, registry
 from lesion_tasks.model import backbones, features, gradcam, mc, scope
 from lesion_tasks.core import keys
 from lesion_tasks.core.db import analyze, engine_for, upsert
-from lesion_tasks.core.schema import images, prediction_samples, predictions
+from lesion_tasks.core.schema import SITE_STATUSES, images, prediction_samples, predictions, site_evaluations
 from lesion_tasks.core.settings import Settings
 from lesion_tasks.core.store import ObjectStore, key_of, open_store
 
@@ -48,6 +48,8 @@ class ScoringModel:
     run_backbone: Any  # (N, S, S, 3) preprocessed -> (activations (N, H, W, K), pooled (N, K))
     scope_head: scope.ScopeHead | None = None  # None: the version flags nothing as out of scope
     input_config: features.FeatureConfig | None = None  # what the backbone sees (effective resolution, colour)
+    # sites where this version's evidence puts it below a floor (site_evaluations): all their cases go to review
+    failing_sites: frozenset[str] = frozenset()
 
     @property
     def version(self) -> str:
@@ -151,7 +153,7 @@ def _rows(model: ScoringModel, batch: list[sa.Row], pr: predict.Predictions, uri
     rows, sample_rows = [], []
     for k, r in enumerate(batch):
         other = None if pr.p_other is None else float(pr.p_other[k])
-        reasons = pr.reasons(k)
+        reasons = pr.reasons(k) + (["site_failing"] if r.site in model.failing_sites else [])
         rows.append({"image_id": r.image_id, "model_version": model.version, "p_mel": float(pr.p_mel[k]), "p_other": other,
                      "predicted_label": "MEL" if pr.is_mel[k] else "NV", "threshold": float(pr.thresholds[k]),
                      "entropy": float(pr.entropy[k]), "mutual_info": float(pr.mutual_info[k]), "mc_samples": samples,
@@ -181,6 +183,14 @@ def score_range(settings: Settings, model_version: str = "champion", first: str 
         if not todo:
             return {"model_version": v.model_version, "scored": 0, "needs_review": 0, "seconds": 0.0}
         model = model or load_scoring_model(store, v)
+        with engine.connect() as conn:
+            failing = frozenset(conn.scalars(sa.select(site_evaluations.c.site).where(
+                site_evaluations.c.model_version == v.model_version, site_evaluations.c.status == "failing")))
+        if failing != model.failing_sites:
+            model = replace(model, failing_sites=failing)
+        if failing:
+            log.warning("model %s is below a floor at %d site(s) (%s): every case of theirs goes to review",
+                        v.model_version, len(failing), ", ".join(sorted(failing)))
         samples = mc_samples or v.mc_samples
         batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
         io_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="score-io")  # store reads, overlays
@@ -273,15 +283,52 @@ def summarize(settings: Settings, model_version: str, run_id: str, results: list
             remaining = len(_unscored(conn, model_version))
             in_run = conn.execute(sa.select(sa.func.count(), sa.func.sum(sa.cast(predictions.c.needs_review, sa.Integer)))
                                   .where(predictions.c.run_id == run_id)).one()
+            by_site = site_statuses(conn, model_version, run_id)
     finally:
         engine.dispose()
     if in_run[0]:
         _refresh_statistics(settings)
     summary = {"model_version": model_version, "run_id": run_id, "shards": len(results),
                "scored": sum(r["scored"] for r in results), "rows_of_this_run": in_run[0],
-               "needs_review": int(in_run[1] or 0), "still_unscored": remaining}
+               "needs_review": int(in_run[1] or 0), "still_unscored": remaining, "sites": night_sites(by_site)}
+    if summary["sites"]["mostly_unvalidated"]:
+        log.warning("nightly scoring: %s", summary["sites"]["note"])
     log.info("nightly scoring summary: %s", summary)
     return summary
+
+
+# a night whose predictions come more than this share from unvalidated sites says so (summary and alert)
+UNVALIDATED_SHARE = 0.5
+
+
+def site_statuses(conn: sa.Connection, model_version: str, run_id: str) -> dict[str, dict[str, Any]]:
+    """{site: {"status", "images"}} over this run's predictions of `model_version` (the version's own
+    status at each site, `site_evaluations`; unvalidated where it has none)."""
+    site = sa.func.coalesce(images.c.site, images.c.drop_id)
+    status = dict(conn.execute(sa.select(site_evaluations.c.site, site_evaluations.c.status)
+                               .where(site_evaluations.c.model_version == model_version)).all())
+    rows = conn.execute(sa.select(site, sa.func.count()).join(images, images.c.image_id == predictions.c.image_id)
+                        .where(predictions.c.run_id == run_id, predictions.c.model_version == model_version)
+                        .group_by(site)).all()
+    return {name: {"status": status.get(name, "unvalidated"), "images": int(n)} for name, n in rows}
+
+
+def night_sites(by_site: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """How much of a night rests on evidence from its own sites: images per status, and a note when most
+    come from sites the model was never validated at (their predictions use the pooled threshold)."""
+    total = sum(part["images"] for part in by_site.values())
+    by_status = {s: sum(p["images"] for p in by_site.values() if p["status"] == s) for s in SITE_STATUSES}
+    unvalidated = sorted(name for name, part in by_site.items() if part["status"] == "unvalidated")
+    share = by_status["unvalidated"] / total if total else 0.0
+    out = {"images_by_status": by_status, "unvalidated_share": round(share, 4), "unvalidated_sites": unvalidated,
+           "failing_sites": sorted(name for name, part in by_site.items() if part["status"] == "failing"),
+           "mostly_unvalidated": share > UNVALIDATED_SHARE}
+    if out["mostly_unvalidated"]:
+        out["note"] = (f"{by_status['unvalidated']} of {total} images tonight ({100 * share:.0f}%) come from sites the model "
+                       f"was never validated at ({', '.join(unvalidated[:10])}{' ...' if len(unvalidated) > 10 else ''}): "
+                       "they are decided at the pooled threshold, with no evidence from those sites. Draw each one's "
+                       "validation sample (lesion sites sample SITE), import its labels and retrain.")
+    return out
 
 
 def gradcam_link(settings: Settings, image_id: str, model_version: str = "champion", expires_s: int = 3600) -> str:

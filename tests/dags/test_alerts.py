@@ -180,7 +180,12 @@ def test_nightly_shift_and_failure_are_mailed(airflow_db, trained_home, smtp_sin
     dag = _dag("lesion_nightly_score")
     run, states = run_dag(dag)
     assert run.state == "success", states
-    [text] = smtp_sink.texts()
+    texts = smtp_sink.texts()
+    assert len(texts) == 2, texts  # the shift, and a night that rests on a site the model was never validated at
+    text = next(t for t in texts if "prediction shift" in t)
+    night = next(t for t in texts if "come mostly from unvalidated sites" in t)
+    assert "60 of 60 images tonight (100%)" in night and "referrals" in night and f"model version {version}" in night
+    assert "Images by site status: unvalidated 60." in night
     assert "prediction shift tonight (p_mel" in text and f"Model version {version}" in text
     assert "n = 60" in text and "KS " in text and "SHIFTED" in text and "Bound: KS > 0.2 with p < 0.01" in text
     assert _run_link("lesion_nightly_score", run.run_id) in text and f"/lesion-review/models/{quote(version, safe='')}/report" in text
@@ -194,7 +199,7 @@ def test_nightly_shift_and_failure_are_mailed(airflow_db, trained_home, smtp_sin
         t.retries = 0  # no retry delay to wait out in dag.test
     run, states = run_dag(dag)
     assert run.state == "failed" and states["score_shard"] == "failed", states
-    assert len(smtp_sink.messages) == 2
-    text = smtp_sink.texts()[1]
+    assert len(smtp_sink.messages) == 3
+    text = smtp_sink.texts()[2]
     assert f"nightly scoring FAILED (model {version})" in text and "score_shard[0]" in text
     assert _run_link("lesion_nightly_score", run.run_id) in text
