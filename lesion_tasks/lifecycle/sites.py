@@ -19,7 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from lesion_tasks.core.db import engine_for, upsert
-from lesion_tasks.core.schema import images, site_evaluations, site_samples, splits
+from lesion_tasks.core.schema import images, predictions, site_evaluations, site_samples, splits
 from lesion_tasks.core.settings import Settings
 from lesion_tasks.lifecycle import registry
 from lesion_tasks.lifecycle.config import GateFloors
@@ -27,6 +27,15 @@ from lesion_tasks.lifecycle.config import GateFloors
 log = logging.getLogger(__name__)
 FLOOR_METRICS = ("mel_sensitivity", "auc", "balanced_accuracy")
 SITE = sa.func.coalesce(images.c.site, images.c.drop_id)
+# what each status means, where the UI shows one
+STATUS_TEXT = {
+    "unvalidated": "no labelled images of its own: its cases are decided at the pooled threshold and no evidence "
+                   "from this site vouches for them",
+    "provisional": "labelled images of its own, but too few test melanomas to decide (or a floor still inside the "
+                   "interval): its figures are estimates",
+    "validated": "enough test melanomas of its own, and the champion passes every floor there",
+    "failing": "enough test melanomas of its own, and the champion is below a floor there: every case goes to review",
+}
 
 
 def status_of(part: dict[str, Any] | None, labelled: int, floors: GateFloors) -> tuple[str, str]:
@@ -47,6 +56,19 @@ def status_of(part: dict[str, Any] | None, labelled: int, floors: GateFloors) ->
         return "provisional", ("more melanomas: " + ", ".join(f"{m} {part.get(m)} under its floor {getattr(floors, m)}"
                                                             for m in below) + " but its interval reaches the floor")
     return "validated", "nothing: it passes every floor on enough melanomas"
+
+
+def status_at(conn: sa.Connection, model_version: str, names: set[str]) -> dict[str, str]:
+    """{site: status} of `model_version` at each of `names`, by the rule of `v_sites` (migration 0011): its
+    `validated` / `failing` as evaluated, else `provisional` where the site has labelled images of its own,
+    else `unvalidated` (what `site_status` in the prediction views says for the champion)."""
+    if not names:
+        return {}
+    evaluated = dict(conn.execute(sa.select(site_evaluations.c.site, site_evaluations.c.status).where(
+        site_evaluations.c.model_version == model_version, site_evaluations.c.site.in_(names))).all())
+    labelled = dict(conn.execute(sa.select(SITE, sa.func.count(images.c.label)).where(SITE.in_(names)).group_by(SITE)).all())
+    return {name: evaluated[name] if evaluated.get(name) in ("validated", "failing")
+            else "provisional" if labelled.get(name) else "unvalidated" for name in names}
 
 
 def labelled_counts(conn: sa.Connection) -> dict[str, dict[str, Any]]:
@@ -88,13 +110,18 @@ def overview(settings: Settings) -> dict[str, Any]:
     engine = engine_for(settings)
     try:
         with engine.connect() as conn:
-            champion = registry.version(conn, None, required=False)
-            counts = labelled_counts(conn)
-            evaluated = {r.site: r for r in conn.execute(sa.select(site_evaluations).where(
-                site_evaluations.c.model_version == champion.model_version))} if champion else {}
-            sampled = dict(conn.execute(sa.select(site_samples.c.site, sa.func.count()).group_by(site_samples.c.site)).all())
+            return overview_of(conn)
     finally:
         engine.dispose()
+
+
+def overview_of(conn: sa.Connection) -> dict[str, Any]:
+    """`overview` on an open connection (the review UI's Sites page)."""
+    champion = registry.version(conn, None, required=False)
+    counts = labelled_counts(conn)
+    evaluated = {r.site: r for r in conn.execute(sa.select(site_evaluations).where(
+        site_evaluations.c.model_version == champion.model_version))} if champion else {}
+    sampled = dict(conn.execute(sa.select(site_samples.c.site, sa.func.count()).group_by(site_samples.c.site)).all())
     floors = champion.floors if champion else GateFloors()
     out = []
     for site, c in sorted(counts.items()):
@@ -107,7 +134,8 @@ def overview(settings: Settings) -> dict[str, Any]:
             needed = "a champion: train one (lesion train)" if status == "unvalidated" else needed
         else:
             own = champion.thresholds_by_site.get(site) or {}
-            threshold = {"value": champion.threshold_for(site), "chosen_on": own.get("chosen_on", "pooled")}
+            threshold = {"value": champion.threshold_for(site), "chosen_on": own.get("chosen_on", "pooled"),
+                         "method": own.get("method"), "n_mel": own.get("n_mel")}
         out.append({"site": site, "status": status, "images": c["images"], "labelled": c["labelled"],
                     "labelled_by_split": c["labelled_by_split"], "validation_sample": int(sampled.get(site, 0)),
                     "melanomas_evidence": row.melanomas_evidence if row else 0,
@@ -131,3 +159,22 @@ def summary(result: dict[str, Any]) -> str:
                      f"test {s['labelled_by_split']['test']})  test melanomas {s['melanomas_evidence']}  threshold {shown}")
         lines.append(f"      needs: {s['needed']}")
     return "\n".join(lines)
+
+
+def validation_queue(conn: sa.Connection, site: str) -> dict[str, Any]:
+    """SITE's validation sample in its drawn order, with each image's label so far and the champion's
+    prediction: the review UI's validation queue, and its progress ("37 of 200 labelled, 9 melanomas")."""
+    champion = registry.version(conn, None, required=False)
+    joined = (sa.select(site_samples.c.image_id, site_samples.c.rank, site_samples.c.stratum,
+                        site_samples.c.inclusion_probability, images.c.label, images.c.diagnosis, images.c.label_source,
+                        predictions.c.p_mel, predictions.c.predicted_label)
+              .join(images, images.c.image_id == site_samples.c.image_id)
+              .outerjoin(predictions, sa.and_(predictions.c.image_id == site_samples.c.image_id,
+                                              predictions.c.model_version == (champion.model_version if champion else None)))
+              .where(site_samples.c.site == site).order_by(site_samples.c.rank))
+    rows = [dict(r) for r in conn.execute(joined).mappings()]
+    if not rows and not conn.scalar(sa.select(sa.func.count()).select_from(images).where(SITE == site)):
+        raise LookupError(f"site {site!r} not found")
+    labelled = [r for r in rows if r["label"]]
+    return {"site": site, "champion": champion.model_version if champion else None, "size": len(rows),
+            "labelled": len(labelled), "melanomas": sum(r["label"] == "MEL" for r in labelled), "images": rows}

@@ -20,10 +20,11 @@ import sqlalchemy as sa
 from lesion_tasks.lifecycle import registry
 from lesion_tasks.core.db import insert_ignore
 from lesion_tasks.core.schema import LABELS, VERDICTS, images, model_versions, prediction_samples, predictions, reviews
+from lesion_tasks.lifecycle.sites import SITE, status_at
 from lesion_tasks.core.schema import splits as split_rows
 from lesion_tasks.lifecycle.trainset import latest_reviews
 
-FLAGS = ("predicted_mel", "uncertain", "near_threshold", "out_of_scope")
+FLAGS = ("predicted_mel", "uncertain", "near_threshold", "out_of_scope", "site_failing")
 # what the UI shows for each flag of `predictions.review_reasons`: a badge and what it means (tooltip)
 FLAG_TEXT = {
     "predicted_mel": ("predicted_mel", "predicted melanoma: p(MEL) at or above the model version's threshold"),
@@ -32,6 +33,8 @@ FLAG_TEXT = {
     "out_of_scope": ("out of scope (not MEL/NV)",
                      "the model thinks this lesion is neither melanoma nor nevus (e.g. basal cell carcinoma): "
                      "outside the two classes it was trained to tell apart, so p(MEL) may mislead; p(other) is that probability"),
+    "site_failing": ("site failing", "the model version is below a gate floor at this case's site, on that site's own "
+                                     "labelled images (lesion sites): every case from there is reviewed"),
 }
 STATUSES = ("open", "reviewed", "all")
 # images.label: a verdict becomes a training label only where ISIC gave none, so the queue shows unlabelled
@@ -125,7 +128,8 @@ def _listing(conn: sa.Connection, f: QueueFilter, check: bool) -> dict[str, Any]
                        predictions.c.mutual_info, predictions.c.review_reasons, predictions.c.drop_id,
                        predictions.c.scored_at, images.c.label.label("known_label"),
                        r.c.verdict.label("review_verdict"), r.c.label.label("review_label"), r.c.reviewer,
-                       r.c.reviewed_at, predictions.c.p_other, predictions.c.gradcam_uri, split_rows.c.split)
+                       r.c.reviewed_at, predictions.c.p_other, predictions.c.gradcam_uri, split_rows.c.split,
+                       SITE.label("site"))
              .join(images, images.c.image_id == predictions.c.image_id)
              .outerjoin(split_rows, split_rows.c.image_id == predictions.c.image_id)
              .outerjoin(latest, sa.and_(latest.c.image_id == predictions.c.image_id,
@@ -156,7 +160,9 @@ def _listing(conn: sa.Connection, f: QueueFilter, check: bool) -> dict[str, Any]
     ties = predictions.c.mutual_info if f.sort != "mutual_info" else predictions.c.entropy
     rows = conn.execute(query.order_by(SORTS[f.sort].desc(), ties.desc(), predictions.c.image_id)
                         .limit(f.limit).offset(f.offset)).mappings().all()
-    return {"model_version": version, "total": counts.pop("total"), "cases": [dict(row) for row in rows], "counts": counts}
+    status = status_at(conn, version, {row["site"] for row in rows})
+    return {"model_version": version, "total": counts.pop("total"), "counts": counts,
+            "cases": [dict(row) | {"site_status": status[row["site"]]} for row in rows]}
 
 
 def _counts(f: QueueFilter, groups) -> dict[str, Any]:
@@ -284,8 +290,12 @@ def case(conn: sa.Connection, image_id: str, model_version: str | None = None) -
                           .where(predictions.c.image_id == image_id).where(predictions.c.model_version != version)
                           .order_by(predictions.c.scored_at.desc())).mappings().all()
     model = registry.get(conn, version)
+    site = image["site"] or image["drop_id"]
+    own = (model["review_rule"] or {}).get("thresholds_by_site", {}).get(site, {})
     return {"image": dict(image), "prediction": dict(prediction), "samples": samples, "reviews": [dict(h) for h in history],
             "other_predictions": [dict(o) for o in others],
+            "site": {"name": site, "status": status_at(conn, version, {site})[site],
+                     "threshold": "its own" if own.get("chosen_on") == "site" else "the pooled one"},
             "model": {k: model[k] for k in ("model_version", "is_champion", "status", "backbone", "profile", "review_rule",
                                             "artifacts_pruned_at")}}
 

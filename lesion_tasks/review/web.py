@@ -27,6 +27,8 @@ from fastapi import Depends, FastAPI, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
+from lesion_tasks.lifecycle import sites
+from lesion_tasks.lifecycle.sites import STATUS_TEXT as SITE_STATUS_TEXT
 from lesion_tasks.review import cases, previews
 from lesion_tasks.review.charts import histogram_svg, nights_svg, queue_bars_svg
 from lesion_tasks.core.db import make_engine
@@ -107,6 +109,7 @@ def _templates() -> Environment:
     env.filters["when"] = lambda v: "–" if v is None else v.strftime("%Y-%m-%d %H:%M UTC")
     env.filters["ci"] = _ci
     env.globals["flag_text"] = cases.FLAG_TEXT
+    env.globals["site_status_text"] = SITE_STATUS_TEXT
     env.globals["histogram_svg"] = histogram_svg
     env.globals["nights_svg"] = nights_svg
     return env
@@ -244,6 +247,22 @@ def create_app(settings: Callable[[], Settings], authenticate: Callable[[Request
         with backend.engine.connect() as conn:
             rows = cases.model_overview(conn)
         return page(request, "models.html", who, models=rows)
+
+    @app.get("/sites", response_class=HTMLResponse)
+    def sites_page(request: Request, who: User):
+        """Every site: its status for the champion, labelled images per split, figures with CIs, its threshold,
+        and what it still needs (`lesion sites`)."""
+        with backend.engine.connect() as conn:
+            data = sites.overview_of(conn)
+        return page(request, "sites.html", who, data=data)
+
+    @app.get("/sites/{site}", response_class=HTMLResponse)
+    def site_page(request: Request, who: User, site: str):
+        """A site's validation queue: its validation sample in drawn order, with progress."""
+        with backend.engine.connect() as conn:
+            data = sites.validation_queue(conn, site)
+            status = next((s["status"] for s in sites.overview_of(conn)["sites"] if s["site"] == site), "unvalidated")
+        return page(request, "site.html", who, q=data, status=status)
 
     @app.get("/nights", response_class=HTMLResponse)
     def nights_page(request: Request, who: User, nights: int = 14):

@@ -350,3 +350,59 @@ def test_label_check_filters_and_no_champion_in_a_real_browser(live, queue_ready
             conn.execute(predictions.update().where(where).values(
                 predicted_label=nevus.predicted_label, needs_review=nevus.needs_review, review_reasons=nevus.review_reasons))
         engine.dispose()
+
+
+def test_sites_page_and_validation_queue_in_a_real_browser(live, queue_ready, browser, tmp_path):
+    """The Sites page lists what `lesion sites` says (the unlabelled night's clinic `unvalidated`); the
+    clinic's validation queue shows its sample in drawn order with progress once labels are imported
+    ("5 of 20 labelled, 3 melanomas"); a case and the queue show the site and its status. The sample and
+    the labels made here are removed afterwards."""
+    from lesion_tasks.core.schema import label_imports, site_samples
+    from lesion_tasks.ingest.label_import import import_labels
+    from lesion_tasks.lifecycle import sites
+    from lesion_tasks.scoring import site_sample
+
+    engine = _engine(live)
+    drawn = site_sample.draw(live.settings, "night-1", 20)
+    picked = [r["image_id"] for r in drawn["images"][:5]]
+    csv_path = tmp_path / "labels.csv"
+    csv_path.write_text("image_id,diagnosis\n" + "".join(f"{i},{'MEL' if k < 3 else 'NV'}\n" for k, i in enumerate(picked)))
+    assert import_labels(csv_path, live.settings)["imported"] == 5
+    context, page = _login(browser, live, "admin")
+    try:
+        listed = sites.overview(live.settings)["sites"]
+        page.get_by_role("link", name="Sites", exact=True).click()
+        page.wait_for_selector("#sites")
+        rows = page.locator("#sites tbody tr")
+        assert rows.count() == len(listed)
+        night = page.locator("#sites tbody tr[data-site='night-1']")
+        status = next(s["status"] for s in listed if s["site"] == "night-1")
+        assert night.locator(".site-status").inner_text() == status == "provisional"  # labels, no retrain yet
+        assert "retrain" in night.locator("td.needed").inner_text()
+        _shot(page, "10-sites")
+
+        night.locator("td a").first.click()
+        page.wait_for_selector("#validation-queue")
+        assert page.locator("#sample-progress").inner_text().strip().endswith("5 of 20 labelled, 3 melanomas.")
+        order = page.locator("#validation-queue tbody tr").evaluate_all("rows => rows.map(r => r.dataset.imageId)")
+        assert order == [r["image_id"] for r in drawn["images"]]
+        assert page.locator("#validation-queue tbody tr.labelled").count() == 5
+        _shot(page, "11-validation-queue")
+
+        page.locator("#validation-queue tbody tr.open a.case-link").first.click()
+        page.wait_for_selector("#case-site")
+        site_cell = page.locator("#case-site").inner_text()
+        assert "night-1" in site_cell and "provisional" in site_cell and "pooled" in site_cell  # labels, no evaluation yet
+
+        page.goto(f"{live.base}/lesion-review/")
+        page.wait_for_selector("#queue-count")
+        first = page.locator("#queue tbody tr").first
+        assert first.locator(".site-status").inner_text() in ("unvalidated", "provisional", "validated", "failing")
+    finally:
+        context.close()
+        with engine.begin() as conn:
+            conn.execute(images.update().where(images.c.image_id.in_(picked)).values(label=None, diagnosis=None,
+                                                                                       label_source=None))
+            conn.execute(label_imports.delete())
+            conn.execute(site_samples.delete().where(site_samples.c.site == "night-1"))
+        engine.dispose()
