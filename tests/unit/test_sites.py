@@ -177,6 +177,10 @@ def test_retrain_validates_the_clinic_on_its_own_labels(clinic, trained_home):
     result = cli.train(settings, trained_home.config, run_id="after-import")
     own = result["thresholds_by_site"][CLINIC]
     assert own["chosen_on"] == "site" and own["n_mel"] >= 10, own
+    # cross-fitted: out-of-fold scores over all of its labelled train+val images, the target reached on them
+    # (IPW-weighted), which is more melanomas than its validation split alone holds
+    assert own["method"].startswith("cross-fitted (") and own["weighted"], own
+    assert own["validation"]["mel_sensitivity"] >= 0.85 - 1e-9, own
     assert result["thresholds_by_site"][NIGHT_DROP]["chosen_on"] == "pooled"
     part = result["metrics"]["test"]["by_site"][CLINIC]
     assert part["n_mel"] > 0 and part["threshold"] == pytest.approx(own["threshold"])
@@ -194,7 +198,9 @@ def test_retrain_validates_the_clinic_on_its_own_labels(clinic, trained_home):
     if result["promoted"]:
         from lesion_tasks.scoring import nightly
 
-        nightly.score(settings)
+        nightly.score(settings, run_id="night-after-import")
+        night = nightly.summarize(settings, "champion", "night-after-import", [])["sites"]
+        assert night["images_by_status"][clinic_row["status"]] >= 400 and not night["failing_sites"], night
         engine = db.make_engine(settings.db_url)
         with engine.connect() as conn:
             rows = conn.execute(sa.text("SELECT site, site_status, threshold FROM v_latest_predictions WHERE site = :s"),
@@ -203,6 +209,22 @@ def test_retrain_validates_the_clinic_on_its_own_labels(clinic, trained_home):
         assert len(rows) == 400 and {r.site_status for r in rows} == {clinic_row["status"]}
         assert {round(r.threshold, 9) for r in rows} == {round(own["threshold"], 9)}
     print(json.dumps({"site": clinic_row, "threshold": own}, default=str))
+
+
+def test_a_night_mostly_from_unvalidated_sites_says_so():
+    from lesion_tasks.ops import alerts
+    from lesion_tasks.scoring.nightly import night_sites
+
+    quiet = night_sites({"a": {"status": "validated", "images": 60}, "b": {"status": "unvalidated", "images": 40}})
+    assert not quiet["mostly_unvalidated"] and quiet["unvalidated_share"] == 0.4 and "note" not in quiet
+    loud = night_sites({"a": {"status": "validated", "images": 40}, "b": {"status": "unvalidated", "images": 50},
+                        "c": {"status": "unvalidated", "images": 10}, "d": {"status": "failing", "images": 3}})
+    assert loud["mostly_unvalidated"] and loud["unvalidated_sites"] == ["b", "c"] and loud["failing_sites"] == ["d"]
+    assert loud["images_by_status"] == {"unvalidated": 60, "provisional": 0, "validated": 40, "failing": 3}
+    assert loud["note"].startswith("60 of 103 images tonight (58%) come from sites the model was never validated at (b, c)")
+    alert = alerts.unvalidated_night({"model_version": "v1", "run_id": "r1", "sites": loud}, {})
+    assert alert.kind == "unvalidated_night" and "unvalidated 60, validated 40, failing 3" in alert.text()
+    assert night_sites({})["unvalidated_share"] == 0.0
 
 
 def test_discovery_finds_drops_inside_site_folders_and_ingest_names_their_site(tmp_path):
