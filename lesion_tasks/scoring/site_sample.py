@@ -97,7 +97,7 @@ def draw(settings: Settings, site: str, size: int = 200) -> dict[str, Any]:
             keys = sorted((_u(site, i) / w, i, w, s) for i, w, s in zip(ids, weights, strata) if i not in taken)
             now = datetime.now(UTC)
             rows = [{"site": site, "image_id": i, "rank": len(drawn) + k, "stratum": s,
-                     "inclusion_probability": min(1.0, size * w / total), "drawn_at": now}
+                     "inclusion_probability": float(min(1.0, size * w / total)), "drawn_at": now}
                     for k, (_, i, w, s) in enumerate(keys[: size - len(drawn)])]
             with engine.begin() as conn:
                 insert_ignore(conn, site_samples, rows, ["site", "image_id"])
