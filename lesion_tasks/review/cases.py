@@ -295,7 +295,7 @@ def case(conn: sa.Connection, image_id: str, model_version: str | None = None) -
     return {"image": dict(image), "prediction": dict(prediction), "samples": samples, "reviews": [dict(h) for h in history],
             "other_predictions": [dict(o) for o in others],
             "site": {"name": site, "status": status_at(conn, version, {site})[site],
-                     "threshold": "its own" if own.get("chosen_on") == "site" else "the pooled one"},
+                     "threshold": "its own threshold" if own.get("chosen_on") == "site" else "the pooled threshold"},
             "model": {k: model[k] for k in ("model_version", "is_champion", "status", "backbone", "profile", "review_rule",
                                             "artifacts_pruned_at")}}
 

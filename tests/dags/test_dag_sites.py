@@ -73,7 +73,7 @@ def test_a_new_clinic_through_the_dags_on_postgres_and_s3(airflow_env, trained_h
     imported = _cli(settings, "labels", "import", str(labels))
     assert imported["imported"] == 150 and imported["rejected"] == 0, imported
 
-    conf = {"profile": "demo", "backbone": "tiny", "image_size": 64, "weights": "none", "epochs": 150, "seed": 1,
+    conf = {"profile": "demo", "backbone": "tiny", "image_size": 64, "weights": "none", "epochs": 60, "seed": 1,
             "mc_samples": 20, "target_sensitivity": 0.97}
     run, states = run_dag(bag.get_dag("lesion_retrain"), conf)
     assert states["train_model"] == states["evaluate_model"] == "success", states
