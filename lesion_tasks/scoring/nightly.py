@@ -28,6 +28,7 @@ import sqlalchemy as sa
 from PIL import Image, ImageOps
 
 from lesion_tasks.lifecycle import artifacts, predict, registry
+from lesion_tasks.lifecycle.sites import status_at
 from lesion_tasks.model import backbones, features, gradcam, mc, scope
 from lesion_tasks.core import keys
 from lesion_tasks.core.db import analyze, engine_for, upsert
@@ -302,15 +303,14 @@ UNVALIDATED_SHARE = 0.5
 
 
 def site_statuses(conn: sa.Connection, model_version: str, run_id: str) -> dict[str, dict[str, Any]]:
-    """{site: {"status", "images"}} over this run's predictions of `model_version` (the version's own
-    status at each site, `site_evaluations`; unvalidated where it has none)."""
+    """{site: {"status", "images"}} over this run's predictions of `model_version`: the version's status at each
+    site by the rule of `v_sites` (`lifecycle.sites.status_at`)."""
     site = sa.func.coalesce(images.c.site, images.c.drop_id)
-    status = dict(conn.execute(sa.select(site_evaluations.c.site, site_evaluations.c.status)
-                               .where(site_evaluations.c.model_version == model_version)).all())
     rows = conn.execute(sa.select(site, sa.func.count()).join(images, images.c.image_id == predictions.c.image_id)
                         .where(predictions.c.run_id == run_id, predictions.c.model_version == model_version)
                         .group_by(site)).all()
-    return {name: {"status": status.get(name, "unvalidated"), "images": int(n)} for name, n in rows}
+    status = status_at(conn, model_version, {name for name, _ in rows})
+    return {name: {"status": status[name], "images": int(n)} for name, n in rows}
 
 
 def night_sites(by_site: dict[str, dict[str, Any]]) -> dict[str, Any]:
