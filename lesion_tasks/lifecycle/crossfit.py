@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
+from lesion_tasks.lifecycle import trainset
 from lesion_tasks.model import mc
 
 log = logging.getLogger(__name__)
@@ -108,5 +109,5 @@ def sampled_sites(train: Labelled, val: Labelled, pi: dict[str, float], fit, ver
         oof = out_of_fold(site, train, val, fit, version, mc_samples, seed,
                           lambda ids: training_weights(ids, pi, site_weight))
         if oof is not None:
-            out[site] = (oof, np.array([1.0 if np.isnan(pi[i]) else 1.0 / pi[i] for i in oof.ids]))
+            out[site] = (oof, trainset.ipw(np.array([pi[i] for i in oof.ids])))
     return out

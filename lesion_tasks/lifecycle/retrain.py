@@ -268,8 +268,9 @@ def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[st
             val_ids = [r.image_id for r in val_refs]
             val = crossfit.Labelled([val_feats[0]], y_val, val_ids, np.array(trainset.site_of(conn, val_ids), dtype=object),
                                     np.array(trainset.lesion_of(conn, val_ids), dtype=object))
-            pi |= dict(zip(val_ids, trainset.inclusion_probabilities(conn, val_ids)))
-            val_w = trainset.sample_weights(conn, val_ids)
+            val_pi = trainset.inclusion_probabilities(conn, val_ids)
+            pi |= dict(zip(val_ids, val_pi))
+            val_w = trainset.ipw(val_pi)
             all_sites = list(conn.scalars(sa.select(sa.func.coalesce(images.c.site, images.c.drop_id)).distinct()))
 
         def fit(views, y, x_val, y_val, sample_weight):

@@ -91,7 +91,12 @@ def sample_weights(conn: sa.Connection, image_ids: list[str]) -> np.ndarray:
     """Inverse inclusion probability of each image in its site's validation sample, 1 for an image outside
     every sample: the weight that makes a site's metrics estimate its whole population rather than the
     melanoma-rich sample."""
-    pi = inclusion_probabilities(conn, image_ids)
+    return ipw(inclusion_probabilities(conn, image_ids))
+
+
+def ipw(pi: np.ndarray) -> np.ndarray:
+    """1/pi, and 1 where pi is NaN (an image outside every sample)."""
+    pi = np.asarray(pi, dtype=np.float64)
     return np.where(np.isnan(pi), 1.0, 1.0 / np.where(np.isnan(pi), 1.0, pi))
 
 

@@ -261,7 +261,7 @@ def create_app(settings: Callable[[], Settings], authenticate: Callable[[Request
         """A site's validation queue: its validation sample in drawn order, with progress."""
         with backend.engine.connect() as conn:
             data = sites.validation_queue(conn, site)
-            status = next((s["status"] for s in sites.overview_of(conn)["sites"] if s["site"] == site), "unvalidated")
+            status = sites.status_at(conn, data["champion"], {site})[site] if data["champion"] else "unvalidated"
         return page(request, "site.html", who, q=data, status=status)
 
     @app.get("/nights", response_class=HTMLResponse)
