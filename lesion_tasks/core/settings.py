@@ -9,6 +9,7 @@
 | `LESION_S3_ACCESS_KEY`, `LESION_S3_SECRET_KEY` | S3 credentials (never logged)         | none                          |
 | `LESION_IMAGE_SIZE`   | side of the normalised model-input copy made at ingestion      | `224`                         |
 | `LESION_INCOMING_SETTLE_SECONDS` | a folder drop under `incoming/` is taken once untouched this long (or when it holds `_READY`) | `300` |
+| `LESION_VERDICTS_VALIDATE` | `1`: reviewer verdicts join the validation and test splits like imported labels (`lesion labels import`); `0`: training data only, since a verdict is not histopathology | `0` |
 
 Weights (read per call by `weights_settings()`, so a process can be pointed elsewhere without restarting):
 
@@ -41,6 +42,7 @@ class Settings:
     s3_secret_key: str | None = None
     image_size: int = 224
     incoming_settle_seconds: int = 300
+    verdicts_validate: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -56,6 +58,7 @@ class Settings:
             "s3_secret_key": env.get("LESION_S3_SECRET_KEY") or None,
             "image_size": _int(env, "LESION_IMAGE_SIZE", 224, minimum=32),
             "incoming_settle_seconds": _int(env, "LESION_INCOMING_SETTLE_SECONDS", 300, minimum=0),
+            "verdicts_validate": _flag(env, "LESION_VERDICTS_VALIDATE", False),
         }
         values.update({k: v for k, v in overrides.items() if v is not None and k != "home"})
         return cls(**values)
@@ -72,7 +75,17 @@ class Settings:
             "s3_endpoint": self.s3_endpoint,
             "s3_access_key": "***" if self.s3_access_key else None,
             "image_size": self.image_size,
+            "verdicts_validate": self.verdicts_validate,
         }
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    if raw not in ("0", "1"):
+        raise ValueError(f"{name}={raw!r}: expected 0 or 1")
+    return raw == "1"
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:

@@ -126,7 +126,8 @@ def prepare_split(settings: Settings, config: TrainConfig | None = None) -> dict
     weights = check_weights(settings, config) if config is not None else None
     engine = engine_for(settings)
     try:
-        summary = splits.assign(engine, seed=config.seed if config is not None else 0)
+        summary = splits.assign(engine, seed=config.seed if config is not None else 0,
+                                verdicts_validate=settings.verdicts_validate)
     finally:
         engine.dispose()
     return summary | ({"weights": weights} if weights else {})
@@ -247,7 +248,10 @@ def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[st
             other = trainset.out_of_scope_refs(conn, reviewed["labels"])
         (train_refs, y_train), (val_refs, y_val) = parts["train"], parts["val"]
         in_train = {r.image_id for r in train_refs + other["train"][0]}
+        evaluated = {r.image_id for split in ("val", "test") for r in parts[split][0] + other[split][0]}
         reviewed_lineage = {"train_images": sorted(i for i in reviewed["labels"] if i in in_train),
+                            "validation_and_test_images": sorted(i for i in reviewed["labels"] if i in evaluated),
+                            "verdicts_validate": settings.verdicts_validate,
                             "review_ids": reviewed["review_ids"],
                             "conflicts_with_isic_kept_isic": reviewed["conflicts_with_isic"]}
         if not len(train_refs) or not y_val.sum():

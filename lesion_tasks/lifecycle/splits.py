@@ -12,10 +12,13 @@ among themselves when there are at least `BATCH_MIN_GROUPS` of them ("batch:sgkf
 placed by a hash of its lesion id ("hash-v2": deterministic, label-blind, stratified in expectation).
 Champion and challenger are therefore always compared on the same test images.
 
-Reviewer labels (images ISIC gave no label, labelled in the review UI) are training data only: such an
-image joins "train" ("reviewed-train"), or its lesion's split when that is "train"; an image whose
-lesion sits in validation or test is left out, so neither evaluation split ever holds a reviewer label
-nor another photograph of a training lesion.
+Reviewer labels (images ISIC gave no label, labelled in the review UI) are training data only by default
+(a verdict is not histopathology): such an image joins "train" ("reviewed-train"), or its lesion's split
+when that is "train"; an image whose lesion sits in validation or test is left out, so neither evaluation
+split ever holds a reviewer label nor another photograph of a training lesion. A team that validates on
+its reviewers' verdicts sets `LESION_VERDICTS_VALIDATE=1` (`verdicts_validate`): verdicts then join the
+split like ISIC and imported labels (their lesion's split, else stratified by label x site with the rest).
+Either way a split once given is frozen: changing the setting moves no image already assigned.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import logging
 import warnings
 from collections import Counter
 from datetime import UTC, datetime
+from types import SimpleNamespace
 
 import numpy as np
 import sqlalchemy as sa
@@ -91,8 +95,10 @@ def _check_initial(labels: list[str], test_frac: float) -> None:
                              "a test split")
 
 
-def assign(engine: sa.Engine, seed: int = 0, test_frac: float = 0.2, val_frac: float = 0.15) -> dict:
-    """Give every labelled image without a split one; return counts per split and label."""
+def assign(engine: sa.Engine, seed: int = 0, test_frac: float = 0.2, val_frac: float = 0.15,
+           verdicts_validate: bool = False) -> dict:
+    """Give every labelled image without a split one; return counts per split and label. Reviewer labels
+    are training data only unless `verdicts_validate` (module docstring)."""
     cols = (images.c.image_id, images.c.label, images.c.near_dup_group, images.c.lesion_id,
             sa.func.coalesce(images.c.site, images.c.drop_id).label("site"))
     # taken before the images are read: every drop finished before `assigned_at` had its rows read here
@@ -105,6 +111,10 @@ def assign(engine: sa.Engine, seed: int = 0, test_frac: float = 0.2, val_frac: f
         reviewed_rows = conn.execute(sa.select(*cols).where(images.c.image_id.in_(sorted(reviewed)))
                                      .order_by(images.c.image_id)).all() if reviewed else []
     lesion = lesions(list(rows) + list(reviewed_rows))
+    if verdicts_validate:  # verdicts split like any label (the strata read the reviewer's label)
+        rows = sorted([*rows, *(SimpleNamespace(**(r._asdict() | {"label": reviewed[r.image_id]})) for r in reviewed_rows)],
+                      key=lambda r: r.image_id)
+        reviewed_rows = []
     lesion_splits: dict[str, set[str]] = {}
     for image_id, split in existing.items():
         if image_id in lesion:

@@ -2,8 +2,8 @@
 
 - The ISIC label (`images.label`, from the drop's ground truth or metadata) always wins.
 - Where ISIC gave no label, the latest reviewer verdict (review UI) counts: MEL or NV for the binary
-  task, OTHER ("neither") for the out-of-scope head; it is training data only (`splits.assign` keeps
-  such images out of validation and test).
+  task, OTHER ("neither") for the out-of-scope head; by default it is training data only (`splits.assign`
+  keeps such images out of validation and test; `LESION_VERDICTS_VALIDATE=1` lets them split like any label).
 - A reviewer disagreeing with an ISIC label is counted as a conflict in the model's lineage, never applied.
 - Only MEL and NV enter the binary task; OTHER images (every other ISIC diagnosis) train and test the
   out-of-scope signal (`out_of_scope_refs`); unlabelled images are left out.

@@ -224,7 +224,8 @@ def create_app(settings: Callable[[], Settings], authenticate: Callable[[Request
         next_case = next((c["image_id"] for c in upcoming if c["image_id"] != image_id), None)
         samples = data["samples"] or []
         return page(request, "case.html", who, c=data, samples=samples, saved=saved, submission_id=uuid.uuid4().hex,
-                    sample_sd=_sd(samples), labels=("MEL", "NV", "OTHER"), next_case=next_case, check=check)
+                    sample_sd=_sd(samples), labels=("MEL", "NV", "OTHER"), next_case=next_case, check=check,
+                    verdicts_validate=backend.settings.verdicts_validate)
 
     @app.post("/case/{image_id}/review")
     def review_case(request: Request, who: User, image_id: str, model_version: str = Form(...), verdict: str = Form(...),

@@ -182,6 +182,7 @@ def test_reviewer_labels_become_training_data_without_touching_isic_labels(home,
     assert train_labels.get(isic_case.image_id, 0) == 0  # in training (if at all) with its ISIC label, NV
     reviewed = lineage["reviewed_labels"]
     assert reviewed["train_images"] == sorted([*chosen, other])
+    assert reviewed["validation_and_test_images"] == [] and reviewed["verdicts_validate"] is False  # the default
     conflicts = reviewed["conflicts_with_isic_kept_isic"]
     assert isic_case.image_id in conflicts and all(isic_after[i] is not None for i in conflicts)
     counts = Counter(chosen.values())

@@ -12,6 +12,8 @@ drop and the ISIC OTHER drop, scored by one champion with an out-of-scope head."
 
 from __future__ import annotations
 
+import dataclasses
+
 import html
 import re
 from datetime import timedelta
@@ -170,6 +172,10 @@ def test_label_check_lists_exactly_the_labelled_images_the_model_contradicts(hom
     case = client.get(f"/case/{first}", params={"version": version, "check": 1}).text
     assert '<input type="hidden" name="check" value="1">' in case
     assert f'<input type="hidden" name="next_case" value="{second}">' in case
+    assert "It is training data only (<code>LESION_VERDICTS_VALIDATE=0</code>" in case  # what a verdict will do
+    validating = _client(dataclasses.replace(home_copy, verdicts_validate=True))
+    case = validating.get(f"/case/{first}", params={"version": version, "check": 1}).text
+    assert "also validates and tests on verdicts" in case and "training data only" not in case
     posted = client.post(f"/case/{first}/review", follow_redirects=False, headers={"Authorization": "Bearer x"},
                          data={"model_version": version, "verdict": "disagree", "submission_id": "label-check-1",
                                "next_case": second, "check": "1"})

@@ -38,6 +38,14 @@ def test_bad_integer_names_variable(value):
         Settings.from_env({"LESION_HOME": "/x", "LESION_IMAGE_SIZE": value})
 
 
+def test_verdicts_validate_is_off_unless_set_to_one():
+    assert Settings.from_env({}).verdicts_validate is False  # the stated default: verdicts only train
+    assert Settings.from_env({"LESION_VERDICTS_VALIDATE": "1"}).verdicts_validate is True
+    assert Settings.from_env({"LESION_VERDICTS_VALIDATE": "0"}).verdicts_validate is False
+    with pytest.raises(ValueError, match="LESION_VERDICTS_VALIDATE='yes': expected 0 or 1"):
+        Settings.from_env({"LESION_VERDICTS_VALIDATE": "yes"})
+
+
 def test_connection_fields_to_urls():
     assert db_url_from_connection("postgres", "db", 5432, "lesion", "p@ss", "lesion", {}) == \
         "postgresql+psycopg2://lesion:p%40ss@db:5432/lesion"

@@ -9,7 +9,7 @@ import sqlalchemy as sa
 
 from lesion_tasks.core import db
 from lesion_tasks.lifecycle import splits
-from lesion_tasks.core.schema import drops, images
+from lesion_tasks.core.schema import drops, images, model_versions, reviews
 from lesion_tasks.core.schema import splits as splits_table
 
 
@@ -27,6 +27,20 @@ def _add_images(engine, n: int, start: int = 0, groups_of: int = 1, mel_every: i
                          "phash": "0" * 16, "width": 1, "height": 1, "n_bytes": 1, "format": "JPEG",
                          "original_uri": "x", "normalized_uri": "x", "normalized_size": 224, "ingested_at": now})
         db.insert_ignore(conn, images, rows, ["image_id"])
+
+
+def _add_verdicts(engine, labels: dict[str, str]) -> None:
+    """Review-UI verdicts (`set_label`) on images ISIC left unlabelled."""
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        conn.execute(model_versions.insert().values(
+            model_version="v1", created_at=now, status="champion", profile="demo", backbone="tiny", image_size=32,
+            mc_samples=2, config={}, environment={}, weights_source="none", lineage={}, code_version="x", run_id="r"))
+        conn.execute(images.update().where(images.c.image_id.in_(list(labels))).values(label=None))
+        conn.execute(reviews.insert(), [
+            {"submission_id": f"s{i}", "image_id": image_id, "model_version": "v1", "verdict": "set_label",
+             "label": label, "reviewer": "dr-a", "reviewed_at": now, "p_mel": 0.5, "predicted_label": "MEL"}
+            for i, (image_id, label) in enumerate(sorted(labels.items()))])
 
 
 def _split_of(engine) -> dict[str, str]:
@@ -103,3 +117,31 @@ def test_too_few_labelled_images_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="need at least 5 of each class"):
         splits.assign(engine)
     engine.dispose()
+
+
+def test_verdicts_are_training_data_unless_the_team_validates_on_them(tmp_path):
+    """Default: a reviewer verdict only ever trains. LESION_VERDICTS_VALIDATE=1: verdicts split like any label
+    (stratified, so a clinic labelled only in the review UI gets validation and test images of its own); a
+    split once given never moves when the setting changes."""
+    for validate in (False, True):
+        url = f"sqlite:///{tmp_path / f's{validate}.db'}"
+        db.upgrade(url)
+        engine = db.make_engine(url)
+        _add_images(engine, 200)
+        splits.assign(engine, seed=3)
+        _add_images(engine, 200, start=200, drop="clinic")  # a new clinic, its images labelled by reviewers
+        verdicts = {f"I{i:05d}": ("MEL" if i % 4 == 0 else "NV") for i in range(200, 400)}
+        _add_verdicts(engine, verdicts)
+        splits.assign(engine, seed=3, verdicts_validate=validate)
+        got = {i: s for i, s in _split_of(engine).items() if i in verdicts}
+        assert len(got) == 200  # every verdict-labelled image has a split either way
+        if not validate:
+            assert set(got.values()) == {"train"}
+        else:
+            test_mel = sum(s == "test" and verdicts[i] == "MEL" for i, s in got.items())
+            assert 30 <= sum(s == "test" for s in got.values()) <= 50 and 6 <= test_mel <= 14, got
+            assert sum(s == "val" for s in got.values()) >= 20
+            before = _split_of(engine)
+            splits.assign(engine, seed=3, verdicts_validate=False)  # frozen: the setting moves nothing given
+            assert _split_of(engine) == before
+        engine.dispose()
