@@ -16,7 +16,9 @@ if unset, features cached there), each candidate head is measured three ways:
   replicate-specific hash), its labels added to training at `site_weight`, measured on the rest of the pool:
   AUC, specificity at sensitivity 0.85, and the sensitivity / specificity reached by a threshold chosen on
   out-of-fold scores of the sample (5 folds by lesion, IPW-weighted, `target_with_margin` at z = 0, 1.0 and
-  1.645 on the Kish effective number of melanomas), as retraining chooses a site's threshold.
+  1.645 on the Kish effective number of melanomas), as retraining chooses a site's threshold; and the
+  calibration on the rest (Brier, ECE) of the pooled Platt scaling against a per-site one fitted on the
+  sample's out-of-fold scores (IPW-weighted).
 
 The product's own cross-fitting (lifecycle/crossfit.py) also recalibrates each fold and scores with MC
 dropout; here every head scores deterministically (a monotone calibration does not move a ranking, and
@@ -112,8 +114,10 @@ def draw(site: str, ids: list[str], p0: np.ndarray, k: int, replicate: int) -> t
     return chosen, np.minimum(1.0, k * w[chosen] / w.sum())
 
 
-def oof_threshold(fit: Fit, base: tuple, xs, ys, lesions, pi, site_weight: float, seed: int) -> dict[float, float]:
-    """{z: threshold} from IPW-weighted out-of-fold scores of the sample (its labels added to `base` training)."""
+def oof_threshold(fit: Fit, base: tuple, xs, ys, lesions, pi, site_weight: float, seed: int
+                  ) -> tuple[dict[float, float], np.ndarray]:
+    """({z: threshold}, out-of-fold scores): thresholds from IPW-weighted out-of-fold scores of the sample
+    (its labels added to `base` training)."""
     x_tr, y_tr, w_tr, x_va, y_va, w_va = base
     p = np.empty(len(ys))
     for train, fold in StratifiedGroupKFold(5, shuffle=True, random_state=seed).split(xs, ys, lesions):
@@ -123,7 +127,26 @@ def oof_threshold(fit: Fit, base: tuple, xs, ys, lesions, pi, site_weight: float
     ipw = trainset.ipw(pi)
     ess = evaluation.effective_size(ipw[ys == 1])
     return {z: float(evaluation.threshold_for_sensitivity(ys, p, evaluation.target_with_margin(0.85, ess, None, z=z), ipw))
-            for z in Z}
+            for z in Z}, p
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))[:, None]
+
+
+def platt(p: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """A (weighted) Platt scaling of scores p fitted on labels y."""
+    clf = LogisticRegression(C=1e4, max_iter=1000).fit(_logit(p), y, sample_weight=w)
+    return lambda q: clf.predict_proba(_logit(q))[:, 1]
+
+
+def calibration(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    """Brier score, expected calibration error (10 equal-width bins) and mean p against the melanoma rate."""
+    bins = np.minimum((p * 10).astype(int), 9)
+    ece = sum(abs(p[bins == b].mean() - y[bins == b].mean()) * (bins == b).mean() for b in range(10) if (bins == b).any())
+    return {"brier": round(float(np.mean((p - y) ** 2)), 4), "ece": round(float(ece), 4),
+            "mean_p": round(float(p.mean()), 4), "mel_rate": round(float(y.mean()), 4)}
 
 
 def load(settings: Settings, data: Path) -> dict:
@@ -170,10 +193,17 @@ def measure(name: str, fit: Fit, d: dict, k: int, replicates: int, site_weight: 
             chosen, pi = draw(held, [d["ids"][i] for i in pool], p0, k, r)
             sample, rest = pool[chosen], np.setdiff1d(pool, pool[chosen])
             xs, ys = x[sample], y[sample]
-            p = fit(np.concatenate([base[0], xs]), np.concatenate([base[1], ys]),
-                    np.concatenate([base[2], np.full(len(ys), site_weight)]), *base[3:])(x[rest])
+            predict = fit(np.concatenate([base[0], xs]), np.concatenate([base[1], ys]),
+                          np.concatenate([base[2], np.full(len(ys), site_weight)]), *base[3:])
+            p = predict(x[rest])
             rep = {"sample_melanomas": int(ys.sum()), **figures(y[rest], p), "at_oof_threshold": {}}
-            for z, t in oof_threshold(fit, base, xs, ys, d["lesion"][sample], pi, site_weight, seed + r).items():
+            thresholds, p_oof = oof_threshold(fit, base, xs, ys, d["lesion"][sample], pi, site_weight, seed + r)
+            # calibration on the rest: pooled Platt (on the other sites' validation, as retraining does) vs
+            # a Platt of the site's own out-of-fold scores, IPW-weighted (per-site calibration)
+            pooled_cal = platt(predict(base[3]), base[4])
+            rep["calibration"] = {"pooled": calibration(y[rest], pooled_cal(p)),
+                                  "site": calibration(y[rest], platt(pooled_cal(p_oof), ys, trainset.ipw(pi))(pooled_cal(p)))}
+            for z, t in thresholds.items():
                 m = evaluation.binary_metrics(y[rest], p, t)
                 rep["at_oof_threshold"][f"z={z:g}"] = {"threshold": round(t, 4), "sens": round(float(m["mel_sensitivity"]), 4),
                                                       "spec": round(float(m["mel_specificity"]), 4)}
@@ -182,6 +212,8 @@ def measure(name: str, fit: Fit, d: dict, k: int, replicates: int, site_weight: 
         reps = row["replicates"]
         row["mean"] = {"auc": round(float(np.mean([q["auc"] for q in reps])), 4),
                        "spec_at_sens85": round(float(np.mean([q["spec_at_sens85"] for q in reps])), 4),
+                       **{f"brier_{c}": round(float(np.mean([q["calibration"][c]["brier"] for q in reps])), 4)
+                          for c in ("pooled", "site")},
                        **{zk: {m: round(float(np.mean([q["at_oof_threshold"][zk][m] for q in reps])), 4)
                                for m in ("sens", "spec")} for zk in reps[0]["at_oof_threshold"]}}
         out["held_out"][held] = row

@@ -56,11 +56,17 @@ def predict(version: ModelVersion, head: mc.HeadWeights, pooled: np.ndarray, ima
             sites: Sequence[str | None] | None = None) -> Predictions:
     """Version `version`'s predictions for the pooled features of `image_ids` (T = its recorded MC samples
     unless `mc_samples`); masks seeded per (the version's seed, image), so every caller draws the same.
-    Each case is decided at its site's threshold (`ModelVersion.threshold_for`; `sites` None: pooled)."""
+    Each case is decided at its site's threshold (`ModelVersion.threshold_for`; `sites` None: pooled), on
+    p_mel calibrated for its site where retraining gave the site a calibration of its own."""
     ids = list(image_ids)
     logits = mc.logits_for(head, pooled, ids, version.model_version, mc_samples or version.mc_samples, version.mc_seed)
-    samples = head.calibrated(logits)
+    sites = list(sites) if sites is not None else [None] * len(ids)
+    own = version.site_calibrations_for(sites)
+    if own is None:
+        samples = head.calibrated(logits)
+    else:  # sites calibrated on their own labels; the others' rows unchanged (a = 1, b = 0 in the logits' dtype)
+        samples = head.calibrated(logits, own[0][:, None].astype(logits.dtype), own[1][:, None].astype(logits.dtype))
     p, h, mi = mc.summarize(samples)
-    t = version.thresholds_for(sites if sites is not None else [None] * len(ids))
+    t = version.thresholds_for(sites)
     return Predictions(ids, logits, samples, p, h, mi, (p >= t).astype(np.int64),
                        scope_head.p_other(pooled) if scope_head is not None else None, t, dict(version.review_rule))

@@ -111,6 +111,20 @@ class ModelVersion:
     def thresholds_for(self, sites: Sequence[str | None]) -> np.ndarray:
         return np.array([self.threshold_for(s) for s in sites], dtype=np.float64)
 
+    def site_calibration(self, site: str | None) -> tuple[float, float] | None:
+        """(a, b) of `site`'s own Platt scaling on top of the pooled one, where retraining applied one
+        (`thresholds_by_site.<site>.calibration.applied`), else None."""
+        own = self.thresholds_by_site.get(site) if site is not None else None
+        cal = (own or {}).get("calibration") or {}
+        return (float(cal["a"]), float(cal["b"])) if own and own.get("chosen_on") == "site" and cal.get("applied") else None
+
+    def site_calibrations_for(self, sites: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray] | None:
+        """Per case (a, b) of its site's own calibration (1, 0 where none), None where no case has one."""
+        cals = [self.site_calibration(s) for s in sites]
+        if not any(cals):
+            return None
+        return (np.array([c[0] if c else 1.0 for c in cals]), np.array([c[1] if c else 0.0 for c in cals]))
+
     @property
     def floors_recorded(self) -> dict[str, Any]:
         return dict((self.row.get("config") or {}).get("floors") or {})

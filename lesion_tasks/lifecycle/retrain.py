@@ -172,7 +172,9 @@ def _threshold(y: np.ndarray, p: np.ndarray, sources: np.ndarray, lesions: list[
     - `crossfitted` (sites with a validation sample): out-of-fold scores over all of its labelled train+val
       images (`crossfit.py`), IPW-weighted, the margin for its effective number of melanomas against its
       whole population (its next nights), where they hold MIN_SITE_THRESHOLD_MEL melanomas;
-    - else its validation split, where that holds MIN_SITE_THRESHOLD_MEL melanomas."""
+    - else its validation split, where that holds MIN_SITE_THRESHOLD_MEL melanomas.
+    A cross-fitted site also gets its own calibration where that measurably helps (`crossfit.site_calibration`:
+    cross-validated log-loss); its threshold is then chosen on the recalibrated scores."""
     lesions_arr = np.asarray(lesions, dtype=object)
     crossfitted = crossfitted or {}
     by_site = _by_site(split_summary)
@@ -192,10 +194,13 @@ def _threshold(y: np.ndarray, p: np.ndarray, sources: np.ndarray, lesions: list[
             oof, w = crossfitted[site]
             if oof.y.sum() < MIN_SITE_THRESHOLD_MEL:
                 continue
-            t = _site_threshold(oof.y, oof.p, oof.lesions, config, None, w)
+            calibration = crossfit.site_calibration(oof, w)
+            p_site = crossfit.recalibrated(oof, calibration)
+            t = _site_threshold(oof.y, p_site, oof.lesions, config, None, w)
             own[site] = {"threshold": t, "chosen_on": "site", "n_mel": int(oof.y.sum()), "weighted": True,
-                         "method": f"cross-fitted ({oof.folds} folds over {len(oof.y)} labelled train+val images)",
-                         "validation": evaluation.binary_metrics(oof.y, oof.p, t, w)}
+                         "method": f"cross-fitted ({oof.folds} folds over {len(oof.y)} labelled train+val images)"
+                                   + ("; calibrated per site" if calibration["applied"] else ""),
+                         "calibration": calibration, "validation": evaluation.binary_metrics(oof.y, p_site, t, w)}
             continue
         n_mel = int(y[sources == site].sum())
         if n_mel >= MIN_SITE_THRESHOLD_MEL:

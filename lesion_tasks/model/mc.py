@@ -68,11 +68,14 @@ class HeadWeights:
         z = self.hidden(features) @ self.w2 + self.b2
         return self.calibrated(z[..., MEL] - z[..., 1 - MEL])
 
-    def calibrated(self, logit_diff: np.ndarray) -> np.ndarray:
-        return _sigmoid(self.cal_a * logit_diff + self.cal_b)
+    def calibrated(self, logit_diff: np.ndarray, site_a: np.ndarray | float = 1.0,
+                   site_b: np.ndarray | float = 0.0) -> np.ndarray:
+        """Calibrated p(MEL) per sample: the pooled Platt scaling, then a site's own (`site_a`, `site_b` per
+        row: a second Platt scaling on the pooled-calibrated logit; 1, 0 leaves it, bit for bit)."""
+        return sigmoid(site_a * (self.cal_a * logit_diff + self.cal_b) + site_b)
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
+def sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * x))  # overflow-free
 
 
@@ -106,9 +109,9 @@ def mc_samples(head: HeadWeights, features: np.ndarray, masks: np.ndarray) -> np
     return head.calibrated(mc_logits(head, features, masks))
 
 
-def fit_calibration(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+def fit_calibration(logits: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> tuple[float, float]:
     """(a, b) minimising the negative log-likelihood of mean_t sigmoid(a d_t + b) on labelled (N, T) logits
-    (Platt 1999, with his smoothed targets)."""
+    (Platt 1999, with his smoothed targets); `w`: per-image weights (e.g. IPW of a site's sample)."""
     from scipy.optimize import minimize
 
     y = np.asarray(y, np.float64)
@@ -118,8 +121,8 @@ def fit_calibration(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     target = np.where(y == 1, (n1 + 1) / (n1 + 2), 1 / (n0 + 2))
 
     def nll(params: np.ndarray) -> float:
-        p = np.clip(_sigmoid(params[0] * logits + params[1]).mean(axis=1), 1e-7, 1 - 1e-7)
-        return float(-np.mean(target * np.log(p) + (1 - target) * np.log(1 - p)))
+        p = np.clip(sigmoid(params[0] * logits + params[1]).mean(axis=1), 1e-7, 1 - 1e-7)
+        return float(-np.average(target * np.log(p) + (1 - target) * np.log(1 - p), weights=w))
 
     best = minimize(nll, np.array([1.0, 0.0]), method="L-BFGS-B", bounds=[(0.02, 50.0), (-20.0, 20.0)])
     return float(best.x[0]), float(best.x[1])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from lesion_tasks.lifecycle import crossfit
 from lesion_tasks.model import evaluation
@@ -80,3 +81,33 @@ def test_margins_and_effective_size():
     assert evaluation.target_with_margin(0.80, 48, None) == pytest.approx(0.80 + 1.645 * np.sqrt(0.16 / 48))
     assert evaluation.target_with_margin(0.80, 48, None) < evaluation.target_with_margin(0.80, 48, 12)
     assert evaluation.target_with_margin(0.80, 48, 0) == 0.80
+
+
+def _oof(rng: np.random.Generator, n: int, shift: float) -> crossfit.OutOfFold:
+    """Out-of-fold scores whose pooled calibration is off by `shift` in the logit (0: calibrated)."""
+    true_logit = rng.normal(-1.0, 1.5, n)
+    y = (rng.random(n) < 1 / (1 + np.exp(-true_logit))).astype(np.int64)
+    logits = (true_logit + shift)[:, None] + rng.normal(0, 0.05, (n, 6))  # (N, T) pooled-calibrated logits
+    p = (1 / (1 + np.exp(-logits))).mean(axis=1)
+    return crossfit.OutOfFold([f"i{k}" for k in range(n)], y, p, np.array([f"L{k}" for k in range(n)], object), 5,
+                              logits, np.arange(n) % 5)
+
+
+def test_a_site_gets_its_own_calibration_only_where_it_measurably_helps():
+    rng = np.random.default_rng(3)
+    w = np.ones(300)
+    shifted = _oof(rng, 300, shift=2.0)  # a clinic where the pooled calibration overstates p(MEL) a lot
+    cal = crossfit.site_calibration(shifted, w)
+    assert cal["applied"] and cal["gain"] > 1.645 * cal["gain_se"] and cal["log_loss"]["site"] < cal["log_loss"]["pooled"]
+    assert cal["b"] < -1.0  # it pulls the logit back down
+    fixed = crossfit.recalibrated(shifted, cal)
+    assert abs(fixed.mean() - shifted.y.mean()) < abs(shifted.p.mean() - shifted.y.mean()) / 3
+    assert stats.spearmanr(fixed, shifted.p).statistic > 0.999  # a scaling: the ranking (AUC) stays
+
+    calibrated = _oof(rng, 300, shift=0.0)  # already calibrated: a site's own scaling would only add noise
+    cal = crossfit.site_calibration(calibrated, w)
+    assert not cal["applied"] and "no measurable gain" in cal["why"]
+    assert crossfit.recalibrated(calibrated, cal) is calibrated.p
+    # weights enter the fit: a sample that over-represents melanomas is read at its population's rate
+    heavy = np.where(shifted.y == 1, 0.25, 1.0)
+    assert crossfit.site_calibration(shifted, heavy)["b"] != pytest.approx(crossfit.site_calibration(shifted, w)["b"])

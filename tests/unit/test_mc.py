@@ -125,3 +125,35 @@ def test_head_training_is_deterministic_and_leaves_op_determinism_as_it_was():
         np.testing.assert_array_equal(w1, w2)
     assert not all(np.array_equal(w1, w3) for w1, w3 in zip(h1.get_weights(), h3.get_weights()))  # the seed matters
     assert not tf_config.is_op_determinism_enabled()  # scoped to the training
+
+
+def test_a_site_calibrated_on_its_own_labels_changes_its_cases_only():
+    """`predict`: a case of a site with its own calibration (thresholds_by_site.<site>.calibration.applied)
+    gets sigmoid(a * pooled-calibrated logit + b) per sample; every other case is bit for bit what it was."""
+    from lesion_tasks.lifecycle import predict
+
+    rng = np.random.default_rng(5)
+    units = 16
+    head = mc.HeadWeights(rng.normal(size=(8, units)).astype(np.float32), np.zeros(units, np.float32),
+                          np.ones(units, np.float32), np.zeros(units, np.float32), np.zeros(units, np.float32),
+                          np.ones(units, np.float32), 1e-3, rng.normal(size=(units, 2)).astype(np.float32),
+                          np.zeros(2, np.float32), 0.5, cal_a=0.8, cal_b=-0.3)
+    x = rng.normal(size=(6, 8)).astype(np.float32)
+    ids, sites = [f"ISIC_{k:07d}" for k in range(6)], ["clinic", "archive", "clinic", None, "archive", "clinic"]
+    own = {"threshold": 0.2, "chosen_on": "site", "n_mel": 40}
+    row = {"model_version": "v", "status": "candidate", "is_champion": False, "backbone": "tiny", "image_size": 64,
+           "threshold": 0.3, "mc_samples": 20, "config": {"seed": 1, "mc_seed": 1}}
+    plain = ModelVersion.from_row(row | {"review_rule": {"thresholds_by_site": {"clinic": own}}})
+    calibrated = ModelVersion.from_row(row | {"review_rule": {"thresholds_by_site": {"clinic": own | {"calibration": {
+        "applied": True, "a": 1.3, "b": -1.1}}}}})
+    unapplied = ModelVersion.from_row(row | {"review_rule": {"thresholds_by_site": {"clinic": own | {"calibration": {
+        "applied": False, "a": 1.3, "b": -1.1}}}}})
+    before, after = predict.predict(plain, head, x, ids, sites=sites), predict.predict(calibrated, head, x, ids, sites=sites)
+    np.testing.assert_array_equal(predict.predict(unapplied, head, x, ids, sites=sites).p_mel, before.p_mel)
+    mine = np.array([s == "clinic" for s in sites])
+    np.testing.assert_array_equal(after.samples[~mine], before.samples[~mine])
+    pooled_logit = head.cal_a * before.logits[mine] + head.cal_b
+    np.testing.assert_allclose(after.samples[mine], 1 / (1 + np.exp(-(1.3 * pooled_logit - 1.1))), rtol=1e-4, atol=1e-6)
+    assert np.all(after.p_mel[mine] < before.p_mel[mine])  # b < 0 pulls this site's p(MEL) down
+    assert after.thresholds.tolist() == [0.2, 0.3, 0.2, 0.3, 0.3, 0.2]
+    np.testing.assert_array_equal(after.is_mel, (after.p_mel >= after.thresholds).astype(int))

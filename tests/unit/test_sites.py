@@ -181,6 +181,10 @@ def test_retrain_validates_the_clinic_on_its_own_labels(clinic, trained_home):
     # (IPW-weighted), which is more melanomas than its validation split alone holds
     assert own["method"].startswith("cross-fitted (") and own["weighted"], own
     assert own["validation"]["mel_sensitivity"] >= 0.85 - 1e-9, own
+    # its own calibration was weighed against the pooled one on cross-validated log-loss, and the call recorded
+    cal = own["calibration"]
+    assert isinstance(cal["applied"], bool) and set(cal["log_loss"]) == {"pooled", "site"}, cal
+    assert cal["applied"] == (cal["gain"] > 1.645 * cal["gain_se"]) == own["method"].endswith("calibrated per site")
     assert result["thresholds_by_site"][NIGHT_DROP]["chosen_on"] == "pooled"
     part = result["metrics"]["test"]["by_site"][CLINIC]
     assert part["n_mel"] > 0 and part["threshold"] == pytest.approx(own["threshold"])
