@@ -99,6 +99,8 @@ def lesion_nightly_score():
             if summary["sites"]["mostly_unvalidated"]:
                 print(summary["sites"]["note"])
                 send_alert(context, alerts.unvalidated_night(summary, alert_links(context, summary["model_version"])))
+            if summary["sites"]["failing_sites"]:
+                send_alert(context, alerts.site_failing(summary, alert_links(context, summary["model_version"])))
         return summary
 
     shards = plan_shards()

@@ -9,7 +9,9 @@ Alerts, each with the model version, the numbers and links (the Airflow run, the
 - `distribution_shift`: tonight's predictions of the champion differ from the previous nights' of the same
   model version, pooled or at one site (`shift`, the rule below);
 - `unvalidated_night`: most of tonight's predictions come from sites the champion was never validated at
-  (`scoring.nightly.night_sites`).
+  (`scoring.nightly.night_sites`);
+- `site_failing`: tonight's predictions include cases from a site where the champion's own evidence puts it
+  below a floor (status `failing`): every one of them went to review.
 
 Distribution shift, the documented bound: for `p_mel` and for `entropy` separately, the two-sample
 Kolmogorov-Smirnov statistic between this run's predictions and the previous runs' predictions of the same
@@ -46,7 +48,7 @@ NO_CHAMPION = "no champion model: train one with lesion_retrain"
 
 @dataclass(frozen=True)
 class Alert:
-    kind: str  # gate_refused | nightly_failed | nightly_empty | distribution_shift | unvalidated_night
+    kind: str  # gate_refused | nightly_failed | nightly_empty | distribution_shift | unvalidated_night | site_failing
     subject: str
     lines: list[str]
     links: dict[str, str] = field(default_factory=dict)
@@ -200,6 +202,21 @@ def unvalidated_night(summary: dict[str, Any], links: dict[str, str]) -> Alert:
                  f"[lesion] tonight's predictions come mostly from unvalidated sites (model {summary['model_version']})",
                  [f"Run {summary['run_id']} of lesion_nightly_score, model version {summary['model_version']}: {sites['note']}",
                   f"Images by site status: {counts}."], links)
+
+
+def site_failing(summary: dict[str, Any], links: dict[str, str]) -> Alert:
+    """Tonight's cases from sites where the champion is below a floor (`nightly.night_sites`' `failing`)."""
+    failing = summary["sites"]["failing"]
+    n = sum(part["images"] for part in failing.values())
+    return Alert("site_failing",
+                 f"[lesion] {n} case(s) tonight from {len(failing)} site(s) where model {summary['model_version']} "
+                 f"is below a floor: {', '.join(sorted(failing))}",
+                 [f"Run {summary['run_id']} of lesion_nightly_score, model version {summary['model_version']}: {n} case(s) "
+                  "came from sites where the model's own evidence (the site's test split) puts it below a gate floor. "
+                  "Every one of them went to review (reason site_failing); do not act on these predictions alone.", "",
+                  *(f"  {name}: {part['images']} case(s); {part['why']}" for name, part in sorted(failing.items())), "",
+                  "Label more of each site's validation sample (lesion sites sample SITE), import the labels and retrain: "
+                  "its own threshold, weights and calibration come from them."], links)
 
 
 # --- isic_ingest ------------------------------------------------------------------------------------

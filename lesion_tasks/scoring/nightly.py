@@ -28,7 +28,7 @@ import sqlalchemy as sa
 from PIL import Image, ImageOps
 
 from lesion_tasks.lifecycle import artifacts, predict, registry
-from lesion_tasks.lifecycle.sites import status_at
+from lesion_tasks.lifecycle.sites import status_at, status_of
 from lesion_tasks.model import backbones, features, gradcam, mc, scope
 from lesion_tasks.core import keys
 from lesion_tasks.core.db import analyze, engine_for, upsert
@@ -310,7 +310,15 @@ def site_statuses(conn: sa.Connection, model_version: str, run_id: str) -> dict[
                         .where(predictions.c.run_id == run_id, predictions.c.model_version == model_version)
                         .group_by(site)).all()
     status = status_at(conn, model_version, {name for name, _ in rows})
-    return {name: {"status": status[name], "images": int(n)} for name, n in rows}
+    out = {name: {"status": status[name], "images": int(n)} for name, n in rows}
+    failing = [name for name, part in out.items() if part["status"] == "failing"]
+    if failing:  # what its evidence says, in words (the floors it is below, with the intervals)
+        floors = registry.version(conn, model_version).floors
+        evidence = dict(conn.execute(sa.select(site_evaluations.c.site, site_evaluations.c.metrics).where(
+            site_evaluations.c.model_version == model_version, site_evaluations.c.site.in_(failing))).all())
+        for name in failing:
+            out[name]["why"] = status_of(evidence.get(name), 1, floors)[1]
+    return out
 
 
 def night_sites(by_site: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -328,6 +336,9 @@ def night_sites(by_site: dict[str, dict[str, Any]]) -> dict[str, Any]:
                        f"was never validated at ({', '.join(unvalidated[:10])}{' ...' if len(unvalidated) > 10 else ''}): "
                        "they are decided at the pooled threshold, with no evidence from those sites. Draw each one's "
                        "validation sample (lesion sites sample SITE), import its labels and retrain.")
+    if out["failing_sites"]:
+        out["failing"] = {name: {"images": by_site[name]["images"], "why": by_site[name].get("why", "")}
+                          for name in out["failing_sites"]}
     return out
 
 

@@ -27,7 +27,7 @@ from lesion_tasks.ops import alerts
 from lesion_tasks.core import db, keys
 from lesion_tasks.ingest.drop import ingest
 from lesion_tasks.lifecycle.registry import GateFloors
-from lesion_tasks.core.schema import drops, model_versions
+from lesion_tasks.core.schema import drops, model_versions, site_evaluations
 from lesion_tasks.core.store import open_store
 from lesion_tasks.ops.synthetic import make_drop
 from tools import servers
@@ -192,6 +192,25 @@ def test_nightly_shift_and_failure_are_mailed(airflow_db, trained_home, smtp_sin
     assert "n = 60" in text and "KS " in text and "SHIFTED" in text and "Bound: KS > 0.2 with p < 0.01" in text
     assert _run_link("lesion_nightly_score", run.run_id) in text and f"/lesion-review/models/{quote(version, safe='')}/report" in text
 
+    # the clinic's labels arrived and put the champion below a floor there (its site_evaluations row: failing);
+    # its next night: every case to review, and a mail that says so and why
+    engine = db.make_engine(home.db_url)
+    with engine.begin() as conn:
+        conn.execute(site_evaluations.insert().values(
+            model_version=version, site="referrals", status="failing", evidence="test", melanomas_evidence=35,
+            threshold=0.5, chosen_on="site", evaluated_at=datetime.now(UTC),
+            metrics={"n_mel": 35, "mel_sensitivity": 0.6, "ci95": {"mel_sensitivity": [0.45, 0.74]}}))
+    engine.dispose()
+    again = make_drop(tmp_path / "referrals-2", n_images=12, melanoma_fraction=1.0, seed=79, size=128)
+    (again / "metadata.csv").unlink()
+    ingest(str(again), home, site="referrals")
+    run, states = run_dag(dag)
+    assert run.state == "success", states
+    texts = smtp_sink.texts()
+    assert len(texts) == 3, texts[2:]  # 12 images: too few to compare for a shift; not unvalidated: failing
+    assert "12 case(s) tonight from 1 site(s) where model" in texts[2] and "is below a floor: referrals" in texts[2]
+    assert "mel_sensitivity 95% CI up to 0.740 < 0.8" in texts[2] and "Every one of them went to review" in texts[2]
+
     # a night whose scoring fails (the champion's artifacts are gone): one failure alert for the run
     ingest(str(make_drop(tmp_path / "more", n_images=8, seed=78, size=128)), home)
     store = open_store(home)
@@ -201,7 +220,7 @@ def test_nightly_shift_and_failure_are_mailed(airflow_db, trained_home, smtp_sin
         t.retries = 0  # no retry delay to wait out in dag.test
     run, states = run_dag(dag)
     assert run.state == "failed" and states["score_shard"] == "failed", states
-    assert len(smtp_sink.messages) == 3
-    text = smtp_sink.texts()[2]
+    assert len(smtp_sink.messages) == 4
+    text = smtp_sink.texts()[3]
     assert f"nightly scoring FAILED (model {version})" in text and "score_shard[0]" in text
     assert _run_link("lesion_nightly_score", run.run_id) in text

@@ -183,3 +183,38 @@ def test_views_one_row_per_image_and_review_queue(scored_home):
     engine.dispose()
     assert len(latest) == len({i for i, _ in latest}) == N_IMAGES and {v for _, v in latest} == {version}
     assert len(queue) == flagged and all(q.needs_review for q in queue)
+
+
+def test_a_failing_site_sends_every_case_to_review_and_the_night_says_why(trained_home, tmp_path):
+    """A site where the champion's own evidence is below a floor (`site_evaluations` status failing): every
+    one of its cases tonight goes to review (`site_failing`), the summary names the floor, the alert says so."""
+    from datetime import UTC, datetime
+
+    from lesion_tasks.core.schema import site_evaluations
+    from lesion_tasks.ops import alerts
+
+    settings = copy_home(trained_home.settings, tmp_path / "home")
+    version = trained_home.version
+    engine = db.make_engine(settings.db_url)
+    below = {"n_mel": 40, "mel_sensitivity": 0.55, "mel_specificity": 0.7, "auc": 0.7, "balanced_accuracy": 0.62,
+             "ci95": {"mel_sensitivity": [0.40, 0.70], "mel_specificity": [0.6, 0.8], "auc": [0.6, 0.8],
+                      "balanced_accuracy": [0.55, 0.7]}}
+    with engine.begin() as conn:
+        site_ids = list(conn.scalars(sa.select(images.c.image_id).where(images.c.drop_id == OTHER_DROP)))
+        conn.execute(predictions.delete().where(predictions.c.image_id.in_(site_ids)))
+        conn.execute(site_evaluations.update().where(site_evaluations.c.model_version == version,
+                                                     site_evaluations.c.site == OTHER_DROP)
+                     .values(status="failing", melanomas_evidence=40, metrics=below, evaluated_at=datetime.now(UTC)))
+    assert scoring.score(settings, run_id="failing-night")["scored"] == len(site_ids) > 0
+    with engine.connect() as conn:
+        reasons = dict(conn.execute(sa.select(predictions.c.image_id, predictions.c.review_reasons)
+                                    .where(predictions.c.run_id == "failing-night")).all())
+    engine.dispose()
+    assert set(reasons) == set(site_ids) and all("site_failing" in (r or "") for r in reasons.values()), reasons
+    night = scoring.summarize(settings, "champion", "failing-night", [])
+    failing = night["sites"]["failing"]
+    assert night["sites"]["failing_sites"] == [OTHER_DROP] and failing[OTHER_DROP]["images"] == len(site_ids)
+    assert "mel_sensitivity 95% CI up to 0.700 < 0.8" in failing[OTHER_DROP]["why"], failing
+    alert = alerts.site_failing(night, {"review": "http://ui/"})
+    assert alert.kind == "site_failing" and OTHER_DROP in alert.subject and f"{len(site_ids)} case(s)" in alert.subject
+    assert "Every one of them went to review" in alert.text() and failing[OTHER_DROP]["why"] in alert.text()
