@@ -211,7 +211,16 @@ def _compare_with_champion(settings: Settings, store: ObjectStore, v: registry.M
     pr = {which.model_version: predict_refs(settings, store, which, refs, sites=test_sites) for which in (v, champion)}
     new, old = pr[v.model_version], pr[champion.model_version]
     delta = evaluation.paired_delta(y, new.p_mel, new.thresholds, old.p_mel, old.thresholds, n=v.bootstrap, seed=v.seed)
-    return {"champion": champion.model_version, "n_test": len(refs), **delta}
+    # and at every site with enough test melanomas of its own, each version at its threshold there (paired,
+    # unweighted: the same cases under both versions, so a sampling weight would cancel in the question)
+    sites = np.array(test_sites, dtype=object)
+    by_site = {}
+    for site in sorted(set(test_sites)):
+        m = sites == site
+        if int(y[m].sum()) >= registry.MIN_SOURCE_MEL and int((y[m] == 0).sum()) >= 1:
+            by_site[site] = {"n_test": int(m.sum()), "n_mel": int(y[m].sum()), **evaluation.paired_delta(
+                y[m], new.p_mel[m], new.thresholds[m], old.p_mel[m], old.thresholds[m], n=v.bootstrap, seed=v.seed)}
+    return {"champion": champion.model_version, "n_test": len(refs), **delta, "by_site": by_site}
 
 
 def _history(conn: sa.Connection, model_version: str) -> list[dict[str, Any]]:

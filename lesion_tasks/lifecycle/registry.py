@@ -286,7 +286,8 @@ def decide(metrics: dict[str, Any], comparison: dict[str, Any] | None, floors: G
     """(passed, reasons): every evidence, floor and regression check, passed or failed, in words. Too
     little evidence (`_evidence_checks`) is never a pass. The floors apply to the pooled test split, to
     every site with at least MIN_SOURCE_MEL melanomas in test, and (with at least MIN_OUT_OF_SCOPE
-    such test images) to the out-of-scope recall."""
+    such test images) to the out-of-scope recall; the regression check vs the champion to the pooled test
+    split and to each such site (`comparison["by_site"]`)."""
     test = metrics["test"]
     passed, reasons = _evidence_checks(metrics, floors)
     ok, more = _floor_checks("test", test, floors)
@@ -310,18 +311,33 @@ def decide(metrics: dict[str, Any], comparison: dict[str, Any] | None, floors: G
     if comparison is None:
         reasons.append("PASS: no champion to compare with")
     else:
-        for name in ("auc", "mel_sensitivity"):
-            lo, hi = comparison[f"{name}_delta_ci95"]
-            if lo is None or hi is None or comparison[f"{name}_delta"] is None:
-                passed = False
-                reasons.append(f"FAIL: {name} vs champion {comparison['champion']} is undefined on this test split")
-                continue
-            worse = hi < 0
-            passed &= not worse
-            reasons.append(f"{'FAIL' if worse else 'PASS'}: {name} vs champion {comparison['champion']} "
-                           f"delta {shown(comparison[f'{name}_delta'], sign=True)} (95% CI {shown(lo, sign=True)}.."
-                           f"{shown(hi, sign=True)})"
-                           f"{' significantly worse' if worse else ''}")
+        ok, more = _regression_checks("", comparison, comparison["champion"])
+        passed &= ok
+        reasons += more
+        # no significant regression at any site with enough test melanomas of its own either
+        for site, part in sorted((comparison.get("by_site") or {}).items()):
+            ok, more = _regression_checks(f"test[{site}] ", part, comparison["champion"])
+            passed &= ok
+            reasons += more
+    return passed, reasons
+
+
+def _regression_checks(where: str, delta: dict[str, Any], champion: str) -> tuple[bool, list[str]]:
+    """AUC and melanoma sensitivity vs the champion on the same cases: FAIL when the paired 95% interval of
+    the difference lies wholly below 0, or when it is undefined."""
+    passed, reasons = True, []
+    for name in ("auc", "mel_sensitivity"):
+        lo, hi = delta[f"{name}_delta_ci95"]
+        if lo is None or hi is None or delta[f"{name}_delta"] is None:
+            passed = False
+            reasons.append(f"FAIL: {where}{name} vs champion {champion} is undefined on this test split")
+            continue
+        worse = hi < 0
+        passed &= not worse
+        reasons.append(f"{'FAIL' if worse else 'PASS'}: {where}{name} vs champion {champion} "
+                       f"delta {shown(delta[f'{name}_delta'], sign=True)} (95% CI {shown(lo, sign=True)}.."
+                       f"{shown(hi, sign=True)})"
+                       f"{' significantly worse' if worse else ''}")
     return passed, reasons
 
 

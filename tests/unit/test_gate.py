@@ -83,6 +83,22 @@ def test_a_regression_vs_the_champion_reads_as_it_is_decided():
     assert _fails(reasons) == ["FAIL: auc vs champion old delta -0.0100 (95% CI -0.0300..-0.0001) significantly worse"]
 
 
+def test_a_regression_at_one_site_refuses_even_when_pooled_holds():
+    """No significant regression at any site with enough evidence: a clinic the challenger does worse at
+    refuses it although the pooled comparison (dominated by the archive) passes."""
+    fine = {"auc_delta": 0.01, "auc_delta_ci95": [-0.01, 0.03], "mel_sensitivity_delta": 0.0,
+            "mel_sensitivity_delta_ci95": [-0.05, 0.05]}
+    clinic = {"n_test": 120, "n_mel": 31, "auc_delta": 0.0, "auc_delta_ci95": [-0.04, 0.04],
+              "mel_sensitivity_delta": -0.19, "mel_sensitivity_delta_ci95": [-0.35, -0.03]}
+    comparison = {"champion": "old", **fine, "by_site": {"archive": {"n_test": 900, "n_mel": 200, **fine}, "clinic": clinic}}
+    passed, reasons = registry.decide(_metrics(), comparison, registry.GateFloors())
+    assert not passed
+    assert _fails(reasons) == ["FAIL: test[clinic] mel_sensitivity vs champion old delta -0.1900 (95% CI -0.3500..-0.0300) "
+                               "significantly worse"]
+    assert "PASS: test[archive] auc vs champion old delta +0.0100 (95% CI -0.0100..+0.0300)" in reasons
+    assert registry.decide(_metrics(), comparison | {"by_site": {}}, registry.GateFloors())[0]  # pooled alone passes
+
+
 def _version(**gate) -> dict:
     return {"model_version": "v2", "status": "rejected" if gate.get("passed") is False else "champion",
             "is_champion": gate.get("passed", False), "gate": gate or None}
