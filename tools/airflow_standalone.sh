@@ -17,6 +17,15 @@
 # Python, which installs its handlers whatever it inherited.
 set -euo pipefail
 source "$(dirname "$0")/airflow_env.sh"
+# every port this Airflow listens on must be free: say which is taken and what to set, instead of logs that
+# cannot be served later (a second Airflow on the machine holding 8793, say)
+for var in AIRFLOW__API__PORT AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT; do
+  if ! python -c 'import socket, sys; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("0.0.0.0", int(sys.argv[1])))' "${!var}" 2>/dev/null; then
+    echo "make airflow: port ${!var} ($var) is already in use (another Airflow?): set $var to a free port," \
+         "or AIRFLOW__API__PORT, which the log-server ports follow (+713, +714)" >&2
+    exit 2
+  fi
+done
 mkdir -p "$AIRFLOW_HOME"
 echo "Airflow home: $AIRFLOW_HOME   lesion home: $LESION_HOME"
 lesion db upgrade

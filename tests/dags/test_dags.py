@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tools import servers
+
 REPO = Path(__file__).resolve().parents[2]
 DAGS = REPO / "dags"
 EXPECTED = {"isic_ingest": "*/30 * * * *", "lesion_retrain": None, "lesion_nightly_score": "0 2 * * *"}
@@ -189,6 +191,34 @@ def test_make_airflow_is_sized_to_the_machine():
     assert env["TF_CPP_MIN_LOG_LEVEL"] == "2"
     env = sourced({"AIRFLOW__CORE__PARALLELISM": "9", "AIRFLOW__API__WORKERS": "3", "TF_CPP_MIN_LOG_LEVEL": "0"})
     assert (env["AIRFLOW__CORE__PARALLELISM"], env["AIRFLOW__API__WORKERS"], env["TF_CPP_MIN_LOG_LEVEL"]) == ("9", "3", "0")
+    # the log servers follow the API port: Airflow's own 8793/8794 at 8080, others elsewhere
+    ports = ("AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT", "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT")
+    assert [sourced({})[k] for k in ports] == ["8793", "8794"]
+    assert [sourced({"AIRFLOW__API__PORT": "8093"})[k] for k in ports] == ["8806", "8807"]
+    assert sourced({"AIRFLOW__API__PORT": "8093", ports[0]: "9001"})[ports[0]] == "9001"
+    assert [sourced({"AIRFLOW__API__PORT": "65000"})[k] for k in ports] == ["64000", "64001"]  # stays a port
+
+
+def test_make_airflow_says_which_port_is_taken(tmp_path):
+    """A second Airflow holding the worker log-server port: `make airflow` stops at once and names the
+    variable to set, instead of starting with logs that cannot be served."""
+    import socket
+
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    try:
+        taken = held.getsockname()[1]
+        env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "LESION_HOME": str(tmp_path / "home"),
+               "AIRFLOW__API__PORT": str(servers.free_port()), "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(taken)}
+        done = subprocess.run(["bash", "tools/airflow_standalone.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=60)
+    finally:
+        held.close()
+    assert done.returncode == 2, done.stderr
+    assert f"port {taken} (AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT) is already in use" in done.stderr
+    assert "or AIRFLOW__API__PORT, which the log-server ports follow" in done.stderr
+    assert not (tmp_path / "home").exists()  # nothing started, nothing written
 
 
 @pytest.mark.parametrize("path", sorted(DAGS.glob("*.py")), ids=lambda p: p.name)
