@@ -17,6 +17,13 @@ from scipy.fft import dctn
 from lesion_tasks.core.reasons import Reason
 from lesion_tasks.ingest.sources import Limits
 
+# Bombs are this module's to judge: `inspect_image` rejects more than Limits.max_pixels (64 M, under PIL's own
+# warning threshold of about 89 M) from the header, before any pixel is decoded, with reason
+# decompression_bomb; PIL's error above twice its threshold stays as a backstop. So PIL's warning is noise in
+# every ingest log: ignored process-wide, once. (It was ignored per call with warnings.catch_warnings(), which
+# is not thread-safe: with the ingest's worker threads it leaked the warning now and then.)
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
 ALLOWED_FORMATS = {"JPEG", "PNG", "TIFF", "BMP", "WEBP", "MPO"}
 # Modes we know how to turn into 8-bit RGB.
 CONVERTIBLE_MODES = {"RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "1", "CMYK", "YCbCr", "LAB", "HSV",
@@ -62,9 +69,7 @@ def inspect_image(data: bytes, limits: Limits, size: int) -> Accepted | Rejected
     if len(data) > limits.max_bytes:
         return Rejected(Reason.FILE_TOO_LARGE, f"{len(data)} bytes, limit {limits.max_bytes}")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
+        im = Image.open(io.BytesIO(data))  # lazy: the header only; the pixel limit is ours (below)
     except UnidentifiedImageError:
         known = next((fmt for magic, fmt in _SIGNATURES if data.startswith(magic)), None)
         if known:  # the signature of an image, but the decoder cannot read its header

@@ -22,13 +22,18 @@ def gradcam_tape(model, last_layer: str, images: np.ndarray, class_index: np.nda
     import tensorflow as tf
 
     grad_model = keras.Model(model.input, [model.get_layer(last_layer).output, model.output])
-    x = tf.constant(images, tf.float32)
-    with tf.GradientTape() as tape:
-        activations, preds = grad_model(x, training=False)
-        score = tf.gather(preds, tf.constant(class_index, tf.int32), axis=1, batch_dims=1)
-    grads = tape.gradient(score, activations)
-    weights = tf.reduce_mean(grads, axis=(1, 2))
-    cam = tf.nn.relu(tf.einsum("nhwk,nk->nhw", activations, weights)).numpy()
+
+    # one graph: run eagerly, the tape's backward pass logs "oneDNN supports DT_INT32 only on platforms
+    # with AVX-512" as an error line (in every evaluate_model log) on CPUs without it
+    @tf.function
+    def cam_of(x, index):
+        with tf.GradientTape() as tape:
+            activations, preds = grad_model(x, training=False)
+            score = tf.gather(preds, index, axis=1, batch_dims=1)
+        weights = tf.reduce_mean(tape.gradient(score, activations), axis=(1, 2))
+        return tf.nn.relu(tf.einsum("nhwk,nk->nhw", activations, weights))
+
+    cam = cam_of(tf.constant(images, tf.float32), tf.constant(class_index, tf.int32)).numpy()
     return cam / np.maximum(cam.max(axis=(1, 2), keepdims=True), 1e-12) if normalize else cam
 
 

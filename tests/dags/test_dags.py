@@ -174,6 +174,26 @@ def test_tensorflow_startup_lines_stay_out_of_task_logs():
     assert not [line for line in quiet.splitlines() if any(n in line for n in noise)], quiet
 
 
+def test_training_and_the_reports_grad_cam_log_no_error_lines():
+    """What train_model and evaluate_model run (the head's fit, the report's Grad-CAM through the demo
+    backbone) writes no TensorFlow error lines: fit's validation numpy arrays made a parallel map that op
+    determinism rewrites ("E0000 ... use_unbounded_threadpool"), and an eager tape through the backbone logged
+    "oneDNN supports DT_INT32 only on platforms with AVX-512"."""
+    code = (
+        "import sys; sys.path.insert(0, 'plugins'); from lesion_airflow import quiet_tensorflow; quiet_tensorflow()\n"
+        "import numpy as np\n"
+        "from lesion_tasks.model import backbones, gradcam, training\n"
+        "x = np.random.default_rng(0).normal(size=(120, 16)).astype(np.float32); y = np.array([0, 1] * 60)\n"
+        "training.fit_head([x], y, x[:40], y[:40], 0.3, 2, 0)\n"
+        "w = backbones.ResolvedWeights('none', None, 'random', None)\n"
+        "model = backbones.build_model('mobilenet025_multiscale', 96, w, 0.3)\n"
+        "spec = backbones.get_backbone('mobilenet025_multiscale')\n"
+        "cam = gradcam.gradcam_tape(model, spec.last_activation, np.zeros((2, 96, 96, 3), np.float32), np.array([0, 1]))\n"
+        "print(cam.shape)\n")
+    err = _tf_stderr(code)
+    assert not [line for line in err.splitlines() if line.startswith("E0000") or "DT_INT32" in line], err
+
+
 def test_make_airflow_is_sized_to_the_machine():
     """tools/airflow_env.sh: LocalExecutor parallelism (it forks them all at start), API workers and parsing
     processes from the CPU count; the environment wins."""

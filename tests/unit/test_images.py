@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +18,7 @@ from lesion_tasks.ingest.sources import Limits
 from tests import imagegen as g
 
 LIMITS = Limits()
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("make,conversion", [
@@ -73,3 +78,23 @@ def test_phash_is_stable_under_reencoding_and_differs_between_lesions():
     c = g.lesion_like(30, (300, 240)).transpose(Image.Transpose.ROTATE_90).resize((300, 240))
     assert bin(phash(a) ^ phash(b)).count("1") <= 2
     assert bin(phash(a) ^ phash(c)).count("1") > 2
+
+
+def test_a_bomb_is_rejected_without_pils_warning_from_many_threads():
+    """The ingest's worker threads inspect images concurrently: a bomb is rejected by the project's own limit
+    and PIL's DecompressionBombWarning never reaches the log (a per-call catch_warnings is not thread-safe:
+    it leaked the warning now and then)."""
+    script = (
+        "from concurrent.futures import ThreadPoolExecutor\n"
+        "from tests.imagegen import bomb_png\n"
+        "from lesion_tasks.ingest.images import inspect_image\n"
+        "from lesion_tasks.ingest.sources import Limits\n"
+        "data = bomb_png(10000)  # 100 M pixels: above PIL's warning threshold, under its error\n"
+        "with ThreadPoolExecutor(8) as pool:\n"
+        "    out = set(pool.map(lambda _: inspect_image(data, Limits(), 224).reason.value, range(20000)))\n"
+        "print(sorted(out))\n")
+    done = subprocess.run([sys.executable, "-W", "always", "-c", script], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['decompression_bomb']"
+    assert "DecompressionBombWarning" not in done.stderr and "decompression bomb" not in done.stderr, done.stderr
