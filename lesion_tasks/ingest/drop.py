@@ -123,10 +123,8 @@ class _DropIngestion:
                 if now - last_log < 5 and processed < len(todo):
                     continue
                 last_log, rate = now, processed / max(now - started, 1e-9)
-                log.info("drop %s: %d/%d images (accepted %d, quarantined %d) %.0f images/s",
-                         self.drop_id, processed, len(todo), self.counts["accepted"],
-                         sum(v for k, v in self.counts.items() if k != "accepted"), rate)
-        result.accepted = self.counts.pop("accepted", 0)
+                log.info("drop %s: %s", self.drop_id, self.progress(processed, len(todo), rate))
+        result.accepted = self.counts.pop("accepted", 0)  # (the counts' keys are reasons from here on)
         result.duplicates = sum(self.counts[r] for r in DUPLICATE_REASONS)
         result.quarantined = sum(self.counts.values()) - result.duplicates
         result.reasons = dict(sorted(self.counts.items()))
@@ -182,6 +180,13 @@ class _DropIngestion:
         return {"drop_id": self.drop_id, "entry": entry_key(entry), "reason": str(reason), "detail": detail[:2000],
                 "image_id": image_id if valid_image_id(image_id) else None, "sha256": sha,
                 "raw_uri": raw_uri, "quarantined_at": self.now}
+
+    def progress(self, processed: int, total: int, rate: float) -> str:
+        """The progress line, in the result's own terms: duplicates are not counted as quarantined."""
+        duplicates = sum(self.counts.get(r, 0) for r in DUPLICATE_REASONS)
+        quarantined = sum(v for k, v in self.counts.items() if k != "accepted") - duplicates
+        return (f"{processed}/{total} images (accepted {self.counts.get('accepted', 0)}, duplicates {duplicates}, "
+                f"quarantined {quarantined}) {rate:.0f} images/s")
 
     def _batch(self, pool: ThreadPoolExecutor, batch: Sequence[Entry]) -> None:
         examined = list(pool.map(lambda e: examine(self.src, e, self.limits, self.size), batch))

@@ -161,8 +161,12 @@ def _listing(conn: sa.Connection, f: QueueFilter, check: bool) -> dict[str, Any]
     rows = conn.execute(query.order_by(SORTS[f.sort].desc(), ties.desc(), predictions.c.image_id)
                         .limit(f.limit).offset(f.offset)).mappings().all()
     status = status_at(conn, version, {row["site"] for row in rows})
-    return {"model_version": version, "total": counts.pop("total"), "counts": counts,
-            "cases": [dict(row) | {"site_status": status[row["site"]]} for row in rows]}
+    out = {"model_version": version, "total": counts.pop("total"), "counts": counts,
+           "cases": [dict(row) | {"site_status": status[row["site"]]} for row in rows]}
+    if not out["total"]:  # an empty page: did the version score anything at all? (what empty_hints says)
+        out["scored"] = int(conn.scalar(sa.select(sa.func.count()).select_from(predictions)
+                                        .where(predictions.c.model_version == version)) or 0)
+    return out
 
 
 def _counts(f: QueueFilter, groups) -> dict[str, Any]:
@@ -253,7 +257,10 @@ def empty_hints(f: QueueFilter, result: dict[str, Any], check: bool = False) -> 
                                                        ("flag", f.flag)) if value]
     if narrowing:
         hint(f"the filters {', '.join(narrowing)} may hide more", ("clear them", "", {"drop": None, "label": None, "flag": None}))
-    if not hints:
+    if not hints and result.get("scored") == 0:
+        hint(f"model {version} has not scored any image yet: lesion_nightly_score scores every unscored image "
+             "(or `lesion score`)")
+    elif not hints:
         hint(f"model {version} agrees with every ISIC label it scored" if check else f"model {version} flagged nothing for review")
     return {"headline": head, "hints": hints}
 

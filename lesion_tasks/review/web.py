@@ -224,7 +224,7 @@ def create_app(settings: Callable[[], Settings], authenticate: Callable[[Request
         next_case = next((c["image_id"] for c in upcoming if c["image_id"] != image_id), None)
         samples = data["samples"] or []
         return page(request, "case.html", who, c=data, samples=samples, saved=saved, submission_id=uuid.uuid4().hex,
-                    sample_sd=_sd(samples), labels=("MEL", "NV", "OTHER"), next_case=next_case, check=check,
+                    sample_sd=_sd(samples), spread=spread_words(_sd(samples)), labels=("MEL", "NV", "OTHER"), next_case=next_case, check=check,
                     verdicts_validate=backend.settings.verdicts_validate)
 
     @app.post("/case/{image_id}/review")
@@ -353,6 +353,16 @@ def _ci(pair: Any, pct: bool = False) -> str:
     if not isinstance(pair, (list, tuple)) or len(pair) != 2 or None in pair:
         return "—"
     return f"({100 * pair[0]:.1f}–{100 * pair[1]:.1f}%)" if pct else f"({pair[0]:.3f}–{pair[1]:.3f})"
+
+
+# how the case page words the spread of the dropout samples of p(MEL) (their standard deviation)
+SPREAD_WORDS = ((0.05, "narrow: the dropout samples agree"), (0.15, "moderate: the samples differ somewhat"),
+                (float("inf"), "wide: the model disagrees with itself"))
+
+
+def spread_words(sd: float | None) -> str:
+    """`SPREAD_WORDS` for a standard deviation (the caption must follow the value)."""
+    return "" if sd is None else next(words for bound, words in SPREAD_WORDS if sd < bound)
 
 
 def _sd(values: list[float]) -> float | None:

@@ -4,6 +4,7 @@ beside them is accepted, every entry is accounted for, and nothing is written ou
 from __future__ import annotations
 
 import json
+import logging
 import os
 import zipfile
 from pathlib import Path
@@ -108,14 +109,19 @@ def _check(settings, result, expected: dict[str, str]):
     return {e["entry"]: e["outcome"] for e in manifest["entries"]}
 
 
-def test_bad_folder_drop(tmp_path, local_settings):
+def test_bad_folder_drop(tmp_path, local_settings, caplog):
     drop = tmp_path / "bad-drop"
     _write_corpus(drop)
     os.symlink("/etc/passwd", drop / "images" / "ISIC_B19.jpg")
     expected = _expected_reasons() | {"images/ISIC_B19.jpg": "unsafe_path"}
     before = _snapshot(tmp_path, local_settings.home)
-    result = ingest(str(drop), local_settings, limits=LIMITS)
+    with caplog.at_level(logging.INFO, logger="lesion_tasks.ingest.drop"):
+        result = ingest(str(drop), local_settings, limits=LIMITS)
     outcomes = _check(local_settings, result, expected)
+    # the progress line counts as the result does: the duplicate is not "quarantined"
+    progress = [r.getMessage() for r in caplog.records if " images (accepted " in r.getMessage()][-1]
+    assert (f"(accepted {result.accepted}, duplicates {result.duplicates}, quarantined {result.quarantined})"
+            in progress), progress
     on_disk = {p.relative_to(drop).as_posix() for p in drop.rglob("*") if p.is_file() or p.is_symlink()}
     assert on_disk <= set(outcomes), f"entries missing from the manifest: {on_disk - set(outcomes)}"
     assert outcomes[".DS_Store"] == "ignored" and outcomes["second_opinion.csv"] == "auxiliary"

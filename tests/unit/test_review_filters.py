@@ -287,3 +287,40 @@ def test_model_versions_page_shows_the_cis_of_sensitivity_and_specificity(home_c
         assert cells["old-no-ci"][cell].endswith('<small class="ci">—</small>'), cell
     assert cells["half-ci"]["specificity"].endswith('<small class="ci">—</small>')
     assert "(95% CI)</th><th>specificity (95% CI)" in page
+
+
+def test_an_empty_queue_of_a_champion_that_scored_nothing_says_so(home_copy, trained_home):
+    """A champion with no prediction yet (promoted, the night not run): the empty queue says it has scored
+    nothing, not that it "flagged nothing for review"."""
+    engine, version = db.make_engine(home_copy.db_url), trained_home.version
+    with engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM prediction_samples"))
+        conn.execute(predictions.delete())
+    with engine.connect() as conn:
+        result = review.queue(conn, review.QueueFilter(status="all", labelled="all"))
+    engine.dispose()
+    assert result["total"] == 0 and result["scored"] == 0
+    texts = [h["text"] for h in review.empty_hints(review.QueueFilter(status="all", labelled="all"), result)["hints"]]
+    assert texts == [f"model {version} has not scored any image yet: lesion_nightly_score scores every unscored image "
+                     "(or `lesion score`)"]
+    page = _client(home_copy).get("/").text
+    assert "has not scored any image yet" in page and "flagged nothing for review" not in page
+
+
+def test_the_case_caption_words_the_spread_it_shows(home_copy, trained_home):
+    """The MC caption follows its value: narrow, moderate or wide by the samples' sd (it always said "wide")."""
+    from lesion_tasks.review.web import spread_words
+
+    assert [spread_words(sd) for sd in (0.0, 0.049, 0.05, 0.149, 0.15, 0.4)] == [
+        "narrow: the dropout samples agree"] * 2 + ["moderate: the samples differ somewhat"] * 2 + [
+        "wide: the model disagrees with itself"] * 2
+    engine, version = db.make_engine(home_copy.db_url), trained_home.version
+    with engine.connect() as conn:
+        ids = [c["image_id"] for c in review.queue(conn, review.QueueFilter(status="all", labelled="all", limit=5))["cases"]]
+    engine.dispose()
+    client = _client(home_copy)
+    for image_id in ids:
+        page = client.get(f"/case/{image_id}", params={"version": version}).text
+        found = re.search(r'Their spread is <span class="spread">([^<]+)</span> \(sd ([0-9.]+)\)', page)
+        assert found, page
+        assert html.unescape(found.group(1)) == spread_words(float(found.group(2))), found.group(0)
