@@ -243,6 +243,26 @@ def with_gate(report: bytes, section: str) -> bytes:
     return (text[:head] + section + text[head:]).encode()
 
 
+def threshold_sentence(version: dict[str, Any], metrics: dict[str, Any]) -> str:
+    """How the pooled threshold was chosen, in words: which target set it (the pooled validation split's, or a
+    gated site's stricter one) and the validation sensitivity it reaches, not just the configured target."""
+    t = metrics["test"]["threshold"]
+    targets = (version.get("review_rule") or {}).get("threshold_by_source") or {}
+    setter = next((name for name, value in sorted(targets.items(), key=lambda kv: kv[0] != "pooled")
+                   if abs(float(value) - float(t)) < 1e-12), None)
+    configured = version["config"]["target_sensitivity"]
+    val_sens = metrics["val"].get("mel_sensitivity")
+    where = ("each site at its own threshold where it has one" if metrics["val"].get("thresholds_applied") == "per site"
+             else "at this threshold")
+    reached = f"; validation sensitivity {val_sens:.3f} ({where})" if isinstance(val_sens, (int, float)) else ""
+    if setter is None or setter == "pooled":
+        how = f"the pooled validation split's target (sensitivity {configured}, raised where its melanomas need a margin)"
+    else:
+        how = (f"the stricter target of site {html.escape(setter)} (its validation melanomas, sensitivity {configured} "
+               "or higher for their margin), which the pooled threshold must also reach")
+    return f"Threshold {t:.4f}, chosen on validation: set by {how}{reached}."
+
+
 def html_report(version: dict[str, Any], metrics: dict[str, Any], figures: dict[str, bytes],
                 examples: list[dict[str, Any]], history: list[dict[str, Any]] | None = None) -> bytes:
     """A single HTML file, images embedded, nothing fetched from anywhere."""
@@ -263,8 +283,7 @@ td,th{{border:1px solid #ccc;padding:3px 8px}} figure{{display:inline-block;marg
 img{{max-width:330px}} .fail{{color:#b00}} .pass{{color:#070}} .pending{{color:#a60}} pre{{background:#f6f6f6;padding:8px}}</style></head><body>
 <h1>Model version {html.escape(version['model_version'])}</h1>
 <p>Profile <b>{html.escape(version['profile'])}</b>, backbone <b>{html.escape(version['backbone'])}</b>, input {version['image_size']} px,
-weights: {html.escape(version['weights_source'])}. Threshold {test['threshold']:.4f} (chosen on validation for melanoma sensitivity
-{version['config']['target_sensitivity']}), MC-dropout samples {version['mc_samples']}.</p>
+weights: {html.escape(version['weights_source'])}. {threshold_sentence(version, metrics)} MC-dropout samples {version['mc_samples']}.</p>
 {gate_section(version, history)}
 <h2>Metrics (test n={test['n']}, {test['n_mel']} melanoma; 95% bootstrap intervals)</h2>
 <table><tr><th>metric</th><th>test</th><th>validation</th></tr>

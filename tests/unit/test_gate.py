@@ -143,3 +143,16 @@ def test_the_gate_section_is_replaced_not_appended():
 @pytest.mark.parametrize("value,expected", [(0.7996, "0.7996"), (0.79999999, "0.7999"), (None, "–"), (float("nan"), "–")])
 def test_report_cells_round_toward_the_floor_side(value, expected):
     assert report._cell(value) == expected
+
+
+def test_the_report_says_which_target_set_the_threshold():
+    """Not "chosen for sensitivity 0.85" when a gated site's stricter target set it (issue 23)."""
+    version = {"config": {"target_sensitivity": 0.85},
+               "review_rule": {"threshold_by_source": {"pooled": 0.2057, "isic2019-84px": 0.1887}}}
+    metrics = {"test": {"threshold": 0.1887}, "val": {"mel_sensitivity": 0.8957, "thresholds_applied": "pooled"}}
+    text = report.threshold_sentence(version, metrics)
+    assert text == ("Threshold 0.1887, chosen on validation: set by the stricter target of site isic2019-84px (its "
+                    "validation melanomas, sensitivity 0.85 or higher for their margin), which the pooled threshold "
+                    "must also reach; validation sensitivity 0.896 (at this threshold).")
+    pooled = report.threshold_sentence(version | {"review_rule": {"threshold_by_source": {"pooled": 0.1887}}}, metrics)
+    assert "set by the pooled validation split's target (sensitivity 0.85, raised where" in pooled
