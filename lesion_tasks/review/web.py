@@ -29,7 +29,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from lesion_tasks.lifecycle import sites
 from lesion_tasks.lifecycle.sites import STATUS_TEXT as SITE_STATUS_TEXT
-from lesion_tasks.review import cases, previews
+from lesion_tasks.review import cases, hints, previews
 from lesion_tasks.review.charts import histogram_svg, nights_svg, queue_bars_svg
 from lesion_tasks.core.db import make_engine
 from lesion_tasks.core.schema import images, model_versions, predictions
@@ -185,10 +185,10 @@ def create_app(settings: Callable[[], Settings], authenticate: Callable[[Request
         with backend.engine.connect() as conn:
             result = (cases.label_check if check else cases.queue)(conn, f)
             menus = cases.choices(conn)
-            missing = cases.no_champion(conn) if result["model_version"] is None else None
+            missing = hints.no_champion(conn) if result["model_version"] is None else None
         params = {k: v for k, v in {"version": version, "drop": drop, "label": label, "flag": flag, "status": status,
                                     "sort": sort, "labelled": None if check else f.labelled, "split": split}.items() if v}
-        empty = cases.empty_hints(f, result, check) if missing is None and result["total"] == 0 else None
+        empty = hints.empty_hints(f, result, check) if missing is None and result["total"] == 0 else None
         for hint in (empty or {}).get("hints", []):
             for link in hint["links"]:
                 link["href"] = _href(link["path"], params, link["params"])
@@ -272,7 +272,7 @@ def create_app(settings: Callable[[], Settings], authenticate: Callable[[Request
         with backend.engine.connect() as conn:
             data = cases.nightly(conn, nights)
             champion = cases.resolve_version(conn, None)
-            missing = cases.no_champion(conn) if champion is None else None
+            missing = hints.no_champion(conn) if champion is None else None
         return page(request, "nights.html", who, data=data, n=nights, bars=queue_bars_svg(data), ln2=math.log(2),
                     champion=champion, no_champion=missing)
 

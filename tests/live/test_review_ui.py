@@ -23,7 +23,7 @@ from lesion_tasks.lifecycle import registry
 from lesion_tasks.review import cases as review
 from lesion_tasks.scoring import nightly as scoring
 from lesion_tasks.ingest.drop import ingest
-from lesion_tasks.core.schema import images, model_versions, predictions, reviews
+from lesion_tasks.core.schema import images, model_versions, predictions, reviews, splits
 from lesion_tasks.ops.synthetic import make_drop
 from tests import reliability
 from tests.helpers import tiny_config
@@ -283,7 +283,9 @@ def test_label_check_filters_and_no_champion_in_a_real_browser(live, queue_ready
         nevus = conn.execute(sa.select(predictions.c.image_id, predictions.c.predicted_label, predictions.c.needs_review,
                                        predictions.c.review_reasons)
                              .join(images, images.c.image_id == predictions.c.image_id)
+                             .join(splits, splits.c.image_id == images.c.image_id)
                              .where(predictions.c.model_version == version, images.c.label == "NV",
+                                    splits.c.split != "train",  # the label check shows what the model was not fit on
                                     predictions.c.predicted_label == "NV").order_by(predictions.c.image_id)).first()
     where = sa.and_(predictions.c.image_id == nevus.image_id, predictions.c.model_version == version)
     refused = {**champion, "model_version": "refused-live", "run_id": "refused-live", "is_champion": False,

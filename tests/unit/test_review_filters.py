@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from lesion_tasks.core import db
-from lesion_tasks.review import cases as review
+from lesion_tasks.review import cases as review, hints
 from lesion_tasks.review.web import Reviewer, create_app
 from lesion_tasks.core.schema import images, model_versions, predictions
 from lesion_tasks.core.schema import splits as splits_table
@@ -134,10 +134,16 @@ def test_label_check_lists_exactly_the_labelled_images_the_model_contradicts(hom
     over every prediction, flagged or not, and nothing else."""
     engine, version = db.make_engine(home_copy.db_url), trained_home.version
     with engine.connect() as conn:
-        by_label = {label: conn.scalars(sa.select(images.c.image_id).where(images.c.label == label)
-                                        .order_by(images.c.image_id).limit(3)).all() for label in ("MEL", "NV", "OTHER")}
+        def held_out(label: str, split: str = "test") -> list[str]:
+            return conn.scalars(sa.select(images.c.image_id).join(splits_table, splits_table.c.image_id == images.c.image_id)
+                                .where(images.c.label == label, splits_table.c.split == split)
+                                .order_by(images.c.image_id).limit(3)).all()
+
+        by_label = {label: held_out(label) for label in ("MEL", "NV", "OTHER")}
+        trained_on = held_out("NV", "train")[0]  # a nevus the model was fit on
         unlabelled = conn.scalars(sa.select(images.c.image_id).where(images.c.label.is_(None)).order_by(images.c.image_id)).first()
-    planted = {by_label["NV"][0]: dict(predicted_label="MEL", needs_review=True, review_reasons="predicted_mel"),
+    planted = {trained_on: dict(predicted_label="MEL", needs_review=True, review_reasons="predicted_mel", p_mel=0.99),
+               by_label["NV"][0]: dict(predicted_label="MEL", needs_review=True, review_reasons="predicted_mel"),
                by_label["MEL"][0]: dict(predicted_label="NV", needs_review=False, review_reasons=None),
                by_label["OTHER"][0]: dict(predicted_label="NV", needs_review=False, review_reasons=None, p_other=0.2),
                by_label["OTHER"][1]: dict(predicted_label="NV", needs_review=True, review_reasons="out_of_scope", p_other=0.9),
@@ -149,21 +155,31 @@ def test_label_check_lists_exactly_the_labelled_images_the_model_contradicts(hom
                                                     predictions.c.model_version == version).values(**values))
     with engine.connect() as conn:
         everything = conn.execute(sa.select(predictions.c.image_id, images.c.label, predictions.c.predicted_label,
-                                            predictions.c.p_other, predictions.c.review_reasons)
+                                            predictions.c.p_other, predictions.c.review_reasons, predictions.c.p_mel,
+                                            splits_table.c.split)
                                   .join(images, images.c.image_id == predictions.c.image_id)
+                                  .outerjoin(splits_table, splits_table.c.image_id == images.c.image_id)
                                   .where(predictions.c.model_version == version)).all()
-        expected = {r.image_id for r in everything if _contradicts(r.label, r.predicted_label, r.p_other, r.review_reasons)}
+        # every split was given before the version was trained: "not fit on" = outside the training split
+        expected = {r.image_id for r in everything if _contradicts(r.label, r.predicted_label, r.p_other, r.review_reasons)
+                    and r.split != "train"}
+        confidence = {r.image_id: r.p_mel if r.label == "NV" else 1 - r.p_mel if r.label == "MEL" else 1 - (r.p_other or 0)
+                      for r in everything}
         result = review.label_check(conn, review.QueueFilter(**ALL))
         kinds = {label: sum(1 for r in everything if r.image_id in expected and r.label == label) for label in ("MEL", "NV", "OTHER")}
     assert {by_label["NV"][0], by_label["MEL"][0], by_label["OTHER"][0]} <= expected
-    assert not {by_label["OTHER"][1], by_label["OTHER"][2], unlabelled} & expected
+    assert not {by_label["OTHER"][1], by_label["OTHER"][2], unlabelled, trained_on} & expected
     assert {c["image_id"] for c in result["cases"]} == expected and result["total"] == len(expected)
+    shown = [confidence[c["image_id"]] for c in result["cases"]]
+    assert shown == sorted(shown, reverse=True)  # the most confident disagreement first
     assert result["counts"]["isic_label"] == kinds
     assert all(c["known_label"] is not None for c in result["cases"])
 
     client = _client(home_copy)
     page = client.get("/label-check").text
     assert set(_rows(page)) == expected  # nothing reviewed yet: open = all
+    assert "Where the model disagrees with ISIC" in page and "Most of them are the model's errors" in page
+    assert "report ISIC label errors" not in page and 'name="sort"' not in page
     assert f"ISIC NV predicted MEL: {kinds['NV']} · ISIC MEL predicted NV: {kinds['MEL']} · ISIC OTHER not flagged: {kinds['OTHER']}" in page
     assert 'name="labelled"' not in page and '<a href="./label-check">Label check</a>' in page
     # a case opened from the label check moves on to the next contradiction, not to the queue
@@ -300,7 +316,7 @@ def test_an_empty_queue_of_a_champion_that_scored_nothing_says_so(home_copy, tra
         result = review.queue(conn, review.QueueFilter(status="all", labelled="all"))
     engine.dispose()
     assert result["total"] == 0 and result["scored"] == 0
-    texts = [h["text"] for h in review.empty_hints(review.QueueFilter(status="all", labelled="all"), result)["hints"]]
+    texts = [h["text"] for h in hints.empty_hints(review.QueueFilter(status="all", labelled="all"), result)["hints"]]
     assert texts == [f"model {version} has not scored any image yet: lesion_nightly_score scores every unscored image "
                      "(or `lesion score`)"]
     page = _client(home_copy).get("/").text
