@@ -6,29 +6,55 @@ from __future__ import annotations
 from typing import Any
 
 
+LABEL_CHAR_W = 6.5  # px per character of an 11 px sans-serif label: an upper bound, so boxes never understate
+LABEL_ROW_H = 13
+
+
+def mark_labels(marks: dict[str, float], width: int, pad: int) -> list[dict[str, Any]]:
+    """Where each mark's label goes: beside its line (right of it, or left where it would leave the chart),
+    in the first row above the plot where it overlaps no label already placed. Marks close together (a
+    threshold and a mean 0.005 apart) get rows of their own instead of printing over each other."""
+    placed: list[dict[str, Any]] = []
+    for k, (name, x) in sorted(enumerate(marks.items()), key=lambda kv: kv[1][1]):
+        px = pad + min(max(x, 0), 1) * (width - 2 * pad)
+        text = f"{name} {x:.3f}"
+        w = len(text) * LABEL_CHAR_W
+        right = px + 3 + w > width - 2
+        x0, x1 = (px - 3 - w, px - 3) if right else (px + 3, px + 3 + w)
+        row = 0
+        while any(p["row"] == row and x0 < p["x1"] + 4 and p["x0"] < x1 + 4 for p in placed):
+            row += 1
+        placed.append({"k": k, "name": name, "value": x, "px": px, "text": text, "x0": x0, "x1": x1, "row": row,
+                       "anchor": "end" if right else "start"})
+    return sorted(placed, key=lambda p: p["k"])
+
+
 def histogram_svg(values: list[float], marks: dict[str, float], bins: int = 20, width: int = 420, height: int = 160) -> str:
-    """Histogram of values in [0, 1] with labelled vertical marks (e.g. the threshold, the mean)."""
+    """Histogram of values in [0, 1] with labelled vertical marks (e.g. the threshold, the mean); the labels
+    sit in rows above the bars (`mark_labels`), never over each other."""
     counts = [0] * bins
     for v in values:
         counts[min(int(v * bins), bins - 1)] += 1
     top = max(counts) or 1
-    pad, plot_h = 24, height - 40
+    pad = 24
+    labels = mark_labels(marks, width, pad)
+    plot_top = 6 + LABEL_ROW_H * (1 + max((p["row"] for p in labels), default=-1))
+    plot_h = height - 30 - plot_top
     bar_w = (width - 2 * pad) / bins
     parts = [f'<svg class="chart" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="MC distribution of p(MEL)">']
     for i, c in enumerate(counts):
         h = plot_h * c / top
-        parts.append(f'<rect x="{pad + i * bar_w:.1f}" y="{10 + plot_h - h:.1f}" width="{bar_w - 1:.1f}" height="{h:.1f}" '
+        parts.append(f'<rect x="{pad + i * bar_w:.1f}" y="{plot_top + plot_h - h:.1f}" width="{bar_w - 1:.1f}" height="{h:.1f}" '
                      f'fill="#5b7db1"><title>{i / bins:.2f}–{(i + 1) / bins:.2f}: {c}</title></rect>')
-    parts.append(f'<line x1="{pad}" y1="{10 + plot_h}" x2="{width - pad}" y2="{10 + plot_h}" stroke="#333"/>')
+    parts.append(f'<line x1="{pad}" y1="{plot_top + plot_h}" x2="{width - pad}" y2="{plot_top + plot_h}" stroke="#333"/>')
     for x in (0, 0.5, 1):
         parts.append(f'<text x="{pad + x * (width - 2 * pad):.1f}" y="{height - 12}" font-size="11" text-anchor="middle">{x:g}</text>')
-    for k, (name, x) in enumerate(marks.items()):
-        px = pad + min(max(x, 0), 1) * (width - 2 * pad)
-        color = ("#c0392b", "#222", "#888")[k % 3]
-        right = x > 0.6  # label on the left of marks near 1, so it stays inside the chart
-        parts.append(f'<line x1="{px:.1f}" y1="8" x2="{px:.1f}" y2="{10 + plot_h}" stroke="{color}" stroke-dasharray="4 3"/>'
-                     f'<text x="{px + (-3 if right else 3):.1f}" y="{18 + 12 * k}" font-size="11" fill="{color}" '
-                     f'text-anchor="{"end" if right else "start"}">{name} {x:.3f}</text>')
+    for p in labels:
+        color = ("#c0392b", "#222", "#888")[p["k"] % 3]
+        y = 4 + LABEL_ROW_H * (p["row"] + 1) - 3
+        parts.append(f'<line x1="{p["px"]:.1f}" y1="{y - 9}" x2="{p["px"]:.1f}" y2="{plot_top + plot_h}" stroke="{color}" '
+                     f'stroke-dasharray="4 3"/><text class="mark" x="{p["x1"] if p["anchor"] == "end" else p["x0"]:.1f}" '
+                     f'y="{y}" font-size="11" fill="{color}" text-anchor="{p["anchor"]}">{p["text"]}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
