@@ -5,7 +5,8 @@ their names, how they are written and how they are read back.
 - `head.npz`      the head's weights as arrays (MC dropout and Grad-CAM run on them, no Keras) and its
                   calibration
 - `scope.npz`     the out-of-scope head and threshold (`scope.py`), when the version has one
-- `config.json`, `train_log.json`, `metrics.json`, `report.html`, `figures/*.png`, test CSVs
+- `config.json`, `train_log.json`, `metrics.json`, `report.html`, `figures/*.png`, test CSVs, the test and
+  validation predictions (`val_predictions.npz`: what the first night of a version is compared with)
 - what a version keeps once `lesion gc` pruned it (`KEPT_AFTER_PRUNING`); its Grad-CAM overlays live under
   `keys.gradcam_prefix(version)` (retention and consistency both use these)
 
@@ -42,6 +43,7 @@ TRAIN_LOG = "train_log.json"
 METRICS = "metrics.json"
 REPORT = "report.html"
 TEST_PREDICTIONS = "test_predictions.npz"
+VAL_PREDICTIONS = "val_predictions.npz"  # p_mel and entropy on validation: the shift check's reference on a first night
 KEPT_AFTER_PRUNING = (REPORT, METRICS)  # what a pruned version keeps under models/<version>/
 
 
@@ -139,6 +141,13 @@ class ModelArtifacts:
                                   data["w2"], data["b2"], float(data["dropout"]), **calibration)
 
         return self._parsed(HEAD, parse)
+
+    def validation_predictions(self) -> dict[str, np.ndarray] | None:
+        """{"p_mel", "entropy"} on the validation split, as evaluated; None for versions evaluated before they
+        were stored."""
+        if not self.store.exists(self.key(VAL_PREDICTIONS)):
+            return None
+        return self._parsed(VAL_PREDICTIONS, lambda raw: {k: np.load(io.BytesIO(raw))[k] for k in ("p_mel", "entropy")})
 
     def save_scope(self, head: scope.ScopeHead) -> str:
         return self.put(SCOPE, head.to_bytes())

@@ -36,6 +36,7 @@ class Assessment:
     test_y: np.ndarray
     test: predict.Predictions
     test_sites: list[str]
+    val: predict.Predictions | None = None
 
 
 def _gradcam_examples(store: ObjectStore, v: registry.ModelVersion, refs: list[features.ImageRef], y: np.ndarray,
@@ -118,7 +119,7 @@ def compute_metrics(settings: Settings, model_version: str) -> Assessment:
         elif scope_head is not None:
             out.setdefault("out_of_scope", {})[split] = None
     refs, y = parts["test"]
-    return Assessment(v, out, evaluation.json_safe(out), refs, y, preds["test"], site_lists["test"])
+    return Assessment(v, out, evaluation.json_safe(out), refs, y, preds["test"], site_lists["test"], preds["val"])
 
 
 def publish_metrics(settings: Settings, assessment: Assessment) -> str:
@@ -134,6 +135,9 @@ def publish_metrics(settings: Settings, assessment: Assessment) -> str:
         saved.put("test_predictions_isic.csv", pred_csv.encode(), "text/csv")
         saved.put_npz(artifacts.TEST_PREDICTIONS, ids=np.array([r.image_id for r in refs]), y=y, p_mel=pr.p_mel,
                       entropy=pr.entropy)
+        if assessment.val is not None:
+            saved.put_npz(artifacts.VAL_PREDICTIONS, ids=np.array(assessment.val.image_ids), p_mel=assessment.val.p_mel,
+                          entropy=assessment.val.entropy)
         history = saved.get_json(artifacts.TRAIN_LOG)["history"]
         test = out["test"]
         figures = {

@@ -15,7 +15,8 @@ Alerts, each with the model version, the numbers and links (the Airflow run, the
 
 Distribution shift, the documented bound: for `p_mel` and for `entropy` separately, the two-sample
 Kolmogorov-Smirnov statistic between this run's predictions and the previous runs' predictions of the same
-model version (the REFERENCE_MAX most recent) is above KS_BOUND (0.2: the two empirical distributions are
+model version (the REFERENCE_MAX most recent; on a version's first nights, with fewer than MIN_REFERENCE
+before, its predictions on the validation split) is above KS_BOUND (0.2: the two empirical distributions are
 20 percentage points apart somewhere) *and* significant at P_BOUND (0.01), so a small night does not alert on
 noise. Nothing is compared below MIN_TONIGHT predictions tonight or MIN_REFERENCE before. The means and their
 difference are reported with the statistics.
@@ -161,7 +162,13 @@ def shift(settings: Settings, model_version: str, run_id: str) -> dict[str, Any]
         rows = [r for r in rows if only is None or r.site == only]
         return {"p_mel": np.array([r[0] for r in rows], float), "entropy": np.array([r[1] for r in rows], float)}
 
-    out = {"model_version": model_version, "run_id": run_id, **compare_nights(arrays(now), arrays(before))}
+    reference, against = arrays(before), "previous nights"
+    if len(before) < MIN_REFERENCE:  # a first night (e.g. after a backlog): what the version was validated on
+        val = _validation_reference(settings, model_version)
+        if val is not None:
+            reference, against = val, "the validation split (no earlier night of this version)"
+    out = {"model_version": model_version, "run_id": run_id, **compare_nights(arrays(now), reference),
+           "reference": against}
     tonight_sites = sorted({r.site for r in now})
     out["by_site"] = {name: compare_nights(arrays(now, name), arrays(before, name)) for name in tonight_sites}
     out["shifted_sites"] = [name for name, part in out["by_site"].items() if part["shifted"]]
@@ -169,17 +176,33 @@ def shift(settings: Settings, model_version: str, run_id: str) -> dict[str, Any]
     return out
 
 
+def _validation_reference(settings: Settings, model_version: str) -> dict[str, np.ndarray] | None:
+    """The version's validation predictions (p_mel, entropy), None where it has none stored."""
+    from lesion_tasks.core.store import open_store
+    from lesion_tasks.lifecycle import artifacts
+
+    try:
+        return artifacts.ModelArtifacts(open_store(settings), model_version).validation_predictions()
+    except artifacts.ArtifactError:
+        return None
+
+
 def distribution_shift(result: dict[str, Any], links: dict[str, str]) -> Alert:
+    then = "before" if result.get("reference", "previous nights") == "previous nights" else "on validation"
+
     def line(name: str, s: dict[str, Any]) -> str:
-        return (f"  {name}: mean {s['mean_tonight']:.4f} tonight vs {s['mean_reference']:.4f} before "
+        return (f"  {name}: mean {s['mean_tonight']:.4f} tonight vs {s['mean_reference']:.4f} {then} "
                 f"(delta {s['delta']:+.4f}); KS {s['ks']:.4f} (p = {s['p_value']:.2g})"
                 f"{'  SHIFTED' if s['shifted'] else ''}")
 
     compared = "p_mel" in result
     which = [n for n in ("p_mel", "entropy") if compared and result[n]["shifted"]]
     sites = result.get("shifted_sites") or []
+    against = result.get("reference", "previous nights")
+    what = ("the previous nights' of the same version" if against == "previous nights"
+            else "this version's predictions on its validation split (its first night: no earlier one to compare with)")
     lines = [f"Model version {result['model_version']}: tonight's predictions (run {result['run_id']}, "
-             f"n = {result['n_tonight']}) differ from the previous nights' of the same version "
+             f"n = {result['n_tonight']}) differ from {what} "
              f"(n = {result['n_reference']})" + (f", at site(s) {', '.join(sites)}" if sites else "") + "."]
     if compared:
         lines += [line("p_mel", result["p_mel"]), line("entropy", result["entropy"])]

@@ -218,3 +218,22 @@ def test_a_failing_site_sends_every_case_to_review_and_the_night_says_why(traine
     alert = alerts.site_failing(night, {"review": "http://ui/"})
     assert alert.kind == "site_failing" and OTHER_DROP in alert.subject and f"{len(site_ids)} case(s)" in alert.subject
     assert "Every one of them went to review" in alert.text() and failing[OTHER_DROP]["why"] in alert.text()
+
+
+def test_a_first_night_is_compared_with_the_validation_split(trained_home, monkeypatch):
+    """No earlier night of the version (the first one, after a backlog, say): the shift check compares the
+    night with the version's predictions on its validation split instead of saying "not compared (0 before)"."""
+    from lesion_tasks.lifecycle import artifacts
+    from lesion_tasks.ops import alerts
+
+    settings, version = trained_home.settings, trained_home.version
+    val = artifacts.ModelArtifacts(open_store(settings), version).validation_predictions()
+    assert val is not None and len(val["p_mel"]) == len(val["entropy"]) > 0
+    monkeypatch.setattr(alerts, "MIN_REFERENCE", 5)  # the shared home's validation split is small
+    monkeypatch.setattr(alerts, "MIN_TONIGHT", 5)
+    result = alerts.shift(settings, version, "night-1")  # the only night: nothing before it
+    assert result["reference"] == "the validation split (no earlier night of this version)"
+    assert result["n_reference"] == len(val["p_mel"]) and "p_mel" in result and "note" not in result
+    assert result["p_mel"]["mean_reference"] == round(float(np.mean(val["p_mel"])), 4)
+    text = alerts.distribution_shift(result, {}).text()
+    assert "this version's predictions on its validation split (its first night" in text and " on validation " in text
