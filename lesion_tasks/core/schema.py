@@ -153,6 +153,9 @@ predictions = sa.Table(
     sa.Column("scored_at", sa.DateTime(timezone=True), nullable=False, index=True),
     # p(neither MEL nor NV, e.g. basal cell carcinoma): the out-of-scope head; NULL for versions without one
     sa.Column("p_other", sa.Float, nullable=True),
+    # the share of the MC-dropout samples on the other side of the threshold applied (0: every sample agrees
+    # with the decision, 0.5: a coin flip): what the review queue ranks by; NULL for rows without samples
+    sa.Column("decision_uncertainty", sa.Float, nullable=True),
     sa.CheckConstraint("predicted_label IN ('MEL', 'NV')", name="ck_predictions_label"),
     # the review queue of one model version, without scanning every version's rows
     sa.Index("ix_predictions_version_review", "model_version", "needs_review"),

@@ -30,6 +30,13 @@ class Predictions:
     thresholds: np.ndarray  # per case: its site's threshold, else the version's pooled one
     review_rule: dict[str, Any]
 
+    @property
+    def decision_uncertainty(self) -> np.ndarray:
+        """Per case, the share of its MC samples of p(MEL) on the other side of its threshold from the
+        decision (0: all agree; 0.5: a coin flip): how uncertain the *decision* is, not p(MEL) alone."""
+        t = self.thresholds[:, None]
+        return np.where(self.is_mel == 1, (self.samples < t).mean(axis=1), (self.samples >= t).mean(axis=1))
+
     def reasons(self, k: int) -> list[str]:
         """Why case k goes to review (empty: it does not)."""
         other = None if self.p_other is None else float(self.p_other[k])

@@ -42,7 +42,11 @@ STATUSES = ("open", "reviewed", "all")
 LABELLED = ("unlabelled", "labelled", "all")
 DEFAULT_LABELLED = "unlabelled"  # the review UI's default
 SPLIT_FILTERS = ("train", "val", "test", "none")  # none: no row in `splits` (never trained on nor tested with)
-SORTS = {"entropy": predictions.c.entropy, "mutual_info": predictions.c.mutual_info, "p_mel": predictions.c.p_mel}
+# "decision" (the default): the share of MC samples across the case's threshold, so the cases whose decision
+# could go either way come first (a p(MEL) of 0.5 against a threshold of 0.1 is a confident MEL; entropy would
+# put it on top); rows scored before the column existed (NULL) last. Entropy and mutual information stay views.
+SORTS = {"decision": sa.func.coalesce(predictions.c.decision_uncertainty, -1.0), "entropy": predictions.c.entropy,
+         "mutual_info": predictions.c.mutual_info, "p_mel": predictions.c.p_mel}
 MAX_NOTE = 2000
 MAX_PAGE = 1000
 MAX_OFFSET = 10**9  # far past any queue; larger values overflow the database's integers (a 500)
@@ -59,7 +63,7 @@ class QueueFilter:
     label: str | None = None  # predicted label
     flag: str | None = None  # one of FLAGS
     status: str = "open"
-    sort: str = "entropy"
+    sort: str = "decision"
     limit: int = 500
     offset: int = 0
     labelled: str = "all"
@@ -140,7 +144,8 @@ def _listing(conn: sa.Connection, f: QueueFilter, check: bool) -> dict[str, Any]
     # images and splits joined on their primary key image_id; the version's rows via ix_predictions_version_review
     query = (sa.select(predictions.c.image_id, predictions.c.model_version, predictions.c.p_mel,
                        predictions.c.predicted_label, predictions.c.threshold, predictions.c.entropy,
-                       predictions.c.mutual_info, predictions.c.review_reasons, predictions.c.drop_id,
+                       predictions.c.mutual_info, predictions.c.decision_uncertainty, predictions.c.review_reasons,
+                       predictions.c.drop_id,
                        predictions.c.scored_at, images.c.label.label("known_label"),
                        r.c.verdict.label("review_verdict"), r.c.label.label("review_label"), r.c.reviewer,
                        r.c.reviewed_at, predictions.c.p_other, predictions.c.gradcam_uri, split_rows.c.split,
@@ -172,8 +177,9 @@ def _listing(conn: sa.Connection, f: QueueFilter, check: bool) -> dict[str, Any]
         query = query.where(r.c.id.is_(None))
     elif f.status == "reviewed":
         query = query.where(r.c.id.is_not(None))
-    ties = predictions.c.mutual_info if f.sort != "mutual_info" else predictions.c.entropy
-    order = (contradiction_confidence().desc(),) if check else (SORTS[f.sort].desc(), ties.desc())
+    ties = {"decision": sa.func.abs(predictions.c.p_mel - predictions.c.threshold).asc(),  # nearest the threshold
+            "mutual_info": predictions.c.entropy.desc()}.get(f.sort, predictions.c.mutual_info.desc())
+    order = (contradiction_confidence().desc(),) if check else (SORTS[f.sort].desc(), ties)
     rows = conn.execute(query.order_by(*order, predictions.c.image_id).limit(f.limit).offset(f.offset)).mappings().all()
     status = status_at(conn, version, {row["site"] for row in rows})
     out = {"model_version": version, "total": counts.pop("total"), "counts": counts,

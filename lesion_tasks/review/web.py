@@ -200,7 +200,7 @@ def create_app(settings: Callable[[], Settings], authenticate: Callable[[Request
 
     @app.get("/", response_class=HTMLResponse)
     def queue_page(request: Request, who: User, version: str | None = None, drop: str | None = None, label: str | None = None,
-                   flag: str | None = None, status: str = "open", sort: str = "entropy", offset: int = 0,
+                   flag: str | None = None, status: str = "open", sort: str = "decision", offset: int = 0,
                    limit: int = 500, labelled: str = cases.DEFAULT_LABELLED, split: str | None = None):
         """The flagged predictions of a model version; by default those of unlabelled images (a verdict can
         become their training label)."""
@@ -208,7 +208,7 @@ def create_app(settings: Callable[[], Settings], authenticate: Callable[[Request
 
     @app.get("/label-check", response_class=HTMLResponse)
     def label_check_page(request: Request, who: User, version: str | None = None, drop: str | None = None,
-                         label: str | None = None, flag: str | None = None, status: str = "open", sort: str = "entropy",
+                         label: str | None = None, flag: str | None = None, status: str = "open", sort: str = "decision",
                          offset: int = 0, limit: int = 500, split: str | None = None):
         """ISIC-labelled images the model contradicts: candidates for an ISIC label error report."""
         return listing(request, who, True, version, drop, label, flag, status, sort, offset, limit, "all", split)

@@ -152,12 +152,14 @@ def _rows(model: ScoringModel, batch: list[sa.Row], pr: predict.Predictions, uri
     """The prediction rows and MC-sample rows of one scored batch whose overlays are stored."""
     now = datetime.now(UTC)
     rows, sample_rows = [], []
+    decision = pr.decision_uncertainty
     for k, r in enumerate(batch):
         other = None if pr.p_other is None else float(pr.p_other[k])
         reasons = pr.reasons(k) + (["site_failing"] if r.site in model.failing_sites else [])
         rows.append({"image_id": r.image_id, "model_version": model.version, "p_mel": float(pr.p_mel[k]), "p_other": other,
                      "predicted_label": "MEL" if pr.is_mel[k] else "NV", "threshold": float(pr.thresholds[k]),
                      "entropy": float(pr.entropy[k]), "mutual_info": float(pr.mutual_info[k]), "mc_samples": samples,
+                     "decision_uncertainty": float(decision[k]),
                      "gradcam_uri": uris[k], "needs_review": bool(reasons), "review_reasons": ",".join(reasons) or None,
                      "drop_id": r.drop_id, "run_id": run_id, "scored_at": now})
         sample_rows.append({"image_id": r.image_id, "model_version": model.version,

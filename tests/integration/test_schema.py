@@ -11,7 +11,7 @@ from lesion_tasks.core import db
 from lesion_tasks.core.schema import metadata
 from lesion_tasks.core.settings import Settings
 
-HEAD = "0011_sites"
+HEAD = "0012_decision_uncertainty"
 
 
 @pytest.fixture
@@ -253,5 +253,27 @@ def test_sites_migration_backfills_site_and_appends_site_columns_and_steps_back(
         assert "site_evaluations" not in sa.inspect(conn).get_table_names()
         assert {v: _view_columns(conn, v) for v in before} == before
         assert conn.execute(sa.text("SELECT COUNT(*) FROM images")).scalar() == 2
+    engine.dispose()
+    assert db.upgrade(settings) == HEAD
+
+
+def test_decision_uncertainty_migration_fills_it_from_the_stored_samples_and_steps_back(url, tmp_path):
+    """0012 adds predictions.decision_uncertainty, filled for existing rows from their MC samples (the share on
+    the other side of the row's threshold), without touching the views; a downgrade drops it."""
+    settings, engine = _one_prediction_at(url, tmp_path, "0011_sites")
+    with engine.begin() as conn:
+        # decided MEL at threshold 0.5; 1 of its 4 samples is below the threshold
+        conn.execute(sa.text("UPDATE prediction_samples SET p_mel_samples = '[0.45, 0.7, 0.9, 0.55]'"))
+        before = {v: _view_columns(conn, v) for v in ("v_latest_predictions", "v_review_queue")}
+
+    assert db.upgrade(settings, "0012_decision_uncertainty") == "0012_decision_uncertainty"
+    with engine.begin() as conn:
+        assert conn.execute(sa.text("SELECT decision_uncertainty FROM predictions")).scalar() == pytest.approx(0.25)
+        assert {v: _view_columns(conn, v) for v in before} == before
+
+    assert db.downgrade(settings, "0011_sites") == "0011_sites"
+    with engine.connect() as conn:
+        assert "decision_uncertainty" not in {c["name"] for c in sa.inspect(conn).get_columns("predictions")}
+        assert conn.execute(sa.text("SELECT p_mel, predicted_label FROM predictions")).one() == (0.6, "MEL")
     engine.dispose()
     assert db.upgrade(settings) == HEAD

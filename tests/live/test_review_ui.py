@@ -110,8 +110,15 @@ def test_queue_case_verdict_in_a_real_browser(live, queue_ready, browser):
         assert set(page.locator("#queue tbody tr td:nth-child(10)").all_inner_texts()) == {"–"}
         assert page.locator("select[name=labelled] option:checked").inner_text() == f"unlabelled ({total})"
         # the timing is a figure (build/screenshots/queue_timing.json, the README), not a pass/fail: tests assert behaviour
-        entropies = [float(v) for v in page.locator("#queue tbody tr td:nth-child(6)").all_inner_texts()]
-        assert entropies == sorted(entropies, reverse=True)  # most uncertain first
+        # most uncertain decision first: the share of MC samples across each case's threshold (cases.SORTS)
+        engine = _engine(live)
+        with engine.connect() as conn:
+            ranked = review.queue(conn, review.QueueFilter(status="open", limit=500, labelled=review.DEFAULT_LABELLED))
+        engine.dispose()
+        shown_ids = page.locator("#queue tbody tr").evaluate_all("rows => rows.map(r => r.dataset.imageId)")
+        assert shown_ids == [c["image_id"] for c in ranked["cases"]]
+        share = [c["decision_uncertainty"] for c in ranked["cases"]]
+        assert share == sorted(share, reverse=True) and share[0] > share[-1]
         _until(page, "() => [...document.querySelectorAll('#queue img')].slice(0, 4).every(i => i.complete && i.naturalWidth > 0)")
         _shot(page, "01-queue")
 

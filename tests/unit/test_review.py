@@ -43,7 +43,11 @@ def test_queue_is_the_view_most_uncertain_first_with_working_filters(home):
         flagged = conn.execute(sa.select(sa.func.count()).select_from(predictions).where(predictions.c.needs_review)).scalar()
         assert everything["model_version"] == version
         assert {c["image_id"] for c in everything["cases"]} == view and everything["total"] == len(view) == flagged > 0
-        keys = [(c["entropy"], c["mutual_info"]) for c in everything["cases"]]
+        # the most uncertain decision first (share of MC samples across the threshold), then nearest the threshold
+        keys = [(-c["decision_uncertainty"], abs(c["p_mel"] - c["threshold"])) for c in everything["cases"]]
+        assert keys == sorted(keys)
+        by_entropy = review.queue(conn, review.QueueFilter(sort="entropy", status="all", limit=1000))["cases"]
+        keys = [(c["entropy"], c["mutual_info"]) for c in by_entropy]
         assert keys == sorted(keys, reverse=True)
         page = review.queue(conn, review.QueueFilter(status="all", limit=5, offset=5))
         assert [c["image_id"] for c in page["cases"]] == [c["image_id"] for c in everything["cases"][5:10]]
@@ -145,7 +149,8 @@ def test_reviewer_labels_become_training_data_without_touching_isic_labels(home,
     settings, engine, version = home
     trained_config = trained_home.config
     with engine.connect() as conn:
-        night_cases = review.queue(conn, review.QueueFilter(drop_id=NIGHT_DROP, status="all", limit=1000))["cases"]
+        night_cases = review.queue(conn, review.QueueFilter(drop_id=NIGHT_DROP, status="all", limit=1000,
+                                                            sort="entropy"))["cases"]
         isic_case = conn.execute(sa.select(images.c.image_id, images.c.label).where(images.c.label == "NV")
                                  .order_by(images.c.image_id)).first()
         isic_before = dict(conn.execute(sa.select(images.c.image_id, images.c.label)).all())

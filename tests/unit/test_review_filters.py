@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 
 import html
+import json
 import re
 from datetime import timedelta
 from urllib.parse import quote, urlencode
@@ -95,8 +96,8 @@ def test_default_queue_is_unlabelled_with_labelled_and_split_filters_and_their_c
         # the existing filters still narrow, sorted most uncertain first
         night = review.queue(conn, review.QueueFilter(**ALL, labelled="unlabelled", drop_id=NIGHT_DROP))["cases"]
         assert {c["drop_id"] for c in night} == {NIGHT_DROP}
-        keys = [(c["entropy"], c["mutual_info"]) for c in night]
-        assert keys == sorted(keys, reverse=True)
+        keys = [(-c["decision_uncertainty"], abs(c["p_mel"] - c["threshold"])) for c in night]
+        assert keys == sorted(keys)
 
     client = _client(settings)
     page = client.get("/")
@@ -224,8 +225,8 @@ def test_an_empty_queue_under_a_champion_says_which_filter_hides_what(home_copy,
     assert (f"{labelled} labelled images are flagged (ISIC labelled them: a verdict cannot make them training labels): "
             "see Label check · show them") in text
     assert f"{len(unlabelled)} cases are already reviewed: show reviewed" in text
-    assert 'href="./label-check?status=open&amp;sort=entropy"' in page
-    assert 'href="./?status=reviewed&amp;sort=entropy&amp;labelled=unlabelled"' in page
+    assert 'href="./label-check?status=open&amp;sort=decision"' in page
+    assert 'href="./?status=reviewed&amp;sort=decision&amp;labelled=unlabelled"' in page
     # a split and a drop that hold nothing: each filter named with what it hides
     narrowed = _empty_state(client.get("/", params={"labelled": "all", "split": "val", "drop": NIGHT_DROP}).text)
     assert narrowed.startswith("0 cases in split val need review.")
@@ -340,3 +341,21 @@ def test_the_case_caption_words_the_spread_it_shows(home_copy, trained_home):
         found = re.search(r'Their spread is <span class="spread">([^<]+)</span> \(sd ([0-9.]+)\)', page)
         assert found, page
         assert html.unescape(found.group(1)) == spread_words(float(found.group(2))), found.group(0)
+
+
+def test_the_queue_ranks_by_how_uncertain_the_decision_is(home):
+    """Default order: the share of MC samples across the case's threshold (the decision could go either way),
+    ties nearest the threshold first; stored at scoring as exactly that share of the case's samples."""
+    settings, engine, version = home
+    with engine.connect() as conn:
+        cases = review.queue(conn, review.QueueFilter(**{**ALL, "limit": 1000}))["cases"]
+        samples = dict(conn.execute(sa.text("SELECT image_id, p_mel_samples FROM prediction_samples WHERE model_version = :v"),
+                                    {"v": version}).all())
+    assert review.QueueFilter().sort == "decision" and len(cases) > 5
+    keys = [(-c["decision_uncertainty"], abs(c["p_mel"] - c["threshold"])) for c in cases]
+    assert keys == sorted(keys)
+    for c in cases:
+        s = samples[c["image_id"]]
+        s = s if isinstance(s, list) else json.loads(s)
+        other = sum((v < c["threshold"]) if c["predicted_label"] == "MEL" else (v >= c["threshold"]) for v in s)
+        assert c["decision_uncertainty"] == pytest.approx(other / len(s), abs=1.5 / len(s))  # samples stored rounded
