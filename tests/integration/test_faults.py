@@ -80,8 +80,10 @@ def _in_thread(fn, *args, **kwargs):
 
 
 def _wait_until(predicate, timeout=120):
+    """Poll `predicate` until it holds; fail at the deadline (a poll, not a sleep that decides a race)."""
     deadline = time.monotonic() + timeout
-    while not predicate() and time.monotonic() < deadline:
+    while not predicate():
+        assert time.monotonic() < deadline, f"not reached within {timeout} s: {predicate}"
         time.sleep(0.02)
 
 

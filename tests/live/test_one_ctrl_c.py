@@ -53,6 +53,20 @@ def _executor_workers(processes) -> list[psutil.Process]:
     return out
 
 
+def _heartbeats(base: str) -> dict[str, str]:
+    """{component: its latest heartbeat} from the API server's health answer ({} when it does not answer)."""
+    try:
+        health = requests.get(f"{base}/api/v2/monitor/health", timeout=5).json()
+    except (requests.RequestException, ValueError):
+        return {}
+    return {f"{name}.{key}": str(value) for name, part in health.items() if isinstance(part, dict)
+            for key, value in part.items() if key.startswith("latest_") and value}
+
+
+def _moved_on(first: dict[str, str], now: dict[str, str]) -> bool:
+    return bool(first) and set(now) >= set(first) and all(now[k] != v for k, v in first.items())
+
+
 def test_one_sigint_to_make_airflows_leader_stops_everything(tmp_path):
     home, airflow_home, port = tmp_path / "lesion", tmp_path / "airflow", servers.free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "LESION_", "TF_CPP"))}
@@ -81,7 +95,13 @@ def test_one_sigint_to_make_airflows_leader_stops_everything(tmp_path):
             time.sleep(2)
         tail = log.read_text(errors="replace")[-4000:]
         assert healthy, f"make airflow did not become healthy (exit code {leader.poll()})\n{tail}"
-        time.sleep(5)  # let the components settle into their loops: a Ctrl-C comes at any time
+        # every component in its loop: each heartbeat in the health answer has moved on since it was healthy
+        # (a Ctrl-C comes at any time, but not before the components have started)
+        first = _heartbeats(base)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not _moved_on(first, _heartbeats(base)):
+            time.sleep(0.5)  # a poll with a deadline
+        assert _moved_on(first, _heartbeats(base)), f"heartbeats did not advance: {first}"
         seen |= set(psutil.Process(leader.pid).children(recursive=True)) | _ours(str(airflow_home))
         # sized to the machine: [core] parallelism LocalExecutor workers, not Airflow's default 32
         n_workers = len(_executor_workers(_alive(seen)))
