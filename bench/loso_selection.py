@@ -28,7 +28,6 @@ within a fold does not move the threshold).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -108,8 +107,7 @@ def figures(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
 def draw(site: str, ids: list[str], p0: np.ndarray, k: int, replicate: int) -> tuple[np.ndarray, np.ndarray]:
     """(indices, inclusion probabilities) of a k-image validation sample, as `lesion sites sample` draws it."""
     w, _ = site_sample.size_measure(dict(zip(ids, p0)), ids)
-    u = np.array([(int.from_bytes(hashlib.sha256(f"loso-{replicate}\0{site}\0{i}".encode()).digest()[:8], "big") + 1)
-                  / 2**64 for i in ids])
+    u = np.array([site_sample._u(f"{site}#replicate-{replicate}", i) for i in ids])  # the product's keys, per replicate
     chosen = np.argsort(u / w, kind="stable")[:k]
     return chosen, np.minimum(1.0, k * w[chosen] / w.sum())
 

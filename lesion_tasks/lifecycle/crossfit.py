@@ -117,8 +117,10 @@ def site_calibration(oof: OutOfFold, w: np.ndarray) -> dict[str, Any]:
     for k in range(oof.folds):
         out = oof.fold_of == k
         rest = ~out
-        if oof.y[rest].min() == oof.y[rest].max():
-            return {"applied": False, "why": f"fold {k} leaves one class only"}
+        if oof.y[rest].min() == oof.y[rest].max():  # cannot be cross-validated: the pooled calibration stays
+            return {"applied": False, "a": 1.0, "b": 0.0, "log_loss": {"pooled": float(np.average(pooled, weights=w)),
+                                                                      "site": None},
+                    "gain": None, "gain_se": None, "why": f"fold {k} leaves one class only: not cross-validated"}
         a, b = mc.fit_calibration(oof.logits[rest], oof.y[rest], w[rest])
         site[out] = loss(mc.sigmoid(a * oof.logits[out] + b).mean(axis=1), oof.y[out])
     diff = (pooled - site) * w / w.mean()  # > 0: the site's own scaling does better
