@@ -184,7 +184,7 @@ def _register_untrained(settings, backbone: str) -> str:
             image_size=size, threshold=0.5, mc_samples=T,
             config={"last_activation": backbones.get_backbone(backbone).last_activation, "seed": 0},
             environment={}, weights_source="random initialisation (benchmark)", lineage={}, model_uri=model_uri,
-            review_rule={"predicted_mel": True, "entropy_above": 0.6, "p_mel_band": [0.45, 0.55]}, code_version="bench",
+            review_rule={"predicted_mel": True, "decision_uncertainty_above": 0.2, "p_mel_band": [0.45, 0.55]}, code_version="bench",
             run_id="bench"))
     registry.promote(engine, version, "benchmark", "bench")
     engine.dispose()

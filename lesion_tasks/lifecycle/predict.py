@@ -41,16 +41,27 @@ class Predictions:
         """Why case k goes to review (empty: it does not)."""
         other = None if self.p_other is None else float(self.p_other[k])
         return review_reasons(float(self.p_mel[k]), float(self.entropy[k]), float(self.thresholds[k]), self.review_rule,
-                              other)
+                              other, float(self.decision_uncertainty[k]))
 
 
-def review_reasons(p: float, entropy: float, threshold: float, rule: dict[str, Any], p_other: float | None = None) -> list[str]:
+def review_reasons(p: float, entropy: float, threshold: float, rule: dict[str, Any], p_other: float | None = None,
+                   decision_uncertainty: float | None = None) -> list[str]:
+    """The review flags of one case under its version's `rule`. `uncertain` is about the *decision*: more
+    than `decision_uncertainty_above` of the case's MC samples fall on the other side of its threshold (a
+    case at p(MEL) 0.5 with a threshold of 0.1 is a confident melanoma call, not an uncertain one).
+    Versions trained before that rule carry `entropy_above` instead and keep flagging by entropy."""
     reasons = []
     if p_other is not None and p_other >= rule["out_of_scope_above"]:
         reasons.append("out_of_scope")
     if p >= threshold and rule.get("predicted_mel", True):
         reasons.append("predicted_mel")
-    if entropy > rule["entropy_above"]:
+    if "decision_uncertainty_above" in rule:
+        if decision_uncertainty is None:
+            raise ValueError("this version's review rule flags by decision uncertainty: pass the case's decision_uncertainty")
+        uncertain = decision_uncertainty > rule["decision_uncertainty_above"]
+    else:
+        uncertain = entropy > rule["entropy_above"]
+    if uncertain:
         reasons.append("uncertain")
     low, high = threshold - 0.05, threshold + 0.05  # rule["p_mel_band"] around the pooled threshold; here the applied one
     if max(0.0, low) <= p <= min(1.0, high):

@@ -31,7 +31,8 @@ from lesion_tasks.core.settings import Settings
 from lesion_tasks.core.store import ObjectStore, open_store
 
 log = logging.getLogger(__name__)
-MIN_REVIEW_ENTROPY = 0.2
+# "uncertain": more than this share of a case's MC samples on the other side of its threshold
+REVIEW_DECISION_UNCERTAINTY = 0.2
 # a site with this many validation melanomas of its own gets its own threshold (its margin grows as they shrink)
 MIN_SITE_THRESHOLD_MEL = 10
 
@@ -292,7 +293,7 @@ def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[st
         val_logits = mc.logits_for(head, val_feats[0], val_ids, version, config.mc_samples, config.seed)
         cal_a, cal_b = mc.fit_calibration(val_logits, y_val)
         head = replace(head, cal_a=cal_a, cal_b=cal_b)
-        p_val, h_val, _ = mc.summarize(head.calibrated(val_logits))
+        p_val, _, _ = mc.summarize(head.calibrated(val_logits))
         split_summary = splits.summary(engine)
         crossfitted = crossfit.sampled_sites(train, val, pi, lambda *a: fit(*a)[0], version, config.mc_samples, config.seed,
                                              config.site_weight)
@@ -302,11 +303,12 @@ def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[st
             own, threshold, all_sites, {s: int(y_val[val.sites == s].sum()) for s in set(val.sites.tolist())})
         log.info("thresholds: pooled %.4f; own threshold at %d of %d sites (%s)", threshold, len(own), len(by_site_thresholds),
                  ", ".join(f"{k} {v['threshold']:.4f} on {v['n_mel']} melanomas" for k, v in own.items()) or "none")
-        # "uncertain" = in the most uncertain 20% of validation cases, but never below 0.2 nats
-        # (p(MEL) between ~0.06 and ~0.94): a confident model should not flag confident cases
-        review_rule = {"predicted_mel": True, "entropy_above": max(float(np.quantile(h_val, 0.8)), MIN_REVIEW_ENTROPY),
+        # "uncertain" = the decision could go either way: over a fifth of the case's MC samples fall on the other
+        # side of its threshold (a fixed, readable rule: p(MEL) 0.5 at a threshold of 0.1 is not uncertain)
+        review_rule = {"predicted_mel": True, "decision_uncertainty_above": REVIEW_DECISION_UNCERTAINTY,
                        "p_mel_band": [max(0.0, threshold - 0.05), min(1.0, threshold + 0.05)],
-                       "calibrated_on": f"validation: max(80th percentile of entropy, {MIN_REVIEW_ENTROPY} nats)",
+                       "calibrated_on": f"fixed: more than {REVIEW_DECISION_UNCERTAINTY:.0%} of the MC samples across the "
+                                        "case's threshold",
                        "threshold_by_source": per_source, "thresholds_by_site": by_site_thresholds}
         out = artifacts.ModelArtifacts(store, version)
         scope_info, s3 = _fit_scope(config, out, head, version, threshold, train_views[0], other, fcfg, weights, store, runner,

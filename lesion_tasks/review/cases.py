@@ -28,7 +28,8 @@ FLAGS = ("predicted_mel", "uncertain", "near_threshold", "out_of_scope", "site_f
 # what the UI shows for each flag of `predictions.review_reasons`: a badge and what it means (tooltip)
 FLAG_TEXT = {
     "predicted_mel": ("predicted_mel", "predicted melanoma: p(MEL) at or above the model version's threshold"),
-    "uncertain": ("uncertain", "entropy above the model version's review rule: the model is unsure"),
+    "uncertain": ("uncertain", "the decision could go either way: over a fifth of the MC-dropout samples of p(MEL) fall on "
+                               "the other side of the threshold (versions trained before this rule: entropy above theirs)"),
     "near_threshold": ("near_threshold", "p(MEL) close to the model version's threshold"),
     "out_of_scope": ("out of scope (not MEL/NV)",
                      "the model thinks this lesion is neither melanoma nor nevus (e.g. basal cell carcinoma): "

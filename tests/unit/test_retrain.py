@@ -66,7 +66,7 @@ def test_first_model_learns_and_is_promoted(trained, trained_home):
     assert {"tensorflow", "keras", "devices", "python"} <= set(row["environment"])
     assert row["lineage"]["drops"] == {LABELLED_DROP: N_LABELLED, OTHER_DROP: N_OTHER}
     assert set(row["lineage"]["splits"]) == {"train", "val", "test"}
-    assert row["review_rule"]["entropy_above"] > 0
+    assert row["review_rule"]["decision_uncertainty_above"] == 0.2 and "entropy_above" not in row["review_rule"]
 
 
 def test_per_source_metrics_calibration_and_out_of_scope_are_reported(trained):

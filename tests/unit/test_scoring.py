@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 from PIL import Image
 
-from lesion_tasks.lifecycle import artifacts, registry, trainset
+from lesion_tasks.lifecycle import artifacts, predict, registry, trainset
 from lesion_tasks.model import backbones, features, gradcam, mc
 from lesion_tasks.core import db
 from lesion_tasks.scoring import nightly as scoring
@@ -78,9 +78,24 @@ def test_every_image_scored_once_with_valid_numbers(scored_home, scored_copy):
         assert r["needs_review"] == bool(r["review_reasons"])
         if r["predicted_label"] == "MEL":
             assert "predicted_mel" in r["review_reasons"]
+        # "uncertain" is about the decision: over a fifth of the MC samples across the case's threshold
+        assert ("uncertain" in (r["review_reasons"] or "").split(",")) == (r["decision_uncertainty"] > 0.2), r
+    assert any("uncertain" in (r["review_reasons"] or "") for r in rows)
     again = scoring.score(scored_copy)
     assert (again["scored"], again["skipped"]) == (0, n_images)
     assert _rows(scored_copy, version) == rows  # nothing rewritten
+
+
+def test_uncertain_means_the_decision_could_go_either_way():
+    """A confident melanoma call far above a low threshold (p 0.5, entropy ln 2) is not `uncertain`; a case
+    whose samples straddle its threshold is, at any entropy. Versions trained before the rule keep theirs."""
+    rule = {"predicted_mel": True, "decision_uncertainty_above": 0.2, "out_of_scope_above": 0.9}
+    assert "uncertain" not in predict.review_reasons(0.5, math.log(2), 0.1, rule, decision_uncertainty=0.0)
+    assert "uncertain" in predict.review_reasons(0.12, 0.37, 0.1, rule, decision_uncertainty=0.3)
+    with pytest.raises(ValueError, match="decision_uncertainty"):
+        predict.review_reasons(0.12, 0.37, 0.1, rule)
+    old = {"predicted_mel": True, "entropy_above": 0.6, "out_of_scope_above": 0.9}
+    assert "uncertain" in predict.review_reasons(0.5, math.log(2), 0.1, old, decision_uncertainty=0.0)
 
 
 def test_out_of_scope_lesions_are_flagged(scored_home):
