@@ -156,6 +156,9 @@ predictions = sa.Table(
     # the share of the MC-dropout samples on the other side of the threshold applied (0: every sample agrees
     # with the decision, 0.5: a coin flip): what the review queue ranks by; NULL for rows without samples
     sa.Column("decision_uncertainty", sa.Float, nullable=True),
+    # the share of the Grad-CAM map's mass inside the segmented lesion (model/attention.py); NULL: no lesion
+    # segmented, or scored before it was measured
+    sa.Column("attention_on_lesion", sa.Float, nullable=True),
     sa.CheckConstraint("predicted_label IN ('MEL', 'NV')", name="ck_predictions_label"),
     # the review queue of one model version, without scanning every version's rows
     sa.Index("ix_predictions_version_review", "model_version", "needs_review"),

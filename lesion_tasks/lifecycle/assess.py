@@ -14,7 +14,7 @@ import numpy as np
 import sqlalchemy as sa
 
 from lesion_tasks.lifecycle import artifacts, predict, registry, report, sites, trainset
-from lesion_tasks.model import backbones, evaluation, features, mc, scope
+from lesion_tasks.model import attention, backbones, evaluation, features, mc, scope
 from lesion_tasks.core.db import engine_for
 from lesion_tasks.core.schema import champion_history
 from lesion_tasks.core.settings import Settings
@@ -22,6 +22,7 @@ from lesion_tasks.core.store import ObjectStore, open_store
 
 log = logging.getLogger(__name__)
 MIN_SITE_CI_MEL = 5  # melanomas a site's test split needs for bootstrap intervals
+ATTENTION_PER_CELL = 16  # test cases per MEL/NV x right/wrong whose Grad-CAM attention the report measures
 REPORT = artifacts.REPORT  # the one artifact written again after promotion: its gate section follows the decisions
 
 
@@ -40,7 +41,11 @@ class Assessment:
 
 
 def _gradcam_examples(store: ObjectStore, v: registry.ModelVersion, refs: list[features.ImageRef], y: np.ndarray,
-                      p: np.ndarray, t: np.ndarray, n: int = 4) -> list[dict[str, Any]]:
+                      p: np.ndarray, t: np.ndarray, n: int = 4,
+                      per_cell: int = ATTENTION_PER_CELL) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The report's Grad-CAM examples (the n most confident right and wrong test cases) and where Grad-CAM
+    looks on test cases: up to `per_cell` drawn (seeded) from each of MEL/NV x right/wrong, the share of each
+    map's mass inside the segmented lesion (`attention.py`), summarised per cell (`attention.summary`)."""
     from PIL import Image
 
     from lesion_tasks.model.gradcam import gradcam_tape, overlay, png_bytes
@@ -49,14 +54,22 @@ def _gradcam_examples(store: ObjectStore, v: registry.ModelVersion, refs: list[f
     right = np.flatnonzero(pred == y)
     wrong = np.flatnonzero(pred != y)
     pick = list(right[np.argsort(-np.abs(p[right] - t[right]))][:n]) + list(wrong[np.argsort(-np.abs(p[wrong] - t[wrong]))][:n])
-    if not pick:
-        return []
+    rng = np.random.default_rng(v.seed)
+    cells = [np.flatnonzero((y == label) & ((pred == y) == ok)) for label in (1, 0) for ok in (True, False)]
+    sample = sorted({int(i) for c in cells for i in (rng.choice(c, min(per_cell, len(c)), replace=False) if len(c) else [])})
+    todo = sorted(set(pick) | set(sample))
+    if not todo:
+        return [], attention.summary(y, pred, {}) | {"per_cell": per_cell}
     model = artifacts.of(store, v).load_model(v.model_uri)
     fcfg = artifacts.feature_config(v)
-    rgb = np.stack([features.model_input(store, refs[i].uri, fcfg) for i in pick])
-    cams = gradcam_tape(model, v.last_activation, backbones.preprocess(rgb), pred[pick])
-    return [{"image_id": refs[i].image_id, "true": "MEL" if y[i] else "NV", "p_mel": float(p[i]), "right": bool(pred[i] == y[i]),
-             "png": png_bytes(overlay(Image.fromarray(rgb[k]), cams[k]))} for k, i in enumerate(pick)]
+    x = np.stack([features.model_input(store, refs[i].uri, fcfg) for i in todo])
+    rgb = dict(zip(todo, x))
+    cams = dict(zip(todo, gradcam_tape(model, v.last_activation, backbones.preprocess(x), pred[todo])))
+    share = {i: attention.attention_on_lesion(rgb[i], cams[i]) for i in todo}
+    examples = [{"image_id": refs[i].image_id, "true": "MEL" if y[i] else "NV", "p_mel": float(p[i]),
+                 "right": bool(pred[i] == y[i]), "on_lesion": share[i],
+                 "png": png_bytes(overlay(Image.fromarray(rgb[i]), cams[i]))} for i in pick]
+    return examples, attention.summary(y, pred, {i: share[i] for i in sample}) | {"per_cell": per_cell}
 
 
 def predict_refs(settings: Settings, store: ObjectStore, v: registry.ModelVersion, refs: list[features.ImageRef],
@@ -152,7 +165,11 @@ def publish_metrics(settings: Settings, assessment: Assessment) -> str:
         }
         for name, png in figures.items():
             saved.put(artifacts.figure(name), png, "image/png")
-        examples = _gradcam_examples(store, v, refs, y, pr.p_mel, pr.thresholds)
+        examples, out["test"]["attention"] = _gradcam_examples(store, v, refs, y, pr.p_mel, pr.thresholds)
+        stored["test"]["attention"] = evaluation.json_safe(out["test"]["attention"])
+        log.info("Grad-CAM attention on the lesion (test sample): %s", "; ".join(
+            f"{cell} {c['mean_on_lesion']:.2f} (n={c['n_measured']}, off {c['off_lesion']})"
+            for cell, c in out["test"]["attention"]["cells"].items() if c["n_measured"]) or "nothing measured")
         for e in examples:
             saved.put(artifacts.gradcam_example(e["image_id"]), e["png"], "image/png")
         registry.record_metrics(engine, v.model_version, stored, saved.put_json(artifacts.METRICS, stored))

@@ -148,6 +148,23 @@ def _site_table(metrics: dict[str, Any], thresholds: dict[str, Any]) -> str:
             "<th>sensitivity</th><th>specificity</th><th>balanced accuracy</th><th>ECE</th></tr>" + "".join(rows) + "</table>")
 
 
+def attention_table(summary: dict[str, Any] | None) -> str:
+    """Where Grad-CAM looks on a seeded sample of test cases, per true class and right/wrong."""
+    if not summary:
+        return ""
+    rows = "".join(
+        f"<tr><td>{html.escape(cell)}</td><td>{c['n']}</td><td>{c['n_measured']}</td>"
+        f"<td>{'–' if not c['n_measured'] else format(c['mean_on_lesion'], '.0%')}</td><td>{c['off_lesion']}</td></tr>"
+        for cell, c in summary["cells"].items())
+    return (f"<h3>Grad-CAM attention on the lesion</h3><p>The share of each Grad-CAM map's mass inside the lesion, "
+            f"segmented classically (Otsu on the blue channel after hair and dark-corner removal), on up to "
+            f"{summary['per_cell']} test cases per row drawn at random (seeded). "
+            f"Below {summary['off_lesion_below']:.0%} the attention lies mostly off the lesion (skin, bubbles, "
+            f"corners): nightly such cases are flagged <code>attention_off_lesion</code>.</p>"
+            f"<table id='attention'><tr><th>true class, decision</th><th>cases</th><th>lesion segmented</th>"
+            f"<th>mean share on the lesion</th><th>mostly off the lesion</th></tr>{rows}</table>")
+
+
 def _scope_table(metrics: dict[str, Any]) -> str:
     """Out-of-scope recall per diagnosis (flagged = out_of_scope or predicted MEL)."""
     oos = (metrics.get("out_of_scope") or {}).get("test")
@@ -275,7 +292,9 @@ def html_report(version: dict[str, Any], metrics: dict[str, Any], figures: dict[
 
     cards = "".join(
         f'<figure>{_img(e["png"], e["image_id"])}<figcaption>{html.escape(e["image_id"])}: true {e["true"]}, '
-        f'p(MEL) {e["p_mel"]:.2f}, {"right" if e["right"] else "WRONG"}</figcaption></figure>' for e in examples)
+        f'p(MEL) {e["p_mel"]:.2f}, {"right" if e["right"] else "WRONG"}, '
+        f'{"no lesion segmented" if e.get("on_lesion") is None else format(e["on_lesion"], ".0%") + " on the lesion"}'
+        f'</figcaption></figure>' for e in examples)
     figs = "".join(f"<figure>{_img(png, name)}<figcaption>{html.escape(name)}</figcaption></figure>" for name, png in figures.items())
     body = f"""<!doctype html><html><head><meta charset="utf-8"><title>Model {html.escape(version['model_version'])}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}} table{{border-collapse:collapse}}
@@ -299,6 +318,7 @@ weights: {html.escape(version['weights_source'])}. {threshold_sentence(version, 
 {test.get('uncalibrated', {}).get('ece', float('nan')):.3f} before, {test['ece']:.3f} after.</p>
 {figs}
 <h2>Grad-CAM examples (right and wrong)</h2>{cards}
+{attention_table(test.get('attention'))}
 <h2>Lineage and environment</h2><pre>{html.escape(json.dumps({'lineage': version['lineage'], 'environment': version['environment'], 'config': version['config']}, indent=1, default=str))}</pre>
 </body></html>"""
     return body.encode()

@@ -23,7 +23,7 @@ import sqlalchemy as sa
 
 from lesion_tasks.lifecycle import artifacts, config as configuration, crossfit, registry, splits, trainset
 from lesion_tasks.lifecycle.config import TrainConfig
-from lesion_tasks.model import backbones, evaluation, features, mc, scope
+from lesion_tasks.model import attention, backbones, evaluation, features, mc, scope
 from lesion_tasks.core import keys
 from lesion_tasks.core.db import engine_for
 from lesion_tasks.core.schema import images, splits as splits_table
@@ -306,6 +306,7 @@ def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[st
         # "uncertain" = the decision could go either way: over a fifth of the case's MC samples fall on the other
         # side of its threshold (a fixed, readable rule: p(MEL) 0.5 at a threshold of 0.1 is not uncertain)
         review_rule = {"predicted_mel": True, "decision_uncertainty_above": REVIEW_DECISION_UNCERTAINTY,
+                       "attention_on_lesion_below": attention.OFF_LESION_BELOW,
                        "p_mel_band": [max(0.0, threshold - 0.05), min(1.0, threshold + 0.05)],
                        "calibrated_on": f"fixed: more than {REVIEW_DECISION_UNCERTAINTY:.0%} of the MC samples across the "
                                         "case's threshold",

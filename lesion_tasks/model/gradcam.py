@@ -16,8 +16,10 @@ OVERLAY_MAX_SIDE = 1024
 OVERLAY_ALPHA = 0.45
 
 
-def gradcam_tape(model, last_layer: str, images: np.ndarray, class_index: np.ndarray, normalize: bool = True) -> np.ndarray:
-    """(N, h, w) heatmaps (in [0, 1] when normalised) for preprocessed `images` and the class of each."""
+def gradcam_tape(model, last_layer: str, images: np.ndarray, class_index: np.ndarray, normalize: bool = True,
+                 batch_size: int = 16) -> np.ndarray:
+    """(N, h, w) heatmaps (in [0, 1] when normalised) for preprocessed `images` and the class of each, a
+    batch at a time through one traced function (the tape holds a batch's activations)."""
     import keras
     import tensorflow as tf
 
@@ -33,7 +35,9 @@ def gradcam_tape(model, last_layer: str, images: np.ndarray, class_index: np.nda
         weights = tf.reduce_mean(tape.gradient(score, activations), axis=(1, 2))
         return tf.nn.relu(tf.einsum("nhwk,nk->nhw", activations, weights))
 
-    cam = cam_of(tf.constant(images, tf.float32), tf.constant(class_index, tf.int32)).numpy()
+    cam = np.concatenate([cam_of(tf.constant(images[i : i + batch_size], tf.float32),
+                                 tf.constant(class_index[i : i + batch_size], tf.int32)).numpy()
+                          for i in range(0, len(images), batch_size)])
     return cam / np.maximum(cam.max(axis=(1, 2), keepdims=True), 1e-12) if normalize else cam
 
 

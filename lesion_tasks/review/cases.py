@@ -24,7 +24,7 @@ from lesion_tasks.lifecycle.sites import SITE, status_at
 from lesion_tasks.core.schema import splits as split_rows
 from lesion_tasks.lifecycle.trainset import latest_reviews
 
-FLAGS = ("predicted_mel", "uncertain", "near_threshold", "out_of_scope", "site_failing")
+FLAGS = ("predicted_mel", "uncertain", "near_threshold", "out_of_scope", "attention_off_lesion", "site_failing")
 # what the UI shows for each flag of `predictions.review_reasons`: a badge and what it means (tooltip)
 FLAG_TEXT = {
     "predicted_mel": ("predicted_mel", "predicted melanoma: p(MEL) at or above the model version's threshold"),
@@ -34,6 +34,9 @@ FLAG_TEXT = {
     "out_of_scope": ("out of scope (not MEL/NV)",
                      "the model thinks this lesion is neither melanoma nor nevus (e.g. basal cell carcinoma): "
                      "outside the two classes it was trained to tell apart, so p(MEL) may mislead; p(other) is that probability"),
+    "attention_off_lesion": ("attention off lesion",
+                             "a melanoma call whose Grad-CAM mass lies mostly outside the lesion (skin, bubbles, dark "
+                             "corners): the model may be deciding on something else than the lesion; check the overlay"),
     "site_failing": ("site failing", "the model version is below a gate floor at this case's site, on that site's own "
                                      "labelled images (lesion sites): every case from there is reviewed"),
 }

@@ -29,7 +29,7 @@ from PIL import Image, ImageOps
 
 from lesion_tasks.lifecycle import artifacts, predict, registry
 from lesion_tasks.lifecycle.sites import status_at, status_of
-from lesion_tasks.model import backbones, features, gradcam, mc, scope
+from lesion_tasks.model import attention, backbones, features, gradcam, mc, scope
 from lesion_tasks.core import keys
 from lesion_tasks.core.db import analyze, engine_for, upsert
 from lesion_tasks.core.schema import SITE_STATUSES, images, prediction_samples, predictions, site_evaluations
@@ -147,19 +147,24 @@ def score_batch(model: ScoringModel, rgb: np.ndarray, image_ids: list[str], mc_s
     return pr, heat
 
 
-def _rows(model: ScoringModel, batch: list[sa.Row], pr: predict.Predictions, uris: list[str], samples: int,
-          run_id: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The prediction rows and MC-sample rows of one scored batch whose overlays are stored."""
+def _rows(model: ScoringModel, batch: list[sa.Row], pr: predict.Predictions, uris: list[str],
+          on_lesion: list[float | None], samples: int, run_id: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The prediction rows and MC-sample rows of one scored batch whose overlays are stored, with the share
+    of each Grad-CAM map on the lesion (None: no lesion segmented)."""
     now = datetime.now(UTC)
     rows, sample_rows = [], []
     decision = pr.decision_uncertainty
+    off_below = model.info.review_rule.get("attention_on_lesion_below", attention.OFF_LESION_BELOW)
     for k, r in enumerate(batch):
         other = None if pr.p_other is None else float(pr.p_other[k])
-        reasons = pr.reasons(k) + (["site_failing"] if r.site in model.failing_sites else [])
+        # MEL calls only: the NV map of a two-class head is where the melanoma evidence is absent, the skin around
+        # the lesion in almost every case (docs/model.md#grad-cam-attention), so it would flag every NV call
+        off = bool(pr.is_mel[k]) and on_lesion[k] is not None and on_lesion[k] < off_below
+        reasons = pr.reasons(k) + (["attention_off_lesion"] if off else []) + (["site_failing"] if r.site in model.failing_sites else [])
         rows.append({"image_id": r.image_id, "model_version": model.version, "p_mel": float(pr.p_mel[k]), "p_other": other,
                      "predicted_label": "MEL" if pr.is_mel[k] else "NV", "threshold": float(pr.thresholds[k]),
                      "entropy": float(pr.entropy[k]), "mutual_info": float(pr.mutual_info[k]), "mc_samples": samples,
-                     "decision_uncertainty": float(decision[k]),
+                     "decision_uncertainty": float(decision[k]), "attention_on_lesion": on_lesion[k],
                      "gradcam_uri": uris[k], "needs_review": bool(reasons), "review_reasons": ",".join(reasons) or None,
                      "drop_id": r.drop_id, "run_id": run_id, "scored_at": now})
         sample_rows.append({"image_id": r.image_id, "model_version": model.version,
@@ -205,10 +210,12 @@ def score_range(settings: Settings, model_version: str = "champion", first: str 
         def read(batch: list[sa.Row]) -> list[Future]:
             return [io_pool.submit(features.model_input, store, r.normalized_uri, model.input_config) for r in batch]
 
-        def write(batch: list[sa.Row], pr: predict.Predictions, overlays: list[Future], previous: Future | None) -> tuple[int, int]:
+        def write(batch: list[sa.Row], pr: predict.Predictions, overlays: list[Future], on_lesion: list[Future],
+                  previous: Future | None) -> tuple[int, int]:
             if previous is not None:
                 previous.result()  # a failed batch stops the ones after it, as if they ran one at a time
-            rows, sample_rows = _rows(model, batch, pr, [f.result() for f in overlays], samples, run_id)
+            rows, sample_rows = _rows(model, batch, pr, [f.result() for f in overlays], [f.result() for f in on_lesion],
+                                      samples, run_id)
             with engine.begin() as conn:
                 upsert(conn, predictions, rows, ["image_id", "model_version"])
                 upsert(conn, prediction_samples, sample_rows, ["image_id", "model_version"])
@@ -232,7 +239,9 @@ def score_range(settings: Settings, model_version: str = "champion", first: str 
                 pr, heatmaps = score_batch(model, rgb, [r.image_id for r in batch], samples, [r.site for r in batch])
                 overlays = [io_pool.submit(_write_overlay, store, keys.gradcam(model.version, r.drop_id, r.image_id),
                                            r.original_uri, heat) for r, heat in zip(batch, heatmaps)]
-                pending.append(writer.submit(write, batch, pr, overlays, pending[-1] if pending else None))
+                # on the pixels the model saw, off the backbone's thread like the overlays
+                on_lesion = [io_pool.submit(attention.attention_on_lesion, image, heat) for image, heat in zip(rgb, heatmaps)]
+                pending.append(writer.submit(write, batch, pr, overlays, on_lesion, pending[-1] if pending else None))
                 while pending and (pending[0].done() or len(pending) > WRITE_BEHIND):  # bounded; fails early
                     collect(pending.popleft())
             while pending:

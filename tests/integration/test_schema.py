@@ -11,7 +11,7 @@ from lesion_tasks.core import db
 from lesion_tasks.core.schema import metadata
 from lesion_tasks.core.settings import Settings
 
-HEAD = "0012_decision_uncertainty"
+HEAD = "0013_attention_on_lesion"
 
 
 @pytest.fixture
@@ -275,5 +275,25 @@ def test_decision_uncertainty_migration_fills_it_from_the_stored_samples_and_ste
     with engine.connect() as conn:
         assert "decision_uncertainty" not in {c["name"] for c in sa.inspect(conn).get_columns("predictions")}
         assert conn.execute(sa.text("SELECT p_mel, predicted_label FROM predictions")).one() == (0.6, "MEL")
+    engine.dispose()
+    assert db.upgrade(settings) == HEAD
+
+
+def test_attention_migration_keeps_existing_rows_and_their_overlays_and_steps_back(url, tmp_path):
+    """0013 adds predictions.attention_on_lesion, NULL for rows scored before (not measured), every other value
+    and the views as they were; a downgrade drops it."""
+    settings, engine = _one_prediction_at(url, tmp_path, "0012_decision_uncertainty")
+    with engine.connect() as conn:
+        row = conn.execute(sa.text("SELECT * FROM predictions")).mappings().one()
+        before = {v: _view_columns(conn, v) for v in ("v_latest_predictions", "v_review_queue")}
+    assert db.upgrade(settings, "0013_attention_on_lesion") == "0013_attention_on_lesion"
+    with engine.connect() as conn:
+        after = conn.execute(sa.text("SELECT * FROM predictions")).mappings().one()
+        assert after["attention_on_lesion"] is None
+        assert {k: after[k] for k in row} == dict(row)  # gradcam_uri included: old overlays stay readable
+        assert {v: _view_columns(conn, v) for v in before} == before
+    assert db.downgrade(settings, "0012_decision_uncertainty") == "0012_decision_uncertainty"
+    with engine.connect() as conn:
+        assert "attention_on_lesion" not in {c["name"] for c in sa.inspect(conn).get_columns("predictions")}
     engine.dispose()
     assert db.upgrade(settings) == HEAD

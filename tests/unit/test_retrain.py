@@ -88,6 +88,14 @@ def test_per_source_metrics_calibration_and_out_of_scope_are_reported(trained):
     report = open_store(settings).get(key_of(open_store(settings), row["report_uri"])).decode()
     assert "Per site (test)" in report and "threshold applied" in report and "Out of scope (test" in report and "<td>BCC</td>" in report
     assert "before calibration" in report
+    # where Grad-CAM looks, per true class and right / wrong, on a seeded sample of test cases
+    att = row["metrics"]["test"]["attention"]
+    assert set(att["cells"]) == {"MEL right", "MEL wrong", "NV right", "NV wrong"} and att["off_lesion_below"] == 0.5
+    for cell in att["cells"].values():
+        assert 0 <= cell["off_lesion"] <= cell["n_measured"] <= cell["n"] <= att["per_cell"]
+        assert cell["n_measured"] == 0 or 0 <= cell["mean_on_lesion"] <= 1
+    assert sum(c["n_measured"] for c in att["cells"].values()) > 0  # the synthetic lesions are segmented
+    assert "Grad-CAM attention on the lesion" in report and "on the lesion</figcaption>" in report
 
 
 def test_artifacts_are_stored_without_optimizer_state(trained):

@@ -80,6 +80,11 @@ def test_every_image_scored_once_with_valid_numbers(scored_home, scored_copy):
             assert "predicted_mel" in r["review_reasons"]
         # "uncertain" is about the decision: over a fifth of the MC samples across the case's threshold
         assert ("uncertain" in (r["review_reasons"] or "").split(",")) == (r["decision_uncertainty"] > 0.2), r
+        on = r["attention_on_lesion"]
+        assert on is None or 0 <= on <= 1
+        off = r["predicted_label"] == "MEL" and on is not None and on < 0.5
+        assert ("attention_off_lesion" in (r["review_reasons"] or "").split(",")) == off, r
+    assert sum(r["attention_on_lesion"] is not None for r in rows) > len(rows) / 2  # synthetic lesions segment
     assert any("uncertain" in (r["review_reasons"] or "") for r in rows)
     again = scoring.score(scored_copy)
     assert (again["scored"], again["skipped"]) == (0, n_images)
@@ -186,6 +191,27 @@ def test_fast_gradcam_equals_gradient_tape(backbone, size):
     fast = gradcam.gradcam_fast(activations, gradcam.head_gradient(head, pooled, cls), normalize=False)
     tape = gradcam.gradcam_tape(model, last, x, cls, normalize=False)
     assert np.linalg.norm(fast - tape) / max(np.linalg.norm(tape), 1e-12) <= 1e-4
+
+
+def test_attention_on_lesion_is_measured_on_the_model_input_and_the_predicted_class_map(scored_home, tmp_path):
+    """The stored share equals the segmentation of the image as the model saw it against the reference
+    Grad-CAM (a GradientTape through the whole model) of the predicted class."""
+    from lesion_tasks.model import attention
+
+    settings, version, _ = scored_home
+    row, model, _, ids, store = _model(settings, version, tmp_path)
+    stored = {r["image_id"]: r for r in _rows(settings, version)}
+    engine = db.make_engine(settings.db_url)
+    with engine.connect() as conn:
+        uris = dict(conn.execute(sa.select(images.c.image_id, images.c.normalized_uri).where(images.c.image_id.in_(ids))).all())
+    engine.dispose()
+    rgb = np.stack([features.model_input(store, uris[i], artifacts.feature_config(row)) for i in ids])
+    pred = np.array([stored[i]["predicted_label"] == "MEL" for i in ids], np.int64)
+    cams = gradcam.gradcam_tape(model, row["config"]["last_activation"], backbones.preprocess(rgb), pred)
+    for i, image, cam in zip(ids, rgb, cams):
+        expected = attention.attention_on_lesion(image, cam)
+        got = stored[i]["attention_on_lesion"]
+        assert (got is None) == (expected is None) and (got is None or got == pytest.approx(expected, abs=2e-3)), i
 
 
 def test_views_one_row_per_image_and_review_queue(scored_home):
