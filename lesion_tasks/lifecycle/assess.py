@@ -304,7 +304,7 @@ def gate_model(settings: Settings, model_version: str, actor: str = "lesion_retr
             return {"model_version": model_version, "promoted": True, "reasons": ["already the champion"],
                     "champion": model_version}
         comparison = evaluation.json_safe(_compare_with_champion(settings, store, v, champion, parts)) if champion else None
-        passed, reasons = registry.decide(row["metrics"], comparison, v.floors)
+        passed, reasons = registry.decide(row["metrics"], comparison, v.floors, v)
         source = row["weights_source"] or ""
         if "demo fallback" in source or source.startswith("random initialisation (ImageNet"):
             reasons.append(f"NOTE not the asked-for weights: {source}")  # the demo profile's loud fallback

@@ -108,6 +108,16 @@ class ModelVersion:
         own = self.thresholds_by_site.get(site) if site is not None else None
         return float(own["threshold"]) if own and own.get("chosen_on") == "site" else float(self.threshold)
 
+    def threshold_note(self, site: str | None) -> str:
+        """In words: the threshold `site`'s cases are decided at and which validation target set it."""
+        own = self.thresholds_by_site.get(site) if site is not None else None
+        if own and own.get("chosen_on") == "site":
+            return f"at its own threshold {float(own['threshold']):.4f}, chosen on its {own.get('n_mel')} validation melanomas"
+        setter = threshold_setter(self.review_rule, self.threshold)
+        by = ("the pooled validation target" if setter in (None, "pooled") else
+              "this site's target" if setter == site else f"site {setter}'s target")
+        return f"at the pooled threshold {float(self.threshold):.4f}, set by {by}"
+
     def thresholds_for(self, sites: Sequence[str | None]) -> np.ndarray:
         return np.array([self.threshold_for(s) for s in sites], dtype=np.float64)
 
@@ -244,7 +254,17 @@ def mark_pruned(conn: sa.Connection, model_version: str, now: datetime) -> bool:
     return True
 
 
-def _floor_checks(label: str, metrics: dict[str, Any], floors: GateFloors) -> tuple[bool, list[str]]:
+def threshold_setter(review_rule: Mapping[str, Any], threshold: float | None) -> str | None:
+    """Whose validation target set the pooled threshold: "pooled", a gated site whose stricter target it had to
+    reach (`review_rule.threshold_by_source`), or None where the rule does not say."""
+    targets = review_rule.get("threshold_by_source") or {}
+    return next((name for name, value in sorted(targets.items(), key=lambda kv: kv[0] != "pooled")
+                 if threshold is not None and abs(float(value) - float(threshold)) < 1e-12), None)
+
+
+def _floor_checks(label: str, metrics: dict[str, Any], floors: GateFloors, note: str = "") -> tuple[bool, list[str]]:
+    """The floors of one test split; `note` (which threshold applied, and what set it) follows the
+    threshold-dependent ones."""
     passed, reasons = True, []
     for name, floor in (("mel_sensitivity", floors.mel_sensitivity), ("auc", floors.auc),
                         ("balanced_accuracy", floors.balanced_accuracy)):
@@ -255,7 +275,8 @@ def _floor_checks(label: str, metrics: dict[str, Any], floors: GateFloors) -> tu
             continue
         ok = value >= floor
         passed &= ok
-        reasons.append(f"{'PASS' if ok else 'FAIL'}: {label} {name} {shown(value)} {'>=' if ok else '<'} floor {bound(floor)}")
+        at = f" ({note})" if note and name != "auc" else ""
+        reasons.append(f"{'PASS' if ok else 'FAIL'}: {label} {name} {shown(value)} {'>=' if ok else '<'} floor {bound(floor)}{at}")
     return passed, reasons
 
 
@@ -282,21 +303,27 @@ def _evidence_checks(metrics: dict[str, Any], floors: GateFloors) -> tuple[bool,
     return passed, reasons
 
 
-def decide(metrics: dict[str, Any], comparison: dict[str, Any] | None, floors: GateFloors) -> tuple[bool, list[str]]:
+def decide(metrics: dict[str, Any], comparison: dict[str, Any] | None, floors: GateFloors,
+           version: ModelVersion | None = None) -> tuple[bool, list[str]]:
     """(passed, reasons): every evidence, floor and regression check, passed or failed, in words. Too
     little evidence (`_evidence_checks`) is never a pass. The floors apply to the pooled test split, to
     every site with at least MIN_SOURCE_MEL melanomas in test, and (with at least MIN_OUT_OF_SCOPE
     such test images) to the out-of-scope recall; the regression check vs the champion to the pooled test
-    split and to each such site (`comparison["by_site"]`)."""
+    split and to each such site (`comparison["by_site"]`). With `version`, sensitivity and balanced accuracy
+    say which threshold applied and whose target set it."""
     test = metrics["test"]
     passed, reasons = _evidence_checks(metrics, floors)
-    ok, more = _floor_checks("test", test, floors)
+    pooled_note = version.threshold_note(None) if version is not None and version.threshold is not None else ""
+    if pooled_note and test.get("thresholds_applied") == "per site":
+        pooled_note = "each site at its own threshold where it has one, else " + pooled_note
+    ok, more = _floor_checks("test", test, floors, pooled_note)
     passed &= ok
     reasons += more
     # per site (each at its own threshold where it has one; `by_source` in metrics from before sites)
     for source, part in sorted((test.get("by_site") or test.get("by_source") or {}).items()):
         if (part.get("n_mel") or 0) >= MIN_SOURCE_MEL:
-            ok, more = _floor_checks(f"test[{source}]", part, floors)
+            note = version.threshold_note(source) if version is not None and version.threshold is not None else ""
+            ok, more = _floor_checks(f"test[{source}]", part, floors, note)
             passed &= ok
             reasons += more
     oos = (metrics.get("out_of_scope") or {}).get("test")

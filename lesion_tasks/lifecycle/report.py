@@ -18,7 +18,7 @@ import re
 
 import numpy as np
 
-from lesion_tasks.lifecycle.registry import shown
+from lesion_tasks.lifecycle.registry import shown, threshold_setter
 
 GATE_BEGIN, GATE_END = "<!--gate:begin-->", "<!--gate:end-->"
 
@@ -264,9 +264,7 @@ def threshold_sentence(version: dict[str, Any], metrics: dict[str, Any]) -> str:
     """How the pooled threshold was chosen, in words: which target set it (the pooled validation split's, or a
     gated site's stricter one) and the validation sensitivity it reaches, not just the configured target."""
     t = metrics["test"]["threshold"]
-    targets = (version.get("review_rule") or {}).get("threshold_by_source") or {}
-    setter = next((name for name, value in sorted(targets.items(), key=lambda kv: kv[0] != "pooled")
-                   if abs(float(value) - float(t)) < 1e-12), None)
+    setter = threshold_setter(version.get("review_rule") or {}, t)
     configured = version["config"]["target_sensitivity"]
     val_sens = metrics["val"].get("mel_sensitivity")
     where = ("each site at its own threshold where it has one" if metrics["val"].get("thresholds_applied") == "per site"

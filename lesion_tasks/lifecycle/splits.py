@@ -1,16 +1,20 @@
-"""Train / validation / test split: stratified by label and site, grouped by lesion, frozen.
+"""Train / validation / test split: a function of each lesion (not of arrival order), grouped by lesion, frozen.
 
 Every ISIC-labelled image (MEL, NV, and OTHER: the out-of-scope diagnoses train and test the
 out-of-scope signal) gets a split. Images are grouped into *lesions*: the connected components of
 "same near-duplicate group" and "same ISIC lesion_id", so several photographs of one lesion, or a
 re-photographed copy under another id, never straddle splits.
 
-The first call freezes the split with StratifiedGroupKFold (test = one fold of 1/test_frac, validation
-= one fold of the rest; strata = label x site). Later images never move existing ones: an image
-whose lesion already has a split joins it ("group"); new lesions are split the same stratified way
-among themselves when there are at least `BATCH_MIN_GROUPS` of them ("batch:sgkf-v2"), else each is
-placed by a hash of its lesion id ("hash-v2": deterministic, label-blind, stratified in expectation).
-Champion and challenger are therefore always compared on the same test images.
+A lesion's split is a function of the lesion itself ("lesion-hash-v3"): a seeded hash of its smallest ISIC
+`lesion_id` (else of its smallest image id), test below `test_frac`, validation below `test_frac + val_frac`. So the split does not depend on
+the order, the batches or the path (`incoming/` or the CLI) by which the same images arrived, nor on what else
+is in the database; it is label-blind and stratified in expectation, which holds for any source of a few
+hundred lesions (a fraction's binomial spread: +-0.02 at 400 lesions). The only images whose split can
+depend on the order are near-duplicates without a lesion id that arrive in different drops, when a later drop
+holds the lesion's smallest image id (an image joins the split its lesion already has). A split once given is frozen: later images
+never move existing ones, and an image whose lesion already has a split joins it ("group"). Champion and
+challenger are therefore always compared on the same test images. Splits given by earlier rules
+(StratifiedGroupKFold per batch, "initial:sgkf-v2" / "batch:sgkf-v2", and "hash-v2") stay as they were.
 
 Reviewer labels (images ISIC gave no label, labelled in the review UI) are training data only by default
 (a verdict is not histopathology): such an image joins "train" ("reviewed-train"), or its lesion's split
@@ -25,14 +29,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import warnings
 from collections import Counter
 from datetime import UTC, datetime
 from types import SimpleNamespace
 
-import numpy as np
 import sqlalchemy as sa
-from sklearn.model_selection import StratifiedGroupKFold
 
 from lesion_tasks.lifecycle import trainset
 from lesion_tasks.core.db import insert_ignore
@@ -40,13 +41,12 @@ from lesion_tasks.core.schema import images, splits
 
 log = logging.getLogger(__name__)
 SPLIT_LABELS = ("MEL", "NV", "OTHER")
-BATCH_MIN_GROUPS = 50
 # where a new image goes when its lesion already (wrongly) sits in several splits: evaluation first
 PRIORITY = ("test", "val", "train")
 
 
-def _hash_split(group: str, seed: int, test_frac: float, val_frac: float) -> str:
-    u = int.from_bytes(hashlib.sha256(f"{seed}\0{group}".encode()).digest()[:8], "big") / 2**64
+def _hash_split(key: str, seed: int, test_frac: float, val_frac: float) -> str:
+    u = int.from_bytes(hashlib.sha256(f"{seed}\0{key}".encode()).digest()[:8], "big") / 2**64
     return "test" if u < test_frac else "val" if u < test_frac + val_frac else "train"
 
 
@@ -69,21 +69,6 @@ def lesions(rows) -> dict[str, str]:
             if a != b:
                 parent[max(a, b)] = min(a, b)  # "g..." < "l...": a near-duplicate group names the component
     return {r.image_id: find("g\0" + r.near_dup_group)[2:] for r in rows}
-
-
-def _stratified(ids: list[str], strata: np.ndarray, groups: np.ndarray, seed: int, test_frac: float,
-                val_frac: float) -> dict[str, str]:
-    n_test = max(2, round(1 / test_frac))
-    n_val = max(2, round((1 - test_frac) / val_frac))
-    with warnings.catch_warnings():  # a rare stratum (e.g. 3 dermatofibromas of one source) is fine
-        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
-        rest, test = next(StratifiedGroupKFold(n_splits=n_test, shuffle=True, random_state=seed).split(ids, strata, groups))
-        train, val = next(StratifiedGroupKFold(n_splits=n_val, shuffle=True, random_state=seed + 1)
-                          .split(rest, strata[rest], groups[rest]))
-    out = {ids[i]: "test" for i in test}
-    out.update({ids[rest[i]]: "val" for i in val})
-    out.update({ids[rest[i]]: "train" for i in train})
-    return out
 
 
 def _check_initial(labels: list[str], test_frac: float) -> None:
@@ -111,7 +96,7 @@ def assign(engine: sa.Engine, seed: int = 0, test_frac: float = 0.2, val_frac: f
         reviewed_rows = conn.execute(sa.select(*cols).where(images.c.image_id.in_(sorted(reviewed)))
                                      .order_by(images.c.image_id)).all() if reviewed else []
     lesion = lesions(list(rows) + list(reviewed_rows))
-    if verdicts_validate:  # verdicts split like any label (the strata read the reviewer's label)
+    if verdicts_validate:  # verdicts split like any label
         rows = sorted([*rows, *(SimpleNamespace(**(r._asdict() | {"label": reviewed[r.image_id]})) for r in reviewed_rows)],
                       key=lambda r: r.image_id)
         reviewed_rows = []
@@ -130,17 +115,15 @@ def assign(engine: sa.Engine, seed: int = 0, test_frac: float = 0.2, val_frac: f
         if lesion[r.image_id] in lesion_split:
             assigned[r.image_id] = (lesion_split[lesion[r.image_id]], "group")
     fresh = [r for r in new if r.image_id not in assigned]
-    fresh_groups = {lesion[r.image_id] for r in fresh}
-    if fresh and (not existing or len(fresh_groups) >= BATCH_MIN_GROUPS):
-        if not existing:
-            _check_initial([r.label for r in fresh], test_frac)
-        rule = f"{'batch' if existing else 'initial'}:sgkf-v2:seed={seed}:test={test_frac}:val={val_frac}"
-        chosen = _stratified([r.image_id for r in fresh], np.array([f"{r.label}|{r.site}" for r in fresh]),
-                             np.array([lesion[r.image_id] for r in fresh]), seed, test_frac, val_frac)
-        assigned.update({i: (s, rule) for i, s in chosen.items()})
-    else:
-        rule = f"hash-v2:seed={seed}:test={test_frac}:val={val_frac}"
-        assigned.update({r.image_id: (_hash_split(lesion[r.image_id], seed, test_frac, val_frac), rule) for r in fresh})
+    if fresh and not existing:
+        _check_initial([r.label for r in fresh], test_frac)
+    rule = f"lesion-hash-v3:seed={seed}:test={test_frac}:val={val_frac}"
+    # a lesion's hash key, whatever order its images came in: its smallest ISIC lesion_id, else its smallest image id
+    key: dict[str, str] = {}
+    for r in [*rows, *reviewed_rows]:
+        group, own = lesion[r.image_id], f"0lesion:{r.lesion_id}" if r.lesion_id else f"1image:{r.image_id}"
+        key[group] = min(key.get(group, own), own)  # any lesion id before any image id
+    assigned.update({r.image_id: (_hash_split(key[lesion[r.image_id]], seed, test_frac, val_frac), rule) for r in fresh})
     for image_id, (split, _) in assigned.items():
         lesion_split.setdefault(lesion[image_id], split)
     left_out = 0

@@ -156,3 +156,25 @@ def test_the_report_says_which_target_set_the_threshold():
                     "must also reach; validation sensitivity 0.896 (at this threshold).")
     pooled = report.threshold_sentence(version | {"review_rule": {"threshold_by_source": {"pooled": 0.1887}}}, metrics)
     assert "set by the pooled validation split's target (sensitivity 0.85, raised where" in pooled
+
+
+def test_the_reasons_say_which_threshold_applied_and_whose_target_set_it():
+    """A site at its own threshold says so; a site decided at the pooled threshold names the site whose
+    stricter validation target set it (issue 23: "set by one shared threshold")."""
+    row = {"model_version": "v", "status": "candidate", "is_champion": False, "backbone": "tiny", "image_size": 32,
+           "threshold": 0.094, "mc_samples": 2, "config": {},
+           "review_rule": {"threshold_by_source": {"pooled": 0.15, "sharp": 0.094},
+                           "thresholds_by_site": {"clinic": {"threshold": 0.2, "chosen_on": "site", "n_mel": 41},
+                                                  "sharp": {"threshold": 0.094, "chosen_on": "pooled", "n_mel": 88}}}}
+    version = registry.ModelVersion.from_row(row)
+    metrics = _metrics(thresholds_applied="per site", by_site={
+        "sharp": {"n_mel": 104, **GOOD, "mel_sensitivity": 0.79}, "clinic": {"n_mel": 40, **GOOD}})
+    passed, reasons = registry.decide(metrics, None, registry.GateFloors(), version)
+    assert not passed
+    assert ("FAIL: test[sharp] mel_sensitivity 0.7900 < floor 0.80 (at the pooled threshold 0.0940, set by this "
+            "site's target)") in reasons
+    assert ("PASS: test[clinic] balanced_accuracy 0.8500 >= floor 0.60 (at its own threshold 0.2000, chosen on its 41 "
+            "validation melanomas)") in reasons
+    assert ("PASS: test mel_sensitivity 0.9000 >= floor 0.80 (each site at its own threshold where it has one, else at "
+            "the pooled threshold 0.0940, set by site sharp's target)") in reasons
+    assert "PASS: test auc 0.9500 >= floor 0.70" in reasons  # AUC does not depend on a threshold
