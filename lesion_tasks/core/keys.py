@@ -103,7 +103,19 @@ def gradcam_prefix(version: str) -> str:
 
 
 def gradcam(version: str, drop_id: str, image_id: str) -> str:
+    """An image's overlay PNG: written by scoring where overlays are materialised, else rendered on demand
+    from its map and kept here (`lesion gradcam-url`)."""
     return f"{gradcam_prefix(version)}{drop_id}/{image_id}.png"
+
+
+def gradcam_map(version: str, drop_id: str, image_id: str) -> str:
+    """An image's low-resolution Grad-CAM map (float16 .npy, a few hundred bytes): what scoring stores."""
+    return f"{gradcam_prefix(version)}{drop_id}/{image_id}.npy"
+
+
+def overlay_of_map(key: str) -> str:
+    """The overlay PNG rendered from the map at `key` (the same name, .png)."""
+    return key[: -len(".npy")] + ".png" if key.endswith(".npy") else key
 
 
 def gradcam_version(key: str) -> str | None:

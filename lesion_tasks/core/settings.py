@@ -9,6 +9,7 @@
 | `LESION_S3_ACCESS_KEY`, `LESION_S3_SECRET_KEY` | S3 credentials (never logged)         | none                          |
 | `LESION_IMAGE_SIZE`   | side of the normalised model-input copy made at ingestion      | `224`                         |
 | `LESION_INCOMING_SETTLE_SECONDS` | a folder drop under `incoming/` is taken once untouched this long (or when it holds `_READY`) | `300` |
+| `LESION_GRADCAM_MATERIALIZE` | `1`: nightly scoring also writes each Grad-CAM overlay as a PNG (the files a team may want); `0`: it stores the low-resolution map only and overlays are rendered on demand | `0` |
 | `LESION_VERDICTS_VALIDATE` | `1`: reviewer verdicts join the validation and test splits like imported labels (`lesion labels import`); `0`: training data only, since a verdict is not histopathology | `0` |
 
 Weights (read per call by `weights_settings()`, so a process can be pointed elsewhere without restarting):
@@ -43,6 +44,7 @@ class Settings:
     image_size: int = 224
     incoming_settle_seconds: int = 300
     verdicts_validate: bool = False
+    gradcam_materialize: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -59,6 +61,7 @@ class Settings:
             "image_size": _int(env, "LESION_IMAGE_SIZE", 224, minimum=32),
             "incoming_settle_seconds": _int(env, "LESION_INCOMING_SETTLE_SECONDS", 300, minimum=0),
             "verdicts_validate": _flag(env, "LESION_VERDICTS_VALIDATE", False),
+            "gradcam_materialize": _flag(env, "LESION_GRADCAM_MATERIALIZE", False),
         }
         values.update({k: v for k, v in overrides.items() if v is not None and k != "home"})
         return cls(**values)
@@ -76,6 +79,7 @@ class Settings:
             "s3_access_key": "***" if self.s3_access_key else None,
             "image_size": self.image_size,
             "verdicts_validate": self.verdicts_validate,
+            "gradcam_materialize": self.gradcam_materialize,
         }
 
 

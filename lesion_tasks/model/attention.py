@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
-from skimage import color, filters, morphology, transform
+from PIL import Image
+from skimage import color, filters, morphology
 
 SEGMENT_SIDE = 96  # longest side the segmentation works at (the Grad-CAM map itself is 7x7 to 14x14)
 HAIR_RADIUS = 2  # px at SEGMENT_SIDE: lines up to ~4 px wide (a hair at dermoscopic scale); a lesion is far wider
@@ -39,14 +40,12 @@ OFF_LESION_BELOW = 0.5  # share of Grad-CAM mass inside the lesion under which a
 
 
 def _small(rgb: np.ndarray) -> np.ndarray:
-    """`rgb` (h, w, 3) uint8 or float in [0, 1] as float in [0, 1], longest side at most SEGMENT_SIDE."""
-    img = np.asarray(rgb)
-    img = img.astype(np.float32) / 255.0 if img.dtype == np.uint8 else img.astype(np.float32)
-    scale = SEGMENT_SIDE / max(img.shape[:2])
+    """`rgb` (h, w, 3) uint8 as float in [0, 1], longest side at most SEGMENT_SIDE (PIL's antialiased bilinear)."""
+    im = Image.fromarray(np.asarray(rgb, np.uint8))
+    scale = SEGMENT_SIDE / max(im.size)
     if scale < 1:
-        shape = (max(1, round(img.shape[0] * scale)), max(1, round(img.shape[1] * scale)), 3)
-        img = transform.resize(img, shape, order=1, anti_aliasing=True).astype(np.float32)
-    return img
+        im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.Resampling.BILINEAR)
+    return np.asarray(im, np.float32) / 255.0
 
 
 def _border_connected(mask: np.ndarray) -> np.ndarray:
@@ -88,7 +87,9 @@ def share_on_lesion(heatmap: np.ndarray, mask: np.ndarray | None) -> float | Non
     """The fraction of the (non-negative) Grad-CAM map's mass inside `mask`; None without a mask or a map."""
     if mask is None:
         return None
-    heat = np.clip(transform.resize(np.asarray(heatmap, np.float32), mask.shape, order=1, anti_aliasing=False), 0, None)
+    # upsampled as the overlay upsamples it (PIL bilinear), so the share is of what the reviewer sees
+    heat = np.clip(np.asarray(Image.fromarray(np.asarray(heatmap, np.float32), mode="F")
+                              .resize(mask.shape[::-1], Image.Resampling.BILINEAR)), 0, None)
     total = float(heat.sum())
     return None if total <= 0 else float(heat[mask].sum() / total)
 

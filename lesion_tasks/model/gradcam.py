@@ -1,4 +1,4 @@
-"""Grad-CAM of the predicted class at the backbone's last activation, and overlays.
+"""Grad-CAM of the predicted class at the backbone's last activation, the stored map, and overlays.
 
 Reference implementation through the whole model with a GradientTape (keras-io grad_cam). Because
 the last activation A feeds global average pooling, d score / d A[i,j,k] = d score / d pooled[k] / (H W)
@@ -58,6 +58,20 @@ def overlay(rgb: Image.Image, heatmap: np.ndarray, max_side: int = OVERLAY_MAX_S
     heat = Image.fromarray((np.clip(heatmap, 0, 1) * 255).astype(np.uint8)).resize(base.size, Image.Resampling.BILINEAR)
     colored = Image.fromarray(_jet(np.asarray(heat, np.float32) / 255.0))
     return Image.blend(base, colored, alpha)
+
+
+def map_bytes(heatmap: np.ndarray) -> bytes:
+    """A Grad-CAM map as stored: float16 .npy (a 14x14 map is 520 bytes)."""
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(heatmap, np.float16), allow_pickle=False)
+    return buf.getvalue()
+
+
+def map_from_bytes(data: bytes) -> np.ndarray:
+    heat = np.load(io.BytesIO(data), allow_pickle=False)
+    if heat.ndim != 2:
+        raise ValueError(f"a Grad-CAM map of shape {heat.shape}: expected (h, w)")
+    return heat.astype(np.float32)
 
 
 def png_bytes(im: Image.Image) -> bytes:

@@ -8,11 +8,12 @@ Problems (any of them: `ok` false, exit code 1):
   quarantined bytes (`quarantine.raw_uri` where it is a key under `drops/`; a zip bomb or a link
   is referred to inside its raw drop instead), drop manifests, model versions' model / report /
   metrics (a version pruned by `lesion gc` is not expected to have its model any more), Grad-CAM
-  overlays (where `gradcam_uri` is not NULL).
+  maps or overlays (where `gradcam_uri` is not NULL).
 - `orphan_*`: an object no row refers to -- under `drops/` the original, normalised and quarantined
   bytes of finished drops (the CSV/JSON/text files under `aux/` and `manifest.json` belong to the drop
   itself; every object of a drop the database does not know is an orphan), `models/<version>/` of an
-  unknown version, `predictions/<version>/gradcam/...` that no prediction refers to.
+  unknown version, `predictions/<version>/gradcam/...` that no prediction refers to (an overlay PNG drawn
+  from a referenced map, `lesion gradcam-url`, is that map's and not an orphan).
 - predictions, reviews or MC samples of an unknown model version; predictions of an unknown image.
 - ISIC-labelled images without a split although their drop finished before the latest split
   assignment (`splits.assign` gives every labelled image it reads a split, and it reads every drop
@@ -141,7 +142,8 @@ def _orphans(listing: dict[str, dict[str, int]], referenced: dict[str, set[str]]
         elif row["artifacts_pruned_at"] is not None and name not in artifacts.KEPT_AFTER_PRUNING:
             f.add("gc_leftover", key)
     for key in listing.get("predictions", {}):
-        if key not in referenced["predictions"]:
+        drawn = key.endswith(".png") and key[: -len(".png")] + ".npy" in referenced["predictions"]
+        if key not in referenced["predictions"] and not drawn:  # an overlay drawn from a referenced map is its cache
             version = keys.gradcam_version(key) or key.split("/")[1]
             pruned = version in versions and versions[version]["artifacts_pruned_at"] is not None
             f.add("gc_leftover" if pruned else "orphan_gradcam", key)

@@ -10,7 +10,7 @@ The rule:
   24 h ago (a run in progress; an older claim is an abandoned run).
 - Every other version is *pruned*: everything under `models/<version>/` except the small
   `report.html` and `metrics.json` (the model, head, out-of-scope head, figures, CSVs), and its
-  Grad-CAM overlays `predictions/<version>/gradcam/...`. Its predictions keep their numbers with
+  Grad-CAM maps and overlays `predictions/<version>/gradcam/...`. Its predictions keep their numbers with
   `gradcam_uri` set to NULL, and `model_versions.artifacts_pruned_at` records when: from then on
   such a version can neither score nor be promoted (`artifacts.of` and `registry.promote` refuse,
   naming it), and `lesion check` does not expect its removed files.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -51,8 +52,8 @@ def decode_slot() -> Iterator[None]:
         _decode_slots.release()
 
 
-def downscaled(data: bytes, side: int) -> bytes:
-    """A JPEG of `data` fitting side x side, upright. Call it inside a `decode_slot`. Raises
+def upright(data: bytes, side: int) -> Image.Image:
+    """`data` decoded to fit side x side, upright, RGB. Call it inside a `decode_slot`. Raises
     TooLargeToDecode, before decoding anything, when the image is past the budget."""
     if len(data) > DECODE_MAX_BYTES:
         raise TooLargeToDecode(f"{len(data)} bytes, decoding limit {DECODE_MAX_BYTES}")
@@ -73,7 +74,36 @@ def downscaled(data: bytes, side: int) -> bytes:
         small.thumbnail((side, side))  # in place: the full-size pixels are freed here
         if orientation in _UPRIGHT:
             small = small.transpose(_UPRIGHT[orientation])
-        small = small.convert("RGB")
+        return small.convert("RGB")
+
+
+def downscaled(data: bytes, side: int) -> bytes:
+    """A JPEG of `data` fitting side x side, upright (`upright`: inside a `decode_slot`, within the budget)."""
     out = io.BytesIO()
-    small.save(out, "JPEG", quality=85)
+    upright(data, side).save(out, "JPEG", quality=85)
     return out.getvalue()
+
+
+class BoundedCache:
+    """Bytes by key, least recently used first out once `max_bytes` is exceeded; thread-safe."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.size = max_bytes, 0
+        self._items: OrderedDict[str, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> bytes | None:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            return None
+
+    def put(self, key: str, value: bytes) -> None:
+        with self._lock:
+            if key in self._items:
+                self.size -= len(self._items.pop(key))
+            self._items[key] = value
+            self.size += len(value)
+            while self.size > self.max_bytes and self._items:
+                self.size -= len(self._items.popitem(last=False)[1])

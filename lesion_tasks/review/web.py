@@ -28,6 +28,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from lesion_tasks.lifecycle import sites
+from lesion_tasks.model import gradcam
 from lesion_tasks.lifecycle.sites import STATUS_TEXT as SITE_STATUS_TEXT
 from lesion_tasks.review import cases, hints, previews
 from lesion_tasks.review.charts import histogram_svg, nights_svg, queue_bars_svg
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 THUMB_SIDE = 192  # queue thumbnails
 LARGE_SIDE = 1024  # the case page's view of the original (ISIC originals reach 6000x4000)
 CACHE = "private, max-age=300"
+OVERLAY_CACHE_BYTES = 64 * 2**20  # overlays drawn from maps kept per process (a 1024 px overlay PNG is ~1 MB)
 SECURITY_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
                                                "frame-ancestors 'self'; form-action 'self'",
                     "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin"}
@@ -319,16 +321,42 @@ def create_app(settings: Callable[[], Settings], authenticate: Callable[[Request
             return _large_view(row, what)
         return _object(row.normalized_uri, THUMB_SIDE if size == "thumb" else None, "image/jpeg", what)
 
+    overlays = previews.BoundedCache(OVERLAY_CACHE_BYTES)  # drawn from stored maps, per API-server process
+
+    def _drawn(found: Any, what: str) -> bytes:
+        """The overlay PNG of a prediction whose stored Grad-CAM is a map: drawn on the original (the
+        normalised copy past the decoding budget) at most OVERLAY_MAX_SIDE px, as scoring would, cached."""
+        cached = overlays.get(found.gradcam_uri)
+        if cached is not None:
+            return cached
+        heat = gradcam.map_from_bytes(_read(found.gradcam_uri, what))
+        with previews.decode_slot():
+            try:
+                base = previews.upright(_read(found.original_uri, what), gradcam.OVERLAY_MAX_SIDE)
+            except previews.TooLargeToDecode:
+                base = previews.upright(_read(found.normalized_uri, what), gradcam.OVERLAY_MAX_SIDE)
+            data = gradcam.png_bytes(gradcam.overlay(base, heat))
+        overlays.put(found.gradcam_uri, data)
+        return data
+
     @app.get("/overlay/{model_version}/{image_id}")
     def overlay(who: User, model_version: str, image_id: str, thumb: bool = False):
         what = f"Grad-CAM of {image_id!r} by {model_version!r}"
         with backend.engine.connect() as conn:
-            found = conn.execute(sa.select(predictions.c.gradcam_uri).where(predictions.c.image_id == image_id)
+            found = conn.execute(sa.select(predictions.c.gradcam_uri, images.c.original_uri, images.c.normalized_uri)
+                                 .join(images, images.c.image_id == predictions.c.image_id)
+                                 .where(predictions.c.image_id == image_id)
                                  .where(predictions.c.model_version == model_version)).first()
         if found is not None and found.gradcam_uri is None:
             raise LookupError(f"{what}: removed by `lesion gc` (the artifacts of model version {model_version!r} were "
                               "pruned; its prediction is kept)")
-        return _object(found.gradcam_uri if found else None, THUMB_SIDE if thumb else None, "image/png", what)
+        if found is None or not found.gradcam_uri.endswith(".npy"):  # an overlay PNG as stored (or not found)
+            return _object(found.gradcam_uri if found else None, THUMB_SIDE if thumb else None, "image/png", what)
+        data = _drawn(found, what)
+        if not thumb:
+            return Response(data, media_type="image/png", headers={"Cache-Control": CACHE})
+        with previews.decode_slot():
+            return Response(previews.downscaled(data, THUMB_SIDE), media_type="image/jpeg", headers={"Cache-Control": CACHE})
 
     @app.get("/models/{model_version}/report")
     def report(who: User, model_version: str):

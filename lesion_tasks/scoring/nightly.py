@@ -5,16 +5,20 @@ average (the pooled features). From the pooled features the head is sampled T ti
 vectorised call (`mc.py`: calibrated p_mel, entropy, mutual information, seeded per image and model
 version), the out-of-scope head gives p_other (`scope.py`; flag `out_of_scope`), and Grad-CAM of the
 predicted class is A weighted by the head's analytic gradient (`gradcam.py`): no backprop through the
-backbone. The images go in as the model version saw them in training (`features.model_input`). Overlays are drawn on the original image at a bounded size and stored
-under the model version; rows are upserted, so a rerun rewrites identical numbers and never
-duplicates. Batches go through a bounded pipeline (`score_range`): the next batch is read and the
-previous ones' overlays and rows are written while the backbone runs, a row only once its overlay
-object exists; at most a few batches are in flight, so memory does not grow with the number of images.
+backbone; its share inside the lesion is measured on the input image (`attention.py`, flag
+`attention_off_lesion`). The images go in as the model version saw them in training (`features.model_input`).
+What is stored under the model version is the low-resolution Grad-CAM map (`keys.gradcam_map`, a few
+hundred bytes): no original decoded, no overlay drawn or encoded on the hot path. The overlay on the
+original image, at a bounded size, is drawn on demand (`overlays.py`; the review UI, `lesion gradcam-url`),
+or at scoring with LESION_GRADCAM_MATERIALIZE=1 (`keys.gradcam`). Rows are upserted, so a rerun rewrites
+identical numbers and never duplicates. Batches go through a bounded pipeline (`score_range`): the next
+batch is read and the previous ones' maps and rows are written while the backbone runs, a row only once
+its map object exists; at most a few batches are in flight, so memory does not grow with the number of
+images.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from collections import deque
@@ -25,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import sqlalchemy as sa
-from PIL import Image, ImageOps
 
 from lesion_tasks.lifecycle import artifacts, predict, registry
 from lesion_tasks.lifecycle.sites import status_at, status_of
@@ -35,11 +38,12 @@ from lesion_tasks.core.db import analyze, engine_for, upsert
 from lesion_tasks.core.schema import SITE_STATUSES, images, prediction_samples, predictions, site_evaluations
 from lesion_tasks.core.settings import Settings
 from lesion_tasks.core.store import ObjectStore, key_of, open_store
+from lesion_tasks.scoring import overlays
 
 log = logging.getLogger(__name__)
 BATCH = 32
 SHARD_SIZE = 512
-WRITE_BEHIND = 2  # batches whose overlays and rows may still be being written while the next is scored
+WRITE_BEHIND = 2  # batches whose Grad-CAM maps and rows may still be being written while the next is scored
 
 
 @dataclass
@@ -125,18 +129,6 @@ def plan_shards(settings: Settings, model_version: str = "champion", shard_size:
     return ShardPlan(v.model_version, shards, None if shards else ShardPlan.NOTHING_NEW)
 
 
-def _original(store: ObjectStore, uri: str, max_side: int) -> Image.Image:
-    im = Image.open(io.BytesIO(store.get(key_of(store, uri))))
-    if im.format == "JPEG":
-        im.draft("RGB", (max_side, max_side))  # decode big originals at a reduced scale
-    return ImageOps.exif_transpose(im).convert("RGB")
-
-
-def _write_overlay(store: ObjectStore, key: str, original_uri: str, heatmap: np.ndarray) -> str:
-    picture = gradcam.overlay(_original(store, original_uri, gradcam.OVERLAY_MAX_SIDE), heatmap)
-    return store.put(key, gradcam.png_bytes(picture), "image/png")
-
-
 def score_batch(model: ScoringModel, rgb: np.ndarray, image_ids: list[str], mc_samples: int,
                 sites: list[str] | None = None) -> tuple[predict.Predictions, np.ndarray]:
     """One batch, one backbone pass: the version's predictions (`predict.predict`, as in its evaluation;
@@ -149,7 +141,7 @@ def score_batch(model: ScoringModel, rgb: np.ndarray, image_ids: list[str], mc_s
 
 def _rows(model: ScoringModel, batch: list[sa.Row], pr: predict.Predictions, uris: list[str],
           on_lesion: list[float | None], samples: int, run_id: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The prediction rows and MC-sample rows of one scored batch whose overlays are stored, with the share
+    """The prediction rows and MC-sample rows of one scored batch whose Grad-CAM maps are stored, with the share
     of each Grad-CAM map on the lesion (None: no lesion segmented)."""
     now = datetime.now(UTC)
     rows, sample_rows = [], []
@@ -176,9 +168,9 @@ def score_range(settings: Settings, model_version: str = "champion", first: str 
                 limit: int | None = None, mc_samples: int | None = None, run_id: str | None = None,
                 batch_size: int = BATCH, model: ScoringModel | None = None) -> dict[str, Any]:
     """Score the unscored images of one id range (a shard), batch by batch, as a pipeline: while the
-    backbone runs on batch k (TensorFlow releases the GIL), batch k+1 is read and the overlays and rows of
+    backbone runs on batch k (TensorFlow releases the GIL), batch k+1 is read and the maps and rows of
     the batches before are written by background threads. A batch's rows are upserted once all its
-    overlay objects exist, batch after batch in order; the first failed read or write fails the shard."""
+    Grad-CAM objects exist, batch after batch in order; the first failed read or write fails the shard."""
     store, engine = open_store(settings), engine_for(settings)
     run_id = run_id or f"cli-{datetime.now(UTC):%Y%m%dT%H%M%S}"
     started = time.monotonic()
@@ -201,7 +193,7 @@ def score_range(settings: Settings, model_version: str = "champion", first: str 
                         v.model_version, len(failing), ", ".join(sorted(failing)))
         samples = mc_samples or v.mc_samples
         batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
-        io_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="score-io")  # store reads, overlays
+        io_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="score-io")  # store reads, maps, attention
         writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score-db")  # upserts, in batch order
         pending: deque[Future] = deque()  # the batches written behind the backbone, oldest first
         scored = flagged = 0
@@ -210,11 +202,11 @@ def score_range(settings: Settings, model_version: str = "champion", first: str 
         def read(batch: list[sa.Row]) -> list[Future]:
             return [io_pool.submit(features.model_input, store, r.normalized_uri, model.input_config) for r in batch]
 
-        def write(batch: list[sa.Row], pr: predict.Predictions, overlays: list[Future], on_lesion: list[Future],
+        def write(batch: list[sa.Row], pr: predict.Predictions, maps: list[Future], on_lesion: list[Future],
                   previous: Future | None) -> tuple[int, int]:
             if previous is not None:
                 previous.result()  # a failed batch stops the ones after it, as if they ran one at a time
-            rows, sample_rows = _rows(model, batch, pr, [f.result() for f in overlays], [f.result() for f in on_lesion],
+            rows, sample_rows = _rows(model, batch, pr, [f.result() for f in maps], [f.result() for f in on_lesion],
                                       samples, run_id)
             with engine.begin() as conn:
                 upsert(conn, predictions, rows, ["image_id", "model_version"])
@@ -237,11 +229,11 @@ def score_range(settings: Settings, model_version: str = "champion", first: str 
                 if k + 1 < len(batches):
                     reading = read(batches[k + 1])  # prefetch: read while this batch is scored
                 pr, heatmaps = score_batch(model, rgb, [r.image_id for r in batch], samples, [r.site for r in batch])
-                overlays = [io_pool.submit(_write_overlay, store, keys.gradcam(model.version, r.drop_id, r.image_id),
-                                           r.original_uri, heat) for r, heat in zip(batch, heatmaps)]
+                maps = [io_pool.submit(overlays.store_gradcam, store, model.version, r, heat, settings.gradcam_materialize)
+                        for r, heat in zip(batch, heatmaps)]
                 # on the pixels the model saw, off the backbone's thread like the overlays
                 on_lesion = [io_pool.submit(attention.attention_on_lesion, image, heat) for image, heat in zip(rgb, heatmaps)]
-                pending.append(writer.submit(write, batch, pr, overlays, on_lesion, pending[-1] if pending else None))
+                pending.append(writer.submit(write, batch, pr, maps, on_lesion, pending[-1] if pending else None))
                 while pending and (pending[0].done() or len(pending) > WRITE_BEHIND):  # bounded; fails early
                     collect(pending.popleft())
             while pending:
@@ -354,12 +346,15 @@ def night_sites(by_site: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def gradcam_link(settings: Settings, image_id: str, model_version: str = "champion", expires_s: int = 3600) -> str:
-    """A time-limited presigned URL of an image's Grad-CAM overlay (S3 stores only: buckets stay private)."""
+    """A time-limited presigned URL of an image's Grad-CAM overlay (S3 stores only: buckets stay private).
+    Where scoring stored the map, the overlay is drawn from it the first time and kept beside it."""
     store, engine = open_store(settings), engine_for(settings)
     try:
         with engine.connect() as conn:
             version = registry.resolve(conn, model_version)["model_version"]
-            found = conn.execute(sa.select(predictions.c.gradcam_uri).where(predictions.c.image_id == image_id)
+            found = conn.execute(sa.select(predictions.c.gradcam_uri, images.c.original_uri)
+                                 .join(images, images.c.image_id == predictions.c.image_id)
+                                 .where(predictions.c.image_id == image_id)
                                  .where(predictions.c.model_version == version)).first()
     finally:
         engine.dispose()
@@ -369,8 +364,12 @@ def gradcam_link(settings: Settings, image_id: str, model_version: str = "champi
     if uri is None:
         raise ValueError(f"image {image_id!r}: the Grad-CAM overlay of model {version} was removed by `lesion gc` "
                          "(its artifacts were pruned); its prediction is kept")
-    if not hasattr(store, "presigned_url"):
-        raise ValueError(f"store {store.url} is a local directory: open {uri} directly (presigned links need S3)")
     if not 1 <= expires_s <= 7 * 24 * 3600:
         raise ValueError(f"expires={expires_s}: expected 1 to 604800 seconds")
-    return store.presigned_url(key_of(store, uri), expires_s)
+    key = key_of(store, uri)
+    png = keys.overlay_of_map(key)
+    if png != key and not store.exists(png):  # a map: its overlay is drawn once, kept beside it (`lesion gc` removes both)
+        store.put(png, overlays.overlay_png(store, uri, found.original_uri), "image/png")
+    if not hasattr(store, "presigned_url"):
+        raise ValueError(f"store {store.url} is a local directory: open {store.uri(png)} directly (presigned links need S3)")
+    return store.presigned_url(png, expires_s)

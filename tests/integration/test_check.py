@@ -11,10 +11,10 @@ from datetime import UTC, datetime, timedelta
 import sqlalchemy as sa
 
 from lesion_tasks.ops import consistency
-from lesion_tasks.core import db
+from lesion_tasks.core import db, keys
 from lesion_tasks.lifecycle import registry
 from lesion_tasks.core.schema import images, model_versions, predictions, splits
-from lesion_tasks.core.store import open_store
+from lesion_tasks.core.store import key_of, open_store
 from tests import reliability
 from tests.helpers import LABELLED_DROP, NIGHT_DROP, registry_row, run_cli
 
@@ -67,6 +67,9 @@ def test_each_inconsistency_is_reported_and_fails_the_check(home_copy, trained_h
         split_image = conn.scalars(sa.select(splits.c.image_id).order_by(splits.c.image_id.desc())).first()
         scored = conn.execute(sa.select(predictions).where(predictions.c.model_version == version)).mappings().first()
     store.delete(normalized)
+    # an overlay drawn from a referenced map (`lesion gradcam-url`) is that map's, not an orphan
+    assert scored["gradcam_uri"].endswith(".npy")
+    store.put(keys.overlay_of_map(key_of(store, scored["gradcam_uri"])), b"png")
     stray = f"drops/{LABELLED_DROP}/normalized/{settings.image_size}/ISIC_0000042.jpg"
     store.put(stray, b"nobody's")
     for k in range(N_ORPHAN_OVERLAYS):

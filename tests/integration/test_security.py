@@ -13,9 +13,9 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from lesion_tasks.core import db
+from lesion_tasks.core import db, keys
 from lesion_tasks.scoring import nightly as scoring
-from lesion_tasks.core.schema import predictions
+from lesion_tasks.core.schema import images, predictions
 from lesion_tasks.core.settings import Settings
 from lesion_tasks.core.store import S3Store, StoreError, key_of, open_store
 from lesion_tasks.ops.synthetic import make_drop
@@ -92,11 +92,13 @@ def test_gradcam_links_are_presigned_and_expire(trained_home, s3_settings_kwargs
     settings = Settings.from_env({"LESION_HOME": str(shared.home)}, db_url=shared.db_url, **s3_settings_kwargs)
     engine = db.make_engine(shared.db_url)
     with engine.connect() as conn:
-        image_id, ref = conn.execute(sa.select(predictions.c.image_id, predictions.c.gradcam_uri)
-                                     .order_by(predictions.c.image_id).limit(1)).one()
+        image_id, ref, original = conn.execute(
+            sa.select(predictions.c.image_id, predictions.c.gradcam_uri, images.c.original_uri)
+            .join(images, images.c.image_id == predictions.c.image_id).order_by(predictions.c.image_id).limit(1)).one()
     engine.dispose()
     local, bucket = open_store(shared), open_store(settings)
-    bucket.put(key_of(local, ref), local.get(key_of(local, ref)), "image/png")
+    for key in (key_of(local, ref), key_of(local, original)):  # the stored map and the original it is drawn on
+        bucket.put(key, local.get(key))
 
     url = scoring.gradcam_link(settings, image_id, expires_s=2)
     assert parse_qs(urlsplit(url).query)["X-Amz-Expires"] == ["2"]
@@ -104,6 +106,8 @@ def test_gradcam_links_are_presigned_and_expire(trained_home, s3_settings_kwargs
     assert anonymous.status_code != 200 and not anonymous.content.startswith(b"\x89PNG")  # the bucket is private
     fresh = requests.get(scoring.gradcam_link(settings, image_id, expires_s=600), timeout=10)
     assert fresh.status_code == 200 and fresh.content.startswith(b"\x89PNG")
+    # drawn from the map once, kept beside it
+    assert bucket.get(keys.overlay_of_map(key_of(local, ref))) == fresh.content
     signed_at = minio_time.utcnow() - timedelta(minutes=10)
     monkeypatch.setattr(minio_time, "utcnow", lambda: signed_at)
     expired = scoring.gradcam_link(settings, image_id, expires_s=2)

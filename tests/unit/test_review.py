@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from lesion_tasks.core import db
+from lesion_tasks.core import db, keys
+from lesion_tasks.core.store import open_store
 from lesion_tasks.model import mc
 from lesion_tasks.lifecycle import retrain, splits, trainset
 from lesion_tasks.review import cases as review
@@ -239,12 +240,23 @@ def test_app_on_the_embedded_defaults_streams_from_the_local_store(home):
     for path, kind in (("/", "text/html"), (f"/case/{image_id}", "text/html"), ("/models", "text/html"),
                        ("/nights", "text/html"), (f"/image/{image_id}?size=thumb", "image/jpeg"),
                        (f"/image/{image_id}?size=large", "image/jpeg"), (f"/overlay/{version}/{image_id}", "image/png"),
-                       (f"/models/{version}/report", "text/html")):
+                       (f"/overlay/{version}/{image_id}?thumb=true", "image/jpeg"), (f"/models/{version}/report", "text/html")):
         response = client.get(path, headers=auth)
         assert response.status_code == 200 and response.headers["content-type"].startswith(kind), (path, response.text[:200])
         assert "frame-ancestors 'self'" in response.headers["content-security-policy"]
         assert client.get(path).status_code == 401
     assert client.get("/image/ISIC_0000000", headers=auth).status_code == 404
+    # a prediction scored before maps points to its overlay PNG: served as it is
+    store = open_store(settings)
+    legacy = store.put(keys.gradcam(version, NIGHT_DROP, image_id), b"\x89PNG legacy overlay", "image/png")
+    row = (predictions.c.image_id == image_id) & (predictions.c.model_version == version)
+    with engine.begin() as conn:
+        current = conn.scalar(sa.select(predictions.c.gradcam_uri).where(row))
+        conn.execute(predictions.update().where(row).values(gradcam_uri=legacy))
+    assert client.get(f"/overlay/{version}/{image_id}", headers=auth).content == b"\x89PNG legacy overlay"
+    with engine.begin() as conn:
+        conn.execute(predictions.update().where(row).values(gradcam_uri=current))
+    store.delete(legacy)
     assert client.get("/?status=bogus", headers=auth).text == "status='bogus': expected one of open, reviewed, all"
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 from lesion_tasks.lifecycle import artifacts, predict, registry, trainset
 from lesion_tasks.model import backbones, features, gradcam, mc
 from lesion_tasks.core import db
-from lesion_tasks.scoring import nightly as scoring
+from lesion_tasks.scoring import nightly as scoring, overlays
 from lesion_tasks.core.schema import images, predictions
 from lesion_tasks.core.store import key_of, open_store
 from tests.helpers import BIG_ORIGINAL, N_IMAGES, OTHER_DROP, copy_home
@@ -74,7 +74,7 @@ def test_every_image_scored_once_with_valid_numbers(scored_home, scored_copy):
     for r in rows:
         assert 0 <= r["p_mel"] <= 1 and 0 <= r["entropy"] <= math.log(2) + 1e-9 and r["mutual_info"] >= 0
         assert r["predicted_label"] == ("MEL" if r["p_mel"] >= r["threshold"] else "NV")
-        assert r["mc_samples"] == 50 and r["gradcam_uri"].endswith(f"/{r['drop_id']}/{r['image_id']}.png")
+        assert r["mc_samples"] == 50 and r["gradcam_uri"].endswith(f"/{r['drop_id']}/{r['image_id']}.npy")
         assert r["needs_review"] == bool(r["review_reasons"])
         if r["predicted_label"] == "MEL":
             assert "predicted_mel" in r["review_reasons"]
@@ -146,12 +146,46 @@ def test_rerun_rewrites_identical_numbers_and_overlays(scored_home, scored_copy)
     assert {i: store.get(key_of(store, u)) for i, u in ((r["image_id"], r["gradcam_uri"]) for r in before[:20])} == pngs
 
 
-def test_overlay_is_drawn_on_the_original_at_bounded_size(scored_home):
+def _original_uri(settings, image_id: str) -> str:
+    engine = db.make_engine(settings.db_url)
+    with engine.connect() as conn:
+        uri = conn.scalar(sa.select(images.c.original_uri).where(images.c.image_id == image_id))
+    engine.dispose()
+    return uri
+
+
+def test_the_map_is_stored_and_the_overlay_drawn_on_the_original_at_bounded_size(scored_home):
+    """Scoring stores the low-resolution map (a few hundred bytes); the overlay is drawn from it on the
+    original, at most 1024 px."""
     settings, version, _ = scored_home
     store = open_store(settings)
     row = next(r for r in _rows(settings, version) if r["image_id"] == BIG_ORIGINAL)
-    overlay = Image.open(io.BytesIO(store.get(key_of(store, row["gradcam_uri"]))))
+    stored = store.get(key_of(store, row["gradcam_uri"]))
+    heat = gradcam.map_from_bytes(stored)
+    assert len(stored) < 1024 and heat.shape[0] == heat.shape[1] <= 16 and 0 <= heat.min() and heat.max() <= 1
+    overlay = Image.open(io.BytesIO(overlays.overlay_png(store, row["gradcam_uri"], _original_uri(settings, BIG_ORIGINAL))))
     assert overlay.format == "PNG" and overlay.size == (1024, 683)
+
+
+def test_materialised_overlays_are_the_pictures_drawn_on_demand(scored_home, tmp_path):
+    """LESION_GRADCAM_MATERIALIZE=1 writes the overlay PNG at scoring (no map): the same picture, up to the
+    map's float16 rounding, as the one drawn on demand from the default home's map."""
+    _, version, _ = scored_home
+    on_demand = scored_home[0]
+    materialised = replace(copy_home(on_demand, tmp_path / "home"), gradcam_materialize=True)
+    engine = db.make_engine(materialised.db_url)
+    with engine.begin() as conn:
+        conn.execute(predictions.delete().where(predictions.c.image_id == BIG_ORIGINAL))
+    engine.dispose()
+    assert scoring.score(materialised)["scored"] == 1
+    row = next(r for r in _rows(materialised, version) if r["image_id"] == BIG_ORIGINAL)
+    assert row["gradcam_uri"].endswith(f"/{BIG_ORIGINAL}.png")
+    store = open_store(materialised)
+    written = np.asarray(Image.open(io.BytesIO(store.get(key_of(store, row["gradcam_uri"])))), np.int16)
+    demand_row = next(r for r in _rows(on_demand, version) if r["image_id"] == BIG_ORIGINAL)
+    drawn = np.asarray(Image.open(io.BytesIO(overlays.overlay_png(
+        open_store(on_demand), demand_row["gradcam_uri"], _original_uri(on_demand, BIG_ORIGINAL)))), np.int16)
+    assert written.shape == drawn.shape and np.abs(written - drawn).max() <= 2
 
 
 def test_head_only_mc_equals_naive_full_model_mc(scored_home, tmp_path):

@@ -38,6 +38,13 @@ def test_bad_integer_names_variable(value):
         Settings.from_env({"LESION_HOME": "/x", "LESION_IMAGE_SIZE": value})
 
 
+def test_overlays_are_drawn_on_demand_unless_materialised():
+    assert Settings.from_env({}).gradcam_materialize is False
+    assert Settings.from_env({"LESION_GRADCAM_MATERIALIZE": "1"}).gradcam_materialize is True
+    with pytest.raises(ValueError, match="LESION_GRADCAM_MATERIALIZE='png': expected 0 or 1"):
+        Settings.from_env({"LESION_GRADCAM_MATERIALIZE": "png"})
+
+
 def test_verdicts_validate_is_off_unless_set_to_one():
     assert Settings.from_env({}).verdicts_validate is False  # the stated default: verdicts only train
     assert Settings.from_env({"LESION_VERDICTS_VALIDATE": "1"}).verdicts_validate is True
