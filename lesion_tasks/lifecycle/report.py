@@ -160,7 +160,8 @@ def attention_table(summary: dict[str, Any] | None) -> str:
             f"segmented classically (Otsu on the blue channel after hair and dark-corner removal), on up to "
             f"{summary['per_cell']} test cases per row drawn at random (seeded). "
             f"Below {summary['off_lesion_below']:.0%} the attention lies mostly off the lesion (skin, bubbles, "
-            f"corners): nightly such cases are flagged <code>attention_off_lesion</code>.</p>"
+            f"corners): nightly, a melanoma call whose map lies so is flagged <code>attention_off_lesion</code> (the NV "
+            f"map of a two-class head lies on the skin around the lesion almost always).</p>"
             f"<table id='attention'><tr><th>true class, decision</th><th>cases</th><th>lesion segmented</th>"
             f"<th>mean share on the lesion</th><th>mostly off the lesion</th></tr>{rows}</table>")
 

@@ -10,6 +10,7 @@ iframe.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import re
@@ -323,20 +324,29 @@ def create_app(settings: Callable[[], Settings], authenticate: Callable[[Request
 
     overlays = previews.BoundedCache(OVERLAY_CACHE_BYTES)  # drawn from stored maps, per API-server process
 
-    def _drawn(found: Any, what: str) -> bytes:
-        """The overlay PNG of a prediction whose stored Grad-CAM is a map: drawn on the original (the
-        normalised copy past the decoding budget) at most OVERLAY_MAX_SIDE px, as scoring would, cached."""
-        cached = overlays.get(found.gradcam_uri)
+    def _drawn(found: Any, what: str, thumb: bool) -> bytes:
+        """The overlay of a prediction whose stored Grad-CAM is a map, drawn on the original (the normalised copy
+        past the decoding budget): a PNG at most OVERLAY_MAX_SIDE px as scoring would draw it, or a JPEG
+        thumbnail drawn at THUMB_SIDE (a queue page needs dozens); cached."""
+        side = THUMB_SIDE if thumb else gradcam.OVERLAY_MAX_SIDE
+        key = f"{found.gradcam_uri}@{side}"
+        cached = overlays.get(key)
         if cached is not None:
             return cached
         heat = gradcam.map_from_bytes(_read(found.gradcam_uri, what))
         with previews.decode_slot():
             try:
-                base = previews.upright(_read(found.original_uri, what), gradcam.OVERLAY_MAX_SIDE)
+                base = previews.upright(_read(found.original_uri, what), side)
             except previews.TooLargeToDecode:
-                base = previews.upright(_read(found.normalized_uri, what), gradcam.OVERLAY_MAX_SIDE)
-            data = gradcam.png_bytes(gradcam.overlay(base, heat))
-        overlays.put(found.gradcam_uri, data)
+                base = previews.upright(_read(found.normalized_uri, what), side)
+            picture = gradcam.overlay(base, heat, max_side=side)
+        if thumb:
+            out = io.BytesIO()
+            picture.save(out, "JPEG", quality=85)
+            data = out.getvalue()
+        else:
+            data = gradcam.png_bytes(picture)
+        overlays.put(key, data)
         return data
 
     @app.get("/overlay/{model_version}/{image_id}")
@@ -352,11 +362,8 @@ def create_app(settings: Callable[[], Settings], authenticate: Callable[[Request
                               "pruned; its prediction is kept)")
         if found is None or not found.gradcam_uri.endswith(".npy"):  # an overlay PNG as stored (or not found)
             return _object(found.gradcam_uri if found else None, THUMB_SIDE if thumb else None, "image/png", what)
-        data = _drawn(found, what)
-        if not thumb:
-            return Response(data, media_type="image/png", headers={"Cache-Control": CACHE})
-        with previews.decode_slot():
-            return Response(previews.downscaled(data, THUMB_SIDE), media_type="image/jpeg", headers={"Cache-Control": CACHE})
+        return Response(_drawn(found, what, thumb), media_type="image/jpeg" if thumb else "image/png",
+                        headers={"Cache-Control": CACHE})
 
     @app.get("/models/{model_version}/report")
     def report(who: User, model_version: str):
