@@ -120,7 +120,8 @@ def _check_diagnoses_and_lesion_split(home):
     assert diagnoses == {"MEL": 2875, "NV": 4316, "BCC": 2802, "BKL": 1511, "AK": 697, "SCC": 431, "DF": 124, "VASC": 111}
     summary = splits.assign(engine, seed=0)
     with engine.connect() as conn:
-        rows = conn.execute(sa.select(images.c.lesion_id, images.c.near_dup_group, images.c.label, splits_table.c.split)
+        rows = conn.execute(sa.select(images.c.image_id, images.c.lesion_id, images.c.near_dup_group, images.c.label,
+                                      splits_table.c.split)
                             .join(splits_table, splits_table.c.image_id == images.c.image_id)).all()
     engine.dispose()
     assert len(rows) == 12867  # every labelled image, OTHER included
@@ -131,7 +132,12 @@ def _check_diagnoses_and_lesion_split(home):
                 sides.setdefault(getattr(r, column), set()).add(r.split)
         assert not [k for k, v in sides.items() if len(v) > 1], f"a {column} straddles splits"
     counts = Counter((r.label, r.split) for r in rows)
+    # a function of each lesion, stratified in expectation: per label, the lesions' shares within 4 binomial sd
+    lesion = splits.lesions(rows)
+    by_lesion = {(r.label, lesion[r.image_id]): r.split for r in rows}
     for label in ("MEL", "NV", "OTHER"):
-        total = sum(counts[label, s] for s in ("train", "val", "test"))
-        assert 0.18 < counts[label, "test"] / total < 0.22 and 0.13 < counts[label, "val"] / total < 0.17, counts
+        sides = Counter(split for (lab, _), split in by_lesion.items() if lab == label)
+        n = sum(sides.values())
+        for split, frac in (("test", 0.2), ("val", 0.15)):
+            assert abs(sides[split] / n - frac) < 4 * (frac * (1 - frac) / n) ** 0.5, (label, sides)
     assert summary["by_source"]["isic2019-84px"]["test"] == {k: counts[k, "test"] for k in ("MEL", "NV", "OTHER")}

@@ -164,3 +164,23 @@ def test_verdicts_are_training_data_unless_the_team_validates_on_them(tmp_path):
             splits.assign(engine, seed=3, verdicts_validate=False)  # frozen: the setting moves nothing given
             assert _split_of(engine) == before
         engine.dispose()
+
+
+def test_a_small_first_set_is_stratified_exactly_so_no_evaluation_split_is_empty(tmp_path):
+    """40 images, 8 melanomas: the hash alone may leave an evaluation split short (it does at this seed);
+    the first split is then stratified exactly by the rank of the lesion hash, and the rule says so."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    db.upgrade(url)
+    engine = db.make_engine(url)
+    _add_images(engine, 40, mel_every=5, other_every=0)
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(images.c.image_id, images.c.label, images.c.near_dup_group, images.c.lesion_id)).all()
+    lesion = splits.lesions(rows)
+    hashed = {r.image_id: splits._hash_split(f"1image:{r.image_id}", 2, 0.2, 0.15) for r in rows}
+    assert splits._short(hashed, rows, lesion)  # the premise: the hash leaves a split short here
+    summary = splits.assign(engine, seed=2)
+    for split in ("val", "test"):
+        assert summary["counts"][split]["MEL"] >= 1 and summary["counts"][split]["NV"] >= 2, summary["counts"]
+    assert summary["rules"] == ["initial:ranked-v3:seed=2:test=0.2:val=0.15"]
+    assert splits.assign(engine, seed=2) == summary  # frozen
+    engine.dispose()
