@@ -10,10 +10,13 @@ from __future__ import annotations
 import io
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import numpy as np
 from PIL import Image
+
+from lesion_tasks.model import gradcam
 
 # Decoding bounds, per API-server process (it serves Airflow's Execution API too). An image is decoded
 # only if it has at most DECODE_MAX_PIXELS pixels once opened (JPEG: at the reduced scale `draft` picks,
@@ -81,6 +84,23 @@ def downscaled(data: bytes, side: int) -> bytes:
     """A JPEG of `data` fitting side x side, upright (`upright`: inside a `decode_slot`, within the budget)."""
     out = io.BytesIO()
     upright(data, side).save(out, "JPEG", quality=85)
+    return out.getvalue()
+
+
+def overlay_bytes(heat: np.ndarray, original: Callable[[], bytes], fallback: Callable[[], bytes], side: int,
+                  jpeg: bool) -> bytes:
+    """A Grad-CAM map drawn on the original (on `fallback`, the normalised copy, past the decoding budget)
+    fitting side x side: a JPEG (thumbnails) or a PNG as scoring would draw it. Takes a decode slot."""
+    with decode_slot():
+        try:
+            base = upright(original(), side)
+        except TooLargeToDecode:
+            base = upright(fallback(), side)
+        picture = gradcam.overlay(base, heat, max_side=side)
+    if not jpeg:
+        return gradcam.png_bytes(picture)
+    out = io.BytesIO()
+    picture.save(out, "JPEG", quality=85)
     return out.getvalue()
 
 

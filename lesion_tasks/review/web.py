@@ -10,7 +10,6 @@ iframe.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import re
@@ -333,19 +332,9 @@ def create_app(settings: Callable[[], Settings], authenticate: Callable[[Request
         cached = overlays.get(key)
         if cached is not None:
             return cached
-        heat = gradcam.map_from_bytes(_read(found.gradcam_uri, what))
-        with previews.decode_slot():
-            try:
-                base = previews.upright(_read(found.original_uri, what), side)
-            except previews.TooLargeToDecode:
-                base = previews.upright(_read(found.normalized_uri, what), side)
-            picture = gradcam.overlay(base, heat, max_side=side)
-        if thumb:
-            out = io.BytesIO()
-            picture.save(out, "JPEG", quality=85)
-            data = out.getvalue()
-        else:
-            data = gradcam.png_bytes(picture)
+        data = previews.overlay_bytes(gradcam.map_from_bytes(_read(found.gradcam_uri, what)),
+                                      lambda: _read(found.original_uri, what), lambda: _read(found.normalized_uri, what),
+                                      side, jpeg=thumb)
         overlays.put(key, data)
         return data
 
