@@ -23,9 +23,10 @@ from lesion_tasks.ops.synthetic import make_drop
 
 log = logging.getLogger(__name__)
 
-SAMPLE_QUERY = """SELECT image_id, predicted_label, ROUND(p_mel, 3) AS p_mel, ROUND(entropy, 3) AS entropy,
-       ROUND(p_other, 3) AS p_other, review_reasons
-FROM v_review_queue ORDER BY entropy DESC LIMIT 5"""
+# the review UI's default order: the decision least sure first (MC samples across the threshold), ties nearest it
+SAMPLE_QUERY = """SELECT image_id, predicted_label, ROUND(p_mel, 3) AS p_mel, ROUND(threshold, 3) AS threshold,
+       ROUND(decision_uncertainty, 2) AS decision_uncertainty, ROUND(p_other, 3) AS p_other, review_reasons
+FROM v_review_queue ORDER BY COALESCE(decision_uncertainty, -1) DESC, ABS(p_mel - threshold), image_id LIMIT 5"""
 
 
 def prepare_drop(settings: Settings, data: Path | None, n_synthetic: int = 700) -> str:
@@ -74,7 +75,8 @@ def summary(settings: Settings) -> tuple[dict[str, Any], str]:
     gate = (latest or {}).get("gate") or {}
     report_key = champion["report_uri"] if champion else (latest or {}).get("report_uri")
     report_uri = open_store(settings).uri(report_key) if report_key else None
-    table = "\n".join(f"  {r['image_id']}  {r['predicted_label']:<3}  p_mel {r['p_mel']}  entropy {r['entropy']}  p_other {r['p_other']}  "
+    table = "\n".join(f"  {r['image_id']}  {r['predicted_label']:<3}  p_mel {r['p_mel']} (threshold {r['threshold']})  across {r['decision_uncertainty']}  "
+                      f"p_other {r['p_other']}  "
                       f"{r['review_reasons']}" for r in rows) or "  (empty)"
     human = (
         f"images accepted {counts['images']}, quarantined {counts['quarantined']}\n"

@@ -11,7 +11,7 @@ from lesion_tasks.core import db
 from lesion_tasks.core.schema import metadata
 from lesion_tasks.core.settings import Settings
 
-HEAD = "0013_attention_on_lesion"
+HEAD = "0014_views_decision_columns"
 
 
 @pytest.fixture
@@ -231,7 +231,7 @@ def test_sites_migration_backfills_site_and_appends_site_columns_and_steps_back(
         before = {v: _view_columns(conn, v) for v in ("v_latest_predictions", "v_review_queue")}
         grants_before = _reader_grants(conn)
 
-    assert db.upgrade(settings) == HEAD
+    assert db.upgrade(settings, "0011_sites") == "0011_sites"
     with engine.begin() as conn:
         assert conn.execute(sa.text("SELECT site FROM drops")).scalar() == "d"
         assert set(conn.execute(sa.text("SELECT image_id, site FROM images")).all()) == {("i1", "d"), ("i2", "d")}
@@ -294,6 +294,34 @@ def test_attention_migration_keeps_existing_rows_and_their_overlays_and_steps_ba
         assert {v: _view_columns(conn, v) for v in before} == before
     assert db.downgrade(settings, "0012_decision_uncertainty") == "0012_decision_uncertainty"
     with engine.connect() as conn:
+        assert "attention_on_lesion" not in {c["name"] for c in sa.inspect(conn).get_columns("predictions")}
+    engine.dispose()
+    assert db.upgrade(settings) == HEAD
+
+
+def test_views_carry_every_prediction_column_and_the_decision_columns_step_back(url, tmp_path):
+    """0014 appends decision_uncertainty and attention_on_lesion to both prediction views (every other column in
+    place, the reader's grants survive), so the views hold every column of `predictions` and SQL can rank the
+    queue as the review UI does; a downgrade restores the views as they were, and 0013 then steps back too."""
+    settings, engine = _one_prediction_at(url, tmp_path, "0013_attention_on_lesion")
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE predictions SET decision_uncertainty = 0.25, attention_on_lesion = 0.4"))
+        before = {v: _view_columns(conn, v) for v in ("v_latest_predictions", "v_review_queue")}
+        grants_before = _reader_grants(conn)
+
+    assert db.upgrade(settings) == HEAD
+    with engine.connect() as conn:
+        table = [c["name"] for c in sa.inspect(conn).get_columns("predictions")]
+        for view, cols in before.items():
+            assert _view_columns(conn, view) == cols + ["decision_uncertainty", "attention_on_lesion"]
+            assert not set(table) - set(_view_columns(conn, view)), view
+        assert conn.execute(sa.text("SELECT decision_uncertainty, attention_on_lesion FROM v_review_queue")).one() == (0.25, 0.4)
+        if grants_before is not None:
+            assert _reader_grants(conn) == grants_before
+
+    assert db.downgrade(settings, "0012_decision_uncertainty") == "0012_decision_uncertainty"
+    with engine.connect() as conn:
+        assert {v: _view_columns(conn, v) for v in before} == before
         assert "attention_on_lesion" not in {c["name"] for c in sa.inspect(conn).get_columns("predictions")}
     engine.dispose()
     assert db.upgrade(settings) == HEAD
