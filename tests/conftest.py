@@ -36,9 +36,6 @@ from tests.helpers import (  # noqa: E402
 )
 
 
-
-
-
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """The real ISIC drops (LESION_DATA_DIR, default ../shared/data)."""
@@ -62,15 +59,11 @@ def postgres():
     server.stop()
 
 
-
-
 @pytest.fixture(scope="session")
 def s3_server():
     server = start_s3_or_fail()
     yield server
     server.stop()
-
-
 
 
 @pytest.fixture
@@ -116,17 +109,10 @@ def airflow_db():
     return os.environ["AIRFLOW_HOME"]
 
 
-
-
 # --- one trained home for the session ---------------------------------------------------------------
 # Ingesting, training and scoring once, instead of once per test module. Tests that only read use
 # `trained_home` as it is; tests that write (verdicts, reruns, retrains, more drops) work on a copy
 # (`copy_home`, `home_copy`), or on PostgreSQL / S3 through `mirror_home`.
-
-
-
-
-
 
 
 @pytest.fixture(scope="session")
@@ -165,20 +151,10 @@ def trained_home(tmp_path_factory) -> Iterator[TrainedHome]:
     assert footprint(settings) == before, "a test wrote to the shared trained home: give it a copy (copy_home)"
 
 
-
-
-
-
 @pytest.fixture
 def home_copy(trained_home, tmp_path) -> Settings:
     """A copy of the trained home for one test to write to."""
     return copy_home(trained_home.settings, tmp_path / "home")
-
-
-
-
-
-
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -218,9 +194,6 @@ def airflow_env(monkeypatch, tmp_path, pg_s3_settings, airflow_db):
     monkeypatch.setenv("LESION_STORE_URL", (tmp_path / "decoy-store").as_uri())
     monkeypatch.setenv("LESION_INCOMING_SETTLE_SECONDS", "0")
     return s, decoy
-
-
-
 
 
 TIERS = ("unit", "dags", "integration", "live")
