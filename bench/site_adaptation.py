@@ -8,7 +8,8 @@ and the demo profile is trained on them (k = 0). Then, exactly as a clinic would
 validation sample is extended to k (`lesion sites sample`), the truth of those k images is imported
 (`lesion labels import`) and the model retrained. Each version is scored on the site's images outside the
 sample (the remaining images, whose labels stay hidden): AUC, and sensitivity and specificity at the
-site's threshold (`thresholds_by_site`), with 95% bootstrap intervals; the threshold's own IPW estimate
+site's threshold (`thresholds_by_site`), with 95% bootstrap intervals; the share flagged out_of_scope
+(all of them MEL or NV, so every flag is false); the threshold's own IPW estimate
 (cross-fitted, on the sample) against that truth; and the wall time of the retrain after the import.
 Everything runs on the embedded defaults (SQLite + local store) in --home (a temporary folder if unset;
 features are cached there, so a second run with the same --home only retrains).
@@ -40,7 +41,7 @@ from lesion_tasks.core.settings import Settings  # noqa: E402
 from lesion_tasks.core.store import open_store  # noqa: E402
 from lesion_tasks.ingest.drop import ingest  # noqa: E402
 from lesion_tasks.ingest.label_import import import_labels  # noqa: E402
-from lesion_tasks.lifecycle import assess, registry  # noqa: E402
+from lesion_tasks.lifecycle import artifacts, assess, registry  # noqa: E402
 from lesion_tasks.lifecycle.config import make_config  # noqa: E402
 from lesion_tasks.model import evaluation, features  # noqa: E402
 from lesion_tasks.scoring import site_sample  # noqa: E402
@@ -91,7 +92,8 @@ def remaining(settings: Settings, version: str, site: str, truth: dict[str, str]
     engine.dispose()
     refs = [features.ImageRef(r.image_id, r.drop_id, r.normalized_uri) for r in rows
             if r.image_id not in sampled and truth.get(r.image_id) in ("MEL", "NV")]
-    pred = assess.predict_refs(settings, store, v, refs, sites=[site] * len(refs))
+    pred = assess.predict_refs(settings, store, v, refs, scope_head=artifacts.load_scope_of(store, v),
+                               sites=[site] * len(refs))
     y = np.array([truth[r.image_id] == "MEL" for r in refs], np.int64)
     t = float(pred.thresholds[0])
     m = evaluation.binary_metrics(y, pred.p_mel, t)
@@ -99,6 +101,8 @@ def remaining(settings: Settings, version: str, site: str, truth: dict[str, str]
             **{k: round(float(m[k]), 4) for k in ("auc", "mel_sensitivity", "mel_specificity")},
             "specificity_at_sensitivity_0.85": round(float(evaluation.binary_metrics(
                 y, pred.p_mel, evaluation.threshold_for_sensitivity(y, pred.p_mel, 0.85))["mel_specificity"]), 4),
+            # every remaining image is MEL or NV: each out_of_scope flag is a false one
+            "out_of_scope_flagged": None if pred.p_other is None else round(float(np.mean(pred.p_other >= v.scope_threshold)), 4),
             "ci95": ci(y, pred.p_mel, t, bootstrap)}
 
 
