@@ -85,11 +85,14 @@ def load_scoring_model(store: ObjectStore, version: registry.ModelVersion | dict
 
 
 def _unscored(conn: sa.Connection, version: str, first: str | None = None, last: str | None = None,
-              limit: int | None = None) -> list[sa.Row]:
+              limit: int | None = None, site: str | None = None) -> list[sa.Row]:
     scored = sa.select(predictions.c.image_id).where(predictions.c.model_version == version)
-    query = (sa.select(images.c.image_id, images.c.drop_id, sa.func.coalesce(images.c.site, images.c.drop_id).label("site"),
-                       images.c.normalized_uri, images.c.original_uri)
+    site_of = sa.func.coalesce(images.c.site, images.c.drop_id)
+    query = (sa.select(images.c.image_id, images.c.drop_id, site_of.label("site"), images.c.normalized_uri,
+                       images.c.original_uri)
              .where(images.c.image_id.not_in(scored)).order_by(images.c.image_id))
+    if site is not None:
+        query = query.where(site_of == site)
     if first is not None:
         query = query.where(images.c.image_id >= first)
     if last is not None:
@@ -166,8 +169,8 @@ def _rows(model: ScoringModel, batch: list[sa.Row], pr: predict.Predictions, uri
 
 def score_range(settings: Settings, model_version: str = "champion", first: str | None = None, last: str | None = None,
                 limit: int | None = None, mc_samples: int | None = None, run_id: str | None = None,
-                batch_size: int = BATCH, model: ScoringModel | None = None) -> dict[str, Any]:
-    """Score the unscored images of one id range (a shard), batch by batch, as a pipeline: while the
+                batch_size: int = BATCH, model: ScoringModel | None = None, site: str | None = None) -> dict[str, Any]:
+    """Score the unscored images of one id range (a shard; of one `site` where given), batch by batch, as a pipeline: while the
     backbone runs on batch k (TensorFlow releases the GIL), batch k+1 is read and the maps and rows of
     the batches before are written by background threads. A batch's rows are upserted once all its
     Grad-CAM objects exist, batch after batch in order; the first failed read or write fails the shard."""
@@ -179,7 +182,7 @@ def score_range(settings: Settings, model_version: str = "champion", first: str 
             v = registry.version(conn, model_version)
             if v.artifacts_pruned_at is not None:  # refused even with nothing left to score
                 raise ValueError(registry.pruned_message(v.model_version, v.artifacts_pruned_at) + ": it cannot score")
-            todo = _unscored(conn, v.model_version, first, last, limit)
+            todo = _unscored(conn, v.model_version, first, last, limit, site)
         if not todo:
             return {"model_version": v.model_version, "scored": 0, "needs_review": 0, "seconds": 0.0}
         model = model or load_scoring_model(store, v)
@@ -248,8 +251,9 @@ def score_range(settings: Settings, model_version: str = "champion", first: str 
 
 
 def score(settings: Settings, model_version: str = "champion", mc_samples: int | None = None, limit: int | None = None,
-          run_id: str | None = None) -> dict[str, Any]:
-    """What `lesion score` prints: {"model_version", "scored", "skipped", "needs_review"}."""
+          run_id: str | None = None, site: str | None = None) -> dict[str, Any]:
+    """What `lesion score` prints: {"model_version", "scored", "skipped", "needs_review"}; with `site`, only that
+    site's unscored images are scored."""
     engine = engine_for(settings)
     try:
         with engine.connect() as conn:
@@ -258,7 +262,7 @@ def score(settings: Settings, model_version: str = "champion", mc_samples: int |
                                    .where(predictions.c.model_version == version)).scalar()
     finally:
         engine.dispose()
-    result = score_range(settings, version, limit=limit, mc_samples=mc_samples, run_id=run_id)
+    result = score_range(settings, version, limit=limit, mc_samples=mc_samples, run_id=run_id, site=site)
     if result["scored"]:
         _refresh_statistics(settings)
     return {"model_version": version, "scored": result["scored"], "skipped": skipped,

@@ -14,7 +14,8 @@ a threshold or to validate on. So the sample over-represents the likely melanoma
   (an extension to a larger n updates the earlier rows: the first n keys hold the first n' < n ones). Metrics estimated from the labelled sample weight each image by 1 / pi_i
   (`trainset.sample_weights`), so they estimate the site's whole population.
 
-The champion must have scored the site's images for p_mel: unscored ones are scored first (`nightly.score`).
+The champion must have scored the site's images for p_mel: the site's unscored ones are scored first
+(`nightly.score` with `site`; other sites' backlogs wait for their night).
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def draw(settings: Settings, site: str, size: int = 200) -> dict[str, Any]:
 
             log.info("site %s: %d of its %d images not scored by champion %s yet: scoring them first",
                      site, len(ids) - len(p_mel), len(ids), version)
-            score(settings, version)
+            score(settings, version, site=site)  # the site's images only, not the whole home's backlog
             with engine.connect() as conn:
                 ids, drawn, p_mel = _state(conn, site, version)
         if len(drawn) < size:

@@ -135,6 +135,27 @@ def test_validation_sample_over_represents_melanomas_and_extends(clinic):
         site_sample.draw(settings, "nowhere", 10)
 
 
+def test_drawing_a_sample_scores_that_sites_images_only(trained_home, tmp_path):
+    """The size measure needs the champion's p_mel on the site's images: those are scored first, and another
+    site's unscored backlog is left for its night (it once scored the whole home)."""
+    from lesion_tasks.core.schema import predictions
+    from tests.helpers import copy_home
+
+    settings = copy_home(trained_home.settings, tmp_path / "home")
+    for site, n, seed in (("clinic-a", 40, 5), ("clinic-b", 30, 6)):
+        drop = make_drop(tmp_path / site, n_images=n, melanoma_fraction=0.25, seed=seed)
+        (drop / "metadata.csv").unlink()
+        assert ingest(str(drop), settings, site=site).accepted == n
+    assert site_sample.draw(settings, "clinic-a", 10)["size"] == 10
+    engine = db.make_engine(settings.db_url)
+    with engine.connect() as conn:
+        scored = dict(conn.execute(sa.select(images.c.site, sa.func.count(predictions.c.image_id))
+                                   .outerjoin(predictions, predictions.c.image_id == images.c.image_id)
+                                   .where(images.c.site.in_(["clinic-a", "clinic-b"])).group_by(images.c.site)).all())
+    engine.dispose()
+    assert scored == {"clinic-a": 40, "clinic-b": 0}, scored
+
+
 def test_labels_import_reason_codes_and_rerun(clinic):
     settings, truth, tmp = clinic
     sample = site_sample.draw(settings, CLINIC, 200)["images"]
