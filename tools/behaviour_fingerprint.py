@@ -79,7 +79,7 @@ def main() -> None:
                                      floors=GateFloors(min_melanomas=5), epochs=150, views=2, bootstrap=200,
                                      target_sensitivity=0.97, seed=1)
         version = cli.train(settings, config, run_id="fingerprint")["model_version"]
-        scoring.score(settings, run_id="fingerprint-night")
+        scoring.score(settings, version, run_id="fingerprint-night")
         out["synthetic_tiny"] = _fingerprint(settings, version)
         data = Path(os.environ.get("LESION_DATA_DIR", REPO.parent / "shared" / "data")) / "isic2017-mel-nv"
         if args.real and data.is_dir():
@@ -87,7 +87,7 @@ def main() -> None:
             db.upgrade(settings)
             ingest(str(data), settings)
             version = cli.train(settings, make_config("demo", bootstrap=200), run_id="fingerprint")["model_version"]
-            scoring.score(settings, run_id="fingerprint-night", limit=300)
+            scoring.score(settings, version, run_id="fingerprint-night", limit=300)
             out["isic2017_demo"] = _fingerprint(settings, version)
     print(json.dumps(out, indent=1))
 
