@@ -24,14 +24,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lesion_tasks import cli  # noqa: E402
+from lesion_tasks import pipeline  # noqa: E402
 from lesion_tasks.core import db  # noqa: E402
 from lesion_tasks.core.db import engine_for  # noqa: E402
 from lesion_tasks.core.schema import splits as splits_table  # noqa: E402
 from lesion_tasks.core.settings import Settings  # noqa: E402
 from lesion_tasks.ingest.drop import ingest  # noqa: E402
-from lesion_tasks.lifecycle import retrain  # noqa: E402
-from lesion_tasks.lifecycle.config import make_config  # noqa: E402
+from lesion_tasks.training import retrain  # noqa: E402
+from lesion_tasks.model.config import make_config  # noqa: E402
 
 import sqlalchemy as sa  # noqa: E402
 
@@ -48,7 +48,7 @@ def run(home: Path, data: Path, order: tuple[str, ...], split_each: bool, profil
         ingest(str(data / name), settings)
         if split_each:
             retrain.prepare_split(settings, config)  # what lesion_retrain's first task does
-    result = cli.train(settings, config, run_id="arrival-order")
+    result = pipeline.run(settings, config, run_id="arrival-order")
     engine = engine_for(settings)
     with engine.connect() as conn:
         assigned = dict(conn.execute(sa.select(splits_table.c.image_id, splits_table.c.split)).all())

@@ -33,11 +33,11 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-from lesion_tasks import cli
-from lesion_tasks.lifecycle.config import make_config
+from lesion_tasks import pipeline
+from lesion_tasks.model.config import make_config
 from lesion_tasks.model import backbones
 from lesion_tasks.core import db
-from lesion_tasks.lifecycle import registry
+from lesion_tasks.versions import registry
 from lesion_tasks.scoring import nightly as scoring
 from lesion_tasks.ingest.drop import ingest  # noqa: E402
 from lesion_tasks.core.schema import prediction_samples, predictions  # noqa: E402
@@ -117,7 +117,7 @@ def main() -> None:
         (night / "metadata.csv").unlink()
         ingest(str(night), settings)
         config = make_config("demo", weights="none", epochs=20, bootstrap=0)
-        trained = cli.train(settings, config, run_id="bench")
+        trained = pipeline.run(settings, config, run_id="bench")
         version = trained["model_version"]
         engine = db.make_engine(settings.db_url)
         registry.promote(engine, version, "benchmark: cost does not depend on the weights", "bench", override=True)

@@ -32,7 +32,7 @@ from sklearn.metrics import roc_auc_score  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
 
 from lesion_tasks.model import backbones, evaluation, features
-from lesion_tasks.lifecycle import trainset
+from lesion_tasks.data import trainset
 from lesion_tasks.core.db import engine_for  # noqa: E402
 from lesion_tasks.core.settings import Settings  # noqa: E402
 from lesion_tasks.core.store import open_store  # noqa: E402

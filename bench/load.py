@@ -25,12 +25,12 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lesion_tasks import cli
-from lesion_tasks.lifecycle.config import make_config
+from lesion_tasks import pipeline
+from lesion_tasks.model.config import make_config
 from lesion_tasks.core import db  # noqa: E402
 from lesion_tasks.core.settings import Settings  # noqa: E402
 from lesion_tasks.ingest.drop import ingest  # noqa: E402
-from lesion_tasks.lifecycle import registry  # noqa: E402
+from lesion_tasks.versions import registry  # noqa: E402
 from lesion_tasks.ops.synthetic import make_drop  # noqa: E402
 
 CHILD = """
@@ -77,7 +77,7 @@ def main() -> None:
         config = make_config("demo", backbone="tiny", image_size=64, weights="none", effective_resolution=48,
                                      floors=registry.GateFloors(min_melanomas=5), epochs=150, views=2, bootstrap=200,
                                      target_sensitivity=0.97, seed=1)
-        trained = cli.train(settings, config, run_id="load")
+        trained = pipeline.run(settings, config, run_id="load")
         started = time.monotonic()
         first = ingest(str(unlabelled(Path(tmp) / "timed", args.ingest, 1)), settings)
         ingest_seconds = time.monotonic() - started

@@ -20,7 +20,7 @@ if unset, features cached there), each candidate head is measured three ways:
   calibration on the rest (Brier, ECE) of the pooled Platt scaling against a per-site one fitted on the
   sample's out-of-fold scores (IPW-weighted).
 
-The product's own cross-fitting (lifecycle/crossfit.py) also recalibrates each fold and scores with MC
+The product's own cross-fitting (training/crossfit.py) also recalibrates each fold and scores with MC
 dropout; here every head scores deterministically (a monotone calibration does not move a ranking, and
 within a fold does not move the threshold).
 """
@@ -52,11 +52,12 @@ from lesion_tasks.core.schema import images, splits  # noqa: E402
 from lesion_tasks.core.settings import Settings  # noqa: E402
 from lesion_tasks.core.store import open_store  # noqa: E402
 from lesion_tasks.ingest.drop import ingest  # noqa: E402
-from lesion_tasks.lifecycle import artifacts, splits as split_rule, trainset  # noqa: E402
-from lesion_tasks.lifecycle.config import make_config  # noqa: E402
+from lesion_tasks.versions import artifacts
+from lesion_tasks.data import splits as split_rule, trainset  # noqa: E402
+from lesion_tasks.model.config import make_config  # noqa: E402
 from lesion_tasks.model import backbones, evaluation, features, training  # noqa: E402
 from lesion_tasks.model.features import ImageRef  # noqa: E402
-from lesion_tasks.scoring import site_sample  # noqa: E402
+from lesion_tasks.sites import sample as site_sample  # noqa: E402
 
 log = logging.getLogger("bench.loso_selection")
 DROPS = ("isic2017-mel-nv", "isic2019-84px", "isic-archive-uda1-sample", "isic-cli-sample")

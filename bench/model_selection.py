@@ -23,7 +23,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
 from lesion_tasks.model import backbones, evaluation, features
-from lesion_tasks.lifecycle import trainset
+from lesion_tasks.data import trainset
 from lesion_tasks.core.db import engine_for
 from lesion_tasks.core.settings import Settings
 from lesion_tasks.core.store import open_store

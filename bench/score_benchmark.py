@@ -94,7 +94,7 @@ def compute_ratios(data: Path, backbone: str, n_images: int, n_naive: int) -> di
         a, p = cut_fn(tf.constant(batch))
         return a.numpy()[:n], p.numpy()[:n]
 
-    from lesion_tasks.lifecycle.registry import ModelVersion
+    from lesion_tasks.versions.registry import ModelVersion
 
     info = ModelVersion.from_row({"model_version": version, "status": "candidate", "is_champion": False,
                                   "backbone": "bench", "image_size": 224, "threshold": 0.5, "mc_samples": T})
@@ -162,7 +162,7 @@ def _register_untrained(settings, backbone: str) -> str:
 
     from lesion_tasks.model import backbones, mc
     from lesion_tasks.core import db
-    from lesion_tasks.lifecycle import registry
+    from lesion_tasks.versions import registry
     from lesion_tasks.core.schema import model_versions
     from lesion_tasks.core.store import open_store
 
@@ -184,7 +184,7 @@ def _register_untrained(settings, backbone: str) -> str:
             image_size=size, threshold=0.5, mc_samples=T,
             config={"last_activation": backbones.get_backbone(backbone).last_activation, "seed": 0},
             environment={}, weights_source="random initialisation (benchmark)", lineage={}, model_uri=model_uri,
-            review_rule={"predicted_mel": True, "decision_uncertainty_above": 0.2, "p_mel_band": [0.45, 0.55]}, code_version="bench",
+            review_rule={"predicted_mel": True, "decision_uncertainty_above": 0.2}, code_version="bench",
             run_id="bench"))
     registry.promote(engine, version, "benchmark", "bench")
     engine.dispose()
@@ -294,7 +294,7 @@ def overhead(data: Path, backbone: str, n: int, rounds: int) -> dict:
 
     from lesion_tasks.model import attention, backbones, features, gradcam
     from lesion_tasks.core import db
-    from lesion_tasks.lifecycle import registry
+    from lesion_tasks.versions import registry
     from lesion_tasks.scoring import nightly as scoring, overlays
     from lesion_tasks.core.schema import images, prediction_samples, predictions
     from lesion_tasks.core.store import open_store
@@ -306,7 +306,7 @@ def overhead(data: Path, backbone: str, n: int, rounds: int) -> dict:
                                      s3_endpoint=s3.endpoint, s3_access_key=s3.access_key, s3_secret_key=s3.secret_key)
             store, engine = open_store(settings), db.engine_for(settings)
             with engine.connect() as conn:
-                row = registry.resolve(conn, "champion")
+                row = registry.version(conn, None)
                 refs = conn.execute(sa.select(images).order_by(images.c.image_id).limit(n)).all()
             model = scoring.load_scoring_model(store, row)
             x = backbones.preprocess(np.stack([features.model_input(store, r.normalized_uri, model.input_config) for r in refs]))

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
 
-from lesion_tasks.lifecycle import registry
+from lesion_tasks.versions import registry
 from lesion_tasks.scoring import nightly as scoring
 from lesion_tasks.core.db import engine_for  # noqa: E402
 from lesion_tasks.core.schema import images, predictions  # noqa: E402
@@ -41,8 +41,8 @@ def main() -> None:
     settings = Settings.from_env()
     engine = engine_for(settings)
     with engine.connect() as conn:
-        row = registry.resolve(conn, "champion")
-        scored = sa.select(predictions.c.image_id).where(predictions.c.model_version == row["model_version"])
+        row = registry.version(conn, None)
+        scored = sa.select(predictions.c.image_id).where(predictions.c.model_version == row.model_version)
         ids = list(conn.scalars(sa.select(images.c.image_id).where(images.c.image_id.not_in(scored))
                                 .order_by(images.c.image_id).limit(2 * args.chunk * args.rounds)))
     engine.dispose()
@@ -50,18 +50,18 @@ def main() -> None:
         raise SystemExit(f"{len(ids)} unscored images: need {2 * args.chunk * args.rounds} (a scratch home)")
     full = scoring.load_scoring_model(open_store(settings), row)
     before = replace(full, scope_head=None, input_config=replace(full.input_config, effective_resolution=0, color_constancy=""))
-    size = row["image_size"]
+    size = row.image_size
     full.run_backbone(np.zeros((1, size, size, 3), np.float32))  # trace once: both modes share the compiled pass
     totals = {"now": [0, 0.0], "before": [0, 0.0]}
     for k in range(args.rounds):
         for j, (name, model) in enumerate((("before", before), ("now", full)) if k % 2 == 0 else (("now", full), ("before", before))):
             part = ids[(2 * k + j) * args.chunk:(2 * k + j + 1) * args.chunk]
-            result = scoring.score_range(settings, row["model_version"], first=part[0], last=part[-1], model=model,
+            result = scoring.score_range(settings, row.model_version, first=part[0], last=part[-1], model=model,
                                          run_id=f"bench-{name}")
             totals[name][0] += result["scored"]
             totals[name][1] += result["seconds"]
     rate = {name: n / s for name, (n, s) in totals.items()}
-    print(json.dumps({"model_version": row["model_version"], "images_per_round_and_mode": args.chunk, "rounds": args.rounds,
+    print(json.dumps({"model_version": row.model_version, "images_per_round_and_mode": args.chunk, "rounds": args.rounds,
                       "images_per_second": {k: round(v, 1) for k, v in rate.items()},
                       "throughput_now_over_before": round(rate["now"] / rate["before"], 3),
                       "note": "before = same model without the effective-resolution step and the out-of-scope head"}, indent=1))

@@ -33,7 +33,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lesion_tasks import cli  # noqa: E402
+from lesion_tasks import cli, pipeline  # noqa: E402
 from lesion_tasks.core import db  # noqa: E402
 from lesion_tasks.core.db import engine_for  # noqa: E402
 from lesion_tasks.core.schema import images  # noqa: E402
@@ -41,10 +41,10 @@ from lesion_tasks.core.settings import Settings  # noqa: E402
 from lesion_tasks.core.store import open_store  # noqa: E402
 from lesion_tasks.ingest.drop import ingest  # noqa: E402
 from lesion_tasks.ingest.label_import import import_labels  # noqa: E402
-from lesion_tasks.lifecycle import artifacts, assess, registry  # noqa: E402
-from lesion_tasks.lifecycle.config import make_config  # noqa: E402
+from lesion_tasks.versions import artifacts, registry
+from lesion_tasks.assessment import assess  # noqa: E402
+from lesion_tasks.model.config import make_config  # noqa: E402
 from lesion_tasks.model import evaluation, features  # noqa: E402
-from lesion_tasks.scoring import site_sample  # noqa: E402
 
 import sqlalchemy as sa  # noqa: E402
 
@@ -134,7 +134,7 @@ def main() -> None:
     for k in [int(x) for x in args.k.split(",")]:
         drawn = None
         if k:
-            drawn = site_sample.draw(settings, args.site, k)
+            drawn = cli.sample_site(settings, args.site, k)
             labels = home / f"labels-{k}.csv"
             with labels.open("w", newline="") as fh:
                 out = csv.writer(fh)
@@ -143,7 +143,7 @@ def main() -> None:
             imported = import_labels(labels, settings)
             log.info("k=%d: %s", k, imported)
         started = time.monotonic()
-        result = cli.train(settings, config, run_id=f"k{k}-w{config.site_weight:g}")
+        result = pipeline.run(settings, config, run_id=f"k{k}-w{config.site_weight:g}")
         retrain_seconds = time.monotonic() - started
         own = result["thresholds_by_site"].get(args.site, {})
         melanomas = sum(truth[r["image_id"]] == "MEL" for r in drawn["images"]) if drawn else 0

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from airflow.sdk import Asset, dag, task
+from airflow.sdk import dag, task
+from lesion_airflow import VALIDATED_IMAGES
 
-VALIDATED_IMAGES = Asset("lesion://images/validated")
 
 
 @dag(

@@ -24,10 +24,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
+from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
+from lesion_airflow import TF_POOL, VALIDATED_IMAGES
 
-VALIDATED_IMAGES = Asset("lesion://images/validated")  # emitted by isic_ingest when it accepted new images
-TF_POOL = "lesion_tensorflow"  # slots = machines (workers): a TensorFlow task uses every core of its machine
 
 
 def _failed(context) -> None:
@@ -91,16 +90,15 @@ def lesion_nightly_score():
         context, settings = get_current_context(), lesion_settings()
         version = shards[0]["model_version"] if shards else "champion"
         summary = summarize(settings, version, context["run_id"], list(results[:]) if results is not None else [])
-        if summary.get("model_version") and summary.get("scored"):
-            summary["shift"] = shift = alerts.shift(settings, summary["model_version"], context["run_id"])
+        shift, to_send = alerts.after_night(settings, summary, context["run_id"],
+                                            alert_links(context, summary.get("model_version")))
+        if shift is not None:
+            summary["shift"] = shift
             print("distribution shift check:", shift)
-            if shift["shifted"]:
-                send_alert(context, alerts.distribution_shift(shift, alert_links(context, summary["model_version"])))
-            if summary["sites"]["mostly_unvalidated"]:
-                print(summary["sites"]["note"])
-                send_alert(context, alerts.unvalidated_night(summary, alert_links(context, summary["model_version"])))
-            if summary["sites"]["failing_sites"]:
-                send_alert(context, alerts.site_failing(summary, alert_links(context, summary["model_version"])))
+        if summary.get("sites", {}).get("mostly_unvalidated"):
+            print(summary["sites"]["note"])
+        for alert in to_send:
+            send_alert(context, alert)
         return summary
 
     shards = plan_shards()

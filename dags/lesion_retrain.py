@@ -18,7 +18,8 @@ images there are: the `prepare_split` task's log and return value (images per sp
 source drop) of any run, or `SELECT label, count(*) FROM images GROUP BY label` (not counted here: a DAG file
 never queries databases while it is parsed).
 
-Logic: `lesion_tasks.lifecycle.retrain` (also `lesion train`) and `lesion_tasks.ops.retention`. This file only wires.
+Logic: `lesion_tasks.pipeline` (its four steps; `lesion train` runs them in one process) and
+`lesion_tasks.ops.retention`. This file only wires.
 """
 
 from __future__ import annotations
@@ -26,12 +27,11 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from airflow.sdk import Param, dag, get_current_context, task
+from lesion_airflow import TF_POOL
 
-from lesion_tasks.lifecycle.config import form_params
+from lesion_tasks.model.config import form_params
 
-TF_POOL = "lesion_tensorflow"  # one TensorFlow task at a time: a TF process holds all cores
-
-# The form: generated from the one declaration of the training settings (lesion_tasks.lifecycle.config.KNOBS):
+# The form: generated from the one declaration of the training settings (lesion_tasks.model.config.KNOBS):
 # the demo profile's values, the paper's named in the descriptions, the same bounds as `lesion train`.
 # Light to import (no TensorFlow, numpy or SQLAlchemy): the DAG processor parses this file.
 PARAMS = {name: Param(**spec) for name, spec in form_params().items()}
@@ -51,7 +51,7 @@ FORM_DEFAULTS = {name: param.value for name, param in PARAMS.items()}
 )
 def lesion_retrain():
     def config():  # a field left at its demo value takes the chosen profile's (config_from_params)
-        from lesion_tasks.lifecycle.config import config_from_params
+        from lesion_tasks.model.config import config_from_params
 
         return config_from_params(dict(get_current_context()["params"]), FORM_DEFAULTS)
 
@@ -61,7 +61,7 @@ def lesion_retrain():
 
         from airflow.sdk.exceptions import AirflowFailException
 
-        from lesion_tasks.lifecycle.retrain import prepare_split as split
+        from lesion_tasks.pipeline import prepare_split as split
 
         try:  # bad values and unavailable weights fail here, first, and for good: a retry would not fix them
             summary = split(lesion_settings(), config())
@@ -77,7 +77,7 @@ def lesion_retrain():
         from lesion_airflow import lesion_settings, quiet_tensorflow
 
         quiet_tensorflow()
-        from lesion_tasks.lifecycle.retrain import train_model as train
+        from lesion_tasks.pipeline import train_model as train
 
         return train(lesion_settings(), config(), get_current_context()["run_id"])["model_version"]
 
@@ -86,7 +86,7 @@ def lesion_retrain():
         from lesion_airflow import lesion_settings, quiet_tensorflow
 
         quiet_tensorflow()
-        from lesion_tasks.lifecycle.assess import evaluate_model as evaluate
+        from lesion_tasks.pipeline import evaluate_model as evaluate
 
         evaluate(lesion_settings(), model_version)
         return model_version
@@ -99,7 +99,7 @@ def lesion_retrain():
 
         quiet_tensorflow()  # the comparison with the champion may load models
         from lesion_tasks.ops import alerts
-        from lesion_tasks.lifecycle.assess import gate_model
+        from lesion_tasks.pipeline import gate_model
 
         context = get_current_context()
         gate = gate_model(lesion_settings(), model_version, actor=f"lesion_retrain:{context['run_id']}")

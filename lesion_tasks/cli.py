@@ -60,16 +60,24 @@ def _cmd_sites(args: argparse.Namespace, settings: Settings) -> int:
 
     db.upgrade(settings)
     if getattr(args, "sites_command", None) == "sample":
-        from lesion_tasks.scoring import site_sample
+        from lesion_tasks.sites import sample as site_sample
 
-        result = site_sample.draw(settings, args.site, args.size)
+        result = sample_site(settings, args.site, args.size)
         _emit(args, result, site_sample.summary(result))
         return 0
-    from lesion_tasks.lifecycle import sites
+    from lesion_tasks.sites import status as sites
 
     result = sites.overview(settings)
     _emit(args, result, sites.summary(result))
     return 0
+
+
+def sample_site(settings: Settings, site: str, size: int = 200) -> dict[str, Any]:
+    """`lesion sites sample`: SITE's validation sample, its images scored by the champion first where needed."""
+    from lesion_tasks.scoring import nightly
+    from lesion_tasks.sites import sample as site_sample
+
+    return site_sample.draw(settings, site, size, lambda version, name: nightly.score(settings, version, site=name))
 
 
 def _cmd_labels_import(args: argparse.Namespace, settings: Settings) -> int:
@@ -82,39 +90,15 @@ def _cmd_labels_import(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def train(settings: Settings, config, run_id: str | None = None) -> dict[str, Any]:
-    """The whole retrain in one process (what `lesion train` prints): the four steps of `lesion_retrain`."""
-    import time
-    from datetime import UTC, datetime
-
-    from lesion_tasks.core.store import open_store
-    from lesion_tasks.lifecycle import assess, retrain
-
-    started = time.monotonic()
-    run_id = run_id or f"cli-{datetime.now(UTC):%Y%m%dT%H%M%S}"
-    split = retrain.prepare_split(settings, config)
-    trained = retrain.train_model(settings, config, run_id)
-    evaluated = assess.evaluate_model(settings, trained["model_version"])
-    gated = assess.gate_model(settings, trained["model_version"], actor="lesion train")
-    return {
-        "model_version": trained["model_version"], "promoted": gated["promoted"], "threshold": trained["threshold"],
-        "thresholds_by_site": trained["thresholds_by_site"],
-        "metrics": evaluated["metrics"], "gate": {"reasons": gated["reasons"], "champion": gated["champion"]},
-        "report_uri": open_store(settings).uri(evaluated["report_uri"]), "feature_cache": trained["feature_cache"],
-        "head_seconds": trained["head_seconds"], "weights": trained["weights"], "split": split["counts"],
-        "backbone": trained["backbone"], "weights_fallback": split["weights"]["fallback"],
-        "wall_seconds": round(time.monotonic() - started, 1),
-    }
-
-
 def _cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    from lesion_tasks import pipeline
     from lesion_tasks.core import db
-    from lesion_tasks.lifecycle.config import config_from_cli
-    from lesion_tasks.lifecycle.registry import shown
+    from lesion_tasks.model.config import config_from_cli
+    from lesion_tasks.assessment.gate import shown
 
     db.upgrade(settings)
     config = config_from_cli(args)
-    result = train(settings, config)
+    result = pipeline.run(settings, config)
     t = result["metrics"]["test"]
 
     def num(key: str) -> str:  # rounded down, as the gate's reasons: on the same side of a floor as the value
@@ -151,7 +135,7 @@ def _cmd_gradcam_url(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_promote(args: argparse.Namespace, settings: Settings) -> int:
-    from lesion_tasks.lifecycle import assess
+    from lesion_tasks.assessment import assess
     from lesion_tasks.core.db import engine_for
 
     engine = engine_for(settings)
@@ -230,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_import.set_defaults(func=_cmd_labels_import)
 
     p_train = sub.add_parser("train", help="retrain: split, train, evaluate, gate, promote")
-    from lesion_tasks.lifecycle.config import add_cli_options
+    from lesion_tasks.model.config import add_cli_options
 
     add_cli_options(p_train)  # the same settings, types and bounds as lesion_retrain's form
     p_train.set_defaults(func=_cmd_train)

@@ -12,10 +12,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from lesion_tasks.lifecycle import registry
+from lesion_tasks.versions import registry
 from lesion_tasks.core.keys import slug
 from lesion_tasks.core.db import engine_for
-from lesion_tasks.core.schema import model_versions
+from lesion_tasks.assessment.gate import Decision
 from lesion_tasks.core.settings import Settings
 from lesion_tasks.ingest.sources import INCOMING_PREFIX
 from lesion_tasks.core.store import open_store
@@ -61,10 +61,8 @@ def summary(settings: Settings) -> tuple[dict[str, Any], str]:
     engine = engine_for(settings)
     try:
         with engine.connect() as conn:
-            champion = registry.champion(conn)
-            latest = conn.execute(sa.select(model_versions.c.model_version, model_versions.c.status, model_versions.c.gate,
-                                            model_versions.c.report_uri)
-                                  .order_by(model_versions.c.created_at.desc()).limit(1)).mappings().first()
+            champion = registry.version(conn, None, required=False)
+            latest = next(iter(registry.versions(conn)), None)
             counts = dict(conn.execute(sa.text("SELECT 'images', COUNT(*) FROM images UNION ALL "
                                                "SELECT 'quarantined', COUNT(*) FROM quarantine UNION ALL "
                                                "SELECT 'predictions', COUNT(*) FROM v_latest_predictions UNION ALL "
@@ -72,23 +70,23 @@ def summary(settings: Settings) -> tuple[dict[str, Any], str]:
             rows = [dict(r) for r in conn.execute(sa.text(SAMPLE_QUERY)).mappings()]
     finally:
         engine.dispose()
-    gate = (latest or {}).get("gate") or {}
-    report_key = champion["report_uri"] if champion else (latest or {}).get("report_uri")
+    reasons = Decision.from_json(latest.gate).reasons if latest else []
+    report_key = champion.report_uri if champion else (latest.report_uri if latest else None)
     report_uri = open_store(settings).uri(report_key) if report_key else None
     table = "\n".join(f"  {r['image_id']}  {r['predicted_label']:<3}  p_mel {r['p_mel']} (threshold {r['threshold']})  across {r['decision_uncertainty']}  "
                       f"p_other {r['p_other']}  "
                       f"{r['review_reasons']}" for r in rows) or "  (empty)"
     human = (
         f"images accepted {counts['images']}, quarantined {counts['quarantined']}\n"
-        f"latest model {latest['model_version'] if latest else None}: {latest['status'] if latest else '-'}\n"
-        + "".join(f"  {r}\n" for r in gate.get("reasons", []))
-        + f"champion: {champion['model_version'] if champion else 'none (no model passed the gate)'}\n"
+        f"latest model {latest.model_version if latest else None}: {latest.status if latest else '-'}\n"
+        + "".join(f"  {r}\n" for r in reasons)
+        + f"champion: {champion.model_version if champion else 'none (no model passed the gate)'}\n"
         f"report:   {report_uri}\n"
         f"scored {counts['predictions']} images with the champion; review queue: {counts['review_queue']}\n"
         f"review them: `make airflow`, then http://127.0.0.1:8080/lesion-review/ (or \"Lesion review\" in Airflow's menu)\n"
         f"database: {settings.describe()['db_url']}\nstore:    {settings.store_url}\n\n"
         f"{SAMPLE_QUERY}\n{table}"
     )
-    payload = {"counts": counts, "champion": champion["model_version"] if champion else None,
+    payload = {"counts": counts, "champion": champion.model_version if champion else None,
                "report_uri": report_uri if champion else None, "query": SAMPLE_QUERY, "rows": rows}
     return payload, human

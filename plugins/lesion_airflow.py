@@ -8,10 +8,17 @@ from __future__ import annotations
 
 import logging
 
+from airflow.sdk import Asset
+
 log = logging.getLogger(__name__)
 
 DB_CONN_ID = "lesion_db"
 S3_CONN_ID = "lesion_s3"
+# emitted by isic_ingest when it accepted new images; lesion_nightly_score runs on it (as well as at 02:00)
+VALIDATED_IMAGES = Asset("lesion://images/validated")
+# TensorFlow tasks (train_model, evaluate_model, score_shard): slots = machines (workers), since a TensorFlow
+# process holds 1-3 GB and every core of its machine (`airflow pools set lesion_tensorflow N`)
+TF_POOL = "lesion_tensorflow"
 
 
 def _connection(conn_id: str):

@@ -123,7 +123,7 @@ def trained_home(tmp_path_factory) -> Iterator[TrainedHome]:
     import numpy as np
     from PIL import Image
 
-    from lesion_tasks import cli
+    from lesion_tasks import pipeline
     from lesion_tasks.scoring import nightly as scoring
     from lesion_tasks.ingest.drop import ingest
     from lesion_tasks.ops.synthetic import make_drop
@@ -142,7 +142,7 @@ def trained_home(tmp_path_factory) -> Iterator[TrainedHome]:
     ingest(str(make_drop(tmp / OTHER_DROP, n_images=N_OTHER, seed=13, melanoma_fraction=0.0, other_fraction=1.0)),
            settings, drop_id=OTHER_DROP)
     config = shared_config()
-    trained = cli.train(settings, config, run_id="shared")
+    trained = pipeline.run(settings, config, run_id="shared")
     assert trained["promoted"], trained["gate"]
     scored = scoring.score(settings, run_id="night-1")
     assert scored["scored"] == N_IMAGES, scored

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from lesion_tasks.lifecycle.config import GateFloors, make_config
+from lesion_tasks.model.config import GateFloors, make_config
 from lesion_tasks.core import db
 from lesion_tasks.core.settings import Settings
 from tools import servers
@@ -102,12 +102,14 @@ QUARANTINED = ["duplicate", "empty_file"]
 
 
 def shared_config():
-    """The shared model's config. Target sensitivity 0.97: with ~16 validation melanomas, 0.85 lands the
-    threshold inside the melanoma distribution and the 0.80 floor on test becomes a coin toss (the
-    tests are about the pipeline); 150 epochs and 2 views make the gate pass. The tiny model separates
-    validation perfectly, so test sensitivity (20 melanomas) depends on the split drawn: seed 0 gives 0.85,
-    seed 1 1.0 (with the threshold at the lowest validation melanoma instead of mid-gap, seed 0 gave 0.70)."""
-    return tiny_config(epochs=150, views=2, bootstrap=200, target_sensitivity=0.97, seed=1)
+    """The shared model's config. Target sensitivity 0.97 and 150 epochs with 2 views: the tiny model separates
+    validation (~16 melanomas) perfectly. The floors are these pipeline tests' own: with ~20 test melanomas one
+    case moves sensitivity by 5 points, so at the product's 0.80 floor whether the gate passed depended on the
+    split and the seed (seed 0 gave 0.85, seed 1 1.0, 0.70 under an earlier threshold rule), and a threshold
+    change broke every test at setup. At 0.60 any of seeds 0-5 promotes (issue 32); the product's floors are
+    tested on their own (tests/unit/test_gate.py, tests/dags)."""
+    return tiny_config(epochs=150, views=2, bootstrap=200, target_sensitivity=0.97, seed=1,
+                       floors=GateFloors(min_melanomas=5, mel_sensitivity=0.60))
 
 
 @dataclass(frozen=True)
@@ -177,7 +179,7 @@ def mirror_home(source: Settings, dest: Settings, *, predictions: bool = True, o
 
 def registry_row(settings: Settings, version: str) -> dict:
     """The registry row of `version` in the home `settings` points at."""
-    from lesion_tasks.lifecycle import registry
+    from lesion_tasks.versions import registry
 
     engine = db.make_engine(settings.db_url)
     with engine.connect() as conn:
@@ -198,3 +200,26 @@ def run_dag(dag, conf: dict | None = None):
     run = dag.test(run_conf=conf)
     states = {ti.task_id: ti.state for ti in run.get_task_instances()}
     return run, states
+
+
+def champion_row(conn) -> dict:
+    """The champion's registry row as stored (tests that inspect or copy rows; the code reads
+    `registry.version`)."""
+    from lesion_tasks.versions import registry
+
+    return registry.get(conn, registry.version(conn, None).model_version)
+
+
+def labelled_features(rng, n: int, site_of, prefix: str):
+    """Features of `n` labelled images (crossfit.Labelled): 35% melanomas shifted by 1.5, sites by `site_of(i)`, two
+    images per lesion."""
+    import numpy as np
+
+    from lesion_tasks.training import crossfit
+
+    y = (rng.random(n) < 0.35).astype(np.int64)
+    x = (rng.normal(size=(n, 8)) + y[:, None] * 1.5).astype(np.float32)
+    ids = [f"{prefix}{i:03d}" for i in range(n)]
+    sites = np.array([site_of(i) for i in range(n)], dtype=object)
+    lesions = np.array([f"L{prefix}{i // 2}" for i in range(n)], dtype=object)  # two images per lesion
+    return crossfit.Labelled([x], y, ids, sites, lesions)

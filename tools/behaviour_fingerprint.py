@@ -23,12 +23,12 @@ import sqlalchemy as sa
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lesion_tasks import cli
-from lesion_tasks.lifecycle.config import make_config
+from lesion_tasks import pipeline
+from lesion_tasks.model.config import make_config
 from lesion_tasks.core import db
 from lesion_tasks.scoring import nightly as scoring
 from lesion_tasks.ingest.drop import ingest  # noqa: E402
-from lesion_tasks.lifecycle.registry import GateFloors  # noqa: E402
+from lesion_tasks.versions.registry import GateFloors  # noqa: E402
 from lesion_tasks.core.settings import Settings  # noqa: E402
 from lesion_tasks.core.store import open_store  # noqa: E402
 from lesion_tasks.ops.synthetic import make_drop  # noqa: E402
@@ -78,7 +78,7 @@ def main() -> None:
         config = make_config("demo", backbone="tiny", image_size=64, weights="none", effective_resolution=48,
                                      floors=GateFloors(min_melanomas=5), epochs=150, views=2, bootstrap=200,
                                      target_sensitivity=0.97, seed=1)
-        version = cli.train(settings, config, run_id="fingerprint")["model_version"]
+        version = pipeline.run(settings, config, run_id="fingerprint")["model_version"]
         scoring.score(settings, version, run_id="fingerprint-night")
         out["synthetic_tiny"] = _fingerprint(settings, version)
         data = Path(os.environ.get("LESION_DATA_DIR", REPO.parent / "shared" / "data")) / "isic2017-mel-nv"
@@ -86,7 +86,7 @@ def main() -> None:
             settings = Settings.from_env({"LESION_HOME": f"{tmp}/real"})
             db.upgrade(settings)
             ingest(str(data), settings)
-            version = cli.train(settings, make_config("demo", bootstrap=200), run_id="fingerprint")["model_version"]
+            version = pipeline.run(settings, make_config("demo", bootstrap=200), run_id="fingerprint")["model_version"]
             scoring.score(settings, version, run_id="fingerprint-night", limit=300)
             out["isic2017_demo"] = _fingerprint(settings, version)
     print(json.dumps(out, indent=1))

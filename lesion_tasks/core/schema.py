@@ -26,7 +26,7 @@ drops = sa.Table(
     sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
     sa.Column("error", sa.Text, nullable=True),  # why a `failed` drop failed
-    sa.Column("site", sa.String(128), nullable=True, index=True),  # where the drop came from (sites.py)
+    sa.Column("site", sa.String(128), nullable=True, index=True),  # where the drop came from (ingest.sources.resolve_site)
     sa.CheckConstraint("status IN ('running', 'complete', 'failed')", name="ck_drops_status"),
 )
 
@@ -54,8 +54,9 @@ images = sa.Table(
     sa.Column("normalized_size", sa.Integer, nullable=False),
     sa.Column("metadata", sa.JSON, nullable=True),
     sa.Column("ingested_at", sa.DateTime(timezone=True), nullable=False),
-    # the clinic / collection the image came from: its drop's site (NULL only for rows that predate 0011
-    # and were not backfilled; readers fall back to drop_id)
+    # the clinic / collection the image came from: its drop's site, the one definition of an image's site.
+    # Ingest always writes it (`ingest.sources.resolve_site`: --site, site.txt, the store layout, else the drop
+    # id); migration 0011 gave earlier rows their drop id. Readers read it as it is.
     sa.Column("site", sa.String(128), nullable=True, index=True),
     sa.CheckConstraint("label IS NULL OR label IN ('MEL', 'NV', 'OTHER')", name="ck_images_label"),
     sa.UniqueConstraint("sha256", name="uq_images_sha256"),

@@ -178,14 +178,14 @@ def evaluate(y: np.ndarray, p: np.ndarray, entropy: np.ndarray, mutual_info: np.
     return out
 
 
-def by_source(y: np.ndarray, p: np.ndarray, sources: np.ndarray, t: Any, bootstrap: int = 0, seed: int = 0,
-              min_mel_for_ci: int = 30, w: np.ndarray | None = None) -> dict[str, dict[str, Any]]:
-    """Binary metrics and calibration per source (drop or site; bootstrap intervals where it has at least
-    `min_mel_for_ci` melanomas): a pooled figure can hide a source the model fails on. With weights `w`
+def by_group(y: np.ndarray, p: np.ndarray, groups: np.ndarray, t: Any, bootstrap: int = 0, seed: int = 0,
+             min_mel_for_ci: int = 30, w: np.ndarray | None = None) -> dict[str, dict[str, Any]]:
+    """Binary metrics and calibration per group (each case's drop, or its site; bootstrap intervals where a group
+    has at least `min_mel_for_ci` melanomas): a pooled figure can hide a group the model fails on. With weights `w`
     (a site's inverse inclusion probabilities), rates and AUC are weighted, calibration is not."""
     out = {}
-    for source in sorted(set(sources.tolist())):
-        m = sources == source
+    for group in sorted(set(groups.tolist())):
+        m = groups == group
         wm = None if w is None else w[m]
         part = binary_metrics(y[m], p[m], _at(t, m), wm)
         if np.ndim(t):
@@ -194,7 +194,7 @@ def by_source(y: np.ndarray, p: np.ndarray, sources: np.ndarray, t: Any, bootstr
         if bootstrap and y[m].sum() >= min_mel_for_ci and (y[m] == 0).sum():
             part["ci95"] = bootstrap_ci(y[m], p[m], _at(t, m), bootstrap, seed, wm)
         del part["confusion_normalized"]
-        out[source] = part
+        out[group] = part
     return out
 
 

@@ -1,2 +1,3 @@
 """Operations: consistency check, retention (gc), alerts, and the synthetic demo drop.
-May import: every room below it (core, ingest, model, lifecycle, scoring, review)."""
+May import: every room below it (core, ingest, model, data, versions, sites, training, assessment,
+scoring, review)."""

@@ -9,7 +9,7 @@ Alerts, each with the model version, the numbers and links (the Airflow run, the
 - `distribution_shift`: tonight's predictions of the champion differ from the previous nights' of the same
   model version, pooled or at one site (`shift`, the rule below);
 - `unvalidated_night`: most of tonight's predictions come from sites the champion was never validated at
-  (`scoring.nightly.night_sites`);
+  (`sites.nights.night_sites`);
 - `site_failing`: tonight's predictions include cases from a site where the champion's own evidence puts it
   below a floor (status `failing`): every one of them went to review.
 
@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
+from lesion_tasks.assessment.gate import Decision
 from lesion_tasks.core.db import engine_for
 from lesion_tasks.core.schema import drops, images, predictions
 from lesion_tasks.core.settings import Settings
@@ -66,8 +67,8 @@ class Alert:
 # --- lesion_retrain ---------------------------------------------------------------------------------
 
 def failed_checks(gate: dict[str, Any]) -> list[str]:
-    """The gate's FAIL reasons (each names the metric, its value and the floor or the champion's CI)."""
-    return [r for r in gate.get("reasons") or [] if str(r).startswith("FAIL")]
+    """The gate's failed checks (each names the metric, its value and the floor or the champion's CI), as lines."""
+    return [c.line for c in Decision.from_json(gate).failed]
 
 
 def refusal(gate: dict[str, Any]) -> str:
@@ -76,20 +77,39 @@ def refusal(gate: dict[str, Any]) -> str:
 
 
 def gate_refused(gate: dict[str, Any], links: dict[str, str]) -> Alert:
-    failed = failed_checks(gate)
-    passed = [r for r in gate.get("reasons") or [] if r not in failed]
+    """`gate`: what `gate_model` answered (its checks, `assessment.gate.Decision`)."""
+    decision = Decision.from_json(gate)
+    failed = [c.line for c in decision.failed]
     lines = [f"Model version {gate['model_version']} was NOT promoted: {len(failed)} gate check(s) failed.",
              f"The champion stays: {gate.get('champion') or 'none (no model scores until one passes)'}.", "",
-             "Failed:", *(f"  {r}" for r in failed), "", "Passed:", *(f"  {r}" for r in passed)]
+             "Failed:", *(f"  {r}" for r in failed), "", "Passed:", *(f"  {c.line}" for c in decision.passes)]
+    if decision.notes:
+        lines += ["", "Notes:", *(f"  {c.line}" for c in decision.notes)]
     return Alert("gate_refused", f"[lesion] model {gate['model_version']} NOT promoted ({len(failed)} gate check(s) failed)",
                  lines, links)
 
 
 # --- lesion_nightly_score ---------------------------------------------------------------------------
 
+def after_night(settings: Settings, summary: dict[str, Any], run_id: str,
+                links: dict[str, str]) -> tuple[dict[str, Any] | None, list[Alert]]:
+    """What a scored night (`nightly.summarize`'s summary) mails: (the shift check, or None when nothing was
+    scored; the alerts): a distribution shift, a night mostly from sites the model was never validated at, and
+    tonight's cases from sites where it is below a floor."""
+    if not (summary.get("model_version") and summary.get("scored")):
+        return None, []
+    checked = shift(settings, summary["model_version"], run_id)
+    out = [distribution_shift(checked, links)] if checked["shifted"] else []
+    if summary["sites"]["mostly_unvalidated"]:
+        out.append(unvalidated_night(summary, links))
+    if summary["sites"]["failing_sites"]:
+        out.append(site_failing(summary, links))
+    return checked, out
+
+
 def champion_version(settings: Settings) -> str | None:
     """The champion's model version, None without one (for a failure alert, which has no shard plan)."""
-    from lesion_tasks.lifecycle import registry
+    from lesion_tasks.versions import registry
 
     engine = engine_for(settings)
     try:
@@ -146,7 +166,7 @@ def shift(settings: Settings, model_version: str, run_id: str) -> dict[str, Any]
     and per site (`by_site`: each site's predictions tonight against its own before), so one clinic whose
     scanner changed is not averaged away by the others."""
     engine = engine_for(settings)
-    site = sa.func.coalesce(images.c.site, images.c.drop_id).label("site")
+    site = images.c.site
     cols = (predictions.c.p_mel, predictions.c.entropy, site)
     of_version = predictions.c.model_version == model_version
     joined = sa.select(*cols).join(images, images.c.image_id == predictions.c.image_id)
@@ -179,7 +199,7 @@ def shift(settings: Settings, model_version: str, run_id: str) -> dict[str, Any]
 def _validation_reference(settings: Settings, model_version: str) -> dict[str, np.ndarray] | None:
     """The version's validation predictions (p_mel, entropy), None where it has none stored."""
     from lesion_tasks.core.store import open_store
-    from lesion_tasks.lifecycle import artifacts
+    from lesion_tasks.versions import artifacts
 
     try:
         return artifacts.ModelArtifacts(open_store(settings), model_version).validation_predictions()
@@ -218,7 +238,7 @@ def distribution_shift(result: dict[str, Any], links: dict[str, str]) -> Alert:
 
 
 def unvalidated_night(summary: dict[str, Any], links: dict[str, str]) -> Alert:
-    """Most of a night's predictions come from sites the model was never validated at (`nightly.night_sites`)."""
+    """Most of a night's predictions come from sites the model was never validated at (`sites.nights.night_sites`)."""
     sites = summary["sites"]
     counts = ", ".join(f"{status} {n}" for status, n in sites["images_by_status"].items() if n)
     return Alert("unvalidated_night",
@@ -228,7 +248,7 @@ def unvalidated_night(summary: dict[str, Any], links: dict[str, str]) -> Alert:
 
 
 def site_failing(summary: dict[str, Any], links: dict[str, str]) -> Alert:
-    """Tonight's cases from sites where the champion is below a floor (`nightly.night_sites`' `failing`)."""
+    """Tonight's cases from sites where the champion is below a floor (`sites.nights.night_sites`' `failing`)."""
     failing = summary["sites"]["failing"]
     n = sum(part["images"] for part in failing.values())
     return Alert("site_failing",

@@ -40,11 +40,11 @@ import sqlalchemy as sa
 
 from lesion_tasks.core import keys
 from lesion_tasks.core.db import engine_for
-from lesion_tasks.lifecycle import artifacts
-from lesion_tasks.ops.retention import TRAINING_GRACE, aware, feature_key
+from lesion_tasks.versions import artifacts, registry
+from lesion_tasks.ops.retention import TRAINING_GRACE, aware
 from lesion_tasks.core.schema import drops, images, model_versions, prediction_samples, predictions, quarantine, reviews, splits
 from lesion_tasks.core.settings import Settings
-from lesion_tasks.lifecycle.splits import SPLIT_LABELS
+from lesion_tasks.data.splits import SPLIT_LABELS
 from lesion_tasks.core.store import ObjectStore, key_of, open_store
 
 log = logging.getLogger(__name__)
@@ -112,12 +112,10 @@ def _rows_vs_objects(conn: sa.Connection, store: ObjectStore, present: set[str],
     for drop_id, manifest in conn.execute(sa.select(drops.c.drop_id, drops.c.manifest_uri)
                                           .where(drops.c.manifest_uri.is_not(None))):
         expect("missing_manifest", manifest, {"drop_id": drop_id})
-    for row in conn.execute(sa.select(model_versions.c.model_version, model_versions.c.model_uri,
-                                      model_versions.c.report_uri, model_versions.c.metrics_uri,
-                                      model_versions.c.artifacts_pruned_at)).mappings():
-        for column in ("report_uri", "metrics_uri") + (("model_uri",) if row["artifacts_pruned_at"] is None else ()):
-            if row[column]:
-                expect("missing_model_artifact", row[column], {"model_version": row["model_version"], "column": column})
+    for v in registry.versions(conn):
+        for column in ("report_uri", "metrics_uri") + (("model_uri",) if v.artifacts_pruned_at is None else ()):
+            if getattr(v, column):
+                expect("missing_model_artifact", getattr(v, column), {"model_version": v.model_version, "column": column})
     for image_id, version, ref in conn.execute(
             sa.select(predictions.c.image_id, predictions.c.model_version, predictions.c.gradcam_uri)
             .where(predictions.c.gradcam_uri.is_not(None))):
@@ -126,7 +124,7 @@ def _rows_vs_objects(conn: sa.Connection, store: ObjectStore, present: set[str],
 
 
 def _orphans(listing: dict[str, dict[str, int]], referenced: dict[str, set[str]], drop_status: dict[str, str],
-             versions: dict[str, dict[str, Any]], f: Findings) -> None:
+             versions: dict[str, registry.ModelVersion], f: Findings) -> None:
     for key in listing.get("drops", {}):
         parts = key.split("/")
         drop_id, kind = parts[1], parts[2] if len(parts) > 3 else None
@@ -139,13 +137,13 @@ def _orphans(listing: dict[str, dict[str, int]], referenced: dict[str, set[str]]
         row = versions.get(version)
         if row is None:
             f.add("orphan_model_object", key)
-        elif row["artifacts_pruned_at"] is not None and name not in artifacts.KEPT_AFTER_PRUNING:
+        elif row.artifacts_pruned_at is not None and name not in artifacts.KEPT_AFTER_PRUNING:
             f.add("gc_leftover", key)
     for key in listing.get("predictions", {}):
         drawn = key.endswith(".png") and key[: -len(".png")] + ".npy" in referenced["predictions"]
         if key not in referenced["predictions"] and not drawn:  # an overlay drawn from a referenced map is its cache
             version = keys.gradcam_version(key) or key.split("/")[1]
-            pruned = version in versions and versions[version]["artifacts_pruned_at"] is not None
+            pruned = version in versions and versions[version].artifacts_pruned_at is not None
             f.add("gc_leftover" if pruned else "orphan_gradcam", key)
 
 
@@ -182,10 +180,7 @@ def check(settings: Settings, max_examples: int = MAX_EXAMPLES, now: datetime | 
         with engine.connect() as conn:
             referenced = _rows_vs_objects(conn, store, present, f)
             drop_status = dict(conn.execute(sa.select(drops.c.drop_id, drops.c.status)).all())
-            versions = {r["model_version"]: dict(r) for r in conn.execute(sa.select(
-                model_versions.c.model_version, model_versions.c.status, model_versions.c.created_at,
-                model_versions.c.artifacts_pruned_at, model_versions.c.lineage, model_versions.c.config,
-                model_versions.c.backbone, model_versions.c.weights_sha256, model_versions.c.image_size)).mappings()}
+            versions = {v.model_version: v for v in registry.versions(conn)}
             for kind, table, shown in (("prediction_of_unknown_version", predictions, ("image_id", "model_version")),
                                        ("review_of_unknown_version", reviews, ("id", "image_id", "model_version")),
                                        ("samples_of_unknown_version", prediction_samples, ("image_id", "model_version"))):
@@ -194,14 +189,14 @@ def check(settings: Settings, max_examples: int = MAX_EXAMPLES, now: datetime | 
                      ("image_id", "model_version"))
             _without_split(conn, f)
         _orphans(listing, referenced, drop_status, versions, f)
-        for version, row in sorted(versions.items()):
-            if row["status"] == "training" and aware(row["created_at"]) < now - TRAINING_GRACE:
-                f.add("stale_training_claim", {"model_version": version, "claimed_at": aware(row["created_at"]).isoformat()})
+        for version, v in sorted(versions.items()):
+            if v.status == "training" and aware(v.created_at) < now - TRAINING_GRACE:
+                f.add("stale_training_claim", {"model_version": version, "claimed_at": aware(v.created_at).isoformat()})
     finally:
         engine.dispose()
     users: dict[str, list[str]] = defaultdict(list)
-    for version, row in sorted(versions.items()):
-        key = feature_key(row)
+    for version, v in sorted(versions.items()):
+        key = artifacts.feature_key(v)
         if key:
             users[key].append(version)
     features: dict[str, dict[str, Any]] = {}

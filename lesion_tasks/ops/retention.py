@@ -36,10 +36,10 @@ import sqlalchemy as sa
 
 from lesion_tasks.core import keys
 from lesion_tasks.core.db import engine_for
-from lesion_tasks.core.schema import model_versions, predictions
+from lesion_tasks.core.schema import predictions
 from lesion_tasks.core.settings import Settings
 from lesion_tasks.core.store import ObjectInfo, ObjectStore, open_store
-from lesion_tasks.lifecycle import artifacts, registry
+from lesion_tasks.versions import artifacts, registry
 
 log = logging.getLogger(__name__)
 
@@ -55,38 +55,25 @@ def aware(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC)
 
 
-def feature_key(row: dict[str, Any]) -> str | None:
-    """The feature cache configuration a version was trained on (None: not known yet, e.g. a claim)."""
-    key = (row.get("lineage") or {}).get("feature_config")
-    if key:
-        return key
-    if not row.get("config"):  # a claim still training: nothing recorded yet
-        return None
-    try:
-        return artifacts.feature_config(row).key
-    except (KeyError, TypeError):
-        return None
+def young_claim(v: registry.ModelVersion, now: datetime) -> bool:
+    return v.status == "training" and aware(v.created_at) > now - TRAINING_GRACE
 
 
-def young_claim(row: dict[str, Any], now: datetime) -> bool:
-    return row["status"] == "training" and aware(row["created_at"]) > now - TRAINING_GRACE
-
-
-def decide(rows: list[dict[str, Any]], keep_versions: int, now: datetime) -> tuple[dict[str, list[str]], list[str]]:
-    """({kept version: why}, [versions to prune]) for the registry's rows."""
+def decide(versions: list[registry.ModelVersion], keep_versions: int, now: datetime) -> tuple[dict[str, list[str]], list[str]]:
+    """({kept version: why}, [versions to prune]) for the registry's versions."""
     if keep_versions < 0:
         raise ValueError(f"--keep-versions {keep_versions}: expected 0 or more")
-    newest = sorted(rows, key=lambda r: (aware(r["created_at"]), r["model_version"]), reverse=True)
-    recent = {r["model_version"] for r in newest[:keep_versions]}
+    newest = sorted(versions, key=lambda v: (aware(v.created_at), v.model_version), reverse=True)
+    recent = {v.model_version for v in newest[:keep_versions]}
     kept: dict[str, list[str]] = {}
     prune: list[str] = []
-    for row in newest:
-        why = (["champion"] if row["is_champion"] else []) + (["recent"] if row["model_version"] in recent else []) \
-            + (["training"] if young_claim(row, now) else [])
+    for v in newest:
+        why = (["champion"] if v.is_champion else []) + (["recent"] if v.model_version in recent else []) \
+            + (["training"] if young_claim(v, now) else [])
         if why:
-            kept[row["model_version"]] = why
+            kept[v.model_version] = why
         else:
-            prune.append(row["model_version"])
+            prune.append(v.model_version)
     return kept, prune
 
 
@@ -145,19 +132,15 @@ def collect_garbage(settings: Settings, keep_versions: int = KEEP_VERSIONS, dry_
     store, engine = open_store(settings), engine_for(settings)
     try:
         with engine.connect() as conn:
-            rows = [dict(r) for r in conn.execute(sa.select(
-                model_versions.c.model_version, model_versions.c.created_at, model_versions.c.status,
-                model_versions.c.is_champion, model_versions.c.artifacts_pruned_at, model_versions.c.lineage,
-                model_versions.c.config, model_versions.c.backbone, model_versions.c.weights_sha256,
-                model_versions.c.image_size)).mappings()]
+            versions = registry.versions(conn)
             refs = dict(conn.execute(sa.select(predictions.c.model_version, sa.func.count())
                                      .where(predictions.c.gradcam_uri.is_not(None))
                                      .group_by(predictions.c.model_version)).all())
-        kept, prune = decide(rows, keep_versions, now)
-        by_version = {r["model_version"]: r for r in rows}
+        kept, prune = decide(versions, keep_versions, now)
+        by_version = {v.model_version: v for v in versions}
         deleted = {"models": {"objects": 0, "bytes": 0}, "gradcam": {"objects": 0, "bytes": 0},
                    "features": {"objects": 0, "bytes": 0}, "gradcam_refs_cleared": 0}
-        newly = [v for v in prune if by_version[v]["artifacts_pruned_at"] is None]
+        newly = [v for v in prune if by_version[v].artifacts_pruned_at is None]
         for version in prune:
             if dry_run:
                 cleared, go_on = refs.get(version, 0), True
@@ -174,7 +157,7 @@ def collect_garbage(settings: Settings, keep_versions: int = KEEP_VERSIONS, dry_
             if not dry_run:
                 _delete(store, models, f"model {version} artifacts")
                 _delete(store, overlays, f"model {version} Grad-CAM overlays")
-        features, cached = _plan_features(store, rows, kept, now)
+        features, cached = _plan_features(store, versions, kept, now)
         for key in features["dropped"]:
             objects = cached[key]
             for k, v in _tally(objects).items():
@@ -192,16 +175,16 @@ def collect_garbage(settings: Settings, keep_versions: int = KEEP_VERSIONS, dry_
     return result
 
 
-def _plan_features(store: ObjectStore, rows: list[dict[str, Any]], kept: dict[str, list[str]],
+def _plan_features(store: ObjectStore, versions: list[registry.ModelVersion], kept: dict[str, list[str]],
                    now: datetime) -> tuple[dict[str, Any], dict[str, list[ObjectInfo]]]:
     """({"kept": [config keys], "dropped": [config keys], "note"}, the cache's objects by config key):
     caches no kept version uses go."""
     cached = _feature_objects(store)
     present = sorted(cached)
-    if any(young_claim(r, now) for r in rows):
+    if any(young_claim(v, now) for v in versions):
         return {"kept": present, "dropped": [], "note": "a training run is in progress (its feature configuration is "
                                                         "recorded only when it ends): feature caches left alone"}, cached
-    used = {feature_key(r) for r in rows if r["model_version"] in kept} - {None}
+    used = {artifacts.feature_key(v) for v in versions if v.model_version in kept} - {None}
     return {"kept": [k for k in present if k in used], "dropped": [k for k in present if k not in used], "note": None}, cached
 
 

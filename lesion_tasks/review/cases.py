@@ -17,12 +17,12 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from lesion_tasks.lifecycle import registry
+from lesion_tasks.versions import registry
 from lesion_tasks.core.db import insert_ignore
 from lesion_tasks.core.schema import LABELS, VERDICTS, images, model_versions, prediction_samples, predictions, reviews
-from lesion_tasks.lifecycle.sites import SITE, status_at
+from lesion_tasks.sites.status import status_at
 from lesion_tasks.core.schema import splits as split_rows
-from lesion_tasks.lifecycle.trainset import latest_reviews
+from lesion_tasks.data.trainset import latest_reviews
 
 FLAGS = ("predicted_mel", "uncertain", "near_threshold", "out_of_scope", "attention_off_lesion", "site_failing")
 # what the UI shows for each flag of `predictions.review_reasons`: a badge and what it means (tooltip)
@@ -95,8 +95,8 @@ def _one_of(name: str, value: Any, allowed: tuple, optional: bool = False) -> No
 
 def resolve_version(conn: sa.Connection, model_version: str | None) -> str | None:
     """The model version a page is about (None: no champion yet)."""
-    row = registry.resolve(conn, model_version, required=False)
-    return row["model_version"] if row else None
+    v = registry.version(conn, model_version, required=False)
+    return v.model_version if v else None
 
 
 def contradicts_isic() -> sa.ColumnElement[bool]:
@@ -153,7 +153,7 @@ def _listing(conn: sa.Connection, f: QueueFilter, check: bool) -> dict[str, Any]
                        predictions.c.scored_at, images.c.label.label("known_label"),
                        r.c.verdict.label("review_verdict"), r.c.label.label("review_label"), r.c.reviewer,
                        r.c.reviewed_at, predictions.c.p_other, predictions.c.gradcam_uri, split_rows.c.split,
-                       SITE.label("site"))
+                       images.c.site)
              .join(images, images.c.image_id == predictions.c.image_id)
              .outerjoin(split_rows, split_rows.c.image_id == predictions.c.image_id)
              .outerjoin(latest, sa.and_(latest.c.image_id == predictions.c.image_id,
@@ -218,8 +218,7 @@ def _counts(f: QueueFilter, groups) -> dict[str, Any]:
 
 def choices(conn: sa.Connection) -> dict[str, list[str]]:
     """Values for the queue's filter menus."""
-    versions = conn.scalars(sa.select(model_versions.c.model_version).where(model_versions.c.metrics.is_not(None))
-                            .order_by(model_versions.c.created_at.desc())).all()
+    versions = [v.model_version for v in registry.versions(conn) if v.metrics is not None]
     drops = conn.scalars(sa.select(predictions.c.drop_id).distinct().order_by(predictions.c.drop_id)).all()
     return {"model_versions": list(versions), "drops": list(drops)}
 
@@ -247,15 +246,15 @@ def case(conn: sa.Connection, image_id: str, model_version: str | None = None) -
                                     predictions.c.scored_at)
                           .where(predictions.c.image_id == image_id).where(predictions.c.model_version != version)
                           .order_by(predictions.c.scored_at.desc())).mappings().all()
-    model = registry.get(conn, version)
-    site = image["site"] or image["drop_id"]
-    own = (model["review_rule"] or {}).get("thresholds_by_site", {}).get(site, {})
+    model = registry.version(conn, version)
+    site = image["site"]
     return {"image": dict(image), "prediction": dict(prediction), "samples": samples, "reviews": [dict(h) for h in history],
             "other_predictions": [dict(o) for o in others],
             "site": {"name": site, "status": status_at(conn, version, {site})[site],
-                     "threshold": "its own threshold" if own.get("chosen_on") == "site" else "the pooled threshold"},
-            "model": {k: model[k] for k in ("model_version", "is_champion", "status", "backbone", "profile", "review_rule",
-                                            "artifacts_pruned_at")}}
+                     "threshold": "its own threshold" if model.own_threshold(site) else "the pooled threshold"},
+            "model": {"model_version": model.model_version, "is_champion": model.is_champion, "status": model.status,
+                      "backbone": model.backbone, "profile": model.profile,
+                      "artifacts_pruned_at": model.artifacts_pruned_at}}
 
 
 def _clean_note(note: str | None) -> str | None:
@@ -306,19 +305,18 @@ def record(engine: sa.Engine, image_id: str, model_version: str, verdict: str, r
 
 def model_overview(conn: sa.Connection) -> list[dict[str, Any]]:
     """Every model version, newest first: status, champion, threshold, gate decision, test metrics."""
-    rows = conn.execute(sa.select(model_versions).order_by(model_versions.c.created_at.desc())).mappings().all()
     counts = dict(conn.execute(sa.select(predictions.c.model_version, sa.func.count())
                                .group_by(predictions.c.model_version)).all())
     out = []
-    for row in rows:
-        test = (row["metrics"] or {}).get("test", {})
-        out.append({"model_version": row["model_version"], "created_at": row["created_at"], "status": row["status"],
-                    "is_champion": row["is_champion"], "profile": row["profile"], "backbone": row["backbone"],
-                    "threshold": row["threshold"], "weights_source": row["weights_source"],
+    for v in registry.versions(conn):
+        test = (v.metrics or {}).get("test", {})
+        out.append({"model_version": v.model_version, "created_at": v.created_at, "status": v.status,
+                    "is_champion": v.is_champion, "profile": v.profile, "backbone": v.backbone,
+                    "threshold": v.threshold, "weights_source": v.weights_source,
                     "test": {k: test.get(k) for k in ("auc", "mel_sensitivity", "mel_specificity", "balanced_accuracy", "n", "n_mel")},
-                    "ci95": test.get("ci95", {}), "gate": row["gate"] or {}, "report_uri": row["report_uri"],
-                    "reviewed_labels": (row["lineage"] or {}).get("reviewed_labels"),
-                    "predictions": counts.get(row["model_version"], 0), "artifacts_pruned_at": row["artifacts_pruned_at"]})
+                    "ci95": test.get("ci95", {}), "gate": v.gate or {}, "report_uri": v.report_uri,
+                    "reviewed_labels": v.lineage.get("reviewed_labels"),
+                    "predictions": counts.get(v.model_version, 0), "artifacts_pruned_at": v.artifacts_pruned_at})
     return out
 
 

@@ -8,15 +8,15 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from lesion_tasks.core.schema import model_versions
+from lesion_tasks.assessment.gate import Decision
+from lesion_tasks.versions import registry
 from lesion_tasks.review.cases import QueueFilter
 
 
 def no_champion(conn: sa.Connection) -> dict[str, Any]:
     """What a page says while there is no champion ({"versions": trained, "text"}): how many model versions
     were trained and why the last one was not promoted (the gate's first failed check), or how to train one."""
-    rows = conn.execute(sa.select(model_versions.c.model_version, model_versions.c.status, model_versions.c.gate)
-                        .order_by(model_versions.c.created_at.desc())).all()
+    rows = registry.versions(conn)
     trained = [row for row in rows if row.status != "training"]
     training = f" ({len(rows) - len(trained)} training now)" if len(rows) > len(trained) else ""
     if not trained:
@@ -24,7 +24,7 @@ def no_champion(conn: sa.Connection) -> dict[str, Any]:
                 "DAGs, lesion_retrain, Trigger) or run `lesion train`; nightly scoring (lesion_nightly_score) then scores "
                 "the images with the champion."}
     last, gate = trained[0], trained[0].gate or {}
-    fails = [r.removeprefix("FAIL: ") for r in gate.get("reasons") or [] if r.startswith("FAIL")]
+    fails = [c.text for c in Decision.from_json(gate).failed]
     if gate.get("passed") is False or last.status == "rejected":
         more = f" (and {len(fails) - 1} more)" if len(fails) > 1 else ""
         why = f"was refused by the gate: {fails[0] if fails else 'no reason recorded'}{more}"

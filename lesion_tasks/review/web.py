@@ -27,13 +27,14 @@ from fastapi import Depends, FastAPI, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from lesion_tasks.lifecycle import sites
+from lesion_tasks.sites import status as sites
+from lesion_tasks.versions import registry
 from lesion_tasks.model import gradcam
-from lesion_tasks.lifecycle.sites import STATUS_TEXT as SITE_STATUS_TEXT
+from lesion_tasks.sites.status import STATUS_TEXT as SITE_STATUS_TEXT
 from lesion_tasks.review import cases, hints, previews
 from lesion_tasks.review.charts import histogram_svg, nights_svg, queue_bars_svg
 from lesion_tasks.core.db import make_engine
-from lesion_tasks.core.schema import images, model_versions, predictions
+from lesion_tasks.core.schema import images, predictions
 from lesion_tasks.core.settings import Settings
 from lesion_tasks.core.store import ObjectNotFound, ObjectStore, StoreError, key_of, open_store
 
@@ -357,8 +358,10 @@ def create_app(settings: Callable[[], Settings], authenticate: Callable[[Request
     @app.get("/models/{model_version}/report")
     def report(who: User, model_version: str):
         with backend.engine.connect() as conn:
-            uri = conn.execute(sa.select(model_versions.c.report_uri)
-                               .where(model_versions.c.model_version == model_version)).scalar()
+            try:
+                uri = registry.version(conn, model_version).report_uri
+            except ValueError:  # not in the registry: not found, like a report not written yet
+                uri = None
         response = _object(uri, None, "text/html", f"report of {model_version!r}")
         response.headers["Content-Security-Policy"] = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; frame-ancestors 'self'"
         return response

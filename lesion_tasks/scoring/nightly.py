@@ -30,12 +30,12 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
-from lesion_tasks.lifecycle import artifacts, predict, registry
-from lesion_tasks.lifecycle.sites import status_at, status_of
+from lesion_tasks.versions import artifacts, predict, registry
+from lesion_tasks.sites import nights
 from lesion_tasks.model import attention, backbones, features, gradcam, mc, scope
 from lesion_tasks.core import keys
 from lesion_tasks.core.db import analyze, engine_for, upsert
-from lesion_tasks.core.schema import SITE_STATUSES, images, prediction_samples, predictions, site_evaluations
+from lesion_tasks.core.schema import images, prediction_samples, predictions
 from lesion_tasks.core.settings import Settings
 from lesion_tasks.core.store import ObjectStore, key_of, open_store
 from lesion_tasks.scoring import overlays
@@ -61,12 +61,11 @@ class ScoringModel:
         return self.info.model_version
 
 
-def load_scoring_model(store: ObjectStore, version: registry.ModelVersion | dict[str, Any]) -> ScoringModel:
+def load_scoring_model(store: ObjectStore, v: registry.ModelVersion) -> ScoringModel:
     """The saved model cut at (last activation, pooled features), compiled for fixed batches."""
     import keras
     import tensorflow as tf
 
-    v = version if isinstance(version, registry.ModelVersion) else registry.ModelVersion.from_row(version)
     saved = artifacts.of(store, v)
     model = saved.load_model(v.model_uri)  # ArtifactError (a ValueError) names what is missing or broken
     head = saved.load_head()
@@ -87,12 +86,11 @@ def load_scoring_model(store: ObjectStore, version: registry.ModelVersion | dict
 def _unscored(conn: sa.Connection, version: str, first: str | None = None, last: str | None = None,
               limit: int | None = None, site: str | None = None) -> list[sa.Row]:
     scored = sa.select(predictions.c.image_id).where(predictions.c.model_version == version)
-    site_of = sa.func.coalesce(images.c.site, images.c.drop_id)
-    query = (sa.select(images.c.image_id, images.c.drop_id, site_of.label("site"), images.c.normalized_uri,
+    query = (sa.select(images.c.image_id, images.c.drop_id, images.c.site.label("site"), images.c.normalized_uri,
                        images.c.original_uri)
              .where(images.c.image_id.not_in(scored)).order_by(images.c.image_id))
     if site is not None:
-        query = query.where(site_of == site)
+        query = query.where(images.c.site == site)
     if first is not None:
         query = query.where(images.c.image_id >= first)
     if last is not None:
@@ -149,7 +147,8 @@ def _rows(model: ScoringModel, batch: list[sa.Row], pr: predict.Predictions, uri
     now = datetime.now(UTC)
     rows, sample_rows = [], []
     decision = pr.decision_uncertainty
-    off_below = model.info.review_rule.get("attention_on_lesion_below", attention.OFF_LESION_BELOW)
+    rule = model.info.review_rule
+    off_below = attention.OFF_LESION_BELOW if rule.attention_on_lesion_below is None else rule.attention_on_lesion_below
     for k, r in enumerate(batch):
         other = None if pr.p_other is None else float(pr.p_other[k])
         # MEL calls only: the NV map of a two-class head is where the melanoma evidence is absent, the skin around
@@ -187,8 +186,7 @@ def score_range(settings: Settings, model_version: str = "champion", first: str 
             return {"model_version": v.model_version, "scored": 0, "needs_review": 0, "seconds": 0.0}
         model = model or load_scoring_model(store, v)
         with engine.connect() as conn:
-            failing = frozenset(conn.scalars(sa.select(site_evaluations.c.site).where(
-                site_evaluations.c.model_version == v.model_version, site_evaluations.c.status == "failing")))
+            failing = nights.failing_sites(conn, v.model_version)
         if failing != model.failing_sites:
             model = replace(model, failing_sites=failing)
         if failing:
@@ -257,7 +255,7 @@ def score(settings: Settings, model_version: str = "champion", mc_samples: int |
     engine = engine_for(settings)
     try:
         with engine.connect() as conn:
-            version = registry.resolve(conn, model_version)["model_version"]
+            version = registry.version(conn, model_version).model_version
             skipped = conn.execute(sa.select(sa.func.count()).select_from(predictions)
                                    .where(predictions.c.model_version == version)).scalar()
     finally:
@@ -283,70 +281,26 @@ def summarize(settings: Settings, model_version: str, run_id: str, results: list
     engine = engine_for(settings)
     try:
         with engine.connect() as conn:
-            row = registry.resolve(conn, model_version, required=False)
-            if row is None:
+            v = registry.version(conn, model_version, required=False)
+            if v is None:
                 return {"model_version": None, "run_id": run_id, "shards": 0, "scored": 0, "still_unscored": None,
                         "note": "no champion model yet"}
-            model_version = row["model_version"]
+            model_version = v.model_version
             remaining = len(_unscored(conn, model_version))
             in_run = conn.execute(sa.select(sa.func.count(), sa.func.sum(sa.cast(predictions.c.needs_review, sa.Integer)))
                                   .where(predictions.c.run_id == run_id)).one()
-            by_site = site_statuses(conn, model_version, run_id)
+            by_site = nights.site_statuses(conn, model_version, run_id)
     finally:
         engine.dispose()
     if in_run[0]:
         _refresh_statistics(settings)
     summary = {"model_version": model_version, "run_id": run_id, "shards": len(results),
                "scored": sum(r["scored"] for r in results), "rows_of_this_run": in_run[0],
-               "needs_review": int(in_run[1] or 0), "still_unscored": remaining, "sites": night_sites(by_site)}
+               "needs_review": int(in_run[1] or 0), "still_unscored": remaining, "sites": nights.night_sites(by_site)}
     if summary["sites"]["mostly_unvalidated"]:
         log.warning("nightly scoring: %s", summary["sites"]["note"])
     log.info("nightly scoring summary: %s", summary)
     return summary
-
-
-# a night whose predictions come more than this share from unvalidated sites says so (summary and alert)
-UNVALIDATED_SHARE = 0.5
-
-
-def site_statuses(conn: sa.Connection, model_version: str, run_id: str) -> dict[str, dict[str, Any]]:
-    """{site: {"status", "images"}} over this run's predictions of `model_version`: the version's status at each
-    site by the rule of `v_sites` (`lifecycle.sites.status_at`)."""
-    site = sa.func.coalesce(images.c.site, images.c.drop_id)
-    rows = conn.execute(sa.select(site, sa.func.count()).join(images, images.c.image_id == predictions.c.image_id)
-                        .where(predictions.c.run_id == run_id, predictions.c.model_version == model_version)
-                        .group_by(site)).all()
-    status = status_at(conn, model_version, {name for name, _ in rows})
-    out = {name: {"status": status[name], "images": int(n)} for name, n in rows}
-    failing = [name for name, part in out.items() if part["status"] == "failing"]
-    if failing:  # what its evidence says, in words (the floors it is below, with the intervals)
-        floors = registry.version(conn, model_version).floors
-        evidence = dict(conn.execute(sa.select(site_evaluations.c.site, site_evaluations.c.metrics).where(
-            site_evaluations.c.model_version == model_version, site_evaluations.c.site.in_(failing))).all())
-        for name in failing:
-            out[name]["why"] = status_of(evidence.get(name), 1, floors)[1]
-    return out
-
-
-def night_sites(by_site: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """How much of a night rests on evidence from its own sites: images per status, and a note when most
-    come from sites the model was never validated at (their predictions use the pooled threshold)."""
-    total = sum(part["images"] for part in by_site.values())
-    by_status = {s: sum(p["images"] for p in by_site.values() if p["status"] == s) for s in SITE_STATUSES}
-    unvalidated = sorted(name for name, part in by_site.items() if part["status"] == "unvalidated")
-    share = by_status["unvalidated"] / total if total else 0.0
-    out = {"images_by_status": by_status, "unvalidated_share": round(share, 4), "unvalidated_sites": unvalidated,
-           "failing_sites": sorted(name for name, part in by_site.items() if part["status"] == "failing"),
-           "mostly_unvalidated": share > UNVALIDATED_SHARE}
-    if out["mostly_unvalidated"]:
-        out["note"] = (f"{by_status['unvalidated']} of {total} images tonight ({100 * share:.0f}%) come from sites the model "
-                       f"was never validated at ({', '.join(unvalidated[:10])}{' ...' if len(unvalidated) > 10 else ''}): "
-                       "they are decided at the pooled threshold, with no evidence from those sites. Draw each one's "
-                       "validation sample (lesion sites sample SITE), import its labels and retrain.")
-    if out["failing_sites"]:
-        out["failing"] = {name: {"images": by_site[name]["images"], "why": by_site[name].get("why", "")}
-                          for name in out["failing_sites"]}
-    return out
 
 
 def gradcam_link(settings: Settings, image_id: str, model_version: str = "champion", expires_s: int = 3600) -> str:
@@ -355,7 +309,7 @@ def gradcam_link(settings: Settings, image_id: str, model_version: str = "champi
     store, engine = open_store(settings), engine_for(settings)
     try:
         with engine.connect() as conn:
-            version = registry.resolve(conn, model_version)["model_version"]
+            version = registry.version(conn, model_version).model_version
             found = conn.execute(sa.select(predictions.c.gradcam_uri, images.c.original_uri)
                                  .join(images, images.c.image_id == predictions.c.image_id)
                                  .where(predictions.c.image_id == image_id)

@@ -1,4 +1,4 @@
-"""One declaration of the training settings (lesion_tasks.lifecycle.config.KNOBS), three surfaces: the
+"""One declaration of the training settings (lesion_tasks.model.config.KNOBS), three surfaces: the
 lesion_retrain form, the `lesion train` options and the bounds every value is checked against agree."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from lesion_tasks import cli
-from lesion_tasks.lifecycle import config
+from lesion_tasks.model import config
 from lesion_tasks.model.backbones import BACKBONES
 
 DAGS = Path(__file__).resolve().parents[2] / "dags"

@@ -16,7 +16,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from lesion_tasks.core import db
-from lesion_tasks.lifecycle import registry
+from lesion_tasks.versions import registry
 from lesion_tasks.ingest.drop import ingest
 from lesion_tasks.core.schema import images, predictions
 from lesion_tasks.ops.synthetic import make_drop
@@ -58,7 +58,7 @@ def test_nightly_scoring_killed_then_rerun_scores_each_image_once(airflow_env, t
     mirror_home(trained_home.settings, settings, predictions=False)
     engine = db.make_engine(settings.db_url)
     with engine.connect() as conn:
-        assert registry.champion(conn)["model_version"] == trained_home.version
+        assert registry.version(conn, None).model_version == trained_home.version
     engine.dispose()
     night = make_drop(tmp_path / "tonight", n_images=600 - N_IMAGES, seed=43, size=128)  # not the home's "night" drop
     (night / "metadata.csv").unlink()

@@ -74,7 +74,7 @@ def test_retrain_form_shows_real_defaults(dagbag):
     from dataclasses import asdict
 
     from lesion_tasks.model.backbones import BACKBONES
-    from lesion_tasks.lifecycle.config import PROFILES
+    from lesion_tasks.model.config import PROFILES
 
     params = dagbag.get_dag("lesion_retrain").params
     demo, paper = asdict(PROFILES["demo"]), asdict(PROFILES["paper"])
@@ -98,8 +98,8 @@ def test_retrain_form_shows_real_defaults(dagbag):
 def test_retrain_form_values_become_the_profiles_config(dagbag):
     """Triggered as the form sends it (every field): demo as shown; `paper` with the demo values left in
     place trains the paper's model; a changed field overrides; `tiny` from the API passes."""
-    from lesion_tasks.lifecycle.config import PROFILES
-    from lesion_tasks.lifecycle.config import config_from_params as retrain_config
+    from lesion_tasks.model.config import PROFILES
+    from lesion_tasks.model.config import config_from_params as retrain_config
 
     params = dagbag.get_dag("lesion_retrain").params
     form = {name: params[name] for name in params}
@@ -248,13 +248,13 @@ def test_dag_files_only_wire(path):
     tree = ast.parse(path.read_text())
     top_level = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
     modules = {n.module if isinstance(n, ast.ImportFrom) else a.name for n in top_level for a in n.names}
-    names = {m.split(".")[0] for m in modules - {"lesion_tasks.lifecycle.config"}}
+    names = {m.split(".")[0] for m in modules - {"lesion_tasks.model.config"}}
     assert not names & {"tensorflow", "keras", "pandas", "numpy", "lesion_tasks", "sqlalchemy", "PIL"}
     assert len(path.read_text().splitlines()) <= 150
 
 
 def test_the_training_declaration_is_light_to_parse():
-    code = ("import sys, lesion_tasks.lifecycle.config; heavy = {'tensorflow', 'keras', 'pandas', 'numpy', "
+    code = ("import sys, lesion_tasks.model.config; heavy = {'tensorflow', 'keras', 'pandas', 'numpy', "
             "'sqlalchemy', 'PIL', 'sklearn'} & {m.split('.')[0] for m in sys.modules}; assert not heavy, heavy")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from lesion_tasks.lifecycle.config import PROFILES, config_from_params, make_config
+from lesion_tasks.model.config import PROFILES, config_from_params, make_config
 from lesion_tasks.model import backbones, evaluation
 from lesion_tasks.core import db
-from lesion_tasks.lifecycle import retrain
+from lesion_tasks.training import retrain
 from lesion_tasks.ingest.entries import valid_image_id
 from lesion_tasks.ingest.drop import ingest, ingest_one_of_many
 from lesion_tasks.ingest.neardup import NearDupIndex
@@ -271,7 +271,7 @@ def test_a_model_naming_a_python_function_is_a_named_artifact_error(trained_home
     with the artifact's name, before anything is written."""
     import keras
 
-    from lesion_tasks.lifecycle import artifacts
+    from lesion_tasks.versions import artifacts
     from lesion_tasks.scoring import nightly as scoring
 
     inp = keras.Input((4,))

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from lesion_tasks import cli
+from lesion_tasks import pipeline
 from lesion_tasks.core import db
-from lesion_tasks.lifecycle import registry
+from lesion_tasks.versions import registry
 from lesion_tasks.review import cases as review
 from lesion_tasks.scoring import nightly as scoring
 from lesion_tasks.ingest.drop import ingest
@@ -76,7 +76,7 @@ def test_postgres_and_s3_backup_restores_into_a_new_database_and_bucket(postgres
     home = Settings.from_env({"LESION_HOME": str(tmp_path / "home")}, db_url=pg_url, store_url=f"s3://{bucket}/lesion", **s3)
     db.upgrade(home)
     ingest(str(make_drop(tmp_path / "drop", n_images=N_DROP, seed=11)), home)
-    trained = cli.train(home, shared_config(), run_id="drill")
+    trained = pipeline.run(home, shared_config(), run_id="drill")
     version = trained["model_version"]
     engine = db.make_engine(home.db_url)
     if not trained["promoted"]:  # the drill is about the backup, not the gate

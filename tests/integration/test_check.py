@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 from lesion_tasks.ops import consistency
 from lesion_tasks.core import db, keys
-from lesion_tasks.lifecycle import registry
+from lesion_tasks.versions import registry
 from lesion_tasks.core.schema import images, model_versions, predictions, splits
 from lesion_tasks.core.store import key_of, open_store
 from tests import reliability

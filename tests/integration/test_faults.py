@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from lesion_tasks.ops import consistency
 from lesion_tasks.core import db
-from lesion_tasks.lifecycle import registry
+from lesion_tasks.versions import registry
 from lesion_tasks.scoring import nightly as scoring
 from lesion_tasks.ingest.drop import ingest
 from lesion_tasks.core.schema import images, predictions
@@ -23,7 +23,7 @@ from lesion_tasks.core.settings import Settings
 from lesion_tasks.core.store import StoreError, key_of, open_store
 from lesion_tasks.ops.synthetic import make_drop
 from tests import reliability
-from tests.helpers import fresh_database, mirror_home, start_s3_or_fail
+from tests.helpers import champion_row, fresh_database, mirror_home, start_s3_or_fail
 from tests.imagegen import unlabelled_drop
 
 
@@ -124,7 +124,7 @@ def scoring_setup(tmp_path_factory, postgres, own_s3, trained_home):
         ingest(str(unlabelled_drop(tmp / "bulk", 1_660 - _count(settings, images), 53)), settings)
         engine = db.make_engine(settings.db_url)
         with engine.connect() as conn:
-            assert registry.champion(conn)["model_version"] == trained_home.version
+            assert registry.version(conn, None).model_version == trained_home.version
         engine.dispose()
         yield settings, postgres
 
@@ -215,7 +215,7 @@ def test_corrupt_or_missing_champion_artifact_stops_scoring(scoring_setup):
     store = open_store(settings)
     engine = db.make_engine(settings.db_url)
     with engine.connect() as conn:
-        champion = registry.champion(conn)
+        champion = champion_row(conn)
     engine.dispose()
     key = key_of(store, champion["model_uri"])
     good = store.get(key)

@@ -18,7 +18,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
-from lesion_tasks.lifecycle import artifacts, registry
+from lesion_tasks.versions.registry import ModelVersion
+from lesion_tasks.versions import artifacts, registry
 from lesion_tasks.ops import consistency, retention
 from lesion_tasks.core import db, keys
 from lesion_tasks.review import cases as review
@@ -61,7 +62,7 @@ def _fabricate(settings: Settings, champion: str, now: datetime) -> dict:
     base = keys.model_prefix(champion)
     champ_objects = {o.key[len(base):]: store.get(o.key) for o in store.list(base)}
     own = champ["lineage"]["feature_config"]
-    other = replace(artifacts.feature_config(champ), init_seed=7).key
+    other = replace(artifacts.feature_config(ModelVersion.from_row(champ)), init_seed=7).key
     rows, pred_rows, sample_rows = [], [], []
     for version, age, status in VERSIONS:
         row = {**champ, "model_version": version, "created_at": now - age, "status": status, "is_champion": False,
@@ -278,3 +279,28 @@ def test_gc_on_postgres_and_s3_survives_the_store_dying_midway(trained_home, pos
                        "rerun finishes; kept versions, drops and feature caches intact",
                        f"StoreError; check consistent with {seen['leftovers']} leftovers (warning); rerun deleted "
                        f"{seen['rerun']}; second run 0", result["kept_objects_lost"], 0)
+
+
+def test_a_version_whose_lineage_does_not_name_its_features_keeps_its_feature_cache(trained_home, tmp_path):
+    """Retention and `lesion check` read every version through the registry (`registry.versions`). A champion
+    whose lineage does not record its feature configuration (versions trained before it was recorded) has it
+    computed from its recorded config: gc keeps its features/<config>/ and check counts it as used. Before, both
+    passed a few selected columns on, the registry raised KeyError('threshold') on the partial row, the error
+    was swallowed and gc deleted the champion's feature cache."""
+    home = copy_home(trained_home.settings, tmp_path / "home")
+    version = trained_home.version
+    engine = db.make_engine(home.db_url)
+    with engine.begin() as conn:
+        lineage = registry.get(conn, version)["lineage"]
+        key = lineage.pop("feature_config")
+        conn.execute(model_versions.update().where(model_versions.c.model_version == version).values(lineage=lineage))
+        v = registry.version(conn, version)
+    engine.dispose()
+    assert artifacts.feature_key(v) == key  # computed from the recorded config: the same configuration
+    store = open_store(home)
+    cached = sorted(o.key for o in store.list(f"features/{key}/"))
+    assert cached
+    result = retention.collect_garbage(home)
+    assert result["deleted"]["features"]["objects"] == 0 and key in result["feature_configs"]["kept"]
+    assert sorted(o.key for o in store.list(f"features/{key}/")) == cached
+    assert consistency.check(home)["info"]["features"][key]["used_by"] == [version]

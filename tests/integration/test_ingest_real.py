@@ -111,7 +111,7 @@ def _check_diagnoses_and_lesion_split(home):
     stratified by label: each split holds its share of every diagnosis."""
     from collections import Counter
 
-    from lesion_tasks.lifecycle import splits
+    from lesion_tasks.data import splits
     from lesion_tasks.core.schema import splits as splits_table
 
     engine = sa.create_engine(f"sqlite:///{home / 'lesion.db'}")

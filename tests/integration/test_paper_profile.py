@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from lesion_tasks import cli
-from lesion_tasks.lifecycle.config import make_config
+from lesion_tasks import pipeline
+from lesion_tasks.model.config import make_config
 from lesion_tasks.model import backbones
 from lesion_tasks.core import db
 from lesion_tasks.ingest.drop import ingest
@@ -41,7 +41,7 @@ def test_paper_profile_end_to_end(resnet_weights, tmp_path):
     db.upgrade(settings)
     ingest(str(make_drop(tmp_path / "drop", n_images=40, seed=21, melanoma_fraction=0.4)), settings)
     config = make_config("paper", weights=str(resnet_weights), epochs=3, views=1, mc_samples=10, bootstrap=50)
-    result = cli.train(settings, config, run_id="paper-check")
+    result = pipeline.run(settings, config, run_id="paper-check")
     assert result["model_version"].startswith("paper-resnet101v2-")
     split = result["split"]
     assert sum(split["test"].values()) > 0

@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 from lesion_tasks.core import db
-from lesion_tasks.lifecycle import registry
+from lesion_tasks.versions import registry
 from lesion_tasks.review import cases as review
 from lesion_tasks.core.settings import Settings
 from tests.helpers import NIGHT_DROP, QUARANTINED, copy_home, fresh_database, mirror_home
@@ -33,7 +33,7 @@ def reviewed_home(trained_home, tmp_path_factory):
     settings = copy_home(trained_home.settings, tmp_path_factory.mktemp("readme") / "home")
     engine = db.make_engine(settings.db_url)
     with engine.connect() as conn:
-        version = registry.champion(conn)["model_version"]
+        version = registry.version(conn, None).model_version
         clinic_ids = conn.scalars(sa.text("SELECT image_id FROM images WHERE drop_id = :d ORDER BY image_id"),
                                   {"d": NIGHT_DROP}).all()
         labelled = conn.scalars(sa.text("SELECT image_id FROM images WHERE label = 'NV' ORDER BY image_id")).first()

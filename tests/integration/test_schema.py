@@ -11,7 +11,7 @@ from lesion_tasks.core import db
 from lesion_tasks.core.schema import metadata
 from lesion_tasks.core.settings import Settings
 
-HEAD = "0014_views_decision_columns"
+HEAD = "0015_typed_records"
 
 
 @pytest.fixture
@@ -323,5 +323,38 @@ def test_views_carry_every_prediction_column_and_the_decision_columns_step_back(
     with engine.connect() as conn:
         assert {v: _view_columns(conn, v) for v in before} == before
         assert "attention_on_lesion" not in {c["name"] for c in sa.inspect(conn).get_columns("predictions")}
+    engine.dispose()
+    assert db.upgrade(settings) == HEAD
+
+
+def test_typed_records_migration_gives_stored_gates_checks_and_renames_the_rule_key_and_steps_back(url, tmp_path):
+    """0015: a gate stored as lines gets typed checks (read by `Decision.from_json`, never by parsing), the review
+    rule's `threshold_by_source` becomes `threshold_by_target` and its dead keys go; a downgrade puts them back."""
+    from lesion_tasks.assessment.gate import Decision
+    from lesion_tasks.versions import registry
+
+    settings, engine = _one_prediction_at(url, tmp_path, "0014_views_decision_columns")
+    gate = {"passed": False, "reasons": ["PASS: evidence: 40 melanomas in test (>= 30)",
+                                         "FAIL: test mel_sensitivity 0.7692 < floor 0.80",
+                                         "NOTE not the asked-for weights: random initialisation"]}
+    rule = {"decision_uncertainty_above": 0.2, "p_mel_band": [0.1, 0.2], "calibrated_on": "fixed",
+            "threshold_by_source": {"pooled": 0.15}, "thresholds_by_site": {}}
+    mv = sa.table("model_versions", sa.column("model_version"), sa.column("gate", sa.JSON), sa.column("review_rule", sa.JSON))
+    with engine.begin() as conn:
+        conn.execute(mv.update().values(gate=gate, review_rule=rule))
+    assert db.upgrade(settings, "0015_typed_records") == "0015_typed_records"
+    with engine.connect() as conn:
+        v, stored = registry.version(conn, "m1"), registry.get(conn, "m1")["review_rule"]
+    decision = Decision.from_json(v.gate)
+    assert [c.outcome for c in decision.checks] == ["pass", "fail", "note"] and not decision.passed
+    assert [c.text for c in decision.failed] == ["test mel_sensitivity 0.7692 < floor 0.80"]
+    assert decision.notes[0].text == "not the asked-for weights: random initialisation"
+    assert v.review_rule.threshold_by_target == {"pooled": 0.15} and v.review_rule.setter(0.15) == "pooled"
+    assert "p_mel_band" not in stored and "calibrated_on" not in stored and "threshold_by_source" not in stored
+    assert db.downgrade(settings, "0014_views_decision_columns") == "0014_views_decision_columns"
+    with engine.connect() as conn:
+        row = registry.get(conn, "m1")
+    assert "checks" not in row["gate"] and row["gate"]["reasons"] == gate["reasons"]
+    assert row["review_rule"]["threshold_by_source"] == {"pooled": 0.15}
     engine.dispose()
     assert db.upgrade(settings) == HEAD

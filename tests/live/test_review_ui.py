@@ -18,15 +18,16 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from lesion_tasks import cli
-from lesion_tasks.lifecycle import registry
+from lesion_tasks import cli, pipeline
+from lesion_tasks.assessment import gate
+from lesion_tasks.versions import registry
 from lesion_tasks.review import cases as review
 from lesion_tasks.scoring import nightly as scoring
 from lesion_tasks.ingest.drop import ingest
 from lesion_tasks.core.schema import images, model_versions, predictions, reviews, splits
 from lesion_tasks.ops.synthetic import make_drop
 from tests import reliability
-from tests.helpers import tiny_config
+from tests.helpers import champion_row, tiny_config
 from tests.live.browser import SHOTS, chromium
 from tests.live.browser import login as _login
 from tests.live.browser import shot as _shot
@@ -47,9 +48,9 @@ def queue_ready(live):
     labelled drop."""
     engine = _engine(live)
     with engine.connect() as conn:
-        champion = registry.champion(conn)
+        champion = champion_row(conn)
     if champion is None:
-        trained = cli.train(live.settings, TINY, run_id="review-ui")
+        trained = pipeline.run(live.settings, TINY, run_id="review-ui")
         assert trained["promoted"], trained["gate"]
     night = make_drop(live.tmp / "night", n_images=1800, seed=12, size=128)
     (night / "metadata.csv").unlink()  # clinic images: no ISIC label
@@ -155,7 +156,7 @@ def test_queue_case_verdict_in_a_real_browser(live, queue_ready, browser):
         engine = _engine(live)
         with engine.connect() as conn:
             stored = conn.execute(sa.select(reviews).where(reviews.c.image_id == image_id)).mappings().all()
-            version = registry.champion(conn)["model_version"]
+            version = registry.version(conn, None).model_version
             p_mel = conn.execute(sa.select(predictions.c.p_mel).where(predictions.c.image_id == image_id)
                                  .where(predictions.c.model_version == version)).scalar()
             still_open = review.queue(conn, review.QueueFilter(status="open", limit=1000))["cases"]
@@ -235,7 +236,7 @@ def test_out_of_scope_flag_in_a_real_browser(live, queue_ready, browser):
     back afterwards; an unflagged prediction, so the flag alone brings it into the queue."""
     engine = _engine(live)
     with engine.connect() as conn:
-        version = registry.champion(conn)["model_version"]
+        version = registry.version(conn, None).model_version
         target = conn.execute(sa.select(predictions.c.image_id, predictions.c.p_other, predictions.c.review_reasons,
                                         predictions.c.needs_review)
                               .where(predictions.c.model_version == version)
@@ -285,7 +286,7 @@ def test_label_check_filters_and_no_champion_in_a_real_browser(live, queue_ready
     Everything changed here is put back."""
     engine = _engine(live)
     with engine.connect() as conn:
-        champion = registry.champion(conn)
+        champion = champion_row(conn)
         version = champion["model_version"]
         nevus = conn.execute(sa.select(predictions.c.image_id, predictions.c.predicted_label, predictions.c.needs_review,
                                        predictions.c.review_reasons)
@@ -297,8 +298,8 @@ def test_label_check_filters_and_no_champion_in_a_real_browser(live, queue_ready
     where = sa.and_(predictions.c.image_id == nevus.image_id, predictions.c.model_version == version)
     refused = {**champion, "model_version": "refused-live", "run_id": "refused-live", "is_champion": False,
                "status": "rejected", "created_at": champion["created_at"] + timedelta(hours=1),
-               "gate": {"passed": False, "reasons": ["PASS: test auc 0.9000 >= floor 0.70",
-                                                     "FAIL: test mel_sensitivity 0.6500 < floor 0.80"]}}
+               "gate": gate.Decision((gate.Check("pass", "floor", "test auc 0.9000 >= floor 0.70", "test"),
+                                      gate.Check("fail", "floor", "test mel_sensitivity 0.6500 < floor 0.80", "test"))).to_json()}
     with engine.begin() as conn:
         conn.execute(predictions.update().where(where).values(predicted_label="MEL", needs_review=True,
                                                               review_reasons="predicted_mel"))
@@ -368,11 +369,10 @@ def test_sites_page_and_validation_queue_in_a_real_browser(live, queue_ready, br
     the labels made here are removed afterwards."""
     from lesion_tasks.core.schema import label_imports, site_samples
     from lesion_tasks.ingest.label_import import import_labels
-    from lesion_tasks.lifecycle import sites
-    from lesion_tasks.scoring import site_sample
+    from lesion_tasks.sites import status as sites
 
     engine = _engine(live)
-    drawn = site_sample.draw(live.settings, "night-1", 20)
+    drawn = cli.sample_site(live.settings, "night-1", 20)
     picked = [r["image_id"] for r in drawn["images"][:5]]
     csv_path = tmp_path / "labels.csv"
     csv_path.write_text("image_id,diagnosis\n" + "".join(f"{i},{'MEL' if k < 3 else 'NV'}\n" for k, i in enumerate(picked)))

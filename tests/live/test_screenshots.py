@@ -31,8 +31,9 @@ from urllib.parse import urljoin
 import pytest
 import sqlalchemy as sa
 
-from lesion_tasks import cli
-from lesion_tasks.lifecycle import assess, registry
+from lesion_tasks import pipeline
+from lesion_tasks.assessment import assess
+from lesion_tasks.versions import registry
 from lesion_tasks.review import cases as review
 from lesion_tasks.scoring import nightly as scoring
 from lesion_tasks.ingest.drop import ingest
@@ -90,10 +91,10 @@ def prepare(settings, data_dir: Path, tmp: Path):
     with engine.connect() as conn:
         labels = dict(conn.execute(sa.select(images.c.label, sa.func.count()).where(images.c.drop_id == REAL_DROP)
                                    .group_by(images.c.label)).all())
-        before = registry.champion(conn)
+        before = registry.version(conn, None, required=False)
     assert labels == {"MEL": REAL_MEL, "NV": REAL_NV, None: REAL_UNLABELLED}, labels
 
-    trained = cli.train(settings, TINY, run_id=RUN_ID)
+    trained = pipeline.run(settings, TINY, run_id=RUN_ID)
     version = trained["model_version"]
     promoted_by = "the gate"
     try:
@@ -105,7 +106,7 @@ def prepare(settings, data_dir: Path, tmp: Path):
         ids = chosen["labelled"] + chosen["unlabelled"]
         scored = scoring.score_range(settings, version, first=min(ids), last=max(ids), run_id=RUN_ID)
         with engine.connect() as conn:
-            assert registry.champion(conn)["model_version"] == version
+            assert registry.version(conn, None).model_version == version
             queue = review.queue(conn, review.QueueFilter(drop_id=REAL_DROP, labelled=review.DEFAULT_LABELLED))
         flagged = sorted(c["image_id"] for c in queue["cases"])
         print(f"\nscreenshots: {len(ids)} real ISIC 2017 images ({REAL_UNLABELLED} without labels, {len(flagged)} of "
@@ -119,7 +120,7 @@ def prepare(settings, data_dir: Path, tmp: Path):
             conn.execute(model_versions.update().where(model_versions.c.model_version == version)
                          .values(is_champion=False, status="retired"))
             if before is not None:
-                conn.execute(model_versions.update().where(model_versions.c.model_version == before["model_version"])
+                conn.execute(model_versions.update().where(model_versions.c.model_version == before.model_version)
                              .values(is_champion=True, status="champion"))
         engine.dispose()
 

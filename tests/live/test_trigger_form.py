@@ -10,7 +10,7 @@ import re
 import pytest
 
 from lesion_tasks.model.backbones import BACKBONES
-from lesion_tasks.lifecycle.config import PARAM_KEYS, PROFILES
+from lesion_tasks.model.config import PARAM_KEYS, PROFILES
 from tests.live.browser import SHOTS, chromium
 from tests.live.browser import login as _login
 

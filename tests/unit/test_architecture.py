@@ -10,7 +10,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "lesion_tasks"
 # bottom to top: a module may import its own room and the rooms before it
-ROOMS = ["core", "ingest", "model", "lifecycle", "scoring", "review", "ops"]
+ROOMS = ["core", "ingest", "model", "data", "versions", "sites", "training", "assessment", "scoring", "review", "ops"]
 TOP = len(ROOMS)  # cli.py, demo.py: may import everything
 MAX_LINES = 400
 MAX_TOP_MODULES = 12

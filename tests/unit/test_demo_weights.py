@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from lesion_tasks.lifecycle.config import make_config
+from lesion_tasks.model.config import make_config
 from lesion_tasks.model import effnet_lite
-from lesion_tasks.lifecycle import retrain
+from lesion_tasks.training import retrain
 from lesion_tasks.core.settings import Settings
 from lesion_tasks.core.store import open_store
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lesion_tasks.lifecycle.registry import ModelVersion
+from lesion_tasks.versions.registry import ModelVersion
 from lesion_tasks.model import evaluation, mc
 from lesion_tasks.model.backbones import build_head
 
@@ -109,28 +109,10 @@ def test_masks_of_a_version_with_a_recorded_seed_do_not_depend_on_its_id():
     assert ModelVersion.from_row(row | {"config": None}).mc_seed is None
 
 
-def test_head_training_is_deterministic_and_leaves_op_determinism_as_it_was():
-    from tensorflow.python.framework import config as tf_config
-
-    from lesion_tasks.model.training import fit_head
-
-    rng = np.random.default_rng(0)
-    x, y = rng.normal(size=(160, 16)).astype(np.float32), (rng.random(160) < 0.3).astype(int)
-    xv, yv = rng.normal(size=(40, 16)).astype(np.float32), (rng.random(40) < 0.3).astype(int)
-    y[:2], yv[:2] = 1, 1
-    runs = [fit_head([x, x + 0.05], y, xv, yv, 0.5, epochs=6, seed=s, patience=3)[:2] for s in (3, 3, 4)]
-    (h1, hist1), (h2, hist2), (h3, _) = runs
-    assert hist1 == hist2
-    for w1, w2 in zip(h1.get_weights(), h2.get_weights()):
-        np.testing.assert_array_equal(w1, w2)
-    assert not all(np.array_equal(w1, w3) for w1, w3 in zip(h1.get_weights(), h3.get_weights()))  # the seed matters
-    assert not tf_config.is_op_determinism_enabled()  # scoped to the training
-
-
 def test_a_site_calibrated_on_its_own_labels_changes_its_cases_only():
     """`predict`: a case of a site with its own calibration (thresholds_by_site.<site>.calibration.applied)
     gets sigmoid(a * pooled-calibrated logit + b) per sample; every other case is bit for bit what it was."""
-    from lesion_tasks.lifecycle import predict
+    from lesion_tasks.versions import predict
 
     rng = np.random.default_rng(5)
     units = 16

@@ -11,9 +11,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from lesion_tasks.lifecycle.config import make_config
+from lesion_tasks.model.config import make_config
 from lesion_tasks.model import evaluation, mc, scope
-from lesion_tasks.lifecycle import registry, retrain
+from lesion_tasks.assessment import gate
+from lesion_tasks.model.config import GateFloors
+from lesion_tasks.sites import thresholds
 
 
 def _sigmoid(x):
@@ -94,12 +96,12 @@ def test_threshold_holds_on_every_gated_source():
     lesions = [f"L{i}" for i in range(1260)]
     summary = {"counts": {"test": {"MEL": 130}}, "by_source": {"big": {"test": {"MEL": 100}}, "sharp": {"test": {"MEL": 30}}}}
     config = make_config("demo")
-    t, per_source, own = retrain._threshold(y, p, src, lesions, summary, config)
+    t, per_source, own = thresholds.choose(y, p, src, lesions, summary, config)
     assert set(per_source) == {"pooled", "big", "sharp"} and t == min(per_source.values())
     # each site with >= 10 validation melanomas also gets its own threshold, chosen on its images alone
-    assert {k: v["chosen_on"] for k, v in own.items()} == {"big": "site", "sharp": "site"}
-    assert own["sharp"]["threshold"] == per_source["sharp"] and own["big"]["threshold"] >= t
-    assert own["sharp"]["n_mel"] == 60 and own["big"]["weighted"] is False
+    assert {k: v.chosen_on for k, v in own.items()} == {"big": "site", "sharp": "site"}
+    assert own["sharp"].threshold == per_source["sharp"] and own["big"].threshold >= t
+    assert own["sharp"].n_mel == 60 and own["big"].weighted is False
     sharp = (src == "sharp") & (y == 1)
     target = evaluation.target_with_margin(0.80, 60, 30)  # 0.80 + 1.645 * sqrt(0.16 * (1/60 + 1/30)) = 0.947
     assert target == pytest.approx(0.80 + 1.645 * np.sqrt(0.16 * (1 / 60 + 1 / 30))) and target > 0.85
@@ -107,7 +109,12 @@ def test_threshold_holds_on_every_gated_source():
     assert (p[(src == "big") & (y == 1)] >= t).mean() >= 0.85
     assert (p[sharp] >= per_source["pooled"]).mean() < 0.85  # the pooled threshold alone fails the sharp source
     summary["by_source"]["sharp"]["test"]["MEL"] = 29  # too few melanomas to gate the source on its own
-    assert set(retrain._threshold(y, p, src, lesions, summary, config)[1]) == {"pooled", "big"}
+    assert set(thresholds.choose(y, p, src, lesions, summary, config)[1]) == {"pooled", "big"}
+
+
+def _decide(*args) -> tuple[bool, list[str]]:
+    decision = gate.decide(*args)
+    return decision.passed, decision.reasons
 
 
 def _metrics(**by_source):
@@ -117,20 +124,20 @@ def _metrics(**by_source):
 
 
 def test_gate_refuses_a_model_that_fails_one_source_with_enough_melanomas():
-    floors = registry.GateFloors()
-    passed, reasons = registry.decide(_metrics(big={"n_mel": 500}, sharp={"n_mel": 104, "mel_sensitivity": 0.62}), None, floors)
+    floors = GateFloors()
+    passed, reasons = _decide(_metrics(big={"n_mel": 500}, sharp={"n_mel": 104, "mel_sensitivity": 0.62}), None, floors)
     assert not passed
     assert "FAIL: test[sharp] mel_sensitivity 0.6200 < floor 0.80" in reasons
     assert any(r.startswith("PASS: test[big] auc") for r in reasons)
-    # a source with fewer than MIN_SOURCE_MEL melanomas in test is reported, not gated on its own
-    passed, reasons = registry.decide(_metrics(tiny={"n_mel": registry.MIN_SOURCE_MEL - 1, "mel_sensitivity": 0.3}), None, floors)
+    # a source with fewer than MIN_SITE_MEL melanomas in test is reported, not gated on its own
+    passed, reasons = _decide(_metrics(tiny={"n_mel": thresholds.MIN_SITE_MEL - 1, "mel_sensitivity": 0.3}), None, floors)
     assert passed and not any("tiny" in r for r in reasons)
 
 
 def test_gate_refuses_too_little_out_of_scope_recall():
     metrics = _metrics()
     metrics["out_of_scope"] = {"test": {"all": {"n": 1135, "flagged": 0.96}, "malignant": {"n": 790, "flagged": 0.93}}}
-    passed, reasons = registry.decide(metrics, None, registry.GateFloors())
+    passed, reasons = _decide(metrics, None, GateFloors())
     assert not passed and "FAIL: test out-of-scope (malignant, n=790) flagged 0.9300 < floor 0.97" in reasons
     metrics["out_of_scope"]["test"]["malignant"]["n"] = 10  # too few to judge: not gated
-    assert registry.decide(metrics, None, registry.GateFloors())[0]
+    assert _decide(metrics, None, GateFloors())[0]

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 
 from lesion_tasks.core import db
-from lesion_tasks.lifecycle import splits
+from lesion_tasks.data import splits
 from lesion_tasks.core.schema import drops, images, model_versions, reviews
 from lesion_tasks.core.schema import splits as splits_table
 

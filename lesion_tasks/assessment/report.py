@@ -3,7 +3,7 @@
 The report is written when the version is evaluated, with its gate section pending, and that section
 is rewritten (`with_gate`) once the gate has decided and again after every promotion or manual override
 involving the version: the decision, every reason, the champion compared with and the promotion history.
-Numbers are shown rounded toward the side of the gate's floors they are on (`registry.shown`).
+Numbers are shown rounded toward the side of the gate's floors they are on (`gate.shown`).
 """
 
 from __future__ import annotations
@@ -12,13 +12,15 @@ import base64
 import html
 import io
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import re
 
 import numpy as np
 
-from lesion_tasks.lifecycle.registry import shown, threshold_setter
+from lesion_tasks.assessment.gate import Decision, shown
+from lesion_tasks.versions.registry import ModelVersion, SiteThreshold
 
 GATE_BEGIN, GATE_END = "<!--gate:begin-->", "<!--gate:end-->"
 
@@ -119,7 +121,7 @@ def _cell(value: Any, digits: int = 4) -> str:
     return "–" if value is None or (isinstance(value, float) and not np.isfinite(value)) else shown(value, digits)
 
 
-def _site_table(metrics: dict[str, Any], thresholds: dict[str, Any]) -> str:
+def _site_table(metrics: dict[str, Any], thresholds: Mapping[str, SiteThreshold]) -> str:
     """Per-site test metrics (IPW-weighted where a site's labels come from its validation sample) and the
     threshold each site is decided at: its own (how it was chosen) or the pooled one. The gate applies its
     floors to every site with enough test melanomas."""
@@ -129,15 +131,15 @@ def _site_table(metrics: dict[str, Any], thresholds: dict[str, Any]) -> str:
         return ""
     rows = []
     for name in names:
-        m, t = sites.get(name, {}), thresholds.get(name, {})
+        m, t = sites.get(name, {}), thresholds.get(name)
         ci = m.get("ci95", {})
 
         def cell(key: str, m=m, ci=ci) -> str:
             interval = f" ({ci[key][0]:.3f} – {ci[key][1]:.3f})" if key in ci else ""
             return f"<td>{_cell(m.get(key))}{interval}</td>"
 
-        applied = (f"{t['threshold']:.4f}: {'own' if t['chosen_on'] == 'site' else 'pooled'}"
-                   + (f", {html.escape(t['method'])} on {t['n_mel']} melanomas" if t.get("method") else "")
+        applied = (f"{t.threshold:.4f}: {'own' if t.own else 'pooled'}"
+                   + (f", {html.escape(t.method)} on {t.n_mel} melanomas" if t.method else "")
                    if t else "–")
         rows.append(f"<tr><td>{html.escape(name)}</td><td>{applied}</td><td>{m.get('n', 0)}</td><td>{m.get('n_mel', 0)}</td>"
                     f"{cell('auc')}{cell('mel_sensitivity')}{cell('mel_specificity')}{cell('balanced_accuracy')}"
@@ -213,24 +215,24 @@ def _history_items(version: str, history: list[dict[str, Any]]) -> str:
     return "".join(items)
 
 
-def gate_section(version: dict[str, Any], history: list[dict[str, Any]] | None = None) -> str:
+def gate_section(version: ModelVersion, history: list[dict[str, Any]] | None = None) -> str:
     """The report's gate section: decision, whether the version is the champion, every reason, the
     champion it was compared with (version, its test metrics, the paired deltas) and the champion_history
     events naming the version (manual overrides marked)."""
-    gate, history = version.get("gate") or {}, history or []
-    overridden = any(e["model_version"] == version["model_version"] and e["event"] == "override" for e in history)
+    gate, history = version.gate or {}, history or []
+    overridden = any(e["model_version"] == version.model_version and e["event"] == "override" for e in history)
     if "passed" not in gate:
         title = '<span class="pending">not decided yet</span> (the gate runs after evaluation)'
     else:
         verdict = ('<span class="pass">PASSED</span>' if gate["passed"] else '<span class="fail">NOT PASSED</span>')
-        promoted = any(e["model_version"] == version["model_version"] for e in history) or version.get("is_champion")
+        promoted = any(e["model_version"] == version.model_version for e in history) or version.is_champion
         outcome = ("promoted by manual override" if overridden else "promoted") if promoted else "not promoted"
-        title = f"{verdict}, {outcome}; now {html.escape(str(version.get('status')))}"
+        title = f"{verdict}, {outcome}; now {html.escape(str(version.status))}"
     parts = [f"<h2>Gate: {title}</h2>"]
     if gate.get("decided_at"):
         parts.append(f"<p>Decided {html.escape(str(gate['decided_at']))}.</p>")
-    parts.append("<ul>" + "".join(f'<li class="{"fail" if r.startswith("FAIL") else "pass"}">{html.escape(r)}</li>'
-                                  for r in gate.get("reasons", [])) + "</ul>")
+    parts.append("<ul>" + "".join(f'<li class="{c.outcome}">{html.escape(c.line)}</li>'
+                                  for c in Decision.from_json(gate).checks) + "</ul>")
     comparison = gate.get("comparison")
     if comparison:
         champ = gate.get("champion_metrics") or {}
@@ -243,7 +245,7 @@ def gate_section(version: dict[str, Any], history: list[dict[str, Any]] | None =
         parts.append("<p>There was no champion to compare with.</p>")
     if history:
         parts.append("<h3>Champion history of this version</h3><ul>"
-                     + _history_items(version["model_version"], history) + "</ul>")
+                     + _history_items(version.model_version, history) + "</ul>")
     return GATE_BEGIN + "".join(parts) + GATE_END
 
 
@@ -261,12 +263,12 @@ def with_gate(report: bytes, section: str) -> bytes:
     return (text[:head] + section + text[head:]).encode()
 
 
-def threshold_sentence(version: dict[str, Any], metrics: dict[str, Any]) -> str:
+def threshold_sentence(version: ModelVersion, metrics: dict[str, Any]) -> str:
     """How the pooled threshold was chosen, in words: which target set it (the pooled validation split's, or a
     gated site's stricter one) and the validation sensitivity it reaches, not just the configured target."""
     t = metrics["test"]["threshold"]
-    setter = threshold_setter(version.get("review_rule") or {}, t)
-    configured = version["config"]["target_sensitivity"]
+    setter = version.review_rule.setter(t)
+    configured = version.target_sensitivity
     val_sens = metrics["val"].get("mel_sensitivity")
     where = ("each site at its own threshold where it has one" if metrics["val"].get("thresholds_applied") == "per site"
              else "at this threshold")
@@ -279,7 +281,7 @@ def threshold_sentence(version: dict[str, Any], metrics: dict[str, Any]) -> str:
     return f"Threshold {t:.4f}, chosen on validation: set by {how}{reached}."
 
 
-def html_report(version: dict[str, Any], metrics: dict[str, Any], figures: dict[str, bytes],
+def html_report(version: ModelVersion, metrics: dict[str, Any], figures: dict[str, bytes],
                 examples: list[dict[str, Any]], history: list[dict[str, Any]] | None = None) -> bytes:
     """A single HTML file, images embedded, nothing fetched from anywhere."""
     test = metrics["test"]
@@ -295,13 +297,13 @@ def html_report(version: dict[str, Any], metrics: dict[str, Any], figures: dict[
         f'{"no lesion segmented" if e.get("on_lesion") is None else format(e["on_lesion"], ".0%") + " on the lesion"}'
         f'</figcaption></figure>' for e in examples)
     figs = "".join(f"<figure>{_img(png, name)}<figcaption>{html.escape(name)}</figcaption></figure>" for name, png in figures.items())
-    body = f"""<!doctype html><html><head><meta charset="utf-8"><title>Model {html.escape(version['model_version'])}</title>
+    body = f"""<!doctype html><html><head><meta charset="utf-8"><title>Model {html.escape(version.model_version)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:3px 8px}} figure{{display:inline-block;margin:6px;vertical-align:top}}
-img{{max-width:330px}} .fail{{color:#b00}} .pass{{color:#070}} .pending{{color:#a60}} pre{{background:#f6f6f6;padding:8px}}</style></head><body>
-<h1>Model version {html.escape(version['model_version'])}</h1>
-<p>Profile <b>{html.escape(version['profile'])}</b>, backbone <b>{html.escape(version['backbone'])}</b>, input {version['image_size']} px,
-weights: {html.escape(version['weights_source'])}. {threshold_sentence(version, metrics)} MC-dropout samples {version['mc_samples']}.</p>
+img{{max-width:330px}} .fail{{color:#b00}} .pass{{color:#070}} .pending{{color:#a60}} .note{{color:#555}} pre{{background:#f6f6f6;padding:8px}}</style></head><body>
+<h1>Model version {html.escape(version.model_version)}</h1>
+<p>Profile <b>{html.escape(version.profile)}</b>, backbone <b>{html.escape(version.backbone)}</b>, input {version.image_size} px,
+weights: {html.escape(version.weights_source or '')}. {threshold_sentence(version, metrics)} MC-dropout samples {version.mc_samples}.</p>
 {gate_section(version, history)}
 <h2>Metrics (test n={test['n']}, {test['n_mel']} melanoma; 95% bootstrap intervals)</h2>
 <table><tr><th>metric</th><th>test</th><th>validation</th></tr>
@@ -311,13 +313,13 @@ weights: {html.escape(version['weights_source'])}. {threshold_sentence(version, 
 <p>MC-dropout entropy: right cases {test['entropy_right_mean']:.3f}, wrong cases {test['entropy_wrong_mean']:.3f}
 (AUC of entropy for spotting errors {test['uncertainty_auc_for_errors']:.3f}).</p>
 <pre>{html.escape(test['classification_report'])}</pre>
-{_site_table(metrics, (version.get('review_rule') or {}).get('thresholds_by_site') or {})}
+{_site_table(metrics, version.thresholds_by_site)}
 {_scope_table(metrics)}
 <p>Calibration (Platt scaling of the MC-dropout samples, fitted on validation): test ECE
 {test.get('uncalibrated', {}).get('ece', float('nan')):.3f} before, {test['ece']:.3f} after.</p>
 {figs}
 <h2>Grad-CAM examples (right and wrong)</h2>{cards}
 {attention_table(test.get('attention'))}
-<h2>Lineage and environment</h2><pre>{html.escape(json.dumps({'lineage': version['lineage'], 'environment': version['environment'], 'config': version['config']}, indent=1, default=str))}</pre>
+<h2>Lineage and environment</h2><pre>{html.escape(json.dumps({'lineage': version.lineage, 'environment': version.environment, 'config': version.config}, indent=1, default=str))}</pre>
 </body></html>"""
     return body.encode()

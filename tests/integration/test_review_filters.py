@@ -24,6 +24,7 @@ import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
+from lesion_tasks.assessment import gate
 from lesion_tasks.core import db
 from lesion_tasks.review import cases as review, hints
 from lesion_tasks.review.web import Reviewer, create_app
@@ -255,15 +256,16 @@ def test_no_champion_pages_say_what_happened(home_copy, trained_home, tmp_path):
     assert "No model version trained yet" in fresh.get("/models").text
 
     engine, version = db.make_engine(home_copy.db_url), trained_home.version
-    reasons = ["PASS: test auc 0.9100 >= floor 0.70", "FAIL: test mel_sensitivity 0.7000 < floor 0.80",
-               "FAIL: test balanced_accuracy 0.5500 < floor 0.60"]
+    refused = gate.Decision((gate.Check("pass", "floor", "test auc 0.9100 >= floor 0.70", "test"),
+                             gate.Check("fail", "floor", "test mel_sensitivity 0.7000 < floor 0.80", "test"),
+                             gate.Check("fail", "floor", "test balanced_accuracy 0.5500 < floor 0.60", "test"))).to_json()
     with engine.begin() as conn:
         row = dict(conn.execute(sa.select(model_versions).where(model_versions.c.model_version == version)).mappings().one())
         conn.execute(model_versions.update().where(model_versions.c.model_version == version)
                      .values(is_champion=False, status="retired"))
         conn.execute(model_versions.insert(), [
             {**row, "model_version": "refused-1", "run_id": "refused", "created_at": row["created_at"] + timedelta(hours=1),
-             "status": "rejected", "is_champion": False, "gate": {"passed": False, "reasons": reasons}},
+             "status": "rejected", "is_champion": False, "gate": refused},
             {**row, "model_version": "claim-1", "run_id": "claim", "created_at": row["created_at"] + timedelta(hours=2),
              "status": "training", "is_champion": False, "gate": None, "metrics": None}])
     engine.dispose()

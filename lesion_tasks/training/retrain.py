@@ -1,6 +1,6 @@
-"""Retraining, step by step: split -> train -> evaluate -> gate (the last two in `assess.py`). The CLI
-runs all four in a row (`lesion_tasks.cli.train`); the DAG `lesion_retrain` runs them as tasks, passing only
-the model version between them.
+"""The first two steps of a retrain: split -> train (evaluate and gate are `assessment.assess`'s). The steps and
+their order are `lesion_tasks.pipeline`'s: `lesion train` runs all four in a row, the DAG `lesion_retrain` runs
+them as tasks, passing only the model version between them.
 
 A model version's id derives from the run id, injectively (`keys.injective_slug`), and is claimed in
 the registry before anything is written: a retried task rewrites its own artifacts and row instead of
@@ -21,20 +21,20 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
-from lesion_tasks.lifecycle import artifacts, config as configuration, crossfit, registry, splits, trainset
-from lesion_tasks.lifecycle.config import TrainConfig
-from lesion_tasks.model import attention, backbones, evaluation, features, mc, scope
+from lesion_tasks.versions import artifacts, registry
+from lesion_tasks.model import config as configuration
+from lesion_tasks.training import crossfit
+from lesion_tasks.data import splits, trainset
+from lesion_tasks.model.config import TrainConfig
+from lesion_tasks.model import attention, backbones, features, mc, scope
 from lesion_tasks.core import keys
 from lesion_tasks.core.db import engine_for
 from lesion_tasks.core.schema import images, splits as splits_table
 from lesion_tasks.core.settings import Settings
 from lesion_tasks.core.store import ObjectStore, open_store
+from lesion_tasks.sites import thresholds
 
 log = logging.getLogger(__name__)
-# "uncertain": more than this share of a case's MC samples on the other side of its threshold
-REVIEW_DECISION_UNCERTAINTY = 0.2
-# a site with this many validation melanomas of its own gets its own threshold (its margin grows as they shrink)
-MIN_SITE_THRESHOLD_MEL = 10
 
 
 def model_version_id(run_id: str, config: TrainConfig) -> str:
@@ -113,12 +113,16 @@ def check_weights(settings: Settings, config: TrainConfig) -> dict[str, Any]:
     """The backbone and weights `config` will train with, resolved now, before any split or TensorFlow work:
     ValueError naming the value and how to provide the file when they cannot be had. A demo fallback is named."""
     used, weights = _weights(config, settings, open_store(settings))
-    fallback = None
-    if used.backbone != config.backbone:
-        fallback = f"{config.backbone} has no ImageNet weights here: {used.backbone} is trained instead"
-    elif weights.path is None and config.weights != "none":
-        fallback = f"{config.backbone} is trained from random initialisation: no ImageNet weights here"
-    return {"backbone": used.backbone, "weights": weights.source, "fallback": fallback}
+    return {"backbone": used.backbone, "weights": weights.source, "fallback": _fallback(config, used, weights)}
+
+
+def _fallback(asked: TrainConfig, used: TrainConfig, weights: backbones.ResolvedWeights) -> str | None:
+    """Why the run does not train on the weights asked for (the demo profile's loud fallback), else None."""
+    if used.backbone != asked.backbone:
+        return f"{asked.backbone} has no ImageNet weights here: {used.backbone} is trained instead"
+    if weights.path is None and asked.weights != "none":
+        return f"{asked.backbone} is trained from random initialisation: no ImageNet weights here"
+    return None
 
 
 def prepare_split(settings: Settings, config: TrainConfig | None = None) -> dict[str, Any]:
@@ -132,89 +136,6 @@ def prepare_split(settings: Settings, config: TrainConfig | None = None) -> dict
     finally:
         engine.dispose()
     return summary | ({"weights": weights} if weights else {})
-
-
-def gated_sources(split_summary: dict[str, Any]) -> list[str]:
-    """Sites with at least MIN_SOURCE_MEL melanomas in test: the gate's floors and the pooled threshold's
-    sensitivity apply to each of them, not only pooled (`by_source` for summaries from before sites)."""
-    return sorted(src for src, parts in _by_site(split_summary).items() if parts["test"]["MEL"] >= registry.MIN_SOURCE_MEL)
-
-
-def _by_site(split_summary: dict[str, Any]) -> dict[str, Any]:
-    return split_summary.get("by_site", split_summary.get("by_source", {}))
-
-
-def _site_threshold(y: np.ndarray, p: np.ndarray, lesions: np.ndarray, config: TrainConfig, n_test: int | None,
-                    w: np.ndarray | None = None) -> float:
-    """The highest threshold reaching the sensitivity target on (y, p), the target raised by the margin its
-    evidence needs (`evaluation.target_with_margin`; weighted evidence counts by its effective size)."""
-    mel = y == 1
-    per_lesion = mel.sum() / max(len(set(lesions[mel].tolist())), 1)
-    n_val = evaluation.effective_size(w[mel]) if w is not None else int(mel.sum())
-    target = max(config.target_sensitivity,
-                 evaluation.target_with_margin(config.floors.mel_sensitivity, n_val, n_test, per_lesion))
-    return evaluation.threshold_for_sensitivity(y, p, min(target, 1.0), w)
-
-
-def _threshold(y: np.ndarray, p: np.ndarray, sources: np.ndarray, lesions: list[str], split_summary: dict[str, Any],
-               config: TrainConfig, weights: np.ndarray | None = None,
-               crossfitted: dict[str, tuple[crossfit.OutOfFold, np.ndarray]] | None = None
-               ) -> tuple[float, dict[str, float], dict[str, Any]]:
-    """(pooled threshold, the targets' thresholds, thresholds_by_site).
-
-    The pooled threshold is the highest reaching the melanoma sensitivity target on the pooled validation
-    split AND on the validation images of every gated site (a pooled threshold dominated by one site must
-    not fail another); it applies at every site without a threshold of its own. Each target is the configured
-    one, or higher where the sample sizes need it: the gate's floor plus a margin for a validation-vs-test
-    difference (`evaluation.target_with_margin`), so that a site with 84 validation and 104 test melanomas
-    still reaches the floor on test, and one with 12 aims much higher.
-
-    A site gets its own threshold, chosen the same way on its images alone, from
-    - `crossfitted` (sites with a validation sample): out-of-fold scores over all of its labelled train+val
-      images (`crossfit.py`), IPW-weighted, the margin for its effective number of melanomas against its
-      whole population (its next nights), where they hold MIN_SITE_THRESHOLD_MEL melanomas;
-    - else its validation split, where that holds MIN_SITE_THRESHOLD_MEL melanomas.
-    A cross-fitted site also gets its own calibration where that measurably helps (`crossfit.site_calibration`:
-    cross-validated log-loss); its threshold is then chosen on the recalibrated scores."""
-    lesions_arr = np.asarray(lesions, dtype=object)
-    crossfitted = crossfitted or {}
-    by_site = _by_site(split_summary)
-
-    def n_test(site: str) -> int:
-        return by_site.get(site, {}).get("test", {}).get("MEL", 0)
-
-    def on_val(mask: np.ndarray, tested: int, w: np.ndarray | None = None) -> float:
-        return _site_threshold(y[mask], p[mask], lesions_arr[mask], config, tested, None if w is None else w[mask])
-
-    per_site = {src: on_val(sources == src, n_test(src)) for src in gated_sources(split_summary) if y[sources == src].sum()}
-    pooled = on_val(np.ones(len(y), bool), split_summary["counts"]["test"]["MEL"])
-    chosen = min([pooled, *per_site.values()])
-    own = {}
-    for site in sorted(set(sources.tolist()) | set(crossfitted)):
-        if site in crossfitted:
-            oof, w = crossfitted[site]
-            if oof.y.sum() < MIN_SITE_THRESHOLD_MEL:
-                continue
-            calibration = crossfit.site_calibration(oof, w)
-            p_site = crossfit.recalibrated(oof, calibration)
-            t = _site_threshold(oof.y, p_site, oof.lesions, config, None, w)
-            own[site] = {"threshold": t, "chosen_on": "site", "n_mel": int(oof.y.sum()), "weighted": True,
-                         "method": f"cross-fitted ({oof.folds} folds over {len(oof.y)} labelled train+val images)"
-                                   + ("; calibrated per site" if calibration["applied"] else ""),
-                         "calibration": calibration, "validation": evaluation.binary_metrics(oof.y, p_site, t, w)}
-            continue
-        n_mel = int(y[sources == site].sum())
-        if n_mel >= MIN_SITE_THRESHOLD_MEL:
-            w = None if weights is None or np.all(weights[sources == site] == 1.0) else weights
-            own[site] = {"threshold": on_val(sources == site, n_test(site), w), "chosen_on": "site", "n_mel": n_mel,
-                         "weighted": w is not None, "method": "validation split"}
-    return chosen, {"pooled": pooled, **per_site}, own
-
-
-def thresholds_by_site(own: dict[str, Any], pooled: float, sites: list[str], val_mel: dict[str, int]) -> dict[str, Any]:
-    """`thresholds_by_site` for every site with images: its own where `_threshold` chose one, else the pooled."""
-    return {site: own.get(site) or {"threshold": pooled, "chosen_on": "pooled", "n_mel": int(val_mel.get(site, 0))}
-            for site in sorted(set(sites) | set(own))}
 
 
 def _fit_scope(config: TrainConfig, out: artifacts.ModelArtifacts, head: mc.HeadWeights, version: str, threshold: float,
@@ -244,6 +165,7 @@ def _fit_scope(config: TrainConfig, out: artifacts.ModelArtifacts, head: mc.Head
 def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[str, Any]:
     """Features (cached) -> head -> threshold on validation -> model artifacts -> a registry row."""
     store = open_store(settings)
+    asked = config
     config, weights = _weights(config, settings, store)  # the demo profile may switch backbone (no weights file)
     version, engine = model_version_id(run_id, config), engine_for(settings)
     try:
@@ -281,7 +203,7 @@ def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[st
             val_pi = trainset.inclusion_probabilities(conn, val_ids)
             pi |= dict(zip(val_ids, val_pi))
             val_w = trainset.ipw(val_pi)
-            all_sites = list(conn.scalars(sa.select(sa.func.coalesce(images.c.site, images.c.drop_id)).distinct()))
+            all_sites = list(conn.scalars(sa.select(images.c.site).distinct()))
 
         def fit(views, y, x_val, y_val, sample_weight):
             return fit_head(views, y, x_val, y_val, config.dropout, config.epochs, config.seed, config.learning_rate,
@@ -297,24 +219,22 @@ def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[st
         split_summary = splits.summary(engine)
         crossfitted = crossfit.sampled_sites(train, val, pi, lambda *a: fit(*a)[0], version, config.mc_samples, config.seed,
                                              config.site_weight)
-        threshold, per_source, own = _threshold(y_val, p_val, val.sites, list(val.lesions), split_summary, config, val_w,
-                                                crossfitted)
-        by_site_thresholds = thresholds_by_site(
+        threshold, per_target, own = thresholds.choose(y_val, p_val, val.sites, list(val.lesions), split_summary, config,
+                                                       val_w, crossfitted)
+        by_site_thresholds = thresholds.thresholds_by_site(
             own, threshold, all_sites, {s: int(y_val[val.sites == s].sum()) for s in set(val.sites.tolist())})
         log.info("thresholds: pooled %.4f; own threshold at %d of %d sites (%s)", threshold, len(own), len(by_site_thresholds),
-                 ", ".join(f"{k} {v['threshold']:.4f} on {v['n_mel']} melanomas" for k, v in own.items()) or "none")
-        # "uncertain" = the decision could go either way: over a fifth of the case's MC samples fall on the other
-        # side of its threshold (a fixed, readable rule: p(MEL) 0.5 at a threshold of 0.1 is not uncertain)
-        review_rule = {"predicted_mel": True, "decision_uncertainty_above": REVIEW_DECISION_UNCERTAINTY,
-                       "attention_on_lesion_below": attention.OFF_LESION_BELOW,
-                       "p_mel_band": [max(0.0, threshold - 0.05), min(1.0, threshold + 0.05)],
-                       "calibrated_on": f"fixed: more than {REVIEW_DECISION_UNCERTAINTY:.0%} of the MC samples across the "
-                                        "case's threshold",
-                       "threshold_by_source": per_source, "thresholds_by_site": by_site_thresholds}
+                 ", ".join(f"{k} {v.threshold:.4f} on {v.n_mel} melanomas" for k, v in own.items()) or "none")
         out = artifacts.ModelArtifacts(store, version)
         scope_info, s3 = _fit_scope(config, out, head, version, threshold, train_views[0], other, fcfg, weights, store, runner,
                                     engine)
-        review_rule |= scope_info
+        # "uncertain" = the decision could go either way: over a fifth of the case's MC samples fall on the other
+        # side of its threshold (a fixed, readable rule: p(MEL) 0.5 at a threshold of 0.1 is not uncertain)
+        review_rule = registry.ReviewRule(
+            predicted_mel=True, decision_uncertainty_above=registry.REVIEW_DECISION_UNCERTAINTY,
+            attention_on_lesion_below=attention.OFF_LESION_BELOW, out_of_scope_above=scope_info.get("out_of_scope_above"),
+            out_of_scope_validation_targets=scope_info.get("out_of_scope_validation_targets"),
+            threshold_by_target=per_target, thresholds_by_site=by_site_thresholds)
         # the full flat model, head weights copied by layer name, saved without optimizer state
         model = backbones.build_model(config.backbone, config.image_size, weights, config.dropout, config.seed)
         for name in ("head_dense", "head_bn", "head_out"):
@@ -338,8 +258,8 @@ def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[st
             "weights_source": weights.source, "weights_sha256": weights.sha256,
             "lineage": {"run_id": run_id, "drops": drops_used, "splits": split_summary["counts"],
                         "split_rules": split_summary["rules"], "feature_config": fcfg.key,
-                        "reviewed_labels": reviewed_lineage},
-            "review_rule": review_rule, "model_uri": model_uri, "code_version": _code_version(), "run_id": run_id,
+                        "reviewed_labels": reviewed_lineage, "weights_fallback": _fallback(asked, config, weights)},
+            "review_rule": review_rule.to_json(), "model_uri": model_uri, "code_version": _code_version(), "run_id": run_id,
         }
         registry.record_trained(engine, version, run_id, row)  # only this run's row, while it is not promoted
         computed, reused = s1.computed + s2.computed + s3.computed, s1.reused + s2.reused + s3.reused
@@ -350,6 +270,7 @@ def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[st
                 "calibration": {"a": cal_a, "b": cal_b}, "out_of_scope_threshold": scope_info.get("out_of_scope_above"),
                 "feature_cache": {"computed": computed, "reused": reused,
                                   "seconds": round(s1.seconds + s2.seconds + s3.seconds, 2)},
-                "weights": weights.source, "backbone": config.backbone, "thresholds_by_site": by_site_thresholds}
+                "weights": weights.source, "backbone": config.backbone,
+                "thresholds_by_site": review_rule.to_json()["thresholds_by_site"]}
     finally:
         engine.dispose()

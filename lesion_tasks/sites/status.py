@@ -21,12 +21,11 @@ import sqlalchemy as sa
 from lesion_tasks.core.db import engine_for, upsert
 from lesion_tasks.core.schema import images, predictions, site_evaluations, site_samples, splits
 from lesion_tasks.core.settings import Settings
-from lesion_tasks.lifecycle import registry
-from lesion_tasks.lifecycle.config import GateFloors
+from lesion_tasks.versions import registry
+from lesion_tasks.model.config import GateFloors
 
 log = logging.getLogger(__name__)
 FLOOR_METRICS = ("mel_sensitivity", "auc", "balanced_accuracy")
-SITE = sa.func.coalesce(images.c.site, images.c.drop_id)
 # what each status means, where the UI shows one
 STATUS_TEXT = {
     "unvalidated": "no labelled images of its own: its cases are decided at the pooled threshold and no evidence "
@@ -66,7 +65,8 @@ def status_at(conn: sa.Connection, model_version: str, names: set[str]) -> dict[
         return {}
     evaluated = dict(conn.execute(sa.select(site_evaluations.c.site, site_evaluations.c.status).where(
         site_evaluations.c.model_version == model_version, site_evaluations.c.site.in_(names))).all())
-    labelled = dict(conn.execute(sa.select(SITE, sa.func.count(images.c.label)).where(SITE.in_(names)).group_by(SITE)).all())
+    labelled = dict(conn.execute(sa.select(images.c.site, sa.func.count(images.c.label))
+                                 .where(images.c.site.in_(names)).group_by(images.c.site)).all())
     return {name: evaluated[name] if evaluated.get(name) in ("validated", "failing")
             else "provisional" if labelled.get(name) else "unvalidated" for name in names}
 
@@ -74,10 +74,11 @@ def status_at(conn: sa.Connection, model_version: str, names: set[str]) -> dict[
 def labelled_counts(conn: sa.Connection) -> dict[str, dict[str, Any]]:
     """{site: {"images", "labelled", "labelled_by_split": {"train", "val", "test"}}} over every site."""
     out: dict[str, dict[str, Any]] = {}
-    for site, n, labelled in conn.execute(sa.select(SITE, sa.func.count(), sa.func.count(images.c.label)).group_by(SITE)):
+    for site, n, labelled in conn.execute(sa.select(images.c.site, sa.func.count(), sa.func.count(images.c.label))
+                                          .group_by(images.c.site)):
         out[site] = {"images": int(n), "labelled": int(labelled), "labelled_by_split": dict.fromkeys(("train", "val", "test"), 0)}
-    rows = conn.execute(sa.select(SITE, splits.c.split, sa.func.count()).join(splits, splits.c.image_id == images.c.image_id)
-                        .where(images.c.label.is_not(None)).group_by(SITE, splits.c.split))
+    rows = conn.execute(sa.select(images.c.site, splits.c.split, sa.func.count()).join(splits, splits.c.image_id == images.c.image_id)
+                        .where(images.c.label.is_not(None)).group_by(images.c.site, splits.c.split))
     for site, split, n in rows:
         out[site]["labelled_by_split"][split] = int(n)
     return out
@@ -94,10 +95,10 @@ def record_evaluations(engine: sa.Engine, v: registry.ModelVersion, metrics: dic
         for site, c in sorted(counts.items()):
             part = by_site.get(site)
             status, _ = status_of(part, c["labelled"], v.floors)
-            own = v.thresholds_by_site.get(site) or {}
+            entry = v.thresholds_by_site.get(site)
             rows.append({"model_version": v.model_version, "site": site, "status": status, "evidence": "test",
                          "melanomas_evidence": int((part or {}).get("n_mel") or 0), "threshold": v.threshold_for(site),
-                         "chosen_on": own.get("chosen_on", "pooled"), "metrics": part, "evaluated_at": now})
+                         "chosen_on": entry.chosen_on if entry else "pooled", "metrics": part, "evaluated_at": now})
         upsert(conn, site_evaluations, rows, ["model_version", "site"])
     statuses = {r["site"]: r["status"] for r in rows}
     log.info("sites of %s: %s", v.model_version, ", ".join(f"{s} {st}" for s, st in statuses.items()) or "none")
@@ -133,9 +134,9 @@ def overview_of(conn: sa.Connection) -> dict[str, Any]:
             threshold = {"value": None, "chosen_on": None}
             needed = "a champion: train one (lesion train)" if status == "unvalidated" else needed
         else:
-            own = champion.thresholds_by_site.get(site) or {}
-            threshold = {"value": champion.threshold_for(site), "chosen_on": own.get("chosen_on", "pooled"),
-                         "method": own.get("method"), "n_mel": own.get("n_mel")}
+            entry = champion.thresholds_by_site.get(site)
+            threshold = {"value": champion.threshold_for(site), "chosen_on": entry.chosen_on if entry else "pooled",
+                         "method": entry.method if entry else None, "n_mel": entry.n_mel if entry else None}
         out.append({"site": site, "status": status, "images": c["images"], "labelled": c["labelled"],
                     "labelled_by_split": c["labelled_by_split"], "validation_sample": int(sampled.get(site, 0)),
                     "melanomas_evidence": row.melanomas_evidence if row else 0,
@@ -173,7 +174,7 @@ def validation_queue(conn: sa.Connection, site: str) -> dict[str, Any]:
                                               predictions.c.model_version == (champion.model_version if champion else None)))
               .where(site_samples.c.site == site).order_by(site_samples.c.rank))
     rows = [dict(r) for r in conn.execute(joined).mappings()]
-    if not rows and not conn.scalar(sa.select(sa.func.count()).select_from(images).where(SITE == site)):
+    if not rows and not conn.scalar(sa.select(sa.func.count()).select_from(images).where(images.c.site == site)):
         raise LookupError(f"site {site!r} not found")
     labelled = [r for r in rows if r["label"]]
     return {"site": site, "champion": champion.model_version if champion else None, "size": len(rows),

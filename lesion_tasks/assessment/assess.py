@@ -13,7 +13,12 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
-from lesion_tasks.lifecycle import artifacts, predict, registry, report, sites, trainset
+from lesion_tasks.versions import artifacts, predict, registry
+from lesion_tasks.assessment import gate
+from lesion_tasks.sites.thresholds import MIN_SITE_MEL
+from lesion_tasks.assessment import report
+from lesion_tasks.sites import status as sites
+from lesion_tasks.data import trainset
 from lesion_tasks.model import attention, backbones, evaluation, features, mc, scope
 from lesion_tasks.core.db import engine_for
 from lesion_tasks.core.schema import champion_history
@@ -104,17 +109,17 @@ def compute_metrics(settings: Settings, model_version: str) -> Assessment:
     for split in ("val", "test"):
         refs, y = parts[split]
         pr = predict_refs(settings, store, v, refs, head, scope_head, site_lists[split])
-        # intervals on validation too: the gate asks whether its AUC is above chance (registry.decide);
+        # intervals on validation too: the gate asks whether its AUC is above chance (gate.decide);
         # every case decided at its site's threshold (the pooled one where the site has none of its own)
         out[split] = evaluation.evaluate(y, pr.p_mel, pr.entropy, pr.mutual_info, pr.thresholds, v.bootstrap, v.seed)
         out[split]["threshold"] = v.threshold
         out[split]["thresholds_applied"] = ("per site" if np.any(pr.thresholds != v.threshold) else "pooled")
         out[split]["uncalibrated"] = evaluation.calibration(y, mc.summarize(uncalibrated.calibrated(pr.logits))[0])
-        out[split]["by_source"] = evaluation.by_source(y, pr.p_mel, np.array([r.drop_id for r in refs]), pr.thresholds,
-                                                       v.bootstrap, v.seed, min_mel_for_ci=registry.MIN_SOURCE_MEL)
+        out[split]["by_source"] = evaluation.by_group(y, pr.p_mel, np.array([r.drop_id for r in refs]), pr.thresholds,
+                                                       v.bootstrap, v.seed, min_mel_for_ci=MIN_SITE_MEL)
         # per site: weighted by inverse inclusion probability where a site's images come from its validation sample,
         # with (weighted) intervals from a handful of melanomas on: a small site's figures need them most
-        out[split]["by_site"] = evaluation.by_source(y, pr.p_mel, np.array(site_lists[split], dtype=object), pr.thresholds,
+        out[split]["by_site"] = evaluation.by_group(y, pr.p_mel, np.array(site_lists[split], dtype=object), pr.thresholds,
                                                      v.bootstrap, v.seed, min_mel_for_ci=MIN_SITE_CI_MEL,
                                                      w=weights[split])
         preds[split] = pr
@@ -175,9 +180,9 @@ def publish_metrics(settings: Settings, assessment: Assessment) -> str:
         registry.record_metrics(engine, v.model_version, stored, saved.put_json(artifacts.METRICS, stored))
         sites.record_evaluations(engine, v, stored)
         with engine.connect() as conn:
-            row = registry.get(conn, v.model_version)
+            recorded = registry.version(conn, v.model_version)
         # the gate has not decided on these metrics yet: its section says so until gate_model rewrites it
-        report_uri = saved.put(REPORT, report.html_report(row | {"gate": None}, out, figures, examples), "text/html")
+        report_uri = saved.put(REPORT, report.html_report(replace(recorded, gate=None), out, figures, examples), "text/html")
         registry.record_report(engine, v.model_version, report_uri)
         return report_uri
     finally:
@@ -238,7 +243,7 @@ def _compare_with_champion(settings: Settings, store: ObjectStore, v: registry.M
     by_site = {}
     for site in sorted(set(test_sites)):
         m = sites == site
-        if int(y[m].sum()) >= registry.MIN_SOURCE_MEL and int((y[m] == 0).sum()) >= 1:
+        if int(y[m].sum()) >= MIN_SITE_MEL and int((y[m] == 0).sum()) >= 1:
             by_site[site] = {"n_test": int(m.sum()), "n_mel": int(y[m].sum()), **evaluation.paired_delta(
                 y[m], new.p_mel[m], new.thresholds[m], old.p_mel[m], old.thresholds[m], n=v.bootstrap, seed=v.seed)}
     return {"champion": champion.model_version, "n_test": len(refs), **delta, "by_site": by_site}
@@ -257,7 +262,7 @@ def write_gate_report(store: ObjectStore, engine: sa.Engine, model_version: str)
     reasons, champion compared with, promotions and overrides. The report is the one artifact rewritten
     after promotion; its metrics and figures stay as evaluated. None when the version has no report."""
     with engine.connect() as conn:
-        row = registry.get(conn, model_version)
+        v = registry.version(conn, model_version)
         history = _history(conn, model_version)
     saved = artifacts.ModelArtifacts(store, model_version)  # not artifacts.of: a pruned version keeps its report
     try:
@@ -265,8 +270,8 @@ def write_gate_report(store: ObjectStore, engine: sa.Engine, model_version: str)
     except artifacts.ArtifactError as exc:
         log.warning("model %s: no report to bring up to date (%s)", model_version, exc)
         return None
-    key = saved.put(REPORT, report.with_gate(old, report.gate_section(row, history)), "text/html")
-    if row["report_uri"] is None:
+    key = saved.put(REPORT, report.with_gate(old, report.gate_section(v, history)), "text/html")
+    if v.report_uri is None:
         registry.record_report(engine, model_version, key)
     return key
 
@@ -281,8 +286,8 @@ def promote_with_report(settings: Settings, engine: sa.Engine, model_version: st
     return previous
 
 
-def _key_metrics(row: dict[str, Any]) -> dict[str, Any]:
-    test = (row.get("metrics") or {}).get("test") or {}
+def _key_metrics(v: registry.ModelVersion) -> dict[str, Any]:
+    test = (v.metrics or {}).get("test") or {}
     return {k: test.get(k) for k in ("auc", "mel_sensitivity", "mel_specificity", "balanced_accuracy", "threshold",
                                      "n", "n_mel")}
 
@@ -293,32 +298,33 @@ def gate_model(settings: Settings, model_version: str, actor: str = "lesion_retr
     store, engine = open_store(settings), engine_for(settings)
     try:
         with engine.connect() as conn:
-            row = registry.get(conn, model_version)
-            v = registry.ModelVersion.from_row(row)
+            v = registry.version(conn, model_version)
             champion = registry.version(conn, "champion", required=False)
             parts = trainset.split_refs(conn)
-        if row["metrics"] is None:
+        if v.metrics is None:
             raise ValueError(f"model version {model_version}: evaluate it before gating")
         if champion and champion.model_version == model_version:
             write_gate_report(store, engine, model_version)  # a retried task: the report may not say so yet
-            return {"model_version": model_version, "promoted": True, "reasons": ["already the champion"],
+            return {"model_version": model_version, "promoted": True, "reasons": ["already the champion"], "checks": [],
                     "champion": model_version}
         comparison = evaluation.json_safe(_compare_with_champion(settings, store, v, champion, parts)) if champion else None
-        passed, reasons = registry.decide(row["metrics"], comparison, v.floors, v)
-        source = row["weights_source"] or ""
-        if "demo fallback" in source or source.startswith("random initialisation (ImageNet"):
-            reasons.append(f"NOTE not the asked-for weights: {source}")  # the demo profile's loud fallback
-        gate = evaluation.json_safe({"passed": passed, "reasons": reasons, "comparison": comparison,
-                                     "champion_metrics": _key_metrics(champion.row) if champion else None,
-                                     "floors": v.floors_recorded, "decided_at": datetime.now(UTC).isoformat()})
-        registry.record_gate(engine, model_version, gate, passed)
+        decision = gate.decide(v.metrics, comparison, v.floors, v)
+        if v.weights_fallback:  # the demo profile's loud fallback: said, never deciding
+            decision = decision.with_note("weights", f"not the asked-for weights: {v.weights_fallback}; used: "
+                                                     f"{v.weights_source}", fallback=v.weights_fallback)
+        passed = decision.passed
+        record = evaluation.json_safe(decision.to_json() | {
+            "comparison": comparison, "champion_metrics": _key_metrics(champion) if champion else None,
+            "floors": dict(v.floors_recorded), "decided_at": datetime.now(UTC).isoformat()})
+        registry.record_gate(engine, model_version, record, passed)
         if passed:
-            promote_with_report(settings, engine, model_version, "; ".join(reasons), actor)
+            promote_with_report(settings, engine, model_version, "; ".join(decision.reasons), actor)
         else:
             log.warning("model %s NOT promoted (champion stays %s): %s", model_version,
-                        champion.model_version if champion else None, "; ".join(r for r in reasons if r.startswith("FAIL")))
+                        champion.model_version if champion else None, "; ".join(c.line for c in decision.failed))
             write_gate_report(store, engine, model_version)
-        return {"model_version": model_version, "promoted": passed, "reasons": reasons,
+        return {"model_version": model_version, "promoted": passed, "reasons": decision.reasons,
+                "checks": record["checks"],
                 "champion": model_version if passed else (champion.model_version if champion else None)}
     finally:
         engine.dispose()

@@ -22,15 +22,17 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from lesion_tasks.lifecycle.registry import ModelVersion
-from lesion_tasks import cli
-from lesion_tasks.lifecycle.config import make_config
-from lesion_tasks.lifecycle import artifacts, assess, registry, trainset
+from lesion_tasks.versions.registry import ModelVersion
+from lesion_tasks import pipeline
+from lesion_tasks.model.config import make_config
+from lesion_tasks.versions import artifacts, registry
+from lesion_tasks.assessment import assess, gate
+from lesion_tasks.data import trainset
 from lesion_tasks.core import db
 from lesion_tasks.model import evaluation, features, mc
 from lesion_tasks.core.schema import champion_history, model_versions
 from lesion_tasks.core.store import key_of, open_store
-from tests.helpers import LABELLED_DROP, N_LABELLED, N_OTHER, OTHER_DROP, copy_home, registry_row
+from tests.helpers import champion_row, LABELLED_DROP, N_LABELLED, N_OTHER, OTHER_DROP, copy_home, registry_row
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,7 @@ def trained(trained_home, tmp_path_factory):
     settings = copy_home(trained_home.settings, tmp_path_factory.mktemp("retrain") / "home")
     config = trained_home.config
     first = trained_home.trained
-    second = cli.train(settings, config, run_id="second")
+    second = pipeline.run(settings, config, run_id="second")
     return settings, config, first, second
 
 
@@ -83,7 +85,7 @@ def test_per_source_metrics_calibration_and_out_of_scope_are_reported(trained):
     row = registry_row(settings, first["model_version"])
     assert row["metrics"]["out_of_scope"]["test"]["threshold"] == pytest.approx(row["review_rule"]["out_of_scope_above"])
     assert row["metrics"]["test"]["uncalibrated"]["ece"] == pytest.approx(first["metrics"]["test"]["ece_before_calibration"])
-    head = artifacts.of(open_store(settings), row).load_head()
+    head = artifacts.of(open_store(settings), ModelVersion.from_row(row)).load_head()
     assert (head.cal_a, head.cal_b) != (1.0, 0.0)
     report = open_store(settings).get(key_of(open_store(settings), row["report_uri"])).decode()
     assert "Per site (test)" in report and "threshold applied" in report and "Out of scope (test" in report and "<td>BCC</td>" in report
@@ -128,11 +130,11 @@ def test_saved_model_matches_the_cached_features(trained):
     with engine.connect() as conn:
         refs, _ = trainset.split_refs(conn)["test"]
     engine.dispose()
-    cached, stats = features.features_for(refs[:6], [0], artifacts.feature_config(row), artifacts.weights_of(row, settings, store), store)
+    cached, stats = features.features_for(refs[:6], [0], artifacts.feature_config(ModelVersion.from_row(row)), artifacts.weights_of(ModelVersion.from_row(row), settings, store), store)
     assert stats.computed == 0
-    rgb = np.stack([features.model_input(store, r.uri, artifacts.feature_config(row)) for r in refs[:6]])
+    rgb = np.stack([features.model_input(store, r.uri, artifacts.feature_config(ModelVersion.from_row(row))) for r in refs[:6]])
     probs = model.predict(features.backbones.preprocess(rgb), verbose=0)[:, mc.MEL]
-    head = artifacts.of(store, row).load_head()
+    head = artifacts.of(store, ModelVersion.from_row(row)).load_head()
     np.testing.assert_allclose(replace(head, cal_a=1.0, cal_b=0.0).deterministic(cached[0]), probs, atol=1e-5)
     logit = np.log(probs) - np.log1p(-probs)  # the saved model is the raw head; scoring calibrates its samples
     np.testing.assert_allclose(head.deterministic(cached[0]), 1 / (1 + np.exp(-(head.cal_a * logit + head.cal_b))), atol=1e-4)
@@ -153,7 +155,7 @@ def test_second_model_was_compared_with_the_champion(trained):
     assert row["gate"]["champion_metrics"]["auc"] == first["metrics"]["test"]["auc"]
     report = _report(settings, row)
     assert f"Compared with the champion {first['model_version']}" in report
-    assert f"AUC {registry.shown(first['metrics']['test']['auc'])}" in report
+    assert f"AUC {gate.shown(first['metrics']['test']['auc'])}" in report
 
 
 def _report(settings, row) -> str:
@@ -192,8 +194,8 @@ def test_same_data_config_and_seed_give_the_same_metrics(trained):
     ids = [r.image_id for r in refs]
     samples = []
     for row in rows:
-        feats, _ = features.features_for(refs, [0], artifacts.feature_config(row), artifacts.weights_of(row, settings, store), store)
-        head = artifacts.of(store, row).load_head()
+        feats, _ = features.features_for(refs, [0], artifacts.feature_config(ModelVersion.from_row(row)), artifacts.weights_of(ModelVersion.from_row(row), settings, store), store)
+        head = artifacts.of(store, ModelVersion.from_row(row)).load_head()
         samples.append(head.calibrated(mc.logits_for(head, feats[0], ids, row["model_version"], row["mc_samples"],
                                                      ModelVersion.from_row(row).mc_seed)))
     np.testing.assert_array_equal(samples[0], samples[1])
@@ -205,16 +207,16 @@ def test_degenerate_always_nv_model_is_refused_and_champion_stays(trained):
     store = open_store(settings)
     engine = db.make_engine(settings.db_url)
     with engine.connect() as conn:
-        champ = registry.champion(conn)
+        champ, v = champion_row(conn), registry.version(conn, None)
         parts = trainset.split_refs(conn)
-    head = artifacts.of(store, champ).load_head()
+    head = artifacts.of(store, v).load_head()
     bad = replace(head, w2=np.zeros_like(head.w2), b2=np.array([10.0, -10.0], np.float32))  # always NV
     version = "degenerate-always-nv"
     artifacts.ModelArtifacts(store, version).save_head(bad)
     for name in ("model.keras", "train_log.json", "scope.npz"):
         store.put(f"models/{version}/{name}", store.get(f"models/{champ['model_version']}/{name}"))
     refs, y_val = parts["val"]
-    feats, _ = features.features_for(refs, [0], artifacts.feature_config(champ), artifacts.weights_of(champ, settings, store), store)
+    feats, _ = features.features_for(refs, [0], artifacts.feature_config(v), artifacts.weights_of(v, settings, store), store)
     p_val = mc.predict(bad, feats[0], [r.image_id for r in refs], version, champ["mc_samples"])[0]
     assert np.allclose(p_val, p_val[0]) and p_val[0] < 1e-6  # it says NV for everything
     row = {k: v for k, v in champ.items()} | {
@@ -233,7 +235,7 @@ def test_degenerate_always_nv_model_is_refused_and_champion_stays(trained):
     assert '<span class="fail">NOT PASSED</span>, not promoted; now rejected' in report and "PASSED</span>, promoted" not in report
     assert all(html.escape(r) in report for r in fails)
     with engine.connect() as conn:
-        assert registry.champion(conn)["model_version"] == champ["model_version"]
+        assert registry.version(conn, None).model_version == champ["model_version"]
         assert registry.get(conn, version)["status"] == "rejected"
     engine.dispose()
 
@@ -246,7 +248,7 @@ def test_too_little_evidence_is_refused_then_overridden_and_the_reports_say_so(t
     store = open_store(settings)
     engine = db.make_engine(settings.db_url)
     with engine.connect() as conn:
-        champ = registry.champion(conn)
+        champ = champion_row(conn)
     version = "too-little-evidence"
     for name in ("model.keras", "head.npz", "train_log.json", "scope.npz"):
         store.put(f"models/{version}/{name}", store.get(f"models/{champ['model_version']}/{name}"))
@@ -291,7 +293,7 @@ def test_manual_override_is_recorded(trained):
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == {"champion": first["model_version"], "previous": second["model_version"], "override": True}
     with engine.connect() as conn:
-        assert registry.champion(conn)["model_version"] == first["model_version"]
+        assert registry.version(conn, None).model_version == first["model_version"]
         assert registry.get(conn, second["model_version"])["status"] == "retired"
         last = conn.execute(sa.select(champion_history).order_by(champion_history.c.id.desc())).mappings().first()
         assert (last["event"], last["actor"], last["previous"]) == ("override", "dr-test", second["model_version"])

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-from lesion_tasks.lifecycle.registry import ModelVersion
+from lesion_tasks.versions.registry import ModelVersion, ReviewRule
 from lesion_tasks.model import mc, scope
 
 
@@ -28,7 +27,7 @@ class Predictions:
     is_mel: np.ndarray  # p_mel >= the threshold applied to the case, as 0/1
     p_other: np.ndarray | None  # None: the version has no out-of-scope head
     thresholds: np.ndarray  # per case: its site's threshold, else the version's pooled one
-    review_rule: dict[str, Any]
+    review_rule: ReviewRule
 
     @property
     def decision_uncertainty(self) -> np.ndarray:
@@ -44,26 +43,26 @@ class Predictions:
                               other, float(self.decision_uncertainty[k]))
 
 
-def review_reasons(p: float, entropy: float, threshold: float, rule: dict[str, Any], p_other: float | None = None,
+def review_reasons(p: float, entropy: float, threshold: float, rule: ReviewRule, p_other: float | None = None,
                    decision_uncertainty: float | None = None) -> list[str]:
     """The review flags of one case under its version's `rule`. `uncertain` is about the *decision*: more
     than `decision_uncertainty_above` of the case's MC samples fall on the other side of its threshold (a
     case at p(MEL) 0.5 with a threshold of 0.1 is a confident melanoma call, not an uncertain one).
     Versions trained before that rule carry `entropy_above` instead and keep flagging by entropy."""
     reasons = []
-    if p_other is not None and p_other >= rule["out_of_scope_above"]:
+    if p_other is not None and p_other >= rule.out_of_scope_above:
         reasons.append("out_of_scope")
-    if p >= threshold and rule.get("predicted_mel", True):
+    if p >= threshold and rule.predicted_mel:
         reasons.append("predicted_mel")
-    if "decision_uncertainty_above" in rule:
+    if rule.decision_uncertainty_above is not None:
         if decision_uncertainty is None:
             raise ValueError("this version's review rule flags by decision uncertainty: pass the case's decision_uncertainty")
-        uncertain = decision_uncertainty > rule["decision_uncertainty_above"]
+        uncertain = decision_uncertainty > rule.decision_uncertainty_above
     else:
-        uncertain = entropy > rule["entropy_above"]
+        uncertain = entropy > rule.entropy_above
     if uncertain:
         reasons.append("uncertain")
-    low, high = threshold - 0.05, threshold + 0.05  # rule["p_mel_band"] around the pooled threshold; here the applied one
+    low, high = threshold - 0.05, threshold + 0.05  # around the threshold applied to the case
     if max(0.0, low) <= p <= min(1.0, high):
         reasons.append("near_threshold")
     return reasons
@@ -87,4 +86,4 @@ def predict(version: ModelVersion, head: mc.HeadWeights, pooled: np.ndarray, ima
     p, h, mi = mc.summarize(samples)
     t = version.thresholds_for(sites)
     return Predictions(ids, logits, samples, p, h, mi, (p >= t).astype(np.int64),
-                       scope_head.p_other(pooled) if scope_head is not None else None, t, dict(version.review_rule))
+                       scope_head.p_other(pooled) if scope_head is not None else None, t, version.review_rule)

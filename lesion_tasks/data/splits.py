@@ -39,7 +39,7 @@ from types import SimpleNamespace
 
 import sqlalchemy as sa
 
-from lesion_tasks.lifecycle import trainset
+from lesion_tasks.data import trainset
 from lesion_tasks.core.db import insert_ignore
 from lesion_tasks.core.schema import images, splits
 
@@ -121,7 +121,7 @@ def assign(engine: sa.Engine, seed: int = 0, test_frac: float = 0.2, val_frac: f
     """Give every labelled image without a split one; return counts per split and label. Reviewer labels
     are training data only unless `verdicts_validate` (module docstring)."""
     cols = (images.c.image_id, images.c.label, images.c.near_dup_group, images.c.lesion_id,
-            sa.func.coalesce(images.c.site, images.c.drop_id).label("site"))
+            images.c.site)
     # taken before the images are read: every drop finished before `assigned_at` had its rows read here
     # (what `lesion check` relies on to tell a labelled image that should have a split)
     now = datetime.now(UTC)
@@ -194,7 +194,7 @@ def summary(engine: sa.Engine) -> dict:
     with engine.connect() as conn:
         reviewed = trainset.reviewer_labels(conn)["labels"]
         rows = conn.execute(sa.select(splits.c.split, images.c.image_id, images.c.label, images.c.drop_id,
-                                      sa.func.coalesce(images.c.site, images.c.drop_id))
+                                      images.c.site)
                             .join(images, images.c.image_id == splits.c.image_id)).all()
         rules = sorted(set(conn.scalars(sa.select(splits.c.rule).distinct())))
     counts: dict[str, dict[str, int]] = {s: dict.fromkeys(SPLIT_LABELS, 0) for s in ("train", "val", "test")}

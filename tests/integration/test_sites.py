@@ -13,16 +13,15 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from lesion_tasks import cli
+from lesion_tasks import cli, pipeline
 from lesion_tasks.core import db
 from lesion_tasks.core.schema import images, label_imports, site_samples, splits
 from lesion_tasks.ingest import label_import
 from lesion_tasks.ingest.drop import ingest
 from lesion_tasks.ingest.sources import SiteConflict, _is_site_folder, layout_site, resolve_site
-from lesion_tasks.lifecycle import sites
+from lesion_tasks.sites import status as sites
 from lesion_tasks.model import evaluation
 from lesion_tasks.ops.synthetic import make_drop
-from lesion_tasks.scoring import site_sample
 from tests.helpers import LABELLED_DROP, NIGHT_DROP
 
 pytestmark = pytest.mark.unit
@@ -117,7 +116,7 @@ def test_a_new_clinic_is_unvalidated_and_existing_sites_are_their_drops(clinic):
 
 def test_validation_sample_over_represents_melanomas_and_extends(clinic):
     settings, truth, _ = clinic
-    first = site_sample.draw(settings, CLINIC, 100)
+    first = cli.sample_site(settings, CLINIC, 100)
     assert first["size"] == 100 and first["drawn_by"]  # the champion's p_mel set the size measure
     ids = [r["image_id"] for r in first["images"]]
     assert len(set(ids)) == 100 and all(0 < r["inclusion_probability"] <= 1 for r in first["images"])
@@ -125,14 +124,14 @@ def test_validation_sample_over_represents_melanomas_and_extends(clinic):
     assert share > 1.4 * np.mean([v == "MEL" for v in truth.values()]), share
     strata = [r["stratum"] for r in first["images"]]
     assert 0.3 < strata.count("top_p_mel_quintile") / 100 < 0.7
-    assert site_sample.draw(settings, CLINIC, 100)["images"] == first["images"]  # the same call: the same sample
-    bigger = site_sample.draw(settings, CLINIC, 200)
+    assert cli.sample_site(settings, CLINIC, 100)["images"] == first["images"]  # the same call: the same sample
+    bigger = cli.sample_site(settings, CLINIC, 200)
     assert [r["image_id"] for r in bigger["images"][:100]] == ids  # extended, not redrawn
     # probabilities now those of a sample of 200: about twice as large for the same stratum
     pi = {r["image_id"]: r["inclusion_probability"] for r in bigger["images"]}
     assert pi[ids[0]] == pytest.approx(min(1.0, 2 * first["images"][0]["inclusion_probability"]), rel=1e-6)
     with pytest.raises(ValueError, match="no images; known sites"):
-        site_sample.draw(settings, "nowhere", 10)
+        cli.sample_site(settings, "nowhere", 10)
 
 
 def test_drawing_a_sample_scores_that_sites_images_only(trained_home, tmp_path):
@@ -146,7 +145,7 @@ def test_drawing_a_sample_scores_that_sites_images_only(trained_home, tmp_path):
         drop = make_drop(tmp_path / site, n_images=n, melanoma_fraction=0.25, seed=seed)
         (drop / "metadata.csv").unlink()
         assert ingest(str(drop), settings, site=site).accepted == n
-    assert site_sample.draw(settings, "clinic-a", 10)["size"] == 10
+    assert cli.sample_site(settings, "clinic-a", 10)["size"] == 10
     engine = db.make_engine(settings.db_url)
     with engine.connect() as conn:
         scored = dict(conn.execute(sa.select(images.c.site, sa.func.count(predictions.c.image_id))
@@ -158,7 +157,7 @@ def test_drawing_a_sample_scores_that_sites_images_only(trained_home, tmp_path):
 
 def test_labels_import_reason_codes_and_rerun(clinic):
     settings, truth, tmp = clinic
-    sample = site_sample.draw(settings, CLINIC, 200)["images"]
+    sample = cli.sample_site(settings, CLINIC, 200)["images"]
     engine = db.make_engine(settings.db_url)
     with engine.connect() as conn:
         isic_mel = conn.scalar(sa.select(images.c.image_id).where(images.c.label == "MEL").limit(1))
@@ -195,7 +194,7 @@ def test_retrain_validates_the_clinic_on_its_own_labels(clinic, trained_home):
     """After the import, a retrain splits the clinic's labelled images by lesion into train/val/test,
     chooses its own threshold on its validation images (IPW-weighted) and reports its test metrics."""
     settings, truth, _ = clinic
-    result = cli.train(settings, trained_home.config, run_id="after-import")
+    result = pipeline.run(settings, trained_home.config, run_id="after-import")
     own = result["thresholds_by_site"][CLINIC]
     assert own["chosen_on"] == "site" and own["n_mel"] >= 10, own
     # cross-fitted: out-of-fold scores over all of its labelled train+val images, the target reached on them
@@ -238,7 +237,7 @@ def test_retrain_validates_the_clinic_on_its_own_labels(clinic, trained_home):
 
 def test_a_night_mostly_from_unvalidated_sites_says_so():
     from lesion_tasks.ops import alerts
-    from lesion_tasks.scoring.nightly import night_sites
+    from lesion_tasks.sites.nights import night_sites
 
     quiet = night_sites({"a": {"status": "validated", "images": 60}, "b": {"status": "unvalidated", "images": 40}})
     assert not quiet["mostly_unvalidated"] and quiet["unvalidated_share"] == 0.4 and "note" not in quiet

@@ -8,7 +8,9 @@ from datetime import UTC, datetime
 import pytest
 import sqlalchemy as sa
 
-from lesion_tasks.lifecycle import assess, registry, retrain
+from lesion_tasks.assessment import assess
+from lesion_tasks.versions import registry
+from lesion_tasks.training import retrain
 from lesion_tasks.core import db, keys
 from lesion_tasks.core.schema import champion_history, model_versions
 from lesion_tasks.core.store import open_store

@@ -15,13 +15,14 @@ a threshold or to validate on. So the sample over-represents the likely melanoma
   (`trainset.sample_weights`), so they estimate the site's whole population.
 
 The champion must have scored the site's images for p_mel: the site's unscored ones are scored first
-(`nightly.score` with `site`; other sites' backlogs wait for their night).
+(`lesion_tasks.cli.sample_site` passes `nightly.score` with `site`; other sites' backlogs wait for their night).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,8 +32,7 @@ import sqlalchemy as sa
 from lesion_tasks.core.db import engine_for, insert_ignore
 from lesion_tasks.core.schema import images, predictions, site_samples
 from lesion_tasks.core.settings import Settings
-from lesion_tasks.lifecycle import registry
-from lesion_tasks.lifecycle.sites import SITE
+from lesion_tasks.versions import registry
 
 log = logging.getLogger(__name__)
 HIGH_QUANTILE = 0.8  # the top quintile of p_mel at the site ...
@@ -60,18 +60,22 @@ def _weight(stratum: str) -> float:
 
 
 def _state(conn: sa.Connection, site: str, version: str | None) -> tuple[list[str], list[Any], dict[str, float] | None]:
-    ids = list(conn.scalars(sa.select(images.c.image_id).where(SITE == site).order_by(images.c.image_id)))
+    ids = list(conn.scalars(sa.select(images.c.image_id).where(images.c.site == site).order_by(images.c.image_id)))
     drawn = conn.execute(sa.select(site_samples).where(site_samples.c.site == site).order_by(site_samples.c.rank)).all()
     p_mel = None
     if version is not None:
         p_mel = dict(conn.execute(sa.select(predictions.c.image_id, predictions.c.p_mel)
                                   .join(images, images.c.image_id == predictions.c.image_id)
-                                  .where(predictions.c.model_version == version, SITE == site)).all())
+                                  .where(predictions.c.model_version == version, images.c.site == site)).all())
     return ids, drawn, p_mel
 
 
-def draw(settings: Settings, site: str, size: int = 200) -> dict[str, Any]:
-    """The first `size` images of SITE's validation sample, drawing (and recording) as many as are missing."""
+def draw(settings: Settings, site: str, size: int = 200,
+         score_site: Callable[[str, str], Any] | None = None) -> dict[str, Any]:
+    """The first `size` images of SITE's validation sample, drawing (and recording) as many as are missing.
+    The size measure needs the champion's p_mel on every image of the site: `score_site(version, site)` scores
+    the site's unscored ones first (nightly scoring, wired by the caller: `lesion_tasks.cli.sample_site`);
+    without it, unscored images are a ValueError saying so."""
     if not 1 <= size <= MAX_SIZE:
         raise ValueError(f"--size {size}: expected 1..{MAX_SIZE}")
     engine = engine_for(settings)
@@ -81,14 +85,15 @@ def draw(settings: Settings, site: str, size: int = 200) -> dict[str, Any]:
             version = champion.model_version if champion and champion.artifacts_pruned_at is None else None
             ids, drawn, p_mel = _state(conn, site, version)
             if not ids:
-                known = sorted(conn.scalars(sa.select(SITE).distinct()))
+                known = sorted(conn.scalars(sa.select(images.c.site).distinct()))
                 raise ValueError(f"site {site!r}: no images; known sites: {', '.join(known[:20]) or 'none'}")
         if len(drawn) < size and version is not None and len(p_mel) < len(ids):
-            from lesion_tasks.scoring.nightly import score
-
+            if score_site is None:
+                raise ValueError(f"site {site!r}: {len(ids) - len(p_mel)} of its {len(ids)} images are not scored by "
+                                 f"champion {version} yet: score them first (lesion sites sample does)")
             log.info("site %s: %d of its %d images not scored by champion %s yet: scoring them first",
                      site, len(ids) - len(p_mel), len(ids), version)
-            score(settings, version, site=site)  # the site's images only, not the whole home's backlog
+            score_site(version, site)  # the site's images only, not the whole home's backlog
             with engine.connect() as conn:
                 ids, drawn, p_mel = _state(conn, site, version)
         if len(drawn) < size:

@@ -30,8 +30,9 @@ import numpy as np
 
 from lesion_tasks.model import backbones, mc, scope
 from lesion_tasks.core import keys
+from lesion_tasks.model.config import TrainConfig
 from lesion_tasks.model.features import FeatureConfig
-from lesion_tasks.lifecycle.registry import ModelVersion, pruned_message
+from lesion_tasks.versions.registry import ModelVersion, pruned_message
 from lesion_tasks.core.settings import Settings
 from lesion_tasks.core.store import ObjectNotFound, ObjectStore, check_key, key_of
 
@@ -54,10 +55,6 @@ def figure(name: str) -> str:
 
 def gradcam_example(image_id: str) -> str:
     return f"figures/gradcam-{image_id}.png"
-
-
-def _version(v: ModelVersion | dict[str, Any]) -> ModelVersion:
-    return v if isinstance(v, ModelVersion) else ModelVersion.from_row(v)
 
 
 class ArtifactError(ValueError):
@@ -156,35 +153,38 @@ class ModelArtifacts:
         return self._parsed(SCOPE, scope.ScopeHead.from_bytes)
 
 
-def of(store: ObjectStore, version: ModelVersion | dict[str, Any]) -> ModelArtifacts:
+def of(store: ObjectStore, v: ModelVersion) -> ModelArtifacts:
     """The artifacts of a model version; an ArtifactError naming it when `lesion gc` pruned them."""
-    v = _version(version)
     if v.artifacts_pruned_at is not None:
         raise ArtifactError(f"{pruned_message(v.model_version, v.artifacts_pruned_at)}: it cannot score "
                             "or be evaluated (score with the champion, or retrain); nothing written")
     return ModelArtifacts(store, v.model_version)
 
 
-def feature_config(source: Any, weights_sha256: str | None = None) -> FeatureConfig:
-    """The feature cache configuration of a model version (a ModelVersion or its row), or of a training run
-    (its TrainConfig and the weights' sha256): the one builder for both."""
-    if isinstance(source, dict):
-        source = ModelVersion.from_row(source)
+def feature_config(source: ModelVersion | TrainConfig, weights_sha256: str | None = None) -> FeatureConfig:
+    """The feature cache configuration of a model version, or of a training run (its TrainConfig and the
+    weights' sha256): the one builder for both."""
     sha = source.weights_sha256 if isinstance(source, ModelVersion) else weights_sha256
     return FeatureConfig(source.backbone, sha, source.image_size, source.seed,
                          effective_resolution=source.effective_resolution, color_constancy=source.color_constancy)
 
 
-def load_scope_of(store: ObjectStore, version: ModelVersion | dict[str, Any]) -> scope.ScopeHead | None:
+def feature_key(v: ModelVersion) -> str | None:
+    """The feature cache configuration `v` was trained on, as recorded (`lineage.feature_config`), else as its
+    recorded config gives it (versions from before it was recorded); None while a claim still trains."""
+    if v.lineage.get("feature_config"):
+        return v.lineage["feature_config"]
+    return feature_config(v).key if v.config else None
+
+
+def load_scope_of(store: ObjectStore, v: ModelVersion) -> scope.ScopeHead | None:
     """A version's out-of-scope head, None when it has none (trained without OTHER images, or before 0.8).
     Its threshold is the registry's (`ModelVersion.scope_threshold`), stored there only."""
-    v = _version(version)
     return of(store, v).load_scope() if v.scope_threshold is not None else None
 
 
-def weights_of(version: ModelVersion | dict[str, Any], settings: Settings, store: ObjectStore) -> backbones.ResolvedWeights:
+def weights_of(v: ModelVersion, settings: Settings, store: ObjectStore) -> backbones.ResolvedWeights:
     """The backbone weights a model version recorded, checked against its recorded sha256."""
-    v = _version(version)
     resolved = backbones.resolve_weights(v.weights_used, backbones.get_backbone(v.backbone), settings.home / "cache", store)
     if resolved.sha256 != v.weights_sha256:
         raise ArtifactError(f"model {v.model_version}: weights {resolved.source} have sha256 {resolved.sha256}, "

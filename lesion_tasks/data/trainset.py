@@ -73,8 +73,8 @@ def lesion_of(conn: sa.Connection, image_ids: list[str]) -> list[str]:
 
 
 def site_of(conn: sa.Connection, image_ids: list[str]) -> list[str]:
-    """The site of each image (its drop id for rows that predate sites and were never backfilled)."""
-    rows = dict(conn.execute(sa.select(images.c.image_id, sa.func.coalesce(images.c.site, images.c.drop_id))
+    """The site of each image (`images.site`)."""
+    rows = dict(conn.execute(sa.select(images.c.image_id, images.c.site)
                              .where(images.c.image_id.in_(image_ids))).all()) if image_ids else {}
     return [rows[i] for i in image_ids]
 

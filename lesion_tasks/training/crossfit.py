@@ -1,6 +1,6 @@
 """Cross-fitting: out-of-fold scores over all of a site's labelled training and validation images.
 
-A clinic labels a few hundred images (its validation sample, `scoring.site_sample`), so a fixed validation
+A clinic labels a few hundred images (its validation sample, `sites.sample`), so a fixed validation
 split leaves it a dozen melanomas: too few to choose a threshold on. Instead its labelled train+val images
 are cut into folds by lesion (stratified by label); for each fold the head is refitted without that fold's
 images (calibrated on the validation split minus the fold, early-stopped on it), and the fold is scored by
@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-from typing import Any
 
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-from lesion_tasks.lifecycle import trainset
+from lesion_tasks.data import trainset
 from lesion_tasks.model import mc
+from lesion_tasks.sites.thresholds import OutOfFold
 
 log = logging.getLogger(__name__)
 FOLDS = 5
@@ -39,20 +39,6 @@ class Labelled:
         keep = ~drop
         return Labelled([v[keep] for v in self.views], self.y[keep], [i for i, k in zip(self.ids, keep) if k],
                         self.sites[keep], self.lesions[keep])
-
-
-@dataclass(frozen=True)
-class OutOfFold:
-    """Out-of-fold calibrated p_mel of a site's labelled train+val images (train first, then val), with the
-    per-sample calibrated logits (N, T) behind it and each image's fold."""
-
-    ids: list[str]
-    y: np.ndarray
-    p: np.ndarray
-    lesions: np.ndarray
-    folds: int
-    logits: np.ndarray
-    fold_of: np.ndarray
 
 
 def out_of_fold(site: str, train: Labelled, val: Labelled, fit, version: str, mc_samples: int, seed: int,
@@ -98,47 +84,6 @@ def out_of_fold(site: str, train: Labelled, val: Labelled, fit, version: str, mc
         log.info("site %s: fold %d/%d scored (%d images, %d melanomas)", site, k + 1, folds, int(mine.sum()),
                  int(y[mine].sum()))
     return OutOfFold(ids, y, p, lesions, folds, calibrated_logits, fold_of)
-
-
-def site_calibration(oof: OutOfFold, w: np.ndarray) -> dict[str, Any]:
-    """A site's own Platt scaling on top of the pooled one, and whether it measurably helps.
-
-    (a, b) are fitted on the out-of-fold calibrated logits, IPW-weighted. Whether to apply them is itself
-    cross-validated over the same folds: fitted without fold k, scored on fold k, each image's log-loss
-    against the pooled calibration alone. Applied only when the weighted mean improvement exceeds 1.645
-    standard errors of the paired differences (one-sided 95%): with a couple of hundred labels a site's own
-    scaling is often noise, and then the pooled one stays."""
-    def loss(q: np.ndarray, y: np.ndarray) -> np.ndarray:
-        q = np.clip(q, 1e-7, 1 - 1e-7)
-        return -(y * np.log(q) + (1 - y) * np.log(1 - q))
-
-    pooled = loss(oof.p, oof.y)
-    site = np.empty(len(oof.y))
-    for k in range(oof.folds):
-        out = oof.fold_of == k
-        rest = ~out
-        if oof.y[rest].min() == oof.y[rest].max():  # cannot be cross-validated: the pooled calibration stays
-            return {"applied": False, "a": 1.0, "b": 0.0, "log_loss": {"pooled": float(np.average(pooled, weights=w)),
-                                                                      "site": None},
-                    "gain": None, "gain_se": None, "why": f"fold {k} leaves one class only: not cross-validated"}
-        a, b = mc.fit_calibration(oof.logits[rest], oof.y[rest], w[rest])
-        site[out] = loss(mc.sigmoid(a * oof.logits[out] + b).mean(axis=1), oof.y[out])
-    diff = (pooled - site) * w / w.mean()  # > 0: the site's own scaling does better
-    gain, se = float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(diff)))
-    a, b = mc.fit_calibration(oof.logits, oof.y, w)
-    applied = gain > 1.645 * se
-    return {"applied": bool(applied), "a": a, "b": b,
-            "log_loss": {"pooled": float(np.average(pooled, weights=w)), "site": float(np.average(site, weights=w))},
-            "gain": gain, "gain_se": se,
-            "why": ("cross-validated log-loss better than the pooled calibration's by more than 1.645 standard errors"
-                    if applied else "no measurable gain over the pooled calibration (cross-validated log-loss)")}
-
-
-def recalibrated(oof: OutOfFold, calibration: dict[str, Any]) -> np.ndarray:
-    """The out-of-fold p_mel under the site's own scaling (`site_calibration`) where it is applied."""
-    if not calibration.get("applied"):
-        return oof.p
-    return mc.summarize(mc.sigmoid(calibration["a"] * oof.logits + calibration["b"]))[0]
 
 
 def training_weights(ids: list[str], pi: dict[str, float], site_weight: float) -> np.ndarray | None:

@@ -18,7 +18,8 @@ import sqlalchemy as sa
 from lesion_tasks.core import db, keys
 from lesion_tasks.core.store import open_store
 from lesion_tasks.model import mc
-from lesion_tasks.lifecycle import retrain, splits, trainset
+from lesion_tasks.training import retrain
+from lesion_tasks.data import splits, trainset
 from lesion_tasks.review import cases as review
 from lesion_tasks.core.schema import images, prediction_samples, predictions, reviews
 from lesion_tasks.core.schema import splits as splits_table
