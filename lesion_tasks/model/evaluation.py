@@ -144,7 +144,8 @@ def bootstrap_ci(y: np.ndarray, p: np.ndarray, t: Any, n: int = 1000, seed: int 
 
 def paired_delta(y: np.ndarray, p_new: np.ndarray, t_new: Any, p_old: np.ndarray, t_old: Any,
                  n: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """Challenger minus champion on the same cases, with paired-bootstrap 95% intervals."""
+    """Challenger minus champion on the same cases, with paired-bootstrap 95% intervals (None without resamples,
+    `n` = 0: the gate then cannot tell "not worse" and says so)."""
     rng = np.random.default_rng(seed)
     pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
 
@@ -154,11 +155,12 @@ def paired_delta(y: np.ndarray, p_new: np.ndarray, t_new: Any, p_old: np.ndarray
 
     point = delta(np.arange(len(y)))
     draws = np.array([delta(np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])) for _ in range(n)])
-    return {
-        "auc_delta": float(point[0]), "auc_delta_ci95": [float(v) for v in np.nanpercentile(draws[:, 0], [2.5, 97.5])],
-        "mel_sensitivity_delta": float(point[1]),
-        "mel_sensitivity_delta_ci95": [float(v) for v in np.nanpercentile(draws[:, 1], [2.5, 97.5])],
-    }
+
+    def ci(k: int) -> list[float | None]:
+        return [float(v) for v in np.nanpercentile(draws[:, k], [2.5, 97.5])] if n else [None, None]
+
+    return {"auc_delta": float(point[0]), "auc_delta_ci95": ci(0),
+            "mel_sensitivity_delta": float(point[1]), "mel_sensitivity_delta_ci95": ci(1)}
 
 
 def evaluate(y: np.ndarray, p: np.ndarray, entropy: np.ndarray, mutual_info: np.ndarray, t: Any,

@@ -215,3 +215,16 @@ def test_the_reasons_say_which_threshold_applied_and_whose_target_set_it():
     assert ("PASS: test mel_sensitivity 0.9000 >= floor 0.80 (each site at its own threshold where it has one, else at "
             "the pooled threshold 0.0940, set by site sharp's target)") in reasons
     assert "PASS: test auc 0.9500 >= floor 0.70" in reasons  # AUC does not depend on a threshold
+
+
+def test_without_bootstrap_resamples_the_comparison_with_the_champion_is_undefined_not_a_crash():
+    """`bootstrap` 0 (allowed by its bounds): the paired deltas have no interval, and the gate says the regression
+    check is undefined (a fail) instead of raising IndexError."""
+    from lesion_tasks.model import evaluation
+
+    y = np.array([0, 1] * 20)
+    p = np.linspace(0, 1, 40)
+    delta = evaluation.paired_delta(y, p, 0.5, p[::-1], 0.5, n=0)
+    assert delta["auc_delta_ci95"] == [None, None] and delta["auc_delta"] == pytest.approx(delta["auc_delta"])
+    passed, reasons = decide(_metrics(), delta | {"champion": "v1"}, GateFloors())
+    assert not passed and "FAIL: auc vs champion v1 is undefined on this test split" in reasons
