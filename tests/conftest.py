@@ -26,6 +26,10 @@ os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(REPO / "dags"))
 os.environ.setdefault("AIRFLOW__CORE__PLUGINS_FOLDER", str(REPO / "plugins"))
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 os.environ.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "INFO")
+# The backbone in float32 unless a test says otherwise: the exactness tests compare two paths of one precision,
+# and the trained home's numbers are float32's. bfloat16 (what `auto` takes on a CPU with the units) is tested on
+# purpose in tests/integration/test_precision.py.
+os.environ.setdefault("LESION_BACKBONE_PRECISION", "float32")
 
 from lesion_tasks.core import db
 from lesion_tasks.core.settings import Settings  # noqa: E402

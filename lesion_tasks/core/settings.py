@@ -11,6 +11,7 @@
 | `LESION_INCOMING_SETTLE_SECONDS` | a folder drop under `incoming/` is taken once untouched this long (or when it holds `_READY`) | `300` |
 | `LESION_GRADCAM_MATERIALIZE` | `1`: nightly scoring also writes each Grad-CAM overlay as a PNG (the files a team may want); `0`: it stores the low-resolution map only and overlays are rendered on demand | `0` |
 | `LESION_VERDICTS_VALIDATE` | `1`: reviewer verdicts join the validation and test splits like imported labels (`lesion labels import`); `0`: training data only, since a verdict is not histopathology | `0` |
+| `LESION_BACKBONE_PRECISION` | the backbone's precision: `auto` (bfloat16 where the CPU has bfloat16 units, else float32), `float32` or `bfloat16` (`model.precision`) | `auto` |
 
 Weights (read per call by `weights_settings()`, so a process can be pointed elsewhere without restarting):
 
@@ -199,3 +200,9 @@ def weights_settings(env: Mapping[str, str] | None = None) -> WeightsSettings:
     dirs = [Path(env["LESION_WEIGHTS_DIR"])] if env.get("LESION_WEIGHTS_DIR") else []
     dirs.append(Path(env.get("KERAS_HOME", Path.home() / ".keras")) / "models")
     return WeightsSettings(tuple(dirs), env.get("LESION_WEIGHTS_ANY_PATH") == "1", env.get("LESION_WEIGHTS_DOWNLOAD", "1") != "0")
+
+
+def backbone_precision_setting(env: Mapping[str, str] | None = None) -> str:
+    """`LESION_BACKBONE_PRECISION` as set (`model.precision.choose` decides what it means on this machine)."""
+    env = os.environ if env is None else env
+    return env.get("LESION_BACKBONE_PRECISION", "auto")

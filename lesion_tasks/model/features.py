@@ -13,6 +13,9 @@ copy, optionally brought to one *effective resolution* first (downsampled with a
 then resized to the input size), so sharp 256 px and blurry 84 px drops look alike and sharpness cannot
 stand in for the diagnosis; and optionally colour-normalised by Shades of Gray (Finlayson & Trezzi 2004,
 Minkowski p = 6), the usual correction for the light and camera of another clinic.
+
+The backbone computes in the configuration's precision (`model.precision`: float32, or bfloat16 on the CPU's
+matrix units); the cached features are float32 either way, and the precision is part of the cache's key.
 """
 
 from __future__ import annotations
@@ -45,12 +48,14 @@ class FeatureConfig:
     preprocessing: str = backbones.PREPROCESSING
     effective_resolution: int = 0  # 0: the normalised copy as is
     color_constancy: str = ""  # "" or "shades_of_gray"
+    precision: str = "float32"  # the backbone's (`model.precision`): bfloat16 features never mix with float32 ones
 
     @property
     def key(self) -> str:
         weights = self.weights_sha256 or f"random-init:seed={self.init_seed}"
         look = [self.effective_resolution, self.color_constancy] if self.effective_resolution or self.color_constancy else []
-        text = json.dumps([self.backbone, weights, self.image_size, self.preprocessing, *look])
+        computed = [self.precision] if self.precision != "float32" else []  # float32 keys stay what they were
+        text = json.dumps([self.backbone, weights, self.image_size, self.preprocessing, *look, *computed])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -126,7 +131,8 @@ class BackboneRunner:
         import tensorflow as tf
 
         if self._fn is None:
-            model = backbones.feature_model(self.config.backbone, self.config.image_size, self.weights, self.config.init_seed)
+            model = backbones.feature_model(self.config.backbone, self.config.image_size, self.weights, self.config.init_seed,
+                                            self.config.precision)
             self._fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
         out = []
         for start in range(0, len(images), BATCH):

@@ -33,6 +33,7 @@ import sqlalchemy as sa
 from lesion_tasks.versions import artifacts, predict, registry
 from lesion_tasks.sites import nights
 from lesion_tasks.model import attention, backbones, features, gradcam, mc, scope
+from lesion_tasks.model import precision as precision_
 from lesion_tasks.core import keys
 from lesion_tasks.core.db import analyze, engine_for, upsert
 from lesion_tasks.core.schema import images, prediction_samples, predictions
@@ -55,23 +56,34 @@ class ScoringModel:
     input_config: features.FeatureConfig | None = None  # what the backbone sees (effective resolution, colour)
     # sites where this version's evidence puts it below a floor (site_evaluations): all their cases go to review
     failing_sites: frozenset[str] = frozenset()
+    precision: precision_.Precision = precision_.Precision("float32", "as given")  # the backbone's, this run
 
     @property
     def version(self) -> str:
         return self.info.model_version
 
 
-def load_scoring_model(store: ObjectStore, v: registry.ModelVersion) -> ScoringModel:
-    """The saved model cut at (last activation, pooled features), compiled for fixed batches."""
+def load_scoring_model(store: ObjectStore, v: registry.ModelVersion,
+                       precision: precision_.Precision | None = None) -> ScoringModel:
+    """The saved model cut at (last activation, pooled features), compiled for fixed batches, its backbone in
+    `precision` (default: the version's own, `model.precision.of_version`: the decisions its evaluation measured).
+    The saved model is float32; in bfloat16 the same architecture is built under that policy and given the saved
+    weights (the variables stay float32)."""
     import keras
     import tensorflow as tf
 
+    chosen = precision or precision_.of_version(v.precision)
     saved = artifacts.of(store, v)
     model = saved.load_model(v.model_uri)  # ArtifactError (a ValueError) names what is missing or broken
+    if chosen.name != "float32":
+        none = backbones.resolve_weights("none", backbones.get_backbone(v.backbone), None)
+        rebuilt = backbones.build_model(v.backbone, v.image_size, none, 0.5, v.seed, chosen.name)
+        rebuilt.set_weights(model.get_weights())
+        model = rebuilt
     head = saved.load_head()
     cut = keras.Model(model.input, [model.get_layer(v.last_activation).output,
                                      model.get_layer("head_gap").output])
-    fn = tf.function(lambda x: cut(x, training=False), reduce_retracing=True)
+    fn = tf.function(lambda x: [tf.cast(t, tf.float32) for t in cut(x, training=False)], reduce_retracing=True)
 
     def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         n = len(batch)
@@ -80,7 +92,8 @@ def load_scoring_model(store: ObjectStore, v: registry.ModelVersion) -> ScoringM
         activations, pooled = fn(tf.constant(batch))
         return activations.numpy()[:n], pooled.numpy()[:n]
 
-    return ScoringModel(v, head, run, artifacts.load_scope_of(store, v), artifacts.feature_config(v))
+    log.info("model %s scores with its backbone in %s (%s)", v.model_version, chosen.name, chosen.why)
+    return ScoringModel(v, head, run, artifacts.load_scope_of(store, v), artifacts.feature_config(v), precision=chosen)
 
 
 def _unscored(conn: sa.Connection, version: str, first: str | None = None, last: str | None = None,
@@ -183,7 +196,7 @@ def score_range(settings: Settings, model_version: str = "champion", first: str 
                 raise ValueError(registry.pruned_message(v.model_version, v.artifacts_pruned_at) + ": it cannot score")
             todo = _unscored(conn, v.model_version, first, last, limit, site)
         if not todo:
-            return {"model_version": v.model_version, "scored": 0, "needs_review": 0, "seconds": 0.0}
+            return {"model_version": v.model_version, "scored": 0, "needs_review": 0, "seconds": 0.0, "precision": None}
         model = model or load_scoring_model(store, v)
         with engine.connect() as conn:
             failing = nights.failing_sites(conn, v.model_version)
@@ -243,7 +256,7 @@ def score_range(settings: Settings, model_version: str = "champion", first: str 
             io_pool.shutdown(cancel_futures=True)
             writer.shutdown(cancel_futures=True)
         return {"model_version": model.version, "scored": scored, "needs_review": flagged,
-                "seconds": round(time.monotonic() - started, 2)}
+                "seconds": round(time.monotonic() - started, 2), "precision": model.precision.record()}
     finally:
         engine.dispose()
 
@@ -264,7 +277,7 @@ def score(settings: Settings, model_version: str = "champion", mc_samples: int |
     if result["scored"]:
         _refresh_statistics(settings)
     return {"model_version": version, "scored": result["scored"], "skipped": skipped,
-            "needs_review": result["needs_review"], "seconds": result["seconds"]}
+            "needs_review": result["needs_review"], "seconds": result["seconds"], "precision": result["precision"]}
 
 
 def _refresh_statistics(settings: Settings) -> None:
@@ -294,7 +307,9 @@ def summarize(settings: Settings, model_version: str, run_id: str, results: list
         engine.dispose()
     if in_run[0]:
         _refresh_statistics(settings)
-    summary = {"model_version": model_version, "run_id": run_id, "shards": len(results),
+    # the backbone precision each shard scored in (`model.precision`): a night that mixed machines says so
+    used = sorted({r["precision"]["precision"] for r in results if r.get("precision")})
+    summary = {"model_version": model_version, "run_id": run_id, "shards": len(results), "precision": used,
                "scored": sum(r["scored"] for r in results), "rows_of_this_run": in_run[0],
                "needs_review": int(in_run[1] or 0), "still_unscored": remaining, "sites": nights.night_sites(by_site)}
     if summary["sites"]["mostly_unvalidated"]:

@@ -26,7 +26,7 @@ from lesion_tasks.model import config as configuration
 from lesion_tasks.training import crossfit
 from lesion_tasks.data import splits, trainset
 from lesion_tasks.model.config import TrainConfig
-from lesion_tasks.model import attention, backbones, features, mc, scope
+from lesion_tasks.model import attention, backbones, features, mc, precision, scope
 from lesion_tasks.core import keys
 from lesion_tasks.core.db import engine_for
 from lesion_tasks.core.schema import images, splits as splits_table
@@ -185,7 +185,9 @@ def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[st
         if not len(train_refs) or not y_val.sum():
             raise ValueError(f"split has {len(train_refs)} training and {int(y_val.sum())} validation melanomas: "
                              "ingest labelled drops first (lesion ingest) and run the split")
-        fcfg = artifacts.feature_config(config, weights.sha256)
+        computed_in = precision.choose(config.backbone)  # the backbone's precision here (model/precision.py)
+        log.info("model %s: backbone features in %s (%s)", version, computed_in.name, computed_in.why)
+        fcfg = artifacts.feature_config(config, weights.sha256, computed_in.name)
         runner = features.BackboneRunner(fcfg, weights)
         train_views, s1 = features.features_for(train_refs, list(range(config.views)), fcfg, weights, store, runner)
         val_feats, s2 = features.features_for(val_refs, [0], fcfg, weights, store, runner)
@@ -258,7 +260,8 @@ def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[st
             "weights_source": weights.source, "weights_sha256": weights.sha256,
             "lineage": {"run_id": run_id, "drops": drops_used, "splits": split_summary["counts"],
                         "split_rules": split_summary["rules"], "feature_config": fcfg.key,
-                        "reviewed_labels": reviewed_lineage, "weights_fallback": _fallback(asked, config, weights)},
+                        "reviewed_labels": reviewed_lineage, "weights_fallback": _fallback(asked, config, weights),
+                        "backbone_precision": computed_in.record()},
             "review_rule": review_rule.to_json(), "model_uri": model_uri, "code_version": _code_version(), "run_id": run_id,
         }
         registry.record_trained(engine, version, run_id, row)  # only this run's row, while it is not promoted

@@ -161,12 +161,15 @@ def of(store: ObjectStore, v: ModelVersion) -> ModelArtifacts:
     return ModelArtifacts(store, v.model_version)
 
 
-def feature_config(source: ModelVersion | TrainConfig, weights_sha256: str | None = None) -> FeatureConfig:
-    """The feature cache configuration of a model version, or of a training run (its TrainConfig and the
-    weights' sha256): the one builder for both."""
-    sha = source.weights_sha256 if isinstance(source, ModelVersion) else weights_sha256
-    return FeatureConfig(source.backbone, sha, source.image_size, source.seed,
-                         effective_resolution=source.effective_resolution, color_constancy=source.color_constancy)
+def feature_config(source: ModelVersion | TrainConfig, weights_sha256: str | None = None,
+                   precision: str = "float32") -> FeatureConfig:
+    """The feature cache configuration of a model version (at the backbone precision it was trained in), or of a
+    training run (its TrainConfig, the weights' sha256 and the precision it runs in): the one builder for both."""
+    if isinstance(source, ModelVersion):
+        weights_sha256, precision = source.weights_sha256, source.precision
+    return FeatureConfig(source.backbone, weights_sha256, source.image_size, source.seed,
+                         effective_resolution=source.effective_resolution, color_constancy=source.color_constancy,
+                         precision=precision)
 
 
 def feature_key(v: ModelVersion) -> str | None:

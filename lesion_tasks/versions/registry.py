@@ -131,6 +131,7 @@ class ModelVersion:
     bootstrap: int
     effective_resolution: int
     color_constancy: str
+    precision: str  # the backbone's, in training (`model.precision`; "float32" for versions from before it)
     target_sensitivity: float | None
     floors: GateFloors
     floors_recorded: Mapping[str, Any]  # the floors as recorded (what the gate's record says it used)
@@ -160,7 +161,9 @@ class ModelVersion:
             last_activation=cfg.get("last_activation"), seed=int(cfg.get("seed", 0)),
             mc_seed=None if cfg.get("mc_seed") is None else int(cfg["mc_seed"]),
             bootstrap=int(cfg.get("bootstrap", 0)), effective_resolution=int(cfg.get("effective_resolution", 0)),
-            color_constancy=cfg.get("color_constancy", ""), target_sensitivity=cfg.get("target_sensitivity"),
+            color_constancy=cfg.get("color_constancy", ""),
+            precision=(lineage.get("backbone_precision") or {}).get("precision", "float32"),
+            target_sensitivity=cfg.get("target_sensitivity"),
             floors=GateFloors(**cfg.get("floors", {})), floors_recorded=dict(cfg.get("floors") or {}),
             review_rule=ReviewRule.from_json(row.get("review_rule")), lineage=lineage, config=cfg,
             environment=row.get("environment") or {}, metrics=row.get("metrics"), gate=row.get("gate"),

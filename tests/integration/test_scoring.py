@@ -71,7 +71,8 @@ def test_every_image_scored_once_with_valid_numbers(scored_home, scored_copy):
         n_images = conn.execute(sa.select(sa.func.count()).select_from(images)).scalar()
     engine.dispose()
     assert first == {"model_version": version, "scored": n_images, "skipped": 0,
-                     "needs_review": sum(r["needs_review"] for r in rows), "seconds": first["seconds"]}
+                     "needs_review": sum(r["needs_review"] for r in rows), "seconds": first["seconds"],
+                     "precision": {"precision": "float32", "why": "the version's own (trained in it)"}}
     assert len(rows) == n_images == N_IMAGES
     for r in rows:
         assert 0 <= r["p_mel"] <= 1 and 0 <= r["entropy"] <= math.log(2) + 1e-9 and r["mutual_info"] >= 0
