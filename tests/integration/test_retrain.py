@@ -24,7 +24,6 @@ import sqlalchemy as sa
 
 from lesion_tasks.versions.registry import ModelVersion
 from lesion_tasks import pipeline
-from lesion_tasks.model.config import make_config
 from lesion_tasks.versions import artifacts, registry
 from lesion_tasks.assessment import assess, gate
 from lesion_tasks.data import trainset
@@ -332,13 +331,3 @@ def test_metrics_agree_with_isic_challenge_scoring(trained, isic_scoring, tmp_pa
     assert per["sensitivity"]["MEL"] == pytest.approx(ours["mel_sensitivity"], abs=1e-9)
     assert per["specificity"]["MEL"] == pytest.approx(ours["mel_specificity"], abs=1e-9)
     assert score["aggregate"]["balanced_accuracy"] == pytest.approx(ours["balanced_accuracy"], abs=1e-9)
-
-
-def test_make_config_validates():
-    with pytest.raises(ValueError, match="profile 'fast'"):
-        make_config("fast")
-    with pytest.raises(ValueError, match="backbone 'vgg'"):
-        make_config("demo", backbone="vgg")
-    with pytest.raises(ValueError, match="epochs=0"):
-        make_config("demo", epochs=0)
-    assert make_config("paper").backbone == "resnet101v2"

@@ -18,62 +18,12 @@ from lesion_tasks.core import db
 from lesion_tasks.core.schema import images, label_imports, site_samples, splits
 from lesion_tasks.ingest import label_import
 from lesion_tasks.ingest.drop import ingest
-from lesion_tasks.ingest.sources import SiteConflict, _is_site_folder, layout_site, resolve_site
 from lesion_tasks.sites import status as sites
-from lesion_tasks.model import evaluation
 from lesion_tasks.ops.synthetic import make_drop
 from tests.helpers import LABELLED_DROP, NIGHT_DROP
 
 pytestmark = pytest.mark.unit
 CLINIC = "clinic-x"
-
-
-def test_site_precedence_and_conflicts():
-    assert resolve_site(None, None, None, "drop-1") == "drop-1"
-    assert resolve_site(None, None, "clinic", "drop-1") == "clinic"
-    assert resolve_site(None, "Clinic A", None, "d") == "Clinic-A"
-    assert resolve_site("clinic", "clinic", "clinic", "d") == "clinic"
-    with pytest.raises(SiteConflict, match=r"site_conflict.*--site 'a'.*site.txt 'b'"):
-        resolve_site("a", "b", None, "d")
-    with pytest.raises(SiteConflict, match="store layout"):
-        resolve_site(None, "b", "c", "d")
-    assert layout_site("incoming/clinic/night-2.zip") == ("clinic", "night-2")
-    assert layout_site("incoming/clinic/night-2/") == ("clinic", "night-2")
-    assert layout_site("incoming/drop") is None and layout_site("/data/clinic/night") is None
-
-
-def test_store_layout_tells_a_site_folder_from_a_drop():
-    assert _is_site_folder(["night-1/a.jpg", "night-2.zip"])
-    assert not _is_site_folder(["a.jpg", "night-1/b.jpg"])  # images directly inside: a drop
-    assert not _is_site_folder(["metadata.csv", "images/a.jpg"])  # a challenge drop
-    assert not _is_site_folder(["images/a.jpg"])  # a challenge drop without its CSV
-    assert not _is_site_folder(["night-1/_READY", "_READY"])
-
-
-def test_weighted_threshold_and_metrics_reduce_to_the_unweighted_ones():
-    rng = np.random.default_rng(0)
-    y = (rng.random(300) < 0.3).astype(int)
-    p = np.clip(0.3 * y + rng.random(300) * 0.7, 0, 1)
-    for target in (0.8, 0.85, 0.9, 1.0):
-        assert evaluation.threshold_for_sensitivity(y, p, target, np.ones(300)) == evaluation.threshold_for_sensitivity(y, p, target)
-    t = evaluation.threshold_for_sensitivity(y, p, 0.85)
-    plain, weighted = evaluation.binary_metrics(y, p, t), evaluation.binary_metrics(y, p, t, np.ones(300))
-    for key in ("auc", "mel_sensitivity", "mel_specificity", "balanced_accuracy", "accuracy"):
-        assert weighted[key] == pytest.approx(plain[key])
-    # weights move the estimate: melanomas counted 3x in the lower half of the scores lower the sensitivity
-    w = np.where((y == 1) & (p < np.median(p[y == 1])), 3.0, 1.0)
-    assert evaluation.binary_metrics(y, p, t, w)["mel_sensitivity"] < plain["mel_sensitivity"]
-    assert evaluation.threshold_for_sensitivity(y, p, 0.85, w) <= t
-
-
-def test_imported_diagnoses():
-    assert label_import.parse_diagnosis("MEL") == ("MEL", "MEL")
-    assert label_import.parse_diagnosis("unk") == ("OTHER", "UNK")
-    assert label_import.parse_diagnosis("BCC") == ("OTHER", "BCC")
-    assert label_import.parse_diagnosis("nevus")[0] == "NV"
-    for bad in ("", "XYZ", "unknown"):
-        with pytest.raises(ValueError):
-            label_import.parse_diagnosis(bad)
 
 
 def _truth(drop) -> dict[str, str]:
@@ -233,49 +183,3 @@ def test_retrain_validates_the_clinic_on_its_own_labels(clinic, trained_home):
         assert len(rows) == 400 and {r.site_status for r in rows} == {clinic_row["status"]}
         assert {round(r.threshold, 9) for r in rows} == {round(own["threshold"], 9)}
     print(json.dumps({"site": clinic_row, "threshold": own}, default=str))
-
-
-def test_a_night_mostly_from_unvalidated_sites_says_so():
-    from lesion_tasks.ops import alerts
-    from lesion_tasks.sites.nights import night_sites
-
-    quiet = night_sites({"a": {"status": "validated", "images": 60}, "b": {"status": "unvalidated", "images": 40}})
-    assert not quiet["mostly_unvalidated"] and quiet["unvalidated_share"] == 0.4 and "note" not in quiet
-    loud = night_sites({"a": {"status": "validated", "images": 40}, "b": {"status": "unvalidated", "images": 50},
-                        "c": {"status": "unvalidated", "images": 10}, "d": {"status": "failing", "images": 3}})
-    assert loud["mostly_unvalidated"] and loud["unvalidated_sites"] == ["b", "c"] and loud["failing_sites"] == ["d"]
-    assert loud["images_by_status"] == {"unvalidated": 60, "provisional": 0, "validated": 40, "failing": 3}
-    assert loud["note"].startswith("60 of 103 images tonight (58%) come from sites the model was never validated at (b, c)")
-    alert = alerts.unvalidated_night({"model_version": "v1", "run_id": "r1", "sites": loud}, {})
-    assert alert.kind == "unvalidated_night" and "unvalidated 60, validated 40, failing 3" in alert.text()
-    assert night_sites({})["unvalidated_share"] == 0.0
-
-
-def test_discovery_finds_drops_inside_site_folders_and_ingest_names_their_site(tmp_path):
-    """incoming/<site>/<drop>/ and incoming/<site>/<drop>.zip are drops of <site>; other first-level
-    entries are drops; the layout's site reaches the images, and a contradicting --site fails the drop."""
-    import io
-    import zipfile
-
-    from lesion_tasks.core.settings import Settings
-    from lesion_tasks.core.store import open_store
-    from lesion_tasks.ingest.sources import discover_incoming
-    from tests.imagegen import jpeg
-
-    settings = Settings.from_env({"LESION_HOME": str(tmp_path / "home"), "LESION_INCOMING_SETTLE_SECONDS": "0"})
-    db.upgrade(settings)
-    store = open_store(settings)
-    store.put("incoming/clinic-a/night-1/ISIC_5000001.jpg", jpeg(1))
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        z.writestr("ISIC_5000002.jpg", jpeg(2))
-    store.put("incoming/clinic-a/night-2.zip", buf.getvalue())
-    store.put("incoming/plain-drop/ISIC_5000003.jpg", jpeg(3))
-    ready = discover_incoming(settings, store)
-    assert ready == ["incoming/clinic-a/night-1", "incoming/clinic-a/night-2.zip", "incoming/plain-drop"]
-    results = [ingest(key, settings) for key in ready]
-    assert [(r.drop_id, r.site) for r in results] == [("clinic-a-night-1", "clinic-a"), ("clinic-a-night-2", "clinic-a"),
-                                                       ("plain-drop", "plain-drop")]
-    with pytest.raises(SiteConflict, match="site_conflict"):
-        ingest("incoming/clinic-a/night-1", settings, drop_id="again", site="clinic-b")
-    assert discover_incoming(settings, store) == []  # all complete
