@@ -456,7 +456,7 @@ def precision_end_to_end(data: Path, backbone: str, n: int, plain_ms: dict[str, 
     return out
 
 
-def precision_decisions(data: Path, backbone: str, home: Path, shared_home: Path | None) -> dict:
+def precision_decisions(backbone: str, home: Path) -> dict:
     """A real-weight backbone's demo model trained in float32 on the shared drops, its test split scored with the
     backbone in float32 and in bfloat16 through the one prediction path: how often the decisions agree."""
     from lesion_tasks import pipeline
@@ -525,7 +525,7 @@ def precision_part(data: Path, speed: list[str], decide: list[str], n: int, roun
                 if (data / drop).is_dir():
                     ingest(str(data / drop), settings)
             for backbone in decide:
-                out.setdefault(backbone, {}).update(precision_decisions(data, backbone, home, None))
+                out.setdefault(backbone, {}).update(precision_decisions(backbone, home))
                 print(json.dumps({backbone: out[backbone]}), file=sys.stderr, flush=True)
     return out
 
