@@ -92,9 +92,9 @@ def _cmd_labels_import(args: argparse.Namespace, settings: Settings) -> int:
 
 def _cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     from lesion_tasks import pipeline
+    from lesion_tasks.assessment.gate import shown
     from lesion_tasks.core import db
     from lesion_tasks.model.config import config_from_cli
-    from lesion_tasks.assessment.gate import shown
 
     db.upgrade(settings)
     config = config_from_cli(args)
@@ -150,8 +150,8 @@ def _cmd_promote(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_check(args: argparse.Namespace, settings: Settings) -> int:
-    from lesion_tasks.ops import consistency
     from lesion_tasks.core import db
+    from lesion_tasks.ops import consistency
 
     db.upgrade(settings)
     report = consistency.check(settings)

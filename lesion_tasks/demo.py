@@ -12,14 +12,14 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from lesion_tasks.versions import registry
-from lesion_tasks.core.keys import slug
-from lesion_tasks.core.db import engine_for
 from lesion_tasks.assessment.gate import Decision
+from lesion_tasks.core.db import engine_for
+from lesion_tasks.core.keys import slug
 from lesion_tasks.core.settings import Settings
-from lesion_tasks.ingest.sources import INCOMING_PREFIX
 from lesion_tasks.core.store import open_store
+from lesion_tasks.ingest.sources import INCOMING_PREFIX
 from lesion_tasks.ops.synthetic import make_drop
+from lesion_tasks.versions import registry
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,6 @@ from lesion_tasks.core.store import open_store
 from lesion_tasks.model.config import TrainConfig
 from lesion_tasks.training.retrain import prepare_split, train_model
 
-STEPS = (prepare_split, train_model, evaluate_model, gate_model)
-
 
 def run(settings: Settings, config: TrainConfig, run_id: str | None = None, actor: str = "lesion train") -> dict[str, Any]:
     """The whole retrain in one process (what `lesion train --json` prints): the four steps of `lesion_retrain`."""

@@ -13,17 +13,16 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
-from lesion_tasks.versions import artifacts, predict, registry
-from lesion_tasks.assessment import gate
-from lesion_tasks.sites.thresholds import MIN_SITE_MEL
-from lesion_tasks.assessment import report
-from lesion_tasks.sites import status as sites
-from lesion_tasks.data import trainset
-from lesion_tasks.model import attention, backbones, evaluation, features, mc, scope
+from lesion_tasks.assessment import gate, report
 from lesion_tasks.core.db import engine_for
 from lesion_tasks.core.schema import champion_history
 from lesion_tasks.core.settings import Settings
 from lesion_tasks.core.store import ObjectStore, open_store
+from lesion_tasks.data import trainset
+from lesion_tasks.model import attention, backbones, evaluation, features, mc, scope
+from lesion_tasks.sites import status as sites
+from lesion_tasks.sites.thresholds import MIN_SITE_MEL
+from lesion_tasks.versions import artifacts, predict, registry
 
 log = logging.getLogger(__name__)
 MIN_SITE_CI_MEL = 5  # melanomas a site's test split needs for bootstrap intervals

@@ -12,10 +12,9 @@ import base64
 import html
 import io
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
-
-import re
 
 import numpy as np
 

@@ -39,9 +39,9 @@ from types import SimpleNamespace
 
 import sqlalchemy as sa
 
-from lesion_tasks.data import trainset
 from lesion_tasks.core.db import insert_ignore
 from lesion_tasks.core.schema import images, splits
+from lesion_tasks.data import trainset
 
 log = logging.getLogger(__name__)
 SPLIT_LABELS = ("MEL", "NV", "OTHER")

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
-from lesion_tasks.model.features import ImageRef
-from lesion_tasks.ingest.labels import challenge_code
 from lesion_tasks.core.schema import images, reviews, site_samples, splits
+from lesion_tasks.ingest.labels import challenge_code
+from lesion_tasks.model.features import ImageRef
 
 BINARY = ("MEL", "NV")
 

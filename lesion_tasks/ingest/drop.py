@@ -27,17 +27,25 @@ from typing import Any
 import sqlalchemy as sa
 
 from lesion_tasks.core import keys
-from lesion_tasks.ingest import labels as lbl
 from lesion_tasks.core.db import engine_for, insert_ignore
-from lesion_tasks.ingest.entries import Examined, Plan, entry_key, examine, plan, valid_image_id
-from lesion_tasks.ingest.images import Accepted, Rejected
-from lesion_tasks.ingest.neardup import NearDupIndex
 from lesion_tasks.core.reasons import DUPLICATE_REASONS, Reason
 from lesion_tasks.core.schema import drops, images, quarantine
 from lesion_tasks.core.settings import Settings
-from lesion_tasks.ingest.sources import (DropSource, Entry, Limits, SiteConflict, layout_site, open_source,
-                                        read_site_file, resolve_site)
 from lesion_tasks.core.store import ObjectStore, StoreError, open_store
+from lesion_tasks.ingest import labels as lbl
+from lesion_tasks.ingest.entries import Examined, Plan, entry_key, examine, plan, valid_image_id
+from lesion_tasks.ingest.images import Accepted, Rejected
+from lesion_tasks.ingest.neardup import NearDupIndex
+from lesion_tasks.ingest.sources import (
+    DropSource,
+    Entry,
+    Limits,
+    SiteConflict,
+    layout_site,
+    open_source,
+    read_site_file,
+    resolve_site,
+)
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
+from lesion_tasks.core.reasons import Reason
 from lesion_tasks.ingest import labels as lbl
 from lesion_tasks.ingest.images import Accepted, Rejected, inspect_image
-from lesion_tasks.core.reasons import Reason
 from lesion_tasks.ingest.sources import READY_MARKER, DropSource, Entry, EntryTooLarge, Limits
 
 log = logging.getLogger(__name__)

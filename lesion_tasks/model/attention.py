@@ -26,8 +26,8 @@ lesion (review reason `attention_off_lesion`).
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 from PIL import Image
+from scipy import ndimage
 from skimage import color, filters, morphology
 
 SEGMENT_SIDE = 96  # longest side the segmentation works at (the Grad-CAM map itself is 7x7 to 14x14)

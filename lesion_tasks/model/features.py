@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from lesion_tasks.model import backbones
 from lesion_tasks.core import keys
 from lesion_tasks.core.store import ObjectNotFound, ObjectStore, key_of
+from lesion_tasks.model import backbones
 
 log = logging.getLogger(__name__)
 BATCH = 32

@@ -272,8 +272,8 @@ def _names(keys: list[str]) -> str:
 def incoming_report(settings: Settings, ready: list[str], now: datetime | None = None) -> str:
     """What is under `incoming/` when `ready` (sources.discover_incoming's answer) is empty: drops already
     ingested, drops still settling (changing within LESION_INCOMING_SETTLE_SECONDS, no `_READY`), loose files."""
-    from lesion_tasks.ingest.sources import INCOMING_PREFIX
     from lesion_tasks.core.store import open_store
+    from lesion_tasks.ingest.sources import INCOMING_PREFIX
 
     seen: dict[str, datetime] = {}
     loose = []

@@ -40,12 +40,21 @@ import sqlalchemy as sa
 
 from lesion_tasks.core import keys
 from lesion_tasks.core.db import engine_for
-from lesion_tasks.versions import artifacts, registry
-from lesion_tasks.ops.retention import TRAINING_GRACE, aware
-from lesion_tasks.core.schema import drops, images, model_versions, prediction_samples, predictions, quarantine, reviews, splits
+from lesion_tasks.core.schema import (
+    drops,
+    images,
+    model_versions,
+    prediction_samples,
+    predictions,
+    quarantine,
+    reviews,
+    splits,
+)
 from lesion_tasks.core.settings import Settings
-from lesion_tasks.data.splits import SPLIT_LABELS
 from lesion_tasks.core.store import ObjectStore, key_of, open_store
+from lesion_tasks.data.splits import SPLIT_LABELS
+from lesion_tasks.ops.retention import TRAINING_GRACE, aware
+from lesion_tasks.versions import artifacts, registry
 
 log = logging.getLogger(__name__)
 

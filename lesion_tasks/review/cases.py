@@ -17,12 +17,12 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from lesion_tasks.versions import registry
 from lesion_tasks.core.db import insert_ignore
 from lesion_tasks.core.schema import LABELS, VERDICTS, images, model_versions, prediction_samples, predictions, reviews
-from lesion_tasks.sites.status import status_at
 from lesion_tasks.core.schema import splits as split_rows
 from lesion_tasks.data.trainset import latest_reviews
+from lesion_tasks.sites.status import status_at
+from lesion_tasks.versions import registry
 
 FLAGS = ("predicted_mel", "uncertain", "near_threshold", "out_of_scope", "attention_off_lesion", "site_failing")
 # what the UI shows for each flag of `predictions.review_reasons`: a badge and what it means (tooltip)
@@ -218,7 +218,7 @@ def _counts(f: QueueFilter, groups) -> dict[str, Any]:
 
 def choices(conn: sa.Connection) -> dict[str, list[str]]:
     """Values for the queue's filter menus."""
-    versions = [v.model_version for v in registry.versions(conn) if v.metrics is not None]
+    versions = registry.evaluated_ids(conn)
     drops = conn.scalars(sa.select(predictions.c.drop_id).distinct().order_by(predictions.c.drop_id)).all()
     return {"model_versions": list(versions), "drops": list(drops)}
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 LABEL_CHAR_W = 6.5  # px per character of an 11 px sans-serif label: an upper bound, so boxes never understate
 LABEL_ROW_H = 13
 

@@ -9,8 +9,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from lesion_tasks.assessment.gate import Decision
-from lesion_tasks.versions import registry
 from lesion_tasks.review.cases import QueueFilter
+from lesion_tasks.versions import registry
 
 
 def no_champion(conn: sa.Connection) -> dict[str, Any]:

@@ -27,16 +27,16 @@ from fastapi import Depends, FastAPI, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from lesion_tasks.sites import status as sites
-from lesion_tasks.versions import registry
-from lesion_tasks.model import gradcam
-from lesion_tasks.sites.status import STATUS_TEXT as SITE_STATUS_TEXT
-from lesion_tasks.review import cases, hints, previews
-from lesion_tasks.review.charts import histogram_svg, nights_svg, queue_bars_svg
 from lesion_tasks.core.db import make_engine
 from lesion_tasks.core.schema import images, predictions
 from lesion_tasks.core.settings import Settings
 from lesion_tasks.core.store import ObjectNotFound, ObjectStore, StoreError, key_of, open_store
+from lesion_tasks.model import gradcam
+from lesion_tasks.review import cases, hints, previews
+from lesion_tasks.review.charts import histogram_svg, nights_svg, queue_bars_svg
+from lesion_tasks.sites import status as sites
+from lesion_tasks.sites.status import STATUS_TEXT as SITE_STATUS_TEXT
+from lesion_tasks.versions import registry
 
 log = logging.getLogger(__name__)
 

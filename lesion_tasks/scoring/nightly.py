@@ -30,16 +30,16 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
-from lesion_tasks.versions import artifacts, predict, registry
-from lesion_tasks.sites import nights
-from lesion_tasks.model import attention, backbones, features, gradcam, mc, scope
-from lesion_tasks.model import precision as precision_
 from lesion_tasks.core import keys
 from lesion_tasks.core.db import analyze, engine_for, upsert
 from lesion_tasks.core.schema import images, prediction_samples, predictions
 from lesion_tasks.core.settings import Settings
 from lesion_tasks.core.store import ObjectStore, key_of, open_store
+from lesion_tasks.model import attention, backbones, features, gradcam, mc, scope
+from lesion_tasks.model import precision as precision_
 from lesion_tasks.scoring import overlays
+from lesion_tasks.sites import nights
+from lesion_tasks.versions import artifacts, predict, registry
 
 log = logging.getLogger(__name__)
 BATCH = 32

@@ -21,8 +21,8 @@ import sqlalchemy as sa
 from lesion_tasks.core.db import engine_for, upsert
 from lesion_tasks.core.schema import images, predictions, site_evaluations, site_samples, splits
 from lesion_tasks.core.settings import Settings
-from lesion_tasks.versions import registry
 from lesion_tasks.model.config import GateFloors
+from lesion_tasks.versions import registry
 
 log = logging.getLogger(__name__)
 FLOOR_METRICS = ("mel_sensitivity", "auc", "balanced_accuracy")

@@ -21,18 +21,19 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
-from lesion_tasks.versions import artifacts, registry
-from lesion_tasks.model import config as configuration
-from lesion_tasks.training import crossfit
-from lesion_tasks.data import splits, trainset
-from lesion_tasks.model.config import TrainConfig
-from lesion_tasks.model import attention, backbones, features, mc, precision, scope
 from lesion_tasks.core import keys
 from lesion_tasks.core.db import engine_for
-from lesion_tasks.core.schema import images, splits as splits_table
+from lesion_tasks.core.schema import images
+from lesion_tasks.core.schema import splits as splits_table
 from lesion_tasks.core.settings import Settings
 from lesion_tasks.core.store import ObjectStore, open_store
+from lesion_tasks.data import splits, trainset
+from lesion_tasks.model import attention, backbones, features, mc, precision, scope
+from lesion_tasks.model import config as configuration
+from lesion_tasks.model.config import TrainConfig
 from lesion_tasks.sites import thresholds
+from lesion_tasks.training import crossfit
+from lesion_tasks.versions import artifacts, registry
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +238,7 @@ def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[st
             attention_on_lesion_below=attention.OFF_LESION_BELOW, out_of_scope_above=scope_info.get("out_of_scope_above"),
             out_of_scope_validation_targets=scope_info.get("out_of_scope_validation_targets"),
             threshold_by_target=per_target, thresholds_by_site=by_site_thresholds)
+        rule_json = review_rule.to_json()
         # the full flat model, head weights copied by layer name, saved without optimizer state
         model = backbones.build_model(config.backbone, config.image_size, weights, config.dropout, config.seed)
         for name in ("head_dense", "head_bn", "head_out"):
@@ -262,7 +264,7 @@ def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[st
                         "split_rules": split_summary["rules"], "feature_config": fcfg.key,
                         "reviewed_labels": reviewed_lineage, "weights_fallback": _fallback(asked, config, weights),
                         "backbone_precision": computed_in.record()},
-            "review_rule": review_rule.to_json(), "model_uri": model_uri, "code_version": _code_version(), "run_id": run_id,
+            "review_rule": rule_json, "model_uri": model_uri, "code_version": _code_version(), "run_id": run_id,
         }
         registry.record_trained(engine, version, run_id, row)  # only this run's row, while it is not promoted
         computed, reused = s1.computed + s2.computed + s3.computed, s1.reused + s2.reused + s3.reused
@@ -273,7 +275,6 @@ def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[st
                 "calibration": {"a": cal_a, "b": cal_b}, "out_of_scope_threshold": scope_info.get("out_of_scope_above"),
                 "feature_cache": {"computed": computed, "reused": reused,
                                   "seconds": round(s1.seconds + s2.seconds + s3.seconds, 2)},
-                "weights": weights.source, "backbone": config.backbone,
-                "thresholds_by_site": review_rule.to_json()["thresholds_by_site"]}
+                "weights": weights.source, "backbone": config.backbone, "thresholds_by_site": rule_json["thresholds_by_site"]}
     finally:
         engine.dispose()

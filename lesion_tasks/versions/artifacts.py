@@ -28,13 +28,13 @@ from typing import Any
 
 import numpy as np
 
-from lesion_tasks.model import backbones, mc, scope
 from lesion_tasks.core import keys
+from lesion_tasks.core.settings import Settings
+from lesion_tasks.core.store import ObjectNotFound, ObjectStore, check_key, key_of
+from lesion_tasks.model import backbones, mc, scope
 from lesion_tasks.model.config import TrainConfig
 from lesion_tasks.model.features import FeatureConfig
 from lesion_tasks.versions.registry import ModelVersion, pruned_message
-from lesion_tasks.core.settings import Settings
-from lesion_tasks.core.store import ObjectNotFound, ObjectStore, check_key, key_of
 
 MODEL = "model.keras"
 HEAD = "head.npz"

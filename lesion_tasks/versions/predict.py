@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lesion_tasks.versions.registry import ModelVersion, ReviewRule
 from lesion_tasks.model import mc, scope
+from lesion_tasks.versions.registry import ModelVersion, ReviewRule
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ import numpy as np
 import sqlalchemy as sa
 
 from lesion_tasks.core.db import insert_ignore
-from lesion_tasks.model.config import GateFloors
 from lesion_tasks.core.schema import champion_history, model_versions
+from lesion_tasks.model.config import GateFloors
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +237,12 @@ def versions(conn: sa.Connection) -> list[ModelVersion]:
     rows = conn.execute(sa.select(model_versions).order_by(model_versions.c.created_at.desc(),
                                                             model_versions.c.model_version)).mappings()
     return [ModelVersion.from_row(r) for r in rows]
+
+
+def evaluated_ids(conn: sa.Connection) -> list[str]:
+    """The ids of the versions with metrics, newest first (a filter menu: no row is read whole)."""
+    return list(conn.scalars(sa.select(model_versions.c.model_version).where(model_versions.c.metrics.is_not(None))
+                             .order_by(model_versions.c.created_at.desc())))
 
 
 def _champion(conn: sa.Connection) -> dict[str, Any] | None:
