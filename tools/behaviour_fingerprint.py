@@ -5,7 +5,10 @@ Trains, evaluates, gates, scores; prints one JSON object of sha256 digests (metr
 rule, head weights, every prediction and every stored MC sample) and a few readable values. Run it before
 and after a change with the same arguments: the digests must be equal.
 
-    python tools/behaviour_fingerprint.py [--real] > before.json
+    python tools/behaviour_fingerprint.py [--real] [--head mlp] [--scope-floors 0.95,0.97] > before.json
+
+`--head` and `--scope-floors` set what a change of defaults changed on purpose (e.g. issue 33's head and
+out-of-scope floors), so the rest of the behaviour can be compared with the code before it.
 """
 
 from __future__ import annotations
@@ -67,7 +70,12 @@ def _fingerprint(settings: Settings, version: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--real", action="store_true", help="also the demo profile on the shared ISIC 2017 drop")
+    parser.add_argument("--head", default=None, help="the head kind (default: the profile's)")
+    parser.add_argument("--scope-floors", default=None, help="OTHER,MALIGNANT flagged floors (default: the profile's)")
     args = parser.parse_args()
+    chosen = {"head": args.head} if args.head else {}
+    scope_floors = ({"out_of_scope_flagged": float(args.scope_floors.split(",")[0]),
+                     "malignant_flagged": float(args.scope_floors.split(",")[1])} if args.scope_floors else {})
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings.from_env({"LESION_HOME": f"{tmp}/synthetic"})
@@ -76,8 +84,8 @@ def main() -> None:
         ingest(str(make_drop(Path(tmp) / "other", n_images=40, seed=13, melanoma_fraction=0.0, other_fraction=1.0)),
                settings)
         config = make_config("demo", backbone="tiny", image_size=64, weights="none", effective_resolution=48,
-                                     floors=GateFloors(min_melanomas=5), epochs=150, views=2, bootstrap=200,
-                                     target_sensitivity=0.97, seed=1)
+                                     floors=GateFloors(min_melanomas=5, **scope_floors), epochs=150, views=2, bootstrap=200,
+                                     target_sensitivity=0.97, seed=1, **chosen)
         version = pipeline.run(settings, config, run_id="fingerprint")["model_version"]
         scoring.score(settings, version, run_id="fingerprint-night")
         out["synthetic_tiny"] = _fingerprint(settings, version)
@@ -86,7 +94,8 @@ def main() -> None:
             settings = Settings.from_env({"LESION_HOME": f"{tmp}/real"})
             db.upgrade(settings)
             ingest(str(data), settings)
-            version = pipeline.run(settings, make_config("demo", bootstrap=200), run_id="fingerprint")["model_version"]
+            config = make_config("demo", bootstrap=200, floors=GateFloors(**scope_floors), **chosen)
+            version = pipeline.run(settings, config, run_id="fingerprint")["model_version"]
             scoring.score(settings, version, run_id="fingerprint-night", limit=300)
             out["isic2017_demo"] = _fingerprint(settings, version)
     print(json.dumps(out, indent=1))

@@ -279,26 +279,27 @@ def _pooling(precision: str):
     return keras.layers.GlobalAveragePooling2D(name="head_gap", **({"dtype": "float32"} if precision != "float32" else {}))
 
 
-def add_head(x, dropout: float):
-    """The paper's head on a pooled feature tensor (Table II): Dense(128) -> BN -> Dropout -> Dense(2)."""
+def add_head(x, dropout: float, units: int = HEAD_UNITS):
+    """The paper's head on a pooled feature tensor (Table II): Dense(128) -> BN -> Dropout -> Dense(2) (`units`
+    other than 128: the layers a linear or ensemble head is written into, model/heads.py)."""
     import keras
 
-    x = keras.layers.Dense(HEAD_UNITS, activation="relu", name="head_dense")(x)
+    x = keras.layers.Dense(units, activation="relu", name="head_dense")(x)
     x = keras.layers.BatchNormalization(name="head_bn")(x)
     x = keras.layers.Dropout(dropout, name="head_dropout")(x)
     return keras.layers.Dense(2, activation="softmax", name="head_out")(x)
 
 
-def build_head(n_features: int, dropout: float):
+def build_head(n_features: int, dropout: float, units: int = HEAD_UNITS):
     """The head alone, on cached pooled features (what training fits)."""
     import keras
 
     inp = keras.Input((n_features,), name="pooled_features")
-    return keras.Model(inp, add_head(inp, dropout), name="head")
+    return keras.Model(inp, add_head(inp, dropout, units), name="head")
 
 
 def build_model(name: str, image_size: int, weights: ResolvedWeights, dropout: float, seed: int = 0,
-                precision: str = "float32"):
+                precision: str = "float32", head_units: int = HEAD_UNITS):
     """The full flat model: backbone (in `precision`) -> last activation -> GAP -> head (float32)."""
     import keras
 
@@ -306,7 +307,7 @@ def build_model(name: str, image_size: int, weights: ResolvedWeights, dropout: f
     base = build_backbone(name, image_size, weights, seed, precision)
     last = base.get_layer(spec.last_activation).output if spec.last_activation != base.layers[-1].name else base.output
     pooled = _pooling(precision)(last)
-    return keras.Model(base.input, add_head(pooled, dropout), name=f"lesion_{name}")
+    return keras.Model(base.input, add_head(pooled, dropout, head_units), name=f"lesion_{name}")
 
 
 def feature_model(name: str, image_size: int, weights: ResolvedWeights, seed: int = 0, precision: str = "float32"):

@@ -35,6 +35,9 @@ class TrainConfig:
     epochs: int = 200
     seed: int = 0
     dropout: float = 0.5
+    # the melanoma head (model/heads.py): mlp (the paper's), linear, or ensemble (both); head_c: the linear part's C
+    head: str = "mlp"
+    head_c: float = 0.003
     views: int = 8  # augmentation views per training image (view 0 = as is)
     # every image through this resolution first (0: off): sharp and blurry drops look alike (features.py)
     effective_resolution: int = 84
@@ -103,6 +106,11 @@ KNOBS: tuple[Knob, ...] = (
     Knob("site_weight", float, "Weight of a site's own labels",
          "Training weight of the images a site labelled from its validation sample (lesion sites sample), "
          "relative to archive images: a new clinic's few hundred labels pull the head towards that clinic.", 1.0, 100.0),
+    Knob("head", str, "Head", "The melanoma head on the backbone's features: mlp (the paper's Dense 128, BN, dropout), "
+         "linear (class-balanced logistic regression on standardised features, dropout on its inputs for the MC samples) "
+         "or ensemble (the mean of both logits).", choices=("mlp", "linear", "ensemble"), paper_in_description=True),
+    Knob("head_c", float, "Linear head C", "Inverse L2 strength of the linear head (linear and ensemble).", 1e-5, 100.0,
+         form=False),
     Knob("views", int, "Augmentation views", "Augmentation views per training image.", 1, 64, form=False),
     # not offered anywhere, bounded all the same (tests and benchmarks set them through make_config)
     Knob("bootstrap", int, "Bootstrap resamples", "Resamples for the confidence intervals.", 0, 100_000, form=False,
@@ -140,6 +148,8 @@ def make_config(profile: str = "demo", **overrides: Any) -> TrainConfig:
                              f"from {low} to {high}")
         if not low <= value <= high:
             raise ValueError(f"{name}={value!r} is out of range: expected {low} to {high}")
+    if config.head not in KNOB["head"].choices:
+        raise ValueError(f"head={config.head!r}: expected one of {KNOB['head'].choices}")
     if config.color_constancy not in features.COLOR_CONSTANCY:
         raise ValueError(f"color_constancy={config.color_constancy!r}: expected one of {features.COLOR_CONSTANCY}")
     if not isinstance(config.weights, str) or not config.weights.strip():
@@ -196,7 +206,7 @@ def add_cli_options(parser: argparse.ArgumentParser) -> None:
         if k.low is not None:
             kwargs["help"] += f" ({k.low} to {k.high})"
         if k.choices:
-            kwargs |= {"choices": list(k.choices), "default": "demo"}
+            kwargs |= {"choices": list(k.choices), **({"default": "demo"} if k.name == "profile" else {})}
         parser.add_argument(k.option, dest=k.name, **kwargs)
 
 

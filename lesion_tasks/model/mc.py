@@ -32,6 +32,7 @@ import numpy as np
 
 MEL = 1  # output index of melanoma (0 = nevus)
 _EPS = 1e-12
+_MASK_FLOATS = 2**26  # 256 MiB of float32 masks
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,12 @@ def predict(head: HeadWeights, features: np.ndarray, image_ids: Sequence[str], m
 
 def logits_for(head: HeadWeights, features: np.ndarray, image_ids: Sequence[str], model_version: str,
                samples: int, seed: int | None = None) -> np.ndarray:
-    """(N, T) uncalibrated MC logit differences, with the seeded masks of each image (`image_seed`)."""
-    masks = dropout_masks(image_ids, model_version, samples, head.w1.shape[1], head.dropout, seed)
-    return mc_logits(head, features, masks)
+    """(N, T) uncalibrated MC logit differences, with the seeded masks of each image (`image_seed`), in chunks
+    whose masks stay under _MASK_FLOATS (a wide head's, model/heads.py, are N x T x ~1,000 floats; the paper's
+    head on up to 10,000 images is one chunk, as it always was)."""
+    chunk = max(1, _MASK_FLOATS // (samples * head.w1.shape[1]))
+    parts = [mc_logits(head, features[start : start + chunk],
+                       dropout_masks(image_ids[start : start + chunk], model_version, samples, head.w1.shape[1],
+                                     head.dropout, seed))
+             for start in range(0, max(len(image_ids), 1), chunk)]
+    return np.concatenate(parts)

@@ -77,7 +77,8 @@ def load_scoring_model(store: ObjectStore, v: registry.ModelVersion,
     model = saved.load_model(v.model_uri)  # ArtifactError (a ValueError) names what is missing or broken
     if chosen.name != "float32":
         none = backbones.resolve_weights("none", backbones.get_backbone(v.backbone), None)
-        rebuilt = backbones.build_model(v.backbone, v.image_size, none, 0.5, v.seed, chosen.name)
+        rebuilt = backbones.build_model(v.backbone, v.image_size, none, 0.5, v.seed, chosen.name,
+                                        model.get_layer("head_dense").units)
         rebuilt.set_weights(model.get_weights())
         model = rebuilt
     head = saved.load_head()

@@ -45,7 +45,7 @@ def out_of_fold(site: str, train: Labelled, val: Labelled, fit, version: str, mc
                 sample_weight=None) -> OutOfFold | None:
     """Out-of-fold scores of `site`'s train+val images, or None when it holds fewer than 2 melanomas or
     nevi (no fold could hold both). `fit(train_views, y, x_val, y_val, sample_weight)` returns a Keras head
-    (`training.fit_head` with the run's settings); `sample_weight(ids)` the training weight of each image."""
+    (`heads.fit` with the run's settings); `sample_weight(ids)` the training weight of each image."""
     in_train, in_val = train.sites == site, val.sites == site
     y = np.concatenate([train.y[in_train], val.y[in_val]])
     lesions = np.concatenate([train.lesions[in_train], val.lesions[in_val]])

@@ -28,7 +28,7 @@ from lesion_tasks.core.schema import splits as splits_table
 from lesion_tasks.core.settings import Settings
 from lesion_tasks.core.store import ObjectStore, open_store
 from lesion_tasks.data import splits, trainset
-from lesion_tasks.model import attention, backbones, features, mc, precision, scope
+from lesion_tasks.model import attention, backbones, features, heads, mc, precision, scope
 from lesion_tasks.model import config as configuration
 from lesion_tasks.model.config import TrainConfig
 from lesion_tasks.sites import thresholds
@@ -192,8 +192,6 @@ def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[st
         runner = features.BackboneRunner(fcfg, weights)
         train_views, s1 = features.features_for(train_refs, list(range(config.views)), fcfg, weights, store, runner)
         val_feats, s2 = features.features_for(val_refs, [0], fcfg, weights, store, runner)
-        from lesion_tasks.model.training import fit_head
-
         with engine.connect() as conn:
             train_ids = [r.image_id for r in train_refs]
             train = crossfit.Labelled([train_views[v] for v in range(config.views)], y_train, train_ids,
@@ -209,8 +207,8 @@ def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[st
             all_sites = list(conn.scalars(sa.select(images.c.site).distinct()))
 
         def fit(views, y, x_val, y_val, sample_weight):
-            return fit_head(views, y, x_val, y_val, config.dropout, config.epochs, config.seed, config.learning_rate,
-                            sample_weight=sample_weight)
+            return heads.fit(config.head, views[0], y, x_val, y_val, config.dropout, config.epochs, config.seed,
+                             config.learning_rate, c=config.head_c, sample_weight=sample_weight, views=views)
 
         head_model, history, head_seconds = fit(train.views, y_train, val_feats[0], y_val,
                                                 crossfit.training_weights(train_ids, pi, config.site_weight))
@@ -240,7 +238,8 @@ def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[st
             threshold_by_target=per_target, thresholds_by_site=by_site_thresholds)
         rule_json = review_rule.to_json()
         # the full flat model, head weights copied by layer name, saved without optimizer state
-        model = backbones.build_model(config.backbone, config.image_size, weights, config.dropout, config.seed)
+        model = backbones.build_model(config.backbone, config.image_size, weights, config.dropout, config.seed,
+                                      head_units=head.w1.shape[1])
         for name in ("head_dense", "head_bn", "head_out"):
             model.get_layer(name).set_weights(head_model.get_layer(name).get_weights())
         model_uri = out.save_model(model)
