@@ -90,7 +90,12 @@ def shades_of_gray(rgb: np.ndarray, p: int = SHADES_OF_GRAY_P) -> np.ndarray:
 def load_rgb(store: ObjectStore, uri: str, size: int, effective_resolution: int = 0, color_constancy: str = "") -> np.ndarray:
     """The model input of an image: its normalised copy at `size`, through the effective resolution and
     colour constancy of the feature configuration (see the module doc)."""
-    im = Image.open(io.BytesIO(store.get(key_of(store, uri)))).convert("RGB")
+    return prepare(Image.open(io.BytesIO(store.get(key_of(store, uri)))), size, effective_resolution, color_constancy)
+
+
+def prepare(im: Image.Image, size: int, effective_resolution: int = 0, color_constancy: str = "") -> np.ndarray:
+    """`load_rgb` of an image already opened."""
+    im = im.convert("RGB")
     if effective_resolution and min(im.size) > effective_resolution:
         im = im.resize((effective_resolution, effective_resolution), Image.Resampling.BOX)
     if im.size != (size, size):
