@@ -125,12 +125,13 @@ def compute_metrics(settings: Settings, model_version: str) -> Assessment:
         if scope_head is not None and oos_parts[split][0]:
             other_refs, diagnoses = oos_parts[split]
             other = predict_refs(settings, store, v, other_refs, head, scope_head, site_lists[f"oos_{split}"])
-            table = scope.recall_table(other.p_other, other.is_mel.astype(bool), diagnoses, v.scope_threshold, pr.p_other, y)
+            table = scope.recall_table(other.p_other, other.is_mel.astype(bool), diagnoses, v.scope_threshold, pr.p_other, y,
+                                       pr.is_mel.astype(bool))
             # per site (counts, unweighted): a new clinic's BCC and AK called NV without a flag is what it must see
             oos_sites, in_sites = np.array(site_lists[f"oos_{split}"], dtype=object), np.array(site_lists[split], dtype=object)
             table["by_site"] = {site: scope.recall_table(
                 other.p_other[m], other.is_mel[m].astype(bool), [d for d, k in zip(diagnoses, m) if k], v.scope_threshold,
-                pr.p_other[in_sites == site], y[in_sites == site])
+                pr.p_other[in_sites == site], y[in_sites == site], pr.is_mel[in_sites == site].astype(bool))
                 for site in sorted(set(oos_sites.tolist())) for m in [oos_sites == site]}
             out.setdefault("out_of_scope", {})[split] = table
         elif scope_head is not None:
@@ -220,7 +221,8 @@ def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
     if oos:
         out["out_of_scope_test"] = {"threshold": oos["threshold"], "all": oos["all"], "malignant": oos["malignant"],
                                     "by_diagnosis": oos["by_diagnosis"], "nv_flagged_out_of_scope": oos["nv_flagged_out_of_scope"],
-                                    "mel_flagged_out_of_scope": oos["mel_flagged_out_of_scope"]}
+                                    "mel_flagged_out_of_scope": oos["mel_flagged_out_of_scope"],
+                                    "nv_flagged_out_of_scope_only": oos.get("nv_flagged_out_of_scope_only")}
     return out
 
 

@@ -178,7 +178,10 @@ def _scope_table(metrics: dict[str, Any]) -> str:
     return (f"<h2>Out of scope (test, threshold p_other &ge; {oos['threshold']:.4f})</h2><table><tr><th>diagnosis</th>"
             "<th>n</th><th>flagged</th><th>out_of_scope</th><th>predicted MEL</th></tr>" + body + "</table>"
             f"<p>Price: {_cell(oos['nv_flagged_out_of_scope'])} of nevi and {_cell(oos['mel_flagged_out_of_scope'])} "
-            "of melanomas are flagged out_of_scope too.</p>" + _scope_by_site(oos.get("by_site") or {}))
+            "of melanomas are flagged out_of_scope too"
+            + (f"; {_cell(oos['nv_flagged_out_of_scope_only'])} of nevi by out_of_scope alone (no MEL call: the review "
+               "work it adds)" if oos.get("nv_flagged_out_of_scope_only") is not None else "")
+            + ".</p>" + _scope_by_site(oos.get("by_site") or {}))
 
 
 def _scope_by_site(by_site: dict[str, Any]) -> str:

@@ -18,8 +18,11 @@ class GateFloors:
     mel_sensitivity: float = 0.80
     auc: float = 0.70
     balanced_accuracy: float = 0.60
-    out_of_scope_flagged: float = 0.95  # OTHER images flagged (predicted MEL or out_of_scope)
-    malignant_flagged: float = 0.97  # BCC, SCC, AK flagged
+    # OTHER images flagged (predicted MEL or out_of_scope), and of them BCC, SCC, AK: the recall issue 33 asks to
+    # hold. Each point above costs nevi flagged out of scope (on validation, three drops: 0.95 / 0.97 flagged 32% of
+    # nevi out of scope, 0.90 / 0.95 19%; docs/model.md, "Out of scope at a new clinic")
+    out_of_scope_flagged: float = 0.90
+    malignant_flagged: float = 0.95
     # evidence: below this many melanomas in the test or the validation split the gate does not decide
     # (a sensitivity on 13 melanomas moves 8 points per case); NOT promoted, saying so
     min_melanomas: int = 30

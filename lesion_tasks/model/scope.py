@@ -97,9 +97,11 @@ def choose_threshold(p_other: np.ndarray, predicted_mel: np.ndarray, diagnoses: 
 
 
 def recall_table(p_other: np.ndarray, predicted_mel: np.ndarray, diagnoses: list[str], threshold: float,
-                 p_other_in_scope: np.ndarray, y_in_scope: np.ndarray) -> dict[str, Any]:
+                 p_other_in_scope: np.ndarray, y_in_scope: np.ndarray,
+                 predicted_mel_in_scope: np.ndarray | None = None) -> dict[str, Any]:
     """Out-of-scope recall per diagnosis (flagged = out_of_scope or predicted MEL), overall, for the
-    malignant ones, and the price: the share of MEL and NV images flagged out_of_scope too."""
+    malignant ones, and the price: the share of MEL and NV images flagged out_of_scope too, and (given
+    `predicted_mel_in_scope`) of nevi flagged out_of_scope without a MEL call: the review work it adds."""
     oos = p_other >= threshold
     flagged = oos | predicted_mel
     diagnoses_arr = np.array(diagnoses, dtype=object)
@@ -119,4 +121,6 @@ def recall_table(p_other: np.ndarray, predicted_mel: np.ndarray, diagnoses: list
         "by_diagnosis": {d: row(diagnoses_arr == d) for d in sorted(set(diagnoses))},
         "mel_flagged_out_of_scope": float(in_scope_oos[y_in_scope == 1].mean()) if (y_in_scope == 1).any() else None,
         "nv_flagged_out_of_scope": float(in_scope_oos[y_in_scope == 0].mean()) if (y_in_scope == 0).any() else None,
+        **({"nv_flagged_out_of_scope_only": float((in_scope_oos & ~predicted_mel_in_scope)[y_in_scope == 0].mean())
+            if (y_in_scope == 0).any() else None} if predicted_mel_in_scope is not None else {}),
     }

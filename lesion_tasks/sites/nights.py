@@ -24,13 +24,18 @@ UNVALIDATED_SHARE = 0.5
 
 
 def site_statuses(conn: sa.Connection, model_version: str, run_id: str) -> dict[str, dict[str, Any]]:
-    """{site: {"status", "images"}} over this run's predictions of `model_version`: the version's status at each
-    site by the rule of `v_sites` (`sites.status.status_at`)."""
-    rows = conn.execute(sa.select(images.c.site, sa.func.count()).join(images, images.c.image_id == predictions.c.image_id)
+    """{site: {"status", "images", "out_of_scope", "out_of_scope_share"}} over this run's predictions of
+    `model_version`: the version's status at each site by the rule of `v_sites` (`sites.status.status_at`), and
+    how many of the site's images tonight were flagged out of scope (at a clinic of melanomas and nevi, each of
+    them is review work spent on an in-scope lesion)."""
+    flagged = sa.func.sum(sa.case((predictions.c.review_reasons.like("%out_of_scope%"), 1), else_=0))
+    rows = conn.execute(sa.select(images.c.site, sa.func.count(), flagged)
+                        .join(images, images.c.image_id == predictions.c.image_id)
                         .where(predictions.c.run_id == run_id, predictions.c.model_version == model_version)
                         .group_by(images.c.site)).all()
-    status = status_at(conn, model_version, {name for name, _ in rows})
-    out = {name: {"status": status[name], "images": int(n)} for name, n in rows}
+    status = status_at(conn, model_version, {name for name, _, _ in rows})
+    out = {name: {"status": status[name], "images": int(n), "out_of_scope": int(oos or 0),
+                  "out_of_scope_share": round(int(oos or 0) / n, 4)} for name, n, oos in rows}
     failing = [name for name, part in out.items() if part["status"] == "failing"]
     if failing:  # what its evidence says, in words (the floors it is below, with the intervals)
         floors = registry.version(conn, model_version).floors
@@ -50,7 +55,9 @@ def night_sites(by_site: dict[str, dict[str, Any]]) -> dict[str, Any]:
     share = by_status["unvalidated"] / total if total else 0.0
     out = {"images_by_status": by_status, "unvalidated_share": round(share, 4), "unvalidated_sites": unvalidated,
            "failing_sites": sorted(name for name, part in by_site.items() if part["status"] == "failing"),
-           "mostly_unvalidated": share > UNVALIDATED_SHARE}
+           "mostly_unvalidated": share > UNVALIDATED_SHARE,
+           "out_of_scope_share_by_site": {name: part["out_of_scope_share"] for name, part in sorted(by_site.items())
+                                          if "out_of_scope_share" in part}}
     if out["mostly_unvalidated"]:
         out["note"] = (f"{by_status['unvalidated']} of {total} images tonight ({100 * share:.0f}%) come from sites the model "
                        f"was never validated at ({', '.join(unvalidated[:10])}{' ...' if len(unvalidated) > 10 else ''}): "

@@ -59,6 +59,11 @@ def test_a_new_clinic_through_the_dags_on_postgres_and_s3(airflow_env, trained_h
     assert run.state == "success", states
     night = nightly.summarize(settings, "champion", run.run_id, [])["sites"]
     assert night["mostly_unvalidated"] and night["unvalidated_sites"] == [CLINIC], night
+    with engine.connect() as conn:  # the share of the new site flagged out of scope, as the summary says it
+        reasons = list(conn.scalars(sa.text("SELECT p.review_reasons FROM predictions p JOIN images i ON i.image_id = "
+                                            "p.image_id WHERE i.site = :s AND p.run_id = :r"), {"s": CLINIC, "r": run.run_id}))
+    assert len(reasons) == 300
+    assert night["out_of_scope_share_by_site"][CLINIC] == round(sum("out_of_scope" in (r or "") for r in reasons) / 300, 4)
     listed = {s["site"]: s for s in _cli(settings, "sites")["sites"]}
     assert listed[CLINIC]["status"] == "unvalidated" and listed[CLINIC]["images"] == 300
 

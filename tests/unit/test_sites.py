@@ -71,6 +71,8 @@ def test_a_night_mostly_from_unvalidated_sites_says_so():
     alert = alerts.unvalidated_night({"model_version": "v1", "run_id": "r1", "sites": loud}, {})
     assert alert.kind == "unvalidated_night" and "unvalidated 60, validated 40, failing 3" in alert.text()
     assert night_sites({})["unvalidated_share"] == 0.0
+    shares = night_sites({"new": {"status": "unvalidated", "images": 40, "out_of_scope": 3, "out_of_scope_share": 0.075}})
+    assert shares["out_of_scope_share_by_site"] == {"new": 0.075}
 
 def test_discovery_finds_drops_inside_site_folders_and_ingest_names_their_site(tmp_path):
     """incoming/<site>/<drop>/ and incoming/<site>/<drop>.zip are drops of <site>; other first-level
