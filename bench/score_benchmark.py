@@ -137,7 +137,7 @@ def compute_ratios(data: Path, backbone: str, n_images: int, n_naive: int) -> di
     to_bn = keras.Model(model.input, model.get_layer("head_bn").output)
     to_bn_fn = tf.function(lambda b: to_bn(b, training=False), reduce_retracing=True)
     out_layer = model.get_layer("head_out")
-    masks = mc.dropout_masks(ids[:n_naive], version, T, backbones.HEAD_UNITS, head.dropout)
+    masks = mc.dropout_masks(ids[:n_naive], version, T, head.w1.shape[1], head.dropout)
 
     def naive(k):
         one = tf.constant(x[k:k + 1])

@@ -186,7 +186,7 @@ def test_head_only_mc_equals_naive_full_model_mc(scored_home, tmp_path):
     settings, version, _ = scored_home
     row, model, x, ids, store = _model(settings, version, tmp_path)
     head = artifacts.of(store, ModelVersion.from_row(row)).load_head()
-    masks = mc.dropout_masks(ids, version, 50, backbones.HEAD_UNITS, head.dropout)
+    masks = mc.dropout_masks(ids, version, 50, head.w1.shape[1], head.dropout)  # the ensemble: 128 + D units
     to_bn = keras.Model(model.input, model.get_layer("head_bn").output)
     out = model.get_layer("head_out")
     naive = np.stack([out(to_bn(x, training=False).numpy() * masks[:, t, :]).numpy()[:, mc.MEL] for t in range(50)], 1)
