@@ -15,9 +15,8 @@ Replicates: replicate r trains on the other sites' training split minus a lesion
 the lesion), with seed r, and draws its k-image validation sample with a replicate-specific key; so the spread
 between replicates is what a choice has to beat (`decide`).
 
-Heads are `Fit`s: `fit(x, y, w, x_val, y_val)` returns a scoring function (higher = more melanoma; only
-rankings are measured here, so calibration does not matter). The product's own fitting code is used: the
-demo head is `model.training.fit_head`, the linear head `model.linear.fit`.
+Heads are `Fit`s: `fit(x, y, w, x_val, y_val)` returns a scoring function (higher = more melanoma; rankings
+need no calibration). The benchmarks fit them with the product's own code (`model.heads`).
 """
 
 from __future__ import annotations
@@ -173,33 +172,6 @@ def degraded_features(settings: Settings, imgs: Images, idx: np.ndarray, name: s
     np.save(path, x)
     log.info("features of %d %s copies computed", len(idx), name)
     return x
-
-
-# --- heads ---------------------------------------------------------------------------------------------
-
-def demo_head(seed: int, **overrides) -> Fit:
-    """The demo profile's Keras head (Dense 128, BN, dropout), fitted as retraining fits it."""
-    from lesion_tasks.model import training
-
-    demo = make_config("demo", **overrides)
-
-    def fit(x, y, w, x_val, y_val):
-        head, _, _ = training.fit_head([x], y, x_val, y_val, dropout=demo.dropout, epochs=demo.epochs, seed=seed,
-                                       learning_rate=demo.learning_rate, sample_weight=w)
-        return lambda z: head.predict(z.astype(np.float32), verbose=0, batch_size=2048)[:, 1]
-    return fit
-
-
-def logistic(c: float) -> Fit:
-    """Class-balanced logistic regression on standardised features."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
-    def fit(x, y, w, x_val, y_val):
-        scaler = StandardScaler().fit(x)
-        clf = LogisticRegression(C=c, class_weight="balanced", max_iter=5000).fit(scaler.transform(x), y, sample_weight=w)
-        return lambda z: clf.decision_function(scaler.transform(z))
-    return fit
 
 
 # --- the protocol --------------------------------------------------------------------------------------

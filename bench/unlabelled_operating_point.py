@@ -1,0 +1,143 @@
+"""A site's operating point from its own unlabelled images, measured at clinics the model never saw; JSON.
+
+    LESION_WEIGHTS_DIR=../shared/weights .venv/bin/python bench/unlabelled_operating_point.py [--home DIR]
+        [--data ../shared/data] [--replicates 5] [--margins 0,0.02,0.05,0.08]
+
+The groundwork of issue 34, on the harness of bench/loso.py (ISIC 2017 and BCN_20000 held out in turn, 5
+lesion-grouped replicates). The demo profile's head is trained on the other sites and calibrated as retraining
+calibrates it (Platt scaling of its MC-dropout samples on their validation split); its calibrated p_mel (the MC
+mean) is computed over the held-out site's images outside its test split, whose labels stay unused. With
+calibrated p, the expected sensitivity at a threshold t is sum(p_i : p_i >= t) / sum(p_i), the expected
+specificity sum(1 - p_i : p_i < t) / sum(1 - p_i). The threshold is the highest whose estimated sensitivity
+reaches 0.85 + margin. Then the site's truth: the realised sensitivity and specificity there, the estimate's
+error, and the best specificity any threshold reaches at sensitivity 0.85 on the same images.
+
+Which images the estimate rests on (`--sets`): `in_scope` (the site's melanomas and nevi: the truth's view),
+`all` (every image, its other diagnoses too: what a clinic's night holds) and `all_but_flagged` (every image the
+out-of-scope head does not flag, at the version's out-of-scope threshold). Realised figures are always on its
+melanomas and nevi. BCN_20000's pool holds 4,276 other diagnoses; ISIC 2017's none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+import loso  # noqa: E402
+
+from lesion_tasks.model import evaluation, heads, mc, scope  # noqa: E402
+from lesion_tasks.model.config import make_config  # noqa: E402
+
+log = logging.getLogger("bench.unlabelled_operating_point")
+TARGET = 0.85
+
+
+def estimated(p: np.ndarray, t: float) -> tuple[float, float]:
+    """(sensitivity, specificity) a calibrated p expects at threshold t over these images."""
+    return float(p[p >= t].sum() / p.sum()), float((1 - p[p < t]).sum() / (1 - p).sum())
+
+
+def reaching(p: np.ndarray, target: float) -> float:
+    """The highest threshold whose estimated sensitivity reaches `target` (a score of the set)."""
+    order = np.sort(p)[::-1]
+    covered = np.cumsum(order) / order.sum()
+    return float(order[min(int(np.searchsorted(covered, target)), len(order) - 1)])
+
+
+def calibrated_head(imgs: loso.Images, x: np.ndarray, tr: np.ndarray, va: np.ndarray, seed: int, config):
+    y = imgs.y
+    model, _, _ = heads.fit(config.head, x[tr], y[tr], x[va], y[va], config.dropout, config.epochs, seed,
+                            config.learning_rate, c=config.head_c)
+    head = mc.HeadWeights.from_model(model)
+    a, b = mc.fit_calibration(mc.logits_for(head, x[va], list(imgs.ids[va]), "bench", config.mc_samples, seed), y[va])
+    head = replace(head, cal_a=a, cal_b=b)
+    return lambda idx: mc.predict(head, x[idx], list(imgs.ids[idx]), "bench", config.mc_samples, seed)[0]
+
+
+def one(imgs: loso.Images, x: np.ndarray, held: str, r: int, margins: list[float], config) -> dict:
+    y = imgs.y
+    tr, va = loso.training_rows(imgs, held, r), loso.training_rows(imgs, held, r, "val")
+    p_of = calibrated_head(imgs, x, tr, va, r, config)
+    pool = imgs.pool(held)
+    other = np.flatnonzero((imgs.site == held) & (imgs.split != "test") & ~imgs.in_scope)
+    p_in, p_other_dx = p_of(pool), (p_of(other) if len(other) else np.zeros(0))
+    # the out-of-scope head and its threshold, as retraining sets them (MEL calls at the pooled threshold)
+    otr, ova = loso.training_rows(imgs, held, r, in_scope=False), loso.training_rows(imgs, held, r, "val", in_scope=False)
+    n_test = int(((imgs.split == "test") & (imgs.label == "MEL") & (imgs.site != held)).sum())
+    t_pooled = evaluation.threshold_for_sensitivity(y[va], p_of(va), evaluation.target_with_margin(TARGET, int(y[va].sum()), n_test))
+    sh = scope.fit(x[tr], x[otr])
+    t_scope, _ = scope.choose_threshold(sh.p_other(x[ova]), p_of(ova) >= t_pooled, list(imgs.diagnosis[ova]),
+                                        config.floors.out_of_scope_flagged, config.floors.malignant_flagged)
+    flagged_in, flagged_other = sh.p_other(x[pool]) >= t_scope, (sh.p_other(x[other]) >= t_scope if len(other) else np.zeros(0, bool))
+    sets = {"in_scope": p_in, "all": np.r_[p_in, p_other_dx], "all_but_flagged": np.r_[p_in[~flagged_in], p_other_dx[~flagged_other]]}
+    truth, yp = y[pool], lambda t: evaluation.binary_metrics(y[pool], p_in, t)
+    best = loso.spec_at(truth, p_in, TARGET)
+    out = {"replicate": r, "n": int(len(pool)), "n_mel": int(truth.sum()), "n_other": int(len(other)),
+           "auc": round(float(evaluation.binary_metrics(truth, p_in, 0.5)["auc"]), 4), "best_spec_at_sens85": round(best, 4),
+           "pooled_threshold": {"threshold": round(float(t_pooled), 4), "sens": round(float(yp(t_pooled)["mel_sensitivity"]), 4),
+                                "spec": round(float(yp(t_pooled)["mel_specificity"]), 4)},
+           "estimate_at_pooled": {name: [round(v, 4) for v in estimated(p, t_pooled)] for name, p in sets.items()},
+           "by_set": {}}
+    for name, p in sets.items():
+        rows = {}
+        for m in margins:
+            t = reaching(p, TARGET + m)
+            est_sens, est_spec = estimated(p, t)
+            real = yp(t)
+            rows[f"margin={m:g}"] = {"threshold": round(t, 4), "estimated": [round(est_sens, 4), round(est_spec, 4)],
+                                     "realised": [round(float(real["mel_sensitivity"]), 4), round(float(real["mel_specificity"]), 4)]}
+        out["by_set"][name] = rows
+    log.info("%s held out, replicate %d: %s", held, r, json.dumps(out["by_set"]["all"]))
+    return out
+
+
+def summary(reps: list[dict], margins: list[float]) -> dict:
+    out = {"auc": round(float(np.mean([q["auc"] for q in reps])), 4),
+           "best_spec_at_sens85": round(float(np.mean([q["best_spec_at_sens85"] for q in reps])), 4)}
+    for name in reps[0]["by_set"]:
+        rows = {}
+        for m in margins:
+            key = f"margin={m:g}"
+            err = [q["by_set"][name][key]["estimated"][0] - q["by_set"][name][key]["realised"][0] for q in reps]
+            real = [q["by_set"][name][key]["realised"] for q in reps]
+            rows[key] = {"sens_error_mean": round(float(np.mean(err)), 4), "sens_error_max": round(float(np.max(err)), 4),
+                         "realised_sens_min": round(float(min(r[0] for r in real)), 4),
+                         "realised_spec_mean": round(float(np.mean([r[1] for r in real])), 4),
+                         "reached_0.85": f"{sum(r[0] >= TARGET for r in real)}/{len(real)}"}
+        out[name] = rows
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", default=os.environ.get("LESION_SHARED_DATA", str(REPO.parent / "shared" / "data")))
+    parser.add_argument("--home", default="")
+    parser.add_argument("--replicates", type=int, default=5)
+    parser.add_argument("--margins", default="0,0.02,0.05,0.08")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+    home = Path(args.home or tempfile.mkdtemp(prefix="unlabelled-op-"))
+    settings, imgs = loso.open_home(home, Path(args.data))
+    config = make_config("demo")
+    x = loso.feature_matrix(settings, imgs)
+    margins = [float(m) for m in args.margins.split(",")]
+    result = {"home": str(home), "target": TARGET, "head": f"{config.head} C={config.head_c:g}", "held_out": {}}
+    for held in loso.HELD_OUT:
+        reps = [one(imgs, x, held, r, margins, config) for r in range(args.replicates)]
+        result["held_out"][held] = {"summary": summary(reps, margins), "replicates": reps}
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
