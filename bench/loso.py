@@ -21,10 +21,13 @@ need no calibration). The benchmarks fit them with the product's own code (`mode
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import io
 import logging
+import os
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +82,22 @@ class Images:
     def pool(self, held: str) -> np.ndarray:
         """Indices of the held-out site's in-scope images outside its test split."""
         return np.flatnonzero((self.site == held) & (self.split != "test") & self.in_scope)
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """The options every harness benchmark takes: --data, --home, --replicates."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--data", default=os.environ.get("LESION_SHARED_DATA", str(REPO.parent / "shared" / "data")))
+    parser.add_argument("--home", default="", help="where the drops are ingested and features cached (reuse it)")
+    parser.add_argument("--replicates", type=int, default=5)
+    return parser
+
+
+def start(args: argparse.Namespace, prefix: str) -> tuple[Path, Settings, Images]:
+    """Logging, the home (a temporary folder unless --home) and its images."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+    home = Path(args.home or tempfile.mkdtemp(prefix=prefix))
+    return (home, *open_home(home, Path(args.data)))
 
 
 def pseudo_site(site: str, lesion_id: str | None) -> str:

@@ -23,12 +23,9 @@ paired gain exceeds the standard deviation of those paired gains.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -102,18 +99,13 @@ def summarise(rows: dict, pooled: dict) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", default=os.environ.get("LESION_SHARED_DATA", str(REPO.parent / "shared" / "data")))
-    parser.add_argument("--home", default="")
+    parser = loso.parser(__doc__.split("\n")[0])
     parser.add_argument("--k", type=int, default=200)
-    parser.add_argument("--replicates", type=int, default=5)
     parser.add_argument("--backbone", default=make_config("demo").backbone)
     parser.add_argument("--cs", default="0.001,0.003,0.01,0.03", help="the linear head's C values to try")
     parser.add_argument("--only", default="", help="comma-separated candidate names (the current head always runs)")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
-    home = Path(args.home or tempfile.mkdtemp(prefix="loso-selection-"))
-    settings, imgs = loso.open_home(home, Path(args.data))
+    home, settings, imgs = loso.start(args, "loso-selection-")
     config = make_config("demo", backbone=args.backbone)
     x = loso.feature_matrix(settings, imgs, backbone=args.backbone)
     degraded = {held: {name: loso.degraded_features(settings, imgs, imgs.pool(held), name, backbone=args.backbone)

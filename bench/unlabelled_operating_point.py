@@ -20,12 +20,9 @@ melanomas and nevi. BCN_20000's pool holds 4,276 other diagnoses; ISIC 2017's no
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
 import sys
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -120,15 +117,10 @@ def summary(reps: list[dict], margins: list[float]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", default=os.environ.get("LESION_SHARED_DATA", str(REPO.parent / "shared" / "data")))
-    parser.add_argument("--home", default="")
-    parser.add_argument("--replicates", type=int, default=5)
+    parser = loso.parser(__doc__.split("\n")[0])
     parser.add_argument("--margins", default="0,0.02,0.05,0.08")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
-    home = Path(args.home or tempfile.mkdtemp(prefix="unlabelled-op-"))
-    settings, imgs = loso.open_home(home, Path(args.data))
+    home, settings, imgs = loso.start(args, "unlabelled-op-")
     config = make_config("demo")
     x = loso.feature_matrix(settings, imgs)
     margins = [float(m) for m in args.margins.split(",")]
