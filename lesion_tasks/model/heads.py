@@ -86,16 +86,18 @@ def fit(kind: str, x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.nd
 
     if kind not in KINDS:
         raise ValueError(f"head {kind!r}: expected one of {KINDS}")
-    started = time.monotonic()
-    if kind == "mlp":
+    def mlp():
         return fit_head(views or [x], y, x_val, y_val, dropout=dropout, epochs=epochs, seed=seed,
                         learning_rate=learning_rate, sample_weight=sample_weight)
+
+    started = time.monotonic()
+    if kind == "mlp":
+        return mlp()
     layers = _linear_layers(np.asarray(x, np.float32), y, c, sample_weight, eps=1e-3)
     history: dict[str, list[float]] = {}
     if kind == "ensemble":
-        mlp, history, _ = fit_head(views or [x], y, x_val, y_val, dropout=dropout, epochs=epochs, seed=seed,
-                                   learning_rate=learning_rate, sample_weight=sample_weight)
-        layers = _side_by_side(_layers_of(mlp), layers)
+        paper, history, _ = mlp()
+        layers = _side_by_side(_layers_of(paper), layers)
     head = _model_of(layers, dropout)
     seconds = time.monotonic() - started
     log.info("%s head (C=%g) fitted in %.1f s on %d images", kind, c, seconds, len(y))
