@@ -6,8 +6,9 @@ Every night at 02:00 UTC, and whenever `isic_ingest` accepted new images (the As
 with `p_mel`, the predicted label at the model version's threshold, MC-dropout uncertainty (entropy,
 mutual information), `needs_review`, and a Grad-CAM overlay in the store. The unscored images are cut
 into id-range shards (Param `shard_size`), scored as dynamically mapped tasks (the unit that scales out
-to more workers: as many run at once as the pool `lesion_tensorflow` has slots, one per machine), then
-summarised. A shard whose worker dies is retried (`[core] default_task_retry_delay`, see
+to more workers: as many run at once as the pool `lesion_tensorflow` has slots, one per machine), settled
+(each scored site's operating point re-estimated from its scored images, tonight's cases decided at it:
+`lesion_tasks.sites.operating`), then summarised. A shard whose worker dies is retried (`[core] default_task_retry_delay`, see
 docker/airflow-workers.env) and scores only what is still unscored. Rows are upserted: reruns and
 retries never duplicate and rewrite identical numbers.
 
@@ -76,9 +77,20 @@ def lesion_nightly_score():
         return score_range(lesion_settings(), shard["model_version"], shard["first"], shard["last"],
                            run_id=get_current_context()["run_id"])
 
+    # after the shards: each scored site's operating point re-estimated, tonight's cases decided at it
+    @task(pool=TF_POOL, trigger_rule="none_failed_min_one_success")
+    def settle(shards: list[dict], results: list[dict] | None = None) -> dict:
+        from lesion_airflow import lesion_settings, quiet_tensorflow
+
+        quiet_tensorflow()
+        from lesion_tasks.scoring.nightly import settle as settle_run
+
+        version = shards[0]["model_version"] if shards else "champion"
+        return settle_run(lesion_settings(), version, get_current_context()["run_id"])
+
     # runs after the shards unless one failed; skipped with plan_shards (no champion)
     @task(trigger_rule="none_failed_min_one_success")
-    def summarise(shards: list[dict], results: list[dict] | None = None) -> dict:
+    def summarise(shards: list[dict], results: list[dict] | None = None, settled: dict | None = None) -> dict:
         from lesion_airflow import alert_links, lesion_settings, send_alert
 
         from lesion_tasks.ops import alerts
@@ -89,7 +101,7 @@ def lesion_nightly_score():
         # on every run; a full slice reads them all in one request
         context, settings = get_current_context(), lesion_settings()
         version = shards[0]["model_version"] if shards else "champion"
-        summary = summarize(settings, version, context["run_id"], list(results[:]) if results is not None else [])
+        summary = summarize(settings, version, context["run_id"], list(results[:]) if results is not None else [], settled)
         shift, to_send = alerts.after_night(settings, summary, context["run_id"],
                                             alert_links(context, summary.get("model_version")))
         if shift is not None:
@@ -102,7 +114,8 @@ def lesion_nightly_score():
         return summary
 
     shards = plan_shards()
-    summarise(shards, score_shard.expand(shard=shards))
+    scored = score_shard.expand(shard=shards)
+    summarise(shards, scored, settle(shards, scored))
 
 
 lesion_nightly_score()

@@ -127,7 +127,7 @@ def _cmd_score(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_gradcam_url(args: argparse.Namespace, settings: Settings) -> int:
-    from lesion_tasks.scoring.nightly import gradcam_link
+    from lesion_tasks.scoring.overlays import gradcam_link
 
     url = gradcam_link(settings, args.image_id, args.model_version, args.expires)
     _emit(args, {"image_id": args.image_id, "url": url, "expires_s": args.expires}, url)

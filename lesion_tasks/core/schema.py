@@ -231,6 +231,23 @@ label_imports = sa.Table(
     sa.UniqueConstraint("file_sha256", "line", name="uq_label_imports_file_line"),
 )
 
+# a model version's operating point at each site (`sites.operating`): the threshold scoring decides the site's cases
+# at, how it was chosen ("pooled", "unlabelled", "labelled") and what it promises (`point`: the JSON of
+# `lesion sites --json`); re-estimated after every scoring run, the latest one applied
+site_operating_points = sa.Table(
+    "site_operating_points",
+    metadata,
+    sa.Column("model_version", sa.String(128), sa.ForeignKey("model_versions.model_version"), primary_key=True),
+    sa.Column("site", sa.String(128), primary_key=True),
+    sa.Column("threshold", sa.Float, nullable=False),
+    sa.Column("method", sa.String(16), nullable=False),
+    sa.Column("out_of_scope_above", sa.Float, nullable=True),
+    sa.Column("point", sa.JSON, nullable=False),
+    sa.Column("run_id", sa.String(250), nullable=True),
+    sa.Column("estimated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.CheckConstraint("method IN ('pooled', 'unlabelled', 'labelled')", name="ck_site_operating_points_method"),
+)
+
 SITE_STATUSES = ("unvalidated", "provisional", "validated", "failing")
 
 # how a model version does at each site, by the evidence it was evaluated on (assess.py); the champion's

@@ -116,7 +116,10 @@ def _check_initial(labels: list[str], test_frac: float) -> None:
                              "a test split")
 
 
-def assign(engine: sa.Engine, seed: int = 0, test_frac: float = 0.2, val_frac: float = 0.15,
+TEST_FRAC = 0.2  # the share of a site's labelled lesions that go to its frozen test split
+
+
+def assign(engine: sa.Engine, seed: int = 0, test_frac: float = TEST_FRAC, val_frac: float = 0.15,
            verdicts_validate: bool = False) -> dict:
     """Give every labelled image without a split one; return counts per split and label. Reviewer labels
     are training data only unless `verdicts_validate` (module docstring)."""

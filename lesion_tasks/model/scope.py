@@ -22,7 +22,10 @@ import numpy as np
 
 from lesion_tasks.model.evaluation import target_with_margin
 
-MALIGNANT = ("BCC", "SCC", "AK")  # labels.challenge_code
+MALIGNANT = ("BCC", "SCC", "AK")
+# decision thresholds at which a version records its out-of-scope threshold (`ReviewRule.out_of_scope_by_threshold`):
+# log-spaced over the range sites' operating points move in
+DECISION_GRID = tuple(float(g) for g in np.round(np.geomspace(0.01, 0.9, 40), 6))  # labels.challenge_code
 
 
 @dataclass(frozen=True)

@@ -22,23 +22,23 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 import sqlalchemy as sa
 
-from lesion_tasks.core import keys
 from lesion_tasks.core.db import analyze, engine_for, upsert
 from lesion_tasks.core.schema import images, prediction_samples, predictions
 from lesion_tasks.core.settings import Settings
-from lesion_tasks.core.store import ObjectStore, key_of, open_store
+from lesion_tasks.core.store import ObjectStore, open_store
 from lesion_tasks.model import attention, backbones, features, gradcam, mc, scope
 from lesion_tasks.model import precision as precision_
 from lesion_tasks.scoring import overlays
-from lesion_tasks.sites import nights
+from lesion_tasks.sites import nights, operating
 from lesion_tasks.versions import artifacts, predict, registry
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,8 @@ class ScoringModel:
     # sites where this version's evidence puts it below a floor (site_evaluations): all their cases go to review
     failing_sites: frozenset[str] = frozenset()
     precision: precision_.Precision = precision_.Precision("float32", "as given")  # the backbone's, this run
+    # the sites' recorded operating points (`sites.operating`): each site's cases are decided at its own
+    applied: Mapping[str, tuple[float, float | None]] = field(default_factory=dict)
 
     @property
     def version(self) -> str:
@@ -98,13 +100,15 @@ def load_scoring_model(store: ObjectStore, v: registry.ModelVersion,
 
 
 def _unscored(conn: sa.Connection, version: str, first: str | None = None, last: str | None = None,
-              limit: int | None = None, site: str | None = None) -> list[sa.Row]:
+              limit: int | None = None, site: str | None = None, image_ids: list[str] | None = None) -> list[sa.Row]:
     scored = sa.select(predictions.c.image_id).where(predictions.c.model_version == version)
     query = (sa.select(images.c.image_id, images.c.drop_id, images.c.site.label("site"), images.c.normalized_uri,
                        images.c.original_uri)
              .where(images.c.image_id.not_in(scored)).order_by(images.c.image_id))
     if site is not None:
         query = query.where(images.c.site == site)
+    if image_ids is not None:
+        query = query.where(images.c.image_id.in_(image_ids))
     if first is not None:
         query = query.where(images.c.image_id >= first)
     if last is not None:
@@ -149,7 +153,7 @@ def score_batch(model: ScoringModel, rgb: np.ndarray, image_ids: list[str], mc_s
     """One batch, one backbone pass: the version's predictions (`predict.predict`, as in its evaluation;
     each image at its site's threshold) and the Grad-CAM heatmaps of the predicted class."""
     activations, pooled = model.run_backbone(backbones.preprocess(rgb))
-    pr = predict.predict(model.info, model.head, pooled, image_ids, model.scope_head, mc_samples, sites)
+    pr = predict.predict(model.info, model.head, pooled, image_ids, model.scope_head, mc_samples, sites, model.applied)
     heat = gradcam.gradcam_fast(activations, gradcam.head_gradient(model.head, pooled, pr.is_mel))
     return pr, heat
 
@@ -182,7 +186,8 @@ def _rows(model: ScoringModel, batch: list[sa.Row], pr: predict.Predictions, uri
 
 def score_range(settings: Settings, model_version: str = "champion", first: str | None = None, last: str | None = None,
                 limit: int | None = None, mc_samples: int | None = None, run_id: str | None = None,
-                batch_size: int = BATCH, model: ScoringModel | None = None, site: str | None = None) -> dict[str, Any]:
+                batch_size: int = BATCH, model: ScoringModel | None = None, site: str | None = None,
+                image_ids: list[str] | None = None) -> dict[str, Any]:
     """Score the unscored images of one id range (a shard; of one `site` where given), batch by batch, as a pipeline: while the
     backbone runs on batch k (TensorFlow releases the GIL), batch k+1 is read and the maps and rows of
     the batches before are written by background threads. A batch's rows are upserted once all its
@@ -195,14 +200,14 @@ def score_range(settings: Settings, model_version: str = "champion", first: str 
             v = registry.version(conn, model_version)
             if v.artifacts_pruned_at is not None:  # refused even with nothing left to score
                 raise ValueError(registry.pruned_message(v.model_version, v.artifacts_pruned_at) + ": it cannot score")
-            todo = _unscored(conn, v.model_version, first, last, limit, site)
+            todo = _unscored(conn, v.model_version, first, last, limit, site, image_ids)
         if not todo:
             return {"model_version": v.model_version, "scored": 0, "needs_review": 0, "seconds": 0.0, "precision": None}
         model = model or load_scoring_model(store, v)
         with engine.connect() as conn:
             failing = nights.failing_sites(conn, v.model_version)
-        if failing != model.failing_sites:
-            model = replace(model, failing_sites=failing)
+            applied = operating.applied(conn, v)
+        model = replace(model, failing_sites=failing, applied=applied)
         if failing:
             log.warning("model %s is below a floor at %d site(s) (%s): every case of theirs goes to review",
                         v.model_version, len(failing), ", ".join(sorted(failing)))
@@ -264,8 +269,9 @@ def score_range(settings: Settings, model_version: str = "champion", first: str 
 
 def score(settings: Settings, model_version: str = "champion", mc_samples: int | None = None, limit: int | None = None,
           run_id: str | None = None, site: str | None = None) -> dict[str, Any]:
-    """What `lesion score` prints: {"model_version", "scored", "skipped", "needs_review"}; with `site`, only that
-    site's unscored images are scored."""
+    """What `lesion score` prints: {"model_version", "scored", "skipped", "needs_review", "operating_points"}; with
+    `site`, only that site's unscored images are scored. The run ends as a nightly one does (`settle`): the
+    operating points of the sites it scored are re-estimated and its cases decided at them."""
     engine = engine_for(settings)
     try:
         with engine.connect() as conn:
@@ -274,11 +280,62 @@ def score(settings: Settings, model_version: str = "champion", mc_samples: int |
                                    .where(predictions.c.model_version == version)).scalar()
     finally:
         engine.dispose()
+    run_id = run_id or f"cli-{datetime.now(UTC):%Y%m%dT%H%M%S}"
     result = score_range(settings, version, limit=limit, mc_samples=mc_samples, run_id=run_id, site=site)
+    settled = settle(settings, version, run_id) if result["scored"] else None
     if result["scored"]:
         _refresh_statistics(settings)
-    return {"model_version": version, "scored": result["scored"], "skipped": skipped,
-            "needs_review": result["needs_review"], "seconds": result["seconds"], "precision": result["precision"]}
+    engine = engine_for(settings)
+    try:
+        with engine.connect() as conn:
+            flagged = conn.scalar(sa.select(sa.func.count()).select_from(predictions).where(
+                predictions.c.run_id == run_id, predictions.c.model_version == version, predictions.c.needs_review))
+    finally:
+        engine.dispose()
+    return {"model_version": version, "scored": result["scored"], "skipped": skipped, "needs_review": int(flagged or 0),
+            "seconds": result["seconds"], "precision": result["precision"],
+            "operating_points": None if settled is None else {s: {k: p[k] for k in ("threshold", "method", "images")}
+                                                              for s, p in settled["sites"].items()}}
+
+
+def settle(settings: Settings, model_version: str = "champion", run_id: str | None = None) -> dict[str, Any]:
+    """After a scoring run: re-estimate the operating point of every site the run scored (`sites.operating`, from
+    all of the site's scored images, tonight's included) and decide the run's cases at it, so that a new site's
+    first night is already decided at its own point. A case whose decision does not change is updated in place
+    (threshold, decision uncertainty, review reasons, from its stored MC samples); a case whose MEL/NV call flips
+    is scored again (its Grad-CAM map is of the predicted class). Earlier nights keep the decisions they were
+    given (each prediction's `threshold` says at what). A rerun changes nothing. Returns
+    {"model_version", "run_id", "sites": {site: operating point}, "updated", "rescored"}."""
+    engine = engine_for(settings)
+    try:
+        with engine.begin() as conn:
+            v = registry.version(conn, model_version, required=False)
+            if v is None:
+                return {"model_version": None, "run_id": run_id, "sites": {}, "updated": 0, "rescored": 0}
+            in_run = sa.select(images.c.site).join(predictions, predictions.c.image_id == images.c.image_id).where(
+                predictions.c.model_version == v.model_version)
+            if run_id is not None:
+                in_run = in_run.where(predictions.c.run_id == run_id)
+            sites = sorted(conn.scalars(in_run.distinct()))
+            points = operating.estimate(conn, v, sites, run_id)
+            failing = nights.failing_sites(conn, v.model_version)
+            updated, flipped = operating.redecide(conn, v, run_id, points, failing)
+    finally:
+        engine.dispose()
+    rescored = 0
+    if flipped:
+        log.info("model %s: %d cases of run %s change their MEL/NV call at their sites' operating points: scoring "
+                 "them again", v.model_version, len(flipped), run_id)
+        engine = engine_for(settings)
+        try:
+            with engine.begin() as conn:
+                for table in (prediction_samples, predictions):
+                    conn.execute(table.delete().where(table.c.model_version == v.model_version, table.c.image_id.in_(flipped)))
+        finally:
+            engine.dispose()
+        rescored = score_range(settings, v.model_version, run_id=run_id, image_ids=flipped)["scored"]
+    return {"model_version": v.model_version, "run_id": run_id, "updated": updated, "rescored": rescored,
+            "sites": {s: op.to_json() for s, op in points.items()}}
 
 
 def _refresh_statistics(settings: Settings) -> None:
@@ -289,9 +346,10 @@ def _refresh_statistics(settings: Settings) -> None:
         engine.dispose()
 
 
-def summarize(settings: Settings, model_version: str, run_id: str, results: list[dict[str, Any]]) -> dict[str, Any]:
-    """After the shards: what this run scored and what is still unscored (should be 0).
-    `model_version` may be "champion"."""
+def summarize(settings: Settings, model_version: str, run_id: str, results: list[dict[str, Any]],
+              settled: dict[str, Any] | None = None) -> dict[str, Any]:
+    """After the shards (and `settle`): what this run scored, what is still unscored (should be 0), each site's
+    operating point and what its review flags cost. `model_version` may be "champion"."""
     engine = engine_for(settings)
     try:
         with engine.connect() as conn:
@@ -313,37 +371,11 @@ def summarize(settings: Settings, model_version: str, run_id: str, results: list
     summary = {"model_version": model_version, "run_id": run_id, "shards": len(results), "precision": used,
                "scored": sum(r["scored"] for r in results), "rows_of_this_run": in_run[0],
                "needs_review": int(in_run[1] or 0), "still_unscored": remaining, "sites": nights.night_sites(by_site)}
+    if settled is not None:
+        summary["operating_points"] = {name: {k: point[k] for k in ("threshold", "method", "images", "sensitivity")}
+                                       for name, point in settled.get("sites", {}).items()}
+        summary["settled"] = {"updated": settled.get("updated", 0), "rescored": settled.get("rescored", 0)}
     if summary["sites"]["mostly_unvalidated"]:
         log.warning("nightly scoring: %s", summary["sites"]["note"])
     log.info("nightly scoring summary: %s", summary)
     return summary
-
-
-def gradcam_link(settings: Settings, image_id: str, model_version: str = "champion", expires_s: int = 3600) -> str:
-    """A time-limited presigned URL of an image's Grad-CAM overlay (S3 stores only: buckets stay private).
-    Where scoring stored the map, the overlay is drawn from it the first time and kept beside it."""
-    store, engine = open_store(settings), engine_for(settings)
-    try:
-        with engine.connect() as conn:
-            version = registry.version(conn, model_version).model_version
-            found = conn.execute(sa.select(predictions.c.gradcam_uri, images.c.original_uri)
-                                 .join(images, images.c.image_id == predictions.c.image_id)
-                                 .where(predictions.c.image_id == image_id)
-                                 .where(predictions.c.model_version == version)).first()
-    finally:
-        engine.dispose()
-    if found is None:
-        raise ValueError(f"image {image_id!r} has no prediction from model {version}")
-    uri = found.gradcam_uri
-    if uri is None:
-        raise ValueError(f"image {image_id!r}: the Grad-CAM overlay of model {version} was removed by `lesion gc` "
-                         "(its artifacts were pruned); its prediction is kept")
-    if not 1 <= expires_s <= 7 * 24 * 3600:
-        raise ValueError(f"expires={expires_s}: expected 1 to 604800 seconds")
-    key = key_of(store, uri)
-    png = keys.overlay_of_map(key)
-    if png != key and not store.exists(png):  # a map: its overlay is drawn once, kept beside it (`lesion gc` removes both)
-        store.put(png, overlays.overlay_png(store, uri, found.original_uri), "image/png")
-    if not hasattr(store, "presigned_url"):
-        raise ValueError(f"store {store.url} is a local directory: open {store.uri(png)} directly (presigned links need S3)")
-    return store.presigned_url(png, expires_s)

@@ -14,8 +14,12 @@ import sqlalchemy as sa
 from PIL import Image, ImageOps
 
 from lesion_tasks.core import keys
-from lesion_tasks.core.store import ObjectStore, key_of
+from lesion_tasks.core.db import engine_for
+from lesion_tasks.core.schema import images, predictions
+from lesion_tasks.core.settings import Settings
+from lesion_tasks.core.store import ObjectStore, key_of, open_store
 from lesion_tasks.model import gradcam
+from lesion_tasks.versions import registry
 
 
 def original(store: ObjectStore, uri: str, max_side: int) -> Image.Image:
@@ -48,3 +52,33 @@ def overlay_png(store: ObjectStore, gradcam_uri: str, original_uri: str) -> byte
     if not key.endswith(".npy"):
         return store.get(key)
     return draw(store, original_uri, gradcam.map_from_bytes(store.get(key)))
+
+
+def gradcam_link(settings: Settings, image_id: str, model_version: str = "champion", expires_s: int = 3600) -> str:
+    """A time-limited presigned URL of an image's Grad-CAM overlay (S3 stores only: buckets stay private).
+    Where scoring stored the map, the overlay is drawn from it the first time and kept beside it."""
+    store, engine = open_store(settings), engine_for(settings)
+    try:
+        with engine.connect() as conn:
+            version = registry.version(conn, model_version).model_version
+            found = conn.execute(sa.select(predictions.c.gradcam_uri, images.c.original_uri)
+                                 .join(images, images.c.image_id == predictions.c.image_id)
+                                 .where(predictions.c.image_id == image_id)
+                                 .where(predictions.c.model_version == version)).first()
+    finally:
+        engine.dispose()
+    if found is None:
+        raise ValueError(f"image {image_id!r} has no prediction from model {version}")
+    uri = found.gradcam_uri
+    if uri is None:
+        raise ValueError(f"image {image_id!r}: the Grad-CAM overlay of model {version} was removed by `lesion gc` "
+                         "(its artifacts were pruned); its prediction is kept")
+    if not 1 <= expires_s <= 7 * 24 * 3600:
+        raise ValueError(f"expires={expires_s}: expected 1 to 604800 seconds")
+    key = key_of(store, uri)
+    png = keys.overlay_of_map(key)
+    if png != key and not store.exists(png):  # a map: its overlay is drawn once, kept beside it (`lesion gc` removes both)
+        store.put(png, overlay_png(store, uri, found.original_uri), "image/png")
+    if not hasattr(store, "presigned_url"):
+        raise ValueError(f"store {store.url} is a local directory: open {store.uri(png)} directly (presigned links need S3)")
+    return store.presigned_url(png, expires_s)

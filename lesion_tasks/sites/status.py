@@ -13,15 +13,19 @@ champion's rows; `overview` is `lesion sites`.
 from __future__ import annotations
 
 import logging
+import math
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 import sqlalchemy as sa
 
 from lesion_tasks.core.db import engine_for, upsert
 from lesion_tasks.core.schema import images, predictions, site_evaluations, site_samples, splits
 from lesion_tasks.core.settings import Settings
+from lesion_tasks.data.splits import TEST_FRAC
 from lesion_tasks.model.config import GateFloors
+from lesion_tasks.sites import operating
 from lesion_tasks.versions import registry
 
 log = logging.getLogger(__name__)
@@ -124,25 +128,44 @@ def overview_of(conn: sa.Connection) -> dict[str, Any]:
         site_evaluations.c.model_version == champion.model_version))} if champion else {}
     sampled = dict(conn.execute(sa.select(site_samples.c.site, sa.func.count()).group_by(site_samples.c.site)).all())
     floors = champion.floors if champion else GateFloors()
+    points = operating.recorded(conn, champion.model_version) if champion else {}
     out = []
     for site, c in sorted(counts.items()):
         row = evaluated.get(site)
         status, needed = status_of(row.metrics if row else None, c["labelled"], floors)
         if row is None and c["labelled"]:  # labelled after the champion was evaluated: only a retrain tells
             status, needed = "provisional", "a retrain: its labelled images are newer than the champion's evaluation"
+        point = None
         if champion is None:
             threshold = {"value": None, "chosen_on": None}
             needed = "a champion: train one (lesion train)" if status == "unvalidated" else needed
         else:
             entry = champion.thresholds_by_site.get(site)
-            threshold = {"value": champion.threshold_for(site), "chosen_on": entry.chosen_on if entry else "pooled",
+            op = points.get(site) or operating.point_for(champion, site, np.zeros(0))  # not scored yet: pooled
+            threshold = {"value": op.threshold, "chosen_on": entry.chosen_on if entry else "pooled",
                          "method": entry.method if entry else None, "n_mel": entry.n_mel if entry else None}
+            point = op.to_json(labels_to_next_status(status, row.melanomas_evidence if row else 0, op, floors))
         out.append({"site": site, "status": status, "images": c["images"], "labelled": c["labelled"],
                     "labelled_by_split": c["labelled_by_split"], "validation_sample": int(sampled.get(site, 0)),
                     "melanomas_evidence": row.melanomas_evidence if row else 0,
-                    "evidence": row.evidence if row else None, "threshold": threshold,
+                    "evidence": row.evidence if row else None, "threshold": threshold, "operating_point": point,
                     "metrics": _headline(row.metrics) if row and row.metrics else None, "needed": needed})
     return {"champion": champion.model_version if champion else None, "sites": out}
+
+
+def labels_to_next_status(status: str, test_melanomas: int, point: operating.OperatingPoint, floors: GateFloors) -> int | None:
+    """About how many more labels of the site bring `floors.min_melanomas` melanomas into its test split (what
+    `validated` or `failing` rests on): the missing melanomas over the share of labels that reach the test split
+    (`splits.TEST_FRAC`) times the site's melanoma rate, estimated from its scored images (the mean calibrated
+    p_mel; the validation sample's weighting of likely melanomas makes the real need somewhat smaller). None
+    once the site has that evidence, or when nothing estimates its rate yet."""
+    missing = floors.min_melanomas - test_melanomas
+    if status in ("validated", "failing") or missing <= 0:
+        return None
+    if point.method != "unlabelled" or not point.images or point.melanomas <= 0:
+        return None
+    rate = point.melanomas / point.images
+    return int(math.ceil(missing / (TEST_FRAC * rate)))
 
 
 def _headline(part: dict[str, Any]) -> dict[str, Any]:
@@ -158,6 +181,12 @@ def summary(result: dict[str, Any]) -> str:
         lines.append(f"  {s['site']}: {s['status'].upper()}  images {s['images']}  labelled {s['labelled']} "
                      f"(train {s['labelled_by_split']['train']}, val {s['labelled_by_split']['val']}, "
                      f"test {s['labelled_by_split']['test']})  test melanomas {s['melanomas_evidence']}  threshold {shown}")
+        op = s.get("operating_point")
+        if op:
+            sens = op["sensitivity"]
+            shown_sens = ("" if sens["estimate"] is None else
+                          f", sensitivity {sens['estimate']:.3f} [{sens['low']:.3f}, {sens['high']:.3f}]")
+            lines.append(f"      operating point: {op['method']} {op['threshold']:.4f} on {op['images']} scored images{shown_sens}")
         lines.append(f"      needs: {s['needed']}")
     return "\n".join(lines)
 

@@ -156,11 +156,17 @@ def _fit_scope(config: TrainConfig, out: artifacts.ModelArtifacts, head: mc.Head
     fitted = scope.fit(x_in, x_train, config.seed)
     p_mel, _, _ = mc.predict(head, x_val, [r.image_id for r in val_refs], version, config.mc_samples, config.seed)
     test_dx = other["test"][1]  # only how many: the test split's size sets the margin, never its outcomes
-    t, targets = scope.choose_threshold(fitted.p_other(x_val), p_mel >= threshold, val_dx, config.floors.out_of_scope_flagged,
-                                        config.floors.malignant_flagged, val_lesions,
-                                        (len(test_dx), sum(d in scope.MALIGNANT for d in test_dx)))
-    out.save_scope(fitted)  # its threshold goes to the registry row only (review_rule.out_of_scope_above)
-    return {"out_of_scope_above": t, "out_of_scope_validation_targets": targets}, stats
+    p_other, n_test = fitted.p_other(x_val), (len(test_dx), sum(d in scope.MALIGNANT for d in test_dx))
+
+    def scope_at(decision_threshold: float) -> tuple[float, dict[str, float]]:
+        return scope.choose_threshold(p_other, p_mel >= decision_threshold, val_dx, config.floors.out_of_scope_flagged,
+                                      config.floors.malignant_flagged, val_lesions, n_test)
+
+    t, targets = scope_at(threshold)
+    # the same floors for every decision threshold a site's operating point may move to (`sites.operating`)
+    by_threshold = [(round(float(g), 6), float(scope_at(float(g))[0])) for g in scope.DECISION_GRID]
+    out.save_scope(fitted)  # its thresholds go to the registry row only (review_rule.out_of_scope_above, ..._by_threshold)
+    return {"out_of_scope_above": t, "out_of_scope_validation_targets": targets, "out_of_scope_by_threshold": by_threshold}, stats
 
 
 def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[str, Any]:
@@ -229,13 +235,17 @@ def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[st
         out = artifacts.ModelArtifacts(store, version)
         scope_info, s3 = _fit_scope(config, out, head, version, threshold, train_views[0], other, fcfg, weights, store, runner,
                                     engine)
-        # "uncertain" = the decision could go either way: over a fifth of the case's MC samples fall on the other
-        # side of its threshold (a fixed, readable rule: p(MEL) 0.5 at a threshold of 0.1 is not uncertain)
+        # "uncertain" = the decision could go either way: over 30% of the case's MC samples fall on the other side
+        # of its threshold (a fixed, readable rule: p(MEL) 0.5 at a threshold of 0.1 is not uncertain); "near" is
+        # relative, on the logit scale; both bounded so that at a new site's own operating point they add at most
+        # 10 points of its nevi to review (docs/sites.md, "A site's operating point")
         review_rule = registry.ReviewRule(
             predicted_mel=True, decision_uncertainty_above=registry.REVIEW_DECISION_UNCERTAINTY,
             attention_on_lesion_below=attention.OFF_LESION_BELOW, out_of_scope_above=scope_info.get("out_of_scope_above"),
             out_of_scope_validation_targets=scope_info.get("out_of_scope_validation_targets"),
-            threshold_by_target=per_target, thresholds_by_site=by_site_thresholds)
+            threshold_by_target=per_target, thresholds_by_site=by_site_thresholds,
+            near_threshold_logit=registry.NEAR_THRESHOLD_LOGIT,
+            out_of_scope_by_threshold=tuple(scope_info.get("out_of_scope_by_threshold") or ()))
         rule_json = review_rule.to_json()
         # the full flat model, head weights copied by layer name, saved without optimizer state
         model = backbones.build_model(config.backbone, config.image_size, weights, config.dropout, config.seed,

@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 
 
 # "uncertain": more than this share of a case's MC samples on the other side of its threshold
-REVIEW_DECISION_UNCERTAINTY = 0.2
+REVIEW_DECISION_UNCERTAINTY = 0.3
+# "near_threshold": |logit(p_mel) - logit(threshold)| at most this (relative: it follows a site's threshold)
+NEAR_THRESHOLD_LOGIT = 0.15
 
 
 @dataclass(frozen=True)
@@ -84,11 +86,27 @@ class ReviewRule:
     # each validation target's threshold ("pooled", and every gated site's): the pooled threshold is their lowest
     threshold_by_target: Mapping[str, float] = field(default_factory=dict)
     thresholds_by_site: Mapping[str, SiteThreshold] = field(default_factory=dict)
+    # "near_threshold" on the logit scale (None: versions from before it, ±0.05 in probability)
+    near_threshold_logit: float | None = None
+    # [(decision threshold, out-of-scope threshold)] ascending: the scope threshold chosen on validation OTHER
+    # images for each decision threshold of a grid, for sites whose operating point moves (`sites.operating`)
+    out_of_scope_by_threshold: tuple[tuple[float, float], ...] = ()
+
+    def near_threshold(self, p: float, threshold: float) -> bool:
+        """Whether p(MEL) `p` is near `threshold`: within NEAR_THRESHOLD_LOGIT on the logit scale, so the band
+        follows the threshold (around 0.05 it spans 0.044-0.057, around 0.5 0.463-0.537); versions from before
+        that rule keep their ±0.05 in probability."""
+        if self.near_threshold_logit is None:
+            return max(0.0, threshold - 0.05) <= p <= min(1.0, threshold + 0.05)
+        return abs(_logit(p) - _logit(threshold)) <= self.near_threshold_logit
 
     def to_json(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in ("predicted_mel", "decision_uncertainty_above", "entropy_above",
                                               "attention_on_lesion_below", "out_of_scope_above",
-                                              "out_of_scope_validation_targets") if getattr(self, k) is not None}
+                                              "out_of_scope_validation_targets", "near_threshold_logit")
+               if getattr(self, k) is not None}
+        if self.out_of_scope_by_threshold:
+            out["out_of_scope_by_threshold"] = [list(pair) for pair in self.out_of_scope_by_threshold]
         return out | {"threshold_by_target": dict(self.threshold_by_target),
                       "thresholds_by_site": {s: t.to_json() for s, t in self.thresholds_by_site.items()}}
 
@@ -98,7 +116,9 @@ class ReviewRule:
         return cls(bool(rule.get("predicted_mel", True)), rule.get("decision_uncertainty_above"), rule.get("entropy_above"),
                    rule.get("attention_on_lesion_below"), rule.get("out_of_scope_above"),
                    rule.get("out_of_scope_validation_targets"), dict(rule.get("threshold_by_target") or {}),
-                   {s: SiteThreshold.from_json(t) for s, t in (rule.get("thresholds_by_site") or {}).items()})
+                   {s: SiteThreshold.from_json(t) for s, t in (rule.get("thresholds_by_site") or {}).items()},
+                   rule.get("near_threshold_logit"),
+                   tuple((float(t), float(o)) for t, o in rule.get("out_of_scope_by_threshold") or ()))
 
     def setter(self, threshold: float | None) -> str | None:
         """Whose validation target set the pooled `threshold`: "pooled", a gated site whose stricter target it had
@@ -215,6 +235,11 @@ class ModelVersion:
         if not any(cals):
             return None
         return (np.array([c[0] if c else 1.0 for c in cals]), np.array([c[1] if c else 0.0 for c in cals]))
+
+
+def _logit(p: float) -> float:
+    p = min(max(float(p), 1e-7), 1 - 1e-7)
+    return float(np.log(p / (1 - p)))
 
 
 def version(conn: sa.Connection, model_version: str | None, required: bool = True) -> ModelVersion | None:

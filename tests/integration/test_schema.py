@@ -11,7 +11,7 @@ from lesion_tasks.core import db
 from lesion_tasks.core.schema import metadata
 from lesion_tasks.core.settings import Settings
 
-HEAD = "0015_typed_records"
+HEAD = "0016_site_operating_points"
 
 
 @pytest.fixture

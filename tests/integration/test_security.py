@@ -14,7 +14,7 @@ import requests
 import sqlalchemy as sa
 
 from lesion_tasks.core import db, keys
-from lesion_tasks.scoring import nightly as scoring
+from lesion_tasks.scoring import overlays
 from lesion_tasks.core.schema import images, predictions
 from lesion_tasks.core.settings import Settings
 from lesion_tasks.core.store import S3Store, StoreError, key_of, open_store
@@ -100,23 +100,23 @@ def test_gradcam_links_are_presigned_and_expire(trained_home, s3_settings_kwargs
     for key in (key_of(local, ref), key_of(local, original)):  # the stored map and the original it is drawn on
         bucket.put(key, local.get(key))
 
-    url = scoring.gradcam_link(settings, image_id, expires_s=2)
+    url = overlays.gradcam_link(settings, image_id, expires_s=2)
     assert parse_qs(urlsplit(url).query)["X-Amz-Expires"] == ["2"]
     anonymous = requests.get(url.split("?", 1)[0], timeout=10)  # the same object without the signature
     assert anonymous.status_code != 200 and not anonymous.content.startswith(b"\x89PNG")  # the bucket is private
-    fresh = requests.get(scoring.gradcam_link(settings, image_id, expires_s=600), timeout=10)
+    fresh = requests.get(overlays.gradcam_link(settings, image_id, expires_s=600), timeout=10)
     assert fresh.status_code == 200 and fresh.content.startswith(b"\x89PNG")
     # drawn from the map once, kept beside it
     assert bucket.get(keys.overlay_of_map(key_of(local, ref))) == fresh.content
     signed_at = minio_time.utcnow() - timedelta(minutes=10)
     monkeypatch.setattr(minio_time, "utcnow", lambda: signed_at)
-    expired = scoring.gradcam_link(settings, image_id, expires_s=2)
-    still_valid = scoring.gradcam_link(settings, image_id, expires_s=3600)
+    expired = overlays.gradcam_link(settings, image_id, expires_s=2)
+    still_valid = overlays.gradcam_link(settings, image_id, expires_s=3600)
     monkeypatch.undo()
     assert requests.get(expired, timeout=10).status_code in (400, 401, 403)
     assert requests.get(still_valid, timeout=10).status_code == 200
     with pytest.raises(ValueError, match="expires=0: expected 1 to 604800 seconds"):
-        scoring.gradcam_link(settings, image_id, expires_s=0)
+        overlays.gradcam_link(settings, image_id, expires_s=0)
     reliability.record("Grad-CAM links handed to people", "presigned GET with a 2 s lifetime, fetched in time and "
                        "(signed 10 minutes earlier) after it", "works, then refused; unsigned access refused",
                        "200 then refused; unsigned refused", 0, 0)

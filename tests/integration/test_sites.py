@@ -19,6 +19,7 @@ from lesion_tasks.core.schema import images, label_imports, site_samples, splits
 from lesion_tasks.ingest import label_import
 from lesion_tasks.ingest.drop import ingest
 from lesion_tasks.sites import status as sites
+from lesion_tasks.versions import registry
 from lesion_tasks.ops.synthetic import make_drop
 from tests.helpers import LABELLED_DROP, NIGHT_DROP
 
@@ -82,6 +83,44 @@ def test_validation_sample_over_represents_melanomas_and_extends(clinic):
     assert pi[ids[0]] == pytest.approx(min(1.0, 2 * first["images"][0]["inclusion_probability"]), rel=1e-6)
     with pytest.raises(ValueError, match="no images; known sites"):
         cli.sample_site(settings, "nowhere", 10)
+
+
+def test_an_unlabelled_clinic_is_decided_at_its_own_operating_point(clinic):
+    """Drawing the sample scored the clinic's 400 images (`lesion score --site`); the run ended by estimating its
+    operating point from their calibrated p_mel and deciding them at it: `lesion sites --json` says how
+    (`unlabelled`, on 400 images, with an interval), every prediction carries that threshold, and a rerun of the
+    settling changes nothing."""
+    from lesion_tasks.core.schema import predictions
+    from lesion_tasks.scoring import nightly
+    from lesion_tasks.sites import operating
+
+    settings, truth, _ = clinic
+    cli.sample_site(settings, CLINIC, 100)  # scores the clinic first (a no-op if an earlier test did)
+    listed = {s["site"]: s for s in sites.overview(settings)["sites"]}
+    op = listed[CLINIC]["operating_point"]
+    assert op["method"] == "unlabelled" and op["images"] == 400 and op["labelled"] == 0, op
+    assert listed[CLINIC]["threshold"]["value"] == op["threshold"] and listed[CLINIC]["status"] == "unvalidated"
+    sens = op["sensitivity"]
+    assert sens["low"] <= sens["estimate"] <= sens["high"] and sens["estimate"] >= 0.85 + operating.MARGIN - 1e-3, op
+    assert op["labels_to_next_status"] > 0 and "unlabelled" not in listed[LABELLED_DROP]["operating_point"]["method"]
+    engine = db.make_engine(settings.db_url)
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(predictions.c.image_id, predictions.c.p_mel, predictions.c.threshold, predictions.c.predicted_label,
+                                      predictions.c.review_reasons)
+                            .join(images, images.c.image_id == predictions.c.image_id).where(images.c.site == CLINIC)).all()
+        v = registry.version(conn, None)
+    engine.dispose()
+    assert len(rows) == 400 and {round(r.threshold, 9) for r in rows} == {round(op["threshold"], 9)}
+    assert all((r.p_mel >= r.threshold) == (r.predicted_label == "MEL") for r in rows)
+    # the band follows the threshold: no NV call far from it (in odds) is flagged near it
+    near = [r for r in rows if r.review_reasons and "near_threshold" in r.review_reasons]
+    assert all(v.review_rule.near_threshold(r.p_mel, r.threshold) for r in near)
+    assert v.review_rule.near_threshold_logit is not None and v.review_rule.out_of_scope_by_threshold
+    again = nightly.settle(settings, "champion", None)
+    assert again["updated"] == 0 and again["rescored"] == 0, again
+    assert again["sites"][CLINIC]["threshold"] == op["threshold"]
+    print(json.dumps({"operating_point": op, "realised_sensitivity": float(np.mean(
+        [r.p_mel >= r.threshold for r in rows if truth.get(r.image_id) == "MEL"] or [np.nan]))}, default=str))
 
 
 def test_drawing_a_sample_scores_that_sites_images_only(trained_home, tmp_path):

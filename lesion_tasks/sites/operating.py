@@ -1,0 +1,272 @@
+"""A site's operating point: the threshold its cases are decided at, how it was chosen, and what it promises.
+
+A model version's pooled threshold was chosen on the validation images of the sites it trained on. At a site
+it has no validation evidence of (a new clinic), the calibration transfers less well than the ranking
+(docs/sites.md), so the pooled threshold lands anywhere: sensitivity 0.61-0.72 at a sharp new clinic, or
+specificity 0.23 at another. The site's own unlabelled nights say where its operating point is: with calibrated
+p_mel, the expected sensitivity at a threshold t over the site's N scored images is
+
+    sum(p_i : p_i >= t) / sum(p_i)        (specificity: sum(1 - p_i : p_i < t) / sum(1 - p_i))
+
+`choose` takes the highest threshold whose estimate reaches the target plus MARGIN. MARGIN is the calibration
+error allowed for at a site never seen, measured leave-one-site-out (`bench/unlabelled_operating_point.py`,
+ISIC 2017 and BCN_20000 held out in turn, 5 replicates): the smallest margin at which every replicate at both
+sites reached the target AND no more than 5% of BCN_20000's other diagnoses were silently called NV (a higher
+threshold releases them; 0.08 reached the target but released 9%). Every scored image of the site enters, its
+other diagnoses and out-of-scope flags included: their p_mel counts as melanoma mass, which lowers the
+threshold (measured: leaving out the flagged ones changes nothing, the flag catches few of them).
+
+The interval (`interval`) is what the estimate promises about the realised sensitivity over the site's own
+melanomas: the spread of that figure were the calibration right (the site's labels drawn from its own p, a
+seeded simulation: a small site gets a wide interval), widened on both sides by the allowance for the
+calibration's error at an unseen site (SENS_ALLOWANCE = MARGIN; measured errors at the chosen threshold:
++0.018 to +0.051) and, for specificity, SPEC_ALLOWANCE (measured: -0.117 to +0.004; other diagnoses' 1 - p
+counts as nevus mass there).
+
+Which sites get which `method` (`method_for`):
+- "labelled": retraining chose the site a threshold of its own on its labels (`thresholds_by_site`, chosen_on "site");
+- "pooled": the version had validation melanomas of the site (it trained there: the pooled threshold was chosen
+  on them), or the site has fewer than MIN_IMAGES scored images / MIN_MASS expected melanomas (too few to estimate);
+- "unlabelled": every other site with scored images: the estimate above.
+`applied` is what scoring decides each site's cases at; `settle` in `scoring.nightly` re-estimates after each
+scoring run and re-decides the run's cases where the point moved.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+
+from lesion_tasks.core.db import upsert
+from lesion_tasks.core.schema import images, prediction_samples, predictions, site_operating_points
+from lesion_tasks.model import attention
+from lesion_tasks.versions import predict
+from lesion_tasks.versions.registry import ModelVersion
+
+log = logging.getLogger(__name__)
+
+MARGIN = 0.12
+SENS_ALLOWANCE = MARGIN
+SPEC_ALLOWANCE = 0.15
+MIN_IMAGES = 100  # scored images of a site before its unlabelled estimate replaces the pooled threshold
+MIN_MASS = 10.0  # and expected melanomas among them (sum of p_mel)
+DRAWS = 1000  # simulated label draws for the sampling part of the interval
+METHODS = ("pooled", "unlabelled", "labelled")
+
+
+@dataclass(frozen=True)
+class Estimate:
+    estimate: float | None
+    low: float | None
+    high: float | None
+
+    def to_json(self) -> dict[str, float | None]:
+        return {k: None if v is None else round(float(v), 4) for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """One (model version, site) operating point (`lesion sites --json`: `operating_point`)."""
+
+    site: str
+    threshold: float
+    method: str
+    images: int  # scored images it rests on
+    labelled: int  # labelled images used (0: unlabelled and pooled)
+    melanomas: float  # effective melanomas: the labelled ones used, or the expected number (sum of p_mel)
+    sensitivity: Estimate
+    specificity: Estimate
+    out_of_scope_above: float | None  # the out-of-scope threshold that goes with it (None: no out-of-scope head)
+    why: str
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"operating point method {self.method!r}: expected one of {METHODS}")
+
+    def to_json(self, labels_to_next_status: int | None = None) -> dict[str, Any]:
+        return {"threshold": float(self.threshold), "method": self.method, "images": self.images,
+                "labelled": self.labelled, "melanomas": round(float(self.melanomas), 1),
+                "sensitivity": self.sensitivity.to_json(), "specificity": self.specificity.to_json(),
+                "out_of_scope_above": self.out_of_scope_above, "why": self.why,
+                "labels_to_next_status": labels_to_next_status}
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> OperatingPoint:
+        point = row["point"]
+        return cls(row["site"], float(row["threshold"]), row["method"], int(point["images"]), int(point["labelled"]),
+                   float(point["melanomas"]), Estimate(**point["sensitivity"]), Estimate(**point["specificity"]),
+                   row["out_of_scope_above"], point.get("why", ""))
+
+
+def estimated(p: np.ndarray, t: float) -> tuple[float, float]:
+    """(sensitivity, specificity) that calibrated `p` expects at threshold `t` over these images."""
+    p = np.asarray(p, dtype=np.float64)
+    return float(p[p >= t].sum() / p.sum()), float((1 - p[p < t]).sum() / max((1 - p).sum(), 1e-12))
+
+
+def choose(p: np.ndarray, target: float, margin: float = MARGIN) -> float:
+    """The highest threshold (a score of the set) whose estimated sensitivity reaches `target` + `margin`."""
+    order = np.sort(np.asarray(p, dtype=np.float64))[::-1]
+    covered = np.cumsum(order) / order.sum()
+    return float(order[min(int(np.searchsorted(covered, min(target + margin, 1.0) - 1e-12)), len(order) - 1)])
+
+
+def interval(p: np.ndarray, t: float, seed: int = 0, draws: int = DRAWS) -> tuple[Estimate, Estimate]:
+    """(sensitivity, specificity) at `t`: the estimate, and a 95% interval for the realised figure = the
+    2.5-97.5% quantiles over `draws` label sets drawn from p itself (seeded: the same images give the same
+    interval), widened by SENS_ALLOWANCE / SPEC_ALLOWANCE and clipped to [0, 1]."""
+    p = np.asarray(p, dtype=np.float64)
+    above = p >= t
+    rng = np.random.default_rng(seed)
+    counts = np.zeros((4, draws))  # MEL above, MEL below, NV below, NV above
+    for start in range(0, len(p), 20_000):  # bounded memory on a 100,000-image site
+        part, up = p[start : start + 20_000], above[start : start + 20_000]
+        mel = rng.random((draws, len(part))) < part
+        counts += [(mel & up).sum(1), (mel & ~up).sum(1), (~mel & ~up).sum(1), (~mel & up).sum(1)]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sens = counts[0] / (counts[0] + counts[1])
+        spec = counts[2] / (counts[2] + counts[3])
+    est_sens, est_spec = estimated(p, t)
+
+    def widened(value: float, sampled: np.ndarray, allowance: float) -> Estimate:
+        sampled = sampled[np.isfinite(sampled)]
+        if not len(sampled):
+            return Estimate(value, 0.0, 1.0)
+        lo, hi = np.quantile(sampled, [0.025, 0.975])
+        return Estimate(value, max(0.0, float(lo) - allowance), min(1.0, float(hi) + allowance))
+
+    return widened(est_sens, sens, SENS_ALLOWANCE), widened(est_spec, spec, SPEC_ALLOWANCE)
+
+
+def method_for(v: ModelVersion, site: str, p: np.ndarray) -> tuple[str, str]:
+    """(method, why) of `site`'s operating point under version `v`, given its scored p_mel (see the module doc)."""
+    own = v.own_threshold(site)
+    if own is not None:
+        return "labelled", f"chosen on its labels at retraining ({own.method or 'validation'}, {own.n_mel} melanomas)"
+    entry = v.thresholds_by_site.get(site)
+    if entry is not None and entry.n_mel > 0:
+        return "pooled", (f"the version trained at this site: the pooled threshold was chosen on validation images "
+                          f"including its {entry.n_mel} melanomas")
+    if len(p) < MIN_IMAGES or float(np.sum(p)) < MIN_MASS:
+        return "pooled", (f"too few scored images to estimate its own ({len(p)} images, {float(np.sum(p)):.1f} expected "
+                          f"melanomas; at least {MIN_IMAGES} and {MIN_MASS:g} needed): the pooled threshold")
+    return "unlabelled", (f"estimated from the calibrated p_mel of its {len(p)} scored images, none labelled: the "
+                          f"highest threshold whose expected sensitivity reaches the target "
+                          f"{v.target_sensitivity or 0.85:g} + margin {MARGIN:g}")
+
+
+def scope_threshold_at(v: ModelVersion, threshold: float) -> float | None:
+    """The out-of-scope threshold that goes with decision threshold `threshold`: chosen at training on the
+    validation OTHER images for a grid of decision thresholds (`ReviewRule.out_of_scope_by_threshold`), the
+    entry at the first grid point at or above it (a higher decision threshold makes fewer MEL calls, so its
+    scope threshold is the lower, safer one). Versions without the grid keep their one threshold."""
+    grid = v.review_rule.out_of_scope_by_threshold
+    if v.scope_threshold is None or not grid or abs(threshold - float(v.threshold)) < 1e-12:
+        return v.scope_threshold
+    for t, scope_above in grid:
+        if t >= threshold:
+            return float(scope_above)
+    return float(grid[-1][1])
+
+
+def point_for(v: ModelVersion, site: str, p: np.ndarray) -> OperatingPoint:
+    """`site`'s operating point under version `v` from the calibrated p_mel of its scored images."""
+    method, why = method_for(v, site, p)
+    target = v.target_sensitivity or 0.85
+    t = choose(p, target) if method == "unlabelled" else v.threshold_for(site)
+    if len(p) and float(np.sum(p)) > 0:
+        sens, spec = interval(p, t)
+    else:
+        sens = spec = Estimate(None, None, None)
+    own = v.own_threshold(site)
+    labelled = int((own.validation or {}).get("n", 0)) if own else 0
+    melanomas = float(own.n_mel) if own else float(np.sum(p)) if method == "unlabelled" else float(
+        (v.thresholds_by_site.get(site).n_mel if v.thresholds_by_site.get(site) else 0))
+    return OperatingPoint(site, t, method, len(p), labelled, melanomas, sens, spec, scope_threshold_at(v, t), why)
+
+
+def scored_p(conn: sa.Connection, model_version: str, sites: list[str]) -> dict[str, np.ndarray]:
+    """{site: calibrated p_mel of every image of the site the version scored}, over `sites`."""
+    out: dict[str, list[float]] = {s: [] for s in sites}
+    rows = conn.execute(sa.select(images.c.site, predictions.c.p_mel).join(images, images.c.image_id == predictions.c.image_id)
+                        .where(predictions.c.model_version == model_version, images.c.site.in_(sites)))
+    for site, p in rows:
+        out[site].append(p)
+    return {s: np.array(v, dtype=np.float64) for s, v in out.items()}
+
+
+def estimate(conn: sa.Connection, v: ModelVersion, sites: list[str], run_id: str | None = None) -> dict[str, OperatingPoint]:
+    """Re-estimate and record the operating point of version `v` at each of `sites` from all its scored images
+    there (an upsert per (version, site): the latest estimate is the one applied)."""
+    points = {site: point_for(v, site, p) for site, p in scored_p(conn, v.model_version, sorted(sites)).items()}
+    now = datetime.now(UTC)
+    upsert(conn, site_operating_points, [
+        {"model_version": v.model_version, "site": s, "threshold": op.threshold, "method": op.method,
+         "out_of_scope_above": op.out_of_scope_above, "point": op.to_json(), "run_id": run_id, "estimated_at": now}
+        for s, op in points.items()], ["model_version", "site"])
+    for s, op in points.items():
+        log.info("operating point of %s at %s: %s threshold %.4f on %d images (sensitivity %s, specificity %s)",
+                 v.model_version, s, op.method, op.threshold, op.images, op.sensitivity.to_json(), op.specificity.to_json())
+    return points
+
+
+def recorded(conn: sa.Connection, model_version: str) -> dict[str, OperatingPoint]:
+    """{site: its latest recorded operating point} for `model_version`."""
+    rows = conn.execute(sa.select(site_operating_points).where(site_operating_points.c.model_version == model_version)).mappings()
+    return {r["site"]: OperatingPoint.from_row(r) for r in rows}
+
+
+def applied(conn: sa.Connection, v: ModelVersion) -> dict[str, tuple[float, float | None]]:
+    """What scoring decides each site's cases at under version `v` (`versions.predict.predict`'s `points`):
+    {site: (threshold, out-of-scope threshold)} of its recorded operating points; a site without one is decided
+    by the version's own rule."""
+    return {s: (op.threshold, op.out_of_scope_above) for s, op in recorded(conn, v.model_version).items()}
+
+
+def redecide(conn: sa.Connection, v: ModelVersion, run_id: str | None,
+              points: dict[str, OperatingPoint], failing: frozenset[str]) -> tuple[int, list[str]]:
+    """Decide the cases of scoring run `run_id` (None: every case of the version) at their sites' operating
+    `points`: where the MEL/NV call stays, update the threshold, the decision uncertainty (from the stored MC
+    samples) and the review reasons in place; return (how many rows changed, the ids whose call flips: their
+    Grad-CAM map is of the other class, so the caller scores them again)."""
+    query = (sa.select(predictions.c.image_id, images.c.site, predictions.c.p_mel, predictions.c.entropy,
+                       predictions.c.p_other, predictions.c.predicted_label, predictions.c.threshold,
+                       predictions.c.attention_on_lesion, predictions.c.decision_uncertainty, predictions.c.review_reasons,
+                       prediction_samples.c.p_mel_samples)
+             .join(images, images.c.image_id == predictions.c.image_id)
+             .join(prediction_samples, sa.and_(prediction_samples.c.image_id == predictions.c.image_id,
+                                               prediction_samples.c.model_version == predictions.c.model_version))
+             .where(predictions.c.model_version == v.model_version))
+    if run_id is not None:
+        query = query.where(predictions.c.run_id == run_id)
+    rule = v.review_rule
+    off_below = attention.OFF_LESION_BELOW if rule.attention_on_lesion_below is None else rule.attention_on_lesion_below
+    flipped, changes = [], []
+    for r in conn.execute(query):
+        point = points.get(r.site)
+        if point is None:
+            continue
+        t = point.threshold
+        is_mel = int(r.p_mel >= t)
+        if is_mel != int(r.predicted_label == "MEL"):
+            flipped.append(r.image_id)
+            continue
+        du = float(predict.decision_uncertainty(np.asarray([r.p_mel_samples], dtype=np.float64), np.array([t]),
+                                                np.array([is_mel]))[0])
+        off = bool(is_mel) and r.attention_on_lesion is not None and r.attention_on_lesion < off_below
+        reasons = (predict.review_reasons(r.p_mel, r.entropy, t, rule, r.p_other, du, point.out_of_scope_above)
+                   + (["attention_off_lesion"] if off else []) + (["site_failing"] if r.site in failing else []))
+        joined = ",".join(reasons) or None
+        if abs(float(r.threshold) - t) > 1e-12 or joined != r.review_reasons:
+            changes.append({"k_image_id": r.image_id, "threshold": t, "decision_uncertainty": du,
+                            "needs_review": bool(reasons), "review_reasons": joined})
+    if changes:
+        conn.execute(predictions.update().where(predictions.c.model_version == v.model_version,
+                                                predictions.c.image_id == sa.bindparam("k_image_id")), changes)
+    return len(changes), flipped

@@ -1,0 +1,118 @@
+"""A site's operating point from its unlabelled scored images (`sites.operating`): the estimate, the threshold that
+reaches the target plus the margin, an interval whose coverage is measured here, which method a site gets, the
+out-of-scope threshold that goes with a moved threshold, and the review band that follows the threshold."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lesion_tasks.model.config import GateFloors
+from lesion_tasks.sites import operating
+from lesion_tasks.sites.status import labels_to_next_status
+from lesion_tasks.versions import predict
+from lesion_tasks.versions.registry import ModelVersion, ReviewRule, SiteThreshold
+
+pytestmark = pytest.mark.unit
+
+
+def _night(n: int, seed: int) -> np.ndarray:
+    """Calibrated p_mel of a night: mostly low, a tail of likely melanomas (about 20% melanomas)."""
+    return np.random.default_rng(seed).beta(0.8, 3.2, n)
+
+
+def test_the_estimate_is_the_expected_sensitivity_of_calibrated_scores():
+    p = np.array([0.9, 0.6, 0.3, 0.1, 0.1])
+    sens, spec = operating.estimated(p, 0.3)
+    assert sens == pytest.approx(1.8 / 2.0) and spec == pytest.approx((0.9 + 0.9) / 3.0)
+    t = operating.choose(p, 0.85, margin=0.0)
+    assert t == 0.3 and operating.estimated(p, t)[0] >= 0.85  # the highest score reaching it
+    assert operating.estimated(p, 0.6)[0] < 0.85
+    # the margin moves the threshold down, never up; a target above 1 is capped (the lowest score)
+    assert operating.choose(p, 0.85, margin=0.12) <= t and operating.choose(p, 0.95, margin=0.12) == 0.1
+
+
+def test_the_interval_covers_the_realised_sensitivity_when_the_calibration_holds():
+    """Coverage measured, not assumed: nights whose labels are drawn from their own p_mel (the calibration holds);
+    the realised sensitivity at the chosen threshold falls inside the stated interval in at least 95% of them, and
+    the interval without the calibration allowance (sampling alone) still covers about 95%."""
+    covered = covered_sampling_only = 0
+    trials = 200
+    for seed in range(trials):
+        p = _night(300, seed)
+        t = operating.choose(p, 0.85)
+        sens, _ = operating.interval(p, t, seed=seed, draws=400)
+        y = np.random.default_rng(10_000 + seed).random(len(p)) < p
+        realised = float((p[y] >= t).mean())
+        covered += sens.low <= realised <= sens.high
+        covered_sampling_only += sens.low + operating.SENS_ALLOWANCE - 1e-9 <= realised <= sens.high - operating.SENS_ALLOWANCE + 1e-9 or sens.high == 1.0
+        assert sens.low <= sens.estimate <= sens.high
+    assert covered / trials >= 0.95, covered
+    assert covered_sampling_only / trials >= 0.90, covered_sampling_only
+
+
+def test_a_small_site_gets_a_wider_interval_and_the_same_images_the_same_one():
+    small, large = _night(120, 1), _night(12_000, 1)
+    s_small, _ = operating.interval(small, operating.choose(small, 0.85))
+    s_large, _ = operating.interval(large, operating.choose(large, 0.85))
+    assert s_small.high - s_small.low > s_large.high - s_large.low
+    assert operating.interval(small, 0.2) == operating.interval(small, 0.2)  # seeded: reruns change nothing
+
+
+def _version(**rule) -> ModelVersion:
+    row = {"model_version": "v1", "status": "trained", "is_champion": True, "backbone": "b", "image_size": 96,
+           "threshold": 0.2, "mc_samples": 10, "config": {"target_sensitivity": 0.85},
+           "review_rule": ReviewRule(out_of_scope_above=0.6, **rule).to_json()}
+    return ModelVersion.from_row(row)
+
+
+def test_which_method_a_site_gets():
+    v = _version(thresholds_by_site={"trained": SiteThreshold(0.2, "pooled", 40),
+                                     "labelled": SiteThreshold(0.12, "site", 28, "cross-fitted (5 folds)"),
+                                     "new": SiteThreshold(0.2, "pooled", 0)})
+    p = _night(500, 3)
+    assert operating.method_for(v, "labelled", p)[0] == "labelled"
+    assert operating.method_for(v, "trained", p)[0] == "pooled"  # its validation images chose the pooled threshold
+    assert operating.method_for(v, "new", p)[0] == "unlabelled"
+    assert operating.method_for(v, "never-seen", p)[0] == "unlabelled"
+    method, why = operating.method_for(v, "never-seen", p[:50])
+    assert method == "pooled" and "too few" in why and "50 images" in why
+    point = operating.point_for(v, "never-seen", p)
+    assert point.method == "unlabelled" and point.threshold == operating.choose(p, 0.85)
+    assert point.sensitivity.estimate >= 0.85 + operating.MARGIN - 1e-9 and point.images == 500
+    assert operating.point_for(v, "labelled", p).threshold == 0.12
+    assert operating.point_for(v, "trained", p).threshold == 0.2
+    # what it would take to be validated: about (30 missing) / (20% to test x its melanoma rate) labels
+    needed = labels_to_next_status("unvalidated", 0, point, GateFloors())
+    assert needed == int(np.ceil(30 / (0.2 * p.mean()))), needed
+    assert labels_to_next_status("validated", 40, point, GateFloors()) is None
+
+
+def test_the_out_of_scope_threshold_follows_a_moved_threshold():
+    grid = ((0.05, 0.8), (0.1, 0.7), (0.2, 0.6), (0.4, 0.5))
+    v = _version(out_of_scope_by_threshold=grid)
+    assert operating.scope_threshold_at(v, 0.2) == 0.6  # the pooled threshold: the version's own
+    assert operating.scope_threshold_at(v, 0.07) == 0.7  # the grid point above: the lower, safer one
+    assert operating.scope_threshold_at(v, 0.3) == 0.5
+    assert operating.scope_threshold_at(v, 0.95) == 0.5
+    assert operating.scope_threshold_at(_version(), 0.07) == 0.6  # versions without the grid keep theirs
+
+
+def test_the_near_threshold_band_is_relative_at_a_low_threshold():
+    rule = ReviewRule(decision_uncertainty_above=0.3, near_threshold_logit=0.15)
+    old = ReviewRule(decision_uncertainty_above=0.3)  # a version from before the relative band
+    t = 0.05
+
+    def near(p: float, r: ReviewRule, threshold: float = t) -> bool:
+        return "near_threshold" in predict.review_reasons(p, 0.1, threshold, r, decision_uncertainty=0.0)
+
+    # a nevus-like score of 0.09 is 80% above a threshold of 0.05: not near it (the old ±0.05 band said it was,
+    # and around 0.05 that band held every nevus)
+    assert near(0.09, old) and not near(0.09, rule)
+    assert near(0.052, rule) and near(0.047, rule) and not near(0.01, rule) and near(0.01, old)
+    # the same relative width around 0.5
+    assert near(0.53, rule, 0.5) and not near(0.56, rule, 0.5)
+    # an operating point's out-of-scope threshold replaces the rule's
+    flagged = predict.review_reasons(0.01, 0.1, t, ReviewRule(out_of_scope_above=0.9, decision_uncertainty_above=0.3, near_threshold_logit=0.15),
+                                     0.7, 0.0, scope_above=0.6)
+    assert flagged == ["out_of_scope"]
