@@ -1,7 +1,7 @@
 """Adapting to a new site from its own labels: the k-shot curve, printed as JSON.
 
     LESION_WEIGHTS_DIR=../shared/weights .venv/bin/python bench/site_adaptation.py [--data ../shared/data]
-        [--site isic2017-mel-nv] [--k 0,50,100,200,400] [--home DIR] [--site-weight 5]
+        [--site isic2017-mel-nv|bcn_20000] [--k 0,50,100,200,400] [--home DIR] [--site-weight 5]
 
 One shared source is the new site: it is ingested without its labels (`--site`), the others with theirs,
 and the demo profile is trained on them (k = 0). Then, exactly as a clinic would, for each k: the site's
@@ -11,6 +11,12 @@ sample (the remaining images, whose labels stay hidden): AUC, and sensitivity an
 site's threshold (`thresholds_by_site`), with 95% bootstrap intervals; the share flagged out_of_scope
 (all of them MEL or NV, so every flag is false); the threshold's own IPW estimate
 (cross-fitted, on the sample) against that truth; and the wall time of the retrain after the import.
+After each retrain that promotes, the site's images are scored as a night would score them (`lesion score
+--site`): the run estimates the site's operating point from their calibrated p_mel (`sites.operating`) and
+decides them at it; `as_decided` holds what the product decided against the truth: the stated estimate and
+interval against the realised sensitivity and specificity, the nevi, melanomas and other diagnoses flagged by
+each reason, and the other diagnoses silently called NV. `--site bcn_20000` holds out the BCN_20000 images of
+the ISIC 2019 drop (lesion ids `BCN_...`, a pseudo-site as in bench/loso.py) and trains on the rest of it.
 Everything runs on the embedded defaults (SQLite + local store) in --home (a temporary folder if unset;
 features are cached there, so a second run with the same --home only retrains).
 """
@@ -45,10 +51,12 @@ from lesion_tasks.versions import artifacts, registry
 from lesion_tasks.assessment import assess  # noqa: E402
 from lesion_tasks.model.config import make_config  # noqa: E402
 from lesion_tasks.model import evaluation, features  # noqa: E402
+from lesion_tasks.scoring import nightly  # noqa: E402
 
 import sqlalchemy as sa  # noqa: E402
 
 log = logging.getLogger("bench.site_adaptation")
+BCN = "bcn_20000"  # --site: the BCN_20000 images of the ISIC 2019 drop, held out as a pseudo-site
 CODES = ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK")
 
 
@@ -59,14 +67,89 @@ def truth_of(drop: Path) -> dict[str, str]:
         return {row["image"]: next(c for c in CODES if float(row.get(c) or 0) >= 0.5) for row in csv.DictReader(fh)}
 
 
-def unlabelled_copy(drop: Path, dest: Path) -> Path:
-    """The drop's images without its ground truth: what a clinic sends."""
+def unlabelled_copy(drop: Path, dest: Path, keep: set[str] | None = None) -> Path:
+    """The drop's images (those in `keep`, else all) without its ground truth: what a clinic sends."""
     dest.mkdir(parents=True, exist_ok=True)
     for path in sorted((drop / "images").glob("*.jpg")):
         target = dest / path.name
-        if not target.exists():
+        if (keep is None or path.stem in keep) and not target.exists():
             shutil.copyfile(path, target)
     return dest
+
+
+def labelled_copy(drop: Path, dest: Path, drop_ids: set[str]) -> Path:
+    """The challenge drop without the images in `drop_ids`: its images, ground truth and metadata, filtered."""
+    (dest / "images").mkdir(parents=True, exist_ok=True)
+    for path in sorted((drop / "images").glob("*.jpg")):
+        target = dest / "images" / path.name
+        if path.stem not in drop_ids and not target.exists():
+            shutil.copyfile(path, target)
+    for table in drop.glob("*.csv"):
+        with table.open(newline="") as fh, (dest / table.name).open("w", newline="") as out:
+            rows = csv.DictReader(fh)
+            writer = csv.DictWriter(out, rows.fieldnames)
+            writer.writeheader()
+            writer.writerows(r for r in rows if r["image"] not in drop_ids)
+    return dest
+
+
+def bcn_ids(drop: Path) -> set[str]:
+    """The images of BCN_20000 inside the ISIC 2019 drop (lesion ids `BCN_...`): a pseudo-site, as in bench/loso.py."""
+    with (drop / "ISIC_2019_Training_Metadata.csv").open(newline="") as fh:
+        return {r["image"] for r in csv.DictReader(fh) if (r.get("lesion_id") or "").startswith("BCN_")}
+
+
+def as_decided(settings: Settings, version: str, site: str, truth: dict[str, str], excluded: set[str]) -> dict:
+    """What the product decided at the site (the predictions table, at the site's operating point) against the
+    truth, on its images outside `excluded` (the validation sample): the operating point it states (estimate,
+    interval) and the realised sensitivity and specificity there; the share of nevi, melanomas and other diagnoses
+    flagged, by reason; the other diagnoses called NV with no flag at all; and the pooled threshold's figures on
+    the same images, for comparison."""
+    from lesion_tasks.core.schema import predictions
+    from lesion_tasks.sites import status as site_status
+
+    engine = engine_for(settings)
+    with engine.connect() as conn:
+        v = registry.version(conn, version)
+        rows = conn.execute(sa.select(predictions.c.image_id, predictions.c.p_mel, predictions.c.threshold,
+                                      predictions.c.predicted_label, predictions.c.review_reasons)
+                            .join(images, images.c.image_id == predictions.c.image_id)
+                            .where(images.c.site == site, predictions.c.model_version == version)).all()
+        point = next(s for s in site_status.overview_of(conn)["sites"] if s["site"] == site)["operating_point"]
+    engine.dispose()
+    rows = [r for r in rows if r.image_id not in excluded and r.image_id in truth]
+    y = np.array([truth[r.image_id] for r in rows], dtype=object)
+    p = np.array([r.p_mel for r in rows])
+    mel_call = np.array([r.predicted_label == "MEL" for r in rows])
+    reasons = [set((r.review_reasons or "").split(",")) - {""} for r in rows]
+    flagged = np.array([bool(x) for x in reasons])
+
+    def share(mask: np.ndarray, cond: np.ndarray) -> float | None:
+        return round(float(cond[mask].mean()), 4) if mask.any() else None
+
+    def by_reason(mask: np.ndarray) -> dict[str, float | None]:
+        out = {"mel_call": share(mask, mel_call), "any_flag": share(mask, flagged),
+               "added_by_other_flags": share(mask, flagged & ~mel_call)}
+        for reason in ("uncertain", "near_threshold", "out_of_scope", "attention_off_lesion", "site_failing"):
+            out[reason + "_without_mel_call"] = share(mask, np.array([reason in x for x in reasons]) & ~mel_call)
+        return out
+
+    mel, nv, other = y == "MEL", y == "NV", ~np.isin(y, ("MEL", "NV"))
+    realised_sens, realised_spec = float(mel_call[mel].mean()), float(1 - mel_call[nv].mean())
+    sens = point["sensitivity"]
+    pooled = float(v.threshold)
+    return {"n": int(len(rows)), "n_mel": int(mel.sum()), "n_nv": int(nv.sum()), "n_other": int(other.sum()),
+            "operating_point": point,
+            "realised": {"mel_sensitivity": round(realised_sens, 4), "mel_specificity": round(realised_spec, 4)},
+            "sensitivity_within_interval": bool(sens["low"] is not None and sens["low"] <= realised_sens <= sens["high"]),
+            "estimate_minus_realised": {"sensitivity": round(sens["estimate"] - realised_sens, 4) if sens["estimate"] is not None else None,
+                                        "specificity": round(point["specificity"]["estimate"] - realised_spec, 4)
+                                        if point["specificity"]["estimate"] is not None else None},
+            "flagged": {"nevi": by_reason(nv), "melanomas": by_reason(mel), "other_diagnoses": by_reason(other)},
+            "other_silently_nv": share(other, ~mel_call & ~flagged),
+            "at_pooled_threshold": {"threshold": round(pooled, 5),
+                                    "mel_sensitivity": round(float((p[mel] >= pooled).mean()), 4),
+                                    "mel_specificity": round(float((p[nv] < pooled).mean()), 4)}}
 
 
 def ci(y: np.ndarray, p: np.ndarray, t: float, n: int, seed: int = 0) -> dict[str, list[float]]:
@@ -122,13 +205,21 @@ def main() -> None:
     db.upgrade(settings)
     config = make_config("demo", site_weight=args.site_weight)
     drops = {"isic2017-mel-nv", "isic2019-84px", "isic-archive-uda1-sample", "isic-cli-sample"}
-    if args.site not in drops:
-        raise SystemExit(f"--site {args.site!r}: expected one of {sorted(drops)}")
-    truth = truth_of(data / args.site)
+    if args.site not in drops | {BCN}:
+        raise SystemExit(f"--site {args.site!r}: expected one of {sorted(drops | {BCN})}")
     started = time.monotonic()
-    for name in sorted(drops - {args.site}):
-        ingest(str(data / name), settings)
-    ingest(str(unlabelled_copy(data / args.site, home / "clinic" / args.site)), settings, site=args.site)
+    if args.site == BCN:  # the rest of the ISIC 2019 drop trains, with its labels; BCN_20000's images come unlabelled
+        source = data / "isic2019-84px"
+        truth, held = truth_of(source), bcn_ids(source)
+        for name in sorted(drops - {"isic2019-84px"}):
+            ingest(str(data / name), settings)
+        ingest(str(labelled_copy(source, home / "drops" / "isic2019-84px-without-bcn", held)), settings)
+        ingest(str(unlabelled_copy(source, home / "clinic" / BCN, held)), settings, site=BCN)
+    else:
+        truth = truth_of(data / args.site)
+        for name in sorted(drops - {args.site}):
+            ingest(str(data / name), settings)
+        ingest(str(unlabelled_copy(data / args.site, home / "clinic" / args.site)), settings, site=args.site)
     ingest_seconds = time.monotonic() - started
     curve = []
     for k in [int(x) for x in args.k.split(",")]:
@@ -147,12 +238,21 @@ def main() -> None:
         retrain_seconds = time.monotonic() - started
         own = result["thresholds_by_site"].get(args.site, {})
         melanomas = sum(truth[r["image_id"]] == "MEL" for r in drawn["images"]) if drawn else 0
+        scoring = {}
+        if result["promoted"]:  # the site's images scored as a night would: its operating point estimated, applied
+            started = time.monotonic()
+            scoring = nightly.score(settings, site=args.site, run_id=f"night-k{k}")
+            scoring["seconds_with_settling"] = round(time.monotonic() - started, 1)
         point = {"k": k, "sample_melanomas": melanomas, "retrain_seconds": round(retrain_seconds, 1),
                  "model_version": result["model_version"], "promoted": result["promoted"],
                  "threshold_chosen_on": own.get("chosen_on"), "threshold_method": own.get("method"),
                  "ipw_estimate": {k2: round(float(v), 4) for k2, v in own.get("validation", {}).items()
                                   if k2 in ("mel_sensitivity", "mel_specificity", "auc") and v is not None},
-                 "remaining": remaining(settings, result["model_version"], args.site, truth, args.bootstrap)}
+                 "remaining": remaining(settings, result["model_version"], args.site, truth, args.bootstrap),
+                 "scoring": {k2: scoring.get(k2) for k2 in ("scored", "needs_review", "seconds_with_settling")},
+                 "as_decided": as_decided(settings, result["model_version"], args.site, truth,
+                                          {r["image_id"] for r in drawn["images"]} if drawn else set())
+                 if result["promoted"] else None}
         log.info("k=%d: %s", k, json.dumps(point))
         curve.append(point)
     print(json.dumps({"site": args.site, "home": str(home), "ingest_seconds": round(ingest_seconds, 1),

@@ -16,6 +16,15 @@ Which images the estimate rests on (`--sets`): `in_scope` (the site's melanomas 
 `all` (every image, its other diagnoses too: what a clinic's night holds) and `all_but_flagged` (every image the
 out-of-scope head does not flag, at the version's out-of-scope threshold). Realised figures are always on its
 melanomas and nevi. BCN_20000's pool holds 4,276 other diagnoses; ISIC 2017's none.
+
+For the product's set (`all`), at each margin, the review work and the safety the threshold brings, under the
+product's review rule (`versions.registry`: uncertain above REVIEW_DECISION_UNCERTAINTY of the MC samples, near
+within NEAR_THRESHOLD_LOGIT on the logit scale; the out-of-scope threshold chosen for that decision threshold
+on the validation OTHER images, as retraining records it): `nv_added_by_other_flags` (the share of the site's
+nevi flagged without a MEL call) and `other_silently_nv` (its other diagnoses called NV with no flag). The
+product's margin (`sites.operating.MARGIN`) is the smallest at which every replicate at both sites reaches 0.85
+with at most 5% of other diagnoses silently NV; at it, `interval_covers` counts the replicates whose realised
+sensitivity and specificity lie inside the interval the product states (`sites.operating.interval`).
 """
 
 from __future__ import annotations
@@ -34,22 +43,22 @@ sys.path.insert(0, str(REPO / "bench"))
 import loso  # noqa: E402
 
 from lesion_tasks.model import evaluation, heads, mc, scope  # noqa: E402
+from lesion_tasks.sites import operating  # noqa: E402
+from lesion_tasks.versions import predict, registry  # noqa: E402
 from lesion_tasks.model.config import make_config  # noqa: E402
 
 log = logging.getLogger("bench.unlabelled_operating_point")
 TARGET = 0.85
 
 
-def estimated(p: np.ndarray, t: float) -> tuple[float, float]:
-    """(sensitivity, specificity) a calibrated p expects at threshold t over these images."""
-    return float(p[p >= t].sum() / p.sum()), float((1 - p[p < t]).sum() / (1 - p).sum())
-
-
-def reaching(p: np.ndarray, target: float) -> float:
-    """The highest threshold whose estimated sensitivity reaches `target` (a score of the set)."""
-    order = np.sort(p)[::-1]
-    covered = np.cumsum(order) / order.sum()
-    return float(order[min(int(np.searchsorted(covered, target)), len(order) - 1)])
+def flags(samples: np.ndarray, p_other: np.ndarray, t: float, scope_above: float) -> tuple[np.ndarray, np.ndarray]:
+    """(MEL call, any other flag) per image under the product's review rule at threshold t."""
+    p = samples.mean(axis=1)
+    mel = p >= t
+    uncertain = predict.decision_uncertainty(samples, np.full(len(p), t), mel.astype(np.int64)) > registry.REVIEW_DECISION_UNCERTAINTY
+    logit = lambda q: np.log(np.clip(q, 1e-7, 1 - 1e-7) / (1 - np.clip(q, 1e-7, 1 - 1e-7)))  # noqa: E731
+    near = np.abs(logit(p) - logit(np.float64(t))) <= registry.NEAR_THRESHOLD_LOGIT
+    return mel, uncertain | near | (p_other >= scope_above)
 
 
 def calibrated_head(imgs: loso.Images, x: np.ndarray, tr: np.ndarray, va: np.ndarray, seed: int, config):
@@ -59,24 +68,33 @@ def calibrated_head(imgs: loso.Images, x: np.ndarray, tr: np.ndarray, va: np.nda
     head = mc.HeadWeights.from_model(model)
     a, b = mc.fit_calibration(mc.logits_for(head, x[va], list(imgs.ids[va]), "bench", config.mc_samples, seed), y[va])
     head = replace(head, cal_a=a, cal_b=b)
-    return lambda idx: mc.predict(head, x[idx], list(imgs.ids[idx]), "bench", config.mc_samples, seed)[0]
+    return lambda idx: head.calibrated(mc.logits_for(head, x[idx], list(imgs.ids[idx]), "bench", config.mc_samples, seed))
 
 
 def one(imgs: loso.Images, x: np.ndarray, held: str, r: int, margins: list[float], config) -> dict:
     y = imgs.y
     tr, va = loso.training_rows(imgs, held, r), loso.training_rows(imgs, held, r, "val")
-    p_of = calibrated_head(imgs, x, tr, va, r, config)
+    samples_of = calibrated_head(imgs, x, tr, va, r, config)
+    p_of = lambda idx: samples_of(idx).mean(axis=1)  # noqa: E731
     pool = imgs.pool(held)
     other = np.flatnonzero((imgs.site == held) & (imgs.split != "test") & ~imgs.in_scope)
-    p_in, p_other_dx = p_of(pool), (p_of(other) if len(other) else np.zeros(0))
+    s_in = samples_of(pool)
+    s_other = samples_of(other) if len(other) else np.zeros((0, s_in.shape[1]))
+    p_in, p_other_dx = s_in.mean(axis=1), s_other.mean(axis=1)
     # the out-of-scope head and its threshold, as retraining sets them (MEL calls at the pooled threshold)
     otr, ova = loso.training_rows(imgs, held, r, in_scope=False), loso.training_rows(imgs, held, r, "val", in_scope=False)
     n_test = int(((imgs.split == "test") & (imgs.label == "MEL") & (imgs.site != held)).sum())
     t_pooled = evaluation.threshold_for_sensitivity(y[va], p_of(va), evaluation.target_with_margin(TARGET, int(y[va].sum()), n_test))
     sh = scope.fit(x[tr], x[otr])
-    t_scope, _ = scope.choose_threshold(sh.p_other(x[ova]), p_of(ova) >= t_pooled, list(imgs.diagnosis[ova]),
-                                        config.floors.out_of_scope_flagged, config.floors.malignant_flagged)
-    flagged_in, flagged_other = sh.p_other(x[pool]) >= t_scope, (sh.p_other(x[other]) >= t_scope if len(other) else np.zeros(0, bool))
+    po_val, p_val_other = sh.p_other(x[ova]), p_of(ova)
+
+    def scope_at(t: float) -> float:
+        return scope.choose_threshold(po_val, p_val_other >= t, list(imgs.diagnosis[ova]), config.floors.out_of_scope_flagged,
+                                      config.floors.malignant_flagged)[0]
+
+    t_scope = scope_at(t_pooled)
+    po_in, po_other = sh.p_other(x[pool]), (sh.p_other(x[other]) if len(other) else np.zeros(0))
+    flagged_in, flagged_other = po_in >= t_scope, po_other >= t_scope
     sets = {"in_scope": p_in, "all": np.r_[p_in, p_other_dx], "all_but_flagged": np.r_[p_in[~flagged_in], p_other_dx[~flagged_other]]}
     truth, yp = y[pool], lambda t: evaluation.binary_metrics(y[pool], p_in, t)
     best = loso.spec_at(truth, p_in, TARGET)
@@ -84,16 +102,29 @@ def one(imgs: loso.Images, x: np.ndarray, held: str, r: int, margins: list[float
            "auc": round(float(evaluation.binary_metrics(truth, p_in, 0.5)["auc"]), 4), "best_spec_at_sens85": round(best, 4),
            "pooled_threshold": {"threshold": round(float(t_pooled), 4), "sens": round(float(yp(t_pooled)["mel_sensitivity"]), 4),
                                 "spec": round(float(yp(t_pooled)["mel_specificity"]), 4)},
-           "estimate_at_pooled": {name: [round(v, 4) for v in estimated(p, t_pooled)] for name, p in sets.items()},
+           "estimate_at_pooled": {name: [round(v, 4) for v in operating.estimated(p, t_pooled)] for name, p in sets.items()},
            "by_set": {}}
     for name, p in sets.items():
         rows = {}
         for m in margins:
-            t = reaching(p, TARGET + m)
-            est_sens, est_spec = estimated(p, t)
+            t = operating.choose(p, TARGET, m)
+            est_sens, est_spec = operating.estimated(p, t)
             real = yp(t)
             rows[f"margin={m:g}"] = {"threshold": round(t, 4), "estimated": [round(est_sens, 4), round(est_spec, 4)],
                                      "realised": [round(float(real["mel_sensitivity"]), 4), round(float(real["mel_specificity"]), 4)]}
+            if name == "all" and abs(m - operating.MARGIN) < 1e-9:  # the product's margin: does its interval hold?
+                sens, spec = operating.interval(p, t)
+                rows[f"margin={m:g}"]["interval"] = {"sensitivity": sens.to_json(), "specificity": spec.to_json(),
+                                                     "covered": [bool(sens.low <= real["mel_sensitivity"] <= sens.high),
+                                                                 bool(spec.low <= real["mel_specificity"] <= spec.high)]}
+            if name == "all":  # the review work and the other diagnoses released at this threshold
+                scope_above = scope_at(t)
+                mel, other_flags = flags(s_in, po_in, t, scope_above)
+                rows[f"margin={m:g}"]["nv_added_by_other_flags"] = round(float((other_flags & ~mel)[truth == 0].mean()), 4)
+                rows[f"margin={m:g}"]["nv_mel_calls"] = round(float(mel[truth == 0].mean()), 4)
+                if len(other):
+                    mel_o, flags_o = flags(s_other, po_other, t, scope_above)
+                    rows[f"margin={m:g}"]["other_silently_nv"] = round(float((~mel_o & ~flags_o).mean()), 4)
         out["by_set"][name] = rows
     log.info("%s held out, replicate %d: %s", held, r, json.dumps(out["by_set"]["all"]))
     return out
@@ -112,13 +143,20 @@ def summary(reps: list[dict], margins: list[float]) -> dict:
                          "realised_sens_min": round(float(min(r[0] for r in real)), 4),
                          "realised_spec_mean": round(float(np.mean([r[1] for r in real])), 4),
                          "reached_0.85": f"{sum(r[0] >= TARGET for r in real)}/{len(real)}"}
+            if "interval" in reps[0]["by_set"][name][key]:
+                covered = [q["by_set"][name][key]["interval"]["covered"] for q in reps]
+                rows[key]["interval_covers"] = {"sensitivity": f"{sum(c[0] for c in covered)}/{len(covered)}",
+                                                "specificity": f"{sum(c[1] for c in covered)}/{len(covered)}"}
+            for extra in ("nv_added_by_other_flags", "other_silently_nv"):
+                if extra in reps[0]["by_set"][name][key]:
+                    rows[key][extra + "_max"] = round(float(max(q["by_set"][name][key][extra] for q in reps)), 4)
         out[name] = rows
     return out
 
 
 def main() -> None:
     parser = loso.parser(__doc__.split("\n")[0])
-    parser.add_argument("--margins", default="0,0.02,0.05,0.08")
+    parser.add_argument("--margins", default="0,0.05,0.08,0.1,0.12")
     args = parser.parse_args()
     home, settings, imgs = loso.start(args, "unlabelled-op-")
     config = make_config("demo")

@@ -28,9 +28,11 @@ FLAGS = ("predicted_mel", "uncertain", "near_threshold", "out_of_scope", "attent
 # what the UI shows for each flag of `predictions.review_reasons`: a badge and what it means (tooltip)
 FLAG_TEXT = {
     "predicted_mel": ("predicted_mel", "predicted melanoma: p(MEL) at or above the model version's threshold"),
-    "uncertain": ("uncertain", "the decision could go either way: over a fifth of the MC-dropout samples of p(MEL) fall on "
-                               "the other side of the threshold (versions trained before this rule: entropy above theirs)"),
-    "near_threshold": ("near_threshold", "p(MEL) close to the model version's threshold"),
+    "uncertain": ("uncertain", "the decision could go either way: more of the MC-dropout samples of p(MEL) than the version's "
+                               "rule allows (30%; a fifth for versions before 2026-12-06) fall on the other side of the "
+                               "threshold (versions trained before that rule: entropy above theirs)"),
+    "near_threshold": ("near_threshold", "p(MEL) close to the threshold applied at the case's site: within 0.15 on the logit "
+                                         "scale (about ±16% in odds; versions before 2026-12-06: ±0.05 in probability)"),
     "out_of_scope": ("out of scope (not MEL/NV)",
                      "the model thinks this lesion is neither melanoma nor nevus (e.g. basal cell carcinoma): "
                      "outside the two classes it was trained to tell apart, so p(MEL) may mislead; p(other) is that probability"),
