@@ -143,7 +143,7 @@ def test_incoming_report_says_what_was_seen(local_settings):
 def test_nightly_without_a_champion_is_skipped_and_mailed(embedded_airflow_env, smtp_sink):
     run, states = run_dag(_dag("lesion_nightly_score"))
     assert run.state == "success" and states == {"plan_shards": "skipped", "score_shard": "skipped",
-                                                 "summarise": "skipped"}, states
+                                                 "settle": "skipped", "summarise": "skipped"}, states
     [text] = smtp_sink.texts()
     assert "no champion model: train one with lesion_retrain" in text and "Model version: none" in text
     assert _run_link("lesion_nightly_score", run.run_id) in text

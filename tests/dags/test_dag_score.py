@@ -94,7 +94,7 @@ def test_nightly_scoring_killed_then_rerun_scores_each_image_once(airflow_env, t
     engine.dispose()
     assert len(per_image) == n_images and all(n == 1 for _, n in per_image)
     assert this_run == n_images - partial
-    assert states["summarise"] == "success"
+    assert states["settle"] == "success" and states["summarise"] == "success"
 
     # the next night: nothing left to score
     run2, states2 = run_dag(dag)

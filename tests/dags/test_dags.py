@@ -119,7 +119,7 @@ def test_retrain_refusal_is_a_skip_and_retention_still_runs(dagbag):
 
 
 @pytest.mark.parametrize("dag_id,tf_tasks", [("lesion_retrain", {"train_model", "evaluate_model"}),
-                                              ("lesion_nightly_score", {"score_shard"}), ("isic_ingest", set())])
+                                              ("lesion_nightly_score", {"score_shard", "settle"}), ("isic_ingest", set())])
 def test_tensorflow_tasks_share_one_pool(dagbag, dag_id, tf_tasks):
     """Exactly the tasks that run TensorFlow take a slot of the one pool (one at a time per machine)."""
     dag = dagbag.get_dag(dag_id)
@@ -132,14 +132,17 @@ def test_nightly_score_policy(dagbag):
     dag = dagbag.get_dag("lesion_nightly_score")
     assert dag.schedule.timetable.expression == "0 2 * * *"
     assert set(dag.tags) == {"lesion", "scoring"}
-    assert {t.task_id: t.retries for t in dag.tasks} == {"plan_shards": 2, "score_shard": 2, "summarise": 2}
+    assert {t.task_id: t.retries for t in dag.tasks} == {"plan_shards": 2, "score_shard": 2, "settle": 2, "summarise": 2}
     shard = dag.get_task("score_shard")
     assert shard.pool == TF_POOL and shard.max_active_tis_per_dagrun is None
     assert dag.params["shard_size"] == 512
-    # after the shards unless one failed; skipped with plan_shards when there is no champion
-    assert dag.get_task("summarise").trigger_rule == "none_failed_min_one_success"
+    # after the shards unless one failed; skipped with plan_shards when there is no champion; the operating points
+    # are settled (re-estimated, tonight's cases decided at them) between the shards and the summary
+    for name in ("settle", "summarise"):
+        assert dag.get_task(name).trigger_rule == "none_failed_min_one_success"
     assert dag.on_failure_callback is not None  # the failure alert
-    assert {u for u in dag.get_task("summarise").upstream_task_ids} == {"plan_shards", "score_shard"}
+    assert dag.get_task("settle").upstream_task_ids == {"plan_shards", "score_shard"}
+    assert dag.get_task("summarise").upstream_task_ids == {"plan_shards", "score_shard", "settle"}
 
 
 def test_isic_ingest_emits_validated_asset(dagbag):
