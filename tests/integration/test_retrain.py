@@ -67,7 +67,14 @@ def test_first_model_learns_and_is_promoted(trained, trained_home):
     assert {"tensorflow", "keras", "devices", "python"} <= set(row["environment"])
     assert row["lineage"]["drops"] == {LABELLED_DROP: N_LABELLED, OTHER_DROP: N_OTHER}
     assert set(row["lineage"]["splits"]) == {"train", "val", "test"}
-    assert row["review_rule"]["decision_uncertainty_above"] == 0.2 and "entropy_above" not in row["review_rule"]
+    rule = row["review_rule"]
+    assert rule["decision_uncertainty_above"] == 0.3 and "entropy_above" not in rule
+    # the near-threshold band is relative (logit scale), and the out-of-scope threshold is recorded for a grid of
+    # decision thresholds, ascending, for sites whose operating point moves
+    assert rule["near_threshold_logit"] == 0.15
+    grid = rule["out_of_scope_by_threshold"]
+    assert len(grid) == 40 and [t for t, _ in grid] == sorted(t for t, _ in grid)
+    assert all(0 <= o <= 1 for _, o in grid)
 
 
 def test_per_source_metrics_calibration_and_out_of_scope_are_reported(trained):

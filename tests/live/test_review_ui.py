@@ -388,6 +388,10 @@ def test_sites_page_and_validation_queue_in_a_real_browser(live, queue_ready, br
         status = next(s["status"] for s in listed if s["site"] == "night-1")
         assert night.locator(".site-status").inner_text() == status == "provisional"  # labels, no retrain yet
         assert "retrain" in night.locator("td.needed").inner_text()
+        # its operating point: the threshold its cases are decided at and how it was chosen (`lesion sites --json`)
+        op = next(s["operating_point"] for s in listed if s["site"] == "night-1")
+        cell = night.locator("td.operating-point").inner_text()
+        assert op["method"] in cell and f"{op['threshold']:.3f}" in cell and f"{op['images']} images" in cell, cell
         _shot(page, "10-sites")
 
         night.locator("td a").first.click()
