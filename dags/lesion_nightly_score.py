@@ -80,9 +80,9 @@ def lesion_nightly_score():
     # after the shards: each scored site's operating point re-estimated, tonight's cases decided at it
     @task(pool=TF_POOL, trigger_rule="none_failed_min_one_success")
     def settle(shards: list[dict], results: list[dict] | None = None) -> dict:
-        from lesion_airflow import lesion_settings, quiet_tensorflow
+        from lesion_airflow import lesion_settings
 
-        quiet_tensorflow()
+        # TensorFlow is imported only where cases must be scored again (their MEL/NV call flipped)
         from lesion_tasks.scoring.nightly import settle as settle_run
 
         version = shards[0]["model_version"] if shards else "champion"

@@ -21,6 +21,7 @@ from lesion_tasks.core.db import insert_ignore
 from lesion_tasks.core.schema import LABELS, VERDICTS, images, model_versions, prediction_samples, predictions, reviews
 from lesion_tasks.core.schema import splits as split_rows
 from lesion_tasks.data.trainset import latest_reviews
+from lesion_tasks.sites import operating
 from lesion_tasks.sites.status import status_at
 from lesion_tasks.versions import registry
 
@@ -253,10 +254,21 @@ def case(conn: sa.Connection, image_id: str, model_version: str | None = None) -
     return {"image": dict(image), "prediction": dict(prediction), "samples": samples, "reviews": [dict(h) for h in history],
             "other_predictions": [dict(o) for o in others],
             "site": {"name": site, "status": status_at(conn, version, {site})[site],
-                     "threshold": "its own threshold" if model.own_threshold(site) else "the pooled threshold"},
+                     "threshold": _threshold_words(conn, model, site, prediction["threshold"])},
             "model": {"model_version": model.model_version, "is_champion": model.is_champion, "status": model.status,
                       "backbone": model.backbone, "profile": model.profile,
                       "artifacts_pruned_at": model.artifacts_pruned_at}}
+
+
+def _threshold_words(conn: sa.Connection, model: registry.ModelVersion, site: str, applied: float) -> str:
+    """How the threshold this case was decided at was chosen, in words (its site's operating point)."""
+    point = operating.recorded(conn, model.model_version).get(site)
+    method = point.method if point is not None and abs(point.threshold - applied) < 1e-12 else None
+    if method == "unlabelled":
+        return f"its operating point, estimated from {point.images} unlabelled images of its own"
+    if method == "labelled" or model.own_threshold(site):
+        return "its own threshold, chosen on its labels"
+    return "the pooled threshold"
 
 
 def _clean_note(note: str | None) -> str | None:

@@ -64,7 +64,7 @@ def site_statuses(conn: sa.Connection, model_version: str, run_id: str) -> dict[
 
 def night_sites(by_site: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """How much of a night rests on evidence from its own sites: images per status, and a note when most
-    come from sites the model was never validated at (their predictions use the pooled threshold)."""
+    come from sites the model was never validated at (decided at operating points from their unlabelled images)."""
     total = sum(part["images"] for part in by_site.values())
     by_status = {s: sum(p["images"] for p in by_site.values() if p["status"] == s) for s in SITE_STATUSES}
     unvalidated = sorted(name for name, part in by_site.items() if part["status"] == "unvalidated")
@@ -78,7 +78,8 @@ def night_sites(by_site: dict[str, dict[str, Any]]) -> dict[str, Any]:
     if out["mostly_unvalidated"]:
         out["note"] = (f"{by_status['unvalidated']} of {total} images tonight ({100 * share:.0f}%) come from sites the model "
                        f"was never validated at ({', '.join(unvalidated[:10])}{' ...' if len(unvalidated) > 10 else ''}): "
-                       "they are decided at the pooled threshold, with no evidence from those sites. Draw each one's "
+                       "they are decided at operating points estimated from their own unlabelled images, and no label "
+                       "from those sites vouches for them. Draw each one's "
                        "validation sample (lesion sites sample SITE), import its labels and retrain.")
     if out["failing_sites"]:
         out["failing"] = {name: {"images": by_site[name]["images"], "why": by_site[name].get("why", "")}

@@ -32,8 +32,9 @@ log = logging.getLogger(__name__)
 FLOOR_METRICS = ("mel_sensitivity", "auc", "balanced_accuracy")
 # what each status means, where the UI shows one
 STATUS_TEXT = {
-    "unvalidated": "no labelled images of its own: its cases are decided at the pooled threshold and no evidence "
-                   "from this site vouches for them",
+    "unvalidated": "no labelled images of its own: its cases are decided at an operating point estimated from its own "
+                   "unlabelled images (the pooled threshold until it has enough), and no label from this site vouches "
+                   "for them",
     "provisional": "labelled images of its own, but too few test melanomas to decide (or a floor still inside the "
                    "interval): its figures are estimates",
     "validated": "enough test melanomas of its own, and the champion passes every floor there",
