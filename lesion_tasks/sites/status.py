@@ -79,9 +79,11 @@ def status_at(conn: sa.Connection, model_version: str, names: set[str]) -> dict[
 def labelled_counts(conn: sa.Connection) -> dict[str, dict[str, Any]]:
     """{site: {"images", "labelled", "labelled_by_split": {"train", "val", "test"}}} over every site."""
     out: dict[str, dict[str, Any]] = {}
-    for site, n, labelled in conn.execute(sa.select(images.c.site, sa.func.count(), sa.func.count(images.c.label))
-                                          .group_by(images.c.site)):
-        out[site] = {"images": int(n), "labelled": int(labelled), "labelled_by_split": dict.fromkeys(("train", "val", "test"), 0)}
+    melanomas = sa.func.sum(sa.case((images.c.label == "MEL", 1), else_=0))
+    for site, n, labelled, mel in conn.execute(sa.select(images.c.site, sa.func.count(), sa.func.count(images.c.label), melanomas)
+                                               .group_by(images.c.site)):
+        out[site] = {"images": int(n), "labelled": int(labelled), "labelled_melanomas": int(mel or 0),
+                     "labelled_by_split": dict.fromkeys(("train", "val", "test"), 0)}
     rows = conn.execute(sa.select(images.c.site, splits.c.split, sa.func.count()).join(splits, splits.c.image_id == images.c.image_id)
                         .where(images.c.label.is_not(None)).group_by(images.c.site, splits.c.split))
     for site, split, n in rows:
@@ -145,7 +147,8 @@ def overview_of(conn: sa.Connection) -> dict[str, Any]:
             op = points.get(site) or operating.point_for(champion, site, np.zeros(0))  # not scored yet: pooled
             threshold = {"value": op.threshold, "chosen_on": entry.chosen_on if entry else "pooled",
                          "method": entry.method if entry else None, "n_mel": entry.n_mel if entry else None}
-            point = op.to_json(labels_to_next_status(status, row.melanomas_evidence if row else 0, op, floors))
+            point = op.to_json(labels_to_next_status(status, row.melanomas_evidence if row else 0, op, floors,
+                                                     c["labelled"], c["labelled_melanomas"]))
         out.append({"site": site, "status": status, "images": c["images"], "labelled": c["labelled"],
                     "labelled_by_split": c["labelled_by_split"], "validation_sample": int(sampled.get(site, 0)),
                     "melanomas_evidence": row.melanomas_evidence if row else 0,
@@ -154,18 +157,22 @@ def overview_of(conn: sa.Connection) -> dict[str, Any]:
     return {"champion": champion.model_version if champion else None, "sites": out}
 
 
-def labels_to_next_status(status: str, test_melanomas: int, point: operating.OperatingPoint, floors: GateFloors) -> int | None:
+def labels_to_next_status(status: str, test_melanomas: int, point: operating.OperatingPoint, floors: GateFloors,
+                          labelled: int = 0, labelled_melanomas: int = 0) -> int | None:
     """About how many more labels of the site bring `floors.min_melanomas` melanomas into its test split (what
     `validated` or `failing` rests on): the missing melanomas over the share of labels that reach the test split
-    (`splits.TEST_FRAC`) times the site's melanoma rate, estimated from its scored images (the mean calibrated
-    p_mel; the validation sample's weighting of likely melanomas makes the real need somewhat smaller). None
-    once the site has that evidence, or when nothing estimates its rate yet."""
+    (`splits.TEST_FRAC`) times the site's yield of melanomas per label: its own labels' where it has melanomas
+    among them (its validation sample's yield, likely melanomas over-represented), else the rate its scored images
+    expect (the mean calibrated p_mel). None once the site has that evidence, or when nothing estimates a yield."""
     missing = floors.min_melanomas - test_melanomas
     if status in ("validated", "failing") or missing <= 0:
         return None
-    if point.method != "unlabelled" or not point.images or point.melanomas <= 0:
+    if labelled_melanomas > 0:
+        rate = labelled_melanomas / labelled
+    elif point.method == "unlabelled" and point.images and point.melanomas > 0:
+        rate = point.melanomas / point.images
+    else:
         return None
-    rate = point.melanomas / point.images
     return int(math.ceil(missing / (TEST_FRAC * rate)))
 
 
@@ -188,7 +195,8 @@ def summary(result: dict[str, Any]) -> str:
             shown_sens = ("" if sens["estimate"] is None else
                           f", sensitivity {sens['estimate']:.3f} [{sens['low']:.3f}, {sens['high']:.3f}]")
             lines.append(f"      operating point: {op['method']} {op['threshold']:.4f} on {op['images']} scored images{shown_sens}")
-        lines.append(f"      needs: {s['needed']}")
+        more = (op or {}).get("labels_to_next_status")
+        lines.append(f"      needs: {s['needed']}" + (f" (about {more} more labels at its yield of melanomas)" if more else ""))
     return "\n".join(lines)
 
 

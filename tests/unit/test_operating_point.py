@@ -86,6 +86,8 @@ def test_which_method_a_site_gets():
     needed = labels_to_next_status("unvalidated", 0, point, GateFloors())
     assert needed == int(np.ceil(30 / (0.2 * p.mean()))), needed
     assert labels_to_next_status("validated", 40, point, GateFloors()) is None
+    # once the site has labels, its own yield of melanomas per label: 33 in 200, 5 already in its test split
+    assert labels_to_next_status("provisional", 5, point, GateFloors(), 200, 33) == int(np.ceil(25 / (0.2 * 33 / 200)))
 
 
 def test_the_out_of_scope_threshold_follows_a_moved_threshold():

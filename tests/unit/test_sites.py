@@ -48,6 +48,32 @@ def test_weighted_threshold_and_metrics_reduce_to_the_unweighted_ones():
     assert evaluation.binary_metrics(y, p, t, w)["mel_sensitivity"] < plain["mel_sensitivity"]
     assert evaluation.threshold_for_sensitivity(y, p, 0.85, w) <= t
 
+def test_site_rates_get_exact_intervals_at_every_count():
+    """Five test melanomas, all found: sensitivity 1.0 with its exact 95% interval [0.478, 1.0] (Clopper-Pearson),
+    not a bootstrap's collapsed [1.0, 1.0]; weighted evidence counts by its effective size; AUC keeps its bootstrap
+    interval only where the site has enough melanomas, and `ci95_method` says which is which."""
+    assert evaluation.clopper_pearson(5, 5) == [pytest.approx(0.4782, abs=1e-4), 1.0]
+    assert evaluation.clopper_pearson(0, 10) == [0.0, pytest.approx(0.3085, abs=1e-4)]
+    assert evaluation.clopper_pearson(0, 0) is None
+    y = np.array([1] * 5 + [0] * 20)
+    p = np.r_[np.full(5, 0.9), np.linspace(0.0, 0.5, 20)]
+    part = evaluation.by_group(y, p, np.array(["clinic"] * 25, dtype=object), 0.3, bootstrap=200, min_mel_for_ci=30)["clinic"]
+    assert part["mel_sensitivity"] == 1.0 and part["ci95"]["mel_sensitivity"] == [pytest.approx(0.4782, abs=1e-4), 1.0]
+    lo, hi = part["ci95"]["mel_specificity"]
+    assert lo < part["mel_specificity"] < hi and "auc" not in part["ci95"]
+    assert part["ci95_method"] == {"mel_sensitivity": "clopper-pearson", "mel_specificity": "clopper-pearson"}
+    # weights: the interval of the weighted rate on Kish's effective count (here 2 effective melanomas of 5)
+    w = np.r_[[10.0, 10.0, 0.1, 0.1, 0.1], np.ones(20)]
+    weighted = evaluation.by_group(y, p, np.array(["clinic"] * 25, dtype=object), 0.3, 200, w=w)["clinic"]
+    n_eff = evaluation.effective_size(w[:5])
+    assert weighted["ci95"]["mel_sensitivity"] == pytest.approx(evaluation.clopper_pearson(n_eff, n_eff))
+    assert weighted["ci95"]["mel_sensitivity"][0] < part["ci95"]["mel_sensitivity"][0]
+    big = np.r_[np.ones(40), np.zeros(40)].astype(int)
+    scored = np.r_[np.linspace(0.3, 1, 40), np.linspace(0, 0.7, 40)]
+    both = evaluation.by_group(big, scored, np.array(["s"] * 80, dtype=object), 0.5, bootstrap=200)["s"]
+    assert both["ci95_method"]["auc"] == "bootstrap" and both["ci95_method"]["mel_sensitivity"] == "clopper-pearson"
+
+
 def test_imported_diagnoses():
     assert label_import.parse_diagnosis("MEL") == ("MEL", "MEL")
     assert label_import.parse_diagnosis("unk") == ("OTHER", "UNK")
