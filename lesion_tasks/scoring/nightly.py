@@ -44,6 +44,7 @@ from lesion_tasks.versions import artifacts, predict, registry
 log = logging.getLogger(__name__)
 BATCH = 32
 SHARD_SIZE = 512
+SETTLE_CHUNK = 5000  # flipped cases deleted and scored again per step by `settle`
 WRITE_BEHIND = 2  # batches whose Grad-CAM maps and rows may still be being written while the next is scored
 
 
@@ -326,14 +327,16 @@ def settle(settings: Settings, model_version: str = "champion", run_id: str | No
     if flipped:
         log.info("model %s: %d cases of run %s change their MEL/NV call at their sites' operating points: scoring "
                  "them again", v.model_version, len(flipped), run_id)
-        engine = engine_for(settings)
-        try:
-            with engine.begin() as conn:
-                for table in (prediction_samples, predictions):
-                    conn.execute(table.delete().where(table.c.model_version == v.model_version, table.c.image_id.in_(flipped)))
-        finally:
-            engine.dispose()
-        rescored = score_range(settings, v.model_version, run_id=run_id, image_ids=flipped)["scored"]
+        for start in range(0, len(flipped), SETTLE_CHUNK):  # bounded id lists (SQLite's variable limit)
+            part = flipped[start : start + SETTLE_CHUNK]
+            engine = engine_for(settings)
+            try:
+                with engine.begin() as conn:
+                    for table in (prediction_samples, predictions):
+                        conn.execute(table.delete().where(table.c.model_version == v.model_version, table.c.image_id.in_(part)))
+            finally:
+                engine.dispose()
+            rescored += score_range(settings, v.model_version, run_id=run_id, image_ids=part)["scored"]
     return {"model_version": v.model_version, "run_id": run_id, "updated": updated, "rescored": rescored,
             "sites": {s: op.to_json() for s, op in points.items()}}
 

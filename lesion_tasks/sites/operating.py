@@ -184,10 +184,12 @@ def point_for(v: ModelVersion, site: str, p: np.ndarray) -> OperatingPoint:
         sens, spec = interval(p, t)
     else:
         sens = spec = Estimate(None, None, None)
-    own = v.own_threshold(site)
+    own, entry = v.own_threshold(site), v.thresholds_by_site.get(site)
     labelled = int((own.validation or {}).get("n", 0)) if own else 0
-    melanomas = float(own.n_mel) if own else float(np.sum(p)) if method == "unlabelled" else float(
-        (v.thresholds_by_site.get(site).n_mel if v.thresholds_by_site.get(site) else 0))
+    if method == "unlabelled":  # the melanomas its scores expect
+        melanomas = float(np.sum(p))
+    else:  # the labelled melanomas its threshold was chosen on
+        melanomas = float(entry.n_mel) if entry else 0.0
     return OperatingPoint(site, t, method, len(p), labelled, melanomas, sens, spec, scope_threshold_at(v, t), why)
 
 

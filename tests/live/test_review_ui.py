@@ -405,7 +405,10 @@ def test_sites_page_and_validation_queue_in_a_real_browser(live, queue_ready, br
         page.locator("#validation-queue tbody tr.open a.case-link").first.click()
         page.wait_for_selector("#case-site")
         site_cell = page.locator("#case-site").inner_text()
-        assert "night-1" in site_cell and "provisional" in site_cell and "pooled" in site_cell  # labels, no evaluation yet
+        # labels, no evaluation yet: decided at its operating point, which says how it was chosen
+        words = {"unlabelled": f"its operating point, estimated from {op['images']} unlabelled images",
+                 "pooled": "the pooled threshold", "labelled": "its own threshold"}[op["method"]]
+        assert "night-1" in site_cell and "provisional" in site_cell and words in site_cell, site_cell
 
         page.goto(f"{live.base}/lesion-review/")
         page.wait_for_selector("#queue-count")
