@@ -166,14 +166,10 @@ def _rows(model: ScoringModel, batch: list[sa.Row], pr: predict.Predictions, uri
     now = datetime.now(UTC)
     rows, sample_rows = [], []
     decision = pr.decision_uncertainty
-    rule = model.info.review_rule
-    off_below = attention.OFF_LESION_BELOW if rule.attention_on_lesion_below is None else rule.attention_on_lesion_below
     for k, r in enumerate(batch):
         other = None if pr.p_other is None else float(pr.p_other[k])
-        # MEL calls only: the NV map of a two-class head is where the melanoma evidence is absent, the skin around
-        # the lesion in almost every case (docs/model.md#grad-cam-attention), so it would flag every NV call
-        off = bool(pr.is_mel[k]) and on_lesion[k] is not None and on_lesion[k] < off_below
-        reasons = pr.reasons(k) + (["attention_off_lesion"] if off else []) + (["site_failing"] if r.site in model.failing_sites else [])
+        reasons = pr.reasons(k) + predict.scored_reasons(model.info.review_rule, bool(pr.is_mel[k]), on_lesion[k],
+                                                         r.site in model.failing_sites)
         rows.append({"image_id": r.image_id, "model_version": model.version, "p_mel": float(pr.p_mel[k]), "p_other": other,
                      "predicted_label": "MEL" if pr.is_mel[k] else "NV", "threshold": float(pr.thresholds[k]),
                      "entropy": float(pr.entropy[k]), "mutual_info": float(pr.mutual_info[k]), "mc_samples": samples,

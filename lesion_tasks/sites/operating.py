@@ -45,7 +45,6 @@ import sqlalchemy as sa
 
 from lesion_tasks.core.db import upsert
 from lesion_tasks.core.schema import images, prediction_samples, predictions, site_operating_points
-from lesion_tasks.model import attention
 from lesion_tasks.versions import predict
 from lesion_tasks.versions.registry import ModelVersion
 
@@ -248,7 +247,6 @@ def redecide(conn: sa.Connection, v: ModelVersion, run_id: str | None,
     if run_id is not None:
         query = query.where(predictions.c.run_id == run_id)
     rule = v.review_rule
-    off_below = attention.OFF_LESION_BELOW if rule.attention_on_lesion_below is None else rule.attention_on_lesion_below
     flipped, changes = [], []
     for r in conn.execute(query):
         point = points.get(r.site)
@@ -261,9 +259,8 @@ def redecide(conn: sa.Connection, v: ModelVersion, run_id: str | None,
             continue
         du = float(predict.decision_uncertainty(np.asarray([r.p_mel_samples], dtype=np.float64), np.array([t]),
                                                 np.array([is_mel]))[0])
-        off = bool(is_mel) and r.attention_on_lesion is not None and r.attention_on_lesion < off_below
         reasons = (predict.review_reasons(r.p_mel, r.entropy, t, rule, r.p_other, du, point.out_of_scope_above)
-                   + (["attention_off_lesion"] if off else []) + (["site_failing"] if r.site in failing else []))
+                   + predict.scored_reasons(rule, bool(is_mel), r.attention_on_lesion, r.site in failing))
         joined = ",".join(reasons) or None
         if abs(float(r.threshold) - t) > 1e-12 or joined != r.review_reasons:
             changes.append({"k_image_id": r.image_id, "threshold": t, "decision_uncertainty": du,

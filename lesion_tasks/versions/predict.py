@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lesion_tasks.model import mc, scope
+from lesion_tasks.model import attention, mc, scope
 from lesion_tasks.versions.registry import ModelVersion, ReviewRule
 
 
@@ -77,6 +77,16 @@ def review_reasons(p: float, entropy: float, threshold: float, rule: ReviewRule,
     if rule.near_threshold(p, threshold):
         reasons.append("near_threshold")
     return reasons
+
+
+def scored_reasons(rule: ReviewRule, is_mel: bool, on_lesion: float | None, site_failing: bool) -> list[str]:
+    """The review flags scoring adds to `review_reasons`: `attention_off_lesion` for a MEL call whose Grad-CAM mass
+    lies mostly off the lesion (MEL calls only: the NV map of a two-class head is where the melanoma evidence is
+    absent, the skin around the lesion in almost every case, docs/model.md#grad-cam-attention, so it would flag
+    every NV call), and `site_failing` where the version is below a floor at the case's site."""
+    below = attention.OFF_LESION_BELOW if rule.attention_on_lesion_below is None else rule.attention_on_lesion_below
+    off = bool(is_mel) and on_lesion is not None and on_lesion < below
+    return (["attention_off_lesion"] if off else []) + (["site_failing"] if site_failing else [])
 
 
 def predict(version: ModelVersion, head: mc.HeadWeights, pooled: np.ndarray, image_ids: Sequence[str],
