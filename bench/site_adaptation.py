@@ -1,21 +1,21 @@
 """Adapting to a new site from its own labels: the k-shot curve, printed as JSON.
 
     LESION_WEIGHTS_DIR=../shared/weights .venv/bin/python bench/site_adaptation.py [--data ../shared/data]
-        [--site isic2017-mel-nv|bcn_20000] [--k 0,50,100,200,400] [--home DIR] [--site-weight 5]
+        [--site isic2017-mel-nv|bcn_20000] [--k 0,100,200] [--home DIR] [--site-weight 5] [--retrain]
 
 One shared source is the new site: it is ingested without its labels (`--site`), the others with theirs,
-and the demo profile is trained on them (k = 0). Then, exactly as a clinic would, for each k: the site's
-validation sample is extended to k (`lesion sites sample`), the truth of those k images is imported
-(`lesion labels import`) and the model retrained. Each version is scored on the site's images outside the
-sample (the remaining images, whose labels stay hidden): AUC, and sensitivity and specificity at the
-site's threshold (`thresholds_by_site`), with 95% bootstrap intervals; the share flagged out_of_scope
-(all of them MEL or NV, so every flag is false); the threshold's own IPW estimate
-(cross-fitted, on the sample) against that truth; and the wall time of the retrain after the import.
-After each retrain that promotes, the site's images are scored as a night would score them (`lesion score
---site`): the run estimates the site's operating point from their calibrated p_mel (`sites.operating`) and
-decides them at it; `as_decided` holds what the product decided against the truth: the stated estimate and
-interval against the realised sensitivity and specificity, the nevi, melanomas and other diagnoses flagged by
-each reason, and the other diagnoses silently called NV. `--site bcn_20000` holds out the BCN_20000 images of
+and the demo profile is trained on them (k = 0); the site's images are scored as a night scores them, which
+estimates its operating point from its unlabelled images (`sites.operating`). Then, exactly as a clinic would,
+for each k: the site's validation sample is extended to k (`lesion sites sample`), the truth of those k images is
+imported (`lesion labels import`) and the next settling (`nightly.settle`) re-estimates the site's operating point
+with the labels correcting its calibration (`sites.correction`) and re-decides its cases; with `--retrain` the
+model is retrained after each import instead (its labels then scored out of fold). `as_decided` holds what the
+product decided on the site's images outside the sample against their truth: AUC; the stated estimate and
+interval against the realised sensitivity and specificity (`lower_bound_held`); the best specificity any
+threshold reaches at sensitivity 0.85 on the same images; the nevi, melanomas and other diagnoses flagged by each
+reason; the other diagnoses silently called NV; and `labels_to_next_status`. `remaining` scores the same images
+again with the version's own threshold (`thresholds_by_site`, with bootstrap intervals) for comparison.
+`--site bcn_20000` holds out the BCN_20000 images of
 the ISIC 2019 drop (lesion ids `BCN_...`, a pseudo-site as in bench/loso.py) and trains on the rest of it.
 Everything runs on the embedded defaults (SQLite + local store) in --home (a temporary folder if unset;
 features are cached there, so a second run with the same --home only retrains).
@@ -138,9 +138,15 @@ def as_decided(settings: Settings, version: str, site: str, truth: dict[str, str
     realised_sens, realised_spec = float(mel_call[mel].mean()), float(1 - mel_call[nv].mean())
     sens = point["sensitivity"]
     pooled = float(v.threshold)
+    in_scope = mel | nv
+    y_in, p_in = mel[in_scope].astype(np.int64), p[in_scope]
+    best = evaluation.binary_metrics(y_in, p_in, evaluation.threshold_for_sensitivity(y_in, p_in, 0.85))
     return {"n": int(len(rows)), "n_mel": int(mel.sum()), "n_nv": int(nv.sum()), "n_other": int(other.sum()),
             "operating_point": point,
+            "auc": round(float(best["auc"]), 4),
             "realised": {"mel_sensitivity": round(realised_sens, 4), "mel_specificity": round(realised_spec, 4)},
+            "best_specificity_at_sensitivity_0.85": round(float(best["mel_specificity"]), 4),
+            "lower_bound_held": bool(sens["low"] is not None and sens["low"] <= realised_sens),
             "sensitivity_within_interval": bool(sens["low"] is not None and sens["low"] <= realised_sens <= sens["high"]),
             "estimate_minus_realised": {"sensitivity": round(sens["estimate"] - realised_sens, 4) if sens["estimate"] is not None else None,
                                         "specificity": round(point["specificity"]["estimate"] - realised_spec, 4)
@@ -193,7 +199,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default=os.environ.get("LESION_SHARED_DATA", str(REPO.parent / "shared" / "data")))
     parser.add_argument("--site", default="isic2017-mel-nv", help="the shared source treated as the new site")
-    parser.add_argument("--k", default="0,50,100,200,400")
+    parser.add_argument("--k", default="0,100,200")
+    parser.add_argument("--retrain", action="store_true", help="retrain after each import (else the k = 0 champion "
+                        "stays and the labels correct its operating point)")
     parser.add_argument("--home", default="")
     parser.add_argument("--site-weight", type=float, default=None, help="TrainConfig.site_weight (default: its own)")
     parser.add_argument("--bootstrap", type=int, default=500)
@@ -221,7 +229,7 @@ def main() -> None:
             ingest(str(data / name), settings)
         ingest(str(unlabelled_copy(data / args.site, home / "clinic" / args.site)), settings, site=args.site)
     ingest_seconds = time.monotonic() - started
-    curve = []
+    curve, result = [], None
     for k in [int(x) for x in args.k.split(",")]:
         drawn = None
         if k:
@@ -233,23 +241,26 @@ def main() -> None:
                 out.writerows([r["image_id"], truth[r["image_id"]], "bench"] for r in drawn["images"])
             imported = import_labels(labels, settings)
             log.info("k=%d: %s", k, imported)
-        started = time.monotonic()
-        result = pipeline.run(settings, config, run_id=f"k{k}-w{config.site_weight:g}")
-        retrain_seconds = time.monotonic() - started
+        retrain_seconds = None
+        if result is None or args.retrain:
+            started = time.monotonic()
+            result = pipeline.run(settings, config, run_id=f"k{k}-w{config.site_weight:g}")
+            retrain_seconds = round(time.monotonic() - started, 1)
         own = result["thresholds_by_site"].get(args.site, {})
         melanomas = sum(truth[r["image_id"]] == "MEL" for r in drawn["images"]) if drawn else 0
         scoring = {}
         if result["promoted"]:  # the site's images scored as a night would: its operating point estimated, applied
             started = time.monotonic()
             scoring = nightly.score(settings, site=args.site, run_id=f"night-k{k}")
+            if k and not args.retrain:  # the labels arrived after the night: the next settling re-decides the site
+                scoring = {**scoring, **nightly.settle(settings, "champion", None)}
             scoring["seconds_with_settling"] = round(time.monotonic() - started, 1)
-        point = {"k": k, "sample_melanomas": melanomas, "retrain_seconds": round(retrain_seconds, 1),
+        point = {"k": k, "sample_melanomas": melanomas, "retrain_seconds": retrain_seconds,
                  "model_version": result["model_version"], "promoted": result["promoted"],
                  "threshold_chosen_on": own.get("chosen_on"), "threshold_method": own.get("method"),
-                 "ipw_estimate": {k2: round(float(v), 4) for k2, v in own.get("validation", {}).items()
-                                  if k2 in ("mel_sensitivity", "mel_specificity", "auc") and v is not None},
                  "remaining": remaining(settings, result["model_version"], args.site, truth, args.bootstrap),
-                 "scoring": {k2: scoring.get(k2) for k2 in ("scored", "needs_review", "seconds_with_settling")},
+                 "scoring": {k2: scoring.get(k2) for k2 in ("scored", "needs_review", "updated", "rescored",
+                                                             "seconds_with_settling")},
                  "as_decided": as_decided(settings, result["model_version"], args.site, truth,
                                           {r["image_id"] for r in drawn["images"]} if drawn else set())
                  if result["promoted"] else None}

@@ -266,6 +266,9 @@ def _threshold_words(conn: sa.Connection, model: registry.ModelVersion, site: st
     method = point.method if point is not None and abs(point.threshold - applied) < 1e-12 else None
     if method == "unlabelled":
         return f"its operating point, estimated from {point.images} unlabelled images of its own"
+    if method == "labelled" and point.labels:
+        return (f"its own operating point: its {point.labelled} labelled images correct the calibration of its "
+                f"{point.images} scored images")
     if method == "labelled" or model.own_threshold(site):
         return "its own threshold, chosen on its labels"
     return "the pooled threshold"

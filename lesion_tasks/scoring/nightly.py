@@ -39,6 +39,7 @@ from lesion_tasks.model import attention, backbones, features, gradcam, mc, scop
 from lesion_tasks.model import precision as precision_
 from lesion_tasks.scoring import overlays
 from lesion_tasks.sites import nights, operating
+from lesion_tasks.sites import status as site_status
 from lesion_tasks.versions import artifacts, predict, registry
 
 log = logging.getLogger(__name__)
@@ -296,8 +297,9 @@ def score(settings: Settings, model_version: str = "champion", mc_samples: int |
 
 
 def settle(settings: Settings, model_version: str = "champion", run_id: str | None = None) -> dict[str, Any]:
-    """After a scoring run: re-estimate the operating point of every site the run scored (`sites.operating`, from
-    all of the site's scored images, tonight's included) and decide the run's cases at it, so that a new site's
+    """After a scoring run: re-estimate the operating point of every site the run scored and of every site with a
+    labelled validation sample (its labels may be new: `sites.operating`, from all of the site's scored images,
+    tonight's included) and decide the run's cases at it, so that a new site's
     first night is already decided at its own point. A case whose decision does not change is updated in place
     (threshold, decision uncertainty, review reasons, from its stored MC samples); a case whose MEL/NV call flips
     is scored again (its Grad-CAM map is of the predicted class). Earlier nights keep the decisions they were
@@ -313,8 +315,9 @@ def settle(settings: Settings, model_version: str = "champion", run_id: str | No
                 predictions.c.model_version == v.model_version)
             if run_id is not None:
                 in_run = in_run.where(predictions.c.run_id == run_id)
-            sites = sorted(conn.scalars(in_run.distinct()))
+            sites = sorted(set(conn.scalars(in_run.distinct())) | operating.sampled_sites(conn))
             points = operating.estimate(conn, v, sites, run_id)
+            site_status.record_labels(conn, v, points)
             failing = nights.failing_sites(conn, v.model_version)
             updated, flipped = operating.redecide(conn, v, run_id, points, failing)
     finally:

@@ -24,7 +24,11 @@ calibration's error at an unseen site (SENS_ALLOWANCE = MARGIN; measured errors 
 counts as nevus mass there).
 
 Which sites get which `method` (`method_for`):
-- "labelled": retraining chose the site a threshold of its own on its labels (`thresholds_by_site`, chosen_on "site");
+- "labelled": the site's labelled validation sample (`sites.sample`) holds MIN_LABELLED_MEL melanomas and as many
+  other images, each scored out of sample (`evidence`): its labels correct the calibration of all its scored images
+  (`sites.correction`), the threshold is the highest whose stated 95% lower bound of sensitivity reaches the target,
+  and `labels` holds the labels' own check (IPW figures with exact intervals) beside it. A version that chose the
+  site a threshold on its labels at retraining, with no such sample, keeps that threshold (also "labelled");
 - "pooled": the version had validation melanomas of the site (it trained there: the pooled threshold was chosen
   on them), or the site has fewer than MIN_IMAGES scored images / MIN_MASS expected melanomas (too few to estimate);
 - "unlabelled": every other site with scored images: the estimate above.
@@ -44,7 +48,8 @@ import numpy as np
 import sqlalchemy as sa
 
 from lesion_tasks.core.db import upsert
-from lesion_tasks.core.schema import images, prediction_samples, predictions, site_operating_points
+from lesion_tasks.core.schema import images, prediction_samples, predictions, site_operating_points, site_samples, splits
+from lesion_tasks.sites import correction
 from lesion_tasks.versions import predict
 from lesion_tasks.versions.registry import ModelVersion
 
@@ -56,6 +61,7 @@ SPEC_ALLOWANCE = 0.15
 MIN_IMAGES = 100  # scored images of a site before its unlabelled estimate replaces the pooled threshold
 MIN_MASS = 10.0  # and expected melanomas among them (sum of p_mel)
 DRAWS = 1000  # simulated label draws for the sampling part of the interval
+MIN_LABELLED_MEL = 5  # labelled melanomas (and as many others) in a site's sample before they correct its calibration
 METHODS = ("pooled", "unlabelled", "labelled")
 
 
@@ -83,6 +89,7 @@ class OperatingPoint:
     specificity: Estimate
     out_of_scope_above: float | None  # the out-of-scope threshold that goes with it (None: no out-of-scope head)
     why: str
+    labels: Mapping[str, Any] | None = None  # "labelled": what the labels say (`Labelled.summary`)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -92,7 +99,7 @@ class OperatingPoint:
         return {"threshold": float(self.threshold), "method": self.method, "images": self.images,
                 "labelled": self.labelled, "melanomas": round(float(self.melanomas), 1),
                 "sensitivity": self.sensitivity.to_json(), "specificity": self.specificity.to_json(),
-                "out_of_scope_above": self.out_of_scope_above, "why": self.why,
+                "out_of_scope_above": self.out_of_scope_above, "why": self.why, "labels": self.labels,
                 "labels_to_next_status": labels_to_next_status}
 
     @classmethod
@@ -100,7 +107,7 @@ class OperatingPoint:
         point = row["point"]
         return cls(row["site"], float(row["threshold"]), row["method"], int(point["images"]), int(point["labelled"]),
                    float(point["melanomas"]), Estimate(**point["sensitivity"]), Estimate(**point["specificity"]),
-                   row["out_of_scope_above"], point.get("why", ""))
+                   row["out_of_scope_above"], point.get("why", ""), point.get("labels"))
 
 
 def estimated(p: np.ndarray, t: float) -> tuple[float, float]:
@@ -143,8 +150,29 @@ def interval(p: np.ndarray, t: float, seed: int = 0, draws: int = DRAWS) -> tupl
     return widened(est_sens, sens, SENS_ALLOWANCE), widened(est_spec, spec, SPEC_ALLOWANCE)
 
 
-def method_for(v: ModelVersion, site: str, p: np.ndarray) -> tuple[str, str]:
-    """(method, why) of `site`'s operating point under version `v`, given its scored p_mel (see the module doc)."""
+@dataclass(frozen=True)
+class Labelled:
+    """A site's labelled validation sample as version `v` scored it out of sample (`evidence`): scores, labels
+    (1 = melanoma), other diagnoses (1 = neither melanoma nor nevus), IPW weights (1 / inclusion probability)."""
+
+    p: np.ndarray
+    y: np.ndarray
+    other: np.ndarray  # 1: another diagnosis than melanoma or nevus
+    w: np.ndarray
+    source: str  # in words: which scores
+
+    @property
+    def enough(self) -> bool:
+        return int(self.y.sum()) >= MIN_LABELLED_MEL and int(len(self.y) - self.y.sum()) >= MIN_LABELLED_MEL
+
+
+def method_for(v: ModelVersion, site: str, p: np.ndarray, labelled: Labelled | None = None) -> tuple[str, str]:
+    """(method, why) of `site`'s operating point under version `v`, given its scored p_mel and its labelled
+    validation sample (see the module doc)."""
+    if labelled is not None and labelled.enough and len(p):
+        return "labelled", (f"its {len(labelled.y)} labelled sample images ({int(labelled.y.sum())} melanomas, "
+                            f"{labelled.source}) correct the calibration of its {len(p)} scored images: the highest "
+                            f"threshold whose 95% lower bound of sensitivity reaches {v.target_sensitivity or 0.85:g}")
     own = v.own_threshold(site)
     if own is not None:
         return "labelled", f"chosen on its labels at retraining ({own.method or 'validation'}, {own.n_mel} melanomas)"
@@ -155,9 +183,12 @@ def method_for(v: ModelVersion, site: str, p: np.ndarray) -> tuple[str, str]:
     if len(p) < MIN_IMAGES or float(np.sum(p)) < MIN_MASS:
         return "pooled", (f"too few scored images to estimate its own ({len(p)} images, {float(np.sum(p)):.1f} expected "
                           f"melanomas; at least {MIN_IMAGES} and {MIN_MASS:g} needed): the pooled threshold")
-    return "unlabelled", (f"estimated from the calibrated p_mel of its {len(p)} scored images, none labelled: the "
-                          f"highest threshold whose expected sensitivity reaches the target "
-                          f"{v.target_sensitivity or 0.85:g} + margin {MARGIN:g}")
+    why = (f"estimated from the calibrated p_mel of its {len(p)} scored images, none labelled: the highest threshold "
+           f"whose expected sensitivity reaches the target {v.target_sensitivity or 0.85:g} + margin {MARGIN:g}")
+    if labelled is not None and len(labelled.y):
+        why += (f" (its {len(labelled.y)} labelled sample images hold {int(labelled.y.sum())} melanomas and "
+                f"{int(len(labelled.y) - labelled.y.sum())} others: {MIN_LABELLED_MEL} of each correct the calibration)")
+    return "unlabelled", why
 
 
 def scope_threshold_at(v: ModelVersion, threshold: float) -> float | None:
@@ -174,22 +205,79 @@ def scope_threshold_at(v: ModelVersion, threshold: float) -> float | None:
     return float(grid[-1][1])
 
 
-def point_for(v: ModelVersion, site: str, p: np.ndarray) -> OperatingPoint:
-    """`site`'s operating point under version `v` from the calibrated p_mel of its scored images."""
-    method, why = method_for(v, site, p)
+def point_for(v: ModelVersion, site: str, p: np.ndarray, labelled: Labelled | None = None) -> OperatingPoint:
+    """`site`'s operating point under version `v` from the calibrated p_mel of its scored images and, where it
+    has one, its labelled validation sample scored out of sample (`evidence`)."""
+    method, why = method_for(v, site, p, labelled)
     target = v.target_sensitivity or 0.85
+    own, entry = v.own_threshold(site), v.thresholds_by_site.get(site)
+    if method == "labelled" and labelled is not None and labelled.enough:
+        corrected = correction.Corrected.fit(p, labelled.p, labelled.y, labelled.w, other=labelled.other)
+        t = corrected.choose(target)
+        sens_f, spec_f = corrected.at(t)
+        sens, spec = (Estimate(f.estimate, f.low, f.high) for f in (sens_f, spec_f))
+        auc, auc_ci = correction.ipw_auc(labelled.p, labelled.y, labelled.w)
+        checks = {"labelled": corrected.labelled, "melanomas": corrected.melanomas,
+                  "effective_melanomas": round(corrected.effective_melanomas, 1),
+                  "correction": [round(float(c), 4) for c in corrected.beta], "scores": labelled.source,
+                  "auc": None if auc is None else round(auc, 4),
+                  "auc_ci95": None if auc_ci is None else [round(v, 4) for v in auc_ci],
+                  "ipw": correction.ipw_check(labelled.p, labelled.y, labelled.w, t, nevus=labelled.other == 0)}
+        return OperatingPoint(site, t, method, len(p), corrected.labelled, corrected.effective_melanomas, sens, spec,
+                              scope_threshold_at(v, t), why, checks)
     t = choose(p, target) if method == "unlabelled" else v.threshold_for(site)
     if len(p) and float(np.sum(p)) > 0:
         sens, spec = interval(p, t)
     else:
         sens = spec = Estimate(None, None, None)
-    own, entry = v.own_threshold(site), v.thresholds_by_site.get(site)
-    labelled = int((own.validation or {}).get("n", 0)) if own else 0
+    labelled_n = int((own.validation or {}).get("n", 0)) if own else 0
     if method == "unlabelled":  # the melanomas its scores expect
         melanomas = float(np.sum(p))
     else:  # the labelled melanomas its threshold was chosen on
         melanomas = float(entry.n_mel) if entry else 0.0
-    return OperatingPoint(site, t, method, len(p), labelled, melanomas, sens, spec, scope_threshold_at(v, t), why)
+    return OperatingPoint(site, t, method, len(p), labelled_n, melanomas, sens, spec, scope_threshold_at(v, t), why)
+
+
+def sampled_sites(conn: sa.Connection) -> set[str]:
+    """Sites with a labelled image in their validation sample."""
+    return set(conn.scalars(sa.select(site_samples.c.site).join(images, images.c.image_id == site_samples.c.image_id)
+                            .where(images.c.label.is_not(None)).distinct()))
+
+
+def evidence(conn: sa.Connection, v: ModelVersion, sites: list[str]) -> dict[str, Labelled]:
+    """{site: its labelled validation sample, each image scored by a model that never trained on it} under `v`:
+    - the out-of-fold score retraining recorded (`SiteThreshold.out_of_fold`: cross-fitted) where `v` trained on it;
+    - else `v`'s own stored p_mel, where `v` cannot have trained on it: it is in the frozen test split, or `v`
+      trained on none of the site's labels (no threshold of its own there, no validation melanoma of the site);
+    - else (a version from before out-of-fold scores were recorded) the image is left out.
+    Sites without a labelled sample image are left out."""
+    rows = conn.execute(sa.select(images.c.site, site_samples.c.image_id, site_samples.c.inclusion_probability,
+                                  images.c.label, predictions.c.p_mel, splits.c.split)
+                        .join(images, images.c.image_id == site_samples.c.image_id)
+                        .join(predictions, sa.and_(predictions.c.image_id == site_samples.c.image_id,
+                                                   predictions.c.model_version == v.model_version))
+                        .outerjoin(splits, splits.c.image_id == site_samples.c.image_id)
+                        .where(site_samples.c.site.in_(sites), images.c.label.is_not(None))
+                        .order_by(site_samples.c.site, site_samples.c.rank)).all()
+    out: dict[str, tuple[list, list, list, list, set]] = {}
+    for r in rows:
+        entry = v.thresholds_by_site.get(r.site)
+        oof = dict(zip(entry.out_of_fold["ids"], entry.out_of_fold["p"])) if entry and entry.out_of_fold else {}
+        trained_there = entry is not None and (entry.own or entry.n_mel > 0)
+        if r.image_id in oof:
+            score, source = oof[r.image_id], "cross-fitted at retraining"
+        elif r.split == "test" or not trained_there or oof:
+            score, source = r.p_mel, "scored by a model that never trained on them"
+        else:
+            continue
+        p, y, other, w, sources = out.setdefault(r.site, ([], [], [], [], set()))
+        p.append(score)
+        y.append(int(r.label == "MEL"))
+        other.append(int(r.label not in ("MEL", "NV")))
+        w.append(1.0 / r.inclusion_probability)
+        sources.add(source)
+    return {site: Labelled(np.array(p), np.array(y, np.int64), np.array(other, np.int64), np.array(w),
+                           " and ".join(sorted(src))) for site, (p, y, other, w, src) in out.items()}
 
 
 def scored_p(conn: sa.Connection, model_version: str, sites: list[str]) -> dict[str, np.ndarray]:
@@ -205,7 +293,9 @@ def scored_p(conn: sa.Connection, model_version: str, sites: list[str]) -> dict[
 def estimate(conn: sa.Connection, v: ModelVersion, sites: list[str], run_id: str | None = None) -> dict[str, OperatingPoint]:
     """Re-estimate and record the operating point of version `v` at each of `sites` from all its scored images
     there (an upsert per (version, site): the latest estimate is the one applied)."""
-    points = {site: point_for(v, site, p) for site, p in scored_p(conn, v.model_version, sorted(sites)).items()}
+    labelled = evidence(conn, v, sorted(sites))
+    points = {site: point_for(v, site, p, labelled.get(site))
+              for site, p in scored_p(conn, v.model_version, sorted(sites)).items()}
     now = datetime.now(UTC)
     upsert(conn, site_operating_points, [
         {"model_version": v.model_version, "site": s, "threshold": op.threshold, "method": op.method,

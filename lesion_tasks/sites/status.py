@@ -1,12 +1,16 @@
 """Sites: the clinics, hospitals or collections images come from, and how a model version does at each.
 
 A site's status rests on evidence (DESIGN.md, "Sites"): `unvalidated` (no labelled image of its own),
-`provisional` (labelled images, but fewer than `GateFloors.min_melanomas` melanomas in its test split, the
-out-of-sample predictions its figures rest on here), `validated` (that many, and the version passes the
-gate's floors there), `failing` (that many, and the upper end of a metric's 95% interval is under its
-floor). With enough melanomas and a point estimate under a floor whose interval still reaches it, the site
-stays `provisional`: more labels decide. `record_evaluations` writes one `site_evaluations` row per site
-for a version as it is evaluated; `v_sites` (and `site_status` in the prediction views) reads the
+`provisional` (labelled images, but fewer than `GateFloors.min_melanomas` melanomas in the out-of-sample
+predictions its figures rest on), `validated` (that many, and the version passes the gate's floors there),
+`failing` (that many, and the upper end of a metric's 95% interval is under its floor). With enough melanomas
+and a point estimate under a floor whose interval still reaches it, the site stays `provisional`: more labels
+decide. The out-of-sample predictions (`evidence_for`, whichever holds more melanomas, and it says which):
+- "test": its test split, as the version was evaluated at retraining;
+- "labels": its whole labelled validation sample, scored out of sample, with the calibration its labels correct
+  (`sites.operating`, method "labelled"): every label counts, melanomas counted effectively (IPW, Kish).
+`record_evaluations` writes one `site_evaluations` row per site for a version as it is evaluated, `record_labels`
+the rows a settling moves onto labels; `v_sites` (and `site_status` in the prediction views) reads the
 champion's rows; `overview` is `lesion sites`.
 """
 
@@ -42,12 +46,17 @@ STATUS_TEXT = {
 }
 
 
-def status_of(part: dict[str, Any] | None, labelled: int, floors: GateFloors) -> tuple[str, str]:
-    """(status, what it still needs) from a site's test metrics `part` (None: no labelled test image)."""
+def status_of(part: dict[str, Any] | None, labelled: int, floors: GateFloors, evidence: str = "test") -> tuple[str, str]:
+    """(status, what it still needs) from a site's out-of-sample metrics `part` (None: none): its test split's
+    (`evidence` "test"), or its labelled sample's with the calibration they correct ("labels": `labels_part`;
+    `n_mel` counts effective melanomas there)."""
     n_mel = int((part or {}).get("n_mel") or 0)
     if not labelled:
         return "unvalidated", "labelled images of its own: draw its validation sample (lesion sites sample) and import their labels"
     if n_mel < floors.min_melanomas:
+        if evidence == "labels":
+            return "provisional", (f"{floors.min_melanomas - n_mel} more effective melanomas among its labelled sample "
+                                   f"({n_mel} of {floors.min_melanomas}): label more of its validation sample")
         return "provisional", (f"{floors.min_melanomas - n_mel} more melanomas in its test split "
                                f"({n_mel} of {floors.min_melanomas}): label more of its validation sample and retrain")
     ci = part.get("ci95") or {}
@@ -135,26 +144,80 @@ def overview_of(conn: sa.Connection) -> dict[str, Any]:
     out = []
     for site, c in sorted(counts.items()):
         row = evaluated.get(site)
-        status, needed = status_of(row.metrics if row else None, c["labelled"], floors)
-        if row is None and c["labelled"]:  # labelled after the champion was evaluated: only a retrain tells
-            status, needed = "provisional", "a retrain: its labelled images are newer than the champion's evaluation"
+        op = None
+        if champion is not None:
+            op = points.get(site) or operating.point_for(champion, site, np.zeros(0))  # not scored yet: pooled
+        part, evidence, melanomas = evidence_for(row, op)
+        status, needed = status_of(part, c["labelled"], floors, evidence or "test")
+        if evidence is None and c["labelled"]:  # labelled after the champion was evaluated: a retrain or a night tells
+            status, needed = "provisional", ("a retrain or the next night: its labelled images are newer than the "
+                                             "champion's evaluation")
         point = None
-        if champion is None:
+        if op is None:
             threshold = {"value": None, "chosen_on": None}
             needed = "a champion: train one (lesion train)" if status == "unvalidated" else needed
         else:
             entry = champion.thresholds_by_site.get(site)
-            op = points.get(site) or operating.point_for(champion, site, np.zeros(0))  # not scored yet: pooled
-            threshold = {"value": op.threshold, "chosen_on": entry.chosen_on if entry else "pooled",
+            threshold = {"value": op.threshold, "chosen_on": "site" if op.method == "labelled" else
+                         entry.chosen_on if entry else "pooled",
                          "method": entry.method if entry else None, "n_mel": entry.n_mel if entry else None}
-            point = op.to_json(labels_to_next_status(status, row.melanomas_evidence if row else 0, op, floors,
-                                                     c["labelled"], c["labelled_melanomas"]))
+            point = op.to_json(labels_to_next_status(status, int(melanomas), op, floors, c["labelled"],
+                                                     c["labelled_melanomas"]))
         out.append({"site": site, "status": status, "images": c["images"], "labelled": c["labelled"],
                     "labelled_by_split": c["labelled_by_split"], "validation_sample": int(sampled.get(site, 0)),
-                    "melanomas_evidence": row.melanomas_evidence if row else 0,
-                    "evidence": row.evidence if row else None, "threshold": threshold, "operating_point": point,
-                    "metrics": _headline(row.metrics) if row and row.metrics else None, "needed": needed})
+                    "melanomas_evidence": int(melanomas), "evidence": evidence, "threshold": threshold,
+                    "operating_point": point, "metrics": _headline(part) if part else None, "needed": needed})
     return {"champion": champion.model_version if champion else None, "sites": out}
+
+
+def labels_part(point: operating.OperatingPoint | None) -> dict[str, Any] | None:
+    """A labelled operating point's evidence as site metrics (`status_of`'s `part`, evidence "labels"): its
+    effective melanomas, the corrected sensitivity and specificity with their intervals, balanced accuracy from
+    them, and the labelled sample's IPW AUC (bootstrap interval). None for other methods."""
+    if point is None or point.method != "labelled" or not point.labels or point.sensitivity.estimate is None:
+        return None
+    sens, spec, labels = point.sensitivity, point.specificity, point.labels
+    return {"n": point.labelled, "n_mel": round(point.melanomas, 1), "evidence": "labels",
+            "mel_sensitivity": sens.estimate, "mel_specificity": spec.estimate,
+            "balanced_accuracy": (sens.estimate + spec.estimate) / 2, "auc": labels.get("auc"),
+            "ci95": {"mel_sensitivity": [sens.low, sens.high], "mel_specificity": [spec.low, spec.high],
+                     "balanced_accuracy": [(sens.low + spec.low) / 2, (sens.high + spec.high) / 2],
+                     "auc": labels.get("auc_ci95")},
+            "ci95_method": {"mel_sensitivity": "corrected-calibration bootstrap", "mel_specificity":
+                            "corrected-calibration bootstrap", "balanced_accuracy": "from those two",
+                            "auc": "bootstrap over the labelled sample"}}
+
+
+def evidence_for(row: Any, point: operating.OperatingPoint | None) -> tuple[dict[str, Any] | None, str | None, float]:
+    """(metrics, evidence, melanomas) a site's status rests on: its labelled sample's (`labels_part`) where that
+    holds more (effective) melanomas than the evaluated row's, else the row's (its test split, or labels recorded
+    by an earlier settling)."""
+    part = labels_part(point)
+    recorded = float(row.melanomas_evidence) if row is not None else 0.0
+    if part is not None and (part["n_mel"] > recorded or (row is not None and row.evidence == "labels")):
+        return part, "labels", part["n_mel"]
+    return (row.metrics if row is not None else None), (row.evidence if row is not None else None), recorded
+
+
+def record_labels(conn: sa.Connection, v: registry.ModelVersion, points: dict[str, operating.OperatingPoint]) -> dict[str, str]:
+    """After a settling: the `site_evaluations` row of each site whose status now rests on its labels
+    (`evidence_for`), so that `v_sites` and the prediction views say what `lesion sites` says; {site: status}."""
+    labelled = {s: op for s, op in points.items() if labels_part(op) is not None}
+    if not labelled:
+        return {}
+    rows = {r.site: r for r in conn.execute(sa.select(site_evaluations).where(
+        site_evaluations.c.model_version == v.model_version, site_evaluations.c.site.in_(labelled)))}
+    counts, now, out = labelled_counts(conn), datetime.now(UTC), []
+    for site, op in sorted(labelled.items()):
+        part, evidence, melanomas = evidence_for(rows.get(site), op)
+        if evidence != "labels":
+            continue
+        status, _ = status_of(part, counts.get(site, {}).get("labelled", 0), v.floors, "labels")
+        out.append({"model_version": v.model_version, "site": site, "status": status, "evidence": "labels",
+                    "melanomas_evidence": int(melanomas), "threshold": op.threshold, "chosen_on": "site",
+                    "metrics": part, "evaluated_at": now})
+    upsert(conn, site_evaluations, out, ["model_version", "site"])
+    return {r["site"]: r["status"] for r in out}
 
 
 def labels_to_next_status(status: str, test_melanomas: int, point: operating.OperatingPoint, floors: GateFloors,
@@ -164,8 +227,13 @@ def labels_to_next_status(status: str, test_melanomas: int, point: operating.Ope
     (`splits.TEST_FRAC`) times the site's yield of melanomas per label: its own labels' where it has melanomas
     among them (its validation sample's yield, likely melanomas over-represented), else the rate its scored images
     expect (the mean calibrated p_mel). None once the site has that evidence, or when nothing estimates a yield."""
+    if status in ("validated", "failing"):
+        return None
+    if labels_part(point) is not None:  # every label counts: effective melanomas per label of its sample
+        missing = floors.min_melanomas - point.melanomas
+        return None if missing <= 0 else int(math.ceil(missing / (point.melanomas / max(point.labelled, 1))))
     missing = floors.min_melanomas - test_melanomas
-    if status in ("validated", "failing") or missing <= 0:
+    if missing <= 0:
         return None
     if labelled_melanomas > 0:
         rate = labelled_melanomas / labelled
@@ -177,7 +245,8 @@ def labels_to_next_status(status: str, test_melanomas: int, point: operating.Ope
 
 
 def _headline(part: dict[str, Any]) -> dict[str, Any]:
-    keys = ("n", "n_mel", "auc", "mel_sensitivity", "mel_specificity", "balanced_accuracy", "ppv", "npv", "ci95")
+    keys = ("n", "n_mel", "auc", "mel_sensitivity", "mel_specificity", "balanced_accuracy", "ppv", "npv", "ci95",
+            "ci95_method", "evidence")
     return {k: part[k] for k in keys if k in part}
 
 

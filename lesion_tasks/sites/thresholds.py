@@ -99,7 +99,8 @@ def choose(y: np.ndarray, p: np.ndarray, sites: np.ndarray, lesions: list[str], 
     for site in sorted(set(sites.tolist()) | set(crossfitted)):
         if site in crossfitted:
             oof, w = crossfitted[site]
-            if oof.y.sum() < MIN_SITE_THRESHOLD_MEL:
+            if oof.y.sum() < MIN_SITE_THRESHOLD_MEL:  # the pooled threshold, its out-of-fold scores recorded
+                own[site] = SiteThreshold(chosen, "pooled", int(oof.y.sum()), out_of_fold=_scores(oof, oof.p))
                 continue
             calibration = site_calibration(oof, w)
             p_site = recalibrated(oof, calibration)
@@ -107,7 +108,8 @@ def choose(y: np.ndarray, p: np.ndarray, sites: np.ndarray, lesions: list[str], 
             own[site] = SiteThreshold(t, "site", int(oof.y.sum()),
                                       f"cross-fitted ({oof.folds} folds over {len(oof.y)} labelled train+val images)"
                                       + ("; calibrated per site" if calibration["applied"] else ""), True, calibration,
-                                      evaluation.binary_metrics(oof.y, p_site, t, w))
+                                      evaluation.binary_metrics(oof.y, p_site, t, w),
+                                      _scores(oof, p_site))
             continue
         n_mel = int(y[sites == site].sum())
         if n_mel >= MIN_SITE_THRESHOLD_MEL:
@@ -116,9 +118,15 @@ def choose(y: np.ndarray, p: np.ndarray, sites: np.ndarray, lesions: list[str], 
     return chosen, {"pooled": pooled, **per_site}, own
 
 
+def _scores(oof: OutOfFold, p: np.ndarray) -> dict[str, list]:
+    """`SiteThreshold.out_of_fold`: the site's labelled images' out-of-fold p_mel (`sites.operating.evidence`)."""
+    return {"ids": list(oof.ids), "p": [round(float(q), 6) for q in p]}
+
+
 def thresholds_by_site(own: dict[str, SiteThreshold], pooled: float, sites: list[str],
                        val_mel: dict[str, int]) -> dict[str, SiteThreshold]:
-    """`thresholds_by_site` for every site with images: its own where `choose` chose one, else the pooled."""
+    """`thresholds_by_site` for every site with images: its own where `choose` chose one (or recorded a
+    cross-fitted site's scores under the pooled one), else the pooled."""
     return {site: own.get(site) or SiteThreshold(pooled, "pooled", int(val_mel.get(site, 0)))
             for site in sorted(set(sites) | set(own))}
 

@@ -230,8 +230,9 @@ def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[st
                                                        val_w, crossfitted)
         by_site_thresholds = thresholds.thresholds_by_site(
             own, threshold, all_sites, {s: int(y_val[val.sites == s].sum()) for s in set(val.sites.tolist())})
-        log.info("thresholds: pooled %.4f; own threshold at %d of %d sites (%s)", threshold, len(own), len(by_site_thresholds),
-                 ", ".join(f"{k} {v.threshold:.4f} on {v.n_mel} melanomas" for k, v in own.items()) or "none")
+        mine = {k: v for k, v in own.items() if v.own}
+        log.info("thresholds: pooled %.4f; own threshold at %d of %d sites (%s)", threshold, len(mine), len(by_site_thresholds),
+                 ", ".join(f"{k} {v.threshold:.4f} on {v.n_mel} melanomas" for k, v in mine.items()) or "none")
         out = artifacts.ModelArtifacts(store, version)
         scope_info, s3 = _fit_scope(config, out, head, version, threshold, train_views[0], other, fcfg, weights, store, runner,
                                     engine)

@@ -47,6 +47,9 @@ class SiteThreshold:
     weighted: bool | None = None
     calibration: Mapping[str, Any] | None = None
     validation: Mapping[str, Any] | None = None
+    # {"ids", "p"}: the out-of-fold p_mel of the site's labelled train+val images (cross-fitted, under the site's
+    # own calibration where applied): what `sites.operating.evidence` scores them by, the version having trained on them
+    out_of_fold: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.chosen_on not in ("site", "pooled"):
@@ -68,7 +71,7 @@ class SiteThreshold:
     @classmethod
     def from_json(cls, entry: Mapping[str, Any]) -> SiteThreshold:
         return cls(float(entry["threshold"]), entry["chosen_on"], int(entry.get("n_mel") or 0), entry.get("method"),
-                   entry.get("weighted"), entry.get("calibration"), entry.get("validation"))
+                   entry.get("weighted"), entry.get("calibration"), entry.get("validation"), entry.get("out_of_fold"))
 
 
 @dataclass(frozen=True)

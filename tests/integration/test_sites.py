@@ -179,6 +179,50 @@ def test_labels_import_reason_codes_and_rerun(clinic):
         label_import.import_labels(bad, settings)
 
 
+def test_the_clinics_labels_correct_its_operating_point(clinic):
+    """Once its sample's labels arrive (the previous test imported 200), the next settling re-estimates the clinic's
+    operating point from them, no retrain needed: the champion never trained on them, so its stored scores are out
+    of sample. `method: "labelled"`, the labels' correction and their own IPW check beside it, the threshold where
+    the stated lower bound of sensitivity meets the target, every case decided at it, and a rerun changes nothing."""
+    from lesion_tasks.core.schema import predictions
+    from lesion_tasks.scoring import nightly
+
+    settings, truth, _ = clinic
+    settled = nightly.settle(settings, "champion", None)
+    op = {s["site"]: s for s in sites.overview(settings)["sites"]}[CLINIC]["operating_point"]
+    assert op == {**settled["sites"][CLINIC], "labels_to_next_status": op["labels_to_next_status"]}
+    assert op["method"] == "labelled" and op["labelled"] == 200 and op["images"] == 400, op
+    labels = op["labels"]
+    assert labels["melanomas"] == len(_sample_ids(settings)) and labels["scores"] == (
+        "scored by a model that never trained on them"), labels
+    assert 0 < labels["effective_melanomas"] <= labels["melanomas"] and len(labels["correction"]) == 3
+    ipw = labels["ipw"]
+    assert ipw["sensitivity_ci95"][0] <= ipw["sensitivity"] <= ipw["sensitivity_ci95"][1], ipw
+    sens = op["sensitivity"]
+    assert sens["low"] >= 0.85 - 1e-3 and sens["low"] <= sens["estimate"] <= sens["high"], op
+    engine = db.make_engine(settings.db_url)
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(predictions.c.image_id, predictions.c.p_mel, predictions.c.threshold,
+                                      predictions.c.predicted_label)
+                            .join(images, images.c.image_id == predictions.c.image_id).where(images.c.site == CLINIC)).all()
+    engine.dispose()
+    assert len(rows) == 400 and {round(r.threshold, 9) for r in rows} == {round(op["threshold"], 9)}
+    assert all((r.p_mel >= r.threshold) == (r.predicted_label == "MEL") for r in rows)
+    again = nightly.settle(settings, "champion", None)
+    assert again["updated"] == 0 and again["rescored"] == 0 and again["sites"][CLINIC] == settled["sites"][CLINIC]
+    print(json.dumps({"operating_point": op, "realised_sensitivity": float(np.mean(
+        [r.predicted_label == "MEL" for r in rows if truth.get(r.image_id) == "MEL"]))}, default=str))
+
+
+def _sample_ids(settings) -> list[str]:
+    engine = db.make_engine(settings.db_url)
+    with engine.connect() as conn:
+        ids = list(conn.scalars(sa.select(site_samples.c.image_id).join(images, images.c.image_id == site_samples.c.image_id)
+                                .where(site_samples.c.site == CLINIC, images.c.label == "MEL")))
+    engine.dispose()
+    return ids
+
+
 def test_retrain_validates_the_clinic_on_its_own_labels(clinic, trained_home):
     """After the import, a retrain splits the clinic's labelled images by lesion into train/val/test,
     chooses its own threshold on its validation images (IPW-weighted) and reports its test metrics."""
@@ -190,6 +234,7 @@ def test_retrain_validates_the_clinic_on_its_own_labels(clinic, trained_home):
     # (IPW-weighted), which is more melanomas than its validation split alone holds
     assert own["method"].startswith("cross-fitted (") and own["weighted"], own
     assert own["validation"]["mel_sensitivity"] >= 0.85 - 1e-9, own
+    assert len(own["out_of_fold"]["ids"]) == len(own["out_of_fold"]["p"]) == own["validation"]["n"], own
     # its own calibration was weighed against the pooled one on cross-validated log-loss, and the call recorded
     cal = own["calibration"]
     assert isinstance(cal["applied"], bool) and set(cal["log_loss"]) == {"pooled", "site"}, cal
@@ -213,12 +258,21 @@ def test_retrain_validates_the_clinic_on_its_own_labels(clinic, trained_home):
 
         nightly.score(settings, run_id="night-after-import")
         night = nightly.summarize(settings, "champion", "night-after-import", [])["sites"]
-        assert night["images_by_status"][clinic_row["status"]] >= 400 and not night["failing_sites"], night
+        # decided at its labelled operating point: the retrained version's labels are scored by their out-of-fold
+        # scores (it trained on them), those of its test split by its own; its status now rests on all of them
+        after = {s["site"]: s for s in sites.overview(settings)["sites"]}[CLINIC]
+        op = after["operating_point"]
+        assert op["method"] == "labelled" and "cross-fitted at retraining" in op["labels"]["scores"], op
+        assert after["evidence"] == "labels" and after["melanomas_evidence"] == int(op["melanomas"]), after
+        assert after["melanomas_evidence"] > clinic_row["melanomas_evidence"]  # every label counts, not the test split's
+        assert night["images_by_status"][after["status"]] >= 400, night
+        assert (night["failing_sites"] == [CLINIC]) == (after["status"] == "failing"), (night, after)
         engine = db.make_engine(settings.db_url)
         with engine.connect() as conn:
             rows = conn.execute(sa.text("SELECT site, site_status, threshold FROM v_latest_predictions WHERE site = :s"),
                                 {"s": CLINIC}).all()
         engine.dispose()
-        assert len(rows) == 400 and {r.site_status for r in rows} == {clinic_row["status"]}
-        assert {round(r.threshold, 9) for r in rows} == {round(own["threshold"], 9)}
+        assert len(rows) == 400 and {r.site_status for r in rows} == {after["status"]}
+        assert {round(r.threshold, 9) for r in rows} == {round(op["threshold"], 9)}
+        print(json.dumps({"after_the_night": after}, default=str))
     print(json.dumps({"site": clinic_row, "threshold": own}, default=str))

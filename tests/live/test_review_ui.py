@@ -407,7 +407,7 @@ def test_sites_page_and_validation_queue_in_a_real_browser(live, queue_ready, br
         site_cell = page.locator("#case-site").inner_text()
         # labels, no evaluation yet: decided at its operating point, which says how it was chosen
         words = {"unlabelled": f"its operating point, estimated from {op['images']} unlabelled images",
-                 "pooled": "the pooled threshold", "labelled": "its own threshold"}[op["method"]]
+                 "pooled": "the pooled threshold", "labelled": "its own"}[op["method"]]
         assert "night-1" in site_cell and "provisional" in site_cell and words in site_cell, site_cell
 
         page.goto(f"{live.base}/lesion-review/")
