@@ -115,7 +115,8 @@ def as_decided(settings: Settings, version: str, site: str, truth: dict[str, str
                                       predictions.c.predicted_label, predictions.c.review_reasons)
                             .join(images, images.c.image_id == predictions.c.image_id)
                             .where(images.c.site == site, predictions.c.model_version == version)).all()
-        point = next(s for s in site_status.overview_of(conn)["sites"] if s["site"] == site)["operating_point"]
+        listed = next(s for s in site_status.overview_of(conn)["sites"] if s["site"] == site)
+        point = listed["operating_point"]
     engine.dispose()
     rows = [r for r in rows if r.image_id not in excluded and r.image_id in truth]
     y = np.array([truth[r.image_id] for r in rows], dtype=object)
@@ -142,8 +143,8 @@ def as_decided(settings: Settings, version: str, site: str, truth: dict[str, str
     y_in, p_in = mel[in_scope].astype(np.int64), p[in_scope]
     best = evaluation.binary_metrics(y_in, p_in, evaluation.threshold_for_sensitivity(y_in, p_in, 0.85))
     return {"n": int(len(rows)), "n_mel": int(mel.sum()), "n_nv": int(nv.sum()), "n_other": int(other.sum()),
-            "operating_point": point,
-            "auc": round(float(best["auc"]), 4),
+            "operating_point": point, "status": listed["status"], "evidence": listed["evidence"],
+            "needed": listed["needed"], "auc": round(float(best["auc"]), 4),
             "realised": {"mel_sensitivity": round(realised_sens, 4), "mel_specificity": round(realised_spec, 4)},
             "best_specificity_at_sensitivity_0.85": round(float(best["mel_specificity"]), 4),
             "lower_bound_held": bool(sens["low"] is not None and sens["low"] <= realised_sens),

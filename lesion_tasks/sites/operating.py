@@ -216,7 +216,9 @@ def point_for(v: ModelVersion, site: str, p: np.ndarray, labelled: Labelled | No
         t = corrected.choose(target)
         sens_f, spec_f = corrected.at(t)
         sens, spec = (Estimate(f.estimate, f.low, f.high) for f in (sens_f, spec_f))
-        auc, auc_ci = correction.ipw_auc(labelled.p, labelled.y, labelled.w)
+        nevi_and_melanomas = labelled.other == 0  # the floors' AUC is melanoma against nevus, as on the test split
+        auc, auc_ci = correction.ipw_auc(labelled.p[nevi_and_melanomas], labelled.y[nevi_and_melanomas],
+                                         labelled.w[nevi_and_melanomas])
         checks = {"labelled": corrected.labelled, "melanomas": corrected.melanomas,
                   "effective_melanomas": round(corrected.effective_melanomas, 1),
                   "correction": [round(float(c), 4) for c in corrected.beta], "scores": labelled.source,
@@ -260,9 +262,12 @@ def evidence(conn: sa.Connection, v: ModelVersion, sites: list[str]) -> dict[str
                         .where(site_samples.c.site.in_(sites), images.c.label.is_not(None))
                         .order_by(site_samples.c.site, site_samples.c.rank)).all()
     out: dict[str, tuple[list, list, list, list, set]] = {}
+    oofs: dict[str, dict[str, float]] = {}
     for r in rows:
         entry = v.thresholds_by_site.get(r.site)
-        oof = dict(zip(entry.out_of_fold["ids"], entry.out_of_fold["p"])) if entry and entry.out_of_fold else {}
+        if r.site not in oofs:
+            oofs[r.site] = dict(zip(entry.out_of_fold["ids"], entry.out_of_fold["p"])) if entry and entry.out_of_fold else {}
+        oof = oofs[r.site]
         trained_there = entry is not None and (entry.own or entry.n_mel > 0)
         if r.image_id in oof:
             score, source = oof[r.image_id], "cross-fitted at retraining"

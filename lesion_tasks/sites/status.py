@@ -16,6 +16,7 @@ champion's rows; `overview` is `lesion sites`.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from datetime import UTC, datetime
@@ -34,15 +35,16 @@ from lesion_tasks.versions import registry
 
 log = logging.getLogger(__name__)
 FLOOR_METRICS = ("mel_sensitivity", "auc", "balanced_accuracy")
+EVIDENCE_TEXT = {"test": "its test split", "labels": "its labelled sample, effective"}
 # what each status means, where the UI shows one
 STATUS_TEXT = {
     "unvalidated": "no labelled images of its own: its cases are decided at an operating point estimated from its own "
                    "unlabelled images (the pooled threshold until it has enough), and no label from this site vouches "
                    "for them",
-    "provisional": "labelled images of its own, but too few test melanomas to decide (or a floor still inside the "
-                   "interval): its figures are estimates",
-    "validated": "enough test melanomas of its own, and the champion passes every floor there",
-    "failing": "enough test melanomas of its own, and the champion is below a floor there: every case goes to review",
+    "provisional": "labelled images of its own, but too few melanomas among them to decide (or a floor still inside "
+                   "the interval): its figures are estimates",
+    "validated": "enough labelled melanomas of its own, and the champion passes every floor there",
+    "failing": "enough labelled melanomas of its own, and the champion is below a floor there: every case goes to review",
 }
 
 
@@ -201,7 +203,8 @@ def evidence_for(row: Any, point: operating.OperatingPoint | None) -> tuple[dict
 
 def record_labels(conn: sa.Connection, v: registry.ModelVersion, points: dict[str, operating.OperatingPoint]) -> dict[str, str]:
     """After a settling: the `site_evaluations` row of each site whose status now rests on its labels
-    (`evidence_for`), so that `v_sites` and the prediction views say what `lesion sites` says; {site: status}."""
+    (`evidence_for`), so that `v_sites` and the prediction views say what `lesion sites` says; {site: status} of the
+    rows written (a rerun writes none)."""
     labelled = {s: op for s, op in points.items() if labels_part(op) is not None}
     if not labelled:
         return {}
@@ -213,9 +216,13 @@ def record_labels(conn: sa.Connection, v: registry.ModelVersion, points: dict[st
         if evidence != "labels":
             continue
         status, _ = status_of(part, counts.get(site, {}).get("labelled", 0), v.floors, "labels")
-        out.append({"model_version": v.model_version, "site": site, "status": status, "evidence": "labels",
-                    "melanomas_evidence": int(melanomas), "threshold": op.threshold, "chosen_on": "site",
-                    "metrics": part, "evaluated_at": now})
+        row = {"model_version": v.model_version, "site": site, "status": status, "evidence": "labels",
+               "melanomas_evidence": int(melanomas), "threshold": op.threshold, "chosen_on": "site", "metrics": part}
+        old = rows.get(site)
+        if old is not None and all(json.dumps(getattr(old, k), sort_keys=True) == json.dumps(row[k], sort_keys=True)
+                                   for k in ("status", "evidence", "melanomas_evidence", "threshold", "metrics")):
+            continue  # a rerun: nothing new, the row (and its time) stays
+        out.append({**row, "evaluated_at": now})
     upsert(conn, site_evaluations, out, ["model_version", "site"])
     return {r["site"]: r["status"] for r in out}
 
@@ -257,13 +264,20 @@ def summary(result: dict[str, Any]) -> str:
         shown = "none" if t["value"] is None else f"{t['value']:.4f} ({t['chosen_on']})"
         lines.append(f"  {s['site']}: {s['status'].upper()}  images {s['images']}  labelled {s['labelled']} "
                      f"(train {s['labelled_by_split']['train']}, val {s['labelled_by_split']['val']}, "
-                     f"test {s['labelled_by_split']['test']})  test melanomas {s['melanomas_evidence']}  threshold {shown}")
+                     f"test {s['labelled_by_split']['test']})  melanomas {s['melanomas_evidence']}"
+                     f"{' (' + EVIDENCE_TEXT[s['evidence']] + ')' if s['evidence'] else ''}  threshold {shown}")
         op = s.get("operating_point")
         if op:
             sens = op["sensitivity"]
             shown_sens = ("" if sens["estimate"] is None else
                           f", sensitivity {sens['estimate']:.3f} [{sens['low']:.3f}, {sens['high']:.3f}]")
             lines.append(f"      operating point: {op['method']} {op['threshold']:.4f} on {op['images']} scored images{shown_sens}")
+            labels = op.get("labels")
+            if labels and labels["ipw"]["sensitivity_ci95"]:
+                ipw = labels["ipw"]
+                lines.append(f"      its labels alone: sensitivity {ipw['sensitivity']:.3f} [{ipw['sensitivity_ci95'][0]:.3f}, "
+                             f"{ipw['sensitivity_ci95'][1]:.3f}] on {labels['melanomas']} labelled melanomas "
+                             f"({labels['effective_melanomas']} effective)")
         more = (op or {}).get("labels_to_next_status")
         lines.append(f"      needs: {s['needed']}" + (f" (about {more} more labels at its yield of melanomas)" if more else ""))
     return "\n".join(lines)

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from lesion_tasks import cli, pipeline
 from lesion_tasks.core import db
-from lesion_tasks.core.schema import images, label_imports, site_samples, splits
+from lesion_tasks.core.schema import images, label_imports, site_evaluations, site_samples, splits
 from lesion_tasks.ingest import label_import
 from lesion_tasks.ingest.drop import ingest
 from lesion_tasks.sites import status as sites
@@ -189,7 +189,11 @@ def test_the_clinics_labels_correct_its_operating_point(clinic):
 
     settings, truth, _ = clinic
     settled = nightly.settle(settings, "champion", None)
-    op = {s["site"]: s for s in sites.overview(settings)["sites"]}[CLINIC]["operating_point"]
+    listed = {s["site"]: s for s in sites.overview(settings)["sites"]}[CLINIC]
+    op = listed["operating_point"]
+    # its status now rests on its labels, every one of them, counted in effective melanomas
+    assert listed["evidence"] == "labels" and listed["melanomas_evidence"] == int(op["melanomas"]), listed
+    assert listed["metrics"]["evidence"] == "labels" and listed["status"] != "unvalidated", listed
     assert op == {**settled["sites"][CLINIC], "labels_to_next_status": op["labels_to_next_status"]}
     assert op["method"] == "labelled" and op["labelled"] == 200 and op["images"] == 400, op
     labels = op["labels"]
@@ -208,7 +212,15 @@ def test_the_clinics_labels_correct_its_operating_point(clinic):
     engine.dispose()
     assert len(rows) == 400 and {round(r.threshold, 9) for r in rows} == {round(op["threshold"], 9)}
     assert all((r.p_mel >= r.threshold) == (r.predicted_label == "MEL") for r in rows)
+    evaluated = sa.select(site_evaluations.c.status, site_evaluations.c.evidence, site_evaluations.c.evaluated_at).where(
+        site_evaluations.c.site == CLINIC)
+    engine = db.make_engine(settings.db_url)
+    with engine.connect() as conn:
+        before = conn.execute(evaluated).all()
     again = nightly.settle(settings, "champion", None)
+    with engine.connect() as conn:
+        assert conn.execute(evaluated).all() == before and before[0][:2] == (listed["status"], "labels"), before
+    engine.dispose()
     assert again["updated"] == 0 and again["rescored"] == 0 and again["sites"][CLINIC] == settled["sites"][CLINIC]
     print(json.dumps({"operating_point": op, "realised_sensitivity": float(np.mean(
         [r.predicted_label == "MEL" for r in rows if truth.get(r.image_id) == "MEL"]))}, default=str))

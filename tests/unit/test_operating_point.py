@@ -118,3 +118,30 @@ def test_the_near_threshold_band_is_relative_at_a_low_threshold():
     flagged = predict.review_reasons(0.01, 0.1, t, ReviewRule(out_of_scope_above=0.9, decision_uncertainty_above=0.3, near_threshold_logit=0.15),
                                      0.7, 0.0, scope_above=0.6)
     assert flagged == ["out_of_scope"]
+
+
+def test_a_labelled_point_is_the_status_evidence_where_it_holds_more_melanomas():
+    """Every label counts: a labelled operating point's effective melanomas are the status evidence where they
+    outnumber the test split's, its figures are the corrected ones with their intervals, and the labels still
+    needed follow the sample's own yield of (effective) melanomas per label."""
+    from types import SimpleNamespace
+
+    from lesion_tasks.sites import status
+
+    labels = {"labelled": 200, "melanomas": 33, "effective_melanomas": 18.5, "auc": 0.81, "auc_ci95": [0.74, 0.87],
+              "ipw": {"sensitivity": 0.9, "sensitivity_ci95": [0.7, 0.98]}}
+    op = operating.OperatingPoint("c1", 0.08, "labelled", 2992, 200, 18.5, operating.Estimate(0.91, 0.86, 0.97),
+                                  operating.Estimate(0.62, 0.55, 0.7), 0.6, "its labels", labels)
+    part = status.labels_part(op)
+    assert part["n_mel"] == 18.5 and part["evidence"] == "labels" and part["auc"] == 0.81
+    assert part["ci95"]["mel_sensitivity"] == [0.86, 0.97] and part["balanced_accuracy"] == pytest.approx(0.765)
+    test_row = SimpleNamespace(melanomas_evidence=5, evidence="test", metrics={"n_mel": 5})
+    assert status.evidence_for(test_row, op)[1:] == ("labels", 18.5)
+    assert status.evidence_for(SimpleNamespace(melanomas_evidence=40, evidence="test", metrics={"n_mel": 40}), op)[1] == "test"
+    state, needed = status.status_of(part, 200, GateFloors(), "labels")
+    assert state == "provisional" and "12 more effective melanomas among its labelled sample" in needed, needed
+    # 11.5 effective melanomas missing at 18.5 per 200 labels
+    assert labels_to_next_status(state, 18, op, GateFloors(), 200, 33) == int(np.ceil(11.5 / (18.5 / 200)))
+    unlabelled = operating.OperatingPoint("c1", 0.08, "unlabelled", 2992, 0, 300.0, operating.Estimate(0.9, 0.8, 1.0),
+                                          operating.Estimate(0.5, 0.4, 0.6), 0.6, "its scores")
+    assert status.labels_part(unlabelled) is None

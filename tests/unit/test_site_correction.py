@@ -113,3 +113,13 @@ def test_specificity_is_over_the_nevi_when_the_labels_hold_other_diagnoses():
     assert abs(spec.estimate - realised) < abs(spec_blind.estimate - realised), (spec, spec_blind, realised)
     check = correction.ipw_check(p[chosen], y[chosen], 1 / pi, t, nevus=~other[chosen] & (y[chosen] == 0))
     assert check["specificity_ci95"][0] <= check["specificity"] <= check["specificity_ci95"][1]
+
+
+def test_the_samples_auc_is_weighted_and_bootstrapped():
+    p, y = _clinic(3000, 31)
+    chosen, pi = _sample(p, 300, 31)
+    auc, ci = correction.ipw_auc(p[chosen], y[chosen], 1 / pi)
+    from sklearn.metrics import roc_auc_score
+
+    assert ci[0] <= auc <= ci[1] and ci[0] <= roc_auc_score(y, p) <= ci[1], (auc, ci, roc_auc_score(y, p))
+    assert correction.ipw_auc(p[:5], np.zeros(5, np.int64), None) == (None, None)  # one class: no AUC to state
