@@ -1,25 +1,27 @@
 """A site's labels correct its calibration; the corrected probabilities over all its images choose its threshold.
 
 A clinic's few hundred labels hold a few dozen melanomas: one quantile of their low-score tail (a threshold
-chosen on them alone) is noise, and so is their inverse-probability-weighted (IPW) sensitivity (SD 0.10 at
-200 labels, simulated). What they estimate well is a correction of the calibration behind the site's unlabelled
-estimate (`sites.operating`): two parameters from every labelled melanoma, nevus and other diagnosis,
+chosen on them alone) is noise, and so is their inverse-probability-weighted (IPW) sensitivity (its standard
+deviation across draws of a 200-image sample: 0.03-0.04, measured; 0.07-0.10 at clinics the issue simulated). What
+they estimate well is a correction of the calibration behind the site's unlabelled estimate (`sites.operating`),
+from every labelled melanoma, nevus and other diagnosis:
 
-    p~ = sigmoid(a + b * logit(p))        (Steyerberg et al. 2004: recalibrate before you re-estimate)
+    p~ = sigmoid(a + b z + c z^2 / 10),  z = logit(p)   (Steyerberg et al. 2004: recalibrate before you re-estimate)
 
 fitted by IPW-weighted logistic regression on the out-of-sample scores of the site's labelled sample (scored by
-a model that never trained on them: `sites.operating.evidence` says which), shrunk towards the identity (a = 0,
-b = 1: the pooled calibration) by a ridge of SHRINK on the effective sample (the weights rescaled to Kish's
-effective size, so a sample of unequal weights counts as what it is). Then, over ALL the site's scored images,
-the expected sensitivity at t is sum(p~ : p >= t) / sum(p~), as the unlabelled estimate has it with p~ for p
-(model-assisted estimation; Angelopoulos et al. 2023 for its prediction-powered kin).
+a model that never trained on them: `sites.operating.evidence` says which), shrunk towards the identity (0, 1, 0:
+the pooled calibration) by a ridge of SHRINK (CURVATURE_SHRINK times that on c) on the effective sample (the weights
+rescaled to Kish's effective size, so a sample of unequal weights counts as what it is). Then, over ALL the site's
+scored images, the expected sensitivity at t is sum(p~ : p >= t) / sum(p~), as the unlabelled estimate has it with
+p~ for p (model-assisted estimation; Angelopoulos et al. 2023 for its prediction-powered kin).
 
 The interval (`Corrected.at`) is a parametric-bootstrap percentile interval of the REALISED figure: BOOTSTRAP
 resamples of the labelled sample, each refitting the correction, each drawing the site's labels from its own p~ and
 counting the sensitivity and specificity they realise at t. It carries the sample's uncertainty about the
-correction and the finite site's own spread; `bench/site_calibration_coverage.py` measures whether it holds
-(leave-one-site-out, 50+ draws of the sample per held-out site and k). The threshold (`Corrected.choose`) is
-the highest at which the interval's lower end of sensitivity meets the target.
+correction and the finite site's own spread; what it misses at a site never seen is ALLOWANCE (on the miss rate)
+and SPEC_ALLOWANCE, measured by `bench/site_calibration_coverage.py` (leave-one-site-out, 50 draws of the sample
+per held-out site and k). The threshold (`Corrected.choose`) is the highest at which the interval's lower end of
+sensitivity meets the target.
 
 Specificity is over the site's nevi: among the labelled non-melanomas, the share of other diagnoses is fitted by
 score too (`fit_other`), so an image's nevus mass is (1 - p~)(1 - o~).
