@@ -151,13 +151,13 @@ def overview_of(conn: sa.Connection) -> dict[str, Any]:
             op = points.get(site) or operating.point_for(champion, site, np.zeros(0))  # not scored yet: pooled
         part, evidence, melanomas = evidence_for(row, op)
         status, needed = status_of(part, c["labelled"], floors, evidence or "test")
-        if evidence is None and c["labelled"]:  # labelled after the champion was evaluated: a retrain or a night tells
+        if champion is not None and evidence is None and c["labelled"]:  # labelled after the champion's evaluation
             status, needed = "provisional", ("a retrain or the next night: its labelled images are newer than the "
                                              "champion's evaluation")
         point = None
-        if op is None:
+        if op is None:  # before any champion every site says so, labelled or not
             threshold = {"value": None, "chosen_on": None}
-            needed = "a champion: train one (lesion train)" if status == "unvalidated" else needed
+            needed = "a champion: none is trained yet (lesion train); then its figures"
         else:
             entry = champion.thresholds_by_site.get(site)
             threshold = {"value": op.threshold, "chosen_on": "site" if op.method == "labelled" else

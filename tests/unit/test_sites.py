@@ -128,3 +128,23 @@ def test_discovery_finds_drops_inside_site_folders_and_ingest_names_their_site(t
     with pytest.raises(SiteConflict, match="site_conflict"):
         ingest("incoming/clinic-a/night-1", settings, drop_id="again", site="clinic-b")
     assert discover_incoming(settings, store) == []  # all complete
+
+
+def test_before_any_champion_every_site_says_so(tmp_path):
+    """No model yet: a labelled site is `provisional` and an unlabelled one `unvalidated`, and what both still need
+    is a champion, not a retrain of a champion that does not exist."""
+    from lesion_tasks.core.settings import Settings
+    from lesion_tasks.ops.synthetic import make_drop
+    from lesion_tasks.sites import status
+
+    settings = Settings.from_env({"LESION_HOME": str(tmp_path / "home")})
+    db.upgrade(settings)
+    ingest(str(make_drop(tmp_path / "labelled", n_images=12, melanoma_fraction=0.25, seed=3)), settings)
+    unlabelled = make_drop(tmp_path / "clinic", n_images=8, melanoma_fraction=0.25, seed=4)
+    (unlabelled / "metadata.csv").unlink()
+    ingest(str(unlabelled), settings, site="clinic")
+    listed = {s["site"]: s for s in status.overview(settings)["sites"]}
+    assert status.overview(settings)["champion"] is None and listed["clinic"]["status"] == "unvalidated"
+    assert {s["status"] for name, s in listed.items() if name != "clinic"} == {"provisional"}, listed
+    assert all(s["needed"].startswith("a champion: none is trained yet") and s["threshold"]["value"] is None
+               and s["operating_point"] is None for s in listed.values()), listed
