@@ -51,8 +51,7 @@ def one_draw(held: str, ids: np.ndarray, p: np.ndarray, y: np.ndarray, in_scope:
 
 def realised(corr: correction.Corrected, chosen: np.ndarray, pi: np.ndarray, p: np.ndarray, y: np.ndarray,
              in_scope: np.ndarray, k: int, key: int, allowance: float) -> dict:
-    t = corr.choose(TARGET, allowance)
-    sens, spec = corr.at(t, allowance)
+    t, sens, spec = corr.operating_point(TARGET, allowance)
     rest = np.ones(len(p), bool)
     rest[chosen] = False
     rest &= in_scope

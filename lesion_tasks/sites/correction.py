@@ -20,7 +20,7 @@ resamples of the labelled sample, each refitting the correction, each drawing th
 counting the sensitivity and specificity they realise at t. It carries the sample's uncertainty about the
 correction and the finite site's own spread; what it misses at a site never seen is ALLOWANCE (on the miss rate)
 and SPEC_ALLOWANCE, measured by `bench/site_calibration_coverage.py` (leave-one-site-out, 50 draws of the sample
-per held-out site and k). The threshold (`Corrected.choose`) is the highest at which the interval's lower end of
+per held-out site and k). The threshold (`Corrected.operating_point`) is the highest at which the interval's lower end of
 sensitivity meets the target.
 
 Specificity is over the site's nevi: among the labelled non-melanomas, the share of other diagnoses is fitted by
@@ -195,26 +195,35 @@ class Corrected:
         below = np.searchsorted(self.p[order], t, side="left")
         return (cum_q[-1] - cum_q[below]) / cum_q[-1], cum_nv[below] / max(cum_nv[-1], 1e-12)
 
-    def at(self, t: float, allowance: float | None = None) -> tuple[Figure, Figure]:
-        """(sensitivity, specificity) at threshold `t`: the estimate and its 95% interval, widened by `allowance`
-        (ALLOWANCE, on the miss rate) and SPEC_ALLOWANCE."""
+    def _figures(self, thresholds: np.ndarray, allowance: float | None) -> list[tuple[Figure, Figure]]:
+        """(sensitivity, specificity) at each threshold, one bootstrap pass for all of them: the estimate and its
+        95% interval, widened by `allowance` (ALLOWANCE, on the miss rate) and SPEC_ALLOWANCE."""
         allowance = ALLOWANCE if allowance is None else allowance
-        sens, spec = self._realised(np.array([t]))
-        est_sens, est_spec = self._estimated(np.array([t]))
-        (s_low, s_high), (p_low, p_high) = (np.quantile(v[:, 0], [(1 - LEVEL) / 2, 1 - (1 - LEVEL) / 2]) for v in (sens, spec))
-        return (Figure(float(est_sens[0]), widened(s_low, allowance), float(1 - (1 - s_high) / (1 + allowance))),
-                Figure(float(est_spec[0]), max(0.0, float(p_low) - SPEC_ALLOWANCE), min(1.0, float(p_high) + SPEC_ALLOWANCE)))
+        sens, spec = self._realised(thresholds)
+        est_sens, est_spec = self._estimated(thresholds)
+        (s_low, s_high), (p_low, p_high) = (np.quantile(v, [(1 - LEVEL) / 2, 1 - (1 - LEVEL) / 2], axis=0) for v in (sens, spec))
+        return [(Figure(float(est_sens[j]), widened(s_low[j], allowance), float(1 - (1 - s_high[j]) / (1 + allowance))),
+                 Figure(float(est_spec[j]), max(0.0, float(p_low[j]) - SPEC_ALLOWANCE),
+                        min(1.0, float(p_high[j]) + SPEC_ALLOWANCE))) for j in range(len(thresholds))]
 
-    def choose(self, target: float, allowance: float | None = None) -> float:
-        """The highest threshold (a score of the site) at which the interval's lower end of sensitivity (the
-        bootstrap's, its miss rate scaled by 1 + `allowance`) reaches `target`."""
-        allowance = ALLOWANCE if allowance is None else allowance
+    def at(self, t: float, allowance: float | None = None) -> tuple[Figure, Figure]:
+        """(sensitivity, specificity) at threshold `t`: the estimate and its 95% interval (`_figures`)."""
+        return self._figures(np.array([t]), allowance)[0]
+
+    def operating_point(self, target: float, allowance: float | None = None) -> tuple[float, Figure, Figure]:
+        """(threshold, sensitivity, specificity): the highest threshold (a score of the site) at which the
+        interval's lower end of sensitivity (the bootstrap's, its miss rate scaled by 1 + `allowance`) reaches
+        `target` (the lowest score when none does), with its figures from the same bootstrap pass."""
         candidates = np.unique(np.quantile(self.p, np.linspace(0, 1, min(GRID, len(self.p)))))
         candidates = np.unique(self.p[np.searchsorted(np.sort(self.p), candidates).clip(0, len(self.p) - 1)])
-        sens, _ = self._realised(candidates)
-        low = widened(np.quantile(sens, (1 - LEVEL) / 2, axis=0), allowance)
-        ok = np.flatnonzero(low >= target)
-        return float(candidates[ok[-1]] if len(ok) else candidates[0])
+        figures = self._figures(candidates, allowance)
+        ok = [j for j, (sens, _) in enumerate(figures) if sens.low >= target]
+        j = ok[-1] if ok else 0
+        return float(candidates[j]), *figures[j]
+
+    def choose(self, target: float, allowance: float | None = None) -> float:
+        """The threshold of `operating_point`."""
+        return self.operating_point(target, allowance)[0]
 
 
 def widened(low: float | np.ndarray, allowance: float) -> float | np.ndarray:

@@ -213,8 +213,7 @@ def point_for(v: ModelVersion, site: str, p: np.ndarray, labelled: Labelled | No
     own, entry = v.own_threshold(site), v.thresholds_by_site.get(site)
     if method == "labelled" and labelled is not None and labelled.enough:
         corrected = correction.Corrected.fit(p, labelled.p, labelled.y, labelled.w, other=labelled.other)
-        t = corrected.choose(target)
-        sens_f, spec_f = corrected.at(t)
+        t, sens_f, spec_f = corrected.operating_point(target)
         sens, spec = (Estimate(f.estimate, f.low, f.high) for f in (sens_f, spec_f))
         nevi_and_melanomas = labelled.other == 0  # the floors' AUC is melanoma against nevus, as on the test split
         auc, auc_ci = correction.ipw_auc(labelled.p[nevi_and_melanomas], labelled.y[nevi_and_melanomas],
