@@ -210,10 +210,10 @@ def training_rows(imgs: Images, held: str | None, replicate: int, split: str = "
 
 
 def draw_sample(held: str, ids: np.ndarray, p0: np.ndarray, k: int, replicate: int,
-                design: str = site_sample.DESIGN) -> tuple[np.ndarray, np.ndarray]:
+                weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(positions in `ids`, inclusion probabilities) of a k-image validation sample, drawn as `lesion sites
     sample` draws it (order sampling, the k = 0 model's top quintile weighing 4), a key per replicate."""
-    w, _ = site_sample.size_measure(dict(zip(ids, p0)), list(ids), design)
+    w = site_sample.size_measure(dict(zip(ids, p0)), list(ids))[0] if weights is None else weights
     u = np.array([site_sample._u(f"{held}#replicate-{replicate}", i) for i in ids])
     chosen = np.argsort(u / w, kind="stable")[:k]
     return chosen, np.minimum(1.0, k * w[chosen] / w.sum())

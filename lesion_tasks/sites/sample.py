@@ -32,18 +32,12 @@ import sqlalchemy as sa
 from lesion_tasks.core.db import engine_for, insert_ignore
 from lesion_tasks.core.schema import images, predictions, site_samples
 from lesion_tasks.core.settings import Settings
-from lesion_tasks.sites import correction, operating
 from lesion_tasks.versions import registry
 
 log = logging.getLogger(__name__)
 HIGH_QUANTILE = 0.8  # the top quintile of p_mel at the site ...
 HIGH_WEIGHT = 4.0  # ... weighs this much: with N >> n it is about half of the sample
 MAX_SIZE = 100_000
-# the designs bench/site_calibration_coverage.py compares; DESIGN is the product's
-DESIGNS = ("top_quintile", "band")
-DESIGN = "top_quintile"
-BAND_TARGET = 0.85  # "band": images within BAND_LOGIT of the site's unlabelled operating point weigh HIGH_WEIGHT too
-BAND_LOGIT = 1.0
 
 
 def _u(site: str, image_id: str) -> float:
@@ -51,27 +45,18 @@ def _u(site: str, image_id: str) -> float:
     return (int.from_bytes(hashlib.sha256(f"site-sample-v1\0{site}\0{image_id}".encode()).digest()[:8], "big") + 1) / 2**64
 
 
-def size_measure(p_mel: dict[str, float] | None, ids: list[str], design: str = DESIGN) -> tuple[np.ndarray, list[str]]:
-    """(weights, strata) of the site's images `ids` from the champion's p_mel (None: no champion) under `design`
-    (DESIGNS)."""
-    if design not in DESIGNS:
-        raise ValueError(f"sample design {design!r}: expected one of {sorted(DESIGNS)}")
+def size_measure(p_mel: dict[str, float] | None, ids: list[str]) -> tuple[np.ndarray, list[str]]:
+    """(weights, strata) of the site's images `ids` from the champion's p_mel (None: no champion)."""
     if p_mel is None:
         return np.ones(len(ids)), ["uniform (no champion)"] * len(ids)
-    p = np.array([p_mel[i] for i in ids], np.float64)
-    if not len(p):
-        return np.ones(0), []
-    high = p >= float(np.quantile(p, HIGH_QUANTILE))
-    band = np.zeros(len(p), bool)
-    if design == "band":
-        z, t0 = correction.logit(p), operating.choose(p, BAND_TARGET) if p.sum() > 0 else 0.5
-        band = ~high & (np.abs(z - correction.logit(np.array([t0]))[0]) <= BAND_LOGIT)
-    strata = ["top_p_mel_quintile" if h else "near_operating_point" if b else "rest" for h, b in zip(high, band)]
-    return np.array([_weight(s) for s in strata]), strata
+    p = np.array([p_mel[i] for i in ids])
+    cut = float(np.quantile(p, HIGH_QUANTILE)) if len(p) else 1.0
+    high = p >= cut
+    return np.where(high, HIGH_WEIGHT, 1.0), ["top_p_mel_quintile" if h else "rest" for h in high]
 
 
 def _weight(stratum: str) -> float:
-    return HIGH_WEIGHT if stratum in ("top_p_mel_quintile", "near_operating_point") else 1.0
+    return HIGH_WEIGHT if stratum == "top_p_mel_quintile" else 1.0
 
 
 def _state(conn: sa.Connection, site: str, version: str | None) -> tuple[list[str], list[Any], dict[str, float] | None]:
