@@ -4,8 +4,8 @@
 caller is, whether they may record verdicts) and the project's settings (Connections first). Every
 route needs a logged-in user: pages redirect to the login, everything else answers 401. Images and
 overlays are streamed by the app from the private store (no public bucket, no link that outlives
-the session); links inside the app are relative, so it works under any prefix and inside Airflow's
-iframe.
+the session; media.py, decoding within previews.py's bounds); links inside the app are relative, so
+it works under any prefix and inside Airflow's iframe.
 """
 
 from __future__ import annotations
@@ -28,11 +28,9 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from lesion_tasks.core.db import make_engine
-from lesion_tasks.core.schema import images, predictions
 from lesion_tasks.core.settings import Settings
-from lesion_tasks.core.store import ObjectNotFound, ObjectStore, StoreError, key_of, open_store
-from lesion_tasks.model import gradcam
-from lesion_tasks.review import cases, hints, previews
+from lesion_tasks.core.store import ObjectStore, StoreError, open_store
+from lesion_tasks.review import cases, hints, media, previews
 from lesion_tasks.review.charts import histogram_svg, nights_svg, queue_bars_svg
 from lesion_tasks.sites import status as sites
 from lesion_tasks.sites.status import STATUS_TEXT as SITE_STATUS_TEXT
@@ -40,10 +38,6 @@ from lesion_tasks.versions import registry
 
 log = logging.getLogger(__name__)
 
-THUMB_SIDE = 192  # queue thumbnails
-LARGE_SIDE = 1024  # the case page's view of the original (ISIC originals reach 6000x4000)
-CACHE = "private, max-age=300"
-OVERLAY_CACHE_BYTES = 64 * 2**20  # overlays drawn from maps kept per process (a 1024 px overlay PNG is ~1 MB)
 SECURITY_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
                                                "frame-ancestors 'self'; form-action 'self'",
                     "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin"}
@@ -121,10 +115,12 @@ def _templates() -> Environment:
 # --- the app ------------------------------------------------------------------------------------
 
 def _same_origin(request: Request) -> bool:
-    """A browser form post must come from this site (the login cookie is SameSite=Lax as well)."""
+    """A browser form post must come from this site (the login cookie is SameSite=Lax as well). Only a
+    bearer token exempts a post without an Origin: a browser sends no such header on its own (a
+    script's cross-site one needs CORS), whereas it does resend Basic credentials of a proxy in front."""
     source = request.headers.get("origin") or request.headers.get("referer")
     if not source or source == "null":
-        return "authorization" in request.headers  # API clients with a bearer token send no Origin
+        return request.headers.get("authorization", "")[:7].lower() == "bearer "  # API clients send no Origin
     return urlsplit(source).netloc == request.headers.get("host")
 
 
@@ -155,6 +151,10 @@ def create_app(settings: Callable[[], Settings], authenticate: Callable[[Request
     @app.exception_handler(previews.Busy)
     async def _busy(_request: Request, exc: previews.Busy) -> Response:
         return Response(str(exc), status_code=503, media_type="text/plain", headers={"Retry-After": "5"})
+
+    @app.exception_handler(previews.TooMany)
+    async def _too_many(_request: Request, exc: previews.TooMany) -> Response:
+        return Response(str(exc), status_code=429, media_type="text/plain", headers={"Retry-After": "5"})
 
     @app.exception_handler(previews.TooLargeToDecode)
     async def _too_large(_request: Request, exc: previews.TooLargeToDecode) -> Response:
@@ -279,82 +279,6 @@ def create_app(settings: Callable[[], Settings], authenticate: Callable[[Request
         return page(request, "nights.html", who, data=data, n=nights, bars=queue_bars_svg(data), ln2=math.log(2),
                     champion=champion, no_champion=missing)
 
-    def _read(uri: str | None, what: str) -> bytes:
-        if uri is None:
-            raise LookupError(f"{what}: not found")
-        try:
-            return backend.store.get(key_of(backend.store, uri))
-        except ObjectNotFound:
-            raise LookupError(f"{what}: the object {uri} is missing from the store") from None
-
-    def _object(uri: str | None, side: int | None, media_type: str, what: str) -> Response:
-        if not side:
-            return Response(_read(uri, what), media_type=media_type, headers={"Cache-Control": CACHE})
-        with previews.decode_slot():
-            data = previews.downscaled(_read(uri, what), side)
-        return Response(data, media_type="image/jpeg", headers={"Cache-Control": CACHE})
-
-    def _large_view(row: Any, what: str) -> Response:
-        """The original downscaled to LARGE_SIDE, or (past the decoding budget) the normalised copy."""
-        if row.n_bytes <= previews.DECODE_MAX_BYTES:
-            try:
-                with previews.decode_slot():  # the original's bytes count against the slot too
-                    data = previews.downscaled(_read(row.original_uri, what), LARGE_SIDE)
-                return Response(data, media_type="image/jpeg", headers={"Cache-Control": CACHE, "X-Lesion-View": "original"})
-            except previews.TooLargeToDecode as exc:
-                log.debug("%s: the large view is the normalised copy (%s)", what, exc)
-        return Response(_read(row.normalized_uri, what), media_type="image/jpeg",
-                        headers={"Cache-Control": CACHE, "X-Lesion-View": "normalized"})
-
-    @app.get("/image/{image_id}")
-    def image(who: User, image_id: str, size: str = "normalized"):
-        """size: normalized (the model's input copy), thumb, or large (the original, downscaled; the
-        normalised copy when the original is past the decoding budget)."""
-        if size not in ("normalized", "thumb", "large"):
-            raise ValueError(f"size={size!r}: expected normalized, thumb or large")
-        what = f"image {image_id!r}"
-        with backend.engine.connect() as conn:
-            row = conn.execute(sa.select(images.c.original_uri, images.c.normalized_uri, images.c.n_bytes)
-                               .where(images.c.image_id == image_id)).first()
-        if row is None:
-            raise LookupError(f"{what}: not found")
-        if size == "large":
-            return _large_view(row, what)
-        return _object(row.normalized_uri, THUMB_SIDE if size == "thumb" else None, "image/jpeg", what)
-
-    overlays = previews.BoundedCache(OVERLAY_CACHE_BYTES)  # drawn from stored maps, per API-server process
-
-    def _drawn(found: Any, what: str, thumb: bool) -> bytes:
-        """The overlay of a prediction whose stored Grad-CAM is a map, drawn on the original (the normalised copy
-        past the decoding budget): a PNG at most OVERLAY_MAX_SIDE px as scoring would draw it, or a JPEG
-        thumbnail drawn at THUMB_SIDE (a queue page needs dozens); cached."""
-        side = THUMB_SIDE if thumb else gradcam.OVERLAY_MAX_SIDE
-        key = f"{found.gradcam_uri}@{side}"
-        cached = overlays.get(key)
-        if cached is not None:
-            return cached
-        data = previews.overlay_bytes(gradcam.map_from_bytes(_read(found.gradcam_uri, what)),
-                                      lambda: _read(found.original_uri, what), lambda: _read(found.normalized_uri, what),
-                                      side, jpeg=thumb)
-        overlays.put(key, data)
-        return data
-
-    @app.get("/overlay/{model_version}/{image_id}")
-    def overlay(who: User, model_version: str, image_id: str, thumb: bool = False):
-        what = f"Grad-CAM of {image_id!r} by {model_version!r}"
-        with backend.engine.connect() as conn:
-            found = conn.execute(sa.select(predictions.c.gradcam_uri, images.c.original_uri, images.c.normalized_uri)
-                                 .join(images, images.c.image_id == predictions.c.image_id)
-                                 .where(predictions.c.image_id == image_id)
-                                 .where(predictions.c.model_version == model_version)).first()
-        if found is not None and found.gradcam_uri is None:
-            raise LookupError(f"{what}: removed by `lesion gc` (the artifacts of model version {model_version!r} were "
-                              "pruned; its prediction is kept)")
-        if found is None or not found.gradcam_uri.endswith(".npy"):  # an overlay PNG as stored (or not found)
-            return _object(found.gradcam_uri if found else None, THUMB_SIDE if thumb else None, "image/png", what)
-        return Response(_drawn(found, what, thumb), media_type="image/jpeg" if thumb else "image/png",
-                        headers={"Cache-Control": CACHE})
-
     @app.get("/models/{model_version}/report")
     def report(who: User, model_version: str):
         with backend.engine.connect() as conn:
@@ -362,10 +286,11 @@ def create_app(settings: Callable[[], Settings], authenticate: Callable[[Request
                 uri = registry.version(conn, model_version).report_uri
             except ValueError:  # not in the registry: not found, like a report not written yet
                 uri = None
-        response = _object(uri, None, "text/html", f"report of {model_version!r}")
+        response = media.stored(backend, uri, "text/html", f"report of {model_version!r}")
         response.headers["Content-Security-Policy"] = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; frame-ancestors 'self'"
         return response
 
+    app.include_router(media.router(backend, _current_user))  # /image/..., /overlay/...
     return app
 
 

@@ -120,3 +120,47 @@ def test_gradcam_links_are_presigned_and_expire(trained_home, s3_settings_kwargs
     reliability.record("Grad-CAM links handed to people", "presigned GET with a 2 s lifetime, fetched in time and "
                        "(signed 10 minutes earlier) after it", "works, then refused; unsigned access refused",
                        "200 then refused; unsigned refused", 0, 0)
+
+
+def test_a_post_without_origin_is_exempt_only_with_a_bearer_token(home_copy):
+    """The review form's cross-site check is skipped for API clients, which send no Origin, but only those with
+    a bearer token: a browser behind a Basic-auth proxy resends `Authorization: Basic ...` by itself, cross-site
+    too (`Origin: null` from a sandboxed frame), whereas it never adds a bearer token (a script's would need
+    CORS). Both posts carry a valid session (the app's login says who)."""
+    import base64
+
+    from fastapi.testclient import TestClient
+
+    from lesion_tasks.core.schema import reviews
+    from lesion_tasks.review import cases
+    from lesion_tasks.review.web import Reviewer, create_app
+
+    async def authenticate(request):
+        return Reviewer("dr-session", True, True)
+
+    client = TestClient(create_app(lambda: home_copy, authenticate, lambda nxt: f"/login?next={nxt}"))
+    engine = db.make_engine(home_copy.db_url)
+    with engine.connect() as conn:
+        first, second = cases.queue(conn, cases.QueueFilter(status="all", limit=2))["cases"]
+    basic = "Basic " + base64.b64encode(b"dr-session:hunter2").decode()
+
+    def post(case: dict, submission_id: str, authorization: str):
+        return client.post(f"/case/{case['image_id']}/review", follow_redirects=False,
+                           headers={"Origin": "null", "Authorization": authorization},
+                           data={"model_version": case["model_version"], "verdict": "agree", "submission_id": submission_id})
+
+    refused = [post(first, "basic-000001", basic), post(first, "basic-000002", basic.lower())]
+    accepted = post(second, "bearer-00001", "bEaReR an-api-token")  # the scheme is case-insensitive
+    with engine.connect() as conn:
+        written = dict(conn.execute(sa.select(reviews.c.submission_id, sa.func.count()).group_by(reviews.c.submission_id)
+                                    .where(reviews.c.submission_id.in_(["basic-000001", "basic-000002", "bearer-00001"]))).all())
+    engine.dispose()
+    assert [(r.status_code, r.text) for r in refused] == [(403, '{"detail":"cross-site form post refused"}')] * 2
+    assert accepted.status_code == 303, accepted.text
+    assert written == {"bearer-00001": 1}
+    basic_rows = written.get("basic-000001", 0) + written.get("basic-000002", 0)
+    reliability.record("Cross-site verdict post carrying a proxy's Basic credentials", "form post with a valid session, "
+                       "Origin: null and Authorization: Basic … (as a browser behind a Basic-auth proxy resends)",
+                       "refused, nothing written; a bearer token still exempts API clients",
+                       f"{refused[0].status_code} 'cross-site form post refused', {basic_rows} rows; a bearer post "
+                       f"{accepted.status_code}, {written['bearer-00001']} row", 0, 0)
