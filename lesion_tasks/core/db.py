@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -117,6 +118,17 @@ def upsert(conn: Connection, table: sa.Table, rows: Sequence[dict[str, Any]], ke
     stmt = _insert(conn, table)
     updates = {c.name: stmt.excluded[c.name] for c in table.columns if c.name not in keys}
     conn.execute(stmt.on_conflict_do_update(index_elements=keys, set_=updates), list(rows))
+
+
+def take_turns(conn: Connection, name: str) -> None:
+    """At the start of a transaction: wait for, then hold until it ends, the lock that writers named `name` take
+    turns on, so that what this transaction reads is still true when it writes. SQLite: the database's write lock
+    (BEGIN IMMEDIATE, before the first read); PostgreSQL: a transaction-scoped advisory lock keyed by `name`."""
+    if conn.dialect.name == "sqlite":
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    else:
+        key = int.from_bytes(hashlib.sha256(f"lesion:{name}".encode()).digest()[:8], "big", signed=True)
+        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(key)))
 
 
 def analyze(engine: Engine, tables: Iterable[str]) -> None:

@@ -213,11 +213,14 @@ site_samples = sa.Table(
 )
 
 # every row of every `lesion labels import` file, applied or not (a conflict with an ISIC label is
-# recorded here and never applied); one row per (file, line), so a rerun adds nothing
+# recorded here and never applied): append-only, an entry per (run, line) whose outcome is new for its
+# (file, line); the latest entry of a (file, line) says what it did to the labels, a rerun that changes
+# nothing adds nothing (ingest/label_import.py)
 label_imports = sa.Table(
     "label_imports",
     metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.String(64), nullable=False),
     sa.Column("file_sha256", sa.String(64), nullable=False),
     sa.Column("line", sa.Integer, nullable=False),
     sa.Column("image_id", sa.String(128), nullable=True),
@@ -228,7 +231,8 @@ label_imports = sa.Table(
     sa.Column("reason", sa.String(64), nullable=True),
     sa.Column("imported_at", sa.DateTime(timezone=True), nullable=False),
     sa.CheckConstraint("outcome IN ('imported', 'unchanged', 'rejected')", name="ck_label_imports_outcome"),
-    sa.UniqueConstraint("file_sha256", "line", name="uq_label_imports_file_line"),
+    sa.UniqueConstraint("run_id", "line", name="uq_label_imports_run_line"),
+    sa.Index("ix_label_imports_file_line", "file_sha256", "line"),
 )
 
 # a model version's operating point at each site (`sites.operating`): the threshold scoring decides the site's cases

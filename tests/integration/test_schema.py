@@ -11,7 +11,7 @@ from lesion_tasks.core import db
 from lesion_tasks.core.schema import metadata
 from lesion_tasks.core.settings import Settings
 
-HEAD = "0016_site_operating_points"
+HEAD = "0017_label_import_runs"
 
 
 @pytest.fixture
