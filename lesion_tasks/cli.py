@@ -194,9 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_ing = sub.add_parser("ingest", help="validate and record one ISIC drop (folder or .zip)")
     p_ing.add_argument("source", help="folder, .zip, or a drop folder/.zip key in the store (incoming/...)")
     p_ing.add_argument("--drop-id", help="id of the drop (default: its folder or file name; <site>-<name> for "
-                                         "incoming/<site>/<name>)")
+                                         "incoming/<site>/<name>; plus a hash where a name is not plain ASCII or too long)")
     p_ing.add_argument("--site", help="the clinic or collection the drop comes from (default: its site.txt, else "
-                                      "incoming/<site>/..., else the drop id)")
+                                      "incoming/<site>/..., else the drop id); matched case-blind, see docs/sites.md")
     p_ing.set_defaults(func=_cmd_ingest)
 
     p_sites = sub.add_parser("sites", help="every site: status for the champion, labelled images, threshold, metrics")

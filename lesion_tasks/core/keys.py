@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 from pathlib import PurePosixPath
 
 MAX_SEGMENT = 120  # bytes; file systems cap a name at 255, S3 a key at 1024
@@ -45,6 +46,60 @@ def injective_slug(name: str, max_len: int = 128) -> str:
         return name
     digest = hashlib.sha256(name.encode()).hexdigest()[:12]
     return f"{readable[: max_len - 13].rstrip('-.')}-{digest}".lstrip("-")
+
+
+def _plain(name: str) -> str | None:
+    """`slug(name)` where it loses nothing but whitespace (each run of it becomes one '-'): a name of ASCII
+    letters, digits, '.', '_', '-' and spaces, not starting or ending with '-' or '.', at most 128. Else None."""
+    words = " ".join(name.split())
+    if len(words) <= 128 and re.fullmatch(r"[A-Za-z0-9_](?:[A-Za-z0-9._ -]*[A-Za-z0-9_])?", words):
+        return words.replace(" ", "-")
+    return None
+
+
+def _ascii_readable(name: str) -> str:
+    return _readable(unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode())  # accents dropped
+
+
+def _hashed(name: str, exact: str, empty: str) -> str:
+    """A readable part of `name` (cut at 115) plus a hash of `exact`: different `exact` strings never share
+    an id, however much of them the readable part loses."""
+    head = _ascii_readable(name)[:115].rstrip("-.") or empty
+    return f"{head}-{hashlib.sha256(exact.encode()).hexdigest()[:12]}"
+
+
+def site_key(name: str, what: str = "site") -> str:
+    """A site's stored name (`images.site`, `drops.site`), the one rule for every way a site is named.
+
+    The name is read as Unicode NFC with runs of whitespace as one space, ends stripped. A name of ASCII letters,
+    digits, '.', '_', '-' and spaces, at most 128, keeps its spelling with spaces as '-' (what the sites made
+    before this rule keep). Any other name is compared case-blind (`str.casefold`): its casefolded form where
+    that is such a name, else a readable part plus a hash of its whole casefolded form (`東京 Hospital` ->
+    `hospital-<12 hex>`), so different names never share a site. Spellings that differ only by case are one site:
+    callers match stored sites by `lower()` (`ingest.sources.stored_site`). A key is its own key.
+    Raises ValueError for an empty or whitespace-only name, or one with control characters."""
+    if name is None or not name.strip():
+        raise ValueError(f"{what} {name!r}: empty; expected the name of a clinic or collection")
+    canon = unicodedata.normalize("NFC", " ".join(name.split()))
+    if any(unicodedata.category(c) in ("Cc", "Cs") for c in canon):
+        raise ValueError(f"{what} {name!r}: control characters; expected the name of a clinic or collection")
+    plain = _plain(canon)
+    if plain:
+        return plain
+    folded = unicodedata.normalize("NFC", canon.casefold())
+    return _plain(folded) or _hashed(folded, folded, "site")
+
+
+def drop_key(*names: str) -> str:
+    """A drop's id from its name, or from its site folder and name (`incoming/<site>/<drop>`: `<site>-<drop>`).
+    Plain ASCII names give what `slug` gave before; any other name gets a hash of the exact names, so two sites'
+    `drop1` or one long site folder's nights never share an id. At most 128 characters."""
+    plain = [_plain(n) for n in names]
+    if all(plain) and len(joined := "-".join(plain)) <= 128:
+        return joined
+    last = _ascii_readable(names[-1])[:115]  # the drop's own name stays whole; a long site folder is cut
+    first = "-".join(filter(None, map(_ascii_readable, names[:-1])))[: max(0, 114 - len(last))].rstrip("-.")
+    return _hashed("-".join(filter(None, (first, last))), "/".join(names), "drop")
 
 
 def safe_segment(text: str, max_len: int = MAX_SEGMENT) -> str:

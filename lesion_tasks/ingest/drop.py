@@ -45,6 +45,7 @@ from lesion_tasks.ingest.sources import (
     open_source,
     read_site_file,
     resolve_site,
+    stored_site,
 )
 
 log = logging.getLogger(__name__)
@@ -317,10 +318,11 @@ def ingest(
     try:
         entries = src.entries()
         layout = layout_site(source)
-        drop_id = keys.slug(drop_id or (f"{layout[0]}-{layout[1]}" if layout else src.name))
+        drop_id = keys.slug(drop_id, "--drop-id") if drop_id else keys.drop_key(*(layout or (src.name,)))
         site = resolve_site(site, read_site_file(src, entries), layout[0] if layout else None, drop_id)
         fingerprint = hashlib.sha256("\n".join(f"{e.name}\t{e.size}" for e in entries).encode()).hexdigest()
         with engine.connect() as conn:
+            site = stored_site(conn, site)  # names that differ only by case are one site: its first spelling
             existing = conn.execute(sa.select(drops).where(drops.c.drop_id == drop_id)).mappings().first()
         if existing and existing["fingerprint"] != fingerprint:
             raise ValueError(

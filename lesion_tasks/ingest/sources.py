@@ -52,15 +52,30 @@ def layout_site(source: str) -> tuple[str, str] | None:
 
 def resolve_site(given: str | None, site_file: str | None, layout: str | None, drop_id: str) -> str:
     """The drop's site by DESIGN.md's precedence: `--site`, then `site.txt`, then the store layout, then
-    the drop id. The explicit statements must agree where there are several: a conflict fails the drop."""
+    the drop id, each named by `keys.site_key` (NFC, case-blind, a hash where a name's readable form loses
+    anything). The explicit statements must agree where there are several: a conflict fails the drop.
+    An empty or blank `--site` is refused, never ignored."""
     from lesion_tasks.core import keys
 
-    stated = [(what, keys.slug(v, f"site ({what})")) for what, v in
-              (("--site", given), (SITE_FILE, site_file), ("store layout", layout)) if v is not None and v.strip()]
-    if len({v for _, v in stated}) > 1:
+    stated = [(what, v, keys.site_key(v, what)) for what, v in
+              (("--site", given), (SITE_FILE, site_file), ("store layout", layout)) if v is not None]
+    if len({key.lower() for _, _, key in stated}) > 1:
         raise SiteConflict("site_conflict: the drop's site is stated differently: "
-                           + ", ".join(f"{what} {v!r}" for what, v in stated) + "; make them agree (or drop one)")
-    return stated[0][1] if stated else drop_id
+                           + ", ".join(f"{what} {v!r}" for what, v, _ in stated) + "; make them agree (or drop one)")
+    return stated[0][2] if stated else drop_id
+
+
+def stored_site(conn: sa.Connection, key: str) -> str:
+    """The site `key` (from `keys.site_key`) as it is stored: names that differ only by case are one site, and
+    the first spelling ingested stays (an exact match first: sites split by case before this rule stay apart)."""
+    spellings = list(conn.scalars(sa.select(drops.c.site).where(sa.func.lower(drops.c.site) == key.lower())
+                                  .group_by(drops.c.site).order_by(sa.func.min(drops.c.started_at), drops.c.site)))
+    if not spellings or key in spellings:
+        return key
+    if len(spellings) > 1:
+        log.warning("site %r: stored as %s (split by case before sites were matched case-blind); using %r",
+                    key, ", ".join(map(repr, spellings)), spellings[0])
+    return spellings[0]
 
 
 def read_site_file(src: "DropSource", entries: list[Entry]) -> str | None:

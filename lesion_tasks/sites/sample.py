@@ -30,8 +30,10 @@ import numpy as np
 import sqlalchemy as sa
 
 from lesion_tasks.core.db import engine_for, insert_ignore
+from lesion_tasks.core.keys import site_key
 from lesion_tasks.core.schema import images, predictions, site_samples
 from lesion_tasks.core.settings import Settings
+from lesion_tasks.ingest.sources import stored_site
 from lesion_tasks.versions import registry
 
 log = logging.getLogger(__name__)
@@ -75,12 +77,14 @@ def draw(settings: Settings, site: str, size: int = 200,
     """The first `size` images of SITE's validation sample, drawing (and recording) as many as are missing.
     The size measure needs the champion's p_mel on every image of the site: `score_site(version, site)` scores
     the site's unscored ones first (nightly scoring, wired by the caller: `lesion_tasks.cli.sample_site`);
-    without it, unscored images are a ValueError saying so."""
+    without it, unscored images are a ValueError saying so. SITE is matched as ingest names sites (`keys.site_key`,
+    case-blind), and the result names the site as stored."""
     if not 1 <= size <= MAX_SIZE:
         raise ValueError(f"--size {size}: expected 1..{MAX_SIZE}")
     engine = engine_for(settings)
     try:
         with engine.connect() as conn:
+            site = stored_site(conn, site_key(site, "SITE"))  # named as at ingest: "clinicx" finds "ClinicX"
             champion = registry.version(conn, None, required=False)
             version = champion.model_version if champion and champion.artifacts_pruned_at is None else None
             ids, drawn, p_mel = _state(conn, site, version)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import re
 
 import numpy as np
 import pytest
+import sqlalchemy as sa
 
 from lesion_tasks.core import db
 from lesion_tasks.ingest import label_import
@@ -148,3 +151,91 @@ def test_before_any_champion_every_site_says_so(tmp_path):
     assert {s["status"] for name, s in listed.items() if name != "clinic"} == {"provisional"}, listed
     assert all(s["needed"].startswith("a champion: none is trained yet") and s["threshold"]["value"] is None
                and s["operating_point"] is None for s in listed.values()), listed
+
+
+# --- site names: normalised, never merged, never split (probe finding 3) ------------------------
+
+MERGED_BEFORE = [("東京 Hospital", "大阪 Hospital"), ("A" * 128 + "x" * 172, "A" * 128 + "y" * 172), ("../x", "x"),
+                 ("Сlinic", "linic"), ("Сlinic", "Clinic")]  # the first 'С' of the last two is Cyrillic
+
+
+def test_different_site_names_never_become_one_site():
+    for a, b in MERGED_BEFORE:
+        ka, kb = resolve_site(a, None, None, "d"), resolve_site(None, b, None, "d")
+        assert ka.lower() != kb.lower() and 0 < len(ka) <= 128 and 0 < len(kb) <= 128, (a, b, ka, kb)
+        assert resolve_site(ka, None, None, "d") == ka  # a site named by its stored form is that site
+        assert resolve_site(None, None, a, "d") == ka  # whatever path the name arrives by
+        with pytest.raises(SiteConflict, match="site_conflict"):
+            resolve_site(a, b, None, "d")
+    # names that differ only by Unicode composition, case or whitespace are one site (no conflict either)
+    nfc, nfd = "Clinique M\u00e9dicale", "Clinique Me\u0301dicale"
+    assert resolve_site(nfc, nfd, None, "d") == resolve_site(nfd, None, None, "d") == resolve_site(None, None, nfc, "d")
+    assert resolve_site("ClinicX", "clinicx", "CLINICX", "d") == "ClinicX"
+    assert resolve_site(None, "clinicx", None, "d").lower() == resolve_site("ClinicX", None, None, "d").lower()
+    assert resolve_site(nfc.upper(), None, None, "d") == resolve_site(nfc, None, None, "d")
+    # ASCII names keep exactly the site they had before
+    for name, before in (("clinic-a", "clinic-a"), ("Clinic A", "Clinic-A"), ("Clinic  A\n", "Clinic-A"),
+                         ("ISIC_2019.v2", "ISIC_2019.v2"), ("x" * 128, "x" * 128)):
+        assert resolve_site(name, None, None, "d") == before
+    for blank in ("", "   ", "\t\n"):
+        with pytest.raises(ValueError, match=rf"--site {re.escape(repr(blank))}: empty"):
+            resolve_site(blank, None, None, "d")
+
+
+def test_layout_sites_and_drop_ids_never_collide_across_sites_or_nights(tmp_path, monkeypatch, capsys):
+    """Two clinics' `drop1` folders, a 146-character site folder's two nights (through discovery and the
+    DAG's per-drop call), case and NFC/NFD variants of one clinic, and `lesion sites sample` by another case."""
+    from lesion_tasks import cli
+    from lesion_tasks.core.schema import images
+    from lesion_tasks.core.settings import Settings
+    from lesion_tasks.core.store import open_store
+    from lesion_tasks.ingest.drop import ingest_one_of_many
+    from lesion_tasks.ingest.sources import discover_incoming
+    from lesion_tasks.sites import sample
+    from tests import reliability
+    from tests.imagegen import jpeg
+
+    settings = Settings.from_env({"LESION_HOME": str(tmp_path / "home"), "LESION_INCOMING_SETTLE_SECONDS": "0"})
+    db.upgrade(settings)
+    store = open_store(settings)
+    long_site = "Clinic-" + "L" * 139  # 146 characters
+    store.put("incoming/東京 Hospital/drop1/ISIC_5100001.jpg", jpeg(11))
+    store.put("incoming/大阪 Hospital/drop1/ISIC_5100002.jpg", jpeg(12))
+    store.put(f"incoming/{long_site}/night-1/ISIC_5100003.jpg", jpeg(13))
+    results = [ingest_one_of_many(key, settings) for key in discover_incoming(settings, store)]
+    store.put(f"incoming/{long_site}/night-2/ISIC_5100004.jpg", jpeg(14))
+    results += [ingest_one_of_many(key, settings) for key in discover_incoming(settings, store)]
+    failed = [r for r in results if r.get("failed")]
+    by_source = {r["source"]: r for r in results if not r.get("failed")}
+    tokyo, osaka = by_source.get("incoming/東京 Hospital/drop1"), by_source.get("incoming/大阪 Hospital/drop1")
+    nights = [by_source.get(f"incoming/{long_site}/night-{n}") for n in (1, 2)]
+    drop_ids = {r["drop_id"] for r in by_source.values()}
+    assert not failed and len(results) == 4 and len(drop_ids) == 4, (failed, drop_ids)
+    assert all(len(d) <= 128 for d in drop_ids)
+    assert tokyo["site"] != osaka["site"] and nights[0]["site"] == nights[1]["site"]
+    # one clinic by three spellings (case, NFC, NFD): one site, the first spelling kept
+    for k, (spelled, how) in enumerate((("ClinicX", "--site"), ("clinicx", "--site"), ("CLINICX", "site.txt"),
+                                        ("Clinique M\u00e9dicale", "--site"), ("clinique me\u0301dicale", "site.txt"))):
+        drop = tmp_path / f"local-{k}"
+        drop.mkdir()
+        (drop / f"ISIC_52{k:05d}.jpg").write_bytes(jpeg(20 + k))
+        if how == "site.txt":
+            (drop / "site.txt").write_text(spelled + "\n")
+        assert not ingest(str(drop), settings, site=spelled if how == "--site" else None).quarantined
+    engine = db.make_engine(settings.db_url)
+    with engine.connect() as conn:
+        sites = sorted(conn.scalars(sa.select(images.c.site).distinct()))
+    engine.dispose()
+    assert len(sites) == 5 and "ClinicX" in sites and not {"clinicx", "CLINICX"} & set(sites), sites
+    assert sample.draw(settings, "clinicx", 2)["site"] == "ClinicX"
+    monkeypatch.setenv("LESION_HOME", str(tmp_path / "home"))
+    assert cli.main(["sites", "sample", "CLINICX", "--size", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["size"] == 3
+    for blank in ("", "   "):
+        assert cli.main(["ingest", str(tmp_path / "local-0"), "--site", blank, "--json"]) == 2
+        assert repr(blank) in json.loads(capsys.readouterr().out)["error"]
+    reliability.record("Colliding site names", "incoming/東京 Hospital/drop1 and incoming/大阪 Hospital/drop1; a 146-character "
+                       "site folder on two nights; ClinicX / clinicx / CLINICX and NFC / NFD names; --site '' and '   '",
+                       "distinct sites and drop ids for distinct names; one site per clinic; blank --site refused",
+                       f"{len(results) - len(failed)} of {len(results)} layout drops ingested, {len(drop_ids)} drop ids, "
+                       f"{len(sites)} sites for 5 clinics; blank --site exit 2", len(failed), 0)
