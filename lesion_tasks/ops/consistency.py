@@ -15,6 +15,8 @@ Problems (any of them: `ok` false, exit code 1):
   unknown version, `predictions/<version>/gradcam/...` that no prediction refers to (an overlay PNG drawn
   from a referenced map, `lesion gradcam-url`, is that map's and not an orphan).
 - predictions, reviews or MC samples of an unknown model version; predictions of an unknown image.
+- a site's validation sample whose rows cannot come from one draw (`sites.sample.consistency`: ranks not
+  0..n-1, or inclusion probabilities of more than one size measure or n): IPW figures would rest on them.
 - ISIC-labelled images without a split although their drop finished before the latest split
   assignment (`splits.assign` gives every labelled image it reads a split, and it reads every drop
   finished before its `assigned_at`).
@@ -54,6 +56,7 @@ from lesion_tasks.core.settings import Settings
 from lesion_tasks.core.store import ObjectStore, key_of, open_store
 from lesion_tasks.data.splits import SPLIT_LABELS
 from lesion_tasks.ops.retention import TRAINING_GRACE, aware
+from lesion_tasks.sites import sample
 from lesion_tasks.versions import artifacts, registry
 
 log = logging.getLogger(__name__)
@@ -61,7 +64,7 @@ log = logging.getLogger(__name__)
 PROBLEMS = ("missing_original", "missing_normalized", "missing_quarantined", "missing_manifest", "missing_model_artifact",
             "missing_gradcam", "orphan_drop_object", "orphan_model_object", "orphan_gradcam",
             "prediction_of_unknown_version", "review_of_unknown_version", "samples_of_unknown_version",
-            "prediction_of_unknown_image", "labelled_image_without_split")
+            "prediction_of_unknown_image", "labelled_image_without_split", "inconsistent_site_sample")
 WARNINGS = ("stale_training_claim", "unfinished_drop_object", "gc_leftover")
 MAX_EXAMPLES = 20
 DROP_DATA = ("original", "normalized", "quarantine")  # what rows refer to under drops/<drop>/
@@ -197,6 +200,8 @@ def check(settings: Settings, max_examples: int = MAX_EXAMPLES, now: datetime | 
             _unknown(conn, f, "prediction_of_unknown_image", predictions, "image_id", images, "image_id",
                      ("image_id", "model_version"))
             _without_split(conn, f)
+            for site, problem in sample.consistency(conn):
+                f.add("inconsistent_site_sample", {"site": site, "problem": problem})
         _orphans(listing, referenced, drop_status, versions, f)
         for version, v in sorted(versions.items()):
             if v.status == "training" and aware(v.created_at) < now - TRAINING_GRACE:

@@ -10,8 +10,12 @@ a threshold or to validate on. So the sample over-represents the likely melanoma
   id); the sample is the images with the smallest keys. Deterministic, and a larger size takes the next
   keys: the sample extends, never redraws. Images of a later night join the candidates of later draws only;
   rows already drawn keep their rank and probability.
-- Inclusion probability: pi_i = min(1, n * w_i / sum of w over the site's images), n the size drawn so far
-  (an extension to a larger n updates the earlier rows: the first n keys hold the first n' < n ones). Metrics estimated from the labelled sample weight each image by 1 / pi_i
+- Inclusion probability: pi_i = min(1, c * w_i), c = n / sum of w over the site's images (n the size drawn so
+  far), raised where some pi reach 1 so that they still sum to n (`scale`).
+  A draw that adds rows runs in one locked transaction (concurrent draws of a site take turns) and then gives
+  EVERY row its stratum and pi under its own size measure and n: the probabilities always come from one measure
+  (a new champion's, once it extends the sample; rows it did not choose carry its probabilities, the
+  approximation order sampling makes anyway). `lesion check` reports a sample whose rows are not so. Metrics estimated from the labelled sample weight each image by 1 / pi_i
   (`trainset.sample_weights`), so they estimate the site's whole population.
 
 The champion must have scored the site's images for p_mel: the site's unscored ones are scored first
@@ -29,7 +33,7 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
-from lesion_tasks.core.db import engine_for, insert_ignore
+from lesion_tasks.core.db import engine_for, insert_ignore, take_turns
 from lesion_tasks.core.keys import site_key
 from lesion_tasks.core.schema import images, predictions, site_samples
 from lesion_tasks.core.settings import Settings
@@ -101,22 +105,14 @@ def draw(settings: Settings, site: str, size: int = 200,
             with engine.connect() as conn:
                 ids, drawn, p_mel = _state(conn, site, version)
         if len(drawn) < size:
-            weights, strata = size_measure(p_mel, ids)
-            total = float(weights.sum())
-            taken = {r.image_id for r in drawn}
-            keys = sorted((_u(site, i) / w, i, w, s) for i, w, s in zip(ids, weights, strata) if i not in taken)
-            now = datetime.now(UTC)
-            rows = [{"site": site, "image_id": i, "rank": len(drawn) + k, "stratum": s,
-                     "inclusion_probability": float(min(1.0, size * w / total)), "drawn_at": now}
-                    for k, (_, i, w, s) in enumerate(keys[: size - len(drawn)])]
             with engine.begin() as conn:
-                insert_ignore(conn, site_samples, rows, ["site", "image_id"])
-                for stratum, w in {r.stratum: _weight(r.stratum) for r in drawn}.items():  # now in a sample of `size`
-                    conn.execute(site_samples.update().where(site_samples.c.site == site, site_samples.c.stratum == stratum)
-                                 .values(inclusion_probability=min(1.0, size * w / total)))
-                ids, drawn, _ = _state(conn, site, version)
-            log.info("site %s: validation sample extended by %d to %d of %d images (%s)", site, len(rows), len(drawn),
-                     len(ids), f"size measure from champion {version}" if version else "uniform: no champion")
+                take_turns(conn, f"site-sample:{site}")  # concurrent draws of a site: one after the other
+                ids, drawn, p_mel = _state(conn, site, version)  # as it is now, under the lock
+                if len(drawn) < size:
+                    added = _extend(conn, site, ids, drawn, p_mel, size)
+                    ids, drawn, _ = _state(conn, site, version)
+                    log.info("site %s: validation sample extended by %d to %d of %d images (%s)", site, added,
+                             len(drawn), len(ids), f"size measure from champion {version}" if version else "uniform: no champion")
         with engine.connect() as conn:
             chosen = drawn[:size]
             labels = dict(conn.execute(sa.select(images.c.image_id, images.c.label)
@@ -127,6 +123,67 @@ def draw(settings: Settings, site: str, size: int = 200,
             "rank": r.rank, "label": labels.get(r.image_id)} for r in chosen]
     return {"site": site, "size": len(out), "site_images": len(ids), "drawn_by": version, "images": out,
             "labelled": sum(1 for r in out if r["label"]), "melanomas": sum(1 for r in out if r["label"] == "MEL")}
+
+
+def scale(weights: np.ndarray, n: int) -> float:
+    """c with sum_i min(1, c * w_i) = n: inclusion probabilities proportional to size, those that would pass 1
+    held at 1 and the rest scaled up to keep the sample's size (n / sum w while no image reaches 1; a census,
+    n >= the site's images, makes every pi 1)."""
+    w = np.sort(np.asarray(weights, dtype=float))[::-1]
+    if n >= len(w):
+        return float("inf")
+    k = 0  # the k largest are held at 1
+    while (c := (n - k) / float(w[k:].sum())) * w[k] > 1.0:
+        k += 1
+    return c
+
+
+def _extend(conn: sa.Connection, site: str, ids: list[str], drawn: list[Any], p_mel: dict[str, float] | None,
+            size: int) -> int:
+    """Draw the next keys up to `size` rows, then give EVERY row its stratum and inclusion probability under this
+    draw's size measure (inside the draw's locked transaction): the sample's probabilities always come from one
+    measure and one n, whoever drew its earlier rows. Returns how many rows were added."""
+    if p_mel is not None and len(p_mel) < len(ids):
+        raise ValueError(f"site {site!r}: {len(ids) - len(p_mel)} of its {len(ids)} images are not scored by the "
+                         "champion: score them first (lesion sites sample does)")
+    weights, strata = size_measure(p_mel, ids)
+    taken = {r.image_id for r in drawn}
+    keys = sorted((_u(site, i) / w, i, s) for i, w, s in zip(ids, weights, strata) if i not in taken)
+    now = datetime.now(UTC)
+    rows = [{"site": site, "image_id": i, "rank": len(drawn) + k, "stratum": s, "inclusion_probability": 0.0,
+             "drawn_at": now} for k, (_, i, s) in enumerate(keys[: size - len(drawn)])]
+    insert_ignore(conn, site_samples, rows, ["site", "image_id"])
+    c = scale(weights, len(drawn) + len(rows))
+    measure = {i: (s, float(min(1.0, c * w))) for i, w, s in zip(ids, weights, strata)}
+    for r in conn.execute(sa.select(site_samples.c.image_id, site_samples.c.stratum, site_samples.c.inclusion_probability)
+                          .where(site_samples.c.site == site)).all():
+        stratum, pi = measure[r.image_id]
+        if (r.stratum, r.inclusion_probability) != (stratum, pi):
+            conn.execute(site_samples.update().where(site_samples.c.site == site, site_samples.c.image_id == r.image_id)
+                         .values(stratum=stratum, inclusion_probability=pi))
+    return len(rows)
+
+
+def consistency(conn: sa.Connection) -> list[tuple[str, str]]:
+    """(site, problem) for each site whose recorded sample cannot be one draw's: ranks not 0..n-1, or inclusion
+    probabilities that are not min(1, c * weight(stratum)) for one c (`_extend` writes them so; two draws that
+    interleaved, or strata of two measures, break it). `lesion check` reports them."""
+    problems: list[tuple[str, str]] = []
+    rows = conn.execute(sa.select(site_samples.c.site, site_samples.c.rank, site_samples.c.stratum,
+                                  site_samples.c.inclusion_probability).order_by(site_samples.c.site, site_samples.c.rank))
+    by_site: dict[str, list[Any]] = {}
+    for r in rows:
+        by_site.setdefault(r.site, []).append(r)
+    for site, sample in by_site.items():
+        if [r.rank for r in sample] != list(range(len(sample))):
+            problems.append((site, f"ranks are not 0..{len(sample) - 1}"))
+        per_weight = {round(r.inclusion_probability / _weight(r.stratum), 12) for r in sample
+                      if r.inclusion_probability < 1.0}
+        if len(per_weight) > 1:
+            problems.append((site, f"inclusion probabilities of more than one draw: {len(per_weight)} values per unit "
+                                   f"weight ({', '.join(f'{c:.6g}' for c in sorted(per_weight)[:3])}), expected one "
+                                   "size measure and one n"))
+    return problems
 
 
 def summary(result: dict[str, Any]) -> str:
