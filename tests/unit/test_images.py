@@ -98,3 +98,86 @@ def test_a_bomb_is_rejected_without_pils_warning_from_many_threads():
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "['decompression_bomb']"
     assert "DecompressionBombWarning" not in done.stderr and "decompression bomb" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("make", [
+    lambda rng: Image.fromarray(rng.integers(0, 65535, (61, 47), dtype=np.uint16)),  # I;16, scaled by its max
+    lambda rng: Image.fromarray(rng.integers(-500, 70000, (61, 47), dtype=np.int32), "I"),
+    lambda rng: Image.fromarray(rng.normal(size=(61, 47)).astype(np.float32), "F"),  # scaled by its range
+    lambda rng: Image.fromarray(rng.integers(0, 255, (61, 47, 4), dtype=np.uint8), "RGBA"),
+    lambda rng: Image.fromarray(rng.integers(0, 255, (61, 47, 4), dtype=np.uint8), "CMYK"),
+])
+def test_conversion_by_strips_gives_the_pixels_of_one_whole_image_conversion(make, monkeypatch):
+    """Images are converted to RGB strip by strip (bounded memory): with strips of one to a few rows the
+    pixels are those of the whole image converted at once, whole-image scalings included."""
+    from lesion_tasks.ingest import images
+    im = make(np.random.default_rng(3))
+    whole, conversions = images._to_rgb(im)
+    for pixels in (47, 3 * 47 + 5):  # one row a strip; strips not dividing the height
+        monkeypatch.setattr(images, "STRIP_PIXELS", pixels)
+        strips, again = images._to_rgb(im)
+        assert again == conversions and np.array_equal(np.asarray(strips), np.asarray(whole)), (im.mode, pixels)
+
+
+def test_decode_budget_serves_first_come_first_and_never_past_its_capacity():
+    """A worker waits while its reservation would pass the budget, and a small reservation queued behind a
+    big one does not overtake it (no starvation of big images); one past the budget alone takes all of it."""
+    import threading
+    from lesion_tasks.ingest.images import DecodeBudget
+    budget, order, peak = DecodeBudget(100), [], []
+    first = budget.hold(70)
+    first.__enter__()
+
+    def worker(name: str, n: int) -> None:
+        with budget.hold(n):
+            order.append(name)
+            peak.append(budget.held)
+
+    big = threading.Thread(target=worker, args=("big", 500))
+    big.start()
+    _wait_for(lambda: budget._next_ticket == 2)  # big has its ticket before small asks
+    small = threading.Thread(target=worker, args=("small", 10))
+    small.start()
+    _wait_for(lambda: budget._next_ticket == 3)
+    assert order == []  # 10 would fit beside 70, but the big reservation is ahead of it
+    first.__exit__(None, None, None)
+    big.join(30)
+    small.join(30)
+    assert order == ["big", "small"] and max(peak) <= 100 and budget.held == 0
+
+
+def _wait_for(condition, deadline_s: float = 30.0) -> None:
+    import time
+    end = time.monotonic() + deadline_s
+    while not condition():
+        assert time.monotonic() < end, "condition not met before the deadline"
+        time.sleep(0.005)
+
+
+def test_ingesting_huge_pngs_keeps_peak_memory_bounded(tmp_path):
+    """Four 8000 x 7999 RGBA PNGs (1 MB in all) and a 64 MP 16-bit greyscale PNG through `lesion ingest` with
+    its worker threads: decoded pixels are bounded across the workers (the decode budget) and returned to the
+    system between images. The probe measured 4.6 GB for the four PNGs and 1.73 GB for the 16-bit one."""
+    from tests import reliability
+    drop = tmp_path / "huge"
+    drop.mkdir()
+    for i in range(4):
+        arr = np.zeros((7999, 8000, 4), np.uint8)
+        arr[..., 0], arr[::97, :, 1], arr[..., 3], arr[:, ::89, 3] = 40 * i, 200, 255, 128
+        Image.fromarray(arr, "RGBA").save(drop / f"ISIC_97000{i:02d}.png", compress_level=1)
+    grey = np.zeros((8000, 8000), np.uint16)
+    grey[::50] = 60000
+    Image.fromarray(grey).save(drop / "ISIC_9700100.png", compress_level=1)
+    del arr, grey
+    proc = subprocess.Popen([sys.executable, "-m", "lesion_tasks.cli", "ingest", str(drop), "--json"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "LESION_HOME": str(tmp_path / "home")})
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak, not the largest child's of the session
+    peak_mb = usage.ru_maxrss / 1024
+    assert os.waitstatus_to_exitcode(status) == 0, out
+    assert '"accepted": 5' in out, out
+    reliability.record("Huge PNGs through ingest's worker threads",
+                       "four 8000x7999 RGBA PNGs (1 MB in all) and a 64 MP 16-bit greyscale PNG, `lesion ingest` with 4 workers",
+                       "all accepted; peak RSS under 1.5 GB", f"5 accepted; peak RSS {peak_mb:.0f} MB", 0, 0)
+    assert peak_mb < 1536, f"peak RSS {peak_mb:.0f} MB, expected under 1536 MB"
