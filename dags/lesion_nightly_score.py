@@ -1,8 +1,10 @@
 """
 ### lesion_nightly_score
 
-Every night at 02:00 UTC, and whenever `isic_ingest` accepted new images (the Asset
-`lesion://images/validated`): every image without a prediction from the current champion gets one,
+Every night at 02:00 UTC, whenever `isic_ingest` accepted new images (the Asset `lesion://images/validated`)
+and whenever `lesion_retrain` promoted a new champion (`lesion://models/champion`): every image without a
+prediction from the current champion gets one, the previous champion's open cases and the latest nights' images
+first (until then the queue shows the previous champion's prediction, marked as such),
 with `p_mel`, the predicted label at the model version's threshold, MC-dropout uncertainty (entropy,
 mutual information), `needs_review`, and a Grad-CAM overlay in the store. The unscored images are cut
 into id-range shards (Param `shard_size`), scored as dynamically mapped tasks (the unit that scales out
@@ -26,7 +28,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
-from lesion_airflow import TF_POOL, VALIDATED_IMAGES
+from lesion_airflow import CHAMPION_PROMOTED, TF_POOL, VALIDATED_IMAGES
 
 
 
@@ -38,7 +40,8 @@ def _failed(context) -> None:
 
 @dag(
     dag_id="lesion_nightly_score",
-    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable("0 2 * * *", timezone="UTC"), assets=VALIDATED_IMAGES),
+    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable("0 2 * * *", timezone="UTC"),
+                                  assets=VALIDATED_IMAGES | CHAMPION_PROMOTED),
     start_date=datetime(2026, 1, 1, tzinfo=UTC),
     catchup=False,
     max_active_runs=1,
@@ -74,8 +77,8 @@ def lesion_nightly_score():
         quiet_tensorflow()
         from lesion_tasks.scoring.nightly import score_range
 
-        return score_range(lesion_settings(), shard["model_version"], shard["first"], shard["last"],
-                           run_id=get_current_context()["run_id"])
+        return score_range(lesion_settings(), shard["model_version"], shard.get("first"), shard.get("last"),
+                           image_ids=shard.get("image_ids"), run_id=get_current_context()["run_id"])
 
     # after the shards: each scored site's operating point re-estimated, tonight's cases decided at it
     @task(pool=TF_POOL, trigger_rule="none_failed_min_one_success")

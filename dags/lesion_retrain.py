@@ -27,7 +27,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from airflow.sdk import Param, dag, get_current_context, task
-from lesion_airflow import TF_POOL
+from lesion_airflow import CHAMPION_PROMOTED, TF_POOL
 
 from lesion_tasks.model.config import form_params
 
@@ -91,7 +91,7 @@ def lesion_retrain():
         evaluate(lesion_settings(), model_version)
         return model_version
 
-    @task
+    @task(outlets=[CHAMPION_PROMOTED])  # an event only when it promoted (a refusal or a no-op ends skipped)
     def gate_and_promote(model_version: str) -> dict:
         from lesion_airflow import alert_links, lesion_settings, quiet_tensorflow, send_alert
 
@@ -103,6 +103,8 @@ def lesion_retrain():
 
         context = get_current_context()
         gate = gate_model(lesion_settings(), model_version, actor=f"lesion_retrain:{context['run_id']}")
+        if gate.get("identical_to"):  # the champion's own model again: a no-op that says so, nothing to mail
+            raise AirflowSkipException(f"NOT promoted: {gate['reasons'][0]}")
         if not gate["promoted"]:  # visible in the run: skipped, with the reasons; and mailed when alerts are on
             send_alert(context, alerts.gate_refused(gate, alert_links(context, model_version)))
             raise AirflowSkipException(alerts.refusal(gate))

@@ -16,6 +16,9 @@ DB_CONN_ID = "lesion_db"
 S3_CONN_ID = "lesion_s3"
 # emitted by isic_ingest when it accepted new images; lesion_nightly_score runs on it (as well as at 02:00)
 VALIDATED_IMAGES = Asset("lesion://images/validated")
+# emitted by lesion_retrain when it promoted a new champion; lesion_nightly_score runs on it too, so the new
+# champion scores the open cases and the latest nights first (the queue shows the previous champion's meanwhile)
+CHAMPION_PROMOTED = Asset("lesion://models/champion")
 # TensorFlow tasks (train_model, evaluate_model, score_shard): slots = machines (workers), since a TensorFlow
 # process holds 1-3 GB and every core of its machine (`airflow pools set lesion_tensorflow N`)
 TF_POOL = "lesion_tensorflow"

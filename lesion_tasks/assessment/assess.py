@@ -287,6 +287,15 @@ def promote_with_report(settings: Settings, engine: sa.Engine, model_version: st
     return previous
 
 
+def _identical(store: ObjectStore, v: registry.ModelVersion, champion: registry.ModelVersion) -> bool:
+    """The version's head and config digests equal the champion's (`artifacts.digests`): it decides alike."""
+    try:
+        return artifacts.digests(store, v) == artifacts.digests(store, champion)
+    except artifacts.ArtifactError as exc:
+        log.warning("model %s: not compared for identity with the champion (%s)", v.model_version, exc)
+        return False
+
+
 def _key_metrics(v: registry.ModelVersion) -> dict[str, Any]:
     test = (v.metrics or {}).get("test") or {}
     return {k: test.get(k) for k in ("auc", "mel_sensitivity", "mel_specificity", "balanced_accuracy", "threshold",
@@ -308,6 +317,16 @@ def gate_model(settings: Settings, model_version: str, actor: str = "lesion_retr
             write_gate_report(store, engine, model_version)  # a retried task: the report may not say so yet
             return {"model_version": model_version, "promoted": True, "reasons": ["already the champion"], "checks": [],
                     "champion": model_version}
+        if champion and _identical(store, v, champion):
+            reason = (f"identical to the champion {champion.model_version} (the same head and config digests): "
+                      "promoting it would change nothing, so the champion stays and its predictions and verdicts with it")
+            log.info("model %s NOT promoted: %s", model_version, reason)
+            registry.record_gate(engine, model_version, {"passed": False, "identical_to": champion.model_version,
+                                                         "reasons": [reason], "checks": [],
+                                                         "decided_at": datetime.now(UTC).isoformat()}, False)
+            write_gate_report(store, engine, model_version)
+            return {"model_version": model_version, "promoted": False, "reasons": [reason], "checks": [],
+                    "champion": champion.model_version, "identical_to": champion.model_version}
         comparison = evaluation.json_safe(_compare_with_champion(settings, store, v, champion, parts)) if champion else None
         decision = gate.decide(v.metrics, comparison, v.floors, v)
         if v.weights_fallback:  # the demo profile's loud fallback: said, never deciding

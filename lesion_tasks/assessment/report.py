@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from lesion_tasks.assessment.gate import Decision, shown
+from lesion_tasks.model.evaluation import clopper_pearson
 from lesion_tasks.versions.registry import ModelVersion, SiteThreshold
 
 GATE_BEGIN, GATE_END = "<!--gate:begin-->", "<!--gate:end-->"
@@ -120,6 +121,16 @@ def _cell(value: Any, digits: int = 4) -> str:
     return "–" if value is None or (isinstance(value, float) and not np.isfinite(value)) else shown(value, digits)
 
 
+def _share(rate: float | None, n: int | None, digits: int = 3) -> str:
+    """A share with what it is out of and its exact (Clopper-Pearson) 95% interval: "4/4 = 1.000 (0.398-1.000)"
+    (a share of 4 test images is no certainty). Shares of whole counts only: rate x n is the count."""
+    if rate is None or not n:
+        return "–"
+    k = int(round(rate * n))
+    low, high = clopper_pearson(k, n)
+    return f"{k}/{n} = {rate:.{digits}f} ({low:.{digits}f}–{high:.{digits}f})"
+
+
 def _site_table(metrics: dict[str, Any], thresholds: Mapping[str, SiteThreshold]) -> str:
     """Per-site test metrics (IPW-weighted where a site's labels come from its validation sample) and the
     threshold each site is decided at: its own (how it was chosen) or the pooled one. The gate applies its
@@ -173,13 +184,19 @@ def _scope_table(metrics: dict[str, Any]) -> str:
     if not oos:
         return "<h2>Out of scope</h2><p>This version has no out-of-scope head (no OTHER images in training).</p>"
     rows = [(name, oos[name]) for name in ("all", "malignant")] + sorted(oos["by_diagnosis"].items())
-    body = "".join(f"<tr><td>{html.escape(name)}</td><td>{r['n']}</td><td>{_cell(r['flagged'])}</td>"
-                   f"<td>{_cell(r['out_of_scope'])}</td><td>{_cell(r['predicted_mel'])}</td></tr>" for name, r in rows)
-    return (f"<h2>Out of scope (test, threshold p_other &ge; {oos['threshold']:.4f})</h2><table><tr><th>diagnosis</th>"
+    body = "".join(f"<tr><td>{html.escape(name)}</td><td>{r['n']}</td><td>{_share(r['flagged'], r['n'])}</td>"
+                   f"<td>{_share(r['out_of_scope'], r['n'])}</td><td>{_share(r['predicted_mel'], r['n'])}</td></tr>"
+                   for name, r in rows)
+    n_nv, n_mel = oos.get("n_nv"), oos.get("n_mel")  # (versions before the counts were kept: the shares alone)
+
+    def price(key: str, n: int | None) -> str:
+        return _share(oos[key], n) if n else _cell(oos[key])
+    return (f"<h2>Out of scope (test, threshold p_other &ge; {oos['threshold']:.4f})</h2><p>Shares as count/n = share "
+            "(exact 95% interval).</p><table><tr><th>diagnosis</th>"
             "<th>n</th><th>flagged</th><th>out_of_scope</th><th>predicted MEL</th></tr>" + body + "</table>"
-            f"<p>Price: {_cell(oos['nv_flagged_out_of_scope'])} of nevi and {_cell(oos['mel_flagged_out_of_scope'])} "
+            f"<p>Price: {price('nv_flagged_out_of_scope', n_nv)} of nevi and {price('mel_flagged_out_of_scope', n_mel)} "
             "of melanomas are flagged out_of_scope too"
-            + (f"; {_cell(oos['nv_flagged_out_of_scope_only'])} of nevi by out_of_scope alone (no MEL call: the review "
+            + (f"; {price('nv_flagged_out_of_scope_only', n_nv)} of nevi by out_of_scope alone (no MEL call: the review "
                "work it adds)" if oos.get("nv_flagged_out_of_scope_only") is not None else "")
             + ".</p>" + _scope_by_site(oos.get("by_site") or {}))
 
@@ -190,9 +207,9 @@ def _scope_by_site(by_site: dict[str, Any]) -> str:
     if not by_site:
         return ""
     body = "".join(
-        f"<tr><td>{html.escape(site)}</td><td>{t['all']['n']}</td><td>{_cell(t['all']['flagged'])}</td>"
-        f"<td>{t['malignant']['n']}</td><td>{_cell(t['malignant']['flagged'])}</td><td>"
-        + ", ".join(f"{html.escape(d)} {_cell(r['flagged'], 2)} of {r['n']}" for d, r in t["by_diagnosis"].items())
+        f"<tr><td>{html.escape(site)}</td><td>{t['all']['n']}</td><td>{_share(t['all']['flagged'], t['all']['n'])}</td>"
+        f"<td>{t['malignant']['n']}</td><td>{_share(t['malignant']['flagged'], t['malignant']['n'])}</td><td>"
+        + ", ".join(f"{html.escape(d)} {_share(r['flagged'], r['n'], 2)}" for d, r in t["by_diagnosis"].items())
         + "</td></tr>" for site, t in by_site.items())
     return ("<h3>Out of scope per site (test)</h3><table><tr><th>site</th><th>OTHER lesions</th><th>flagged</th>"
             "<th>malignant (BCC, SCC, AK)</th><th>flagged</th><th>flagged per diagnosis</th></tr>" + body + "</table>")
@@ -230,7 +247,10 @@ def gate_section(version: ModelVersion, history: list[dict[str, Any]] | None = N
         promoted = any(e["model_version"] == version.model_version for e in history) or version.is_champion
         outcome = ("promoted by manual override" if overridden else "promoted") if promoted else "not promoted"
         title = f"{verdict}, {outcome}; now {html.escape(str(version.status))}"
-    parts = [f"<h2>Gate: {title}</h2>"]
+    if gate.get("identical_to"):  # a no-op (assess.gate_model): nothing was compared, nothing refused
+        title = f"identical to the champion {html.escape(str(gate['identical_to']))}: not promoted, nothing would change"
+    parts = [f"<h2>Gate: {title}</h2>"] + [f"<p>{html.escape(r)}</p>" for r in gate.get("reasons", [])
+                                           if gate.get("identical_to")]
     if gate.get("decided_at"):
         parts.append(f"<p>Decided {html.escape(str(gate['decided_at']))}.</p>")
     parts.append("<ul>" + "".join(f'<li class="{c.outcome}">{html.escape(c.line)}</li>'
@@ -243,7 +263,7 @@ def gate_section(version: ModelVersion, history: list[dict[str, Any]] | None = N
                      f"{recorded}, threshold {_cell(champ.get('threshold'))}) on the same {comparison.get('n_test')} "
                      f"test images: AUC delta {_cell(comparison.get('auc_delta'))}, sensitivity delta "
                      f"{_cell(comparison.get('mel_sensitivity_delta'))}.</p>")
-    elif "passed" in gate:
+    elif "passed" in gate and not gate.get("identical_to"):
         parts.append("<p>There was no champion to compare with.</p>")
     if history:
         parts.append("<h3>Champion history of this version</h3><ul>"

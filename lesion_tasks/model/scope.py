@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from lesion_tasks.model.evaluation import target_with_margin
+from lesion_tasks.model.evaluation import clopper_pearson, target_with_margin
 
 MALIGNANT = ("BCC", "SCC", "AK")
 # decision thresholds at which a version records its out-of-scope threshold (`ReviewRule.out_of_scope_by_threshold`):
@@ -111,9 +111,9 @@ def recall_table(p_other: np.ndarray, predicted_mel: np.ndarray, diagnoses: list
 
     def row(mask: np.ndarray) -> dict[str, Any]:
         n = int(mask.sum())
-        return {"n": n, "flagged": float(flagged[mask].mean()) if n else None,
-                "out_of_scope": float(oos[mask].mean()) if n else None,
-                "predicted_mel": float(predicted_mel[mask].mean()) if n else None}
+        hits = {"flagged": flagged[mask], "out_of_scope": oos[mask], "predicted_mel": predicted_mel[mask]}
+        return {"n": n, **{k: float(v.mean()) if n else None for k, v in hits.items()},
+                "ci95": {k: clopper_pearson(int(v.sum()), n) for k, v in hits.items()}}  # exact: n may be 4
 
     malignant = np.isin(diagnoses_arr, MALIGNANT)
     in_scope_oos = p_other_in_scope >= threshold
@@ -122,6 +122,7 @@ def recall_table(p_other: np.ndarray, predicted_mel: np.ndarray, diagnoses: list
         "all": row(np.ones(len(diagnoses), bool)),
         "malignant": row(malignant),
         "by_diagnosis": {d: row(diagnoses_arr == d) for d in sorted(set(diagnoses))},
+        "n_mel": int((y_in_scope == 1).sum()), "n_nv": int((y_in_scope == 0).sum()),  # what the price is out of
         "mel_flagged_out_of_scope": float(in_scope_oos[y_in_scope == 1].mean()) if (y_in_scope == 1).any() else None,
         "nv_flagged_out_of_scope": float(in_scope_oos[y_in_scope == 0].mean()) if (y_in_scope == 0).any() else None,
         **({"nv_flagged_out_of_scope_only": float((in_scope_oos & ~predicted_mel_in_scope)[y_in_scope == 0].mean())

@@ -37,7 +37,7 @@ from lesion_tasks.core.settings import Settings
 from lesion_tasks.core.store import ObjectStore, open_store
 from lesion_tasks.model import attention, backbones, features, gradcam, mc, scope
 from lesion_tasks.model import precision as precision_
-from lesion_tasks.scoring import overlays
+from lesion_tasks.scoring import overlays, priority
 from lesion_tasks.sites import nights, operating
 from lesion_tasks.sites import status as site_status
 from lesion_tasks.versions import artifacts, predict, registry
@@ -118,6 +118,10 @@ def _unscored(conn: sa.Connection, version: str, first: str | None = None, last:
     return conn.execute(query.limit(limit) if limit else query).all()
 
 
+def _chunks(ids: list[str], size: int) -> list[list[str]]:
+    return [ids[i : i + size] for i in range(0, len(ids), size)]
+
+
 @dataclass(frozen=True)
 class ShardPlan:
     """What a night scores: id-range shards of one version's unscored images, or why there is nothing."""
@@ -132,8 +136,9 @@ class ShardPlan:
 
 def plan_shards(settings: Settings, model_version: str = "champion", shard_size: int = SHARD_SIZE,
                 limit: int | None = None) -> ShardPlan:
-    """Unscored images of the model version cut into id ranges (small XCom values: references only), and
-    why there are none when there are none."""
+    """Unscored images of the model version cut into shards, and why there are none when there are none: first
+    shards of image ids (`priority.first_to_score`: the previous champion's open cases, the latest nights), then
+    id ranges of the rest (small XCom values: references only)."""
     engine = engine_for(settings)
     try:
         with engine.connect() as conn:
@@ -142,11 +147,15 @@ def plan_shards(settings: Settings, model_version: str = "champion", shard_size:
                 log.warning("no champion model yet: nothing to score (train one with lesion_retrain / lesion train)")
                 return ShardPlan(None, [], ShardPlan.NO_CHAMPION)
             ids = [r.image_id for r in _unscored(conn, v.model_version, limit=limit)]
+            first = priority.first_to_score(conn, ids)
     finally:
         engine.dispose()
-    shards = [{"model_version": v.model_version, "first": part[0], "last": part[-1], "n": len(part)}
-              for part in (ids[i : i + shard_size] for i in range(0, len(ids), shard_size))]
-    log.info("model %s: %d unscored images in %d shards", v.model_version, len(ids), len(shards))
+    rest = sorted(set(ids) - set(first))
+    shards = ([{"model_version": v.model_version, "image_ids": part, "n": len(part)} for part in _chunks(first, shard_size)]
+              + [{"model_version": v.model_version, "first": part[0], "last": part[-1], "n": len(part)}
+                 for part in _chunks(rest, shard_size)])
+    log.info("model %s: %d unscored images in %d shards (%d first: the previous champion's open cases and the latest "
+             "nights)", v.model_version, len(ids), len(shards), len(first))
     return ShardPlan(v.model_version, shards, None if shards else ShardPlan.NOTHING_NEW)
 
 

@@ -18,6 +18,7 @@ artifact into a ValueError that names the version and the artifact.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tempfile
@@ -193,3 +194,20 @@ def weights_of(v: ModelVersion, settings: Settings, store: ObjectStore) -> backb
         raise ArtifactError(f"model {v.model_version}: weights {resolved.source} have sha256 {resolved.sha256}, "
                             f"expected {v.weights_sha256} (the file changed since training)")
     return resolved
+
+
+def digests(store: ObjectStore, v: ModelVersion) -> dict[str, str]:
+    """sha256 digests of what decides a version's calls, read from its stored artifacts ("head": the head's weights
+    and calibration, the out-of-scope head, the review rule with every threshold) and of its recorded training
+    config ("config"). Two versions with both equal decide every image alike (`assess.gate_model`: promoting one
+    over the other is a no-op). ArtifactError when the artifacts are gone."""
+    saved = of(store, v)
+    h = hashlib.sha256()
+    for name, value in sorted(asdict(saved.load_head()).items()):
+        array = np.ascontiguousarray(np.asarray(value))
+        h.update(f"{name}:{array.dtype}:{array.shape}:".encode())
+        h.update(array.tobytes())
+    h.update(saved.store.get(saved.key(SCOPE)) if saved.store.exists(saved.key(SCOPE)) else b"no out-of-scope head")
+    h.update(json.dumps(v.review_rule.to_json(), sort_keys=True, default=str).encode())
+    return {"head": h.hexdigest(),
+            "config": hashlib.sha256(json.dumps(dict(v.config), sort_keys=True, default=str).encode()).hexdigest()}

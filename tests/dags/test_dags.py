@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 DAGS = REPO / "dags"
 EXPECTED = {"isic_ingest": "*/30 * * * *", "lesion_retrain": None, "lesion_nightly_score": "0 2 * * *"}
 VALIDATED = "lesion://images/validated"
+CHAMPION = "lesion://models/champion"
 TF_POOL = "lesion_tensorflow"
 
 
@@ -47,13 +48,15 @@ def test_dag_policy(dagbag, dag_id):
 @pytest.mark.parametrize("dag_id,schedule", sorted(EXPECTED.items()))
 def test_dag_schedule(dagbag, dag_id, schedule):
     dag = dagbag.get_dag(dag_id)
-    if dag_id == "lesion_nightly_score":  # the cron OR new validated images
+    if dag_id == "lesion_nightly_score":  # the cron OR new validated images OR a new champion
         from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable
 
         assert isinstance(dag.schedule, AssetOrTimeSchedule)
         assert isinstance(dag.schedule.timetable, CronTriggerTimetable)
         assert dag.schedule.timetable.expression == schedule and str(dag.schedule.timetable.timezone) == "UTC"
-        assert dag.schedule.asset_condition.uri == VALIDATED
+        assert {a.uri for a in dag.schedule.asset_condition.objects} == {VALIDATED, CHAMPION}
+        # lesion_retrain's gate emits the champion Asset (only when it promoted: a refusal ends skipped)
+        assert {a.uri for a in dagbag.get_dag("lesion_retrain").get_task("gate_and_promote").outlets} == {CHAMPION}
     else:
         assert dag.schedule == schedule
 
@@ -151,10 +154,11 @@ def test_isic_ingest_emits_validated_asset(dagbag):
     assert outlets == ["lesion://images/validated"]
 
 
-def test_nightly_score_consumes_what_ingest_emits(dagbag):
-    produced = {o.uri for t in dagbag.get_dag("isic_ingest").tasks for o in t.outlets}
-    consumed = {dagbag.get_dag("lesion_nightly_score").schedule.asset_condition.uri}
-    assert produced == consumed == {VALIDATED}
+def test_nightly_score_consumes_what_ingest_and_retrain_emit(dagbag):
+    produced = {o.uri for dag_id in ("isic_ingest", "lesion_retrain") for t in dagbag.get_dag(dag_id).tasks
+                for o in t.outlets}
+    consumed = {a.uri for a in dagbag.get_dag("lesion_nightly_score").schedule.asset_condition.objects}
+    assert produced == consumed == {VALIDATED, CHAMPION}
 
 
 def _tf_stderr(code: str) -> str:

@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from lesion_tasks.versions.registry import ModelVersion
 from lesion_tasks import pipeline
 from lesion_tasks.versions import artifacts, registry
-from lesion_tasks.assessment import assess, gate
+from lesion_tasks.assessment import assess
 from lesion_tasks.data import trainset
 from lesion_tasks.core import db
 from lesion_tasks.model import evaluation, features, mc
@@ -153,15 +153,27 @@ def test_retrain_on_unchanged_data_runs_no_backbone(trained):
     assert second["feature_cache"]["reused"] == first["feature_cache"]["computed"]  # the cache travels with a copied home
 
 
-def test_second_model_was_compared_with_the_champion(trained):
+def test_a_retrain_identical_to_the_champion_is_a_no_op_that_says_so(trained):
+    """The second retrain (same data, config and seed: the same head, calibration, thresholds and out-of-scope head)
+    is not promoted: a REST retrain on unchanged data used to replace the champion with itself, emptying the queue
+    and reopening every reviewed case. The gate says why; the champion stays."""
     settings, _, first, second = trained
+    store = open_store(settings)
     row = registry_row(settings, second["model_version"])
-    assert row["gate"]["comparison"]["champion"] == first["model_version"]
-    assert any("vs champion" in r for r in row["gate"]["reasons"])
-    assert row["gate"]["champion_metrics"]["auc"] == first["metrics"]["test"]["auc"]
+    assert second["promoted"] is False and row["gate"]["identical_to"] == first["model_version"], row["gate"]
+    assert row["gate"]["reasons"][0].startswith(f"identical to the champion {first['model_version']} (the same head and "
+                                                "config digests)")
     report = _report(settings, row)
-    assert f"Compared with the champion {first['model_version']}" in report
-    assert f"AUC {gate.shown(first['metrics']['test']['auc'])}" in report
+    assert f"identical to the champion {first['model_version']}: not promoted, nothing would change" in report
+    engine = db.make_engine(settings.db_url)
+    with engine.connect() as conn:
+        assert registry.version(conn, None).model_version == first["model_version"]
+        versions = {v: registry.version(conn, v) for v in (first["model_version"], second["model_version"])}
+    engine.dispose()
+    digests = [artifacts.digests(store, v) for v in versions.values()]
+    assert digests[0] == digests[1]
+    changed = replace(versions[second["model_version"]], config={**versions[second["model_version"]].config, "epochs": 1})
+    assert artifacts.digests(store, changed)["config"] != digests[0]["config"]  # another config is another model
 
 
 def _report(settings, row) -> str:

@@ -147,3 +147,21 @@ def test_gate_refuses_too_little_out_of_scope_recall():
     assert not passed and "FAIL: test out-of-scope (malignant, n=790) flagged 0.9300 < floor 0.95" in reasons
     metrics["out_of_scope"]["test"]["malignant"]["n"] = 10  # too few to judge: not gated
     assert _decide(metrics, None, GateFloors())[0]
+
+
+def test_small_out_of_scope_shares_carry_their_n_and_an_exact_interval():
+    """The report said "flagged 1.0000" of a site's 4 OTHER test images: a share of 4 is shown as 4/4 with its
+    exact (Clopper-Pearson) interval, in the metrics and in the report's tables (overall, per site, the price)."""
+    from lesion_tasks.assessment import report
+
+    p_other = np.array([0.9, 0.8, 0.95, 0.7])
+    table = scope.recall_table(p_other, np.zeros(4, bool), ["BCC", "BCC", "DF", "BKL"], 0.5,
+                               np.array([0.1, 0.6, 0.2]), np.array([0, 0, 1]))
+    assert table["all"]["flagged"] == 1.0 and table["all"]["n"] == 4
+    low, high = table["all"]["ci95"]["flagged"]
+    assert low == pytest.approx(0.025 ** (1 / 4)) and high == 1.0  # 0.398: four of four is no certainty
+    assert (table["n_nv"], table["n_mel"]) == (2, 1)
+    html = report._scope_table({"out_of_scope": {"test": {**table, "by_site": {"clinic": table}}}})
+    assert "4/4 = 1.000 (0.398–1.000)" in html and "1.0000" not in html
+    assert "1/2 = 0.500" in html  # the price: one of the two nevi flagged out_of_scope
+    assert "BCC 2/2 = 1.00 (0.16–1.00)" in html  # per site, per diagnosis
