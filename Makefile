@@ -10,7 +10,7 @@ export LESION_WEIGHTS_DIR ?= $(abspath ../shared/weights)
 DATA ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv demo airflow test test-unit test-deps screenshots bench lock clean
+.PHONY: airflow-stop venv demo airflow test test-unit test-deps screenshots bench lock clean
 
 venv: $(VENV)/.installed
 
@@ -36,6 +36,13 @@ demo: venv
 # A real Airflow 3 (standalone) on 127.0.0.1:8080 with the project's DAGs; Ctrl-C stops it.
 airflow: venv
 	bash tools/airflow_standalone.sh
+
+# Stops `make airflow` from another shell: one SIGINT to its supervisor (what Ctrl-C does). Started in the
+# background (`make airflow &`), make ignores SIGINT, as the shell started it, and passes none on: use this.
+airflow-stop:
+	@bash -c 'source tools/airflow_env.sh && pidfile="$$AIRFLOW_HOME/lesion-airflow.pid" && \
+	  if [ -s "$$pidfile" ] && kill -INT "$$(cat "$$pidfile")" 2>/dev/null; then echo "make airflow-stop: SIGINT sent to $$(cat "$$pidfile")"; \
+	  else echo "make airflow-stop: no make airflow running for AIRFLOW_HOME=$$AIRFLOW_HOME" >&2; exit 1; fi'
 
 # Installs the system packages the suite needs (PostgreSQL) when missing, then runs every test.
 # The suite starts its own throwaway PostgreSQL cluster and S3 server (rclone serve s3).

@@ -14,7 +14,9 @@
 # so the standalone runs in a session of its own and stopping covers every process of that session.
 # SIGINT works also when this was started with SIGINT ignored (`make airflow &`, nohup, some CI runners:
 # the ignore survives exec, and `trap` cannot undo it in a non-interactive shell): the supervisor below is
-# Python, which installs its handlers whatever it inherited.
+# Python, which installs its handlers whatever it inherited. `make` itself cannot: started so, it ignores
+# SIGINT and passes none on, so `kill -INT` of make's PID does nothing. The supervisor writes its PID to
+# $AIRFLOW_HOME/lesion-airflow.pid, and `make airflow-stop` sends it the one SIGINT.
 set -euo pipefail
 source "$(dirname "$0")/airflow_env.sh"
 # every port this Airflow listens on must be free: say which is taken and what to set, instead of logs that
@@ -94,12 +96,16 @@ def child_setup():
 
 for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
     signal.signal(sig, lambda signum, frame: signals.append(signum))
+PIDFILE = os.path.join(os.environ["AIRFLOW_HOME"], "lesion-airflow.pid")  # `make airflow-stop` signals this pid
+with open(PIDFILE, "w") as fh:
+    fh.write(f"{os.getpid()}\n")
 standalone = subprocess.Popen(["airflow", "standalone"], start_new_session=True, preexec_fn=child_setup)
 sid = standalone.pid
 while standalone.poll() is None and not signals:
     time.sleep(0.2)
 if not signals:  # the standalone ended by itself: leave nothing behind
     send(session(sid), signal.SIGTERM)
+    os.remove(PIDFILE)
     sys.exit(standalone.returncode)
 
 started = time.monotonic()
@@ -122,6 +128,7 @@ try:
 except subprocess.TimeoutExpired:
     pass
 say(f"stopped in {time.monotonic() - started:.1f} s")
+os.remove(PIDFILE)
 sys.exit(128 + signals[0])
 PY
 )

@@ -302,15 +302,23 @@ def open_source(source: str, store: ObjectStore, limits: Limits) -> DropSource:
     raise ValueError(f"drop source {source!r}: no such folder, zip file, or object in {store.url}")
 
 
-def discover_incoming(settings: Settings, store: ObjectStore | None = None, now: datetime | None = None) -> list[str]:
-    """Keys of drops under `incoming/` that are ready and not yet ingested completely.
+@dataclass(frozen=True)
+class Incoming:
+    """What is under `incoming/`: drops ready to ingest, drops already ingested, drops still settling (key ->
+    seconds until they count as settled, unless a `_READY` marker comes first) and loose files ignored."""
+    ready: list[str]
+    ingested: list[str]
+    settling: dict[str, float]
+    loose: list[str]
 
-    A `.zip` is ready as soon as it exists (S3 writes are atomic); a folder once it holds `_READY`
-    or nothing in it changed for `settings.incoming_settle_seconds`.
-    """
+
+def survey_incoming(settings: Settings, store: ObjectStore | None = None, now: datetime | None = None) -> Incoming:
+    """Every drop under `incoming/` and where it stands. A `.zip` is ready as soon as it exists (S3 writes are
+    atomic); a folder once it holds `_READY` or nothing in it changed for `settings.incoming_settle_seconds`."""
     store = store or open_store(settings)
     now = now or datetime.now(UTC)
     children: dict[str, list[tuple[str, Any]]] = {}
+    loose = []
     for obj in store.list(INCOMING_PREFIX):
         first, _, rest = obj.key[len(INCOMING_PREFIX):].partition("/")
         if obj.link is not None and not rest:
@@ -318,6 +326,7 @@ def discover_incoming(settings: Settings, store: ObjectStore | None = None, now:
             continue
         if not rest and not first.lower().endswith(".zip"):
             log.warning("incoming: ignoring loose file %s (a drop is a folder or a .zip)", obj.key)
+            loose.append(obj.key)
             continue
         children.setdefault(first, []).append((rest, obj))
     candidates: dict[str, dict[str, Any]] = {}
@@ -341,16 +350,23 @@ def discover_incoming(settings: Settings, store: ObjectStore | None = None, now:
             complete = set(conn.scalars(sa.select(drops.c.source).where(drops.c.status == "complete")))
     finally:
         engine.dispose()
-    ready = []
+    found = Incoming([], sorted(k for k in candidates if k in complete), {}, sorted(loose))
     for key, info in sorted(candidates.items()):
         if key in complete:
             continue
-        settled = (now - info["newest"]).total_seconds() >= settings.incoming_settle_seconds
-        if info["zip"] or info["ready"] or settled:
-            ready.append(key)
+        left = settings.incoming_settle_seconds - (now - info["newest"]).total_seconds()
+        if info["zip"] or info["ready"] or left <= 0:
+            found.ready.append(key)
         else:
-            log.info("incoming: %s still changing (newest object %s), waiting", key, info["newest"].isoformat())
-    return ready
+            found.settling[key] = left
+            log.info("incoming: %s still changing (newest object %s), waiting %.0f s more or for %s", key,
+                     info["newest"].isoformat(), left, READY_MARKER)
+    return found
+
+
+def discover_incoming(settings: Settings, store: ObjectStore | None = None, now: datetime | None = None) -> list[str]:
+    """Keys of drops under `incoming/` that are ready and not yet ingested completely (`survey_incoming`)."""
+    return survey_incoming(settings, store, now).ready
 
 
 def _is_site_folder(rests: list[str]) -> bool:

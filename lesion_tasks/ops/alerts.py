@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import html
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -37,8 +36,9 @@ import sqlalchemy as sa
 
 from lesion_tasks.assessment.gate import Decision
 from lesion_tasks.core.db import engine_for
-from lesion_tasks.core.schema import drops, images, predictions
+from lesion_tasks.core.schema import images, predictions
 from lesion_tasks.core.settings import Settings
+from lesion_tasks.ingest.sources import INCOMING_PREFIX, READY_MARKER, Incoming
 
 KS_BOUND = 0.2
 P_BOUND = 0.01
@@ -269,32 +269,16 @@ def _names(keys: list[str]) -> str:
     return f" ({shown}{', ...' if len(keys) > 10 else ''})" if keys else ""
 
 
-def incoming_report(settings: Settings, ready: list[str], now: datetime | None = None) -> str:
-    """What is under `incoming/` when `ready` (sources.discover_incoming's answer) is empty: drops already
-    ingested, drops still settling (changing within LESION_INCOMING_SETTLE_SECONDS, no `_READY`), loose files."""
-    from lesion_tasks.core.store import open_store
-    from lesion_tasks.ingest.sources import INCOMING_PREFIX
+def incoming_report(found: Incoming) -> str:
+    """What `isic_ingest` saw under `incoming/` (`sources.survey_incoming`) when no drop is ready: drops already
+    ingested, drops still settling (changing within LESION_INCOMING_SETTLE_SECONDS, no `_READY`) with the time
+    each has left, loose files."""
+    settling = [f"{PurePosixPath(k).name} in {_duration(left)}" for k, left in sorted(found.settling.items())]
+    wait = (f" ({', '.join(settling)}, or at once with a {READY_MARKER} marker in the drop)" if settling else "")
+    return (f"no new drop under {INCOMING_PREFIX}: {len(found.ingested)} drop(s) already ingested{_names(found.ingested)}, "
+            f"{len(found.settling)} settling{wait}, {len(found.loose)} loose file(s) ignored{_names(found.loose)}")
 
-    seen: dict[str, datetime] = {}
-    loose = []
-    for obj in open_store(settings).list(INCOMING_PREFIX):
-        first, _, rest = obj.key[len(INCOMING_PREFIX):].partition("/")
-        if not rest and not first.lower().endswith(".zip"):
-            loose.append(obj.key)
-            continue
-        key = INCOMING_PREFIX + first
-        seen[key] = max(seen.get(key, obj.modified), obj.modified)
-    engine = engine_for(settings)
-    try:
-        with engine.connect() as conn:
-            status = dict(conn.execute(sa.select(drops.c.source, drops.c.status)).all())
-    finally:
-        engine.dispose()
-    ingested = sorted(k for k in seen if status.get(k) == "complete")
-    settling = sorted(k for k in seen if k not in ingested and k not in ready)
-    now = now or datetime.now(UTC)
-    newest = max((seen[k] for k in settling), default=None)
-    wait = (f"; waits until unchanged for {settings.incoming_settle_seconds} s (newest change "
-            f"{int((now - newest).total_seconds())} s ago) or a _READY marker" if newest else "")
-    return (f"no new drop under {INCOMING_PREFIX}: {len(ingested)} drop(s) already ingested{_names(ingested)}, "
-            f"{len(settling)} settling{_names(settling)}{wait}, {len(loose)} loose file(s) ignored{_names(loose)}")
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0) + 0.999)
+    return f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"

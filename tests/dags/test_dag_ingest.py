@@ -6,6 +6,7 @@ file, which must stay untouched: inside Airflow the Connections take precedence.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import zipfile
 from pathlib import Path
@@ -70,7 +71,7 @@ def test_isic_ingest_dag_against_postgres_and_s3(airflow_env, tmp_path):
     run2, states2 = run_dag(dag)
     assert run2.state == "success", states2
     assert states2 == {"find_new_drops": "skipped", "ingest_drop": "skipped", "publish": "skipped",
-                       "check_drops": "success"}, states2
+                       "check_drops": "skipped"}, states2  # (skipped, not reading the skipped drops' XComs)
     from airflow.sdk.exceptions import AirflowSkipException
 
     with pytest.raises(AirflowSkipException) as skipped:  # what the skipped task said (its callable, called here)
@@ -80,4 +81,34 @@ def test_isic_ingest_dag_against_postgres_and_s3(airflow_env, tmp_path):
     with engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(images)).scalar() == 16
         assert conn.execute(sa.select(sa.func.count()).select_from(quarantine)).scalar() == 1
+    engine.dispose()
+
+
+def test_a_drop_still_being_copied_makes_the_run_wait_not_end_green(airflow_env, tmp_path, monkeypatch):
+    """A run right after a drop was copied used to end green with every task skipped, the reason in a collapsed log
+    section. `find_new_drops` is a sensor now: while the drop settles (here 2 s) the run waits, up for reschedule,
+    its log saying the time left, then ingests it, in the same run."""
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.models.taskreschedule import TaskReschedule
+    from airflow.utils.session import create_session
+
+    from lesion_tasks.ingest.sources import survey_incoming
+    from lesion_tasks.ops.alerts import incoming_report
+
+    settings, _ = airflow_env
+    monkeypatch.setenv("LESION_INCOMING_SETTLE_SECONDS", "2")
+    store = open_store(settings)
+    _upload_folder(store, make_drop(tmp_path / "night-3", n_images=4, seed=3), "incoming/night-3")
+    said = incoming_report(survey_incoming(dataclasses.replace(settings, incoming_settle_seconds=2)))
+    assert "1 settling (night-3 in " in said and "or at once with a _READY marker" in said, said
+    dag = DagBag(dag_folder=str(DAGS)).get_dag("isic_ingest")
+    run, states = run_dag(dag)
+    assert run.state == "success" and states["find_new_drops"] == "success" and states["publish"] == "success", states
+    with create_session() as session:
+        ti = next(t for t in run.get_task_instances(session=session) if t.task_id == "find_new_drops")
+        waited = session.query(TaskReschedule).filter(TaskReschedule.ti_id == ti.id).count()
+    assert waited >= 1  # it waited for the drop to settle instead of skipping
+    engine = sa.create_engine(settings.db_url)
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(images).where(images.c.drop_id == "night-3")).scalar() == 4
     engine.dispose()

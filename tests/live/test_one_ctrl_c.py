@@ -76,6 +76,7 @@ def test_one_sigint_to_make_airflows_leader_stops_everything(tmp_path):
     leader = subprocess.Popen(["bash", str(REPO / "tools" / "airflow_standalone.sh")], env=env, cwd=REPO,
                               stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
                               preexec_fn=_default_sigint)
+    pidfile = airflow_home / "lesion-airflow.pid"
     seen: set[psutil.Process] = set()
     try:
         base = f"http://127.0.0.1:{port}"
@@ -107,6 +108,7 @@ def test_one_sigint_to_make_airflows_leader_stops_everything(tmp_path):
         n_workers = len(_executor_workers(_alive(seen)))
         assert 1 <= n_workers <= max(4, 2 * (os.cpu_count() or 1)), describe(_alive(seen))
 
+        assert pidfile.read_text().strip() == str(leader.pid)  # `make airflow-stop` signals the leader
         started = time.monotonic()
         leader.send_signal(signal.SIGINT)  # the one and only signal
         try:
@@ -122,6 +124,7 @@ def test_one_sigint_to_make_airflows_leader_stops_everything(tmp_path):
         elapsed = time.monotonic() - started
         assert not left, (f"{len(left)} process(es) still running {elapsed:.0f} s after one SIGINT: {describe(left)}\n"
                           f"{log.read_text(errors='replace')[-4000:]}")
+        assert not pidfile.exists()  # removed on the way out: `make airflow-stop` then says nothing runs
         print(f"\nmake airflow stopped on one SIGINT in {elapsed:.1f} s (exit code {code}, {len(seen)} processes)")
     finally:
         if leader.poll() is None or _alive(seen):

@@ -312,3 +312,30 @@ def test_task_log_file_names_stay_bounded_for_long_run_ids(monkeypatch):
     reliability.record("A 260-character run id", "log_filename_template rendered for run ids of 260 and 250 "
                        "characters (Airflow's default: a 267-byte path segment)", "every segment under 255 bytes; "
                        "ordinary ids keep Airflow's default paths", "longest segment 212 bytes; distinct paths", 0, 0)
+
+
+def test_make_airflow_stop_sends_one_sigint_to_the_supervisor(tmp_path):
+    """`make airflow &` leaves make ignoring SIGINT (the shell started it so) and make passes none on, so `kill -INT`
+    of make's PID did nothing. The supervisor writes its PID under AIRFLOW_HOME and `make airflow-stop` sends it the
+    one SIGINT (here to a stand-in that records the signals it gets); without a running one it says so."""
+    import signal
+    import sys
+
+    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path)}
+    missing = subprocess.run(["make", "-s", "airflow-stop"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert missing.returncode != 0 and "no make airflow running" in missing.stderr
+    got = tmp_path / "signals"
+    stand_in = subprocess.Popen([sys.executable, "-c", (
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGINT, lambda s, f: (open(sys.argv[1], 'a').write(f'{s}\\n'), sys.exit(0)))\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"), str(got)], stdout=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # as under `make airflow &` ...
+    try:
+        assert stand_in.stdout.readline().strip() == "ready"  # ... and its handler installed over the ignore
+        (tmp_path / "lesion-airflow.pid").write_text(f"{stand_in.pid}\n")
+        sent = subprocess.run(["make", "-s", "airflow-stop"], cwd=REPO, env=env, capture_output=True, text=True)
+        assert sent.returncode == 0 and f"SIGINT sent to {stand_in.pid}" in sent.stdout, sent.stderr
+        assert stand_in.wait(30) == 0 and got.read_text().split() == [str(int(signal.SIGINT))]
+    finally:
+        stand_in.kill()
