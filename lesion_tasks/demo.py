@@ -23,10 +23,10 @@ from lesion_tasks.versions import registry
 
 log = logging.getLogger(__name__)
 
-# the review UI's default order: the decision least sure first (MC samples across the threshold), ties nearest it
+# the review UI's default order (`queue_rank`, NULL once reviewed): likely melanomas, unsure decisions, the rest
 SAMPLE_QUERY = """SELECT image_id, predicted_label, ROUND(p_mel, 3) AS p_mel, ROUND(threshold, 3) AS threshold,
        ROUND(decision_uncertainty, 2) AS decision_uncertainty, ROUND(p_other, 3) AS p_other, review_reasons
-FROM v_review_queue ORDER BY COALESCE(decision_uncertainty, -1) DESC, ABS(p_mel - threshold), image_id LIMIT 5"""
+FROM v_review_queue WHERE queue_rank IS NOT NULL ORDER BY queue_rank LIMIT 5"""
 
 
 def prepare_drop(settings: Settings, data: Path | None, n_synthetic: int = 700) -> str:

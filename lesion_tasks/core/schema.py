@@ -155,7 +155,8 @@ predictions = sa.Table(
     # p(neither MEL nor NV, e.g. basal cell carcinoma): the out-of-scope head; NULL for versions without one
     sa.Column("p_other", sa.Float, nullable=True),
     # the share of the MC-dropout samples on the other side of the threshold applied (0: every sample agrees
-    # with the decision, 0.5: a coin flip): what the review queue ranks by; NULL for rows without samples
+    # with the decision, 0.5: a coin flip): what the review queue ranks its unsure decisions by (the view
+    # v_review_queue.queue_rank, migration 0018, is its default order); NULL for rows without samples
     sa.Column("decision_uncertainty", sa.Float, nullable=True),
     # the share of the Grad-CAM map's mass inside the segmented lesion (model/attention.py); NULL: no lesion
     # segmented, or scored before it was measured

@@ -18,7 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from lesion_tasks.core.db import insert_ignore
-from lesion_tasks.core.schema import LABELS, VERDICTS, images, model_versions, prediction_samples, predictions, reviews
+from lesion_tasks.core.schema import LABELS, VERDICTS, drops, images, model_versions, prediction_samples, predictions, reviews
 from lesion_tasks.core.schema import splits as split_rows
 from lesion_tasks.data.trainset import latest_reviews
 from lesion_tasks.sites import operating
@@ -49,11 +49,33 @@ STATUSES = ("open", "reviewed", "all")
 LABELLED = ("unlabelled", "labelled", "all")
 DEFAULT_LABELLED = "unlabelled"  # the review UI's default
 SPLIT_FILTERS = ("train", "val", "test", "none")  # none: no row in `splits` (never trained on nor tested with)
-# "decision" (the default): the share of MC samples across the case's threshold, so the cases whose decision
-# could go either way come first (a p(MEL) of 0.5 against a threshold of 0.1 is a confident MEL; entropy would
-# put it on top); rows scored before the column existed (NULL) last. Entropy and mutual information stay views.
-SORTS = {"decision": sa.func.coalesce(predictions.c.decision_uncertainty, -1.0), "entropy": predictions.c.entropy,
-         "mutual_info": predictions.c.mutual_info, "p_mel": predictions.c.p_mel}
+LIKELY_MEL = 0.5  # calibrated p(MEL) at or above: more likely melanoma than not (the priority order's first tier)
+
+
+def priority_order() -> tuple:
+    """The default order, what needs action first (`v_review_queue.queue_rank` is the same in SQL, migration 0018):
+    unlabelled images before ISIC-labelled ones (only there can a verdict become a training label); then likely
+    melanomas (p_mel >= LIKELY_MEL) by p_mel; then the decisions the model is unsure of (flagged `uncertain`) by
+    the share of MC samples across the threshold, ties nearest it; then the rest by p_mel. At a new site the
+    threshold is set for sensitivity, so most cases are MEL calls: p_mel, not the call, tells them apart."""
+    p = predictions.c
+    likely, unsure = p.p_mel >= LIKELY_MEL, p.review_reasons.like("%uncertain%")  # no flag contains another
+    return (sa.case((images.c.label.is_(None), 0), else_=1), sa.case((likely, 1), (unsure, 2), else_=3),
+            sa.case((likely, p.p_mel), (unsure, sa.func.coalesce(p.decision_uncertainty, -1.0)), else_=p.p_mel).desc(),
+            sa.func.abs(p.p_mel - p.threshold))
+
+
+# each order's ORDER BY (image_id breaks the last ties) and what the queue page's control says it does.
+# "decision": the share of MC samples across the case's threshold (NULL, rows scored before the column, last)
+SORTS = {"priority": priority_order(), "decision": (sa.func.coalesce(predictions.c.decision_uncertainty, -1.0).desc(),
+                                                    sa.func.abs(predictions.c.p_mel - predictions.c.threshold)),
+         "entropy": (predictions.c.entropy.desc(), predictions.c.mutual_info.desc()),
+         "mutual_info": (predictions.c.mutual_info.desc(), predictions.c.entropy.desc()),
+         "p_mel": (predictions.c.p_mel.desc(), predictions.c.mutual_info.desc())}
+SORT_TEXT = {"priority": f"likely melanomas first (p(MEL) ≥ {LIKELY_MEL}), then unsure decisions, then the rest",
+             "decision": "most uncertain decision first", "entropy": "highest entropy first",
+             "mutual_info": "highest mutual information first", "p_mel": "highest p(MEL) first"}
+DEFAULT_SORT = "priority"
 MAX_NOTE = 2000
 MAX_PAGE = 1000
 MAX_OFFSET = 10**9  # far past any queue; larger values overflow the database's integers (a 500)
@@ -70,11 +92,12 @@ class QueueFilter:
     label: str | None = None  # predicted label
     flag: str | None = None  # one of FLAGS
     status: str = "open"
-    sort: str = "decision"
+    sort: str = DEFAULT_SORT
     limit: int = 500
     offset: int = 0
     labelled: str = "all"
     split: str | None = None
+    site: str | None = None  # images.site, matched as stored
 
     def __post_init__(self):
         _one_of("label", self.label, ("MEL", "NV"), optional=True)
@@ -87,6 +110,10 @@ class QueueFilter:
             raise ValueError(f"limit={self.limit}: expected 1 to {MAX_PAGE}")
         if not 0 <= self.offset <= MAX_OFFSET:
             raise ValueError(f"offset={self.offset}: expected 0 to {MAX_OFFSET}")
+        if self.site is not None and not (isinstance(self.site, str) and 0 < len(self.site) <= 128
+                                          and not _CONTROL.search(self.site)):
+            raise ValueError(f"site={str(self.site)[:140]!r}: expected a site's name as stored "
+                             "(1-128 characters, no control characters)")
 
 
 def _one_of(name: str, value: Any, allowed: tuple, optional: bool = False) -> None:
@@ -128,9 +155,9 @@ def contradiction_confidence() -> sa.ColumnElement[float]:
 
 
 def queue(conn: sa.Connection, f: QueueFilter) -> dict[str, Any]:
-    """A page of the review queue (what `v_review_queue` holds for the champion, narrowed by `f`), most
-    uncertain first, with the latest verdict on each case; `total` counts the filtered queue and `counts`
-    what each value of the labelled, split and status filters would show (the other filters kept)."""
+    """A page of the review queue (what `v_review_queue` holds for the champion, narrowed by `f`) in `f.sort`'s
+    order (`priority_order` by default), with the latest verdict on each case; `total` counts the filtered queue
+    and `counts` what each value of the labelled, split and status filters would show (the other filters kept)."""
     return _listing(conn, f, check=False)
 
 
@@ -166,6 +193,8 @@ def _listing(conn: sa.Connection, f: QueueFilter, check: bool) -> dict[str, Any]
              .where(sa.and_(contradicts_isic(), not_fit_on(version)) if check else predictions.c.needs_review))
     if f.drop_id:
         query = query.where(predictions.c.drop_id == f.drop_id)
+    if f.site:
+        query = query.where(images.c.site == f.site)
     if f.label:
         query = query.where(predictions.c.predicted_label == f.label)
     if f.flag:
@@ -184,9 +213,7 @@ def _listing(conn: sa.Connection, f: QueueFilter, check: bool) -> dict[str, Any]
         query = query.where(r.c.id.is_(None))
     elif f.status == "reviewed":
         query = query.where(r.c.id.is_not(None))
-    ties = {"decision": sa.func.abs(predictions.c.p_mel - predictions.c.threshold).asc(),  # nearest the threshold
-            "mutual_info": predictions.c.entropy.desc()}.get(f.sort, predictions.c.mutual_info.desc())
-    order = (contradiction_confidence().desc(),) if check else (SORTS[f.sort].desc(), ties)
+    order = (contradiction_confidence().desc(),) if check else SORTS[f.sort]
     rows = conn.execute(query.order_by(*order, predictions.c.image_id).limit(f.limit).offset(f.offset)).mappings().all()
     status = status_at(conn, version, {row["site"] for row in rows})
     out = {"model_version": version, "total": counts.pop("total"), "counts": counts,
@@ -220,10 +247,11 @@ def _counts(f: QueueFilter, groups) -> dict[str, Any]:
 
 
 def choices(conn: sa.Connection) -> dict[str, list[str]]:
-    """Values for the queue's filter menus."""
+    """Values for the queue's filter menus (the sites: every drop's, an image's site being its drop's)."""
     versions = registry.evaluated_ids(conn)
-    drops = conn.scalars(sa.select(predictions.c.drop_id).distinct().order_by(predictions.c.drop_id)).all()
-    return {"model_versions": list(versions), "drops": list(drops)}
+    scored = conn.scalars(sa.select(predictions.c.drop_id).distinct().order_by(predictions.c.drop_id)).all()
+    sites = conn.scalars(sa.select(drops.c.site).where(drops.c.site.is_not(None)).distinct().order_by(drops.c.site)).all()
+    return {"model_versions": list(versions), "drops": list(scored), "sites": list(sites)}
 
 
 def case(conn: sa.Connection, image_id: str, model_version: str | None = None) -> dict[str, Any]:

@@ -74,10 +74,11 @@ def empty_hints(f: QueueFilter, result: dict[str, Any], check: bool = False) -> 
         if n := c["status"][other]:
             hint(f"{are(n, 'case')} {'already reviewed' if other == 'reviewed' else 'still open'}",
                  (f"show {other}", "", {"status": other}))
-    narrowing = [f"{name} {value}" for name, value in (("drop", f.drop_id), ("predicted label", f.label),
+    narrowing = [f"{name} {value}" for name, value in (("drop", f.drop_id), ("site", f.site), ("predicted label", f.label),
                                                        ("flag", f.flag)) if value]
     if narrowing:
-        hint(f"the filters {', '.join(narrowing)} may hide more", ("clear them", "", {"drop": None, "label": None, "flag": None}))
+        hint(f"the filters {', '.join(narrowing)} may hide more",
+             ("clear them", "", {"drop": None, "site": None, "label": None, "flag": None}))
     if not hints and result.get("scored") == 0:
         hint(f"model {version} has not scored any image yet: lesion_nightly_score scores every unscored image "
              "(or `lesion score`)")

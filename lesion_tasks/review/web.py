@@ -182,39 +182,43 @@ def create_app(settings: Callable[[], Settings], authenticate: Callable[[Request
                             headers={"Cache-Control": "no-store"})
 
     def listing(request: Request, who: User, check: bool, version: str | None, drop: str | None, label: str | None,
-                flag: str | None, status: str, sort: str, offset: int, limit: int, labelled: str, split: str | None):
+                flag: str | None, status: str, sort: str, offset: int, limit: int, labelled: str, split: str | None,
+                site: str | None):
         f = cases.QueueFilter(version or None, drop or None, label or None, flag or None, status, sort, limit, offset,
-                               labelled or cases.DEFAULT_LABELLED, split or None)
+                               labelled or cases.DEFAULT_LABELLED, split or None, site or None)
         with backend.engine.connect() as conn:
             result = (cases.label_check if check else cases.queue)(conn, f)
             menus = cases.choices(conn)
             missing = hints.no_champion(conn) if result["model_version"] is None else None
         params = {k: v for k, v in {"version": version, "drop": drop, "label": label, "flag": flag, "status": status,
-                                    "sort": sort, "labelled": None if check else f.labelled, "split": split}.items() if v}
+                                    "sort": sort, "labelled": None if check else f.labelled, "split": split,
+                                    "site": site}.items() if v}
         empty = hints.empty_hints(f, result, check) if missing is None and result["total"] == 0 else None
         for hint in (empty or {}).get("hints", []):
             for link in hint["links"]:
                 link["href"] = _href(link["path"], params, link["params"])
         more = offset + limit < result["total"]
         return page(request, "queue.html", who, q=result, f=f, check=check, menus=menus, flags=cases.FLAGS,
-                    statuses=cases.STATUSES, sorts=list(cases.SORTS), labelled_values=cases.LABELLED,
+                    statuses=cases.STATUSES, sorts=cases.SORT_TEXT, labelled_values=cases.LABELLED,
                     split_values=cases.SPLIT_FILTERS, no_champion=missing, empty=empty,
                     next_page=_href("label-check" if check else "", params, {"offset": offset + limit, "limit": limit}) if more else None)
 
     @app.get("/", response_class=HTMLResponse)
     def queue_page(request: Request, who: User, version: str | None = None, drop: str | None = None, label: str | None = None,
-                   flag: str | None = None, status: str = "open", sort: str = "decision", offset: int = 0,
-                   limit: int = 500, labelled: str = cases.DEFAULT_LABELLED, split: str | None = None):
+                   flag: str | None = None, status: str = "open", sort: str = cases.DEFAULT_SORT, offset: int = 0,
+                   limit: int = 500, labelled: str = cases.DEFAULT_LABELLED, split: str | None = None,
+                   site: str | None = None):
         """The flagged predictions of a model version; by default those of unlabelled images (a verdict can
-        become their training label)."""
-        return listing(request, who, False, version, drop, label, flag, status, sort, offset, limit, labelled, split)
+        become their training label), in the priority order (`cases.priority_order`)."""
+        return listing(request, who, False, version, drop, label, flag, status, sort, offset, limit, labelled, split, site)
 
     @app.get("/label-check", response_class=HTMLResponse)
     def label_check_page(request: Request, who: User, version: str | None = None, drop: str | None = None,
-                         label: str | None = None, flag: str | None = None, status: str = "open", sort: str = "decision",
-                         offset: int = 0, limit: int = 500, split: str | None = None):
+                         label: str | None = None, flag: str | None = None, status: str = "open",
+                         sort: str = cases.DEFAULT_SORT, offset: int = 0, limit: int = 500, split: str | None = None,
+                         site: str | None = None):
         """ISIC-labelled images the model contradicts: candidates for an ISIC label error report."""
-        return listing(request, who, True, version, drop, label, flag, status, sort, offset, limit, "all", split)
+        return listing(request, who, True, version, drop, label, flag, status, sort, offset, limit, "all", split, site)
 
     @app.get("/case/{image_id}", response_class=HTMLResponse)
     def case_page(request: Request, who: User, image_id: str, version: str | None = None, saved: str | None = None,

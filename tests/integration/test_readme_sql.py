@@ -21,7 +21,8 @@ BLOCKS = re.findall(r"```sql\n(.*?)```", README.read_text(), re.S)
 
 def test_readme_has_sql_examples():
     assert len(BLOCKS) >= 6
-    for topic in ("v_review_queue", "mutual_info", "GROUP BY p.model_version", "FROM reviews", "v_reviewed_labels"):
+    for topic in ("v_review_queue", "ORDER BY queue_rank", "mutual_info", "GROUP BY p.model_version", "FROM reviews",
+                  "v_reviewed_labels"):
         assert any(topic in b for b in BLOCKS), topic
 
 

@@ -1,7 +1,7 @@
 """Review logic (lesion_tasks.review.cases) on the embedded defaults: the queue equals v_review_queue and is
-ordered by uncertainty, verdicts are validated and idempotent, the stored MC samples are the ones
-behind p_mel, nightly aggregates add up, and reviewer labels become training data only where ISIC
-gave none (recorded in lineage; ISIC labels never overwritten).
+ordered as its queue_rank (likely melanomas, unsure decisions, the rest), verdicts are validated and
+idempotent, the stored MC samples are the ones behind p_mel, nightly aggregates add up, and reviewer labels
+become training data only where ISIC gave none (recorded in lineage; ISIC labels never overwritten).
 
 On a copy of the session's trained home (tests/conftest.py): these tests record verdicts and retrain."""
 
@@ -37,7 +37,15 @@ def home(trained_home, tmp_path_factory):
     engine.dispose()
 
 
-def test_queue_is_the_view_most_uncertain_first_with_working_filters(home):
+def priority_key(c: dict) -> tuple:
+    """cases.priority_order in Python: what the default queue is sorted by."""
+    likely, unsure = c["p_mel"] >= review.LIKELY_MEL, "uncertain" in (c["review_reasons"] or "").split(",")
+    share = -1.0 if c["decision_uncertainty"] is None else c["decision_uncertainty"]
+    tier, key = (1, c["p_mel"]) if likely else (2, share) if unsure else (3, c["p_mel"])
+    return (c["known_label"] is not None, tier, -key, abs(c["p_mel"] - c["threshold"]), c["image_id"])
+
+
+def test_queue_is_the_view_in_priority_order_with_working_filters(home):
     settings, engine, version = home
     with engine.connect() as conn:
         everything = review.queue(conn, review.QueueFilter(status="all", limit=1000))
@@ -45,9 +53,23 @@ def test_queue_is_the_view_most_uncertain_first_with_working_filters(home):
         flagged = conn.execute(sa.select(sa.func.count()).select_from(predictions).where(predictions.c.needs_review)).scalar()
         assert everything["model_version"] == version
         assert {c["image_id"] for c in everything["cases"]} == view and everything["total"] == len(view) == flagged > 0
-        # the most uncertain decision first (share of MC samples across the threshold), then nearest the threshold
-        keys = [(-c["decision_uncertainty"], abs(c["p_mel"] - c["threshold"])) for c in everything["cases"]]
+        # the default order (cases.priority_order): unlabelled first; likely melanomas by p_mel, then the decisions
+        # flagged uncertain by the share of MC samples across the threshold, then the rest by p_mel
+        keys = [priority_key(c) for c in everything["cases"]]
+        assert keys == sorted(keys) and len({k[1] for k in keys}) > 1
+        decision = review.queue(conn, review.QueueFilter(sort="decision", status="all", limit=1000))["cases"]
+        keys = [(-c["decision_uncertainty"], abs(c["p_mel"] - c["threshold"])) for c in decision]
         assert keys == sorted(keys)
+        # SQL sees the queue people see: v_review_queue.queue_rank (1 = first) is the UI's default page, then the
+        # ISIC-labelled open cases; NULL once a case is reviewed
+        default = review.queue(conn, review.QueueFilter(labelled=review.DEFAULT_LABELLED, limit=1000))
+        ranked = conn.execute(sa.text("SELECT image_id, known_label FROM v_review_queue WHERE queue_rank IS NOT NULL "
+                                      "ORDER BY queue_rank")).all()
+        opened = review.queue(conn, review.QueueFilter(limit=1000))["cases"]
+        assert default["cases"] and [r.image_id for r in ranked][:default["total"]] == [c["image_id"] for c in default["cases"]]
+        assert [r.image_id for r in ranked] == [c["image_id"] for c in opened]
+        assert conn.execute(sa.text("SELECT MIN(queue_rank), MAX(queue_rank), COUNT(queue_rank) FROM v_review_queue")).one() \
+            == (1, len(opened), len(opened))
         by_entropy = review.queue(conn, review.QueueFilter(sort="entropy", status="all", limit=1000))["cases"]
         keys = [(c["entropy"], c["mutual_info"]) for c in by_entropy]
         assert keys == sorted(keys, reverse=True)

@@ -32,6 +32,7 @@ from lesion_tasks.core.schema import images, model_versions, predictions
 from lesion_tasks.core.schema import splits as splits_table
 from lesion_tasks.core.settings import Settings
 from tests.helpers import LABELLED_DROP, NIGHT_DROP, copy_home
+from tests.integration.test_review import priority_key
 
 ALL = {"status": "all", "limit": 1000}
 
@@ -94,11 +95,15 @@ def test_default_queue_is_unlabelled_with_labelled_and_split_filters_and_their_c
             assert part["counts"]["labelled"]["all"] == split_sizes[split]
         unlabelled_in_train = review.queue(conn, review.QueueFilter(**ALL, labelled="unlabelled", split="train"))
         assert unlabelled_in_train["total"] == 0 and unlabelled_in_train["counts"]["split"]["none"] == len(unlabelled)
-        # the existing filters still narrow, sorted most uncertain first
+        # the existing filters still narrow, in the default (priority) order
         night = review.queue(conn, review.QueueFilter(**ALL, labelled="unlabelled", drop_id=NIGHT_DROP))["cases"]
         assert {c["drop_id"] for c in night} == {NIGHT_DROP}
-        keys = [(-c["decision_uncertainty"], abs(c["p_mel"] - c["threshold"])) for c in night]
+        keys = [priority_key(c) for c in night]
         assert keys == sorted(keys)
+        sites = {c["site"] for c in night}
+        for site in sites:  # the site filter: that site's cases, in the same order
+            assert [c for c in night if c["site"] == site] == review.queue(
+                conn, review.QueueFilter(**ALL, labelled="unlabelled", drop_id=NIGHT_DROP, site=site))["cases"]
 
     client = _client(settings)
     page = client.get("/")
@@ -226,8 +231,8 @@ def test_an_empty_queue_under_a_champion_says_which_filter_hides_what(home_copy,
     assert (f"{labelled} labelled images are flagged (ISIC labelled them: a verdict cannot make them training labels): "
             "see Label check · show them") in text
     assert f"{len(unlabelled)} cases are already reviewed: show reviewed" in text
-    assert 'href="./label-check?status=open&amp;sort=decision"' in page
-    assert 'href="./?status=reviewed&amp;sort=decision&amp;labelled=unlabelled"' in page
+    assert 'href="./label-check?status=open&amp;sort=priority"' in page
+    assert 'href="./?status=reviewed&amp;sort=priority&amp;labelled=unlabelled"' in page
     # a split and a drop that hold nothing: each filter named with what it hides
     narrowed = _empty_state(client.get("/", params={"labelled": "all", "split": "val", "drop": NIGHT_DROP}).text)
     assert narrowed.startswith("0 cases in split val need review.")
@@ -346,14 +351,15 @@ def test_the_case_caption_words_the_spread_it_shows(home_copy, trained_home):
 
 
 def test_the_queue_ranks_by_how_uncertain_the_decision_is(home):
-    """Default order: the share of MC samples across the case's threshold (the decision could go either way),
-    ties nearest the threshold first; stored at scoring as exactly that share of the case's samples."""
+    """The order "most uncertain decision first" (the default before issue 37; now `priority`'s unsure tier): the
+    share of MC samples across the case's threshold (the decision could go either way), ties nearest the threshold
+    first; stored at scoring as exactly that share of the case's samples."""
     settings, engine, version = home
     with engine.connect() as conn:
-        cases = review.queue(conn, review.QueueFilter(**{**ALL, "limit": 1000}))["cases"]
+        cases = review.queue(conn, review.QueueFilter(**{**ALL, "limit": 1000, "sort": "decision"}))["cases"]
         samples = dict(conn.execute(sa.text("SELECT image_id, p_mel_samples FROM prediction_samples WHERE model_version = :v"),
                                     {"v": version}).all())
-    assert review.QueueFilter().sort == "decision" and len(cases) > 5
+    assert review.QueueFilter().sort == "priority" and len(cases) > 5
     keys = [(-c["decision_uncertainty"], abs(c["p_mel"] - c["threshold"])) for c in cases]
     assert keys == sorted(keys)
     for c in cases:

@@ -11,7 +11,7 @@ from lesion_tasks.core import db
 from lesion_tasks.core.schema import metadata
 from lesion_tasks.core.settings import Settings
 
-HEAD = "0017_label_import_runs"
+HEAD = "0018_queue_rank"
 
 
 @pytest.fixture
@@ -309,7 +309,7 @@ def test_views_carry_every_prediction_column_and_the_decision_columns_step_back(
         before = {v: _view_columns(conn, v) for v in ("v_latest_predictions", "v_review_queue")}
         grants_before = _reader_grants(conn)
 
-    assert db.upgrade(settings) == HEAD
+    assert db.upgrade(settings, "0014_views_decision_columns") == "0014_views_decision_columns"
     with engine.connect() as conn:
         table = [c["name"] for c in sa.inspect(conn).get_columns("predictions")]
         for view, cols in before.items():
@@ -356,5 +356,40 @@ def test_typed_records_migration_gives_stored_gates_checks_and_renames_the_rule_
         row = registry.get(conn, "m1")
     assert "checks" not in row["gate"] and row["gate"]["reasons"] == gate["reasons"]
     assert row["review_rule"]["threshold_by_source"] == {"pooled": 0.15}
+    engine.dispose()
+    assert db.upgrade(settings) == HEAD
+
+
+def test_queue_rank_migration_appends_the_uis_order_to_the_queue_view_and_steps_back(url, tmp_path):
+    """0018 appends `queue_rank` to v_review_queue (every other column in place, v_latest_predictions untouched,
+    the reader's grants survive): the review UI's default order over the open cases, 1 = first, NULL once
+    reviewed; a downgrade restores the view as it was."""
+    settings, engine = _one_prediction_at(url, tmp_path, "0017_label_import_runs")
+    with engine.begin() as conn:
+        conn.execute(sa.text(IMAGE_ROW), {"image_id": "i2", "label": None})
+        conn.execute(sa.text(IMAGE_ROW), {"image_id": "i3", "label": None})
+        # i1: p 0.6, a likely melanoma; i2: unsure (flagged uncertain); i3: the rest; i4: reviewed
+        conn.execute(sa.text(PREDICTION_ROW.replace("0.6, 'MEL'", "0.3, 'MEL'")), {"image_id": "i2", "t": True})
+        conn.execute(sa.text(PREDICTION_ROW.replace("0.6, 'MEL'", "0.45, 'MEL'").replace("'uncertain'", "'predicted_mel'")),
+                     {"image_id": "i3", "t": True})
+        conn.execute(sa.text(IMAGE_ROW), {"image_id": "i4", "label": None})
+        conn.execute(sa.text(PREDICTION_ROW.replace("0.6, 'MEL'", "0.9, 'MEL'")), {"image_id": "i4", "t": True})
+        conn.execute(sa.text(REVIEW_ROW.replace("'i1'", "'i4'")))
+        conn.execute(sa.text("UPDATE predictions SET decision_uncertainty = 0.25"))
+        before = {v: _view_columns(conn, v) for v in ("v_latest_predictions", "v_review_queue")}
+        grants_before = _reader_grants(conn)
+
+    assert db.upgrade(settings) == HEAD
+    with engine.connect() as conn:
+        assert _view_columns(conn, "v_review_queue") == before["v_review_queue"] + ["queue_rank"]
+        assert _view_columns(conn, "v_latest_predictions") == before["v_latest_predictions"]
+        ranks = dict(conn.execute(sa.text("SELECT image_id, queue_rank FROM v_review_queue")).all())
+        assert ranks == {"i1": 1, "i2": 2, "i3": 3, "i4": None}
+        if grants_before is not None:
+            assert _reader_grants(conn) == grants_before
+
+    assert db.downgrade(settings, "0017_label_import_runs") == "0017_label_import_runs"
+    with engine.connect() as conn:
+        assert {v: _view_columns(conn, v) for v in before} == before
     engine.dispose()
     assert db.upgrade(settings) == HEAD

@@ -28,6 +28,7 @@ from lesion_tasks.core.schema import images, model_versions, predictions, review
 from lesion_tasks.ops.synthetic import make_drop
 from tests import reliability
 from tests.helpers import champion_row, tiny_config
+from tests.integration.test_review import priority_key
 from tests.live.browser import SHOTS, chromium
 from tests.live.browser import login as _login
 from tests.live.browser import shot as _shot
@@ -111,15 +112,15 @@ def test_queue_case_verdict_in_a_real_browser(live, queue_ready, browser):
         assert set(page.locator("#queue tbody tr td:nth-child(10)").all_inner_texts()) == {"–"}
         assert page.locator("select[name=labelled] option:checked").inner_text() == f"unlabelled ({total})"
         # the timing is a figure (build/screenshots/queue_timing.json, the README), not a pass/fail: tests assert behaviour
-        # most uncertain decision first: the share of MC samples across each case's threshold (cases.SORTS)
+        # the default order (cases.priority_order): likely melanomas, then unsure decisions, then the rest
         engine = _engine(live)
         with engine.connect() as conn:
             ranked = review.queue(conn, review.QueueFilter(status="open", limit=500, labelled=review.DEFAULT_LABELLED))
         engine.dispose()
         shown_ids = page.locator("#queue tbody tr").evaluate_all("rows => rows.map(r => r.dataset.imageId)")
         assert shown_ids == [c["image_id"] for c in ranked["cases"]]
-        share = [c["decision_uncertainty"] for c in ranked["cases"]]
-        assert share == sorted(share, reverse=True) and share[0] > share[-1]
+        keys = [priority_key(c) for c in ranked["cases"]]
+        assert keys == sorted(keys)
         _until(page, "() => [...document.querySelectorAll('#queue img')].slice(0, 4).every(i => i.complete && i.naturalWidth > 0)")
         _shot(page, "01-queue")
 
@@ -130,7 +131,7 @@ def test_queue_case_verdict_in_a_real_browser(live, queue_ready, browser):
         labels = set(page.locator("#queue tbody tr td:nth-child(4) .tag").all_inner_texts())
         assert labels <= {"MEL"}
 
-        # open the most uncertain open case
+        # open the first open case
         page.goto(f"{live.base}/lesion-review/")
         first = page.locator("#queue tbody tr").first
         image_id = first.get_attribute("data-image-id")

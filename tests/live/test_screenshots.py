@@ -9,7 +9,7 @@ It is ingested into the live server's home under a drop id of its own, a tiny te
 the gate, or by a recorded manual override if the gate refuses it, and it scores the real drop (afterwards
 the champion found before, if any, is champion again). Chromium, logged in as admin, opens the queue inside
 Airflow filtered to that drop (by default the open cases among the images without labels: those the model
-flags) and the most uncertain case: `review-queue.jpg` and `review-case.jpg` (JPEG, < 300 KB each).
+flags) and the queue's first case: `review-queue.jpg` and `review-case.jpg` (JPEG, < 300 KB each).
 
 It shares the live home: the review plugin reads the Connection `lesion_db`, fixed when the standalone
 starts, so a database of its own would need a second standalone. What it leaves there: a drop, a retired
@@ -164,7 +164,7 @@ def test_readme_screenshots_from_a_real_isic_drop(live, real_drop, browser):
                       ".every(i => i.complete && i.naturalWidth > 0)")
         _jpeg(page, "review-queue")
 
-        # the most uncertain case, as the queue links it
+        # the queue's first case, as the queue links it
         href = urljoin(frame.url, rows.first.locator("a.case-link").get_attribute("href"))
         page.set_viewport_size({"width": 1280, "height": 1000})
         page.goto(href)
