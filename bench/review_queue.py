@@ -29,6 +29,7 @@ import sqlalchemy as sa  # noqa: E402
 
 from lesion_tasks.core import db
 from lesion_tasks.review import cases as review
+from lesion_tasks.review import trends  # noqa: E402
 from lesion_tasks.core.schema import drops, images, model_versions, predictions, reviews  # noqa: E402
 from lesion_tasks.core.settings import Settings  # noqa: E402
 
@@ -100,7 +101,7 @@ def measure(db_url: str | None, n_predictions: int, versions: int, home: Path) -
 
     def nights():
         with engine.connect() as conn:
-            return review.nightly(conn, 14)
+            return trends.nightly(conn, 14)
 
     from fastapi.testclient import TestClient
 

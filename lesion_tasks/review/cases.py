@@ -1,5 +1,5 @@
 """Human review of what the model was unsure about: the queue, the label check (ISIC labels the model
-contradicts), one case, verdicts, trends, and what an empty page should say.
+contradicts), one case, verdicts (the Nights page's aggregates: trends.py).
 
 The review UI (plugins/lesion_review.py) calls these; they know nothing of the web. A verdict is
 appended to `reviews` (history kept, the latest per image counts). Which verdicts become training
@@ -8,11 +8,10 @@ labels is `trainset.py`'s policy; `images.label` is never changed here.
 
 from __future__ import annotations
 
-import math
 import re
 import uuid
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -218,9 +217,10 @@ def _listing(conn: sa.Connection, f: QueueFilter, check: bool) -> dict[str, Any]
     status = status_at(conn, version, {row["site"] for row in rows})
     out = {"model_version": version, "total": counts.pop("total"), "counts": counts,
            "cases": [dict(row) | {"site_status": status[row["site"]]} for row in rows]}
-    if not out["total"]:  # an empty page: did the version score anything at all? (what empty_hints says)
-        out["scored"] = int(conn.scalar(sa.select(sa.func.count()).select_from(predictions)
-                                        .where(predictions.c.model_version == version)) or 0)
+    # how far the version has scored the images: a queue still filling says so (and an empty page says why)
+    out["scored"] = int(conn.scalar(sa.select(sa.func.count()).select_from(predictions)
+                                    .where(predictions.c.model_version == version)) or 0)
+    out["images"] = int(conn.scalar(sa.select(sa.func.count()).select_from(images)) or 0)
     return out
 
 
@@ -363,37 +363,3 @@ def model_overview(conn: sa.Connection) -> list[dict[str, Any]]:
                     "reviewed_labels": v.lineage.get("reviewed_labels"),
                     "predictions": counts.get(v.model_version, 0), "artifacts_pruned_at": v.artifacts_pruned_at})
     return out
-
-
-def _bin(column, bins: int, top: float, dialect: str):
-    scaled = sa.func.least(column / top, 0.999999) if dialect == "postgresql" else sa.func.min(column / top, 0.999999)
-    if dialect == "postgresql":
-        return sa.cast(sa.func.floor(scaled * bins), sa.Integer)
-    return sa.cast(scaled * bins, sa.Integer)  # SQLite's CAST truncates (values are >= 0)
-
-
-def nightly(conn: sa.Connection, nights: int = 14, bins: int = 10) -> dict[str, Any]:
-    """Per scoring night (UTC date) of the last `nights`: images scored, cases flagged for review, and
-    histograms of p_mel (over [0, 1]) and entropy (over [0, ln 2]); all aggregated in SQL."""
-    dialect = conn.dialect.name
-    since = datetime.now(UTC) - timedelta(days=nights)
-    night = sa.func.date(predictions.c.scored_at).label("night")
-    p_bin = _bin(predictions.c.p_mel, bins, 1.0, dialect).label("p_bin")
-    e_bin = _bin(predictions.c.entropy, bins, math.log(2), dialect).label("e_bin")
-    # one scan: at most nights x bins x bins groups, folded into the three views below
-    groups = conn.execute(sa.select(night, p_bin, e_bin, sa.func.count(),
-                                    sa.func.sum(sa.cast(predictions.c.needs_review, sa.Integer)))
-                          .where(predictions.c.scored_at >= since).group_by(night, p_bin, e_bin)).all()
-    out: dict[str, dict[str, Any]] = {}
-    for n, pb, eb, count, flagged in sorted(groups, key=lambda g: str(g[0])):
-        row = out.setdefault(str(n), {"night": str(n), "scored": 0, "flagged": 0, "p_mel": [0] * bins, "entropy": [0] * bins})
-        row["scored"] += int(count)
-        row["flagged"] += int(flagged or 0)
-        row["p_mel"][min(max(int(pb), 0), bins - 1)] += int(count)
-        row["entropy"][min(max(int(eb), 0), bins - 1)] += int(count)
-    day = sa.func.date(reviews.c.reviewed_at)
-    reviewed = {str(n): int(c) for n, c in conn.execute(sa.select(day, sa.func.count())
-                                                        .where(reviews.c.reviewed_at >= since).group_by(day)).all()}
-    for n, row in out.items():
-        row["reviewed"] = reviewed.get(n, 0)
-    return {"nights": list(out.values()), "bins": bins, "entropy_max": math.log(2)}

@@ -30,7 +30,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from lesion_tasks.core.db import make_engine
 from lesion_tasks.core.settings import Settings
 from lesion_tasks.core.store import ObjectStore, StoreError, open_store
-from lesion_tasks.review import cases, hints, media, previews
+from lesion_tasks.review import cases, hints, media, previews, trends
 from lesion_tasks.review.charts import histogram_svg, nights_svg, queue_bars_svg
 from lesion_tasks.sites import status as sites
 from lesion_tasks.sites.status import STATUS_TEXT as SITE_STATUS_TEXT
@@ -277,8 +277,8 @@ def create_app(settings: Callable[[], Settings], authenticate: Callable[[Request
         if not 1 <= nights <= 366:
             raise ValueError(f"nights={nights}: expected 1 to 366")
         with backend.engine.connect() as conn:
-            data = cases.nightly(conn, nights)
             champion = cases.resolve_version(conn, None)
+            data = trends.nightly(conn, nights, model_version=champion)  # one version a night: the champion's
             missing = hints.no_champion(conn) if champion is None else None
         return page(request, "nights.html", who, data=data, n=nights, bars=queue_bars_svg(data), ln2=math.log(2),
                     champion=champion, no_champion=missing)

@@ -50,3 +50,44 @@ def test_the_new_champion_scores_the_open_cases_first(promoted):
     ids = plan.shards[0]["image_ids"]
     assert 0 < len(open_cases) < N_IMAGES and set(ids[: len(open_cases)]) == open_cases  # the open cases first
     assert reviewed not in ids[: len(open_cases)]  # a reviewed case is not waiting for anyone
+
+
+def test_a_night_counts_the_champions_predictions_only(promoted):
+    """The Nights page counted every version's predictions of a day (three scorings of the same images by three
+    versions: "42,863 flagged of 47,559"). It counts the champion's, and says what earlier versions scored."""
+    from lesion_tasks.review import trends
+
+    settings, engine, previous, _ = promoted
+    scored = nightly.score(settings, limit=12, run_id="night-after-promotion")["scored"]
+    with engine.connect() as conn:
+        [night] = trends.nightly(conn, nights=7, model_version=NEW)["nights"]
+        everything = trends.nightly(conn, nights=7)["nights"][0]
+    assert scored == 12 and night["scored"] == 12 and sum(night["p_mel"]) == 12
+    assert night["other_versions"] == {previous: N_IMAGES}  # said, not added in
+    assert everything["scored"] == N_IMAGES + 12  # without a version: every prediction, as before
+    page = _client(settings).get("/nights", headers={"Authorization": "Bearer ok"}).text
+    assert f"The champion's predictions (<code>{NEW}</code>) only." in page
+    assert f"<code>{previous}</code> {N_IMAGES:,}" in page  # the earlier version's scoring of the night, named
+
+
+def _client(settings):
+    from fastapi.testclient import TestClient
+
+    from lesion_tasks.review.web import Reviewer, create_app
+
+    async def authenticate(request):
+        return Reviewer("dr-local", True, True) if request.headers.get("authorization") == "Bearer ok" else None
+    return TestClient(create_app(lambda: settings, authenticate, lambda nxt: f"/auth/login?next={nxt}"))
+
+
+def test_a_queue_still_filling_says_so_with_progress(promoted):
+    """While the new champion scores, the queue said "0 unlabelled cases need review" as if there were nothing: it says
+    how far the champion has scored the images, and that the rest is coming."""
+    settings, engine, _, _ = promoted
+    with engine.connect() as conn:
+        scored = conn.scalar(sa.select(sa.func.count()).select_from(predictions).where(predictions.c.model_version == NEW))
+        listed = review.queue(conn, review.QueueFilter())
+    assert (listed["scored"], listed["images"]) == (scored, N_IMAGES) and scored < N_IMAGES
+    page = _client(settings).get("/", headers={"Authorization": "Bearer ok"}).text
+    assert (f"Model <code>{NEW}</code> has scored {scored:,} of {N_IMAGES:,} images ({N_IMAGES - scored:,} to go)"
+            in page), page[:3000]

@@ -21,6 +21,7 @@ from lesion_tasks.model import mc
 from lesion_tasks.training import retrain
 from lesion_tasks.data import splits, trainset
 from lesion_tasks.review import cases as review
+from lesion_tasks.review import trends
 from lesion_tasks.core.schema import images, prediction_samples, predictions, reviews
 from lesion_tasks.core.schema import splits as splits_table
 from tests import reliability
@@ -155,7 +156,7 @@ def test_nightly_aggregates_add_up(home):
     _, engine, version = home
     review.record(engine, _open_case(engine, drop_id=LABELLED_DROP), version, "agree", "dr-n", submission_id="nightly-1")
     with engine.connect() as conn:
-        data = review.nightly(conn, nights=7)
+        data = trends.nightly(conn, nights=7)
         scored = conn.execute(sa.select(sa.func.count()).select_from(predictions)).scalar()
         flagged = conn.execute(sa.select(sa.func.count()).select_from(predictions).where(predictions.c.needs_review)).scalar()
         p_mel = conn.execute(sa.select(predictions.c.p_mel)).scalars().all()
