@@ -23,10 +23,9 @@ from lesion_tasks.model.features import ImageRef
 BINARY = ("MEL", "NV")
 
 
-def latest_reviews(by_version: bool = False) -> sa.Subquery:
-    """id of the latest review per image (per image and model version with `by_version`)."""
-    cols = [reviews.c.image_id] + ([reviews.c.model_version] if by_version else [])
-    return sa.select(*cols, sa.func.max(reviews.c.id).label("review_id")).group_by(*cols).subquery()
+def latest_reviews() -> sa.Subquery:
+    """id of the latest review per image (a verdict belongs to the image, whichever model version was shown)."""
+    return sa.select(reviews.c.image_id, sa.func.max(reviews.c.id).label("review_id")).group_by(reviews.c.image_id).subquery()
 
 
 def reviewer_labels(conn: sa.Connection) -> dict[str, Any]:

@@ -22,9 +22,10 @@ from lesion_tasks.core.schema import splits as split_rows
 from lesion_tasks.data.trainset import latest_reviews
 from lesion_tasks.sites import operating
 from lesion_tasks.sites.status import status_at
-from lesion_tasks.versions import registry
+from lesion_tasks.versions import registry, succession
 
 FLAGS = ("predicted_mel", "uncertain", "near_threshold", "out_of_scope", "attention_off_lesion", "site_failing")
+# shown beside them, decided when the queue is read (a verdict may come after the scoring): `disagrees_with_verdict`
 # what the UI shows for each flag of `predictions.review_reasons`: a badge and what it means (tooltip)
 FLAG_TEXT = {
     "predicted_mel": ("predicted_mel", "predicted melanoma: p(MEL) at or above the model version's threshold"),
@@ -41,6 +42,8 @@ FLAG_TEXT = {
                              "corners): the model may be deciding on something else than the lesion; check the overlay"),
     "site_failing": ("site failing", "the model version is below a gate floor at this case's site, on that site's own "
                                      "labelled images (lesion sites): every case from there is reviewed"),
+    "disagrees_with_verdict": ("disagrees with verdict", "a reviewer's verdict, given under another model version, says "
+                                                         "otherwise: open again for a second look"),
 }
 STATUSES = ("open", "reviewed", "all")
 # images.label: a verdict becomes a training label only where ISIC gave none, so the queue shows unlabelled
@@ -172,8 +175,16 @@ def _listing(conn: sa.Connection, f: QueueFilter, check: bool) -> dict[str, Any]
     if version is None:
         counts = _counts(f, [])
         return {"model_version": None, "total": counts.pop("total"), "cases": [], "counts": counts}
-    latest = latest_reviews(by_version=True)
+    latest = latest_reviews()  # a verdict is the reviewer's diagnosis of the image, whichever version was shown
     r = reviews.alias("r")
+    mine = predictions.c.model_version == version
+    shown = mine  # the version's predictions; the champion's queue also the previous champion's until it scored them
+    previous = succession.previous_champion(conn) if not check and f.model_version in (None, "", "champion") else None
+    if previous is not None:
+        q = predictions.alias("q")
+        shown = sa.or_(mine, sa.and_(predictions.c.model_version == previous, predictions.c.image_id.not_in(
+            sa.select(q.c.image_id).where(q.c.model_version == version))))
+    disagrees = disagrees_with_verdict(r)
     # images and splits joined on their primary key image_id; the version's rows via ix_predictions_version_review
     query = (sa.select(predictions.c.image_id, predictions.c.model_version, predictions.c.p_mel,
                        predictions.c.predicted_label, predictions.c.threshold, predictions.c.entropy,
@@ -181,15 +192,17 @@ def _listing(conn: sa.Connection, f: QueueFilter, check: bool) -> dict[str, Any]
                        predictions.c.drop_id,
                        predictions.c.scored_at, images.c.label.label("known_label"),
                        r.c.verdict.label("review_verdict"), r.c.label.label("review_label"), r.c.reviewer,
-                       r.c.reviewed_at, predictions.c.p_other, predictions.c.gradcam_uri, split_rows.c.split,
-                       images.c.site)
+                       r.c.reviewed_at, r.c.model_version.label("review_model_version"), predictions.c.p_other,
+                       predictions.c.gradcam_uri, split_rows.c.split, images.c.site,
+                       sa.case((mine, "champion" if previous is not None else "version"),
+                               else_="previous_champion").label("prediction_of"), disagrees.label("disagrees"))
              .join(images, images.c.image_id == predictions.c.image_id)
              .outerjoin(split_rows, split_rows.c.image_id == predictions.c.image_id)
-             .outerjoin(latest, sa.and_(latest.c.image_id == predictions.c.image_id,
-                                        latest.c.model_version == predictions.c.model_version))
+             .outerjoin(latest, latest.c.image_id == predictions.c.image_id)
              .outerjoin(r, r.c.id == latest.c.review_id)
-             .where(predictions.c.model_version == version)
-             .where(sa.and_(contradicts_isic(), not_fit_on(version)) if check else predictions.c.needs_review))
+             .where(shown)
+             .where(sa.and_(contradicts_isic(), not_fit_on(version)) if check
+                    else sa.or_(predictions.c.needs_review, disagrees)))
     if f.drop_id:
         query = query.where(predictions.c.drop_id == f.drop_id)
     if f.site:
@@ -200,7 +213,9 @@ def _listing(conn: sa.Connection, f: QueueFilter, check: bool) -> dict[str, Any]
         # reasons are a comma-separated list of FLAGS (no flag is a substring of another)
         query = query.where(predictions.c.review_reasons.contains(f.flag))
     # one grouped scan instead of a count: the total and what each labelled / split / status value holds
-    is_open = r.c.id.is_(None)  # no bound parameters: PostgreSQL must see the GROUP BY and SELECT expressions equal
+    # open: no verdict yet, or one given under another version that this prediction disagrees with (no bound
+    # parameters: PostgreSQL must see the GROUP BY and SELECT expressions equal)
+    is_open = sa.or_(r.c.id.is_(None), disagrees)
     groups = conn.execute(query.with_only_columns(images.c.label, split_rows.c.split, is_open, sa.func.count())
                           .group_by(images.c.label, split_rows.c.split, is_open)).all()
     counts = _counts(f, groups)
@@ -209,19 +224,38 @@ def _listing(conn: sa.Connection, f: QueueFilter, check: bool) -> dict[str, Any]
     if f.split:
         query = query.where(split_rows.c.split.is_(None) if f.split == "none" else split_rows.c.split == f.split)
     if f.status == "open":
-        query = query.where(r.c.id.is_(None))
+        query = query.where(is_open)
     elif f.status == "reviewed":
-        query = query.where(r.c.id.is_not(None))
+        query = query.where(sa.not_(is_open))
     order = (contradiction_confidence().desc(),) if check else SORTS[f.sort]
     rows = conn.execute(query.order_by(*order, predictions.c.image_id).limit(f.limit).offset(f.offset)).mappings().all()
     status = status_at(conn, version, {row["site"] for row in rows})
-    out = {"model_version": version, "total": counts.pop("total"), "counts": counts,
-           "cases": [dict(row) | {"site_status": status[row["site"]]} for row in rows]}
+    out = {"model_version": version, "total": counts.pop("total"), "counts": counts, "previous_champion": previous,
+           "cases": [_shown_case(row, status[row["site"]]) for row in rows]}
     # how far the version has scored the images: a queue still filling says so (and an empty page says why)
     out["scored"] = int(conn.scalar(sa.select(sa.func.count()).select_from(predictions)
                                     .where(predictions.c.model_version == version)) or 0)
     out["images"] = int(conn.scalar(sa.select(sa.func.count()).select_from(images)) or 0)
     return out
+
+
+def disagrees_with_verdict(r: Any) -> sa.ColumnElement[bool]:
+    """The prediction contradicts the image's latest verdict (`r`), given under another model version: a melanoma or
+    nevus verdict called the other class, or an OTHER verdict called NV without an out_of_scope flag. Such a case is
+    open again, flagged `disagrees_with_verdict`. Literals inline: PostgreSQL compares GROUP BY and SELECT texts."""
+    called, reasons = predictions.c.predicted_label, sa.func.coalesce(predictions.c.review_reasons, sa.literal_column("''"))
+    mel, nv, other = (sa.literal_column(f"'{x}'") for x in ("MEL", "NV", "OTHER"))
+    return sa.and_(r.c.id.is_not(None), r.c.model_version != predictions.c.model_version,
+                   sa.or_(sa.and_(r.c.label.in_([mel, nv]), r.c.label != called),
+                          sa.and_(r.c.label == other, called == nv,
+                                  sa.not_(reasons.like(sa.literal_column("'%out_of_scope%'"))))))
+
+
+def _shown_case(row: Any, site_status: str) -> dict[str, Any]:
+    case = dict(row) | {"site_status": site_status}
+    if case.pop("disagrees"):  # a review reason of its own (shown as a flag; not stored with the prediction)
+        case["review_reasons"] = ",".join(filter(None, (case["review_reasons"], "disagrees_with_verdict")))
+    return case
 
 
 def _counts(f: QueueFilter, groups) -> dict[str, Any]:

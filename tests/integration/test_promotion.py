@@ -91,3 +91,51 @@ def test_a_queue_still_filling_says_so_with_progress(promoted):
     page = _client(settings).get("/", headers={"Authorization": "Bearer ok"}).text
     assert (f"Model <code>{NEW}</code> has scored {scored:,} of {N_IMAGES:,} images ({N_IMAGES - scored:,} to go)"
             in page), page[:3000]
+
+
+def test_right_after_a_promotion_the_queue_keeps_its_cases_and_its_verdicts(promoted):
+    """Until the new champion has scored an image, the queue and v_latest_predictions show the previous champion's
+    prediction, marked as such: never empty while a champion's predictions exist. A verdict given under the
+    previous champion stays with its image: the case stays reviewed, and the case page names the version."""
+    settings, engine, previous, reviewed = promoted
+    with engine.connect() as conn:
+        listed = review.queue(conn, review.QueueFilter(status="all", limit=1000, labelled="all"))
+        mine = set(conn.scalars(sa.select(predictions.c.image_id).where(predictions.c.model_version == NEW)))
+        view = dict(conn.execute(sa.text("SELECT image_id, prediction_of FROM v_latest_predictions")).all())
+        queue_view = {r.image_id: r for r in conn.execute(sa.text(
+            "SELECT image_id, review_verdict, review_model_version, queue_rank, prediction_of FROM v_review_queue"))}
+    cases = {c["image_id"]: c for c in listed["cases"]}
+    assert len(view) == N_IMAGES and {i for i, of in view.items() if of == "champion"} == mine  # every image shown
+    assert listed["total"] > 0 and {c["prediction_of"] for c in cases.values()} >= {"previous_champion"}
+    assert all((c["model_version"] == NEW) == (c["prediction_of"] == "champion") for c in cases.values())
+    kept = cases[reviewed]  # the verdict given under the previous champion: still reviewed
+    assert kept["review_verdict"] == "agree" and kept["review_model_version"] == previous
+    assert queue_view[reviewed].review_verdict == "agree" and queue_view[reviewed].queue_rank is None
+    with engine.connect() as conn:
+        open_ids = {c["image_id"] for c in review.queue(conn, review.QueueFilter(limit=1000, labelled="all"))["cases"]}
+    assert reviewed not in open_ids and open_ids == {i for i, r in queue_view.items() if r.queue_rank is not None}
+
+
+def test_a_new_champion_that_disagrees_with_a_verdict_reopens_the_case(promoted):
+    """A verdict given under another version that the current prediction contradicts is itself a review reason:
+    the case is open again, flagged disagrees_with_verdict, in the UI and in v_review_queue alike."""
+    settings, engine, previous, _ = promoted
+    with engine.connect() as conn:
+        row = conn.execute(sa.select(predictions.c.image_id, predictions.c.predicted_label).where(
+            predictions.c.model_version == NEW)).first()  # an image the new champion scored (an earlier test)
+    assert row is not None
+    said = "NV" if row.predicted_label == "MEL" else "MEL"
+    engine_rows = review.record(engine, row.image_id, previous, "set_label", "dr-b", label=said,
+                                submission_id="sub-promotion-2")
+    assert engine_rows["label"] == said
+    with engine.connect() as conn:
+        open_cases = {c["image_id"]: c for c in review.queue(conn, review.QueueFilter(limit=1000, labelled="all"))["cases"]}
+        rank = conn.scalar(sa.text("SELECT queue_rank FROM v_review_queue WHERE image_id = :i"), {"i": row.image_id})
+    assert "disagrees_with_verdict" in open_cases[row.image_id]["review_reasons"]
+    assert rank is not None
+
+
+def test_the_queue_page_marks_the_previous_champions_predictions(promoted):
+    settings, _, previous, _ = promoted
+    page = _client(settings).get("/?labelled=all&limit=1000", headers={"Authorization": "Bearer ok"}).text
+    assert "previous champion's</span>" in page and f"?version={previous}" in page

@@ -11,7 +11,7 @@ from lesion_tasks.core import db
 from lesion_tasks.core.schema import metadata
 from lesion_tasks.core.settings import Settings
 
-HEAD = "0018_queue_rank"
+HEAD = "0019_verdicts_per_image"
 
 
 @pytest.fixture
@@ -379,12 +379,22 @@ def test_queue_rank_migration_appends_the_uis_order_to_the_queue_view_and_steps_
         before = {v: _view_columns(conn, v) for v in ("v_latest_predictions", "v_review_queue")}
         grants_before = _reader_grants(conn)
 
-    assert db.upgrade(settings) == HEAD
+    assert db.upgrade(settings, "0018_queue_rank") == "0018_queue_rank"
     with engine.connect() as conn:
         assert _view_columns(conn, "v_review_queue") == before["v_review_queue"] + ["queue_rank"]
         assert _view_columns(conn, "v_latest_predictions") == before["v_latest_predictions"]
         ranks = dict(conn.execute(sa.text("SELECT image_id, queue_rank FROM v_review_queue")).all())
         assert ranks == {"i1": 1, "i2": 2, "i3": 3, "i4": None}
+        if grants_before is not None:
+            assert _reader_grants(conn) == grants_before
+    # 0019: verdicts per image, the previous champion's predictions until the champion scored the image (marked)
+    assert db.upgrade(settings) == HEAD
+    with engine.connect() as conn:
+        assert _view_columns(conn, "v_review_queue") == before["v_review_queue"] + [
+            "queue_rank", "review_model_version", "prediction_of"]
+        assert _view_columns(conn, "v_latest_predictions") == before["v_latest_predictions"] + ["prediction_of"]
+        assert dict(conn.execute(sa.text("SELECT image_id, queue_rank FROM v_review_queue")).all()) == ranks
+        assert set(conn.scalars(sa.text("SELECT prediction_of FROM v_latest_predictions"))) == {"champion"}
         if grants_before is not None:
             assert _reader_grants(conn) == grants_before
 
