@@ -30,7 +30,7 @@ import sqlalchemy as sa  # noqa: E402
 from lesion_tasks.core import db
 from lesion_tasks.review import cases as review
 from lesion_tasks.review import trends  # noqa: E402
-from lesion_tasks.core.schema import drops, images, model_versions, predictions, reviews  # noqa: E402
+from lesion_tasks.core.schema import champion_history, drops, images, model_versions, predictions, reviews  # noqa: E402
 from lesion_tasks.core.settings import Settings  # noqa: E402
 
 CHUNK = 5000
@@ -46,6 +46,11 @@ def _fill(engine: sa.Engine, n_images: int, versions: int, reviewed: int) -> Non
              "profile": "demo", "backbone": "tiny", "image_size": 64, "threshold": 0.4, "mc_samples": 50, "config": {},
              "environment": {}, "weights_source": "none", "lineage": {}, "code_version": "bench", "run_id": f"r{k}",
              "is_champion": k == versions - 1} for k in range(versions)])
+        # each version promoted over the one before: the champion's queue also reads its predecessor's predictions
+        # of the images it has not scored (versions.succession), the path right after a promotion
+        conn.execute(champion_history.insert(), [
+            {"model_version": f"v{k}", "event": "promoted", "previous": f"v{k - 1}" if k else None, "reason": "bench",
+             "actor": "bench", "at": now - timedelta(days=versions - k)} for k in range(versions)])
     for start in range(0, n_images, CHUNK):
         ids = [f"ISIC_{i:07d}" for i in range(start, min(start + CHUNK, n_images))]
         with engine.begin() as conn:

@@ -182,8 +182,8 @@ def _listing(conn: sa.Connection, f: QueueFilter, check: bool) -> dict[str, Any]
     previous = succession.previous_champion(conn) if not check and f.model_version in (None, "", "champion") else None
     if previous is not None:
         q = predictions.alias("q")
-        shown = sa.or_(mine, sa.and_(predictions.c.model_version == previous, predictions.c.image_id.not_in(
-            sa.select(q.c.image_id).where(q.c.model_version == version))))
+        shown = sa.or_(mine, sa.and_(predictions.c.model_version == previous, ~sa.exists().where(
+            q.c.image_id == predictions.c.image_id, q.c.model_version == version)))  # a primary-key probe per row
     disagrees = disagrees_with_verdict(r)
     # images and splits joined on their primary key image_id; the version's rows via ix_predictions_version_review
     query = (sa.select(predictions.c.image_id, predictions.c.model_version, predictions.c.p_mel,

@@ -37,8 +37,8 @@ LATEST = (f"SELECT {P_COLS}, p.p_other, i.site, COALESCE(s.status, 'unvalidated'
           "p.decision_uncertainty, p.attention_on_lesion, "
           f"CASE WHEN p.model_version = {CHAMPION} THEN 'champion' ELSE 'previous_champion' END AS prediction_of "
           f"FROM predictions p JOIN images i ON i.image_id = p.image_id {SITE} "
-          f"WHERE p.model_version = {CHAMPION} OR (p.model_version = {PREVIOUS} AND p.image_id NOT IN "
-          f"(SELECT c.image_id FROM predictions c WHERE c.model_version = {CHAMPION}))")
+          f"WHERE p.model_version = {CHAMPION} OR (p.model_version = {PREVIOUS} AND NOT EXISTS "
+          f"(SELECT 1 FROM predictions c WHERE c.image_id = p.image_id AND c.model_version = {CHAMPION}))")
 COLUMNS = ("v.image_id, v.model_version, v.p_mel, v.predicted_label, v.threshold, v.entropy, v.mutual_info, v.mc_samples, "
            "v.gradcam_uri, v.needs_review, v.review_reasons, v.drop_id, v.run_id, v.scored_at, "
            "i.label AS known_label, i.lesion_id, i.patient_id, i.normalized_uri, i.original_uri, "
