@@ -6,7 +6,7 @@ Downgrading keeps the latest entry of each (file, line).
 
 Revision ID: 0017_label_import_runs
 Revises: 0016_site_operating_points
-Create Date: 2026-12-08
+Create Date: 2026-12-06
 """
 
 import sqlalchemy as sa
