@@ -25,7 +25,6 @@ from lesion_tasks.sites.status import status_at
 from lesion_tasks.versions import registry, succession
 
 FLAGS = ("predicted_mel", "uncertain", "near_threshold", "out_of_scope", "attention_off_lesion", "site_failing")
-# shown beside them, decided when the queue is read (a verdict may come after the scoring): `disagrees_with_verdict`
 # what the UI shows for each flag of `predictions.review_reasons`: a badge and what it means (tooltip)
 FLAG_TEXT = {
     "predicted_mel": ("predicted_mel", "predicted melanoma: p(MEL) at or above the model version's threshold"),
@@ -178,8 +177,12 @@ def _listing(conn: sa.Connection, f: QueueFilter, check: bool) -> dict[str, Any]
     latest = latest_reviews()  # a verdict is the reviewer's diagnosis of the image, whichever version was shown
     r = reviews.alias("r")
     mine = predictions.c.model_version == version
+    # how far the version has scored the images: a queue still filling says so (and an empty page says why)
+    scored = int(conn.scalar(sa.select(sa.func.count()).select_from(predictions).where(mine)) or 0)
+    n_images = int(conn.scalar(sa.select(sa.func.count()).select_from(images)) or 0)
     shown = mine  # the version's predictions; the champion's queue also the previous champion's until it scored them
-    previous = succession.previous_champion(conn) if not check and f.model_version in (None, "", "champion") else None
+    previous = (succession.previous_champion(conn) if not check and scored < n_images
+                and f.model_version in (None, "", "champion") else None)
     if previous is not None:
         q = predictions.alias("q")
         shown = sa.or_(mine, sa.and_(predictions.c.model_version == previous, ~sa.exists().where(
@@ -202,7 +205,9 @@ def _listing(conn: sa.Connection, f: QueueFilter, check: bool) -> dict[str, Any]
              .outerjoin(r, r.c.id == latest.c.review_id)
              .where(shown)
              .where(sa.and_(contradicts_isic(), not_fit_on(version)) if check
-                    else sa.or_(predictions.c.needs_review, disagrees)))
+                    else sa.and_(sa.or_(predictions.c.needs_review,  # (an indexable superset first: few images
+                                        predictions.c.image_id.in_(sa.select(reviews.c.image_id))),  # have verdicts)
+                                 sa.or_(predictions.c.needs_review, disagrees))))
     if f.drop_id:
         query = query.where(predictions.c.drop_id == f.drop_id)
     if f.site:
@@ -231,11 +236,7 @@ def _listing(conn: sa.Connection, f: QueueFilter, check: bool) -> dict[str, Any]
     rows = conn.execute(query.order_by(*order, predictions.c.image_id).limit(f.limit).offset(f.offset)).mappings().all()
     status = status_at(conn, version, {row["site"] for row in rows})
     out = {"model_version": version, "total": counts.pop("total"), "counts": counts, "previous_champion": previous,
-           "cases": [_shown_case(row, status[row["site"]]) for row in rows]}
-    # how far the version has scored the images: a queue still filling says so (and an empty page says why)
-    out["scored"] = int(conn.scalar(sa.select(sa.func.count()).select_from(predictions)
-                                    .where(predictions.c.model_version == version)) or 0)
-    out["images"] = int(conn.scalar(sa.select(sa.func.count()).select_from(images)) or 0)
+           "cases": [_shown_case(row, status[row["site"]]) for row in rows], "scored": scored, "images": n_images}
     return out
 
 
@@ -253,7 +254,7 @@ def disagrees_with_verdict(r: Any) -> sa.ColumnElement[bool]:
 
 def _shown_case(row: Any, site_status: str) -> dict[str, Any]:
     case = dict(row) | {"site_status": site_status}
-    if case.pop("disagrees"):  # a review reason of its own (shown as a flag; not stored with the prediction)
+    if case.pop("disagrees"):  # a review reason of its own, shown as a flag, decided as the queue is read
         case["review_reasons"] = ",".join(filter(None, (case["review_reasons"], "disagrees_with_verdict")))
     return case
 
