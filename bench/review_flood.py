@@ -43,18 +43,9 @@ from lesion_tasks.core.schema import images, model_versions, predictions  # noqa
 from lesion_tasks.core.settings import Settings  # noqa: E402
 from lesion_tasks.core.store import open_store  # noqa: E402
 from lesion_tasks.model import gradcam  # noqa: E402
+from lesion_tasks.ops.synthetic import textured  # noqa: E402
 
 VERSION = "flood-v1"
-
-
-def _pattern(width: int, height: int) -> Image.Image:
-    """Smooth colours and a fine texture: a PNG of a few MB that decodes to width x height x 3 bytes."""
-    x, y = np.arange(width, dtype=np.uint32)[None, :], np.arange(height, dtype=np.uint32)[:, None]
-    rgb = np.empty((height, width, 3), np.uint8)
-    rgb[..., 0] = (x * 255 // width).astype(np.uint8)
-    rgb[..., 1] = (y * 255 // height).astype(np.uint8)
-    rgb[..., 2] = ((x ^ y) & 0x3F).astype(np.uint8)
-    return Image.fromarray(rgb, "RGB")
 
 
 def _home(root: Path, huge: int, decodable: int) -> tuple[Settings, list[str]]:
@@ -68,7 +59,7 @@ def _home(root: Path, huge: int, decodable: int) -> tuple[Settings, list[str]]:
     turns = [None, *Image.Transpose]  # each image another way round: not a duplicate of the others
     assert len(sides) <= len(turns), f"{len(sides)} images: expected at most {len(turns)}"
     for k, side in enumerate(sides):
-        picture = _pattern(side, side)
+        picture = textured(side, side)
         (picture.transpose(turns[k]) if turns[k] is not None else picture).save(drop / f"ISIC_97{k:05d}.png", compress_level=6)
     result = ingest(str(drop), settings, drop_id="flood")
     assert (result.accepted, result.quarantined) == (len(sides), 0), result.as_json()

@@ -223,3 +223,30 @@ def labelled_features(rng, n: int, site_of, prefix: str):
     sites = np.array([site_of(i) for i in range(n)], dtype=object)
     lesions = np.array([f"L{prefix}{i // 2}" for i in range(n)], dtype=object)  # two images per lesion
     return crossfit.Labelled([x], y, ids, sites, lesions)
+
+
+def wait_for_lock_waiters(engine, n: int, threads, what: str) -> None:
+    """Until n sessions of this PostgreSQL database wait on a lock (work the test queued behind its own open
+    transaction): a poll with a deadline, failing when a thread ended before it waited."""
+    import time
+
+    import sqlalchemy as sa
+
+    deadline = time.monotonic() + 60
+    with engine.connect() as conn:
+        while conn.scalar(sa.text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                  "AND wait_event_type = 'Lock'")) < n:
+            assert all(t.is_alive() for t in threads), f"{what}: one ended without waiting on the lock"
+            assert time.monotonic() < deadline, f"{what}: {n} never waited on the lock"
+            time.sleep(0.02)  # a poll with a deadline
+            conn.rollback()  # a fresh snapshot of pg_stat_activity
+
+
+def priority_key(c: dict) -> tuple:
+    """cases.priority_order in Python: what the default queue is sorted by."""
+    from lesion_tasks.review import cases
+
+    likely, unsure = c["p_mel"] >= cases.LIKELY_MEL, "uncertain" in (c["review_reasons"] or "").split(",")
+    share = -1.0 if c["decision_uncertainty"] is None else c["decision_uncertainty"]
+    tier, key = (1, c["p_mel"]) if likely else (2, share) if unsure else (3, c["p_mel"])
+    return (c["known_label"] is not None, tier, -key, abs(c["p_mel"] - c["threshold"]), c["image_id"])

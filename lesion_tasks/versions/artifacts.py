@@ -207,7 +207,10 @@ def digests(store: ObjectStore, v: ModelVersion) -> dict[str, str]:
         array = np.ascontiguousarray(np.asarray(value))
         h.update(f"{name}:{array.dtype}:{array.shape}:".encode())
         h.update(array.tobytes())
-    h.update(saved.store.get(saved.key(SCOPE)) if saved.store.exists(saved.key(SCOPE)) else b"no out-of-scope head")
+    try:
+        h.update(saved.get(SCOPE))
+    except ArtifactError:  # a version without an out-of-scope head (no OTHER images in training)
+        h.update(b"no out-of-scope head")
     h.update(json.dumps(v.review_rule.to_json(), sort_keys=True, default=str).encode())
     return {"head": h.hexdigest(),
             "config": hashlib.sha256(json.dumps(dict(v.config), sort_keys=True, default=str).encode()).hexdigest()}

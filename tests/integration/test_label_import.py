@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import threading
-import time
 
 import sqlalchemy as sa
 
@@ -16,6 +15,7 @@ from lesion_tasks.core.schema import images, label_imports
 from lesion_tasks.core.settings import Settings
 from lesion_tasks.ingest import label_import
 from tests import reliability
+from tests.helpers import wait_for_lock_waiters
 from tests.unit.test_label_import import add_images, labels_of
 
 
@@ -43,18 +43,6 @@ def _latest(log: list[dict]) -> dict:
     return {(r["file_sha256"], r["line"]): r for r in log}
 
 
-def _wait_for_lock_waiters(engine, n: int, threads) -> None:
-    """Until n sessions of this database wait on a lock (the imports queued behind the test's transaction)."""
-    deadline = time.monotonic() + 60
-    with engine.connect() as conn:
-        while conn.scalar(sa.text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                                  "AND wait_event_type = 'Lock'")) < n:
-            assert all(t.is_alive() for t in threads), "an import ended before it reached the images' locks"
-            assert time.monotonic() < deadline, f"{n} imports never waited on the images' locks"
-            time.sleep(0.02)
-            conn.rollback()  # a fresh snapshot of pg_stat_activity
-
-
 def test_two_imports_racing_for_the_same_images_leave_a_log_that_agrees(pg_url, tmp_path):
     """The MEL file's import starts first and the NV file's second, while the test holds the 40 images' rows
     locked; both queue behind that lock, and it is released only once both wait: the NV import decides after the
@@ -80,7 +68,7 @@ def test_two_imports_racing_for_the_same_images_leave_a_log_that_agrees(pg_url, 
     for label in ("MEL", "NV"):
         threads.append(threading.Thread(target=run, args=(label,), daemon=True))
         threads[-1].start()
-        _wait_for_lock_waiters(engine, len(threads), threads)
+        wait_for_lock_waiters(engine, len(threads), threads, "the imports")
     held.commit()
     holder.close()
     for t in threads:

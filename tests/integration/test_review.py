@@ -25,7 +25,7 @@ from lesion_tasks.review import trends
 from lesion_tasks.core.schema import images, prediction_samples, predictions, reviews
 from lesion_tasks.core.schema import splits as splits_table
 from tests import reliability
-from tests.helpers import LABELLED_DROP, N_IMAGES, NIGHT_DROP, copy_home
+from tests.helpers import LABELLED_DROP, N_IMAGES, NIGHT_DROP, copy_home, priority_key
 
 
 @pytest.fixture(scope="module")
@@ -36,14 +36,6 @@ def home(trained_home, tmp_path_factory):
     engine = db.make_engine(settings.db_url)
     yield settings, engine, trained_home.version
     engine.dispose()
-
-
-def priority_key(c: dict) -> tuple:
-    """cases.priority_order in Python: what the default queue is sorted by."""
-    likely, unsure = c["p_mel"] >= review.LIKELY_MEL, "uncertain" in (c["review_reasons"] or "").split(",")
-    share = -1.0 if c["decision_uncertainty"] is None else c["decision_uncertainty"]
-    tier, key = (1, c["p_mel"]) if likely else (2, share) if unsure else (3, c["p_mel"])
-    return (c["known_label"] is not None, tier, -key, abs(c["p_mel"] - c["threshold"]), c["image_id"])
 
 
 def test_queue_is_the_view_in_priority_order_with_working_filters(home):

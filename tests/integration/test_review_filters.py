@@ -32,7 +32,7 @@ from lesion_tasks.core.schema import images, model_versions, predictions
 from lesion_tasks.core.schema import splits as splits_table
 from lesion_tasks.core.settings import Settings
 from tests.helpers import LABELLED_DROP, NIGHT_DROP, copy_home
-from tests.integration.test_review import priority_key
+from tests.helpers import priority_key
 
 ALL = {"status": "all", "limit": 1000}
 

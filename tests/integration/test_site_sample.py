@@ -5,7 +5,6 @@ champion (rows of two models' strata: sum of 1/pi 44.2 for 40 images), and `lesi
 from __future__ import annotations
 
 import threading
-import time
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
@@ -16,6 +15,7 @@ from lesion_tasks.core.settings import Settings
 from lesion_tasks.ops import consistency
 from lesion_tasks.sites import sample
 from tests import reliability
+from tests.helpers import wait_for_lock_waiters
 from tests.unit.test_label_import import add_images
 
 SITE = "clinic-sample"
@@ -64,17 +64,6 @@ def _expected(p_mel: dict[str, float], n: int) -> dict[str, tuple[str, float]]:
     return {i: (s, float(min(1.0, c * w))) for i, w, s in zip(IDS, weights, strata)}
 
 
-def _wait_for_lock_waiters(engine: sa.Engine, n: int, threads: list[threading.Thread]) -> None:
-    deadline = time.monotonic() + 60
-    with engine.connect() as conn:
-        while conn.scalar(sa.text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                                  "AND wait_event_type = 'Lock'")) < n:
-            assert all(t.is_alive() for t in threads), "a draw ended without waiting for the site's lock"
-            assert time.monotonic() < deadline, f"{n} draws never waited on the site's lock"
-            time.sleep(0.02)
-            conn.rollback()  # a fresh snapshot of pg_stat_activity
-
-
 def test_two_draws_of_a_site_at_once_take_turns_and_keep_one_draws_probabilities(pg_url, tmp_path):
     """The test holds the site's sampling lock while a draw of 60 and a draw of 30 start; both wait for it, and
     once it is released the sample is one draw of 60: every row's probability that of a 60-image sample."""
@@ -89,7 +78,7 @@ def test_two_draws_of_a_site_at_once_take_turns_and_keep_one_draws_probabilities
         db.take_turns(holder, f"site-sample:{SITE}")
         for t in threads:
             t.start()
-        _wait_for_lock_waiters(engine, 2, threads)
+        wait_for_lock_waiters(engine, 2, threads, "the draws")
         assert _rows(settings)[0] == []  # nothing drawn while the lock is held
     for t in threads:
         t.join(120)

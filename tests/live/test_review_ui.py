@@ -28,7 +28,7 @@ from lesion_tasks.core.schema import images, model_versions, predictions, review
 from lesion_tasks.ops.synthetic import make_drop
 from tests import reliability
 from tests.helpers import champion_row, tiny_config
-from tests.integration.test_review import priority_key
+from tests.helpers import priority_key
 from tests.live.browser import SHOTS, chromium
 from tests.live.browser import login as _login
 from tests.live.browser import shot as _shot

@@ -326,10 +326,10 @@ def test_make_airflow_stop_sends_one_sigint_to_the_supervisor(tmp_path):
     assert missing.returncode != 0 and "no make airflow running" in missing.stderr
     got = tmp_path / "signals"
     stand_in = subprocess.Popen([sys.executable, "-c", (
-        "import signal, sys, time\n"
+        "import signal, sys\n"
         "signal.signal(signal.SIGINT, lambda s, f: (open(sys.argv[1], 'a').write(f'{s}\\n'), sys.exit(0)))\n"
         "print('ready', flush=True)\n"
-        "time.sleep(60)\n"), str(got)], stdout=subprocess.PIPE, text=True,
+        "signal.pause()\n"), str(got)], stdout=subprocess.PIPE, text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # as under `make airflow &` ...
     try:
         assert stand_in.stdout.readline().strip() == "ready"  # ... and its handler installed over the ignore

@@ -21,7 +21,6 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pytest
 import sqlalchemy as sa
 from PIL import Image
@@ -31,6 +30,7 @@ from lesion_tasks.review import cases as review
 from lesion_tasks.core.schema import images
 from lesion_tasks.core.settings import Settings
 from lesion_tasks.core.store import key_of, open_store
+from lesion_tasks.ops.synthetic import textured
 from lesion_tasks.review import previews
 from tests import reliability
 
@@ -48,16 +48,6 @@ HELD_PIXELS = 500_000  # `HeldDecodes` holds decodes of at least this many pixel
 FLOOD = 100
 
 
-def _pattern(width: int, height: int) -> Image.Image:
-    """Smooth colours and a fine texture: a PNG of a few MB that decodes to width x height x 3 bytes."""
-    x, y = np.arange(width, dtype=np.uint32)[None, :], np.arange(height, dtype=np.uint32)[:, None]
-    rgb = np.empty((height, width, 3), np.uint8)
-    rgb[..., 0] = (x * 255 // width).astype(np.uint8)
-    rgb[..., 1] = (y * 255 // height).astype(np.uint8)
-    rgb[..., 2] = ((x ^ y) & 0x3F).astype(np.uint8)
-    return Image.fromarray(rgb, "RGB")
-
-
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
     from lesion_tasks.ingest.drop import ingest
@@ -67,9 +57,9 @@ def home(tmp_path_factory):
     db.upgrade(settings)
     drop = tmp / "big-originals"
     drop.mkdir()
-    _pattern(8000, 7900).save(drop / f"{BIG}.png", compress_level=6)
-    _pattern(4000, 3000).save(drop / f"{MID}.png", compress_level=6)
-    sideways = _pattern(2400, 1600)
+    textured(8000, 7900).save(drop / f"{BIG}.png", compress_level=6)
+    textured(4000, 3000).save(drop / f"{MID}.png", compress_level=6)
+    sideways = textured(2400, 1600)
     exif = Image.Exif()
     exif[0x0112] = 6  # the camera was turned: rotate 90 degrees clockwise to view
     sideways.save(drop / f"{ROTATED}.jpg", quality=90, exif=exif)
