@@ -19,7 +19,9 @@ model version (the REFERENCE_MAX most recent; on a version's first nights, with 
 before, its predictions on the validation split) is above KS_BOUND (0.2: the two empirical distributions are
 20 percentage points apart somewhere) *and* significant at P_BOUND (0.01), so a small night does not alert on
 noise. Nothing is compared below MIN_TONIGHT predictions tonight or MIN_REFERENCE before. The means and their
-difference are reported with the statistics.
+difference are reported with the statistics. Per site, a version's first run there (right after a promotion the new
+champion re-scores every site's earlier drops in one run) compares the site's newest drop of the run with its earlier
+drops: what the site sent before, under the same model.
 
 `incoming_report` says what `isic_ingest` saw under `incoming/` when it found no new drop.
 """
@@ -36,7 +38,7 @@ import sqlalchemy as sa
 
 from lesion_tasks.assessment.gate import Decision
 from lesion_tasks.core.db import engine_for
-from lesion_tasks.core.schema import images, predictions
+from lesion_tasks.core.schema import drops, images, predictions
 from lesion_tasks.core.settings import Settings
 from lesion_tasks.ingest.sources import INCOMING_PREFIX, READY_MARKER, Incoming
 
@@ -166,10 +168,11 @@ def shift(settings: Settings, model_version: str, run_id: str) -> dict[str, Any]
     and per site (`by_site`: each site's predictions tonight against its own before), so one clinic whose
     scanner changed is not averaged away by the others."""
     engine = engine_for(settings)
-    site = images.c.site
-    cols = (predictions.c.p_mel, predictions.c.entropy, site)
+    arrived = sa.func.coalesce(drops.c.finished_at, drops.c.started_at).label("arrived")
+    cols = (predictions.c.p_mel, predictions.c.entropy, images.c.site, images.c.drop_id, arrived)
     of_version = predictions.c.model_version == model_version
-    joined = sa.select(*cols).join(images, images.c.image_id == predictions.c.image_id)
+    joined = (sa.select(*cols).join(images, images.c.image_id == predictions.c.image_id)
+              .join(drops, drops.c.drop_id == images.c.drop_id))
     try:
         with engine.connect() as conn:
             now = conn.execute(joined.where(of_version, predictions.c.run_id == run_id)).all()
@@ -178,22 +181,35 @@ def shift(settings: Settings, model_version: str, run_id: str) -> dict[str, Any]
     finally:
         engine.dispose()
 
-    def arrays(rows: list, only: str | None = None) -> dict[str, np.ndarray]:
-        rows = [r for r in rows if only is None or r.site == only]
-        return {"p_mel": np.array([r[0] for r in rows], float), "entropy": np.array([r[1] for r in rows], float)}
-
-    reference, against = arrays(before), "previous nights"
+    reference, against = _arrays(before), "previous nights"
     if len(before) < MIN_REFERENCE:  # a first night (e.g. after a backlog): what the version was validated on
         val = _validation_reference(settings, model_version)
         if val is not None:
             reference, against = val, "the validation split (no earlier night of this version)"
-    out = {"model_version": model_version, "run_id": run_id, **compare_nights(arrays(now), reference),
+    out = {"model_version": model_version, "run_id": run_id, **compare_nights(_arrays(now), reference),
            "reference": against}
-    tonight_sites = sorted({r.site for r in now})
-    out["by_site"] = {name: compare_nights(arrays(now, name), arrays(before, name)) for name in tonight_sites}
+    out["by_site"] = {name: _site_shift([r for r in now if r.site == name], [r for r in before if r.site == name])
+                      for name in sorted({r.site for r in now})}
     out["shifted_sites"] = [name for name, part in out["by_site"].items() if part["shifted"]]
     out["shifted"] = bool(out["shifted"] or out["shifted_sites"])
     return out
+
+
+def _site_shift(now: list, before: list) -> dict[str, Any]:
+    """One site's check: tonight against the version's earlier runs there; on its first run at the site (fewer than
+    MIN_REFERENCE before), the run's newest drop of the site against its earlier drops (re-scored in this run, as after
+    a promotion) and whatever came before."""
+    if len(before) >= MIN_REFERENCE or len({r.drop_id for r in now}) < 2:
+        return {**compare_nights(_arrays(now), _arrays(before)), "reference": "previous nights"}
+    newest = max((r.arrived, r.drop_id) for r in now)[1]
+    tonight = [r for r in now if r.drop_id == newest]
+    earlier = [r for r in now if r.drop_id != newest]
+    return {**compare_nights(_arrays(tonight), _arrays(before + earlier)), "tonight_drop": newest,
+            "reference": "the site's earlier drops (first run of this version there)"}
+
+
+def _arrays(rows: list) -> dict[str, np.ndarray]:
+    return {"p_mel": np.array([r.p_mel for r in rows], float), "entropy": np.array([r.entropy for r in rows], float)}
 
 
 def _validation_reference(settings: Settings, model_version: str) -> dict[str, np.ndarray] | None:
@@ -210,7 +226,7 @@ def _validation_reference(settings: Settings, model_version: str) -> dict[str, n
 def distribution_shift(result: dict[str, Any], links: dict[str, str]) -> Alert:
     then = "before" if result.get("reference", "previous nights") == "previous nights" else "on validation"
 
-    def line(name: str, s: dict[str, Any]) -> str:
+    def line(name: str, s: dict[str, Any], then: str = then) -> str:
         return (f"  {name}: mean {s['mean_tonight']:.4f} tonight vs {s['mean_reference']:.4f} {then} "
                 f"(delta {s['delta']:+.4f}); KS {s['ks']:.4f} (p = {s['p_value']:.2g})"
                 f"{'  SHIFTED' if s['shifted'] else ''}")
@@ -228,8 +244,10 @@ def distribution_shift(result: dict[str, Any], links: dict[str, str]) -> Alert:
         lines += [line("p_mel", result["p_mel"]), line("entropy", result["entropy"])]
     for name in sites:
         part = result["by_site"][name]
-        lines.append(f"Site {name} (n = {part['n_tonight']} tonight, {part['n_reference']} before):")
-        lines += [line(n, part[n]) for n in ("p_mel", "entropy")]
+        what = (f"drop {part['tonight_drop']} vs {part['n_reference']} of the site's earlier drops"
+                if "tonight_drop" in part else f"{part['n_reference']} before")
+        lines.append(f"Site {name} (n = {part['n_tonight']} tonight, {what}):")
+        lines += [line(n, part[n], "before") for n in ("p_mel", "entropy")]
     lines.append(f"Bound: KS > {KS_BOUND} with p < {P_BOUND}, for p_mel or entropy, pooled or at one site. A new source, "
                  "scanner, population or a broken drop looks like this: review tonight's cases before trusting them.")
     subject = ", ".join(which + [f"site {n}" for n in sites])

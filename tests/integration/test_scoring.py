@@ -290,3 +290,32 @@ def test_a_first_night_is_compared_with_the_validation_split(trained_home, monke
     assert result["p_mel"]["mean_reference"] == round(float(np.mean(val["p_mel"])), 4)
     text = alerts.distribution_shift(result, {}).text()
     assert "this version's predictions on its validation split (its first night" in text and " on validation " in text
+
+
+def test_a_sites_first_night_under_a_new_version_is_compared_with_its_earlier_drops(trained_home, home_copy, tmp_path,
+                                                                                    monkeypatch):
+    """Right after a promotion the new champion scores a site's earlier drops and its newest night in one run, so
+    no earlier run of the version exists there: the site's check compares the newest drop with the earlier ones
+    (a night of melanomas after one of nevi is a shift) instead of "not compared (0 before)"; a site with one drop
+    stays uncompared, with its reason."""
+    from lesion_tasks.ingest.drop import ingest
+    from lesion_tasks.ops import alerts
+    from lesion_tasks.ops.synthetic import make_drop
+
+    monkeypatch.setattr(alerts, "MIN_TONIGHT", 20)
+    monkeypatch.setattr(alerts, "MIN_REFERENCE", 40)
+    for name, n, seed, mel in (("east-1", 60, 71, 0.0), ("east-2", 30, 72, 1.0), ("west-1", 40, 73, 0.3)):
+        drop = make_drop(tmp_path / name, n_images=n, seed=seed, melanoma_fraction=mel, size=96)
+        (drop / "metadata.csv").unlink()
+        ingest(str(drop), home_copy, drop_id=name, site=name.split("-")[0])
+    assert scoring.score(home_copy, run_id="after-promotion")["scored"] == 130
+    result = alerts.shift(home_copy, trained_home.version, "after-promotion")
+    east = result["by_site"]["east"]
+    assert east["tonight_drop"] == "east-2" and (east["n_tonight"], east["n_reference"]) == (30, 60), east
+    assert east["reference"] == "the site's earlier drops (first run of this version there)"
+    assert east["p_mel"]["mean_tonight"] > east["p_mel"]["mean_reference"] and east["shifted"], east
+    assert "east" in result["shifted_sites"] and result["shifted"]
+    west = result["by_site"]["west"]
+    assert not west["shifted"] and west["note"].startswith("not compared") and "tonight_drop" not in west, west
+    text = alerts.distribution_shift(result, {}).text()
+    assert "Site east (n = 30 tonight, drop east-2 vs 60 of the site's earlier drops):" in text
