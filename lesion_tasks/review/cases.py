@@ -1,23 +1,18 @@
 """Human review of what the model was unsure about: the queue, the label check (ISIC labels the model
-contradicts), one case, verdicts (the Nights page's aggregates: trends.py).
+contradicts), one case (recording verdicts: verdicts.py; the Nights page's aggregates: trends.py).
 
-The review UI (plugins/lesion_review.py) calls these; they know nothing of the web. A verdict is
-appended to `reviews` (history kept, the latest per image counts). Which verdicts become training
-labels is `trainset.py`'s policy; `images.label` is never changed here.
+The review UI (plugins/lesion_review.py) calls these; they know nothing of the web.
 """
 
 from __future__ import annotations
 
 import re
-import uuid
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
 
-from lesion_tasks.core.db import insert_ignore
-from lesion_tasks.core.schema import LABELS, VERDICTS, drops, images, model_versions, prediction_samples, predictions, reviews
+from lesion_tasks.core.schema import drops, images, model_versions, prediction_samples, predictions, reviews
 from lesion_tasks.core.schema import splits as split_rows
 from lesion_tasks.data.trainset import latest_reviews
 from lesion_tasks.sites import operating
@@ -77,10 +72,9 @@ SORT_TEXT = {"priority": f"likely melanomas first (p(MEL) ≥ {LIKELY_MEL}), the
              "decision": "most uncertain decision first", "entropy": "highest entropy first",
              "mutual_info": "highest mutual information first", "p_mel": "highest p(MEL) first"}
 DEFAULT_SORT = "priority"
-MAX_NOTE = 2000
 MAX_PAGE = 1000
 MAX_OFFSET = 10**9  # far past any queue; larger values overflow the database's integers (a 500)
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -101,23 +95,23 @@ class QueueFilter:
     site: str | None = None  # images.site, matched as stored
 
     def __post_init__(self):
-        _one_of("label", self.label, ("MEL", "NV"), optional=True)
-        _one_of("flag", self.flag, FLAGS, optional=True)
-        _one_of("status", self.status, STATUSES)
-        _one_of("sort", self.sort, tuple(SORTS))
-        _one_of("labelled", self.labelled, LABELLED)
-        _one_of("split", self.split, SPLIT_FILTERS, optional=True)
+        one_of("label", self.label, ("MEL", "NV"), optional=True)
+        one_of("flag", self.flag, FLAGS, optional=True)
+        one_of("status", self.status, STATUSES)
+        one_of("sort", self.sort, tuple(SORTS))
+        one_of("labelled", self.labelled, LABELLED)
+        one_of("split", self.split, SPLIT_FILTERS, optional=True)
         if not 1 <= self.limit <= MAX_PAGE:
             raise ValueError(f"limit={self.limit}: expected 1 to {MAX_PAGE}")
         if not 0 <= self.offset <= MAX_OFFSET:
             raise ValueError(f"offset={self.offset}: expected 0 to {MAX_OFFSET}")
         if self.site is not None and not (isinstance(self.site, str) and 0 < len(self.site) <= 128
-                                          and not _CONTROL.search(self.site)):
+                                          and not CONTROL.search(self.site)):
             raise ValueError(f"site={str(self.site)[:140]!r}: expected a site's name as stored "
                              "(1-128 characters, no control characters)")
 
 
-def _one_of(name: str, value: Any, allowed: tuple, optional: bool = False) -> None:
+def one_of(name: str, value: Any, allowed: tuple, optional: bool = False) -> None:
     if value is None and optional:
         return
     if value not in allowed:
@@ -296,10 +290,11 @@ def case(conn: sa.Connection, image_id: str, model_version: str | None = None) -
     if image is None:
         raise LookupError(f"image {image_id!r} not found")
     version = resolve_version(conn, model_version)
-    prediction = None
-    if version is not None:
-        prediction = conn.execute(sa.select(predictions).where(predictions.c.image_id == image_id)
-                                  .where(predictions.c.model_version == version)).mappings().first()
+    prediction, prediction_of = _prediction(conn, image_id, version), "version"
+    if prediction is None and version is not None and model_version in (None, "", "champion"):
+        previous = succession.previous_champion(conn)  # the champion has not scored it yet: the queue's fallback
+        if (fallback := _prediction(conn, image_id, previous)) is not None:
+            version, prediction, prediction_of = previous, fallback, "previous_champion"
     if prediction is None:
         raise LookupError(f"image {image_id!r} has no prediction from model {version or '(no champion yet)'}")
     samples = conn.execute(sa.select(prediction_samples.c.p_mel_samples)
@@ -315,12 +310,17 @@ def case(conn: sa.Connection, image_id: str, model_version: str | None = None) -
     model = registry.version(conn, version)
     site = image["site"]
     return {"image": dict(image), "prediction": dict(prediction), "samples": samples, "reviews": [dict(h) for h in history],
-            "other_predictions": [dict(o) for o in others],
+            "other_predictions": [dict(o) for o in others], "prediction_of": prediction_of,
             "site": {"name": site, "status": status_at(conn, version, {site})[site],
                      "threshold": _threshold_words(conn, model, site, prediction["threshold"])},
             "model": {"model_version": model.model_version, "is_champion": model.is_champion, "status": model.status,
                       "backbone": model.backbone, "profile": model.profile,
                       "artifacts_pruned_at": model.artifacts_pruned_at}}
+
+
+def _prediction(conn: sa.Connection, image_id: str, version: str | None) -> Any:
+    return None if version is None else conn.execute(sa.select(predictions).where(
+        predictions.c.image_id == image_id, predictions.c.model_version == version)).mappings().first()
 
 
 def _threshold_words(conn: sa.Connection, model: registry.ModelVersion, site: str, applied: float) -> str:
@@ -335,52 +335,6 @@ def _threshold_words(conn: sa.Connection, model: registry.ModelVersion, site: st
     if method == "labelled" or model.own_threshold(site):
         return "its own threshold, chosen on its labels"
     return "the pooled threshold"
-
-
-def _clean_note(note: str | None) -> str | None:
-    if note is None:
-        return None
-    note = _CONTROL.sub("", note).strip()
-    if len(note) > MAX_NOTE:
-        raise ValueError(f"note of {len(note)} characters: expected at most {MAX_NOTE}")
-    return note or None
-
-
-def verdict_label(verdict: str, predicted_label: str, label: str | None) -> str:
-    """The label a verdict stands for: agree = the prediction, disagree = the other class,
-    set_label = the reviewer's choice."""
-    _one_of("verdict", verdict, VERDICTS)
-    if verdict == "agree":
-        return predicted_label
-    if verdict == "disagree":
-        return "NV" if predicted_label == "MEL" else "MEL"
-    _one_of("label", label, LABELS)
-    return label
-
-
-def record(engine: sa.Engine, image_id: str, model_version: str, verdict: str, reviewer: str, label: str | None = None,
-           note: str | None = None, submission_id: str | None = None) -> dict[str, Any]:
-    """Append a verdict on `model_version`'s prediction of `image_id`. Idempotent per `submission_id`
-    (a form submitted twice records one verdict)."""
-    reviewer = _CONTROL.sub("", reviewer or "").strip()
-    if not reviewer:
-        raise ValueError("reviewer: expected the name of the logged-in user, got nothing")
-    submission_id = submission_id or uuid.uuid4().hex
-    if not re.fullmatch(r"[0-9A-Za-z_-]{8,64}", submission_id):
-        raise ValueError(f"submission_id={submission_id[:80]!r}: expected 8-64 letters, digits, '-' or '_'")
-    with engine.begin() as conn:
-        prediction = conn.execute(sa.select(predictions.c.p_mel, predictions.c.predicted_label, predictions.c.p_other)
-                                  .where(predictions.c.image_id == image_id)
-                                  .where(predictions.c.model_version == model_version)).first()
-        if prediction is None:
-            raise LookupError(f"image {image_id!r} has no prediction from model {model_version!r}: nothing to review")
-        row = {"submission_id": submission_id, "image_id": image_id, "model_version": model_version,
-               "verdict": verdict, "label": verdict_label(verdict, prediction.predicted_label, label),
-               "note": _clean_note(note), "reviewer": reviewer[:256], "reviewed_at": datetime.now(UTC),
-               "p_mel": prediction.p_mel, "predicted_label": prediction.predicted_label, "p_other": prediction.p_other}
-        insert_ignore(conn, reviews, [row], ["submission_id"])
-        stored = conn.execute(sa.select(reviews).where(reviews.c.submission_id == submission_id)).mappings().one()
-    return dict(stored)
 
 
 def model_overview(conn: sa.Connection) -> list[dict[str, Any]]:

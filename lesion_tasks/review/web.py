@@ -30,7 +30,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from lesion_tasks.core.db import make_engine
 from lesion_tasks.core.settings import Settings
 from lesion_tasks.core.store import ObjectStore, StoreError, open_store
-from lesion_tasks.review import cases, hints, media, previews, trends
+from lesion_tasks.review import cases, hints, media, previews, trends, verdicts
 from lesion_tasks.review.charts import histogram_svg, nights_svg, queue_bars_svg
 from lesion_tasks.sites import status as sites
 from lesion_tasks.sites.status import STATUS_TEXT as SITE_STATUS_TEXT
@@ -242,7 +242,7 @@ def create_app(settings: Callable[[], Settings], authenticate: Callable[[Request
             raise HTTPException(403, f"user {who.name!r} may look at cases but not record verdicts (needs edit access to lesion_retrain)")
         if not _same_origin(request):
             raise HTTPException(403, "cross-site form post refused")
-        stored = cases.record(backend.engine, image_id, model_version, verdict, who.name, label or None, note,
+        stored = verdicts.record(backend.engine, image_id, model_version, verdict, who.name, label or None, note,
                                submission_id)
         log.info("review %s: %s on %s (%s) by %s", stored["id"], stored["verdict"], image_id, model_version, who.name)
         # the next open case (or this one again), one path segment under case/, on this site

@@ -24,6 +24,7 @@ from lesion_tasks import pipeline
 from lesion_tasks.core import db
 from lesion_tasks.versions import registry
 from lesion_tasks.review import cases as review
+from lesion_tasks.review import verdicts
 from lesion_tasks.scoring import nightly as scoring
 from lesion_tasks.ingest.drop import ingest
 from lesion_tasks.core.schema import images, prediction_samples, predictions, reviews
@@ -85,7 +86,7 @@ def test_postgres_and_s3_backup_restores_into_a_new_database_and_bucket(postgres
     with engine.connect() as conn:
         case = review.queue(conn, review.QueueFilter(status="all"))["cases"][0]
         n_images = conn.execute(sa.select(sa.func.count()).select_from(images)).scalar()
-    first = review.record(engine, case["image_id"], version, "agree", "dr-before")
+    first = verdicts.record(engine, case["image_id"], version, "agree", "dr-before")
     engine.dispose()
     original = _tables(home)
     old_keys = {o.key for o in open_store(home).list("")}
@@ -123,7 +124,7 @@ def test_postgres_and_s3_backup_restores_into_a_new_database_and_bucket(postgres
         assert all(new_store.exists(k) for k in new_overlays)
         assert not set(new_overlays) & old_keys and not any(open_store(home).exists(k) for k in new_overlays[:20])
         assert queue["model_version"] == version and queue["total"] > 0
-        verdict = review.record(engine, queue["cases"][0]["image_id"], version, "disagree", "dr-after")
+        verdict = verdicts.record(engine, queue["cases"][0]["image_id"], version, "disagree", "dr-after")
         engine.dispose()
         assert verdict["id"] > first["id"]  # the sequence came back with the rows
         _consistent(restored)
@@ -148,5 +149,5 @@ def test_sqlite_and_local_store_backup_restores_into_a_new_home(trained_home, tm
     engine = db.make_engine(restored.db_url)
     with engine.connect() as conn:
         case = review.queue(conn, review.QueueFilter())["cases"][0]
-    assert review.record(engine, case["image_id"], trained_home.version, "agree", "dr-restored")["reviewer"] == "dr-restored"
+    assert verdicts.record(engine, case["image_id"], trained_home.version, "agree", "dr-restored")["reviewer"] == "dr-restored"
     engine.dispose()

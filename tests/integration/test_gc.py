@@ -23,6 +23,7 @@ from lesion_tasks.versions import artifacts, registry
 from lesion_tasks.ops import consistency, retention
 from lesion_tasks.core import db, keys
 from lesion_tasks.review import cases as review
+from lesion_tasks.review import verdicts
 from lesion_tasks.scoring import nightly as scoring
 from lesion_tasks.core.schema import model_versions, prediction_samples, predictions, reviews
 from lesion_tasks.core.settings import Settings
@@ -91,7 +92,7 @@ def _fabricate(settings: Settings, champion: str, now: datetime) -> dict:
         conn.execute(model_versions.insert(), rows)
         conn.execute(predictions.insert(), pred_rows)
         conn.execute(prediction_samples.insert(), sample_rows)
-    review.record(engine, preds[0]["image_id"], "old-rejected", "agree", "dr-before-gc")
+    verdicts.record(engine, preds[0]["image_id"], "old-rejected", "agree", "dr-before-gc")
     engine.dispose()
     return {"own": own, "other": other, "rescore": redo}
 
@@ -189,7 +190,7 @@ def _gc_scenario(settings: Settings, champion: str, crash=None) -> dict:
     assert queue["model_version"] == champion and queue["total"] > 0
     assert old["total"] > 0 and all(c["gradcam_uri"] is None for c in old["cases"]) and reviewed["total"] == 1
     assert case["prediction"]["gradcam_uri"] is None and case["model"]["artifacts_pruned_at"] is not None
-    stored = review.record(engine, queue["cases"][0]["image_id"], champion, "disagree", "dr-after-gc")
+    stored = verdicts.record(engine, queue["cases"][0]["image_id"], champion, "disagree", "dr-after-gc")
     assert stored["label"] in ("MEL", "NV")
     engine.dispose()
     report = consistency.check(settings)

@@ -11,6 +11,7 @@ from lesion_tasks.core import db
 from lesion_tasks.core.schema import model_versions, predictions
 from lesion_tasks.core.store import open_store
 from lesion_tasks.review import cases as review
+from lesion_tasks.review import verdicts
 from lesion_tasks.scoring import nightly
 from lesion_tasks.versions import registry, succession
 from tests.helpers import N_IMAGES, champion_row, copy_home
@@ -27,7 +28,7 @@ def promoted(trained_home, tmp_path_factory):
     with engine.connect() as conn:
         champ = champion_row(conn)
         first = review.queue(conn, review.QueueFilter(limit=1))["cases"][0]["image_id"]
-    review.record(engine, first, champ["model_version"], "agree", "dr-a", submission_id="sub-promotion-1")
+    verdicts.record(engine, first, champ["model_version"], "agree", "dr-a", submission_id="sub-promotion-1")
     for name in ("model.keras", "head.npz", "train_log.json", "scope.npz"):
         store.put(f"models/{NEW}/{name}", store.get(f"models/{champ['model_version']}/{name}"))
     with engine.begin() as conn:
@@ -125,7 +126,7 @@ def test_a_new_champion_that_disagrees_with_a_verdict_reopens_the_case(promoted)
             predictions.c.model_version == NEW)).first()  # an image the new champion scored (an earlier test)
     assert row is not None
     said = "NV" if row.predicted_label == "MEL" else "MEL"
-    engine_rows = review.record(engine, row.image_id, previous, "set_label", "dr-b", label=said,
+    engine_rows = verdicts.record(engine, row.image_id, previous, "set_label", "dr-b", label=said,
                                 submission_id="sub-promotion-2")
     assert engine_rows["label"] == said
     with engine.connect() as conn:
@@ -139,3 +140,22 @@ def test_the_queue_page_marks_the_previous_champions_predictions(promoted):
     settings, _, previous, _ = promoted
     page = _client(settings).get("/?labelled=all&limit=1000", headers={"Authorization": "Bearer ok"}).text
     assert "previous champion's</span>" in page and f"?version={previous}" in page
+
+
+def test_the_case_page_of_an_image_the_champion_has_not_scored_shows_the_previous_champions(promoted):
+    """A case opened without a version (a bookmark, a link from a mail) right after a promotion was a 404 ("no
+    prediction from model ...") until the new champion scored the image: it shows the previous champion's
+    prediction, marked as such, with the verdicts given under it. A version asked for by name is still that one."""
+    settings, engine, previous, reviewed = promoted
+    with engine.connect() as conn:
+        waiting = conn.scalar(sa.select(predictions.c.image_id).where(
+            predictions.c.model_version == previous, predictions.c.image_id == reviewed,
+            ~sa.exists().where(sa.and_(predictions.c.model_version == NEW, predictions.c.image_id == reviewed))))
+        shown = review.case(conn, reviewed)
+        with pytest.raises(LookupError, match=f"no prediction from model {NEW}"):
+            review.case(conn, reviewed, NEW)
+    assert waiting == reviewed, "the reviewed case must still wait for the new champion here"
+    assert shown["prediction_of"] == "previous_champion" and shown["prediction"]["model_version"] == previous
+    response = _client(settings).get(f"/case/{reviewed}", headers={"Authorization": "Bearer ok"})
+    assert response.status_code == 200, response.text[:500]
+    assert 'id="previous-champion"' in response.text and f"<td>{previous}</td><td>agree</td>" in response.text

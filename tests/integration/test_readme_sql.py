@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 from lesion_tasks.core import db
 from lesion_tasks.versions import registry
-from lesion_tasks.review import cases as review
+from lesion_tasks.review import verdicts
 from lesion_tasks.core.settings import Settings
 from tests.helpers import NIGHT_DROP, QUARANTINED, copy_home, fresh_database, mirror_home
 
@@ -39,7 +39,7 @@ def reviewed_home(trained_home, tmp_path_factory):
                                   {"d": NIGHT_DROP}).all()
         labelled = conn.scalars(sa.text("SELECT image_id FROM images WHERE label = 'NV' ORDER BY image_id")).first()
     for k, (image_id, label) in enumerate(((clinic_ids[0], "MEL"), (clinic_ids[1], "NV"), (labelled, "MEL"))):
-        review.record(engine, image_id, version, "set_label", "dr-readme", label=label, note="README fixture",
+        verdicts.record(engine, image_id, version, "set_label", "dr-readme", label=label, note="README fixture",
                       submission_id=f"readme-{k:04d}")
     engine.dispose()
     return settings

@@ -21,6 +21,7 @@ from lesion_tasks.model import mc
 from lesion_tasks.training import retrain
 from lesion_tasks.data import splits, trainset
 from lesion_tasks.review import cases as review
+from lesion_tasks.review import verdicts
 from lesion_tasks.review import trends
 from lesion_tasks.core.schema import images, prediction_samples, predictions, reviews
 from lesion_tasks.core.schema import splits as splits_table
@@ -94,9 +95,9 @@ def test_bad_verdicts_are_refused_with_the_value_named(home, kwargs, message):
     image_id = _open_case(engine)
     args = {"reviewer": "dr-a", **kwargs}
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
-        review.record(engine, image_id, version, **args)
+        verdicts.record(engine, image_id, version, **args)
     with pytest.raises(LookupError, match="has no prediction from model"):
-        review.record(engine, "ISIC_0000000", version, "agree", "dr-a")
+        verdicts.record(engine, "ISIC_0000000", version, "agree", "dr-a")
 
 
 def _open_case(engine, drop_id=None) -> str:
@@ -107,8 +108,8 @@ def _open_case(engine, drop_id=None) -> str:
 def test_verdicts_are_appended_idempotent_per_submission_and_close_the_case(home):
     _, engine, version = home
     image_id = _open_case(engine, drop_id=LABELLED_DROP)  # an ISIC-labelled case: no reviewer label for training
-    first = review.record(engine, image_id, version, "agree", "dr-a", note="ok\x00 \x1b[31m", submission_id="sub-000001")
-    again = review.record(engine, image_id, version, "agree", "dr-a", note="ok", submission_id="sub-000001")
+    first = verdicts.record(engine, image_id, version, "agree", "dr-a", note="ok\x00 \x1b[31m", submission_id="sub-000001")
+    again = verdicts.record(engine, image_id, version, "agree", "dr-a", note="ok", submission_id="sub-000001")
     assert first == again and first["note"] == "ok [31m"  # control characters stripped
     with engine.connect() as conn:
         prediction = conn.execute(sa.select(predictions).where(predictions.c.image_id == image_id)
@@ -117,7 +118,7 @@ def test_verdicts_are_appended_idempotent_per_submission_and_close_the_case(home
         assert conn.execute(sa.select(sa.func.count()).select_from(reviews).where(reviews.c.image_id == image_id)).scalar() == 1
         assert image_id not in {c["image_id"] for c in review.queue(conn, review.QueueFilter(limit=1000))["cases"]}
         assert image_id in {c["image_id"] for c in review.queue(conn, review.QueueFilter(status="reviewed", limit=1000))["cases"]}
-    second = review.record(engine, image_id, version, "disagree", "dr-b", submission_id="sub-000002")
+    second = verdicts.record(engine, image_id, version, "disagree", "dr-b", submission_id="sub-000002")
     assert second["label"] == ("NV" if first["label"] == "MEL" else "MEL")
     with engine.connect() as conn:
         shown = review.case(conn, image_id)
@@ -146,7 +147,7 @@ def test_stored_mc_samples_are_the_ones_behind_each_prediction(home):
 
 def test_nightly_aggregates_add_up(home):
     _, engine, version = home
-    review.record(engine, _open_case(engine, drop_id=LABELLED_DROP), version, "agree", "dr-n", submission_id="nightly-1")
+    verdicts.record(engine, _open_case(engine, drop_id=LABELLED_DROP), version, "agree", "dr-n", submission_id="nightly-1")
     with engine.connect() as conn:
         data = trends.nightly(conn, nights=7)
         scored = conn.execute(sa.select(sa.func.count()).select_from(predictions)).scalar()
@@ -174,11 +175,11 @@ def test_reviewer_labels_become_training_data_without_touching_isic_labels(home,
     assert len(night_cases) >= 7
     chosen = {c["image_id"]: ("MEL" if k % 2 else "NV") for k, c in enumerate(night_cases[:6])}
     for k, (image_id, label) in enumerate(chosen.items()):
-        review.record(engine, image_id, version, "set_label", "dr-c", label=label, submission_id=f"train-{k:06d}")
+        verdicts.record(engine, image_id, version, "set_label", "dr-c", label=label, submission_id=f"train-{k:06d}")
     other = night_cases[6]["image_id"]
-    review.record(engine, other, version, "set_label", "dr-c", label="OTHER", submission_id="train-other1")
+    verdicts.record(engine, other, version, "set_label", "dr-c", label="OTHER", submission_id="train-other1")
     # a reviewer contradicting ISIC: counted, never applied
-    review.record(engine, isic_case.image_id, version, "set_label", "dr-c", label="MEL", submission_id="train-conflict")
+    verdicts.record(engine, isic_case.image_id, version, "set_label", "dr-c", label="MEL", submission_id="train-conflict")
 
     summary = retrain.prepare_split(settings)
     trained = retrain.train_model(settings, trained_config, run_id="r2")
@@ -222,7 +223,7 @@ def test_bidi_controls_in_a_note_are_shown_as_codes_not_obeyed(home):
     settings, engine, version = home
     image_id = _open_case(engine, drop_id=NIGHT_DROP)
     note = "benign \u202egnp.exe\u2066 ok"
-    stored = review.record(engine, image_id, version, "agree", "dr-\u202ebidi", note=note, submission_id="sub-bidi01")
+    stored = verdicts.record(engine, image_id, version, "agree", "dr-\u202ebidi", note=note, submission_id="sub-bidi01")
     assert stored["note"] == note  # recorded as typed
 
     async def authenticate(request):
@@ -354,7 +355,7 @@ def test_out_of_scope_case_in_the_queue_and_on_its_pages(home):
         assert stored.label == "OTHER" and stored.p_other == 0.93 and stored.p_mel is not None
         history = client.get(f"/case/{target.image_id}", params={"version": version}).text
         assert f'<td class="num">{stored.p_mel:.3f} / 0.930</td>' in history
-        assert review.record(engine, plain.image_id, version, "agree", "dr-plain")["p_other"] is None
+        assert verdicts.record(engine, plain.image_id, version, "agree", "dr-plain")["p_other"] is None
     finally:
         with engine.begin() as conn:
             conn.execute(predictions.update().where(where(target)).values(

@@ -26,7 +26,7 @@ from fastapi.testclient import TestClient
 
 from lesion_tasks.assessment import gate
 from lesion_tasks.core import db
-from lesion_tasks.review import cases as review, hints
+from lesion_tasks.review import cases as review, hints, verdicts
 from lesion_tasks.review.web import Reviewer, create_app
 from lesion_tasks.core.schema import images, model_versions, predictions
 from lesion_tasks.core.schema import splits as splits_table
@@ -221,7 +221,7 @@ def test_an_empty_queue_under_a_champion_says_which_filter_hides_what(home_copy,
     unlabelled = sorted(i for i, (label, _) in flagged.items() if label is None)
     labelled = len(flagged) - len(unlabelled)
     for k, image_id in enumerate(unlabelled):  # every unlabelled case reviewed: the default queue is empty
-        review.record(engine, image_id, version, "agree", "dr-empty", submission_id=f"empty-{k:06d}")
+        verdicts.record(engine, image_id, version, "agree", "dr-empty", submission_id=f"empty-{k:06d}")
     engine.dispose()
     client = _client(home_copy)
     page = client.get("/").text
