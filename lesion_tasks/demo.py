@@ -24,8 +24,11 @@ from lesion_tasks.versions import registry
 log = logging.getLogger(__name__)
 
 # the review UI's default order (`queue_rank`, NULL once reviewed): likely melanomas, unsure decisions, the rest
-SAMPLE_QUERY = """SELECT image_id, predicted_label, ROUND(p_mel, 3) AS p_mel, ROUND(threshold, 3) AS threshold,
-       ROUND(decision_uncertainty, 2) AS decision_uncertainty, ROUND(p_other, 3) AS p_other, review_reasons
+# (ROUND of a CAST AS NUMERIC: PostgreSQL has no ROUND(double precision, int); SQLite takes both)
+SAMPLE_QUERY = """SELECT image_id, predicted_label, ROUND(CAST(p_mel AS NUMERIC), 3) AS p_mel,
+       ROUND(CAST(threshold AS NUMERIC), 3) AS threshold,
+       ROUND(CAST(decision_uncertainty AS NUMERIC), 2) AS decision_uncertainty,
+       ROUND(CAST(p_other AS NUMERIC), 3) AS p_other, review_reasons
 FROM v_review_queue WHERE queue_rank IS NOT NULL ORDER BY queue_rank LIMIT 5"""
 
 
