@@ -389,14 +389,21 @@ def overhead(data: Path, backbone: str, n: int, rounds: int) -> dict:
 # --- (f) the backbone's precision: float32 vs bfloat16 (model/precision.py) ---------------------------------------
 
 def _feature_fn(backbone: str, size: int, precision: str):
-    """The compiled pooled-feature pass of `backbone` (random seeded weights: speed does not depend on them)."""
+    """The compiled pooled-feature pass of `backbone` (random seeded weights: speed does not depend on them), called
+    in `precision` as the product calls it (`model.precision.computing`)."""
     import tensorflow as tf
 
     from lesion_tasks.model import backbones
+    from lesion_tasks.model.precision import computing
 
     weights = backbones.resolve_weights("none", backbones.get_backbone(backbone), None)
-    model = backbones.feature_model(backbone, size, weights, 0, precision)
-    return tf.function(lambda b: model(b, training=False), reduce_retracing=True)
+    model = backbones.feature_model(backbone, size, weights, 0)
+    fn = tf.function(lambda b: model(b, training=False), reduce_retracing=True)
+
+    def run(batch):
+        with computing(precision):
+            return fn(batch)
+    return run
 
 
 def _ms_per_image(fn, x: np.ndarray) -> float:

@@ -256,27 +256,25 @@ def _download_imagenet(spec: str, backbone: Backbone, fname: str, looked: list[P
 
 # --- models ------------------------------------------------------------------------------------
 
-def build_backbone(name: str, image_size: int, weights: ResolvedWeights, seed: int = 0, precision: str = "float32"):
-    """The frozen backbone, computing in `precision` (`model.precision`). Without a weights file its random
-    initialisation is seeded, so the feature cache and the saved model see the same backbone."""
+def build_backbone(name: str, image_size: int, weights: ResolvedWeights, seed: int = 0):
+    """The frozen backbone (float32; its compiled pass computes in bfloat16 under `model.precision.computing`).
+    Without a weights file its random initialisation is seeded, so the feature cache and the saved model see the
+    same backbone."""
     import keras
-
-    from lesion_tasks.model.precision import scope
 
     backbone = get_backbone(name)
     if weights.path is None:
         keras.utils.set_random_seed(seed)
-    with scope(precision):
-        model = backbone.builder(image_size, weights.path)
+    model = backbone.builder(image_size, weights.path)
     model.trainable = False
     return model
 
 
-def _pooling(precision: str):
-    """Global average pooling of the last activation; out of a bfloat16 backbone it averages and hands on float32."""
+def _pooling():
+    """Global average pooling of the last activation."""
     import keras
 
-    return keras.layers.GlobalAveragePooling2D(name="head_gap", **({"dtype": "float32"} if precision != "float32" else {}))
+    return keras.layers.GlobalAveragePooling2D(name="head_gap")
 
 
 def add_head(x, dropout: float, units: int = HEAD_UNITS):
@@ -299,24 +297,24 @@ def build_head(n_features: int, dropout: float, units: int = HEAD_UNITS):
 
 
 def build_model(name: str, image_size: int, weights: ResolvedWeights, dropout: float, seed: int = 0,
-                precision: str = "float32", head_units: int = HEAD_UNITS):
-    """The full flat model: backbone (in `precision`) -> last activation -> GAP -> head (float32)."""
+                head_units: int = HEAD_UNITS):
+    """The full flat model: backbone -> last activation -> GAP -> head."""
     import keras
 
     spec = get_backbone(name)
-    base = build_backbone(name, image_size, weights, seed, precision)
+    base = build_backbone(name, image_size, weights, seed)
     last = base.get_layer(spec.last_activation).output if spec.last_activation != base.layers[-1].name else base.output
-    pooled = _pooling(precision)(last)
+    pooled = _pooling()(last)
     return keras.Model(base.input, add_head(pooled, dropout, head_units), name=f"lesion_{name}")
 
 
-def feature_model(name: str, image_size: int, weights: ResolvedWeights, seed: int = 0, precision: str = "float32"):
-    """backbone (in `precision`) -> last activation -> GAP: what the feature cache stores (float32)."""
+def feature_model(name: str, image_size: int, weights: ResolvedWeights, seed: int = 0):
+    """backbone -> last activation -> GAP: what the feature cache stores (float32)."""
     import keras
 
     spec = get_backbone(name)
-    base = build_backbone(name, image_size, weights, seed, precision)
-    pooled = _pooling(precision)(base.get_layer(spec.last_activation).output)
+    base = build_backbone(name, image_size, weights, seed)
+    pooled = _pooling()(base.get_layer(spec.last_activation).output)
     return keras.Model(base.input, pooled, name=f"features_{name}")
 
 

@@ -34,6 +34,7 @@ from PIL import Image, ImageEnhance
 from lesion_tasks.core import keys
 from lesion_tasks.core.store import ObjectNotFound, ObjectStore, key_of
 from lesion_tasks.model import backbones
+from lesion_tasks.model import precision as precision_
 
 log = logging.getLogger(__name__)
 BATCH = 32
@@ -54,7 +55,9 @@ class FeatureConfig:
     def key(self) -> str:
         weights = self.weights_sha256 or f"random-init:seed={self.init_seed}"
         look = [self.effective_resolution, self.color_constancy] if self.effective_resolution or self.color_constancy else []
-        computed = [self.precision] if self.precision != "float32" else []  # float32 keys stay what they were
+        # float32 keys stay what they were; bfloat16 names its route (`model.precision.ROUTE`): the Keras-policy
+        # route's features (issue 38's first version) are not the rewrite's
+        computed = [f"{self.precision}:{precision_.ROUTE}"] if self.precision != "float32" else []
         text = json.dumps([self.backbone, weights, self.image_size, self.preprocessing, *look, *computed])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -136,8 +139,7 @@ class BackboneRunner:
         import tensorflow as tf
 
         if self._fn is None:
-            model = backbones.feature_model(self.config.backbone, self.config.image_size, self.weights, self.config.init_seed,
-                                            self.config.precision)
+            model = backbones.feature_model(self.config.backbone, self.config.image_size, self.weights, self.config.init_seed)
             self._fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
         out = []
         for start in range(0, len(images), BATCH):
@@ -145,7 +147,8 @@ class BackboneRunner:
             n = len(chunk)
             if n < BATCH:  # pad: one traced shape for every batch
                 chunk = np.concatenate([chunk, np.zeros((BATCH - n, *chunk.shape[1:]), np.float32)])
-            out.append(self._fn(tf.constant(chunk)).numpy()[:n])
+            with precision_.computing(self.config.precision):
+                out.append(self._fn(tf.constant(chunk)).numpy()[:n])
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 

@@ -1,14 +1,18 @@
 """The backbone's numeric precision: float32, or bfloat16 on the CPU's matrix units.
 
-With Keras' `mixed_bfloat16` policy a backbone keeps its weights in float32 and computes in bfloat16; oneDNN runs
-that on AMX tiles or AVX512-BF16 where the CPU has them. Only the backbone: its pooled features and last activation
-leave it as float32, and the head, MC dropout, calibration, thresholds and Grad-CAM (head weights times
-activations: no gradient through the backbone) stay float32.
+In bfloat16 the backbone's compiled pass is rewritten by TensorFlow's grappler pass for oneDNN
+(`auto_mixed_precision_onednn_bfloat16`): its convolutions, matrix products and the ops between them compute in
+bfloat16 on AMX tiles or AVX512-BF16, with float32 at the function's edges (`computing`). The model itself, its
+variables and the saved file stay float32, and the option is part of each call's configuration, so only the calls
+made inside `computing("bfloat16")` are rewritten: the head, MC dropout, calibration, thresholds and Grad-CAM (head
+weights times activations: no gradient through the backbone) stay float32, and a function called outside runs its
+float32 instantiation, bit for bit. (Keras' `mixed_bfloat16` policy was the first route: 1.8x on ResNet101V2 here,
+against the rewrite's 2.5x, which also fuses convolutions with their bias and activation in bfloat16.)
 
 Measured here (`bench/score_benchmark.py`, `precision.*`; docs/model.md, "Backbone precision"): ResNet101V2 runs
-1.8x faster in bfloat16 (54 -> 30 ms per image), but the small backbones run slower (the demo's multi-scale
-MobileNet and EfficientNet-Lite0: 0.7x), and a version trained in float32 and scored in bfloat16 does not decide
-the same (demo backbone, shared drops' test split: 93% of decisions agree, p99 |dp_mel| 0.21). Hence:
+about 2.5x faster in bfloat16 (56 -> 22 ms per image), but the small backbones do not gain (the demo's multi-scale
+MobileNet and EfficientNet-Lite0), and a version trained in float32 and scored in bfloat16 does not decide the same
+(demo backbone, shared drops' test split: 93% of decisions agree). Hence:
 - `auto` (`LESION_BACKBONE_PRECISION`, default) trains in bfloat16 only a backbone measured faster in it
   (`FASTER_IN_BFLOAT16`) and only where the CPU has the units; every other backbone, and every backbone on a CPU
   without them, in float32, exactly as before (same feature-cache keys, same numbers). `float32` or `bfloat16`
@@ -20,6 +24,7 @@ the same (demo backbone, shared drops' test split: 93% of decisions agree, p99 |
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +34,11 @@ from lesion_tasks.core.settings import backbone_precision_setting
 PRECISIONS = ("float32", "bfloat16")
 SETTINGS = ("auto", *PRECISIONS)
 BF16_UNITS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of the units oneDNN uses for bfloat16
-KERAS_POLICY = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
+REWRITE = "auto_mixed_precision_onednn_bfloat16"  # the grappler option (tf.config.optimizer)
+ROUTE = "onednn-rewrite"  # how bfloat16 is computed: part of the feature cache's key (model/features.py)
+_TOGGLE = threading.Lock()
 # backbones measured faster in bfloat16 on a CPU with the units: speedup of the pooled-feature pass (batches of 32)
-FASTER_IN_BFLOAT16 = {"resnet101v2": 1.8}
+FASTER_IN_BFLOAT16 = {"resnet101v2": 2.5}
 
 
 @dataclass(frozen=True)
@@ -91,13 +98,20 @@ def check(name: str) -> str:
 
 
 @contextlib.contextmanager
-def scope(name: str) -> Iterator[None]:
-    """Keras layers built inside compute in precision `name` (bfloat16: `mixed_bfloat16`, float32 variables)."""
-    import keras
-
-    before = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(KERAS_POLICY[check(name)])
-    try:
+def computing(name: str) -> Iterator[None]:
+    """Compiled TensorFlow functions called inside compute in precision `name` (module doc). bfloat16 sets the
+    process-wide grappler option for the duration, one caller at a time: a compiled call another thread makes
+    meanwhile is rewritten too, so keep it to the backbone's pass (the scoring's other threads read, decode and
+    write; nothing else runs TensorFlow there)."""
+    if check(name) == "float32":
         yield
-    finally:
-        keras.config.set_dtype_policy(before)
+        return
+    import tensorflow as tf
+
+    with _TOGGLE:
+        before = bool(tf.config.optimizer.get_experimental_options().get(REWRITE, False))
+        tf.config.optimizer.set_experimental_options({REWRITE: True})
+        try:
+            yield
+        finally:
+            tf.config.optimizer.set_experimental_options({REWRITE: before})

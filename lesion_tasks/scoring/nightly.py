@@ -70,31 +70,25 @@ class ScoringModel:
 def load_scoring_model(store: ObjectStore, v: registry.ModelVersion,
                        precision: precision_.Precision | None = None) -> ScoringModel:
     """The saved model cut at (last activation, pooled features), compiled for fixed batches, its backbone in
-    `precision` (default: the version's own, `model.precision.of_version`: the decisions its evaluation measured).
-    The saved model is float32; in bfloat16 the same architecture is built under that policy and given the saved
-    weights (the variables stay float32)."""
+    `precision` (default: the version's own, `model.precision.of_version`: the decisions its evaluation measured;
+    the saved model is float32, its compiled pass is rewritten for bfloat16 by `model.precision.computing`)."""
     import keras
     import tensorflow as tf
 
     chosen = precision or precision_.of_version(v.precision)
     saved = artifacts.of(store, v)
     model = saved.load_model(v.model_uri)  # ArtifactError (a ValueError) names what is missing or broken
-    if chosen.name != "float32":
-        none = backbones.resolve_weights("none", backbones.get_backbone(v.backbone), None)
-        rebuilt = backbones.build_model(v.backbone, v.image_size, none, 0.5, v.seed, chosen.name,
-                                        model.get_layer("head_dense").units)
-        rebuilt.set_weights(model.get_weights())
-        model = rebuilt
     head = saved.load_head()
     cut = keras.Model(model.input, [model.get_layer(v.last_activation).output,
                                      model.get_layer("head_gap").output])
-    fn = tf.function(lambda x: [tf.cast(t, tf.float32) for t in cut(x, training=False)], reduce_retracing=True)
+    fn = tf.function(lambda x: cut(x, training=False), reduce_retracing=True)
 
     def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         n = len(batch)
         if n < BATCH:  # one traced shape for every batch
             batch = np.concatenate([batch, np.zeros((BATCH - n, *batch.shape[1:]), np.float32)])
-        activations, pooled = fn(tf.constant(batch))
+        with precision_.computing(chosen.name):
+            activations, pooled = fn(tf.constant(batch))
         return activations.numpy()[:n], pooled.numpy()[:n]
 
     log.info("model %s scores with its backbone in %s (%s)", v.model_version, chosen.name, chosen.why)
