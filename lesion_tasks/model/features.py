@@ -140,7 +140,8 @@ class BackboneRunner:
 
         if self._fn is None:
             model = backbones.feature_model(self.config.backbone, self.config.image_size, self.weights, self.config.init_seed)
-            self._fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+            size = self.config.image_size
+            self._fn = precision_.compiled(model, (BATCH, size, size, 3), self.config.precision)
         out = []
         for start in range(0, len(images), BATCH):
             chunk = backbones.preprocess(images[start : start + BATCH])

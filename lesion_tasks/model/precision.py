@@ -1,18 +1,20 @@
 """The backbone's numeric precision: float32, or bfloat16 on the CPU's matrix units.
 
-In bfloat16 the backbone's compiled pass is rewritten by TensorFlow's grappler pass for oneDNN
-(`auto_mixed_precision_onednn_bfloat16`): its convolutions, matrix products and the ops between them compute in
-bfloat16 on AMX tiles or AVX512-BF16, with float32 at the function's edges (`computing`). The model itself, its
-variables and the saved file stay float32, and the option is part of each call's configuration, so only the calls
-made inside `computing("bfloat16")` are rewritten: the head, MC dropout, calibration, thresholds and Grad-CAM (head
-weights times activations: no gradient through the backbone) stay float32, and a function called outside runs its
-float32 instantiation, bit for bit. (Keras' `mixed_bfloat16` policy was the first route: 1.8x on ResNet101V2 here,
-against the rewrite's 2.5x, which also fuses convolutions with their bias and activation in bfloat16.)
+In bfloat16 the backbone's compiled pass is frozen (its variables as constants) and rewritten by TensorFlow's
+grappler pass for oneDNN (`auto_mixed_precision_onednn_bfloat16`): its convolutions, matrix products and the ops
+between them compute in bfloat16 on AMX tiles or AVX512-BF16, with float32 at the pass's edges, and the weights are
+cast and laid out once, when the graph is optimised (`compiled`). The model itself, its variables and the saved file
+stay float32, and the option is part of each call's configuration, so only the calls made inside
+`computing("bfloat16")` are rewritten: the head, MC dropout, calibration, thresholds and Grad-CAM (head weights
+times activations: no gradient through the backbone) stay float32, and a function called outside runs its float32
+instantiation, bit for bit. (Keras' `mixed_bfloat16` policy was the first route: 1.8x on ResNet101V2 here; the
+rewrite alone 2.5x; frozen and rewritten 3.1x.)
 
 Measured here (`bench/score_benchmark.py`, `precision.*`; docs/model.md, "Backbone precision"): ResNet101V2 runs
-about 2.5x faster in bfloat16 (56 -> 22 ms per image), but the small backbones do not gain (the demo's multi-scale
-MobileNet and EfficientNet-Lite0), and a version trained in float32 and scored in bfloat16 does not decide the same
-(demo backbone, shared drops' test split: 93% of decisions agree). Hence:
+3.1x faster in bfloat16 (62 -> 20 ms per image; a night end to end 2.5x), but the small backbones gain little
+(the demo's multi-scale MobileNet and EfficientNet-Lite0: 1.2-1.3x on the pass, not end to end), and a version
+trained in float32 and scored in bfloat16 does not decide the same (demo backbone, shared drops' test split: 89% of
+decisions agree). Hence:
 - `auto` (`LESION_BACKBONE_PRECISION`, default) trains in bfloat16 only a backbone measured faster in it
   (`FASTER_IN_BFLOAT16`) and only where the CPU has the units; every other backbone, and every backbone on a CPU
   without them, in float32, exactly as before (same feature-cache keys, same numbers). `float32` or `bfloat16`
@@ -35,10 +37,10 @@ PRECISIONS = ("float32", "bfloat16")
 SETTINGS = ("auto", *PRECISIONS)
 BF16_UNITS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of the units oneDNN uses for bfloat16
 REWRITE = "auto_mixed_precision_onednn_bfloat16"  # the grappler option (tf.config.optimizer)
-ROUTE = "onednn-rewrite"  # how bfloat16 is computed: part of the feature cache's key (model/features.py)
+ROUTE = "onednn-rewrite-frozen"  # how bfloat16 is computed: part of the feature cache's key (model/features.py)
 _TOGGLE = threading.Lock()
 # backbones measured faster in bfloat16 on a CPU with the units: speedup of the pooled-feature pass (batches of 32)
-FASTER_IN_BFLOAT16 = {"resnet101v2": 2.5}
+FASTER_IN_BFLOAT16 = {"resnet101v2": 3.1}
 
 
 @dataclass(frozen=True)
@@ -115,3 +117,26 @@ def computing(name: str) -> Iterator[None]:
             yield
         finally:
             tf.config.optimizer.set_experimental_options({REWRITE: before})
+
+
+def compiled(model, batch_shape: tuple[int, ...], name: str):
+    """`model`'s inference pass on float32 batches of `batch_shape`, compiled, to be called inside `computing(name)`;
+    it returns what the model returns. float32: a plain tf.function (as before precisions existed). bfloat16: the
+    pass frozen (its variables as constants), so that the rewrite casts and lays out the weights once, when it
+    optimises the graph, instead of at every call (ResNet101V2 here: 23 -> 20 ms per image)."""
+    import tensorflow as tf
+
+    def infer(x):
+        return model(x, training=False)
+
+    fn = tf.function(infer, reduce_retracing=True)
+    if check(name) == "float32":
+        return fn
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    concrete = fn.get_concrete_function(tf.TensorSpec(batch_shape, tf.float32))
+    frozen = convert_variables_to_constants_v2(concrete)
+
+    def run_frozen(x):
+        return tf.nest.pack_sequence_as(concrete.structured_outputs, frozen(x))
+    return run_frozen

@@ -81,7 +81,7 @@ def load_scoring_model(store: ObjectStore, v: registry.ModelVersion,
     head = saved.load_head()
     cut = keras.Model(model.input, [model.get_layer(v.last_activation).output,
                                      model.get_layer("head_gap").output])
-    fn = tf.function(lambda x: cut(x, training=False), reduce_retracing=True)
+    fn = precision_.compiled(cut, (BATCH, v.image_size, v.image_size, 3), chosen.name)
 
     def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         n = len(batch)

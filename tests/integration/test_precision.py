@@ -25,8 +25,11 @@ from lesion_tasks.versions import artifacts, registry
 from tests.helpers import copy_home, tiny_config
 
 
-@pytest.mark.parametrize("backbone,size", [("tiny", 64), ("mobilenet025_multiscale", 96)])
-def test_fast_gradcam_equals_gradient_tape_in_bfloat16(backbone, size):
+# the tiny backbone only: randomly initialised Keras MobileNets pass on activations of ~1e-12 (the multi-scale
+# MobileNet case compared noise until 2026-12-06), and real-weight networks under this test's random head give maps
+# with one or two non-zero cells, whose ReLU flips under any rounding
+@pytest.mark.parametrize("backbone,size,weights", [("tiny", 64, "none")])
+def test_fast_gradcam_equals_gradient_tape_in_bfloat16(backbone, size, weights):
     """The fast Grad-CAM needs no gradient through the backbone (head weights times activations, in float32):
     from the activations of the backbone's pass in bfloat16 it still equals a GradientTape through the whole
     float32 model, within what bfloat16's 8-bit mantissa leaves of the activations (rel. diff <= 2e-2; float32:
@@ -36,25 +39,28 @@ def test_fast_gradcam_equals_gradient_tape_in_bfloat16(backbone, size):
 
     from lesion_tasks.model import precision
 
-    weights = backbones.resolve_weights("none", backbones.get_backbone(backbone), None)
-    model = backbones.build_model(backbone, size, weights, 0.5, seed=3)
+    resolved = backbones.resolve_weights(weights, backbones.get_backbone(backbone), None)
+    model = backbones.build_model(backbone, size, resolved, 0.5, seed=3)
     rng = np.random.default_rng(0)
     model.get_layer("head_bn").set_weights([rng.uniform(0.5, 2, 128), rng.normal(0, .5, 128), rng.normal(0, .5, 128),
                                             rng.uniform(0.5, 2, 128)])
+    kernel, bias = model.get_layer("head_out").get_weights()
+    model.get_layer("head_out").set_weights([kernel * 0.05, bias])  # a softmax away from saturation: maps not ~0
     x = rng.uniform(-1, 1, (6, size, size, 3)).astype(np.float32)
     last = backbones.get_backbone(backbone).last_activation
     cut = keras.Model(model.input, [model.get_layer(last).output, model.get_layer("head_gap").output])
-    fn = tf.function(lambda b: cut(b, training=False))
+    fn = precision.compiled(cut, x.shape, "bfloat16")  # the scoring's pass (nightly.load_scoring_model)
     with precision.computing("bfloat16"):
         activations, pooled = (t.numpy() for t in fn(tf.constant(x)))
-    exact = fn(tf.constant(x))[0].numpy()
+    exact = np.asarray(cut(x, training=False)[0])
     if precision.bf16_units():
         assert not np.array_equal(activations, exact)
     head = mc.HeadWeights.from_model(model)
     cls = (head.deterministic(pooled) >= 0.5).astype(np.int64)
     fast = gradcam.gradcam_fast(activations, gradcam.head_gradient(head, pooled, cls), normalize=False)
     tape = gradcam.gradcam_tape(model, last, x, cls, normalize=False)
-    assert np.linalg.norm(fast - tape) / max(np.linalg.norm(tape), 1e-12) <= 2e-2
+    assert np.linalg.norm(tape) > 1e-6
+    assert np.linalg.norm(fast - tape) / np.linalg.norm(tape) <= 2e-2
 
 
 def test_a_version_scores_in_its_own_precision_whatever_the_setting(trained_home, tmp_path, monkeypatch):
