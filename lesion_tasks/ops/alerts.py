@@ -188,8 +188,8 @@ def shift(settings: Settings, model_version: str, run_id: str) -> dict[str, Any]
             reference, against = val, "the validation split (no earlier night of this version)"
     out = {"model_version": model_version, "run_id": run_id, **compare_nights(_arrays(now), reference),
            "reference": against}
-    out["by_site"] = {name: _site_shift([r for r in now if r.site == name], [r for r in before if r.site == name])
-                      for name in sorted({r.site for r in now})}
+    now_at, before_at = _by_site(now), _by_site(before)
+    out["by_site"] = {name: _site_shift(now_at[name], before_at.get(name, [])) for name in sorted(now_at)}
     out["shifted_sites"] = [name for name, part in out["by_site"].items() if part["shifted"]]
     out["shifted"] = bool(out["shifted"] or out["shifted_sites"])
     return out
@@ -206,6 +206,13 @@ def _site_shift(now: list, before: list) -> dict[str, Any]:
     earlier = [r for r in now if r.drop_id != newest]
     return {**compare_nights(_arrays(tonight), _arrays(before + earlier)), "tonight_drop": newest,
             "reference": "the site's earlier drops (first run of this version there)"}
+
+
+def _by_site(rows: list) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for r in rows:
+        out.setdefault(r.site, []).append(r)
+    return out
 
 
 def _arrays(rows: list) -> dict[str, np.ndarray]:

@@ -176,7 +176,7 @@ def _listing(conn: sa.Connection, f: QueueFilter, check: bool) -> dict[str, Any]
     n_images = int(conn.scalar(sa.select(sa.func.count()).select_from(images)) or 0)
     shown = mine  # the version's predictions; the champion's queue also the previous champion's until it scored them
     previous = (succession.previous_champion(conn) if not check and scored < n_images
-                and f.model_version in (None, "", "champion") else None)
+                and f.model_version in registry.CHAMPION_NAMES else None)
     if previous is not None:
         q = predictions.alias("q")
         shown = sa.or_(mine, sa.and_(predictions.c.model_version == previous, ~sa.exists().where(
@@ -291,7 +291,7 @@ def case(conn: sa.Connection, image_id: str, model_version: str | None = None) -
         raise LookupError(f"image {image_id!r} not found")
     version = resolve_version(conn, model_version)
     prediction, prediction_of = _prediction(conn, image_id, version), "version"
-    if prediction is None and version is not None and model_version in (None, "", "champion"):
+    if prediction is None and version is not None and model_version in registry.CHAMPION_NAMES:
         previous = succession.previous_champion(conn)  # the champion has not scored it yet: the queue's fallback
         if (fallback := _prediction(conn, image_id, previous)) is not None:
             version, prediction, prediction_of = previous, fallback, "previous_champion"

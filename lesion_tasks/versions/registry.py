@@ -245,6 +245,9 @@ def _logit(p: float) -> float:
     return float(np.log(p / (1 - p)))
 
 
+CHAMPION_NAMES = (None, "", "champion")  # what names the champion wherever a model version is asked for
+
+
 def version(conn: sa.Connection, model_version: str | None, required: bool = True) -> ModelVersion | None:
     """The champion (`model_version` None, "" or "champion") or a version id, typed: the one resolver. With no
     champion yet: a ValueError saying what to do, or None when not `required`; an unknown id is always an error."""
@@ -279,7 +282,7 @@ def _champion(conn: sa.Connection) -> dict[str, Any] | None:
 
 
 def _resolve(conn: sa.Connection, model_version: str | None, required: bool = True) -> dict[str, Any] | None:
-    if model_version in (None, "", "champion"):
+    if model_version in CHAMPION_NAMES:
         row = _champion(conn)
         if row is None and required:
             raise ValueError("no champion model yet: run `lesion train` (or trigger lesion_retrain) first")
