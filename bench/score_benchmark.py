@@ -470,7 +470,8 @@ def precision_end_to_end(data: Path, backbone: str, n: int, plain_ms: dict[str, 
 
 def precision_decisions(backbone: str, home: Path) -> dict:
     """A real-weight backbone's demo model trained in float32 on the shared drops, its test split scored with the
-    backbone in float32 and in bfloat16 through the one prediction path: how often the decisions agree."""
+    backbone in float32 and in bfloat16 through the one prediction path: how often the decisions agree; and, what the
+    product does instead, a version trained in bfloat16 and scored in it: its test figures."""
     from lesion_tasks import pipeline
     from lesion_tasks.core.db import engine_for
     from lesion_tasks.core.settings import Settings
@@ -502,7 +503,17 @@ def precision_decisions(backbone: str, home: Path) -> dict:
                   "specificity": round(float(m["mel_specificity"]), 4)}
     a, b = preds["float32"], preds["bfloat16"]
     flags = [(bool(a.reasons(k)), bool(b.reasons(k))) for k in range(len(refs))]
+    # what the product does instead of crossing precisions: a version trained in bfloat16 (a forced setting), scored
+    # in its own precision: its test figures beside the float32 version's
+    os.environ["LESION_BACKBONE_PRECISION"] = "bfloat16"
+    own = pipeline.run(settings, make_config("demo", backbone=backbone, bootstrap=200), run_id=f"precision-{backbone}-bf16")
+    os.environ["LESION_BACKBONE_PRECISION"] = "float32"
+    m16 = own["metrics"]["test"]
+    trained_bf16 = {"model_version": own["model_version"],
+                    **{k: round(float(m16[key]), 4) for k, key in
+                       (("auc", "auc"), ("sensitivity", "mel_sensitivity"), ("specificity", "mel_specificity"))}}
     return {"test_images": len(refs), "test_melanomas": int(y.sum()), "trained_in": v.precision,
+            "trained_in_bfloat16_scored_in_bfloat16": trained_bf16,
             "decision_agreement": round(float(np.mean(a.is_mel == b.is_mel)), 4),
             "review_flag_agreement": round(float(np.mean([f == g for f, g in flags])), 4),
             "p99_abs_dp_mel": round(float(np.quantile(np.abs(a.p_mel - b.p_mel), 0.99)), 5),
