@@ -49,6 +49,7 @@ from lesion_tasks.model.config import make_config  # noqa: E402
 
 log = logging.getLogger("bench.unlabelled_operating_point")
 TARGET = 0.85
+RULES = ("test_margin", "population", "product")  # out-of-scope thresholds at a site's point (`scope_rule`)
 
 
 def flags(samples: np.ndarray, p_other: np.ndarray, t: float, scope_above: float) -> tuple[np.ndarray, np.ndarray]:
@@ -87,16 +88,34 @@ def one(imgs: loso.Images, x: np.ndarray, held: str, r: int, margins: list[float
     t_pooled = evaluation.threshold_for_sensitivity(y[va], p_of(va), evaluation.target_with_margin(TARGET, int(y[va].sum()), n_test))
     sh = scope.fit(x[tr], x[otr])
     po_val, p_val_other = sh.p_other(x[ova]), p_of(ova)
-
-    def scope_at(t: float) -> float:
-        return scope.choose_threshold(po_val, p_val_other >= t, list(imgs.diagnosis[ova]), config.floors.out_of_scope_flagged,
-                                      config.floors.malignant_flagged)[0]
-
-    t_scope = scope_at(t_pooled)
+    test_other = (imgs.split == "test") & ~imgs.in_scope & (imgs.site != held)
+    n_test_other = (int(test_other.sum()), int((test_other & np.isin(imgs.diagnosis, scope.MALIGNANT)).sum()))
     po_in, po_other = sh.p_other(x[pool]), (sh.p_other(x[other]) if len(other) else np.zeros(0))
+    reference = scope.site_reference(sh.p_other(x[va]))
+
+    def scope_rule(t: float, rule: str = "product") -> float:
+        """The out-of-scope threshold at decision threshold t: as retraining records it for a site's point (the
+        site population's margin) and `sites.operating` raises it by the site's shift ("product"), or the grid
+        with the test split's margin and no shift (before issue 33's last part: "test_margin"), or "population"."""
+        chosen = scope.choose_threshold(po_val, p_val_other >= t, list(imgs.diagnosis[ova]), config.floors.out_of_scope_flagged,
+                                        config.floors.malignant_flagged, list(imgs.lesion[ova]),
+                                        n_test_other if rule == "test_margin" else (None, None))[0]
+        return scope.for_site(chosen, reference, np.r_[po_in, po_other])[0] if rule == "product" else chosen
+
+    t_scope = scope_rule(t_pooled, "test_margin")  # the pooled threshold's, as the gate measures it
     flagged_in, flagged_other = po_in >= t_scope, po_other >= t_scope
     sets = {"in_scope": p_in, "all": np.r_[p_in, p_other_dx], "all_but_flagged": np.r_[p_in[~flagged_in], p_other_dx[~flagged_other]]}
     truth, yp = y[pool], lambda t: evaluation.binary_metrics(y[pool], p_in, t)
+
+    def scope_share(rule: str, t: float) -> dict[str, float]:
+        """The site's melanomas and nevi flagged out of scope; its other diagnoses flagged (MEL call or out of scope)."""
+        above = scope_rule(t, rule)
+        out = {"threshold": round(float(above), 4), "in_scope_flagged": round(float((po_in >= above).mean()), 4)}
+        if len(other):
+            hit = (p_other_dx >= t) | (po_other >= above)
+            out |= {"other_flagged": round(float(hit.mean()), 4),
+                    "malignant_flagged": round(float(hit[np.isin(imgs.diagnosis[other], scope.MALIGNANT)].mean()), 4)}
+        return out
     best = loso.spec_at(truth, p_in, TARGET)
     out = {"replicate": r, "n": int(len(pool)), "n_mel": int(truth.sum()), "n_other": int(len(other)),
            "auc": round(float(evaluation.binary_metrics(truth, p_in, 0.5)["auc"]), 4), "best_spec_at_sens85": round(best, 4),
@@ -118,13 +137,15 @@ def one(imgs: loso.Images, x: np.ndarray, held: str, r: int, margins: list[float
                                                      "covered": [bool(sens.low <= real["mel_sensitivity"] <= sens.high),
                                                                  bool(spec.low <= real["mel_specificity"] <= spec.high)]}
             if name == "all":  # the review work and the other diagnoses released at this threshold
-                scope_above = scope_at(t)
+                scope_above = scope_rule(t)
                 mel, other_flags = flags(s_in, po_in, t, scope_above)
                 rows[f"margin={m:g}"]["nv_added_by_other_flags"] = round(float((other_flags & ~mel)[truth == 0].mean()), 4)
                 rows[f"margin={m:g}"]["nv_mel_calls"] = round(float(mel[truth == 0].mean()), 4)
                 if len(other):
                     mel_o, flags_o = flags(s_other, po_other, t, scope_above)
                     rows[f"margin={m:g}"]["other_silently_nv"] = round(float((~mel_o & ~flags_o).mean()), 4)
+                if abs(m - operating.MARGIN) < 1e-9:  # out of scope at the product's point, rule by rule
+                    rows[f"margin={m:g}"]["out_of_scope"] = {rule: scope_share(rule, t) for rule in RULES}
         out["by_set"][name] = rows
     log.info("%s held out, replicate %d: %s", held, r, json.dumps(out["by_set"]["all"]))
     return out
@@ -147,6 +168,15 @@ def summary(reps: list[dict], margins: list[float]) -> dict:
                 covered = [q["by_set"][name][key]["interval"]["covered"] for q in reps]
                 rows[key]["interval_covers"] = {"sensitivity": f"{sum(c[0] for c in covered)}/{len(covered)}",
                                                 "specificity": f"{sum(c[1] for c in covered)}/{len(covered)}"}
+            if "out_of_scope" in reps[0]["by_set"][name][key]:
+                rows[key]["out_of_scope"] = {}
+                for rule in RULES:
+                    got = [q["by_set"][name][key]["out_of_scope"][rule] for q in reps]
+                    rows[key]["out_of_scope"][rule] = {
+                        "in_scope_flagged_mean": round(float(np.mean([g["in_scope_flagged"] for g in got])), 4),
+                        "in_scope_flagged_max": round(float(max(g["in_scope_flagged"] for g in got)), 4),
+                        **{f"{k}_min": round(float(min(g[k] for g in got)), 4) for k in ("other_flagged", "malignant_flagged")
+                           if k in got[0]}}
             for extra in ("nv_added_by_other_flags", "other_silently_nv"):
                 if extra in reps[0]["by_set"][name][key]:
                     rows[key][extra + "_max"] = round(float(max(q["by_set"][name][key][extra] for q in reps)), 4)

@@ -26,6 +26,10 @@ MALIGNANT = ("BCC", "SCC", "AK")
 # decision thresholds at which a version records its out-of-scope threshold (`ReviewRule.out_of_scope_by_threshold`):
 # log-spaced over the range sites' operating points move in
 DECISION_GRID = tuple(float(g) for g in np.round(np.geomspace(0.01, 0.9, 40), 6))  # labels.challenge_code
+# a site's out-of-scope threshold follows its own images (`for_site`): the SITE_QUANTILE-th quantile of logit p_other
+# over them against the same quantile over the validation in-scope images, the difference added, up to SITE_SHIFT_CAP
+SITE_QUANTILE = 0.2
+SITE_SHIFT_CAP = 1.0
 
 
 @dataclass(frozen=True)
@@ -83,10 +87,10 @@ def _needed_threshold(p_other: np.ndarray, predicted_mel: np.ndarray, target: fl
 
 def choose_threshold(p_other: np.ndarray, predicted_mel: np.ndarray, diagnoses: list[str], floor: float,
                      malignant_floor: float, lesions: list[str] | None = None,
-                     n_test: tuple[int, int] = (0, 0)) -> tuple[float, dict[str, float]]:
+                     n_test: tuple[int | None, int | None] = (0, 0)) -> tuple[float, dict[str, float]]:
     """On validation OTHER images: the highest threshold whose recall (with predicted MEL) reaches each
     floor plus its margin (`evaluation.target_with_margin`; `n_test` = OTHER and malignant images in the
-    test split). Returns (threshold, the targets used)."""
+    test split, None: a site's whole population). Returns (threshold, the targets used)."""
     malignant = np.isin(np.asarray(diagnoses, dtype=object), MALIGNANT)
     lesions_arr = np.asarray(lesions if lesions else range(len(p_other)), dtype=object)
     targets = {}
@@ -128,3 +132,29 @@ def recall_table(p_other: np.ndarray, predicted_mel: np.ndarray, diagnoses: list
         **({"nv_flagged_out_of_scope_only": float((in_scope_oos & ~predicted_mel_in_scope)[y_in_scope == 0].mean())
             if (y_in_scope == 0).any() else None} if predicted_mel_in_scope is not None else {}),
     }
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, np.float64), 1e-7, 1 - 1e-7)
+    return np.log(p / (1 - p))
+
+
+def site_reference(p_other_in_scope: np.ndarray) -> float | None:
+    """What a site's images are compared with (`for_site`): the SITE_QUANTILE-th quantile of logit p_other over the
+    validation in-scope (MEL and NV) images; None without any."""
+    return float(np.quantile(_logit(p_other_in_scope), SITE_QUANTILE)) if len(p_other_in_scope) else None
+
+
+def for_site(threshold: float | None, reference: float | None, p_other_site: np.ndarray) -> tuple[float | None, float]:
+    """(the out-of-scope threshold at a site, how far it was raised on the logit scale) from the p_other of the
+    site's scored images. At a clinic whose camera or population the backbone has not seen, every lesion looks a
+    little out of scope: its in-scope lesions' p_other rise together. The site's lower quantile is made of its
+    in-scope lesions whenever they are more than SITE_QUANTILE of its images, so its distance from the validation
+    in-scope images' is the site's shift; the threshold rises by it (never falls: a site that looks more in scope
+    keeps the version's), at most SITE_SHIFT_CAP. Other diagnoses make the shift look larger than it is (with a
+    share s of them the quantile is the in-scope lesions' SITE_QUANTILE / (1 - s)): the cap bounds what that takes
+    from their recall. Measured leave-one-site-out (docs/model.md, "Out of scope at a new clinic")."""
+    if threshold is None or reference is None or not len(p_other_site) or threshold >= 1.0:
+        return threshold, 0.0
+    shift = float(np.clip(np.quantile(_logit(p_other_site), SITE_QUANTILE) - reference, 0.0, SITE_SHIFT_CAP))
+    return float(1.0 / (1.0 + np.exp(-(_logit(np.float64(threshold)) + shift)))), shift

@@ -34,6 +34,9 @@ Which sites get which `method` (`method_for`):
 - "unlabelled": every other site with scored images: the estimate above.
 `applied` is what scoring decides each site's cases at; `settle` in `scoring.nightly` re-estimates after each
 scoring run and re-decides the run's cases where the point moved.
+
+A point carries its out-of-scope threshold (`scope_for`): the version's for its decision threshold and, where the
+point is the site's own, raised by the site's shift in p_other (`model.scope.for_site`).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ import sqlalchemy as sa
 
 from lesion_tasks.core.db import upsert
 from lesion_tasks.core.schema import images, prediction_samples, predictions, site_operating_points, site_samples, splits
+from lesion_tasks.model import scope
 from lesion_tasks.sites import correction
 from lesion_tasks.versions import predict
 from lesion_tasks.versions.registry import ModelVersion
@@ -205,9 +209,24 @@ def scope_threshold_at(v: ModelVersion, threshold: float) -> float | None:
     return float(grid[-1][1])
 
 
-def point_for(v: ModelVersion, site: str, p: np.ndarray, labelled: Labelled | None = None) -> OperatingPoint:
-    """`site`'s operating point under version `v` from the calibrated p_mel of its scored images and, where it
-    has one, its labelled validation sample scored out of sample (`evidence`)."""
+def scope_for(v: ModelVersion, threshold: float, method: str, p_other: np.ndarray | None) -> tuple[float | None, str]:
+    """The out-of-scope threshold at a site decided at `threshold`, and what to say of it: the version's for that
+    decision threshold (`scope_threshold_at`); where the site's point is its own ("unlabelled", "labelled"),
+    raised by the site's shift in p_other (`model.scope.for_site`)."""
+    base = scope_threshold_at(v, threshold)
+    if method == "pooled" or p_other is None:
+        return base, ""
+    above, shift = scope.for_site(base, v.review_rule.out_of_scope_site_reference, p_other)
+    if not shift:
+        return above, ""
+    return above, (f"; out of scope at p_other >= {above:.3f}, not {base:.3f}: its images' p_other sit {shift:.2f} logit "
+                   f"above the validation in-scope images' at the {scope.SITE_QUANTILE:g} quantile")
+
+
+def point_for(v: ModelVersion, site: str, p: np.ndarray, labelled: Labelled | None = None,
+              p_other: np.ndarray | None = None) -> OperatingPoint:
+    """`site`'s operating point under version `v` from the calibrated p_mel (and the p_other) of its scored images
+    and, where it has one, its labelled validation sample scored out of sample (`evidence`)."""
     method, why = method_for(v, site, p, labelled)
     target = v.target_sensitivity or 0.85
     own, entry = v.own_threshold(site), v.thresholds_by_site.get(site)
@@ -224,8 +243,9 @@ def point_for(v: ModelVersion, site: str, p: np.ndarray, labelled: Labelled | No
                   "auc": None if auc is None else round(auc, 4),
                   "auc_ci95": None if auc_ci is None else [round(v, 4) for v in auc_ci],
                   "ipw": correction.ipw_check(labelled.p, labelled.y, labelled.w, t, nevus=labelled.other == 0)}
+        above, said = scope_for(v, t, method, p_other)
         return OperatingPoint(site, t, method, len(p), corrected.labelled, corrected.effective_melanomas, sens, spec,
-                              scope_threshold_at(v, t), why, checks)
+                              above, why + said, checks)
     t = choose(p, target) if method == "unlabelled" else v.threshold_for(site)
     if len(p) and float(np.sum(p)) > 0:
         sens, spec = interval(p, t)
@@ -236,7 +256,8 @@ def point_for(v: ModelVersion, site: str, p: np.ndarray, labelled: Labelled | No
         melanomas = float(np.sum(p))
     else:  # the labelled melanomas its threshold was chosen on
         melanomas = float(entry.n_mel) if entry else 0.0
-    return OperatingPoint(site, t, method, len(p), labelled_n, melanomas, sens, spec, scope_threshold_at(v, t), why)
+    above, said = scope_for(v, t, method, p_other)
+    return OperatingPoint(site, t, method, len(p), labelled_n, melanomas, sens, spec, above, why + said)
 
 
 def sampled_sites(conn: sa.Connection) -> set[str]:
@@ -284,22 +305,26 @@ def evidence(conn: sa.Connection, v: ModelVersion, sites: list[str]) -> dict[str
                            " and ".join(sorted(src))) for site, (p, y, other, w, src) in out.items()}
 
 
-def scored_p(conn: sa.Connection, model_version: str, sites: list[str]) -> dict[str, np.ndarray]:
-    """{site: calibrated p_mel of every image of the site the version scored}, over `sites`."""
-    out: dict[str, list[float]] = {s: [] for s in sites}
-    rows = conn.execute(sa.select(images.c.site, predictions.c.p_mel).join(images, images.c.image_id == predictions.c.image_id)
+def scored_p(conn: sa.Connection, model_version: str, sites: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{site: (calibrated p_mel, p_other) of every image of the site the version scored}, over `sites` (p_other
+    left out where NULL: a version without an out-of-scope head)."""
+    out: dict[str, tuple[list[float], list[float]]] = {s: ([], []) for s in sites}
+    rows = conn.execute(sa.select(images.c.site, predictions.c.p_mel, predictions.c.p_other)
+                        .join(images, images.c.image_id == predictions.c.image_id)
                         .where(predictions.c.model_version == model_version, images.c.site.in_(sites)))
-    for site, p in rows:
-        out[site].append(p)
-    return {s: np.array(v, dtype=np.float64) for s, v in out.items()}
+    for site, p, p_other in rows:
+        out[site][0].append(p)
+        if p_other is not None:
+            out[site][1].append(p_other)
+    return {s: (np.array(p, dtype=np.float64), np.array(o, dtype=np.float64)) for s, (p, o) in out.items()}
 
 
 def estimate(conn: sa.Connection, v: ModelVersion, sites: list[str], run_id: str | None = None) -> dict[str, OperatingPoint]:
     """Re-estimate and record the operating point of version `v` at each of `sites` from all its scored images
     there (an upsert per (version, site): the latest estimate is the one applied)."""
     labelled = evidence(conn, v, sorted(sites))
-    points = {site: point_for(v, site, p, labelled.get(site))
-              for site, p in scored_p(conn, v.model_version, sorted(sites)).items()}
+    points = {site: point_for(v, site, p, labelled.get(site), p_other)
+              for site, (p, p_other) in scored_p(conn, v.model_version, sorted(sites)).items()}
     now = datetime.now(UTC)
     upsert(conn, site_operating_points, [
         {"model_version": v.model_version, "site": s, "threshold": op.threshold, "method": op.method,

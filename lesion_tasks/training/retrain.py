@@ -140,11 +140,11 @@ def prepare_split(settings: Settings, config: TrainConfig | None = None) -> dict
 
 
 def _fit_scope(config: TrainConfig, out: artifacts.ModelArtifacts, head: mc.HeadWeights, version: str, threshold: float,
-               x_in: np.ndarray, other: dict[str, tuple[list, list[str]]], fcfg: features.FeatureConfig, weights,
-               store: ObjectStore, runner, engine: sa.Engine) -> tuple[dict[str, Any], features.CacheStats]:
+               x_in: np.ndarray, x_val_in: np.ndarray, other: dict[str, tuple[list, list[str]]], fcfg: features.FeatureConfig,
+               weights, store: ObjectStore, runner, engine: sa.Engine) -> tuple[dict[str, Any], features.CacheStats]:
     """The out-of-scope head (scope.py) on the training split's OTHER images (`trainset.out_of_scope_refs`),
     its threshold on validation; {} when the data has no OTHER images (the version then flags nothing as
-    out of scope)."""
+    out of scope). `x_val_in`: the validation in-scope images, the reference a site's images are compared with."""
     with engine.connect() as conn:
         val_lesions = trainset.lesion_of(conn, [r.image_id for r in other["val"][0]])
     (train_refs, _), (val_refs, val_dx) = other["train"], other["val"]
@@ -158,15 +158,18 @@ def _fit_scope(config: TrainConfig, out: artifacts.ModelArtifacts, head: mc.Head
     test_dx = other["test"][1]  # only how many: the test split's size sets the margin, never its outcomes
     p_other, n_test = fitted.p_other(x_val), (len(test_dx), sum(d in scope.MALIGNANT for d in test_dx))
 
-    def scope_at(decision_threshold: float) -> tuple[float, dict[str, float]]:
+    def scope_at(decision_threshold: float, tested=n_test) -> tuple[float, dict[str, float]]:
         return scope.choose_threshold(p_other, p_mel >= decision_threshold, val_dx, config.floors.out_of_scope_flagged,
-                                      config.floors.malignant_flagged, val_lesions, n_test)
+                                      config.floors.malignant_flagged, val_lesions, tested)
 
     t, targets = scope_at(threshold)
-    # the same floors for every decision threshold a site's operating point may move to (`sites.operating`)
-    by_threshold = [(round(float(g), 6), float(scope_at(float(g))[0])) for g in scope.DECISION_GRID]
+    # the same floors for every decision threshold a site's operating point may move to (`sites.operating`); the
+    # margin there is the site population's (only validation's error counts: `target_with_margin`, n_test None),
+    # not the test split's, which is the gate's measurement at the pooled threshold
+    by_threshold = [(round(float(g), 6), float(scope_at(float(g), (None, None))[0])) for g in scope.DECISION_GRID]
     out.save_scope(fitted)  # its thresholds go to the registry row only (review_rule.out_of_scope_above, ..._by_threshold)
-    return {"out_of_scope_above": t, "out_of_scope_validation_targets": targets, "out_of_scope_by_threshold": by_threshold}, stats
+    return {"out_of_scope_above": t, "out_of_scope_validation_targets": targets, "out_of_scope_by_threshold": by_threshold,
+            "out_of_scope_site_reference": scope.site_reference(fitted.p_other(x_val_in))}, stats
 
 
 def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[str, Any]:
@@ -234,8 +237,8 @@ def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[st
         log.info("thresholds: pooled %.4f; own threshold at %d of %d sites (%s)", threshold, len(mine), len(by_site_thresholds),
                  ", ".join(f"{k} {v.threshold:.4f} on {v.n_mel} melanomas" for k, v in mine.items()) or "none")
         out = artifacts.ModelArtifacts(store, version)
-        scope_info, s3 = _fit_scope(config, out, head, version, threshold, train_views[0], other, fcfg, weights, store, runner,
-                                    engine)
+        scope_info, s3 = _fit_scope(config, out, head, version, threshold, train_views[0], val_feats[0], other, fcfg, weights,
+                                    store, runner, engine)
         # "uncertain" = the decision could go either way: over 30% of the case's MC samples fall on the other side
         # of its threshold (a fixed, readable rule: p(MEL) 0.5 at a threshold of 0.1 is not uncertain); "near" is
         # relative, on the logit scale; both bounded so that at a new site's own operating point they add at most
@@ -246,7 +249,8 @@ def train_model(settings: Settings, config: TrainConfig, run_id: str) -> dict[st
             out_of_scope_validation_targets=scope_info.get("out_of_scope_validation_targets"),
             threshold_by_target=per_target, thresholds_by_site=by_site_thresholds,
             near_threshold_logit=registry.NEAR_THRESHOLD_LOGIT,
-            out_of_scope_by_threshold=tuple(scope_info.get("out_of_scope_by_threshold") or ()))
+            out_of_scope_by_threshold=tuple(scope_info.get("out_of_scope_by_threshold") or ()),
+            out_of_scope_site_reference=scope_info.get("out_of_scope_site_reference"))
         rule_json = review_rule.to_json()
         # the full flat model, head weights copied by layer name, saved without optimizer state
         model = backbones.build_model(config.backbone, config.image_size, weights, config.dropout, config.seed,

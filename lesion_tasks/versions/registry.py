@@ -26,7 +26,6 @@ from lesion_tasks.model.config import GateFloors
 
 log = logging.getLogger(__name__)
 
-
 # "uncertain": more than this share of a case's MC samples on the other side of its threshold
 REVIEW_DECISION_UNCERTAINTY = 0.3
 # "near_threshold": |logit(p_mel) - logit(threshold)| at most this (relative: it follows a site's threshold)
@@ -94,6 +93,7 @@ class ReviewRule:
     # [(decision threshold, out-of-scope threshold)] ascending: the scope threshold chosen on validation OTHER
     # images for each decision threshold of a grid, for sites whose operating point moves (`sites.operating`)
     out_of_scope_by_threshold: tuple[tuple[float, float], ...] = ()
+    out_of_scope_site_reference: float | None = None  # validation in-scope logit p_other quantile (model.scope.for_site)
 
     def near_threshold(self, p: float, threshold: float) -> bool:
         """Whether p(MEL) `p` is near `threshold`: within NEAR_THRESHOLD_LOGIT on the logit scale, so the band
@@ -106,7 +106,8 @@ class ReviewRule:
     def to_json(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in ("predicted_mel", "decision_uncertainty_above", "entropy_above",
                                               "attention_on_lesion_below", "out_of_scope_above",
-                                              "out_of_scope_validation_targets", "near_threshold_logit")
+                                              "out_of_scope_validation_targets", "near_threshold_logit",
+                                              "out_of_scope_site_reference")
                if getattr(self, k) is not None}
         if self.out_of_scope_by_threshold:
             out["out_of_scope_by_threshold"] = [list(pair) for pair in self.out_of_scope_by_threshold]
@@ -121,7 +122,8 @@ class ReviewRule:
                    rule.get("out_of_scope_validation_targets"), dict(rule.get("threshold_by_target") or {}),
                    {s: SiteThreshold.from_json(t) for s, t in (rule.get("thresholds_by_site") or {}).items()},
                    rule.get("near_threshold_logit"),
-                   tuple((float(t), float(o)) for t, o in rule.get("out_of_scope_by_threshold") or ()))
+                   tuple((float(t), float(o)) for t, o in rule.get("out_of_scope_by_threshold") or ()),
+                   rule.get("out_of_scope_site_reference"))
 
     def setter(self, threshold: float | None) -> str | None:
         """Whose validation target set the pooled `threshold`: "pooled", a gated site whose stricter target it had

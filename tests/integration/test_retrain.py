@@ -75,6 +75,9 @@ def test_first_model_learns_and_is_promoted(trained, trained_home):
     grid = rule["out_of_scope_by_threshold"]
     assert len(grid) == 40 and [t for t, _ in grid] == sorted(t for t, _ in grid)
     assert all(0 <= o <= 1 for _, o in grid)
+    # and what a new site's images are compared with to raise it there (model.scope.for_site): the validation
+    # in-scope images' lower quantile of logit p_other
+    assert isinstance(rule["out_of_scope_site_reference"], float)
 
 
 def test_per_source_metrics_calibration_and_out_of_scope_are_reported(trained):

@@ -100,6 +100,40 @@ def test_the_out_of_scope_threshold_follows_a_moved_threshold():
     assert operating.scope_threshold_at(_version(), 0.07) == 0.6  # versions without the grid keep theirs
 
 
+def test_a_new_sites_out_of_scope_threshold_follows_its_own_images():
+    """At a clinic the backbone has not seen, its in-scope lesions' p_other rise together: the threshold rises by
+    the shift of the site's lower quantile over the validation in-scope images', capped, never lowered; a site
+    trained at (pooled point), a version without the reference and one without an out-of-scope head keep theirs."""
+    from lesion_tasks.model import scope
+
+    rng = np.random.default_rng(4)
+    logit_in = rng.normal(-3.0, 1.0, 4000)  # validation in-scope images' logit p_other
+    sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    reference = scope.site_reference(sig(logit_in))
+    assert reference == pytest.approx(np.quantile(logit_in, scope.SITE_QUANTILE), abs=1e-6)
+    shifted = sig(rng.normal(-2.6, 1.0, 3000))  # a sharp new camera: +0.4 logit on every lesion
+    with_others = np.r_[shifted, sig(rng.normal(1.5, 1.0, 2000))]  # and 40% other diagnoses on top
+    above, shift = scope.for_site(0.6, reference, shifted)
+    assert shift == pytest.approx(0.4, abs=0.1) and above > 0.6
+    assert np.log(above / (1 - above)) - np.log(0.6 / 0.4) == pytest.approx(shift)
+    # other diagnoses above raise the lower quantile (it is then the in-scope lesions' 0.2 / 0.6 quantile): the cap
+    # bounds what they take away
+    assert shift < scope.for_site(0.6, reference, with_others)[1] <= scope.SITE_SHIFT_CAP
+    assert scope.for_site(0.6, reference, sig(rng.normal(0.0, 1.0, 3000)))[1] == scope.SITE_SHIFT_CAP  # capped
+    assert scope.for_site(0.6, reference, sig(rng.normal(-4.0, 1.0, 3000))) == (0.6, 0.0)  # never lowered
+    assert scope.for_site(0.6, None, shifted) == (0.6, 0.0) and scope.for_site(None, reference, shifted) == (None, 0.0)
+    assert scope.for_site(1.0, reference, shifted) == (1.0, 0.0)  # flags nothing there: stays so
+
+    v = _version(thresholds_by_site={"trained": SiteThreshold(0.2, "pooled", 40)}, out_of_scope_site_reference=reference)
+    p = _night(500, 3)
+    new = operating.point_for(v, "never-seen", p, p_other=shifted[:500])
+    assert new.method == "unlabelled" and new.out_of_scope_above > 0.6 and "logit above the validation" in new.why
+    assert operating.point_for(v, "trained", p, p_other=shifted[:500]).out_of_scope_above == 0.6
+    assert operating.point_for(_version(), "never-seen", p, p_other=shifted[:500]).out_of_scope_above == 0.6
+    assert operating.point_for(v, "never-seen", p, p_other=np.zeros(0)).out_of_scope_above == 0.6
+    assert ReviewRule.from_json(v.review_rule.to_json()).out_of_scope_site_reference == reference
+
+
 def test_the_near_threshold_band_is_relative_at_a_low_threshold():
     rule = ReviewRule(decision_uncertainty_above=0.3, near_threshold_logit=0.15)
     old = ReviewRule(decision_uncertainty_above=0.3)  # a version from before the relative band
