@@ -80,6 +80,12 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * x))  # overflow-free
 
 
+def logit(p: np.ndarray, eps: float = 1e-7) -> np.ndarray:
+    """log(p / (1 - p)), p clipped to [eps, 1 - eps]."""
+    p = np.clip(np.asarray(p, np.float64), eps, 1 - eps)
+    return np.log(p / (1 - p))
+
+
 def image_seed(image_id: str, model_version: str, seed: int | None = None) -> int:
     """The mask stream of one image: per (seed, image) when the version recorded a seed, else per
     (model version, image) for versions that recorded none."""

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from lesion_tasks.model.evaluation import clopper_pearson, target_with_margin
+from lesion_tasks.model.mc import logit, sigmoid
 
 MALIGNANT = ("BCC", "SCC", "AK")
 # decision thresholds at which a version records its out-of-scope threshold (`ReviewRule.out_of_scope_by_threshold`):
@@ -134,15 +135,10 @@ def recall_table(p_other: np.ndarray, predicted_mel: np.ndarray, diagnoses: list
     }
 
 
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(np.asarray(p, np.float64), 1e-7, 1 - 1e-7)
-    return np.log(p / (1 - p))
-
-
 def site_reference(p_other_in_scope: np.ndarray) -> float | None:
     """What a site's images are compared with (`for_site`): the SITE_QUANTILE-th quantile of logit p_other over the
     validation in-scope (MEL and NV) images; None without any."""
-    return float(np.quantile(_logit(p_other_in_scope), SITE_QUANTILE)) if len(p_other_in_scope) else None
+    return float(np.quantile(logit(p_other_in_scope), SITE_QUANTILE)) if len(p_other_in_scope) else None
 
 
 def for_site(threshold: float | None, reference: float | None, p_other_site: np.ndarray) -> tuple[float | None, float]:
@@ -156,5 +152,5 @@ def for_site(threshold: float | None, reference: float | None, p_other_site: np.
     from their recall. Measured leave-one-site-out (docs/model.md, "Out of scope at a new clinic")."""
     if threshold is None or reference is None or not len(p_other_site) or threshold >= 1.0:
         return threshold, 0.0
-    shift = float(np.clip(np.quantile(_logit(p_other_site), SITE_QUANTILE) - reference, 0.0, SITE_SHIFT_CAP))
-    return float(1.0 / (1.0 + np.exp(-(_logit(np.float64(threshold)) + shift)))), shift
+    shift = float(np.clip(np.quantile(logit(p_other_site), SITE_QUANTILE) - reference, 0.0, SITE_SHIFT_CAP))
+    return float(sigmoid(logit(threshold) + shift)), shift

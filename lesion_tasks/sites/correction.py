@@ -61,8 +61,7 @@ SPEC_ALLOWANCE = 0.05
 
 
 def logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(np.asarray(p, np.float64), 1e-6, 1 - 1e-6)
-    return np.log(p / (1 - p))
+    return mc.logit(p, 1e-6)
 
 
 def design(z: np.ndarray) -> np.ndarray:

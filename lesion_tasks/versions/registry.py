@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from lesion_tasks.core.db import insert_ignore
 from lesion_tasks.core.schema import champion_history, model_versions
 from lesion_tasks.model.config import GateFloors
+from lesion_tasks.model.mc import logit
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ class ReviewRule:
         that rule keep their ±0.05 in probability."""
         if self.near_threshold_logit is None:
             return max(0.0, threshold - 0.05) <= p <= min(1.0, threshold + 0.05)
-        return abs(_logit(p) - _logit(threshold)) <= self.near_threshold_logit
+        return abs(float(logit(p) - logit(threshold))) <= self.near_threshold_logit
 
     def to_json(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in ("predicted_mel", "decision_uncertainty_above", "entropy_above",
@@ -240,11 +241,6 @@ class ModelVersion:
         if not any(cals):
             return None
         return (np.array([c[0] if c else 1.0 for c in cals]), np.array([c[1] if c else 0.0 for c in cals]))
-
-
-def _logit(p: float) -> float:
-    p = min(max(float(p), 1e-7), 1 - 1e-7)
-    return float(np.log(p / (1 - p)))
 
 
 CHAMPION_NAMES = (None, "", "champion")  # what names the champion wherever a model version is asked for
